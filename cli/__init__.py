@@ -1,0 +1,1 @@
+"""The `zinfer` command line."""

@@ -1,0 +1,211 @@
+"""Process commands: up (the whole mesh), broker, registry, scheduler, worker; and status."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+import zmq
+
+from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_table
+from shared.config import Settings, load_settings
+from shared.errors import ZinferError
+from shared.logs import configure_logging
+from shared.transport import die_with_parent
+
+Home = Annotated[str | None, typer.Option("--home", help="Data folder (default ~/.zinfer or ZINFER_HOME).")]
+
+
+def _settings(endpoint: str | None, home: str | None = None) -> Settings:
+    return load_settings(endpoint=endpoint, home=home)
+
+
+def broker(endpoint: Endpoint = None) -> None:
+    """Run the broker (one ROUTER socket every process connects to)."""
+    from services.broker.broker import Broker
+
+    settings = _settings(endpoint)
+    log = configure_logging("broker")
+    die_with_parent()
+    b = Broker(settings)
+    try:
+        b.bind()
+    except zmq.ZMQError as exc:
+        fail(f"cannot listen on {settings.endpoint}: {exc.strerror}")
+    b.install_signal_handlers()
+    log.info("broker_listening", endpoint=b.endpoint)
+    b.serve()
+
+
+def registry(endpoint: Endpoint = None, home: Home = None) -> None:
+    """Run the registry service (model definitions)."""
+    from services.registry.service import run_registry
+
+    settings = _settings(endpoint, home)
+    configure_logging("registry")
+    die_with_parent()
+    run_registry(settings)
+
+
+def scheduler(endpoint: Endpoint = None) -> None:
+    """Run the scheduler service (workers, placement, instances)."""
+    from services.scheduler.service import run_scheduler
+
+    settings = _settings(endpoint)
+    configure_logging("scheduler")
+    die_with_parent()
+    run_scheduler(settings)
+
+
+def worker(
+    device: Annotated[str, typer.Option("--device", "-d", help="cpu, cpu:N or cuda:N.")] = "cpu",
+    memory_budget_mb: Annotated[int | None, typer.Option(
+        "--memory-budget-mb", help="Memory this worker may fill (CPU; default from config/system).")] = None,
+    endpoint: Endpoint = None,
+) -> None:
+    """Run an inference worker for one device."""
+    from services.worker.device import parse_device
+
+    settings = load_settings(endpoint=endpoint, cpu_memory_budget_mb=memory_budget_mb)
+    try:
+        kind, index = parse_device(device)
+    except ValueError as exc:
+        fail(f"--device: {exc}")
+    if kind == "cuda":  # before torch is imported anywhere in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    configure_logging(f"worker/{device}")
+    die_with_parent()
+    from services.worker.service import run_worker
+
+    run_worker(settings, device)
+
+
+def detect_gpus() -> int:
+    """Count GPUs without importing torch (which takes seconds)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _spawn(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env)
+
+
+def up(
+    endpoint: Endpoint = None,
+    home: Home = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="GPU workers to start (default: all found).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu/--no-cpu", help="Start a CPU worker.")] = True,
+) -> None:
+    """Start broker, registry, scheduler and one worker per device; Ctrl-C stops them all."""
+    settings = _settings(endpoint, home)
+    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(settings.home_path))
+    n_gpu = detect_gpus() if gpus is None else gpus
+    plan = [["broker"], ["registry"], ["scheduler"]]
+    plan += [["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)]
+    if cpu:
+        plan.append(["worker", "--device", "cpu"])
+    children: list[tuple[list[str], subprocess.Popen]] = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        broker_proc = _spawn(plan[0], env)
+        children.append((plan[0], broker_proc))
+        client = make_client(settings.endpoint, timeout=2.0)
+        deadline = time.monotonic() + 30
+        while True:  # the broker answers once it is bound; it exits at once if the port is taken
+            if broker_proc.poll() is not None:
+                fail(f"the broker could not start on {settings.endpoint} (see the error above)")
+            try:
+                client.broker_status(timeout=0.5)
+                break
+            except ZinferError:
+                if time.monotonic() > deadline:
+                    fail(f"the broker did not come up on {settings.endpoint}")
+                time.sleep(0.1)
+        for args in plan[1:]:
+            children.append((args, _spawn(args, env)))
+        want = {"registry", "scheduler"} | {f"worker/{a[2]}" for a in plan if a[0] == "worker"}
+        while not stopping:
+            services = {peer["service"] for peer in client.broker_status(timeout=2)["peers"]}
+            if want <= services:
+                break
+            for args, proc in children:
+                if proc.poll() is not None:
+                    fail(f"`zinfer {' '.join(args)}` exited with code {proc.returncode} while starting")
+            if time.monotonic() > deadline + 60:
+                fail(f"still waiting for {sorted(want - services)} after 90s")
+            time.sleep(0.1)
+        console.print(f"[bold green]zinfer is up[/] at {settings.endpoint} (home {settings.home_path}); "
+                      f"{len(children)} processes: {', '.join(' '.join(a) for a, _ in children)}. Ctrl-C stops.")
+        restarts: dict[int, float] = {}
+        while not stopping:
+            time.sleep(0.2)
+            for i, (args, proc) in enumerate(children):
+                if proc.poll() is not None and not stopping:
+                    # Keep the mesh whole: a crashed process is restarted (at most once every 2 s).
+                    if time.monotonic() - restarts.get(i, 0) > 2:
+                        console.print(f"[yellow]`zinfer {' '.join(args)}` exited ({proc.returncode}); "
+                                      "restarting[/]")
+                        restarts[i] = time.monotonic()
+                        children[i] = (args, _spawn(args, env))
+    finally:
+        for _, proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if stopping:
+            console.print("zinfer stopped")
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
+    """Live services, workers and their devices."""
+    with make_client(endpoint, timeout) as client:
+        broker_status = client.broker_status()
+        rows = [[peer["service"], ", ".join(peer["uids"]), peer["inflight"], f"{peer['idle_s']:.1f}s"]
+                for peer in sorted(broker_status["peers"], key=lambda x: x["service"])]
+        print_table(["Service", "Model uids", "In flight", "Last heard"], rows,
+                    title=f"broker {broker_status['endpoint']}")
+        services = {peer["service"] for peer in broker_status["peers"]}
+        if "scheduler" in services:
+            workers = client.scheduler_status()["workers"]
+            print_table(["Worker", "Device", "Host", "Free", "Total", "PID"],
+                        [[w["worker_id"], w["device"] + (f" ({w['gpu_name']})" if w["gpu_name"] else ""),
+                          w["host"], _fmt_bytes(w["free_memory"]), _fmt_bytes(w["total_memory"]), w["pid"]]
+                         for w in workers], title="workers")
+        if "registry" in services:
+            reg = client.registry_status()
+            console.print(f"registry: built-in {reg['builtin']}, custom {reg['custom']}")
+            for bad in reg["corrupt"]:
+                console.print(f"[red]corrupt definition[/] {bad['path']}: {bad['error']}", highlight=False)
+
+
+def install(app: typer.Typer) -> None:
+    for fn in (up, broker, registry, scheduler, worker, status):
+        app.command(fn.__name__)(friendly_errors(fn))

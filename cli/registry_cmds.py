@@ -1,0 +1,64 @@
+"""register, registrations, unregister (Xinference's verbs and flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import Endpoint, Timeout, fail, friendly_errors, make_client, print_json, print_table
+
+ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM or embedding.")]
+
+
+def register(
+    model_type: ModelType = "LLM",
+    file: Annotated[Path, typer.Option("--file", "-f", help="The model definition (JSON).")] = ...,
+    persist: Annotated[bool, typer.Option("--persist", "-p", help="Keep it across restarts.")] = False,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Register a custom model from a JSON definition."""
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        fail(f"--file {file}: {exc.strerror}")
+    with make_client(endpoint, timeout) as client:
+        client.register_model(model_type=model_type, model=text, persist=persist)
+    typer.echo(f"registered {model_type} model from {file}" + (" (persisted)" if persist else ""))
+
+
+def registrations(
+    model_type: ModelType = "LLM",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """List built-in and custom models of a type."""
+    with make_client(endpoint, timeout) as client:
+        items = client.list_model_registrations(model_type=model_type)
+    if as_json:
+        print_json(items)
+        return
+    rows = [[i["model_type"], i["model_name"], ", ".join(i["model_format"]), ", ".join(i["model_ability"]),
+             i["model_family"] or "", "yes" if i["is_builtin"] else "no"] for i in items]
+    print_table(["Type", "Name", "Formats", "Abilities", "Family", "Built-in"], rows)
+
+
+def unregister(
+    model_type: ModelType = "LLM",
+    model_name: Annotated[str, typer.Option("--model-name", "-n", help="The custom model's name.")] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Even while instances are launched.")] = False,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Unregister a custom model (and delete its persisted definition)."""
+    with make_client(endpoint, timeout) as client:
+        client.unregister_model(model_type=model_type, model_name=model_name, force=force)
+    typer.echo(f"unregistered {model_type} model {model_name}")
+
+
+def install(app: typer.Typer) -> None:
+    for fn in (register, registrations, unregister):
+        app.command(fn.__name__)(friendly_errors(fn))

@@ -1,0 +1,1 @@
+"""zinfer's processes: broker, registry, scheduler and inference workers."""

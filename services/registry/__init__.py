@@ -1,0 +1,1 @@
+"""The registry service: built-in and custom model definitions, validation and persistence."""

@@ -1,0 +1,153 @@
+"""Registry handlers: register, list, get, unregister custom models; built-ins from configs/."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from services.registry import catalog
+from services.registry.store import DefinitionStore
+from services.registry.validate import MODEL_TYPES, check_model_type, validate
+from shared import protocol as p
+from shared.client import Client
+from shared.config import Settings
+from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from shared.models import (
+    Definition,
+    DefinitionError,
+    EmbeddingFamily,
+    decode_json_object,
+    definition_to_json,
+    parse_embedding,
+    parse_llm,
+    shape_problems,
+)
+from shared.transport import ServiceRuntime
+
+log = structlog.get_logger()
+
+
+def parse_persisted(model_type: str):
+    def parse(raw: bytes) -> Definition:
+        obj = decode_json_object(raw)
+        definition = parse_llm(obj) if model_type == "LLM" else parse_embedding(obj)
+        problems = shape_problems(definition)
+        if problems:
+            raise DefinitionError(problems)
+        return definition
+    return parse
+
+
+def summary(model_type: str, d: Definition, is_builtin: bool) -> p.RegistrationSummary:
+    if isinstance(d, EmbeddingFamily):
+        return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin)
+    formats = list(dict.fromkeys(s.model_format for s in d.model_specs))
+    return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
+                                 model_format=formats, model_ability=list(d.model_ability),
+                                 model_family=d.model_family)
+
+
+class Registry:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = DefinitionStore(settings.home_path)
+        self.lock = threading.Lock()
+        self.custom: dict[str, dict[str, Definition]] = {}
+        self.persisted: dict[str, set[str]] = {}
+        self.corrupt: list[p.CorruptFile] = []
+        for model_type in MODEL_TYPES:
+            found, bad = self.store.load_all(model_type, parse_persisted(model_type))
+            self.custom[model_type] = found
+            self.persisted[model_type] = set(found)
+            self.corrupt += bad
+        log.info("registry_loaded", custom={t: len(v) for t, v in self.custom.items()}, corrupt=len(self.corrupt))
+        self._scheduler = Client(settings=settings, timeout=10.0)
+
+    def handlers(self) -> dict:
+        return {
+            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
+            p.RegisterModel: self.register,
+            p.ListRegistrations: self.list,
+            p.GetRegistration: self.get,
+            p.UnregisterModel: self.unregister,
+            p.RegistryStatus: self.status,
+        }
+
+    # Everything but unregister (which asks the scheduler) answers at once, in the I/O thread.
+    inline = {p.Ping, p.RegisterModel, p.ListRegistrations, p.GetRegistration, p.RegistryStatus}
+
+    def register(self, msg: p.RegisterModel, ctx) -> p.Ok:
+        with self.lock:
+            taken = set(self.custom.get(msg.model_type, {}))
+            definition = validate(msg.model_type, msg.model, taken)
+            if msg.persist:
+                self.store.save(msg.model_type, definition)  # written before it is visible: all or nothing
+                self.persisted[msg.model_type].add(definition.model_name)
+            self.custom[msg.model_type][definition.model_name] = definition
+        log.info("model_registered", model_type=msg.model_type, model_name=definition.model_name,
+                 persist=msg.persist)
+        return p.Ok(message=f"registered {msg.model_type} {definition.model_name}")
+
+    def list(self, msg: p.ListRegistrations, ctx) -> p.Registrations:
+        self._check_type(msg.model_type)
+        items = [summary(msg.model_type, d, True) for d in catalog.builtins(msg.model_type).values()]
+        items += [summary(msg.model_type, d, False) for d in self.custom[msg.model_type].values()]
+        return p.Registrations(items=items)
+
+    def lookup(self, model_type: str, model_name: str) -> tuple[Definition, bool]:
+        self._check_type(model_type)
+        builtin = catalog.builtins(model_type).get(model_name)
+        if builtin is not None:
+            return builtin, True
+        definition = self.custom[model_type].get(model_name)
+        if definition is None:
+            raise NotFound(f"no {model_type} model named {model_name!r} is registered", field="model_name")
+        return definition, False
+
+    def get(self, msg: p.GetRegistration, ctx) -> p.Registration:
+        definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
+        return p.Registration(model_type=msg.model_type, is_builtin=is_builtin,
+                              definition=definition_to_json(definition))
+
+    def unregister(self, msg: p.UnregisterModel, ctx) -> p.Ok:
+        _definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
+        if is_builtin:
+            raise InvalidRequest(f"{msg.model_name!r} is a built-in model and cannot be unregistered",
+                                 field="model_name")
+        if not msg.force:
+            try:
+                reply = self._scheduler.call(p.SCHEDULER, p.InstancesOf(model_type=msg.model_type,
+                                                                        model_name=msg.model_name))
+            except Unavailable:
+                reply = p.UidList(model_uids=[])  # no scheduler running: nothing can be launched
+            if reply.model_uids:
+                raise Conflict(f"{msg.model_name!r} has launched instances {reply.model_uids}; terminate them "
+                               "first (or unregister with force)", field="model_name")
+        with self.lock:
+            if msg.model_name in self.persisted[msg.model_type]:
+                self.store.delete(msg.model_type, msg.model_name)
+                self.persisted[msg.model_type].discard(msg.model_name)
+            self.custom[msg.model_type].pop(msg.model_name, None)
+        log.info("model_unregistered", model_type=msg.model_type, model_name=msg.model_name)
+        return p.Ok(message=f"unregistered {msg.model_type} {msg.model_name}")
+
+    def status(self, msg, ctx) -> p.RegistryStatusReply:
+        return p.RegistryStatusReply(
+            builtin={t: len(catalog.builtins(t)) for t in MODEL_TYPES},
+            custom={t: len(v) for t, v in self.custom.items()},
+            corrupt=self.corrupt)
+
+    @staticmethod
+    def _check_type(model_type: str) -> None:
+        try:
+            check_model_type(model_type)
+        except DefinitionError as exc:
+            raise InvalidRequest(str(exc), field="model_type") from None
+
+
+def run_registry(settings: Settings) -> None:
+    registry = Registry(settings)
+    runtime = ServiceRuntime(p.REGISTRY, settings, registry.handlers(), inline=Registry.inline)
+    runtime.install_signal_handlers()
+    runtime.serve()

@@ -1,0 +1,92 @@
+"""Full validation of a definition: shape (types), names, families, prompt styles and model_uri on disk."""
+
+from __future__ import annotations
+
+import os
+
+from services.registry import catalog
+from shared.models import (
+    DefinitionError,
+    Definition,
+    EmbeddingFamily,
+    FieldProblem,
+    LLMFamily,
+    decode_json_object,
+    parse_embedding,
+    parse_llm,
+    shape_problems,
+    uri_to_path,
+)
+
+MODEL_TYPES = ("LLM", "embedding")
+
+
+def check_model_type(model_type: str) -> None:
+    if model_type not in MODEL_TYPES:
+        raise DefinitionError([FieldProblem("model_type", f"{model_type!r} is not one of {list(MODEL_TYPES)}")])
+
+
+def _uri_problems(uri: str | None, want_file: bool, field: str) -> list[FieldProblem]:
+    if uri is None:
+        return []
+    path = uri_to_path(uri)
+    if path is None:
+        return [FieldProblem(field, f"{uri!r} must be file:///absolute/path or an absolute path")]
+    if not os.path.exists(path):
+        return [FieldProblem(field, f"{path} does not exist")]
+    if want_file and not os.path.isfile(path):
+        return [FieldProblem(field, f"{path} is not a file (ggml/gguf specs name the model file itself)")]
+    if not want_file and not os.path.isdir(path):
+        return [FieldProblem(field, f"{path} is not a directory (pytorch and embedding models are folders)")]
+    return []
+
+
+def _llm_problems(family: LLMFamily) -> list[FieldProblem]:
+    problems = []
+    if family.model_family != "other" and family.model_family not in catalog.builtin_llms():
+        problems.append(FieldProblem(
+            "model_family", f"{family.model_family!r} is not a built-in family; use one of "
+            f"{sorted(catalog.builtin_llms())} or \"other\""))
+    if isinstance(family.prompt_style, str) and family.prompt_style not in catalog.prompt_styles():
+        problems.append(FieldProblem(
+            "prompt_style", f"{family.prompt_style!r} is not a built-in prompt style; use one of "
+            f"{sorted(catalog.prompt_styles())} or an object"))
+    elif "chat" in family.model_ability and not problems:
+        if catalog.resolve_prompt_style(family) is None and catalog.family_chat_template(family) is None:
+            problems.append(FieldProblem(
+                "prompt_style", "a model with the \"chat\" ability needs a prompt_style or chat_template "
+                "(given, or inherited from a built-in model_family)"))
+    for i, spec in enumerate(family.model_specs):
+        field = f"model_specs[{i}].model_uri"
+        folder = uri_to_path(spec.model_uri) if spec.model_uri else None
+        if spec.model_format != "pytorch" and folder and os.path.isdir(folder) and spec.model_file_name_template:
+            # A folder works when it holds the file of every quantization (the template picks one at launch).
+            missing = [q for q in spec.quantizations if not os.path.isfile(
+                os.path.join(folder, spec.model_file_name_template.format(quantization=q)))]
+            if missing:
+                problems.append(FieldProblem(field, f"{folder} is a folder without "
+                    f"{spec.model_file_name_template.format(quantization=missing[0])}; a {spec.model_format} "
+                    "model_uri names the model file (or a folder holding one file per quantization)"))
+            continue
+        problems += _uri_problems(spec.model_uri, spec.model_format != "pytorch", field)
+    return problems
+
+
+def validate(model_type: str, model_json: str | bytes | dict, taken: set[str]) -> Definition:
+    """Parse and check a user's definition; `taken` holds the custom names registered for this type."""
+    check_model_type(model_type)
+    obj = decode_json_object(model_json)
+    definition = parse_llm(obj) if model_type == "LLM" else parse_embedding(obj)
+    problems = shape_problems(definition)
+    name = definition.model_name
+    if name in catalog.builtins(model_type):
+        problems.append(FieldProblem("model_name", f"{name!r} is a built-in {model_type} model name"))
+    elif name in taken:
+        problems.append(FieldProblem("model_name", f"{name!r} is already registered as a custom {model_type}"))
+    if isinstance(definition, LLMFamily):
+        problems += _llm_problems(definition)
+    elif isinstance(definition, EmbeddingFamily):
+        problems += _uri_problems(definition.model_uri, False, "model_uri")
+    if problems:
+        raise DefinitionError(problems)
+    return definition

@@ -1,0 +1,312 @@
+"""Scheduler handlers: launch (match spec, place, load on workers), list, describe, terminate.
+
+Workers are the source of truth for what is loaded: each reports its device and instances every heartbeat
+interval, and the scheduler reconciles its records with those reports (so a restarted scheduler rebuilds its
+view). A worker silent for the liveness period is dropped and its instances marked failed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+
+from services.registry import catalog
+from services.scheduler.placement import Slot, estimate_memory, match_spec, place
+from shared import protocol as p
+from shared.client import Client
+from shared.config import Settings
+from shared.errors import Conflict, InvalidRequest, NotFound, ZinferError
+from shared.models import EmbeddingFamily, LLMFamily, check_name, parse_embedding, parse_llm
+from shared.transport import ServiceRuntime
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Replica:
+    worker_id: str
+    index: int
+    state: str = "launching"
+    error: str = ""
+    progress: float = 0.0
+    memory: int = 0
+    queue_depth: int = 0
+
+
+@dataclass
+class Model:
+    uid: str
+    model_name: str
+    model_type: str
+    model_format: str = ""
+    size: int | str | None = None
+    quantization: str = ""
+    replicas: list[Replica] = field(default_factory=list)
+    terminating: bool = False
+    error: str = ""
+
+    @property
+    def state(self) -> str:
+        states = {r.state for r in self.replicas}
+        if self.terminating:
+            return "terminating"
+        if "failed" in states or self.error:
+            return "failed"
+        if "launching" in states or not states:
+            return "launching"
+        return "ready" if states == {"ready"} else "launching"
+
+
+@dataclass
+class WorkerState:
+    info: p.DeviceInfo
+    last_seen: float
+    reserved: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.info.free_memory - sum(self.reserved.values())
+
+
+class Scheduler:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.lock = threading.RLock()
+        self.workers: dict[str, WorkerState] = {}
+        self.models: dict[str, Model] = {}
+        self.client = Client(settings=settings, timeout=settings.request_timeout)
+        self.running = True
+        # uid -> when it was terminated: a report sent before the unload must not bring it back.
+        self.terminated: dict[str, float] = {}
+
+    def handlers(self) -> dict:
+        return {
+            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
+            p.WorkerReport: self.on_report,
+            p.LaunchModel: self.launch,
+            p.ListModels: self.list_models,
+            p.DescribeModel: self.describe,
+            p.TerminateModel: self.terminate,
+            p.InstancesOf: self.instances_of,
+            p.SchedulerStatus: self.status,
+        }
+
+    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
+
+    # ------------------------------------------------------------------ workers
+
+    def on_report(self, msg: p.WorkerReport, ctx) -> p.Ok:
+        now = time.monotonic()
+        wid = msg.device.worker_id
+        with self.lock:
+            old = self.workers.get(wid)
+            if old is None or old.info.pid != msg.device.pid:
+                if old is not None:
+                    self._fail_worker_replicas(wid, f"worker {wid} restarted")
+                log.info("worker_joined", worker=wid, device=msg.device.device, free=msg.device.free_memory)
+                self.workers[wid] = WorkerState(msg.device, now)
+            state = self.workers[wid]
+            state.info, state.last_seen = msg.device, now
+            for inst in msg.instances:
+                state.reserved.pop((inst.model_uid, inst.replica), None)  # the worker counts it now
+                model = self.models.get(inst.model_uid)
+                if model is None and now - self.terminated.get(inst.model_uid, -1e9) < self.settings.liveness_s:
+                    continue
+                if model is None:  # known to the worker, not to us: we restarted; adopt it
+                    model = Model(uid=inst.model_uid, model_name=inst.model_name, model_type=inst.model_type,
+                                  model_format=inst.model_format, size=inst.model_size_in_billions,
+                                  quantization=inst.quantization)
+                    self.models[inst.model_uid] = model
+                replica = next((r for r in model.replicas if r.index == inst.replica and r.worker_id == wid),
+                               None)
+                if replica is None:
+                    replica = Replica(worker_id=wid, index=inst.replica)
+                    model.replicas.append(replica)
+                if replica.state != "failed" or inst.state == "failed":
+                    replica.state = inst.state
+                replica.error = inst.error or replica.error
+                replica.progress, replica.memory = inst.progress, inst.memory
+                replica.queue_depth = inst.queue_depth
+        return p.Ok()
+
+    def _fail_worker_replicas(self, wid: str, why: str) -> None:
+        for model in self.models.values():
+            for r in model.replicas:
+                if r.worker_id == wid and r.state in ("launching", "ready"):
+                    r.state, r.error = "failed", why
+
+    def expire_workers(self) -> None:
+        while self.running:
+            time.sleep(self.settings.heartbeat_interval)
+            now = time.monotonic()
+            with self.lock:
+                for wid, state in list(self.workers.items()):
+                    if now - state.last_seen > self.settings.liveness_s:
+                        del self.workers[wid]
+                        self._fail_worker_replicas(
+                            wid, f"worker {wid} died (no report for {self.settings.liveness_s:g}s)")
+                        log.warning("worker_lost", worker=wid)
+
+    def status(self, msg, ctx) -> p.SchedulerStatusReply:
+        with self.lock:
+            return p.SchedulerStatusReply(workers=[w.info for w in self.workers.values()],
+                                          instances=len(self.models))
+
+    # ------------------------------------------------------------------ launch
+
+    def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily:
+        reply = self.client.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name))
+        if model_type == "LLM":
+            family = parse_llm(reply.definition)
+            # Send workers a self-contained definition: the family's prompt style and template resolved.
+            return msgspec.structs.replace(family, prompt_style=catalog.resolve_prompt_style(family),
+                                           chat_template=catalog.family_chat_template(family))
+        return parse_embedding(reply.definition)
+
+    def launch(self, msg: p.LaunchModel, ctx) -> p.Launched:
+        if msg.model_type not in ("LLM", "embedding"):
+            raise InvalidRequest(f"model_type {msg.model_type!r} must be LLM or embedding", field="model_type")
+        if msg.replica < 1:
+            raise InvalidRequest(f"replica must be >= 1, got {msg.replica}", field="replica")
+        uid = msg.model_uid or msg.model_name
+        problem = check_name(uid, "model_uid")
+        if problem:
+            raise InvalidRequest(problem.message, field="model_uid")
+        family = self._registration(msg.model_type, msg.model_name)
+        if isinstance(family, LLMFamily):
+            spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization)
+            need = {k: estimate_memory(spec, quant, None, k) for k in ("cpu", "cuda")}
+            base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
+                                  engine_kwargs=msg.engine_kwargs)
+            fmt, size = spec.model_format, spec.model_size_in_billions
+        else:
+            if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
+                raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
+            need = {k: estimate_memory(None, None, family, k) for k in ("cpu", "cuda")}
+            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family,
+                                  engine_kwargs=msg.engine_kwargs)
+            fmt, size, quant = "pytorch", None, "none"
+        with self.lock:
+            if uid in self.models:
+                raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
+                               "or pass another model_uid", field="model_uid")
+            slots = [Slot(w.info.worker_id, w.info.device, w.free) for w in self.workers.values()]
+            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx)
+            model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
+                          size=size, quantization=quant or "")
+            loads = []
+            for index, wid in enumerate(chosen):
+                kind = "cuda" if self.workers[wid].info.device.startswith("cuda") else "cpu"
+                self.workers[wid].reserved[(uid, index)] = need[kind]
+                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[kind]))
+                loads.append((wid, msgspec.structs.replace(base, replica=index, memory_estimate=need[kind])))
+            self.models[uid] = model
+        log.info("launching", model_uid=uid, workers=chosen, need=need)
+        threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
+        return p.Launched(model_uid=uid)
+
+    def _load_all(self, model: Model, loads: list[tuple[str, p.LoadInstance]]) -> None:
+        errors: list[str] = []
+
+        def load_one(wid: str, load: p.LoadInstance, replica: Replica) -> None:
+            try:
+                self.client.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
+            except ZinferError as exc:
+                with self.lock:
+                    replica.state, replica.error = "failed", str(exc)
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=load_one, args=(wid, load, model.replicas[i]), daemon=True)
+                   for i, (wid, load) in enumerate(loads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with self.lock:
+            for wid, load in loads:
+                if wid in self.workers:
+                    self.workers[wid].reserved.pop((model.uid, load.replica), None)
+            if not errors:
+                for r in model.replicas:
+                    if r.state == "launching":
+                        r.state, r.progress = "ready", 1.0
+                log.info("launched", model_uid=model.uid)
+                return
+            model.error = errors[0]
+        log.error("launch_failed", model_uid=model.uid, error=errors[0])
+        # Nothing half-loaded: the replicas that did load are unloaded again.
+        for wid, load in loads:
+            try:
+                self.client.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid), timeout=30)
+            except ZinferError:
+                pass
+
+    # ------------------------------------------------------------------ views, terminate
+
+    def _view(self, m: Model) -> p.InstanceView:
+        hosts = {wid: w.info.host for wid, w in self.workers.items()}
+        errors = [r.error for r in m.replicas if r.error]
+        return p.InstanceView(
+            model_uid=m.uid, model_name=m.model_name, model_type=m.model_type, model_format=m.model_format,
+            model_size_in_billions=m.size, quantization=m.quantization, replica=len(m.replicas),
+            devices=[r.worker_id for r in m.replicas],
+            address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
+            state=m.state, error=m.error or (errors[0] if errors else ""),
+            progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
+            memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas))
+
+    def list_models(self, msg, ctx) -> p.ModelList:
+        with self.lock:
+            return p.ModelList(models=[self._view(m) for m in self.models.values()])
+
+    def describe(self, msg: p.DescribeModel, ctx) -> p.ModelDescription:
+        with self.lock:
+            model = self.models.get(msg.model_uid)
+            if model is None:
+                raise NotFound(f"no launched model has uid {msg.model_uid!r}", field="model_uid")
+            return p.ModelDescription(model=self._view(model))
+
+    def instances_of(self, msg: p.InstancesOf, ctx) -> p.UidList:
+        with self.lock:
+            return p.UidList(model_uids=[m.uid for m in self.models.values()
+                                         if m.model_name == msg.model_name and m.model_type == msg.model_type])
+
+    def terminate(self, msg: p.TerminateModel, ctx) -> p.Ok:
+        with self.lock:
+            model = self.models.get(msg.model_uid)
+            if model is None:
+                raise NotFound(f"no launched model has uid {msg.model_uid!r}", field="model_uid")
+            model.terminating = True
+            workers = sorted({r.worker_id for r in model.replicas})
+        for wid in workers:
+            try:
+                self.client.call(p.worker_service(wid), p.UnloadInstance(model_uid=msg.model_uid), timeout=60)
+            except NotFound:
+                pass  # never loaded there, or already gone
+            except ZinferError as exc:
+                if wid in self.workers and exc.code != "unavailable":
+                    with self.lock:
+                        model.terminating = False
+                    raise
+        with self.lock:
+            self.models.pop(msg.model_uid, None)
+            self.terminated[msg.model_uid] = time.monotonic()
+            for wid in workers:
+                if wid in self.workers:
+                    self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items()
+                                                  if k[0] != msg.model_uid}
+        log.info("terminated", model_uid=msg.model_uid)
+        return p.Ok(message=f"terminated {msg.model_uid}")
+
+
+def run_scheduler(settings: Settings) -> None:
+    scheduler = Scheduler(settings)
+    runtime = ServiceRuntime(p.SCHEDULER, settings, scheduler.handlers(), inline=Scheduler.inline)
+    threading.Thread(target=scheduler.expire_workers, name="expire", daemon=True).start()
+    runtime.install_signal_handlers()
+    runtime.serve()
+    scheduler.running = False

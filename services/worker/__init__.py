@@ -1,0 +1,1 @@
+"""Inference workers: one process per device, hosting model instances."""

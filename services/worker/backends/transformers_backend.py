@@ -1,0 +1,190 @@
+"""transformers engine for `pytorch` specs: AutoTokenizer + AutoModelForCausalLM."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from services.worker.backends.base import LLMBackend, Sampling, Step
+from shared.errors import InvalidRequest
+
+_seed_lock = threading.Lock()
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.emitted = ""
+
+    def push(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        new_text = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.emitted += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        rest = full[len(self.emitted):] if full.startswith(self.emitted) else ""
+        self.emitted += rest
+        return rest
+
+
+class _QueueStreamer:
+    """transformers' streamer protocol: put() gets the prompt first, then each new token."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.q.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.q.put(None)
+
+
+class TransformersBackend(LLMBackend):
+    def __init__(self, path: str, device: str, quantization: str, context_length: int,
+                 trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device
+        kwargs: dict = {"trust_remote_code": trust_remote_code}
+        if quantization in ("4-bit", "8-bit"):
+            if not device.startswith("cuda"):
+                raise InvalidRequest(f"quantization {quantization!r} needs a GPU (bitsandbytes); "
+                                     "launch with quantization 'none' on the CPU", field="quantization")
+            try:
+                from transformers import BitsAndBytesConfig
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise InvalidRequest(f"quantization {quantization!r} needs the bitsandbytes package",
+                                     field="quantization") from None
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=quantization == "4-bit", load_in_8bit=quantization == "8-bit")
+            kwargs["device_map"] = device
+        dtype = torch.float32
+        if device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        if "device_map" not in kwargs:
+            self.model.to(device)
+        self.model.eval()
+        self.context_length = context_length
+        self.chat_template = getattr(self.tokenizer, "chat_template", None)
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
+            self.eos_ids[0] if self.eos_ids else 0)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def generate_kwargs(self, sampling: Sampling) -> dict:
+        kw: dict = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self.pad_id,
+                    "eos_token_id": list(dict.fromkeys(self.eos_ids + sampling.stop_token_ids))}
+        if sampling.temperature and sampling.temperature > 0:
+            kw.update(do_sample=True, temperature=sampling.temperature)
+            if sampling.top_p is not None:
+                kw["top_p"] = sampling.top_p
+            if sampling.top_k is not None:
+                kw["top_k"] = sampling.top_k
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.repetition_penalty is not None:
+            kw["repetition_penalty"] = sampling.repetition_penalty
+        return kw
+
+    def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        torch = self.torch
+        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        streamer = _QueueStreamer()
+        stop_flag = threading.Event()
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = cancelled.is_set() or stop_flag.is_set()
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+        kwargs = self.generate_kwargs(sampling)
+        error: list[BaseException] = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    if sampling.seed is not None:
+                        with _seed_lock:
+                            torch.manual_seed(sampling.seed)
+                    self.model.generate(**enc, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_Cancel()]), **kwargs)
+            except BaseException as exc:  # surfaced in the consumer thread
+                error.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="hf-generate", daemon=True)
+        thread.start()
+        decoder = IncrementalDecoder(self.tokenizer)
+        n = 0
+        last: int | None = None
+        try:
+            while True:
+                ids = streamer.q.get()
+                if ids is None:
+                    break
+                n += len(ids)
+                last = ids[-1]
+                text = decoder.push(ids)
+                if text:
+                    yield Step(text, len(ids))
+                elif ids:
+                    yield Step("", len(ids))
+            if error:
+                raise error[0]
+            finish = "stop" if (last in kwargs["eos_token_id"] or n < sampling.max_tokens) else "length"
+            yield Step(decoder.flush(), 0, finish)
+        finally:
+            stop_flag.set()
+            thread.join()
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        torch = self.torch
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            out = self.model(**enc, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return pooled.float().cpu().numpy(), int(enc["attention_mask"].sum())
+
+    def close(self) -> None:
+        del self.model
+        if self.device.startswith("cuda"):
+            import gc
+
+            gc.collect()
+            self.torch.cuda.empty_cache()

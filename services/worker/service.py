@@ -1,0 +1,120 @@
+"""The worker process: hosts model instances for one device and reports them to the scheduler."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from services.worker.device import DeviceProbe
+from services.worker.instance import Instance
+from shared import protocol as p
+from shared.client import Client
+from shared.config import Settings
+from shared.errors import Conflict, NotFound, ZinferError
+from shared.transport import ServiceRuntime
+
+log = structlog.get_logger()
+
+
+class Worker:
+    def __init__(self, settings: Settings, device: str):
+        self.settings = settings
+        self.worker_id = device
+        self.probe = DeviceProbe(device, settings.cpu_memory_budget_mb)
+        self.instances: dict[str, list[Instance]] = {}
+        self.lock = threading.Lock()
+        self.report_now = threading.Event()
+        self.runtime = ServiceRuntime(p.worker_service(device), settings, self.handlers(), inline={p.Ping},
+                                      max_workers=256)
+        self.runtime.on_reconnect = self.report_now.set
+        self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
+
+    def handlers(self) -> dict:
+        return {
+            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
+            p.LoadInstance: self.load,
+            p.UnloadInstance: self.unload,
+            p.Generate: lambda msg, ctx: self._pick(msg.model_uid).generate(msg, ctx.cancelled),
+            p.Chat: lambda msg, ctx: self._pick(msg.model_uid).chat(msg, ctx.cancelled),
+            p.Embed: lambda msg, ctx: self._pick(msg.model_uid).embed(msg),
+        }
+
+    # ------------------------------------------------------------------ instances
+
+    def _pick(self, uid: str) -> Instance:
+        replicas = self.instances.get(uid)
+        if not replicas:
+            raise NotFound(f"model {uid!r} is not loaded on worker {self.worker_id}", field="model_uid")
+        ready = [r for r in replicas if r.state == "ready"]
+        return min(ready, key=lambda r: r.inflight) if ready else replicas[0]
+
+    def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
+        instance = Instance(msg, self.probe.torch_device)
+        with self.lock:
+            replicas = self.instances.setdefault(msg.model_uid, [])
+            if any(r.replica == msg.replica for r in replicas):
+                raise Conflict(f"model {msg.model_uid!r} replica {msg.replica} is already on {self.worker_id}")
+            replicas.append(instance)
+        self.runtime.bind(p.model_target(msg.model_uid))  # from now on requests reach us (and hear "launching")
+        self.report_now.set()
+        log.info("instance_loading", model_uid=msg.model_uid, replica=msg.replica)
+        try:
+            instance.load()
+        except Exception as exc:
+            instance.state = "failed"
+            instance.error = str(exc) if isinstance(exc, ZinferError) else f"{type(exc).__name__}: {exc}"
+            log.error("instance_failed", model_uid=msg.model_uid, error=instance.error)
+            self.report_now.set()
+            raise
+        log.info("instance_ready", model_uid=msg.model_uid, replica=msg.replica)
+        self.report_now.set()
+        return p.Ok(message=f"{msg.model_uid} ready on {self.worker_id}")
+
+    def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
+        with self.lock:
+            replicas = self.instances.pop(msg.model_uid, None)
+        if not replicas:
+            raise NotFound(f"model {msg.model_uid!r} is not loaded on worker {self.worker_id}")
+        self.runtime.unbind(p.model_target(msg.model_uid))
+        for r in replicas:
+            r.close()
+        self.report_now.set()
+        log.info("instance_unloaded", model_uid=msg.model_uid)
+        return p.Ok(message=f"{msg.model_uid} unloaded from {self.worker_id}")
+
+    # ------------------------------------------------------------------ reports
+
+    def report(self) -> p.WorkerReport:
+        with self.lock:
+            replicas = [r for rs in self.instances.values() for r in rs]
+        used = sum(r.spec.memory_estimate for r in replicas if r.state in ("launching", "ready"))
+        return p.WorkerReport(device=self.probe.info(self.worker_id, used),
+                              instances=[r.report() for r in replicas])
+
+    def _report_loop(self) -> None:
+        client = Client(settings=self.settings, timeout=max(2.0, self.settings.liveness_s))
+        self.runtime.connected.wait()
+        while self.runtime.running:
+            self.report_now.wait(self.settings.heartbeat_interval)
+            self.report_now.clear()
+            try:
+                client.call(p.SCHEDULER, self.report())
+            except ZinferError as exc:
+                log.debug("report_failed", error=str(exc))
+            except Exception:
+                log.exception("report_failed")
+        client.close()
+
+    def serve(self) -> None:
+        self._reporter.start()
+        self.runtime.install_signal_handlers()
+        self.runtime.serve()
+        with self.lock:
+            for replicas in self.instances.values():
+                for r in replicas:
+                    r.close()
+
+
+def run_worker(settings: Settings, device: str) -> None:
+    Worker(settings, device).serve()

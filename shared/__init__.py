@@ -1,0 +1,1 @@
+"""zinfer's shared package: wire protocol, model schema, config, logging, transport and the client."""

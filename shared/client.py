@@ -1,0 +1,248 @@
+"""The public Python API: `Client(endpoint)` talks to the mesh through the broker.
+
+A Client is thread-safe: each thread that uses it gets its own DEALER socket (ZeroMQ sockets are not
+thread-safe, sockets are cheap). Every call takes a `timeout` in seconds; errors from the services raise the
+typed exceptions of `shared.errors` (InvalidRequest, NotFound, Conflict, Unavailable, RequestTimeout, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+
+from shared import protocol as p
+from shared.config import Settings, load_settings
+from shared.errors import RequestTimeout, Unavailable, error_from_reply
+
+CONNECT_TIMEOUT = 3.0
+
+
+def as_plain(obj: Any) -> Any:
+    """A reply struct as plain dicts and lists with every field present (what Xinference's client returns)."""
+    if isinstance(obj, msgspec.Struct):
+        return {f: as_plain(getattr(obj, f)) for f in obj.__struct_fields__ if f != "op"}
+    if isinstance(obj, list | tuple):
+        return [as_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, timeout: float | None = None,
+                 settings: Settings | None = None):
+        self.settings = settings or load_settings(endpoint=endpoint)
+        self.endpoint = endpoint or self.settings.endpoint
+        self.timeout = timeout if timeout is not None else self.settings.request_timeout
+        self.ctx = zmq.Context.instance()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4)
+
+    # ------------------------------------------------------------------ transport
+
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise Unavailable(f"cannot connect to {self.endpoint}: {exc}") from None
+            if not sock.poll(CONNECT_TIMEOUT * 1000, zmq.POLLOUT):
+                sock.close(linger=0)
+                raise Unavailable(f"no zinfer broker answers at {self.endpoint} (is `zinfer up` running?)")
+            self._local.sock = sock
+            with self._lock:
+                self._sockets.append(sock)
+        return sock
+
+    def _send(self, target: str | bytes, msg: p.Msg, buffers=()) -> tuple[zmq.Socket, bytes]:
+        sock = self._socket()
+        req_id = self._prefix + next(self._ids).to_bytes(8, "big")
+        target_b = target.encode() if isinstance(target, str) else target
+        try:
+            sock.send_multipart(p.client_request(target_b, req_id, p.encode(msg), buffers), zmq.NOBLOCK,
+                                copy=False)
+        except zmq.Again:
+            raise Unavailable(f"the broker at {self.endpoint} is not reachable") from None
+        return sock, req_id
+
+    def _recv(self, sock: zmq.Socket, req_id: bytes, deadline: float, what: str) -> tuple[bytes, Any, list]:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(left * 1000):
+                try:
+                    sock.send_multipart(p.client_cancel(req_id), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                raise RequestTimeout(f"no reply to {what} within {self._timeout_text(deadline)}")
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) < 4 or frames[0].bytes != p.PROTO or frames[2].bytes != req_id:
+                continue  # a late reply to an earlier, abandoned request
+            reply = p.decode_reply(frames[3].buffer)
+            if isinstance(reply, p.Error):
+                raise error_from_reply(reply)
+            return frames[1].bytes, reply, frames[4:]
+
+    def _timeout_text(self, deadline: float) -> str:
+        return f"{self._last_timeout:g}s"
+
+    def call(self, target: str | bytes, msg: p.Msg, timeout: float | None = None, buffers=()):
+        """One request, one reply (struct); raises the typed error the service answered with."""
+        reply, _ = self.call_with_buffers(target, msg, timeout, buffers)
+        return reply
+
+    def call_with_buffers(self, target, msg, timeout=None, buffers=()):
+        self._last_timeout = timeout if timeout is not None else self.timeout
+        sock, req_id = self._send(target, msg, buffers)
+        _cmd, reply, extra = self._recv(sock, req_id, time.monotonic() + self._last_timeout,
+                                        type(msg).__name__)
+        return reply, extra
+
+    def stream(self, target: str | bytes, msg: p.Msg, timeout: float | None = None) -> Iterator:
+        """A streamed reply: yields each chunk; `timeout` bounds the wait for each chunk.
+
+        Closing the iterator early (break, or the generator being dropped) cancels the work on the server.
+        """
+        self._last_timeout = timeout if timeout is not None else self.timeout
+        sock, req_id = self._send(target, msg)
+        done = False
+        try:
+            while True:
+                cmd, reply, _ = self._recv(sock, req_id, time.monotonic() + self._last_timeout,
+                                           type(msg).__name__)
+                if cmd == p.REPLY:
+                    done = True
+                    if not isinstance(reply, p.Ok):
+                        yield reply
+                    return
+                yield reply
+        finally:
+            if not done:
+                try:
+                    sock.send_multipart(p.client_cancel(req_id), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                sock.close(linger=0)
+            self._sockets.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ mesh
+
+    def ping(self, target: str = p.REGISTRY, timeout: float | None = None) -> float:
+        """Round-trip seconds of a no-op request to `target`."""
+        start = time.perf_counter()
+        self.call(target, p.Ping(), timeout)
+        return time.perf_counter() - start
+
+    def broker_status(self, timeout: float | None = None) -> dict:
+        return as_plain(self.call(p.BROKER_TARGET, p.Ping(), timeout))
+
+    def registry_status(self, timeout: float | None = None) -> dict:
+        return as_plain(self.call(p.REGISTRY, p.RegistryStatus(), timeout))
+
+    def scheduler_status(self, timeout: float | None = None) -> dict:
+        return as_plain(self.call(p.SCHEDULER, p.SchedulerStatus(), timeout))
+
+    # ------------------------------------------------------------------ registry
+
+    def register_model(self, model_type: str, model: str | dict, persist: bool = False,
+                       timeout: float | None = None) -> None:
+        text = model if isinstance(model, str) else json.dumps(model)
+        self.call(p.REGISTRY, p.RegisterModel(model_type=model_type, model=text, persist=persist), timeout)
+
+    def list_model_registrations(self, model_type: str, timeout: float | None = None) -> list[dict]:
+        reply = self.call(p.REGISTRY, p.ListRegistrations(model_type=model_type), timeout)
+        return [as_plain(item) for item in reply.items]
+
+    def get_model_registration(self, model_type: str, model_name: str, timeout: float | None = None) -> dict:
+        reply = self.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name), timeout)
+        return reply.definition
+
+    def unregister_model(self, model_type: str, model_name: str, force: bool = False,
+                         timeout: float | None = None) -> None:
+        self.call(p.REGISTRY, p.UnregisterModel(model_type=model_type, model_name=model_name, force=force),
+                  timeout)
+
+    # ------------------------------------------------------------------ scheduler
+
+    def launch_model(self, model_name: str, model_type: str = "LLM", model_format: str | None = None,
+                     model_size_in_billions: int | str | None = None, quantization: str | None = None,
+                     model_uid: str | None = None, replica: int = 1, n_gpu: int | str | None = "auto",
+                     gpu_idx: int | list[int] | None = None, wait: bool = True, timeout: float | None = None,
+                     progress=None, **engine_kwargs) -> str:
+        """Launch a registered model; returns its uid. With wait=True (default) returns once it is ready and
+        raises with the cause if loading fails. `progress(view_dict)` is called while waiting."""
+        if isinstance(gpu_idx, int):
+            gpu_idx = [gpu_idx]
+        msg = p.LaunchModel(model_name=model_name, model_type=model_type, model_format=model_format,
+                            model_size_in_billions=model_size_in_billions, quantization=quantization,
+                            model_uid=model_uid, replica=replica, n_gpu=n_gpu, gpu_idx=gpu_idx,
+                            engine_kwargs=engine_kwargs)
+        uid = self.call(p.SCHEDULER, msg).model_uid
+        if wait:
+            self.wait_model(uid, timeout if timeout is not None else self.settings.launch_timeout, progress)
+        return uid
+
+    def wait_model(self, model_uid: str, timeout: float, progress=None) -> dict:
+        from shared.errors import InternalError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.describe_model(model_uid)
+            if progress is not None:
+                progress(view)
+            if view["state"] == "ready":
+                return view
+            if view["state"] == "failed":
+                raise InternalError(f"model {model_uid!r} failed to launch: {view['error']}")
+            if time.monotonic() > deadline:
+                raise RequestTimeout(f"model {model_uid!r} is still {view['state']} after {timeout:g}s")
+            time.sleep(0.05)
+
+    def list_models(self, timeout: float | None = None) -> dict[str, dict]:
+        """Launched models keyed by uid (as Xinference's client returns them)."""
+        reply = self.call(p.SCHEDULER, p.ListModels(), timeout)
+        return {m.model_uid: as_plain(m) for m in reply.models}
+
+    def describe_model(self, model_uid: str, timeout: float | None = None) -> dict:
+        return as_plain(self.call(p.SCHEDULER, p.DescribeModel(model_uid=model_uid), timeout).model)
+
+    def terminate_model(self, model_uid: str, timeout: float | None = None) -> None:
+        self.call(p.SCHEDULER, p.TerminateModel(model_uid=model_uid), timeout)
+
+    def get_model(self, model_uid: str) -> ModelHandle:
+        """A handle for inference: LLMHandle (generate, chat, create_embedding) or EmbeddingHandle."""
+        from shared.handles import EmbeddingHandle, LLMHandle
+
+        view = self.describe_model(model_uid)
+        cls = EmbeddingHandle if view["model_type"] == "embedding" else LLMHandle
+        return cls(self, model_uid)
+
+
+ModelHandle = Any

@@ -1,0 +1,78 @@
+"""Settings: configs/default.toml, then the file named by ZINFER_CONFIG, then ZINFER_* variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    endpoint: str = "tcp://127.0.0.1:9997"
+    home: str = "~/.zinfer"
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    request_timeout: float = 30.0
+    launch_timeout: float = 600.0
+    unroutable_grace: float = 2.0
+    cpu_memory_budget_mb: int = 0
+    send_hwm: int = 10000
+
+    @property
+    def home_path(self) -> Path:
+        return Path(os.path.expanduser(self.home))
+
+    @property
+    def liveness_s(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+class ConfigError(Exception):
+    """A settings file or variable that cannot be used; the message names it."""
+
+
+_ENV = {
+    "ZINFER_ENDPOINT": ("endpoint", str),
+    "ZINFER_HOME": ("home", str),
+    "ZINFER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
+    "ZINFER_REQUEST_TIMEOUT": ("request_timeout", float),
+    "ZINFER_CPU_MEMORY_BUDGET_MB": ("cpu_memory_budget_mb", int),
+}
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return msgspec.toml.decode(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def load_settings(**overrides) -> Settings:
+    """Layered settings; keyword overrides (from CLI flags) win, None values are ignored."""
+    values: dict = _read_toml(CONFIG_DIR / "default.toml")
+    user_file = os.environ.get("ZINFER_CONFIG")
+    if user_file:
+        values.update(_read_toml(Path(user_file)))
+    for var, (field, kind) in _ENV.items():
+        raw = os.environ.get(var)
+        if raw:
+            try:
+                values[field] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r}: expected {kind.__name__}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = msgspec.convert(values, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"settings: {exc}") from None
+    if settings.heartbeat_interval <= 0 or settings.heartbeat_liveness < 1:
+        raise ConfigError("settings: heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+    if not settings.endpoint.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"endpoint {settings.endpoint!r}: expected tcp://host:port or ipc:///path")
+    return settings

@@ -1,0 +1,85 @@
+"""Typed errors: one exception class per wire error code, and the mapping both ways."""
+
+from __future__ import annotations
+
+from shared.models import DefinitionError, FieldProblem
+from shared.protocol import Error
+
+
+class ZinferError(Exception):
+    """An error a zinfer service answered with (or the client hit); `code` is the wire code."""
+
+    code = "internal"
+
+    def __init__(self, message: str, field: str | None = None, problems: list[FieldProblem] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.problems = list(problems or [])
+
+    def __str__(self) -> str:
+        if self.problems and len(self.problems) > 1:
+            return "\n".join(str(p) for p in self.problems)
+        if self.field and not self.message.startswith(self.field):
+            return f"{self.field}: {self.message}"
+        return self.message
+
+
+class InvalidRequest(ZinferError, ValueError):
+    code = "invalid"
+
+
+class NotFound(ZinferError, KeyError):
+    code = "not_found"
+
+    __str__ = ZinferError.__str__
+
+
+class Conflict(ZinferError):
+    code = "conflict"
+
+
+class InstanceNotReady(ZinferError):
+    code = "state"
+
+
+class TooLarge(ZinferError, ValueError):
+    code = "too_large"
+
+
+class Unavailable(ZinferError, ConnectionError):
+    code = "unavailable"
+
+
+class RequestTimeout(ZinferError, TimeoutError):
+    code = "timeout"
+
+
+class Cancelled(ZinferError):
+    code = "cancelled"
+
+
+class ProtocolError(ZinferError):
+    code = "protocol"
+
+
+class InternalError(ZinferError):
+    code = "internal"
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge,
+                                       Unavailable, RequestTimeout, Cancelled, ProtocolError, InternalError)}
+
+
+def error_from_reply(reply: Error) -> ZinferError:
+    return _BY_CODE.get(reply.code, InternalError)(reply.message, reply.field, reply.problems)
+
+
+def reply_from_exception(exc: BaseException) -> Error:
+    if isinstance(exc, ZinferError):
+        return Error(code=exc.code, message=exc.message, field=exc.field, problems=exc.problems)
+    if isinstance(exc, DefinitionError):
+        first = exc.problems[0] if exc.problems else None
+        return Error(code="invalid", message=str(exc), field=first.field if first else None,
+                     problems=exc.problems)
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}")

