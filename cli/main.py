@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from cli import mesh, registry_cmds
+from cli import dev, infer_cmds, mesh, model_cmds, registry_cmds
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="zinfer: register your own models, launch them on GPUs or the CPU, generate and embed.")
 mesh.install(app)
 registry_cmds.install(app)
+model_cmds.install(app)
+infer_cmds.install(app)
+app.add_typer(dev.app, name="dev")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from shared import protocol as p
 from shared.client import Client, as_plain
-from shared.errors import InvalidRequest
+from shared.errors import InstanceNotReady, InvalidRequest, NotFound, Unavailable, ZinferError
 
 
 def _config(generate_config: dict | None) -> p.GenerateConfig:
@@ -42,17 +42,34 @@ class _Handle:
     def _target(self) -> bytes:
         return p.model_target(self.model_uid).encode()
 
+    def _explain(self, exc: ZinferError) -> ZinferError:
+        """Nobody serves the uid: say why (its state and error, from the scheduler) instead."""
+        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+            return exc
+        try:
+            view = self.client.describe_model(self.model_uid)
+        except NotFound:
+            return NotFound(f"no launched model has uid {self.model_uid!r}", field="model_uid")
+        except ZinferError:
+            return exc
+        detail = f": {view['error']}" if view["error"] else ""
+        return InstanceNotReady(f"model {self.model_uid!r} is {view['state']}{detail}", field="model_uid")
+
+    def _call(self, msg: p.Msg, timeout: float | None):
+        try:
+            return self.client.call_with_buffers(self._target(), msg, timeout)
+        except ZinferError as exc:
+            raise self._explain(exc) from None
+
     def create_embedding(self, input: str | list[str], timeout: float | None = None) -> dict:
         texts = [input] if isinstance(input, str) else list(input)
-        reply, frames = self.client.call_with_buffers(self._target(), p.Embed(model_uid=self.model_uid,
-                                                                              input=texts), timeout)
+        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
         return _embed_result(self.model_uid, reply, frames)
 
     def embed_array(self, input: str | list[str], timeout: float | None = None) -> np.ndarray:
         """Embeddings as one float32 array (rows x dimensions), without building Python lists."""
         texts = [input] if isinstance(input, str) else list(input)
-        reply, frames = self.client.call_with_buffers(self._target(), p.Embed(model_uid=self.model_uid,
-                                                                              input=texts), timeout)
+        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
         return np.frombuffer(frames[0].buffer, dtype=np.float32).reshape(reply.rows, reply.dimensions)
 
 
@@ -63,8 +80,18 @@ class EmbeddingHandle(_Handle):
 class LLMHandle(_Handle):
     def _run(self, msg: p.Msg, stream: bool, timeout: float | None):
         if stream:
-            return (as_plain(chunk) for chunk in self.client.stream(self._target(), msg, timeout))
-        return as_plain(self.client.call(self._target(), msg, timeout))
+            return self._chunks(msg, timeout)
+        return as_plain(self._call(msg, timeout)[0])
+
+    def _chunks(self, msg: p.Msg, timeout: float | None) -> Iterator[dict]:
+        chunks = self.client.stream(self._target(), msg, timeout)
+        try:
+            for chunk in chunks:
+                yield as_plain(chunk)
+        except ZinferError as exc:
+            raise self._explain(exc) from None
+        finally:
+            chunks.close()  # leaving early cancels the generation on the worker
 
     def generate(self, prompt: str, generate_config: dict | None = None,
                  timeout: float | None = None) -> dict | Iterator[dict]:

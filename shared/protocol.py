@@ -102,6 +102,7 @@ class LaunchModel(Msg, kw_only=True):
     replica: int = 1
     n_gpu: int | str | None = "auto"
     gpu_idx: list[int] | None = None
+    devices: list[str] | None = None  # pin to these workers by device name (e.g. ["cpu:1"])
     engine_kwargs: dict[str, EngineValue] = {}
 
 
@@ -304,6 +305,7 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     progress: float = 0.0
     memory: int = 0
     queue_depth: int = 0
+    inflight: int = 0
 
 
 class ModelList(Msg, kw_only=True):
@@ -359,7 +361,7 @@ class Completion(Msg, kw_only=True):
 
 
 class ChatCompletionMessage(Struct, kw_only=True, omit_defaults=True):
-    role: str = "assistant"
+    role: str | None = "assistant"
     content: str | None = None
 
 

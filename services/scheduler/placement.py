@@ -99,9 +99,18 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | None) -> list[Slot]:
+def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | None,
+               devices: list[str] | None = None) -> list[Slot]:
     gpus = [s for s in slots if s.device.startswith("cuda")]
-    cpus = [s for s in slots if s.device == "cpu"]
+    cpus = [s for s in slots if s.device.startswith("cpu")]
+    if devices:
+        chosen = [s for s in slots if s.worker_id in devices or s.device in devices]
+        missing = set(devices) - {s.worker_id for s in chosen} - {s.device for s in chosen}
+        if missing:
+            have = sorted(s.worker_id for s in slots) or ["no workers"]
+            raise InvalidRequest(f"devices {sorted(missing)}: no such worker (have {', '.join(have)})",
+                                 field="devices")
+        return chosen
     if gpu_idx:
         wanted = {f"cuda:{i}" for i in gpu_idx}
         chosen = [s for s in gpus if s.device in wanted]
@@ -128,13 +137,13 @@ def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | 
 
 
 def place(slots: list[Slot], need: dict[str, int], replica: int, n_gpu: int | str | None = "auto",
-          gpu_idx: list[int] | None = None) -> list[str]:
+          gpu_idx: list[int] | None = None, devices: list[str] | None = None) -> list[str]:
     """Worker ids for `replica` instances: most free memory first, distinct devices while they fit.
 
     `need` maps a device kind ("cpu", "cuda") to the bytes one instance needs there. Raises TooLarge with
     the numbers when some replica fits nowhere (nothing is reserved then).
     """
-    pool = candidates(slots, n_gpu, gpu_idx)
+    pool = candidates(slots, n_gpu, gpu_idx, devices)
     if not pool:
         raise TooLarge("no worker is running for this placement", field="n_gpu")
     free = {s.worker_id: s.free for s in pool}

@@ -35,6 +35,7 @@ class Replica:
     progress: float = 0.0
     memory: int = 0
     queue_depth: int = 0
+    inflight: int = 0
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Scheduler:
                     replica.state = inst.state
                 replica.error = inst.error or replica.error
                 replica.progress, replica.memory = inst.progress, inst.memory
-                replica.queue_depth = inst.queue_depth
+                replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
         return p.Ok()
 
     def _fail_worker_replicas(self, wid: str, why: str) -> None:
@@ -195,7 +196,7 @@ class Scheduler:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
             slots = [Slot(w.info.worker_id, w.info.device, w.free) for w in self.workers.values()]
-            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx)
+            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices)
             model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
                           size=size, quantization=quant or "")
             loads = []
@@ -257,7 +258,8 @@ class Scheduler:
             address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
             state=m.state, error=m.error or (errors[0] if errors else ""),
             progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
-            memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas))
+            memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
+            inflight=sum(r.inflight for r in m.replicas))
 
     def list_models(self, msg, ctx) -> p.ModelList:
         with self.lock:

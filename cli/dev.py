@@ -1,0 +1,25 @@
+"""Developer helpers: `zinfer dev make-tiny-models DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import friendly_errors
+
+app = typer.Typer(no_args_is_help=True, help="Developer helpers (test models).")
+
+
+@app.command("make-tiny-models")
+@friendly_errors
+def make_tiny_models_cmd(
+    directory: Annotated[Path, typer.Argument(help="Where to write the models.")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
+) -> None:
+    """Build the tiny Llama (transformers + GGUF) and copy the MiniLM embedding model, in seconds."""
+    from shared.tinymodels import make_tiny_models
+
+    for kind, path in make_tiny_models(directory, force=force).items():
+        typer.echo(f"{kind}: {path}")

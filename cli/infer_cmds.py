@@ -1,0 +1,123 @@
+"""generate, chat, embed."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_json
+
+Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")]
+Stream = Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")]
+Temperature = Annotated[float | None, typer.Option("--temperature", help="0 for greedy decoding.")]
+
+
+def _config(max_tokens, stream, temperature) -> dict:
+    cfg = {"stream": stream}
+    if max_tokens is not None:
+        cfg["max_tokens"] = max_tokens
+    if temperature is not None:
+        cfg["temperature"] = temperature
+    return cfg
+
+
+def generate(
+    model_uid: Uid,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt (asked for when left out).")] = None,
+    max_tokens: MaxTokens = None,
+    stream: Stream = True,
+    temperature: Temperature = None,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Complete a prompt; without one, asks for prompts until an empty line or Ctrl-D."""
+    with make_client(endpoint, timeout) as client:
+        model = client.get_model(model_uid)
+        prompts = [prompt] if prompt is not None else None
+        while True:
+            if prompts is None:
+                try:
+                    text = input("Prompt: ")
+                except EOFError:
+                    return
+                if not text.strip():
+                    return
+            else:
+                if not prompts:
+                    return
+                text = prompts.pop()
+            result = model.generate(text, _config(max_tokens, stream, temperature))
+            if stream:
+                for chunk in result:
+                    sys.stdout.write(chunk["choices"][0]["text"])
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            else:
+                typer.echo(result["choices"][0]["text"])
+
+
+def chat(
+    model_uid: Uid,
+    max_tokens: MaxTokens = None,
+    stream: Stream = True,
+    temperature: Temperature = None,
+    system_prompt: Annotated[str | None, typer.Option("--system-prompt")] = None,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """An interactive chat that keeps the history; an empty line or Ctrl-D ends it."""
+    with make_client(endpoint, timeout) as client:
+        model = client.get_model(model_uid)
+        history = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        while True:
+            try:
+                text = input("User: ")
+            except EOFError:
+                return
+            if not text.strip():
+                return
+            history.append({"role": "user", "content": text})
+            result = model.chat(messages=history, generate_config=_config(max_tokens, stream, temperature))
+            sys.stdout.write("Assistant: ")
+            if stream:
+                answer = ""
+                for chunk in result:
+                    piece = chunk["choices"][0]["delta"].get("content") or ""
+                    answer += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            else:
+                answer = result["choices"][0]["message"]["content"]
+                sys.stdout.write(answer)
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": answer})
+
+
+def embed(
+    model_uid: Uid,
+    texts: Annotated[list[str], typer.Argument(help="One or more texts.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The full embedding object.")] = False,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Embed texts; prints one summary line per text (or the full JSON)."""
+    if not texts:
+        fail("give at least one TEXT")
+    with make_client(endpoint, timeout) as client:
+        result = client.get_model(model_uid).create_embedding(texts)
+    if as_json:
+        print_json(result)
+        return
+    for item, text in zip(result["data"], texts):
+        vec = item["embedding"]
+        head = ", ".join(f"{v:.4f}" for v in vec[:4])
+        console.print(f"[{item['index']}] dim={len(vec)} [{head}, ...]  {text[:60]!r}", highlight=False)
+    console.print(f"usage: {result['usage']}", highlight=False)
+
+
+def install(app: typer.Typer) -> None:
+    for fn in (generate, chat, embed):
+        app.command(fn.__name__)(friendly_errors(fn))

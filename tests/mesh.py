@@ -1,0 +1,109 @@
+"""Run a real mesh for tests: broker, registry, scheduler and workers as separate processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.client import Client
+from shared.errors import ZinferError
+
+REPO = Path(__file__).resolve().parents[1]
+HEARTBEAT = 0.25  # fast liveness in tests: a dead peer is noticed within ~0.75 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mesh:
+    def __init__(self, home: Path, log_dir: Path, heartbeat: float = HEARTBEAT, cpu_budget_mb: int = 0):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.home = home
+        self.log_dir = log_dir
+        self.env = dict(os.environ, ZINFER_ENDPOINT=self.endpoint, ZINFER_HOME=str(home),
+                        ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO")
+        if cpu_budget_mb:
+            self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.client = Client(self.endpoint, timeout=20.0)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name.replace('/', '_').replace(':', '_')}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=self.env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def start_broker(self) -> None:
+        self.start("broker", "broker")
+        self.wait(lambda: self.client.broker_status(timeout=0.5))
+
+    def start_all(self, workers: tuple[str, ...] = ("cpu",), budgets: dict[str, int] | None = None) -> Mesh:
+        self.start_broker()
+        self.start("registry", "registry")
+        self.start("scheduler", "scheduler")
+        for device in workers:
+            self.start_worker(device, (budgets or {}).get(device))
+        self.wait_services({"registry", "scheduler", *(f"worker/{d}" for d in workers)})
+        self.wait(lambda: len(self.client.scheduler_status()["workers"]) == len(workers) or None)
+        return self
+
+    def start_worker(self, device: str, budget_mb: int | None = None) -> None:
+        args = ["worker", "--device", device]
+        if budget_mb:
+            args += ["--memory-budget-mb", str(budget_mb)]
+        self.start(f"worker/{device}", *args)
+
+    def services(self) -> set[str]:
+        return {p["service"] for p in self.client.broker_status(timeout=1)["peers"]}
+
+    def wait_services(self, names: set[str], timeout: float = 60) -> None:
+        self.wait(lambda: names <= self.services() or None, timeout)
+
+    def wait(self, probe, timeout: float = 60, interval: float = 0.05):
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and name in self._expected:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir}")
+            try:
+                result = probe()
+                if result is not None and result is not False:
+                    return result
+            except ZinferError as exc:
+                last = exc
+            time.sleep(interval)
+        raise TimeoutError(f"mesh condition not met in {timeout}s (last error: {last})")
+
+    @property
+    def _expected(self) -> set[str]:
+        return {n for n, p in self.procs.items() if getattr(p, "expected_alive", True)}
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.expected_alive = False
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.client.close()
+        for proc in self.procs.values():
+            proc.expected_alive = False
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

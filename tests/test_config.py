@@ -1,0 +1,43 @@
+import pytest
+
+from shared.config import ConfigError, load_settings
+
+
+def test_defaults_and_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("ZINFER_ENDPOINT", raising=False)
+    monkeypatch.delenv("ZINFER_HEARTBEAT_INTERVAL", raising=False)
+    assert load_settings().endpoint == "tcp://127.0.0.1:9997"
+    monkeypatch.setenv("ZINFER_ENDPOINT", "ipc:///tmp/x.sock")
+    monkeypatch.setenv("ZINFER_HOME", str(tmp_path))
+    s = load_settings()
+    assert s.endpoint == "ipc:///tmp/x.sock" and s.home_path == tmp_path
+    assert load_settings(endpoint="tcp://127.0.0.1:1").endpoint == "tcp://127.0.0.1:1"
+
+
+def test_config_file(monkeypatch, tmp_path):
+    f = tmp_path / "z.toml"
+    f.write_text('heartbeat_interval = 0.5\nrequest_timeout = 3\n')
+    monkeypatch.setenv("ZINFER_CONFIG", str(f))
+    s = load_settings()
+    assert s.heartbeat_interval == 0.5 and s.liveness_s == 1.5
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("heartbeat_interval = 'fast'", "heartbeat_interval"),
+    ("nonsense = 1", "nonsense"),
+    ("endpoint = 'http://x'", "endpoint"),
+    ("[[[", "z.toml"),
+])
+def test_bad_config_names_the_problem(monkeypatch, tmp_path, content, needle):
+    f = tmp_path / "z.toml"
+    f.write_text(content)
+    monkeypatch.setenv("ZINFER_CONFIG", str(f))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert needle in str(err.value)
+
+
+def test_bad_env(monkeypatch):
+    monkeypatch.setenv("ZINFER_HEARTBEAT_INTERVAL", "soon")
+    with pytest.raises(ConfigError, match="ZINFER_HEARTBEAT_INTERVAL"):
+        load_settings()

@@ -1,0 +1,177 @@
+"""The mesh with real processes on loopback: routing, streaming, death of a peer, broker restart, fuzzing."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from shared import protocol as p
+from shared.client import Client
+from shared.errors import Unavailable
+from tests.mesh import HEARTBEAT, REPO, Mesh, free_port
+
+
+@pytest.fixture
+def bus(tmp_path):
+    """Broker, registry and a test peer ("testpeer") on the real runtime."""
+    m = Mesh(tmp_path / "home", tmp_path)
+    try:
+        m.start_broker()
+        m.start("registry", "registry")
+        start_peer(m)
+        m.wait_services({"registry", "testpeer"})
+        yield m
+    finally:
+        m.stop()
+
+
+def start_peer(m: Mesh) -> subprocess.Popen:
+    log = open(m.log_dir / "testpeer.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.peer", m.endpoint, "testpeer"], env=m.env, cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    m.procs["testpeer"] = proc
+    return proc
+
+
+def test_request_reaches_a_service_and_its_reply_returns(bus):
+    assert isinstance(bus.client.call("registry", p.Ping(payload=b"hello")), p.Pong)
+    assert bus.client.call("testpeer", p.Ping(payload=b"echo")).payload == b"echo"
+
+
+def test_streamed_reply_arrives_in_order_and_ends(bus):
+    chunks = list(bus.client.stream("testpeer", p.Ping(payload=b"stream:500")))
+    assert [c.payload for c in chunks] == [str(i).encode() for i in range(500)]
+
+
+def test_killed_service_fails_its_inflight_requests_quickly(bus):
+    client = Client(bus.endpoint, timeout=30)
+    result = {}
+
+    def call():
+        start = time.monotonic()
+        try:
+            client.call("testpeer", p.Ping(payload=b"sleep:60"))
+        except Unavailable as exc:
+            result["error"], result["after"] = str(exc), time.monotonic() - start
+
+    import threading
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    bus.kill("testpeer")
+    t.join(timeout=10)
+    assert "testpeer" in result["error"] and "before answering" in result["error"]
+    assert result["after"] < 0.5 + 4 * 3 * HEARTBEAT + 1  # within a few heartbeat intervals
+    # The broker and the other services carry on.
+    assert isinstance(bus.client.call("registry", p.Ping()), p.Pong)
+
+
+def test_unknown_target_gets_an_error_not_a_hang(bus):
+    with pytest.raises(Unavailable, match="nothing serves 'nobody'"):
+        bus.client.call("nobody", p.Ping(), timeout=10)
+
+
+def test_services_reregister_after_a_broker_restart(bus):
+    bus.kill("broker")
+    bus.start_broker()
+    bus.wait_services({"registry", "testpeer"}, timeout=30)
+    assert bus.client.call("testpeer", p.Ping(payload=b"back")).payload == b"back"
+
+
+def test_ten_thousand_malformed_frames_leave_the_broker_serving(bus):
+    rng = random.Random(1234)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(bus.endpoint)
+    commands = [p.READY, p.BIND, p.UNBIND, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CANCEL, p.PARTIAL, p.REPLY,
+                b"\xff", b""]
+    for i in range(10_000):
+        kind = i % 4
+        if kind == 0:  # pure noise
+            frames = [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 6))]
+        elif kind == 1:  # right header, random command and junk
+            frames = [p.PROTO, rng.choice(commands)] + [rng.randbytes(rng.randint(0, 16))
+                                                        for _ in range(rng.randint(0, 4))]
+        elif kind == 2:  # replies for clients and requests that do not exist
+            frames = [p.PROTO, p.REPLY, rng.randbytes(5), rng.randbytes(8), rng.randbytes(20)]
+        else:  # requests to random targets with garbage bodies
+            frames = [p.PROTO, p.REQUEST, rng.choice([b"registry", b"testpeer", rng.randbytes(4)]),
+                      rng.randbytes(8), rng.randbytes(rng.randint(0, 40))]
+        sock.send_multipart(frames)
+    sock.close()
+    time.sleep(1.0)
+    assert bus.procs["broker"].poll() is None
+    assert bus.client.call("testpeer", p.Ping(payload=b"alive")).payload == b"alive"
+    assert isinstance(bus.client.call("registry", p.Ping()), p.Pong)
+
+
+def test_ipc_endpoint_works(tmp_path):
+    m = Mesh(tmp_path / "home", tmp_path)
+    m.endpoint = f"ipc://{tmp_path}/zinfer.sock"
+    m.env["ZINFER_ENDPOINT"] = m.endpoint
+    m.client = Client(m.endpoint, timeout=10)
+    try:
+        m.start_broker()
+        m.start("registry", "registry")
+        m.wait_services({"registry"})
+        assert isinstance(m.client.call("registry", p.Ping()), p.Pong)
+    finally:
+        m.stop()
+
+
+def _zinfer(*args, env=None, timeout=60, input=None):
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env or os.environ, timeout=timeout, input=input)
+
+
+def test_zinfer_up_then_status(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    env = dict(os.environ, ZINFER_HOME=str(tmp_path), ZINFER_ENDPOINT=endpoint, HF_HUB_OFFLINE="1")
+    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        for line in up.stdout:
+            if "zinfer is up" in line or time.monotonic() > deadline:
+                break
+        out = _zinfer("status", env=env)
+        assert out.returncode == 0, out.stderr
+        for needle in ("registry", "scheduler", "worker/cpu", "cpu"):
+            assert needle in out.stdout
+    finally:
+        up.send_signal(2)  # Ctrl-C stops every child
+        up.wait(timeout=30)
+    assert up.returncode == 0
+    # Nothing is left listening.
+    assert _zinfer("status", "--timeout", "1", env=env).returncode == 1
+
+
+def test_unreachable_endpoint_is_one_line_and_exit_1():
+    out = _zinfer("status", "-e", f"tcp://127.0.0.1:{free_port()}")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "no zinfer broker answers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_1():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        out = _zinfer("broker", "-e", f"tcp://127.0.0.1:{s.getsockname()[1]}")
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_endpoint_setting_is_one_line():
+    out = _zinfer("status", "-e", "http://localhost:9997")
+    assert out.returncode == 1 and "endpoint" in out.stderr and "Traceback" not in out.stderr
