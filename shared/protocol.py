@@ -2,15 +2,17 @@
 
 Frames (ZeroMQ multipart; the broker reads only the envelope, never the body):
 
-    client -> broker   [PROTO, REQUEST, target, req_id, body, *buffers]
-    broker -> peer     [PROTO, REQUEST, client_id, req_id, body, *buffers]
-    peer   -> broker   [PROTO, PARTIAL|REPLY, client_id, req_id, body, *buffers]
-    broker -> client   [PROTO, PARTIAL|REPLY, req_id, body, *buffers]
-    client -> broker   [PROTO, CANCEL, req_id]            broker -> peer [PROTO, CANCEL, client_id, req_id]
-    peer   -> broker   [PROTO, READY, service_name, *uids] | [PROTO, BIND|UNBIND, uid] | [PROTO, HEARTBEAT]
-    broker -> peer     [PROTO, HEARTBEAT] | [PROTO, DISCONNECT]
+    client -> broker   [REQUEST, target, req_id, body, *buffers]
+    broker -> peer     [REQUEST, client_id, req_id, body, *buffers]
+    peer   -> broker   [PARTIAL|REPLY, client_id, req_id, body, *buffers]
+    broker -> client   [PARTIAL|REPLY, req_id, body, *buffers]
+    client -> broker   [CANCEL, req_id]                   broker -> peer [CANCEL, client_id, req_id]
+    peer   -> broker   [READY, service_name, *uids] | [BIND|UNBIND, uid] | [HEARTBEAT]
+    broker -> peer     [HEARTBEAT] | [DISCONNECT]
 
-PROTO carries the protocol version. PARTIAL is one chunk of a streamed reply; REPLY ends every request (a
+The first frame is the header: the protocol name and version (PROTO) followed by a one-byte command, so a
+reader checks the version and routes with one comparison (one frame fewer per hop than separate frames).
+PARTIAL is one chunk of a streamed reply; REPLY ends every request (a
 single answer, the stream's last chunk, or an error). The body is a msgpack-encoded struct of the `Request` or
 `Reply` tagged union below; `buffers` carry raw arrays (float32 embeddings) without copying.
 """
@@ -27,15 +29,15 @@ from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec, Mod
 PROTOCOL_VERSION = 1
 PROTO = b"ZINF1"
 
-READY = b"\x01"
-BIND = b"\x02"
-UNBIND = b"\x03"
-HEARTBEAT = b"\x04"
-DISCONNECT = b"\x05"
-REQUEST = b"\x10"
-CANCEL = b"\x11"
-PARTIAL = b"\x20"
-REPLY = b"\x21"
+READY = PROTO + b"\x01"
+BIND = PROTO + b"\x02"
+UNBIND = PROTO + b"\x03"
+HEARTBEAT = PROTO + b"\x04"
+DISCONNECT = PROTO + b"\x05"
+REQUEST = PROTO + b"\x10"
+CANCEL = PROTO + b"\x11"
+PARTIAL = PROTO + b"\x20"
+REPLY = PROTO + b"\x21"
 
 BROKER_TARGET = b"broker"  # requests addressed to the broker itself (its status)
 REGISTRY = "registry"
@@ -459,24 +461,24 @@ def error_body(code: str, message: str, field: str | None = None) -> bytes:
 
 
 def client_request(target: bytes, req_id: bytes, body: bytes, buffers=()) -> list:
-    return [PROTO, REQUEST, target, req_id, body, *buffers]
+    return [REQUEST, target, req_id, body, *buffers]
 
 
 def client_cancel(req_id: bytes) -> list:
-    return [PROTO, CANCEL, req_id]
+    return [CANCEL, req_id]
 
 
 def peer_reply(client_id: bytes, req_id: bytes, body: bytes, buffers=(), final: bool = True) -> list:
-    return [PROTO, REPLY if final else PARTIAL, client_id, req_id, body, *buffers]
+    return [REPLY if final else PARTIAL, client_id, req_id, body, *buffers]
 
 
 def peer_ready(service: str, uids=()) -> list:
-    return [PROTO, READY, service.encode(), *(u.encode() for u in uids)]
+    return [READY, service.encode(), *(u.encode() for u in uids)]
 
 
 def peer_bind(uid: str, bind: bool = True) -> list:
-    return [PROTO, BIND if bind else UNBIND, uid.encode()]
+    return [BIND if bind else UNBIND, uid.encode()]
 
 
-HEARTBEAT_FRAMES = [PROTO, HEARTBEAT]
-DISCONNECT_FRAMES = [PROTO, DISCONNECT]
+HEARTBEAT_FRAMES = [HEARTBEAT]
+DISCONNECT_FRAMES = [DISCONNECT]

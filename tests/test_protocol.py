@@ -64,6 +64,6 @@ def test_a_request_body_is_not_a_reply():
 
 def test_frames_carry_the_protocol_version():
     frames = p.client_request(b"registry", b"id", b"body")
-    assert frames[0] == p.PROTO and frames[1] == p.REQUEST
-    assert p.peer_reply(b"c", b"id", b"b", final=False)[1] == p.PARTIAL
-    assert p.peer_ready("registry", ["m"]) == [p.PROTO, p.READY, b"registry", b"m"]
+    assert frames[0] == p.REQUEST and frames[0].startswith(p.PROTO)
+    assert p.peer_reply(b"c", b"id", b"b", final=False)[0] == p.PARTIAL
+    assert p.peer_ready("registry", ["m"]) == [p.READY, b"registry", b"m"]

@@ -18,6 +18,7 @@ import zmq
 
 from shared import protocol as p
 from shared.config import Settings
+from shared.transport import send_frames
 
 log = structlog.get_logger()
 
@@ -26,7 +27,7 @@ DRAIN = 2000  # messages handled per poll wake-up
 
 
 class Peer:
-    __slots__ = ("identity", "service", "uids", "inflight", "last_seen", "pending")
+    __slots__ = ("identity", "service", "uids", "inflight", "last_seen")
 
     def __init__(self, identity: bytes, service: bytes, now: float):
         self.identity = identity
@@ -34,7 +35,6 @@ class Peer:
         self.uids: set[bytes] = set()
         self.inflight = 0
         self.last_seen = now
-        self.pending: set[tuple[bytes, bytes]] = set()
 
 
 class Broker:
@@ -80,17 +80,47 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_tick = time.monotonic() + interval
-        recv = self.sock.recv_multipart
-        handle = self._handle
+        sock = self.sock
+        recv = sock.recv_multipart
+
+        def send(frames, flags):
+            send_frames(sock, frames, flags)
+
+        handle, routes, pending = self._handle, self.routes, self.pending
+        REQUEST, REPLY, NOBLOCK = p.REQUEST, p.REPLY, zmq.NOBLOCK
         while self.running:
             timeout = max(0.0, min(next_tick - time.monotonic(), 0.2))
             if poller.poll(timeout * 1000):
                 self.now = time.monotonic()
                 for _ in range(DRAIN):
                     try:
-                        frames = recv(zmq.NOBLOCK)
+                        frames = recv(NOBLOCK)
                     except zmq.Again:
                         break
+                    # Fast paths, inlined: a request to a target with one live peer, and a final reply.
+                    # Everything else (and any send error) takes the general handlers.
+                    try:
+                        if len(frames) >= 5:
+                            cmd = frames[1]
+                            if cmd == REQUEST:
+                                peers = routes.get(frames[2])
+                                if peers and len(peers) == 1:
+                                    peer = peers[0]
+                                    send([peer.identity, REQUEST, frames[0], *frames[3:]], NOBLOCK)
+                                    pending[(frames[0], frames[3])] = peer
+                                    peer.inflight += 1
+                                    continue
+                            elif cmd == REPLY:
+                                owner = pending.pop((frames[2], frames[3]), None)
+                                if owner is not None and owner.identity == frames[0]:
+                                    owner.inflight -= 1
+                                    owner.last_seen = self.now
+                                    send([frames[2], REPLY, *frames[3:]], NOBLOCK)
+                                    continue
+                                if owner is not None:
+                                    pending[(frames[2], frames[3])] = owner
+                    except zmq.ZMQError:
+                        pass  # not delivered; the general path below answers for it
                     handle(frames)
             self.now = time.monotonic()
             if self.now >= next_tick:
@@ -114,11 +144,9 @@ class Broker:
 
     def _handle(self, frames: list[bytes]) -> None:
         try:
-            if len(frames) < 3 or frames[1] != p.PROTO:
-                raise ValueError("not a zinfer frame")
-            handler = self._dispatch.get(frames[2])
+            handler = self._dispatch.get(frames[1]) if len(frames) > 1 else None
             if handler is None:
-                raise ValueError(f"unknown command {frames[2][:8]!r}")
+                raise ValueError("not a zinfer header (wrong protocol, version or command)")
             handler(frames[0], frames)
         except Exception as exc:  # never die on input: log (rate-limited) and drop
             self.dropped += 1
@@ -127,69 +155,64 @@ class Broker:
 
     def _send(self, identity: bytes, frames: list) -> bool:
         try:
-            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, [identity, *frames], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:  # EHOSTUNREACH: that identity left; EAGAIN: its queue is full
             return False
 
     def _reply_error(self, client: bytes, req_id: bytes, code: str, message: str) -> None:
-        self._send(client, [p.PROTO, p.REPLY, req_id, p.error_body(code, message)])
+        self._send(client, [p.REPLY, req_id, p.error_body(code, message)])
 
     def _on_request(self, sender: bytes, frames: list[bytes]) -> None:
-        # [sender, PROTO, REQUEST, target, req_id, body, *buffers]
-        if len(frames) < 6:
+        # [sender, REQUEST, target, req_id, body, *buffers]
+        if len(frames) < 5:
             raise ValueError("short REQUEST")
-        target, req_id = frames[3], frames[4]
+        target, req_id = frames[2], frames[3]
         if target == p.BROKER_TARGET:
-            self._send(sender, [p.PROTO, p.REPLY, req_id, p.encode(self.status())])
+            self._send(sender, [p.REPLY, req_id, p.encode(self.status())])
             return
         peers = self.routes.get(target)
         if not peers:
             self._park(target, sender, frames)
             return
         peer = peers[0] if len(peers) == 1 else min(peers, key=_inflight)
-        key = (sender, req_id)
-        if self._send(peer.identity, [p.PROTO, p.REQUEST, sender, req_id, *frames[5:]]):
-            self.pending[key] = peer
-            peer.pending.add(key)
+        if self._send(peer.identity, [p.REQUEST, sender, req_id, *frames[4:]]):
+            self.pending[(sender, req_id)] = peer
             peer.inflight += 1
         else:
             self._reply_error(sender, req_id, "unavailable",
                               f"{peer.service.decode(errors='replace')} is overloaded; try again")
 
     def _on_reply(self, sender: bytes, frames: list[bytes]) -> None:
-        # [sender, PROTO, REPLY|PARTIAL, client, req_id, body, *buffers]
-        if len(frames) < 6:
+        # [sender, REPLY|PARTIAL, client, req_id, body, *buffers]
+        if len(frames) < 5:
             raise ValueError("short REPLY")
-        client, req_id = frames[3], frames[4]
+        client, req_id = frames[2], frames[3]
         peer = self.peers.get(sender)
         if peer is None:
             self._send(sender, p.DISCONNECT_FRAMES)
         else:
             peer.last_seen = self.now
-        final = frames[2] == p.REPLY
+        final = frames[1] == p.REPLY
         if final:
             owner = self.pending.pop((client, req_id), None)
             if owner is not None:
                 owner.inflight -= 1
-                owner.pending.discard((client, req_id))
-        delivered = self._send(client, [p.PROTO, frames[2], req_id, *frames[5:]])
+        delivered = self._send(client, [frames[1], req_id, *frames[4:]])
         if not delivered and not final and peer is not None:
             # The client is gone mid-stream: stop the work it started.
-            self._send(sender, [p.PROTO, p.CANCEL, client, req_id])
+            self._send(sender, [p.CANCEL, client, req_id])
             if self.pending.pop((client, req_id), None) is not None:
                 peer.inflight -= 1
-                peer.pending.discard((client, req_id))
 
     def _on_cancel(self, sender: bytes, frames: list[bytes]) -> None:
-        if len(frames) < 4:
+        if len(frames) < 3:
             raise ValueError("short CANCEL")
-        key = (sender, frames[3])
+        key = (sender, frames[2])
         peer = self.pending.pop(key, None)
         if peer is not None:
             peer.inflight -= 1
-            peer.pending.discard(key)
-            self._send(peer.identity, [p.PROTO, p.CANCEL, sender, frames[3]])
+            self._send(peer.identity, [p.CANCEL, sender, frames[2]])
 
     def _on_heartbeat(self, sender: bytes, frames: list[bytes]) -> None:
         peer = self.peers.get(sender)
@@ -199,27 +222,27 @@ class Broker:
             peer.last_seen = self.now
 
     def _on_ready(self, sender: bytes, frames: list[bytes]) -> None:
-        if len(frames) < 4 or not frames[3]:
+        if len(frames) < 3 or not frames[2]:
             raise ValueError("READY without a service name")
         if sender in self.peers:
             self._remove(self.peers[sender], "re-registered")
-        peer = Peer(sender, bytes(frames[3]), self.now)
+        peer = Peer(sender, bytes(frames[2]), self.now)
         self.peers[sender] = peer
         self._route(peer, peer.service)
-        for uid in frames[4:]:
+        for uid in frames[3:]:
             self._route(peer, bytes(uid))
-        log.info("peer_ready", peer=peer.service.decode(errors="replace"), uids=len(frames) - 4)
+        log.info("peer_ready", peer=peer.service.decode(errors="replace"), uids=len(frames) - 3)
 
     def _on_bind(self, sender: bytes, frames: list[bytes]) -> None:
-        if len(frames) < 4 or not frames[3]:
+        if len(frames) < 3 or not frames[2]:
             raise ValueError("BIND without a uid")
         peer = self.peers.get(sender)
         if peer is None:
             self._send(sender, p.DISCONNECT_FRAMES)
             return
         peer.last_seen = self.now
-        uid = bytes(frames[3])
-        if frames[2] == p.BIND:
+        uid = bytes(frames[2])
+        if frames[1] == p.BIND:
             self._route(peer, uid)
         elif uid in peer.uids:
             peer.uids.discard(uid)
@@ -255,15 +278,16 @@ class Broker:
         for uid in peer.uids:
             self._unroute(peer, uid)
         service = peer.service.decode(errors="replace")
-        for key in peer.pending:
-            if self.pending.pop(key, None) is not None:
-                self._reply_error(key[0], key[1], "unavailable",
-                                  f"{service} {why} before answering this request")
-        log.warning("peer_removed", peer=service, why=why, failed_requests=len(peer.pending))
+        # A scan, not a per-peer index: peers leave rarely, requests pass all the time.
+        lost = [key for key, owner in self.pending.items() if owner is peer]
+        for key in lost:
+            del self.pending[key]
+            self._reply_error(key[0], key[1], "unavailable", f"{service} {why} before answering this request")
+        log.warning("peer_removed", peer=service, why=why, failed_requests=len(lost))
 
     def _park(self, target: bytes, sender: bytes, frames: list[bytes]) -> None:
         if self.n_waiting >= MAX_WAITING:
-            self._reply_error(sender, frames[4], "unavailable", "broker queue full")
+            self._reply_error(sender, frames[3], "unavailable", "broker queue full")
             return
         self.waiting.setdefault(target, deque()).append((sender, frames, self.now))
         self.n_waiting += 1
@@ -283,7 +307,7 @@ class Broker:
                 sender, frames, _ = queue.popleft()
                 self.n_waiting -= 1
                 name = target.decode(errors="replace")
-                self._reply_error(sender, frames[4], "unavailable",
+                self._reply_error(sender, frames[3], "unavailable",
                                   f"nothing serves {name!r} (no such service or model uid is running)")
             if not queue:
                 del self.waiting[target]
