@@ -17,7 +17,9 @@ from shared.config import ConfigError, load_settings
 from shared.errors import ZinferError
 
 console = Console()
-err_console = Console(stderr=True)
+if not console.is_terminal:  # piped or captured: don't fold names at 80 columns
+    console = Console(width=200)
+err_console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 200)
 
 Endpoint = Annotated[
     str | None,

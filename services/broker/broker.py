@@ -154,11 +154,15 @@ class Broker:
                 log.warning("frame_dropped", reason=str(exc)[:200], frames=len(frames), dropped=self.dropped)
 
     def _send(self, identity: bytes, frames: list) -> bool:
+        return self._try_send(identity, frames) == 0
+
+    def _try_send(self, identity: bytes, frames: list) -> int:
+        """0 when queued, else the errno: EHOSTUNREACH (that identity left) or EAGAIN (its queue is full)."""
         try:
             send_frames(self.sock, [identity, *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError:  # EHOSTUNREACH: that identity left; EAGAIN: its queue is full
-            return False
+            return 0
+        except zmq.ZMQError as exc:
+            return exc.errno
 
     def _reply_error(self, client: bytes, req_id: bytes, code: str, message: str) -> None:
         self._send(client, [p.REPLY, req_id, p.error_body(code, message)])
@@ -171,17 +175,23 @@ class Broker:
         if target == p.BROKER_TARGET:
             self._send(sender, [p.REPLY, req_id, p.encode(self.status())])
             return
-        peers = self.routes.get(target)
-        if not peers:
-            self._park(target, sender, frames)
-            return
-        peer = peers[0] if len(peers) == 1 else min(peers, key=_inflight)
-        if self._send(peer.identity, [p.REQUEST, sender, req_id, *frames[4:]]):
-            self.pending[(sender, req_id)] = peer
-            peer.inflight += 1
-        else:
-            self._reply_error(sender, req_id, "unavailable",
-                              f"{peer.service.decode(errors='replace')} is overloaded; try again")
+        while True:
+            peers = self.routes.get(target)
+            if not peers:
+                self._park(target, sender, frames)
+                return
+            peer = peers[0] if len(peers) == 1 else min(peers, key=_inflight)
+            errno = self._try_send(peer.identity, [p.REQUEST, sender, req_id, *frames[4:]])
+            if errno == 0:
+                self.pending[(sender, req_id)] = peer
+                peer.inflight += 1
+                return
+            if errno != zmq.EHOSTUNREACH:
+                self._reply_error(sender, req_id, "unavailable",
+                                  f"{peer.service.decode(errors='replace')} is overloaded; try again")
+                return
+            # Its connection is gone (the process died): drop it now rather than at heartbeat expiry.
+            self._remove(peer, "disconnected")
 
     def _on_reply(self, sender: bytes, frames: list[bytes]) -> None:
         # [sender, REPLY|PARTIAL, client, req_id, body, *buffers]
