@@ -195,8 +195,8 @@ def _size_problems(value: int | str | None, field: str) -> list[FieldProblem]:
     return []
 
 
-def size_in_billions(value: int | str) -> float:
-    return float(value) if isinstance(value, int) else float(value.replace("_", "."))
+def size_in_billions(value: int | float | str) -> float:
+    return float(value.replace("_", ".")) if isinstance(value, str) else float(value)
 
 
 def _convert(obj: dict, kind: type) -> Any:
