@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import random
 import threading
 from collections.abc import Iterator
 
@@ -35,46 +37,67 @@ class LlamaCppBackend(LLMBackend):
             return ""
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore")
 
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """The prompt as create_completion tokenizes it: BOS/EOS as the vocabulary asks, special tokens parsed."""
+        model = self.llm._model
+        bos = model.token_cls() if model.token_cls() != -1 else self.llm.token_bos()
+        head = [bos] if model.add_bos_token() and bos != -1 else []
+        sep = model.token_sep()
+        tail = [sep if sep != -1 else self.llm.token_eos()] if (model.add_eos_token() or sep != -1) else []
+        return head + self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) + tail
+
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode(), add_bos=self.llm._model.add_bos_token(), special=True))
+        return len(self.prompt_tokens(text))
 
     def queue_depth(self) -> int:
         return self.lock.depth
 
-    def completion_kwargs(self, sampling: Sampling) -> dict:
-        kw: dict = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature}
-        for name, value in (("top_p", sampling.top_p), ("top_k", sampling.top_k), ("seed", sampling.seed),
-                            ("repeat_penalty", sampling.repetition_penalty)):
-            if value is not None:
-                kw[name] = value
-        if sampling.stop_token_ids:
-            kw["stop"] = [t for t in (self._token_text(i) for i in sampling.stop_token_ids) if t]
-        return kw
-
     def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        kwargs = self.completion_kwargs(sampling)
+        """Token by token with llama.cpp's own sampler, as create_completion samples (same defaults, seed and
+        end-of-generation tokens), but detokenizing each token once: create_completion(stream=True)
+        re-detokenizes the whole completion per token, which grows quadratically (minutes for 6k tokens)."""
+        import llama_cpp
+
+        llm = self.llm
+        stop_ids = set(sampling.stop_token_ids)
+        vocab = llm._model.vocab
         with self.lock:
-            chunks = self.llm.create_completion(prompt, stream=True, **kwargs)
+            tokens = self.prompt_tokens(prompt)
+            llm.set_seed(sampling.seed if sampling.seed is not None
+                         else random.Random(llm._seed).randint(0, 2**32))
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+            n, finish = 0, "length"
+            generator = llm.generate(
+                tokens, top_k=40 if sampling.top_k is None else sampling.top_k,
+                top_p=0.95 if sampling.top_p is None else sampling.top_p, min_p=0.05, typical_p=1.0,
+                temp=sampling.temperature,
+                repeat_penalty=1.0 if sampling.repetition_penalty is None else sampling.repetition_penalty)
             try:
-                for chunk in chunks:
+                for token in generator:
                     if cancelled.is_set():
                         return
-                    choice = chunk["choices"][0]
-                    yield Step(choice["text"], 1 if choice["finish_reason"] is None else 0,
-                               choice["finish_reason"])
+                    if llama_cpp.llama_vocab_is_eog(vocab, token) or token in stop_ids:
+                        finish = "stop"
+                        break
+                    n += 1
+                    yield Step(decoder.decode(llm.detokenize([token])), 1)
+                    if n >= sampling.max_tokens:
+                        break
             finally:
-                chunks.close()
+                generator.close()
+            yield Step(decoder.decode(b"", final=True), 0, finish)
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         with self.lock:
             if self._embedder is None:  # llama.cpp embeds only from a context made for it
+                from llama_cpp import LLAMA_POOLING_TYPE_MEAN
+
+                # Mean pooling, as the transformers backend does (a file may declare no pooling of its own).
                 self._embedder = self._Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
-                                             n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads,
-                                             verbose=False)
+                                             pooling_type=LLAMA_POOLING_TYPE_MEAN, n_gpu_layers=self.n_gpu_layers,
+                                             n_threads=self.n_threads, verbose=False)
             result = self._embedder.create_embedding(texts)
         vectors = np.asarray([d["embedding"] for d in result["data"]], dtype=np.float32)
-        if vectors.ndim == 3:  # per-token embeddings (no pooling in the file): mean-pool them
-            vectors = vectors.mean(axis=1)
         return vectors, int(result["usage"]["prompt_tokens"])
 
     def close(self) -> None:
