@@ -43,6 +43,8 @@ def generate(
                     text = input("Prompt: ")
                 except EOFError:
                     return
+                if not sys.stdin.isatty():
+                    sys.stdout.write(text + "\n")
                 if not text.strip():
                     return
             else:
@@ -77,6 +79,8 @@ def chat(
                 text = input("User: ")
             except EOFError:
                 return
+            if not sys.stdin.isatty():  # piped input is not echoed: show what was said
+                sys.stdout.write(text + "\n")
             if not text.strip():
                 return
             history.append({"role": "user", "content": text})

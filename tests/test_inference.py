@@ -295,7 +295,7 @@ def test_a_client_process_that_dies_mid_stream_stops_its_generation(served):
     proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, served.endpoint], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "streaming"
-    assert _inflight(served.client, "hf-long") == 1
+    served.wait(lambda: _inflight(served.client, "hf-long") == 1 or None, timeout=5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     served.wait(lambda: _inflight(served.client, "hf-long") == 0 or None, timeout=2.5)
