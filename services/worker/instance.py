@@ -114,8 +114,9 @@ class Instance:
             if spec.model_format == "pytorch":
                 from services.worker.backends.transformers_backend import TransformersBackend
 
-                self.backend = TransformersBackend(path, self.device, load.quantization, family.context_length,
-                                                   trust_remote_code=trust)
+                self.backend = TransformersBackend(
+                    path, self.device, load.quantization, family.context_length, trust_remote_code=trust,
+                    continuous_batching=bool(kw.get("continuous_batching", True)))
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ class _QueueStreamer:
 
 class TransformersBackend(LLMBackend):
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, continuous_batching: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,6 +100,7 @@ class TransformersBackend(LLMBackend):
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
             self.eos_ids[0] if self.eos_ids else 0)
+        self.batcher = ContinuousBatcher(self) if continuous_batching else None
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -119,6 +121,14 @@ class TransformersBackend(LLMBackend):
         return kw
 
     def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+        """Greedy requests share the continuous batch (the default); sampled ones, and every request when the
+        launch turned batching off (continuous_batching=false), run as plain `generate`. Mixing the two at
+        once on one model thrashes the CPU's cores, so a lone greedy request takes the batch path too."""
+        if self.batcher is not None and not sampling.temperature and sampling.repetition_penalty is None:
+            return self.batcher.stream(self.tokenizer(prompt).input_ids, sampling, cancelled)
+        return self._stream_plain(prompt, sampling, cancelled)
+
+    def _stream_plain(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         torch = self.torch
@@ -182,9 +192,102 @@ class TransformersBackend(LLMBackend):
         return pooled.float().cpu().numpy(), int(enc["attention_mask"].sum())
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         del self.model
         if self.device.startswith("cuda"):
             import gc
 
             gc.collect()
             self.torch.cuda.empty_cache()
+
+
+class ContinuousBatcher:
+    """transformers' continuous batching manager, shared by the concurrent greedy requests of one instance.
+
+    New requests join between decode steps and finished ones leave; each keeps its own max_tokens and stop
+    tokens. One dispatcher thread reads the manager's results and routes them to each request's queue (the
+    manager's own per-request iterator re-queues other requests' results, which churns under load).
+    """
+
+    def __init__(self, backend: TransformersBackend):
+        self.backend = backend
+        self._manager = None
+        self._lock = threading.Lock()
+        self._routes: dict[str, queue.Queue] = {}
+        self._ids = itertools.count()
+        self._closing = threading.Event()
+
+    def _start(self):
+        with self._lock:
+            if self._manager is None:
+                from transformers import GenerationConfig
+                from transformers import ContinuousBatchingConfig
+
+                gen = GenerationConfig(do_sample=False, max_new_tokens=self.backend.context_length,
+                                       eos_token_id=list(self.backend.eos_ids) or -1,
+                                       pad_token_id=self.backend.pad_id)
+                # sdpa stays sdpa, so plain generate and the batch can share the one model.
+                manager = self.backend.model.init_continuous_batching(
+                    generation_config=gen,
+                    continuous_batching_config=ContinuousBatchingConfig(auto_switch_to_flash=False))
+                manager.start()
+                self._manager = manager
+                threading.Thread(target=self._dispatch, name="cb-dispatch", daemon=True).start()
+            return self._manager
+
+    def _dispatch(self) -> None:
+        manager = self._manager
+        while not self._closing.is_set():
+            out = manager.get_result(timeout=0.1)
+            if out is None:
+                if manager.background_thread_status.fatal_error is not None:
+                    for q in list(self._routes.values()):
+                        q.put(RuntimeError(f"continuous batching stopped: {manager.background_thread_status.fatal_error}"))
+                    return
+                continue
+            q = self._routes.get(out.request_id)
+            if q is not None:
+                q.put(out)
+
+    def stream(self, input_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+        manager = self._start()
+        rid = f"zinfer-{next(self._ids)}"
+        q: queue.Queue = queue.Queue()
+        self._routes[rid] = q
+        eos = list(dict.fromkeys(self.backend.eos_ids + sampling.stop_token_ids))
+        manager.add_request(input_ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=True,
+                            eos_token_id=eos or -1)
+        decoder = IncrementalDecoder(self.backend.tokenizer)
+        seen, finished, last = 0, False, None
+        try:
+            while not finished:
+                try:
+                    out = q.get(timeout=0.05)
+                except queue.Empty:
+                    if cancelled.is_set():
+                        return
+                    continue
+                if isinstance(out, Exception):
+                    raise out
+                if out.error:
+                    raise RuntimeError(f"generation failed: {out.error}")
+                new = list(out.generated_tokens[seen:])
+                seen += len(new)
+                finished = out.is_finished()
+                if new:
+                    last = new[-1]
+                    yield Step(decoder.push(new), len(new))
+                if cancelled.is_set():
+                    return
+            finish = "stop" if (last in eos or seen < sampling.max_tokens) else "length"
+            yield Step(decoder.flush(), 0, finish)
+        finally:
+            self._routes.pop(rid, None)
+            if not finished:
+                manager.cancel_request(rid)
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._manager is not None:
+            self._manager.stop(block=True)
