@@ -132,7 +132,7 @@ def test_llama_cpp_queue_depth_is_visible(bmesh):
     watcher = threading.Thread(target=watch)
     watcher.start()
     results, errors = concurrently(6, lambda i: clients[i].get_model("gg").generate(
-        "Once upon a time", {"max_tokens": 400, **GREEDY}))
+        "hello", {"max_tokens": 1900, **GREEDY}))
     done.set()
     watcher.join()
     assert not errors and max(seen) >= 2
