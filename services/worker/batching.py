@@ -10,11 +10,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from services.worker.backends.base import EmbeddingBackend
 from shared.errors import TooLarge
+
+
+ADAPTIVE_WAIT_S = 0.002
 
 
 class _Job:
@@ -28,11 +32,15 @@ class _Job:
 
 
 class EmbeddingBatcher:
-    def __init__(self, backend: EmbeddingBackend, max_batch_size: int = 256, wait_ms: float = 0.0):
+    def __init__(self, backend: EmbeddingBackend, max_batch_size: int = 256, wait_ms: float = 0.0,
+                 run_on: Callable | None = None):
         self.backend = backend
+        # Where encode runs: the worker passes its main-thread executor (torch is faster there).
+        self.run_on = run_on or (lambda fn, *args: fn(*args))
         self.max_batch_size = max(1, max_batch_size)
         self.wait_s = max(0.0, wait_ms) / 1000
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._last_jobs = 0
         self.thread = threading.Thread(target=self._loop, name="embed-batcher", daemon=True)
         self.thread.start()
 
@@ -50,7 +58,10 @@ class EmbeddingBatcher:
 
     def _gather(self, first: _Job) -> list[_Job]:
         batch, rows = [first], len(first.texts)
-        deadline = time.monotonic() + self.wait_s
+        # Without a configured wait, wait a little only while requests come concurrently (the last batch held
+        # several): a lone client pays nothing, a crowd is gathered into fewer, larger batches.
+        wait = self.wait_s if self.wait_s else (ADAPTIVE_WAIT_S if self._last_jobs > 1 else 0.0)
+        deadline = time.monotonic() + wait
         while rows < self.max_batch_size:
             try:
                 left = deadline - time.monotonic()
@@ -62,6 +73,7 @@ class EmbeddingBatcher:
                 break
             batch.append(job)
             rows += len(job.texts)
+        self._last_jobs = len(batch)
         return batch
 
     def _loop(self) -> None:
@@ -69,7 +81,7 @@ class EmbeddingBatcher:
             first = self.jobs.get()
             if first is None:
                 return
-            self._run(self._gather(first))
+            self.run_on(self._run, self._gather(first))
 
     def _run(self, batch: list[_Job]) -> None:
         ok: list[tuple[_Job, list[int]]] = []

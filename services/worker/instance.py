@@ -73,8 +73,9 @@ def coalesce(steps: Iterator[Step], interval_s: float) -> Iterator[Step]:
 
 
 class Instance:
-    def __init__(self, load: p.LoadInstance, device: str):
+    def __init__(self, load: p.LoadInstance, device: str, run_on=None):
         self.spec = load
+        self.run_on = run_on
         self.uid = load.model_uid
         self.replica = load.replica
         self.device = device
@@ -104,9 +105,9 @@ class Instance:
                                      f"the registration says dimensions={load.embedding.dimensions}",
                                      field="dimensions")
             self.backend = backend
+            wait = kw.get("batch_wait_ms")
             self.batcher = EmbeddingBatcher(backend, max_batch_size=int(kw.get("max_batch_size") or 256),
-                                            wait_ms=float(kw.get("batch_wait_ms") if kw.get("batch_wait_ms")
-                                                          is not None else 2.0))
+                                            wait_ms=float(wait) if wait is not None else 0.0, run_on=self.run_on)
         else:
             spec, family = load.spec, load.llm
             path = files.resolve_llm_files(spec, load.quantization)

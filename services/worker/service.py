@@ -8,6 +8,7 @@ import structlog
 
 from services.worker.device import DeviceProbe
 from services.worker.instance import Instance
+from services.worker.mainthread import MainThreadExecutor
 from shared import protocol as p
 from shared.client import Client
 from shared.config import Settings
@@ -28,6 +29,7 @@ class Worker:
         self.runtime = ServiceRuntime(p.worker_service(device), settings, self.handlers(), inline={p.Ping},
                                       max_workers=256)
         self.runtime.on_reconnect = self.report_now.set
+        self.compute = MainThreadExecutor()
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
     def handlers(self) -> dict:
@@ -50,7 +52,7 @@ class Worker:
         return min(ready, key=lambda r: r.inflight) if ready else replicas[0]
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
-        instance = Instance(msg, self.probe.torch_device)
+        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call)
         with self.lock:
             replicas = self.instances.setdefault(msg.model_uid, [])
             if any(r.replica == msg.replica for r in replicas):
@@ -109,7 +111,11 @@ class Worker:
     def serve(self) -> None:
         self._reporter.start()
         self.runtime.install_signal_handlers()
-        self.runtime.serve()
+        # The ZeroMQ loop in a thread; the main thread computes (see mainthread.py).
+        io = threading.Thread(target=self.runtime.serve, name="io")
+        io.start()
+        self.compute.run(keep_going=io.is_alive)
+        io.join()
         with self.lock:
             for replicas in self.instances.values():
                 for r in replicas:

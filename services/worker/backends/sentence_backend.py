@@ -17,7 +17,8 @@ class SentenceTransformersBackend(EmbeddingBackend):
         self.model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
         if device.startswith("cuda"):
             self.model.half()
-        self.dimensions = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimensions = int(dim())
         self.max_tokens = max_tokens
         self.tokenizer = self.model.tokenizer
 

@@ -1,0 +1,104 @@
+"""Shared by the benchmarks: a mesh on loopback, the models, timing helpers, and the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.mesh import Mesh  # noqa: E402
+
+MODELS = Path(os.environ.get("ZINFER_BENCH_MODELS", Path(tempfile.gettempdir()) / "zinfer-bench-models"))
+
+
+def machine() -> str:
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} cpus{gpu}, Python {platform.python_version()}"
+
+
+def tiny_models() -> dict[str, Path]:
+    from shared.tinymodels import make_tiny_models
+
+    return make_tiny_models(MODELS)
+
+
+def big_llama(device: str) -> Path:
+    """A random-weight ~1.1B Llama (TinyLlama's shape) with the tiny tokenizer, for GPU runs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = MODELS / "llama-1b"
+    if (out / "model.safetensors").exists():
+        return out
+    small = tiny_models()["pytorch"]
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.pad_token_id = 1
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(small).save_pretrained(out)
+    return out
+
+
+def start_mesh(workers=("cpu",)) -> Mesh:
+    root = Path(tempfile.mkdtemp(prefix="zinfer-bench-"))
+    return Mesh(root / "home", root, heartbeat=1.0).start_all(workers=workers)
+
+
+def concurrently(n: int, fn) -> list:
+    results: list = [None] * n
+    errors: list = []
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # a benchmark that fails must say so
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best of `repeat` wall times, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def record(name: str, result: dict) -> None:
+    result = {"bench": name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **result}
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    with open(out / f"{name}.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"\nrecorded in bench/results/{name}.jsonl")

@@ -1,0 +1,120 @@
+"""Embedding throughput: served (through the mesh, with dynamic batching) against raw sentence-transformers,
+same model, same run.
+
+    .venv/bin/python bench/embed.py [--device cpu|cuda] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import concurrently, record, start_mesh, timed, tiny_models
+
+import numpy as np
+import zmq
+
+from shared import protocol as p
+from shared.client import Client
+from shared.transport import send_frames
+
+
+class ClientCrowd:
+    """64 clients, each its own DEALER socket with one request in flight, driven from one thread so that the
+    load generator is not what limits the measurement (64 Python threads on 2 cores would be)."""
+
+    def __init__(self, endpoint: str, uid: str, texts: list[str]):
+        self.ctx = zmq.Context.instance()
+        self.socks = []
+        for _ in texts:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            self.socks.append(sock)
+        self.target = p.model_target(uid).encode()
+        self.bodies = [p.encode(p.Embed(model_uid=uid, input=[t])) for t in texts]
+        self.poller = zmq.Poller()
+        for sock in self.socks:
+            self.poller.register(sock, zmq.POLLIN)
+
+    def run(self) -> None:
+        for i, sock in enumerate(self.socks):
+            send_frames(sock, p.client_request(self.target, i.to_bytes(8, "big"), self.bodies[i]))
+        pending = set(self.socks)
+        while pending:
+            for sock, _ in self.poller.poll(30_000):
+                frames = sock.recv_multipart()
+                reply = p.decode_reply(frames[2])
+                if isinstance(reply, p.Error):
+                    raise RuntimeError(reply.message)
+                np.frombuffer(frames[3], dtype=np.float32).reshape(reply.rows, reply.dimensions)
+                pending.discard(sock)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--long", action="store_true", help="~25-token sentences instead of ~10-token queries")
+    args = ap.parse_args()
+    models = tiny_models()
+    subjects = ["whales", "octopuses", "the sea", "zinfer", "a dragon", "the village", "fishermen", "models"]
+    verbs = ["sleep", "eat", "grow", "travel", "sing", "hide", "work", "learn"]
+    if args.long:
+        sentences = [f"Sentence {i}: the blue whale is the largest animal that has ever lived, {i % 13} times over."
+                     for i in range(256)]
+    else:  # search-query-like inputs, the common case for embedding servers
+        sentences = [f"how do {subjects[i % 8]} {verbs[(i // 8) % 8]} at night {i}" for i in range(256)]
+
+    from sentence_transformers import SentenceTransformer
+
+    raw_model = SentenceTransformer(str(models["embedding"]), device=args.device)
+    if args.device == "cuda":
+        raw_model.half()
+    raw_model.encode(sentences[:32])  # warm up
+    raw = {}
+    for batch in (1, 32, 256):
+        raw[batch] = batch / timed(lambda b=batch: raw_model.encode(sentences[:b]), args.rounds)
+    raw["seq64"] = 64 / timed(lambda: [raw_model.encode([s]) for s in sentences[:64]], args.rounds)
+    raw["one64"] = 64 / timed(lambda: raw_model.encode(sentences[:64]), args.rounds)
+    del raw_model
+
+    mesh = start_mesh(workers=("cuda:0",) if args.device == "cuda" else ("cpu",))
+    try:
+        c = mesh.client
+        c.register_model("embedding", {"model_name": "bench-minilm", "dimensions": 384, "max_tokens": 256,
+                                       "language": ["en"], "model_uri": str(models["embedding"])})
+        c.launch_model(model_name="bench-minilm", model_type="embedding", model_uid="emb")
+        handle = c.get_model("emb")
+        handle.embed_array(sentences[:32])
+        served = {}
+        for batch in (1, 32, 256):
+            served[batch] = batch / timed(lambda b=batch: handle.embed_array(sentences[:b]), args.rounds)
+        burst = ClientCrowd(mesh.endpoint, "emb", sentences[:64])
+        burst.run()  # sockets connected, warm
+        served["conc64"] = 64 / timed(burst.run, args.rounds)
+        served["conc64_threads"] = 64 / timed(
+            lambda: concurrently(64, lambda i: handles[i].embed_array(sentences[i])), args.rounds) \
+            if (handles := [Client(mesh.endpoint).get_model("emb") for _ in range(64)]) else 0
+    finally:
+        mesh.stop()
+
+    print(f"{'case':<36}{'raw sent/s':>12}{'served sent/s':>15}{'ratio':>8}")
+    rows = {}
+    for batch in (1, 32, 256):
+        rows[f"batch{batch}"] = (raw[batch], served[batch])
+    rows["64 clients x 1 vs raw sequential"] = (raw["seq64"], served["conc64"])
+    rows["64 clients x 1 vs raw one batch"] = (raw["one64"], served["conc64"])
+    rows["(64 client threads in one process)"] = (raw["seq64"], served["conc64_threads"])
+    for name, (r, s) in rows.items():
+        print(f"{name:<36}{r:>12,.0f}{s:>15,.0f}{s / r:>8.2f}")
+    target64 = 10 if args.device == "cuda" else 3
+    print(f"\ntargets: batch 256 served >= 0.95x raw -> {served[256] / raw[256]:.2f}x; 64 clients >= {target64}x raw "
+          f"sequential -> {served['conc64'] / raw['seq64']:.2f}x")
+    record("embed", {"device": args.device, "inputs": "long" if args.long else "queries", "raw": raw, "served": served,
+                     "ratio_batch256": round(served[256] / raw[256], 3),
+                     "ratio_conc64_vs_sequential": round(served["conc64"] / raw["seq64"], 3),
+                     "ratio_conc64_vs_one_batch": round(served["conc64"] / raw["one64"], 3)})
+
+
+if __name__ == "__main__":
+    main()
