@@ -102,3 +102,57 @@ def record(name: str, result: dict) -> None:
     with open(out / f"{name}.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     print(f"\nrecorded in bench/results/{name}.jsonl")
+
+
+class StreamCrowd:
+    """N clients, each its own DEALER socket streaming one generation, driven from one thread (so the load
+    generator is not what limits the measurement). run() returns (seconds, total completion tokens,
+    time to first chunk of each stream)."""
+
+    def __init__(self, endpoint: str, uid: str, prompts: list[str], max_tokens: int):
+        import zmq
+
+        from shared import protocol as p
+
+        self.p, self.zmq = p, zmq
+        ctx = zmq.Context.instance()
+        self.socks = []
+        for _ in prompts:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            self.socks.append(sock)
+        cfg = p.GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True)
+        self.target = p.model_target(uid).encode()
+        self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=cfg)) for t in prompts]
+        self.poller = zmq.Poller()
+        for sock in self.socks:
+            self.poller.register(sock, zmq.POLLIN)
+
+    def run(self) -> tuple[float, int, list[float]]:
+        from shared.transport import send_frames
+
+        p = self.p
+        start = time.perf_counter()
+        for i, sock in enumerate(self.socks):
+            send_frames(sock, p.client_request(self.target, i.to_bytes(8, "big"), self.bodies[i]))
+        first: dict = {}
+        tokens = 0
+        open_streams = set(self.socks)
+        while open_streams:
+            for sock, _ in self.poller.poll(60_000):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(self.zmq.NOBLOCK)
+                    except self.zmq.Again:
+                        break
+                    reply = p.decode_reply(frames[2])
+                    if isinstance(reply, p.Error):
+                        raise RuntimeError(reply.message)
+                    if frames[0] == p.REPLY:
+                        open_streams.discard(sock)
+                        continue
+                    first.setdefault(sock, time.perf_counter() - start)
+                    if reply.usage is not None:
+                        tokens += reply.usage.completion_tokens
+        return time.perf_counter() - start, tokens, list(first.values())

@@ -73,9 +73,10 @@ def coalesce(steps: Iterator[Step], interval_s: float) -> Iterator[Step]:
 
 
 class Instance:
-    def __init__(self, load: p.LoadInstance, device: str, run_on=None):
+    def __init__(self, load: p.LoadInstance, device: str, run_on=None, submit_on=None):
         self.spec = load
-        self.run_on = run_on
+        self.run_on = run_on  # call(fn, *args) on the worker's main thread
+        self.submit_on = submit_on  # submit(fn) -> Future on the worker's main thread
         self.uid = load.model_uid
         self.replica = load.replica
         self.device = device
@@ -117,7 +118,7 @@ class Instance:
 
                 self.backend = TransformersBackend(
                     path, self.device, load.quantization, family.context_length, trust_remote_code=trust,
-                    continuous_batching=bool(kw.get("continuous_batching", True)))
+                    continuous_batching=bool(kw.get("continuous_batching", True)), run_on=self.submit_on)
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 

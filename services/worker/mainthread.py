@@ -23,9 +23,13 @@ class MainThreadExecutor:
         """Run fn(*args) on the main thread and return its result (at once when already on it)."""
         if threading.current_thread() is self._main:
             return fn(*args)
+        return self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Queue fn(*args) for the main thread (jobs run one at a time, in order)."""
         future: Future = Future()
         self._jobs.put((fn, args, future))
-        return future.result()
+        return future
 
     def run(self, keep_going: Callable[[], bool]) -> None:
         """The main thread's loop; returns once keep_going() is false and no job is left."""

@@ -52,7 +52,7 @@ class Worker:
         return min(ready, key=lambda r: r.inflight) if ready else replicas[0]
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
-        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call)
+        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call, submit_on=self.compute.submit)
         with self.lock:
             replicas = self.instances.setdefault(msg.model_uid, [])
             if any(r.replica == msg.replica for r in replicas):

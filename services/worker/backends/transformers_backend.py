@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
+from concurrent.futures import Future
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,26 +45,54 @@ class IncrementalDecoder:
         return rest
 
 
-class _QueueStreamer:
-    """transformers' streamer protocol: put() gets the prompt first, then each new token."""
+class _Cancelled(Exception):
+    """Raised from the streamer to end a generate() whose request was cancelled."""
 
-    def __init__(self):
-        self.q: queue.Queue = queue.Queue()
+
+class _TokenBuffer:
+    """transformers' streamer protocol (put gets the prompt first, then each new token), buffering ids for
+    the consumer and waking it at most every WAKE_S: a wake-up per token costs more than the token on a CPU.
+    Raising from put() is how a cancelled request stops generate() between two decode steps."""
+
+    WAKE_S = 0.002
+
+    def __init__(self, cancelled: threading.Event, stop: threading.Event):
+        self.cancelled, self.stop = cancelled, stop
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.ids: list[int] = []
+        self.done = False
         self.prompt_seen = False
+        self.last_wake = 0.0
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.q.put(value.reshape(-1).tolist())
+        if self.cancelled.is_set() or self.stop.is_set():
+            raise _Cancelled
+        with self.lock:
+            self.ids.extend(value.reshape(-1).tolist())
+        now = time.monotonic()
+        if now - self.last_wake >= self.WAKE_S:
+            self.last_wake = now
+            self.ready.set()
 
     def end(self):
-        self.q.put(None)
+        self.done = True
+        self.ready.set()
+
+    def take(self) -> tuple[list[int], bool]:
+        self.ready.wait()
+        self.ready.clear()
+        with self.lock:
+            ids, self.ids = self.ids, []
+        return ids, self.done and not self.ids
 
 
 class TransformersBackend(LLMBackend):
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
-                 trust_remote_code: bool = False, continuous_batching: bool = True):
+                 trust_remote_code: bool = False, continuous_batching: bool = True, run_on=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +131,8 @@ class TransformersBackend(LLMBackend):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
             self.eos_ids[0] if self.eos_ids else 0)
         self.batcher = ContinuousBatcher(self) if continuous_batching else None
+        # Where plain generate() runs: given a submit(fn) -> Future (the worker's main thread), else a thread.
+        self.run_on = run_on or _in_thread
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -129,20 +161,13 @@ class TransformersBackend(LLMBackend):
         return self._stream_plain(prompt, sampling, cancelled)
 
     def _stream_plain(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
+        """One `generate` call, run where `run_on` says (the worker's main thread: one at a time, and torch is
+        faster there), streaming its tokens to this thread."""
         torch = self.torch
         enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        streamer = _QueueStreamer()
-        stop_flag = threading.Event()
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                done = cancelled.is_set() or stop_flag.is_set()
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
+        stop = threading.Event()
+        buffer = _TokenBuffer(cancelled, stop)
         kwargs = self.generate_kwargs(sampling)
-        error: list[BaseException] = []
 
         def run():
             try:
@@ -150,36 +175,29 @@ class TransformersBackend(LLMBackend):
                     if sampling.seed is not None:
                         with _seed_lock:
                             torch.manual_seed(sampling.seed)
-                    self.model.generate(**enc, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Cancel()]), **kwargs)
-            except BaseException as exc:  # surfaced in the consumer thread
-                error.append(exc)
-                streamer.end()
+                    self.model.generate(**enc, streamer=buffer, **kwargs)
+            except _Cancelled:
+                pass
+            finally:
+                buffer.end()
 
-        thread = threading.Thread(target=run, name="hf-generate", daemon=True)
-        thread.start()
+        done = self.run_on(run)
         decoder = IncrementalDecoder(self.tokenizer)
-        n = 0
-        last: int | None = None
+        n, last, finished = 0, None, False
         try:
-            while True:
-                ids = streamer.q.get()
-                if ids is None:
-                    break
-                n += len(ids)
-                last = ids[-1]
-                text = decoder.push(ids)
-                if text:
-                    yield Step(text, len(ids))
-                elif ids:
-                    yield Step("", len(ids))
-            if error:
-                raise error[0]
+            while not finished:
+                ids, finished = buffer.take()
+                for token in ids:  # one step per token, so a stream can still send every token on its own
+                    n += 1
+                    last = token
+                    yield Step(decoder.push([token]), 1)
+            done.result()  # surfaces an error raised by generate
             finish = "stop" if (last in kwargs["eos_token_id"] or n < sampling.max_tokens) else "length"
             yield Step(decoder.flush(), 0, finish)
         finally:
-            stop_flag.set()
-            thread.join()
+            stop.set()
+            if not finished:
+                done.result()
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         torch = self.torch
@@ -200,6 +218,19 @@ class TransformersBackend(LLMBackend):
 
             gc.collect()
             self.torch.cuda.empty_cache()
+
+
+def _in_thread(fn) -> Future:
+    future: Future = Future()
+
+    def target():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="hf-generate", daemon=True).start()
+    return future
 
 
 class ContinuousBatcher:
