@@ -118,7 +118,8 @@ class Instance:
 
                 self.backend = TransformersBackend(
                     path, self.device, load.quantization, family.context_length, trust_remote_code=trust,
-                    continuous_batching=bool(kw.get("continuous_batching", True)), run_on=self.submit_on)
+                    continuous_batching=bool(kw.get("continuous_batching", True)), run_on=self.submit_on,
+                    fast_decode=bool(kw.get("fast_decode", True)))
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 

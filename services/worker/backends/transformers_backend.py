@@ -92,7 +92,8 @@ class _TokenBuffer:
 
 class TransformersBackend(LLMBackend):
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
-                 trust_remote_code: bool = False, continuous_batching: bool = True, run_on=None):
+                 trust_remote_code: bool = False, continuous_batching: bool = True, run_on=None,
+                 fast_decode: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +132,9 @@ class TransformersBackend(LLMBackend):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
             self.eos_ids[0] if self.eos_ids else 0)
         self.batcher = ContinuousBatcher(self) if continuous_batching else None
+        # On a GPU, plain generate() decodes with a static KV cache, which transformers compiles with CUDA
+        # graphs; launch with fast_decode=false to turn it off. Unmeasured here: no GPU in this project's CI.
+        self.fast_decode = fast_decode and device.startswith("cuda") and quantization == "none"
         # Where plain generate() runs: given a submit(fn) -> Future (the worker's main thread), else a thread.
         self.run_on = run_on or _in_thread
 
@@ -150,6 +154,8 @@ class TransformersBackend(LLMBackend):
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if sampling.repetition_penalty is not None:
             kw["repetition_penalty"] = sampling.repetition_penalty
+        if self.fast_decode:
+            kw["cache_implementation"] = "static"
         return kw
 
     def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
