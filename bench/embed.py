@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from common import concurrently, record, start_mesh, timed, tiny_models
-
 import numpy as np
 import zmq
+from common import concurrently, record, start_mesh, timed, tiny_models
 
 from shared import protocol as p
 from shared.client import Client
@@ -76,7 +75,6 @@ def main() -> None:
         raw[batch] = batch / timed(lambda b=batch: raw_model.encode(sentences[:b]), args.rounds)
     raw["seq64"] = 64 / timed(lambda: [raw_model.encode([s]) for s in sentences[:64]], args.rounds)
     raw["one64"] = 64 / timed(lambda: raw_model.encode(sentences[:64]), args.rounds)
-    del raw_model
 
     mesh = start_mesh(workers=("cuda:0",) if args.device == "cuda" else ("cpu",))
     try:

@@ -11,7 +11,6 @@ and a static batch of N prompts. For llama.cpp: raw `create_completion` against 
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 from common import StreamCrowd, big_llama, record, start_mesh, tiny_models
@@ -63,7 +62,6 @@ def raw_transformers(path, device, tokens, levels):
             out = model.generate(**ids, max_new_tokens=tokens, **kw)
         el = time.perf_counter() - start
         result[f"static_batch_{level}"] = level * (out.shape[1] - ids.input_ids.shape[1]) / el
-    del model
     return result
 
 
@@ -77,7 +75,7 @@ def raw_llama(path, device, tokens):
         start = time.perf_counter()
         first = None
         n = 0
-        for chunk in llm.create_completion(PROMPTS[i], max_tokens=tokens, temperature=0, stream=True):
+        for _chunk in llm.create_completion(PROMPTS[i], max_tokens=tokens, temperature=0, stream=True):
             first = first or time.perf_counter() - start
             n += 1
         el = time.perf_counter() - start

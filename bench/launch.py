@@ -66,7 +66,7 @@ def main() -> None:
         cases = {"pytorch": dict(model_name="bench-llm", model_format="pytorch"),
                  "ggufv2": dict(model_name="bench-llm", model_format="ggufv2"),
                  "embedding": dict(model_name="bench-minilm", model_type="embedding")}
-        for name, kw in cases.items():  # warm the worker's imports
+        for kw in cases.values():  # warm the worker's imports
             c.terminate_model(c.launch_model(model_uid="warm", **kw))
         for name, kw in cases.items():
             times = []

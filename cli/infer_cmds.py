@@ -115,7 +115,7 @@ def embed(
     if as_json:
         print_json(result)
         return
-    for item, text in zip(result["data"], texts):
+    for item, text in zip(result["data"], texts, strict=True):
         vec = item["embedding"]
         head = ", ".join(f"{v:.4f}" for v in vec[:4])
         console.print(f"[{item['index']}] dim={len(vec)} [{head}, ...]  {text[:60]!r}", highlight=False)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgspec
-import numpy as np
 import zmq
 
 from shared import protocol as p

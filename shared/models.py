@@ -286,7 +286,8 @@ def definition_to_json(definition: Definition) -> dict[str, Any]:
     out.pop("v2_spec_extras", None)
     if definition.version == 2:
         specs = []
-        for spec, extra in zip(out["model_specs"], definition.v2_spec_extras or [{}] * len(out["model_specs"])):
+        extras = definition.v2_spec_extras or [{}] * len(out["model_specs"])
+        for spec, extra in zip(out["model_specs"], extras, strict=True):
             spec["quantization"] = spec.pop("quantizations")[0]
             spec.update(extra)
             specs.append(spec)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
-from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec, ModelType
+from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
 
 PROTOCOL_VERSION = 1
 PROTO = b"ZINF1"

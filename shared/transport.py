@@ -271,7 +271,7 @@ class ServiceRuntime:
         try:
             result = handler(msg, ctx)
         except Exception as exc:
-            self._run(lambda m, c: (_ for _ in ()).throw(exc), msg, ctx)
+            self._fail(msg, ctx, exc)
             return
         if isinstance(result, p.Msg):
             send_frames(self.dealer, [p.REPLY, ctx.client_id, ctx.req_id, p.encode(result)], zmq.NOBLOCK)
@@ -291,12 +291,15 @@ class ServiceRuntime:
             else:
                 ctx.send(result, final=True)
         except Exception as exc:
-            reply = reply_from_exception(exc)
-            if reply.code == "internal":
-                log.exception("handler_failed", request=type(msg).__name__)
-            ctx.send(reply, final=True)
+            self._fail(msg, ctx, exc)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
+
+    def _fail(self, msg: Any, ctx: RequestContext, exc: Exception) -> None:
+        reply = reply_from_exception(exc)
+        if reply.code == "internal":
+            log.error("handler_failed", request=type(msg).__name__, exc_info=exc)
+        ctx.send(reply, final=True)
 
     def _stream(self, chunks: Iterator, ctx: RequestContext) -> None:
         try:

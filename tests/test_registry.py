@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.client import Client
-from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.errors import InvalidRequest, NotFound
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 

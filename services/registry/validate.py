@@ -6,8 +6,8 @@ import os
 
 from services.registry import catalog
 from shared.models import (
-    DefinitionError,
     Definition,
+    DefinitionError,
     EmbeddingFamily,
     FieldProblem,
     LLMFamily,

@@ -240,7 +240,7 @@ class Scheduler:
             model.error = errors[0]
         log.error("launch_failed", model_uid=model.uid, error=errors[0])
         # Nothing half-loaded: the replicas that did load are unloaded again.
-        for wid, load in loads:
+        for wid, _load in loads:
             try:
                 self.client.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid), timeout=30)
             except ZinferError:

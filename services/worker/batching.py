@@ -17,7 +17,6 @@ import numpy as np
 from services.worker.backends.base import EmbeddingBackend
 from shared.errors import TooLarge
 
-
 ADAPTIVE_WAIT_S = 0.002
 
 

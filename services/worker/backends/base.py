@@ -47,8 +47,8 @@ class LLMBackend(ABC):
     def queue_depth(self) -> int:
         return 0
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
+        return None
 
 
 class EmbeddingBackend(ABC):
@@ -61,8 +61,8 @@ class EmbeddingBackend(ABC):
     @abstractmethod
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
+        return None
 
 
 class FairLock:

@@ -6,8 +6,8 @@ import itertools
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -105,8 +105,8 @@ class TransformersBackend(LLMBackend):
                 raise InvalidRequest(f"quantization {quantization!r} needs a GPU (bitsandbytes); "
                                      "launch with quantization 'none' on the CPU", field="quantization")
             try:
-                from transformers import BitsAndBytesConfig
                 import bitsandbytes  # noqa: F401
+                from transformers import BitsAndBytesConfig
             except ImportError:
                 raise InvalidRequest(f"quantization {quantization!r} needs the bitsandbytes package",
                                      field="quantization") from None
@@ -258,8 +258,7 @@ class ContinuousBatcher:
     def _start(self):
         with self._lock:
             if self._manager is None:
-                from transformers import GenerationConfig
-                from transformers import ContinuousBatchingConfig
+                from transformers import ContinuousBatchingConfig, GenerationConfig
 
                 gen = GenerationConfig(do_sample=False, max_new_tokens=self.backend.context_length,
                                        eos_token_id=list(self.backend.eos_ids) or -1,
@@ -279,8 +278,9 @@ class ContinuousBatcher:
             out = manager.get_result(timeout=0.1)
             if out is None:
                 if manager.background_thread_status.fatal_error is not None:
+                    error = manager.background_thread_status.fatal_error
                     for q in list(self._routes.values()):
-                        q.put(RuntimeError(f"continuous batching stopped: {manager.background_thread_status.fatal_error}"))
+                        q.put(RuntimeError(f"continuous batching stopped: {error}"))
                     return
                 continue
             q = self._routes.get(out.request_id)
