@@ -54,6 +54,16 @@ def apply_stops(steps: Iterator[Step], stops: list[str]) -> Iterator[Step]:
             close()
 
 
+def _collect(steps: Iterator[Step]) -> tuple[str, int, str]:
+    """A whole (non-streamed) generation: its text, token count and finish reason."""
+    parts, n, finish = [], 0, None
+    for step in steps:
+        parts.append(step.text)
+        n += step.tokens
+        finish = step.finish or finish
+    return "".join(parts), n, finish or "stop"
+
+
 def coalesce(steps: Iterator[Step], interval_s: float) -> Iterator[Step]:
     """Merge steps produced within `interval_s` of the last sent one; the first and last go at once."""
     text, tokens, last_sent, first = "", 0, 0.0, True
@@ -209,13 +219,9 @@ class Instance:
             return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
 
         if not stream:
-            text, n, finish = "", 0, None
-            for step in steps:
-                text += step.text
-                n += step.tokens
-                finish = step.finish or finish
+            text, n, finish = _collect(steps)
             return p.Completion(id=cid, created=created, model=self.uid, usage=usage(n),
-                                choices=[p.CompletionChoice(text=text, finish_reason=finish or "stop")])
+                                choices=[p.CompletionChoice(text=text, finish_reason=finish)])
 
         def chunks():
             n = 0
@@ -263,14 +269,9 @@ class Instance:
             return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
 
         if not msg.config.stream:
-            text, n, finish = "", 0, None
-            for step in steps:
-                text += step.text
-                n += step.tokens
-                finish = step.finish or finish
+            text, n, finish = _collect(steps)
             return p.ChatCompletion(id=cid, created=created, model=self.uid, usage=usage(n), choices=[
-                p.ChatChoice(message=p.ChatCompletionMessage(role="assistant", content=text),
-                             finish_reason=finish or "stop")])
+                p.ChatChoice(message=p.ChatCompletionMessage(role="assistant", content=text), finish_reason=finish)])
 
         def chunks():
             n = 0
