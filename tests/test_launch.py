@@ -80,6 +80,11 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
     with pytest.raises(InstanceNotReady, match="is failed"):
         c.get_model("wrong-dims").create_embedding("x")
     c.terminate_model("wrong-dims")
+    # 4-/8-bit pytorch quantization needs a GPU (bitsandbytes): a clear error on the CPU.
+    c.register_model("LLM", llm_definition(tiny_models))
+    with pytest.raises(InternalError, match="quantization '4-bit' needs a GPU"):
+        c.launch_model(model_name="custom-llama-2", model_format="pytorch", quantization="4-bit", model_uid="q4")
+    c.terminate_model("q4")
     # ggmlv3 cannot be read by current llama.cpp: a clear error at launch.
     ggml = tiny_models["gguf_dir"] / "x.ggmlv3.q4_0.bin"
     ggml.write_bytes(b"ggml")

@@ -129,7 +129,7 @@ class Instance:
                 self.backend = TransformersBackend(
                     path, self.device, load.quantization, family.context_length, trust_remote_code=trust,
                     continuous_batching=bool(kw.get("continuous_batching", True)), run_on=self.submit_on,
-                    fast_decode=bool(kw.get("fast_decode", True)))
+                    fast_decode=bool(kw.get("fast_decode", True)), max_sequences=int(kw.get("max_sequences") or 64))
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
