@@ -127,12 +127,13 @@ def main() -> None:
         c.register_model("LLM", {"model_name": "bench-llm", "model_lang": ["en"], "model_ability": ["generate"],
                                  "context_length": 2048, "model_specs": spec})
         if args.engine in ("transformers", "both"):
-            c.launch_model(model_name="bench-llm", model_format="pytorch", model_uid="hf-cb")
+            c.launch_model(model_name="bench-llm", model_format="pytorch", model_uid="hf-cb",
+                           continuous_batching=True)
             report["served_transformers_cb"] = served(mesh, "hf-cb", args.tokens, levels)
             c.terminate_model("hf-cb")
             c.launch_model(model_name="bench-llm", model_format="pytorch", model_uid="hf-plain",
                            continuous_batching=False)
-            report["served_transformers_plain"] = served(mesh, "hf-plain", args.tokens, levels[:2])
+            report["served_transformers_plain"] = served(mesh, "hf-plain", args.tokens, levels[:3])
             c.terminate_model("hf-plain")
         if args.engine in ("llama", "both"):
             c.launch_model(model_name="bench-llm", model_format="ggufv2", model_uid="gg")

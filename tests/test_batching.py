@@ -25,7 +25,7 @@ def bmesh(tmp_path_factory, tiny_models):
     c.register_model("embedding", embedding_definition(tiny_models))
     c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb",
                    batch_wait_ms=5, max_batch_size=64)
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="cb")
+    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="cb", continuous_batching=True)
     c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="plain",
                    continuous_batching=False)
     c.launch_model(model_name="custom-llama-2", model_format="ggufv2", model_uid="gg")
