@@ -313,6 +313,11 @@ class ContinuousBatcher:
                     if cancelled.is_set():
                         return
                     continue
+                while not q.empty():  # behind by a few steps: the latest output holds them all
+                    later = q.get_nowait()
+                    if isinstance(out, Exception) or (not isinstance(later, Exception) and out.error):
+                        break
+                    out = later
                 if isinstance(out, Exception):
                     raise out
                 if out.error:
