@@ -85,7 +85,8 @@ class Client:
             raise Unavailable(f"the broker at {self.endpoint} is not reachable") from None
         return sock, req_id
 
-    def _recv(self, sock: zmq.Socket, req_id: bytes, deadline: float, what: str) -> tuple[bytes, Any, list]:
+    def _recv(self, sock: zmq.Socket, req_id: bytes, timeout: float, what: str) -> tuple[bytes, Any, list]:
+        deadline = time.monotonic() + timeout
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             frames = self._recv_frames(sock, left_ms) if left_ms > 0 else None
@@ -94,7 +95,7 @@ class Client:
                     sock.send_multipart(p.client_cancel(req_id), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-                raise RequestTimeout(f"no reply to {what} within {self._timeout_text(deadline)}")
+                raise RequestTimeout(f"no reply to {what} within {timeout:g}s")
             if len(frames) < 3 or frames[1] != req_id:
                 continue  # a late reply to an earlier, abandoned request
             reply = p.decode_reply(frames[2])
@@ -118,18 +119,14 @@ class Client:
             frames.append(_recv(sock, copy=False))
         return frames
 
-    def _timeout_text(self, deadline: float) -> str:
-        return f"{self._last_timeout:g}s"
-
     def call(self, target: str | bytes, msg: p.Msg, timeout: float | None = None, buffers=()):
         """One request, one reply (struct); raises the typed error the service answered with."""
         reply, _ = self.call_with_buffers(target, msg, timeout, buffers)
         return reply
 
     def call_with_buffers(self, target, msg, timeout=None, buffers=()):
-        self._last_timeout = timeout if timeout is not None else self.timeout
         sock, req_id = self._send(target, msg, buffers)
-        _cmd, reply, extra = self._recv(sock, req_id, time.monotonic() + self._last_timeout,
+        _cmd, reply, extra = self._recv(sock, req_id, self.timeout if timeout is None else timeout,
                                         type(msg).__name__)
         return reply, extra
 
@@ -138,13 +135,12 @@ class Client:
 
         Closing the iterator early (break, or the generator being dropped) cancels the work on the server.
         """
-        self._last_timeout = timeout if timeout is not None else self.timeout
+        wait = self.timeout if timeout is None else timeout
         sock, req_id = self._send(target, msg)
         done = False
         try:
             while True:
-                cmd, reply, _ = self._recv(sock, req_id, time.monotonic() + self._last_timeout,
-                                           type(msg).__name__)
+                cmd, reply, _ = self._recv(sock, req_id, wait, type(msg).__name__)
                 if cmd == p.REPLY:
                     done = True
                     if not isinstance(reply, p.Ok):

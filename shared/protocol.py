@@ -27,7 +27,7 @@ from msgspec import Struct
 from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
 
 PROTOCOL_VERSION = 1
-PROTO = b"ZINF1"
+PROTO = b"ZINF" + str(PROTOCOL_VERSION).encode()  # b"ZINF1"
 
 READY = PROTO + b"\x01"
 BIND = PROTO + b"\x02"
