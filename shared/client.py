@@ -91,10 +91,7 @@ class Client:
             left_ms = int((deadline - time.monotonic()) * 1000)
             frames = self._recv_frames(sock, left_ms) if left_ms > 0 else None
             if frames is None:
-                try:
-                    sock.send_multipart(p.client_cancel(req_id), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                self._cancel(sock, req_id)
                 raise RequestTimeout(f"no reply to {what} within {timeout:g}s")
             if len(frames) < 3 or frames[1] != req_id:
                 continue  # a late reply to an earlier, abandoned request
@@ -102,6 +99,14 @@ class Client:
             if isinstance(reply, p.Error):
                 raise error_from_reply(reply)
             return frames[0], reply, frames[3:]
+
+    @staticmethod
+    def _cancel(sock: zmq.Socket, req_id: bytes) -> None:
+        """Tell the server to stop working on a request nobody waits for any more (best effort)."""
+        try:
+            send_frames(sock, p.client_cancel(req_id), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     @staticmethod
     def _recv_frames(sock: zmq.Socket, timeout_ms: int) -> list | None:
@@ -149,10 +154,7 @@ class Client:
                 yield reply
         finally:
             if not done:
-                try:
-                    sock.send_multipart(p.client_cancel(req_id), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                self._cancel(sock, req_id)
 
     def close(self) -> None:
         with self._lock:

@@ -41,6 +41,8 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, copy: bool = Tru
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         _backend_send(sock, frame, (flags | _MORE) if i < last else flags, copy=copy)
+
+
 _inproc_ids = itertools.count()
 
 
@@ -53,15 +55,14 @@ def die_with_parent() -> None:
 
 
 class RequestContext:
-    """What a handler knows of its request besides the message: who asked, extra frames, cancellation."""
+    """What a handler knows of its request besides the message: who asked, and whether it was cancelled."""
 
-    __slots__ = ("client_id", "req_id", "buffers", "_cancelled", "_runtime")
+    __slots__ = ("client_id", "req_id", "_cancelled", "_runtime")
 
-    def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes, buffers: list):
+    def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes):
         self._runtime = runtime
         self.client_id = client_id
         self.req_id = req_id
-        self.buffers = buffers
         self._cancelled: threading.Event | None = None
 
     @property
@@ -234,7 +235,7 @@ class ServiceRuntime:
     def _on_frames(self, frames: list[bytes]) -> None:
         cmd = frames[0]
         if cmd == p.REQUEST and len(frames) >= 4:
-            self._on_request(frames[1], frames[2], frames[3], frames[4:])
+            self._on_request(frames[1], frames[2], frames[3])
             return
         elif cmd == p.CANCEL and len(frames) >= 3:
             ctx = self.active.get((frames[1], frames[2]))
@@ -246,8 +247,8 @@ class ServiceRuntime:
         elif cmd != p.HEARTBEAT:
             log.warning("frame_dropped", reason=f"unexpected header {cmd[:8]!r}")
 
-    def _on_request(self, client_id: bytes, req_id: bytes, body: bytes, buffers: list) -> None:
-        ctx = RequestContext(self, client_id, req_id, buffers)
+    def _on_request(self, client_id: bytes, req_id: bytes, body: bytes) -> None:
+        ctx = RequestContext(self, client_id, req_id)
         try:
             msg = p.decode_request(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -272,7 +273,7 @@ class ServiceRuntime:
             self._fail(msg, ctx, exc)
             return
         if isinstance(result, p.Msg):
-            send_frames(self.dealer, [p.REPLY, ctx.client_id, ctx.req_id, p.encode(result)], zmq.NOBLOCK)
+            send_frames(self.dealer, p.peer_reply(ctx.client_id, ctx.req_id, p.encode(result)), zmq.NOBLOCK)
         else:
             self._run(lambda m, c: result, msg, ctx)
 

@@ -59,15 +59,3 @@ def mesh(tmp_path) -> Mesh:
         yield m
     finally:
         m.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_mesh(tmp_path_factory) -> Mesh:
-    """One mesh for a whole test module (tests that only read or clean up after themselves)."""
-    root = tmp_path_factory.mktemp("mesh")
-    m = Mesh(root / "home", root)
-    try:
-        m.start_all()
-        yield m
-    finally:
-        m.stop()

@@ -103,9 +103,9 @@ class EmbeddingBatcher:
             for job, counts in ok:
                 job.result = (vectors[start:start + len(job.texts)], sum(counts))
                 start += len(job.texts)
-        except BaseException:
+        except BaseException as exc:
             if len(ok) == 1:
-                ok[0][0].error = _current_error()
+                ok[0][0].error = exc
             else:  # find the culprit: each request on its own, so only a failing one fails
                 for job, counts in ok:
                     try:
@@ -114,9 +114,3 @@ class EmbeddingBatcher:
                         job.error = exc
         for job, _ in ok:
             job.done.set()
-
-
-def _current_error() -> BaseException:
-    import sys
-
-    return sys.exc_info()[1]

@@ -54,6 +54,11 @@ def apply_stops(steps: Iterator[Step], stops: list[str]) -> Iterator[Step]:
             close()
 
 
+def _usage(prompt_tokens: int):
+    """usage(n) -> the Usage of a reply whose completion has n tokens so far."""
+    return lambda n: p.Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
+
+
 def _collect(steps: Iterator[Step]) -> tuple[str, int, str]:
     """A whole (non-streamed) generation: its text, token count and finish reason."""
     parts, n, finish = [], 0, None
@@ -189,9 +194,10 @@ class Instance:
 
     def _steps(self, prompt: str, cfg: p.GenerateConfig, cancelled: threading.Event, stops: list[str],
                stop_ids=()) -> tuple[int, Iterator[Step]]:
-        prompt_tokens = self.backend.count_tokens(prompt)
+        prompt_ids = self.backend.tokenize(prompt)
+        prompt_tokens = len(prompt_ids)
         sampling = self._sampling(cfg, prompt_tokens, stop_ids)
-        steps = apply_stops(self.backend.stream(prompt, sampling, cancelled), stops)
+        steps = apply_stops(self.backend.stream(prompt_ids, sampling, cancelled), stops)
         if cfg.stream:
             interval = DEFAULT_STREAM_INTERVAL_MS if cfg.stream_interval_ms is None else cfg.stream_interval_ms
             steps = coalesce(steps, interval / 1000)
@@ -217,10 +223,7 @@ class Instance:
 
     def _completion(self, stream: bool, prompt_tokens: int, steps: Iterator[Step]):
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-
-        def usage(n):
-            return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
-
+        usage = _usage(prompt_tokens)
         if not stream:
             text, n, finish = _collect(steps)
             return p.Completion(id=cid, created=created, model=self.uid, usage=usage(n),
@@ -267,10 +270,7 @@ class Instance:
                                            stop_ids)
         steps = self._tracked(steps)
         cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-
-        def usage(n):
-            return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
-
+        usage = _usage(prompt_tokens)
         if not msg.config.stream:
             text, n, finish = _collect(steps)
             return p.ChatCompletion(id=cid, created=created, model=self.uid, usage=usage(n), choices=[
@@ -305,7 +305,7 @@ class Instance:
                     raise InvalidRequest(f"model {self.uid!r} cannot embed (abilities "
                                          f"{self.spec.llm.model_ability})", field="model_uid")
                 for i, text in enumerate(texts):
-                    n = self.backend.count_tokens(text)
+                    n = len(self.backend.tokenize(text))
                     if n > self.backend.context_length:
                         raise TooLarge(f"input[{i}] has {n} tokens; context_length is "
                                        f"{self.backend.context_length}", field=f"input[{i}]")

@@ -21,6 +21,11 @@ class Sampling(NamedTuple):
     repetition_penalty: float | None
 
 
+def finish_reason(last: int | None, stop_ids, produced: int, max_tokens: int) -> str:
+    """"stop" when an end token came (or generation ended early), "length" when max_tokens ran out."""
+    return "stop" if (last in stop_ids or produced < max_tokens) else "length"
+
+
 class Step(NamedTuple):
     """Text produced since the last step, the tokens it took, and why generation ended (on the last)."""
 
@@ -36,10 +41,12 @@ class LLMBackend(ABC):
     eos_token: str = ""
 
     @abstractmethod
-    def count_tokens(self, text: str) -> int: ...
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
 
     @abstractmethod
-    def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]: ...
+    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+        """Generate from already tokenized ids (tokenized once per request: the context check counts them)."""
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         raise NotImplementedError

@@ -37,7 +37,7 @@ class LlamaCppBackend(LLMBackend):
             return ""
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore")
 
-    def prompt_tokens(self, prompt: str) -> list[int]:
+    def tokenize(self, prompt: str) -> list[int]:
         """The prompt as create_completion tokenizes it: BOS/EOS as the vocabulary asks, special tokens parsed."""
         model = self.llm._model
         bos = model.token_cls() if model.token_cls() != -1 else self.llm.token_bos()
@@ -46,13 +46,10 @@ class LlamaCppBackend(LLMBackend):
         tail = [sep if sep != -1 else self.llm.token_eos()] if (model.add_eos_token() or sep != -1) else []
         return head + self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) + tail
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.prompt_tokens(text))
-
     def queue_depth(self) -> int:
         return self.lock.depth
 
-    def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
         """Token by token with llama.cpp's own sampler, as create_completion samples (same defaults, seed and
         end-of-generation tokens), but detokenizing each token once: create_completion(stream=True)
         re-detokenizes the whole completion per token, which grows quadratically (minutes for 6k tokens)."""
@@ -62,13 +59,12 @@ class LlamaCppBackend(LLMBackend):
         stop_ids = set(sampling.stop_token_ids)
         vocab = llm._model.vocab
         with self.lock:
-            tokens = self.prompt_tokens(prompt)
             llm.set_seed(sampling.seed if sampling.seed is not None
                          else random.Random(llm._seed).randint(0, 2**32))
             decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
             n, finish = 0, "length"
             generator = llm.generate(
-                tokens, top_k=40 if sampling.top_k is None else sampling.top_k,
+                prompt_ids, top_k=40 if sampling.top_k is None else sampling.top_k,
                 top_p=0.95 if sampling.top_p is None else sampling.top_p, min_p=0.05, typical_p=1.0,
                 temp=sampling.temperature,
                 repeat_penalty=1.0 if sampling.repetition_penalty is None else sampling.repetition_penalty)

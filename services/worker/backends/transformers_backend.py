@@ -11,7 +11,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from services.worker.backends.base import LLMBackend, Sampling, Step
+from services.worker.backends.base import LLMBackend, Sampling, Step, finish_reason
 from shared.errors import InvalidRequest
 
 _seed_lock = threading.Lock()
@@ -138,8 +138,8 @@ class TransformersBackend(LLMBackend):
         # Where plain generate() runs: given a submit(fn) -> Future (the worker's main thread), else a thread.
         self.run_on = run_on or _in_thread
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True).input_ids
 
     def generate_kwargs(self, sampling: Sampling) -> dict:
         kw: dict = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self.pad_id,
@@ -158,20 +158,21 @@ class TransformersBackend(LLMBackend):
             kw["cache_implementation"] = "static"
         return kw
 
-    def stream(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
         """With continuous batching on (a launch option; the default on a GPU), greedy requests share the batch
         and sampled ones run as plain `generate`; with it off, every request runs as plain `generate`, one at a
         time on the worker's main thread. A lone greedy request takes the batch path too: a plain `generate`
         running beside the batch on one model thrashed the CPU's cores (16 streams: 208 tokens/s)."""
         if self.batcher is not None and not sampling.temperature and sampling.repetition_penalty is None:
-            return self.batcher.stream(self.tokenizer(prompt).input_ids, sampling, cancelled)
-        return self._stream_plain(prompt, sampling, cancelled)
+            return self.batcher.stream(prompt_ids, sampling, cancelled)
+        return self._stream_plain(prompt_ids, sampling, cancelled)
 
-    def _stream_plain(self, prompt: str, sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
+    def _stream_plain(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
         """One `generate` call, run where `run_on` says (the worker's main thread: one at a time, and torch is
         faster there), streaming its tokens to this thread."""
         torch = self.torch
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         stop = threading.Event()
         buffer = _TokenBuffer(cancelled, stop)
         kwargs = self.generate_kwargs(sampling)
@@ -199,8 +200,7 @@ class TransformersBackend(LLMBackend):
                     last = token
                     yield Step(decoder.push([token]), 1)
             done.result()  # surfaces an error raised by generate
-            finish = "stop" if (last in kwargs["eos_token_id"] or n < sampling.max_tokens) else "length"
-            yield Step(decoder.flush(), 0, finish)
+            yield Step(decoder.flush(), 0, finish_reason(last, kwargs["eos_token_id"], n, sampling.max_tokens))
         finally:
             stop.set()
             if not finished:
@@ -330,8 +330,7 @@ class ContinuousBatcher:
                     yield Step(decoder.push(new), len(new))
                 if cancelled.is_set():
                     return
-            finish = "stop" if (last in eos or seen < sampling.max_tokens) else "length"
-            yield Step(decoder.flush(), 0, finish)
+            yield Step(decoder.flush(), 0, finish_reason(last, eos, seen, sampling.max_tokens))
         finally:
             self._routes.pop(rid, None)
             if not finished:
