@@ -47,6 +47,18 @@ class TooLarge(ZinferError, ValueError):
     code = "too_large"
 
 
+class Forbidden(ZinferError, PermissionError):
+    """The caller's key does not have the role this request needs (or the request is not allowed at all)."""
+
+    code = "forbidden"
+
+
+class Unauthenticated(ZinferError, PermissionError):
+    """No usable key, or the broker refused the key (unknown or revoked)."""
+
+    code = "unauthenticated"
+
+
 class Unavailable(ZinferError, ConnectionError):
     code = "unavailable"
 
@@ -67,8 +79,9 @@ class InternalError(ZinferError):
     code = "internal"
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge,
-                                       Unavailable, RequestTimeout, Cancelled, ProtocolError, InternalError)}
+_BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge, Forbidden,
+                                       Unauthenticated, Unavailable, RequestTimeout, Cancelled, ProtocolError,
+                                       InternalError)}
 
 
 def error_from_reply(reply: Error) -> ZinferError:
