@@ -15,8 +15,11 @@ from msgspec import Meta, Struct
 
 MAX_DEFINITION_BYTES = 1 << 20  # a model definition is a few KB; a megabyte is already absurd
 MAX_NAME_LENGTH = 256
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-SIZE_RE = re.compile(r"^\d+(_\d+)?$")
+# \A...\Z, not ^...$: "$" also matches before a final newline, which let "name\n" through.
+NAME_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_-]*\Z"
+NAME_RE = re.compile(NAME_PATTERN)
+SIZE_RE = re.compile(r"\A\d+(_\d+)?\Z")
+QUANTIZATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 ModelType = Literal["LLM", "embedding"]
 ModelFormat = Literal["pytorch", "ggmlv3", "ggufv2"]
@@ -160,7 +163,7 @@ def check_name(name: str, field: str = "model_name") -> FieldProblem | None:
         return FieldProblem(field, "must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         return FieldProblem(field, f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} allowed")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return FieldProblem(
             field, f"{name!r} must start with a letter or digit and contain only letters, digits, '_' and '-'"
         )
@@ -261,20 +264,39 @@ def shape_problems(definition: Definition) -> list[FieldProblem]:
                     f"{at}.quantizations", f"{bad} not allowed for pytorch; use '4-bit', '8-bit' or 'none'"))
         else:
             tmpl = spec.model_file_name_template
-            if not tmpl:
-                problems.append(FieldProblem(f"{at}.model_file_name_template",
-                                             f"required for {spec.model_format}"))
-            elif "{quantization}" not in tmpl:
-                problems.append(FieldProblem(f"{at}.model_file_name_template",
-                                             "must contain {quantization}"))
-            elif "/" in tmpl or "\\" in tmpl:
-                problems.append(FieldProblem(f"{at}.model_file_name_template",
-                                             "is a file name template, not a path"))
+            problem = template_problem(tmpl, spec.model_format)
+            if problem:
+                problems.append(FieldProblem(f"{at}.model_file_name_template", problem))
+        bad_names = [q for q in spec.quantizations if not QUANTIZATION_RE.fullmatch(q)]
+        if bad_names:
+            problems.append(FieldProblem(f"{at}.quantizations", f"{bad_names[0]!r} must be letters, digits, "
+                                         "'_', '.' and '-', starting with a letter or digit (it names a file)"))
         if len(set(spec.quantizations)) != len(spec.quantizations):
             problems.append(FieldProblem(f"{at}.quantizations", "lists a quantization twice"))
         if not spec.model_uri and not spec.model_id:
             problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
     return problems
+
+
+def template_problem(template: str | None, model_format: str) -> str | None:
+    """What is wrong with a model_file_name_template, or None. Only the bare placeholder {quantization} is
+    allowed: no other fields, no format spec ({quantization:>300000000} once cost the registry 900 MB)."""
+    if not template:
+        return f"required for {model_format}"
+    if "{quantization}" not in template:
+        return "must contain {quantization}"
+    if "{" in template.replace("{quantization}", "") or "}" in template.replace("{quantization}", ""):
+        return "may contain no braces besides the placeholder {quantization} (no other fields or format specs)"
+    if "/" in template or "\\" in template or "\0" in template:
+        return "is a file name template, not a path"
+    if len(template) > 200:
+        return f"is {len(template)} characters long; at most 200 allowed"
+    return None
+
+
+def spec_file_name(template: str, quantization: str) -> str:
+    """The model file of one quantization: plain substitution, never str.format on user text."""
+    return template.replace("{quantization}", quantization)
 
 
 def definition_to_json(definition: Definition) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from shared.models import (
     parse_embedding,
     parse_llm,
     shape_problems,
+    spec_file_name,
     uri_to_path,
 )
 
@@ -62,10 +63,10 @@ def _llm_problems(family: LLMFamily) -> list[FieldProblem]:
         if spec.model_format != "pytorch" and folder and os.path.isdir(folder) and spec.model_file_name_template:
             # A folder works when it holds the file of every quantization (the template picks one at launch).
             missing = [q for q in spec.quantizations if not os.path.isfile(
-                os.path.join(folder, spec.model_file_name_template.format(quantization=q)))]
+                os.path.join(folder, spec_file_name(spec.model_file_name_template, q)))]
             if missing:
                 problems.append(FieldProblem(field, f"{folder} is a folder without "
-                    f"{spec.model_file_name_template.format(quantization=missing[0])}; a {spec.model_format} "
+                    f"{spec_file_name(spec.model_file_name_template, missing[0])}; a {spec.model_format} "
                     "model_uri names the model file (or a folder holding one file per quantization)"))
             continue
         problems += _uri_problems(spec.model_uri, spec.model_format != "pytorch", field)

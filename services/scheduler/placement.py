@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import InvalidRequest, NotFound, TooLarge
-from shared.models import EmbeddingFamily, LLMFamily, LLMSpec, size_in_billions, uri_to_path
+from shared.models import EmbeddingFamily, LLMFamily, LLMSpec, size_in_billions, spec_file_name, uri_to_path
 
 OVERHEAD = 1.2  # activations, KV cache, allocator slack
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -72,7 +72,7 @@ def estimate_memory(spec: LLMSpec | None, quantization: str | None, embedding: E
         path = Path(path_str)
         if spec.model_format != "pytorch":
             if path.is_dir():
-                path = path / spec.model_file_name_template.format(quantization=quantization)
+                path = path / spec_file_name(spec.model_file_name_template, quantization)
             if path.is_file():
                 return int(path.stat().st_size * OVERHEAD)
         else:

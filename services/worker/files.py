@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from shared.errors import InvalidRequest, NotFound
-from shared.models import EmbeddingFamily, LLMSpec, uri_to_path
+from shared.models import EmbeddingFamily, LLMSpec, spec_file_name, uri_to_path
 
 
 def _from_hub(model_id: str, revision: str | None, filename: str | None = None) -> str:
@@ -36,7 +36,7 @@ def resolve_llm_files(spec: LLMSpec, quantization: str) -> str:
                 raise NotFound(f"model_uri {spec.model_uri!r} is not a directory", field="model_uri")
             return path
         return _from_hub(spec.model_id, spec.model_revision)
-    filename = spec.model_file_name_template.format(quantization=quantization)
+    filename = spec_file_name(spec.model_file_name_template, quantization)
     if spec.model_uri:
         path = uri_to_path(spec.model_uri)
         if path and os.path.isdir(path):
