@@ -14,6 +14,7 @@ import typer
 import zmq
 
 from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_table
+from shared import keys
 from shared.config import Settings, load_settings
 from shared.errors import ZinferError
 from shared.logs import configure_logging
@@ -26,11 +27,11 @@ def _settings(endpoint: str | None, home: str | None = None) -> Settings:
     return load_settings(endpoint=endpoint, home=home)
 
 
-def broker(endpoint: Endpoint = None) -> None:
-    """Run the broker (one ROUTER socket every process connects to)."""
+def broker(endpoint: Endpoint = None, home: Home = None) -> None:
+    """Run the broker (one ROUTER socket every process connects to, CURVE with the keys under <home>/keys)."""
     from services.broker.broker import Broker
 
-    settings = _settings(endpoint)
+    settings = _settings(endpoint, home)
     log = configure_logging("broker")
     die_with_parent()
     b = Broker(settings)
@@ -50,17 +51,17 @@ def registry(endpoint: Endpoint = None, home: Home = None) -> None:
     settings = _settings(endpoint, home)
     configure_logging("registry")
     die_with_parent()
-    run_registry(settings)
+    raise typer.Exit(run_registry(settings))
 
 
-def scheduler(endpoint: Endpoint = None) -> None:
+def scheduler(endpoint: Endpoint = None, home: Home = None) -> None:
     """Run the scheduler service (workers, placement, instances)."""
     from services.scheduler.service import run_scheduler
 
-    settings = _settings(endpoint)
+    settings = _settings(endpoint, home)
     configure_logging("scheduler")
     die_with_parent()
-    run_scheduler(settings)
+    raise typer.Exit(run_scheduler(settings))
 
 
 def worker(
@@ -68,11 +69,12 @@ def worker(
     memory_budget_mb: Annotated[int | None, typer.Option(
         "--memory-budget-mb", help="Memory this worker may fill (CPU; default from config/system).")] = None,
     endpoint: Endpoint = None,
+    home: Home = None,
 ) -> None:
     """Run an inference worker for one device."""
     from services.worker.device import parse_device
 
-    settings = load_settings(endpoint=endpoint, cpu_memory_budget_mb=memory_budget_mb)
+    settings = load_settings(endpoint=endpoint, home=home, cpu_memory_budget_mb=memory_budget_mb)
     try:
         kind, index = parse_device(device)
     except ValueError as exc:
@@ -83,7 +85,7 @@ def worker(
     die_with_parent()
     from services.worker.service import run_worker
 
-    run_worker(settings, device)
+    raise typer.Exit(run_worker(settings, device))
 
 
 def detect_gpus() -> int:
@@ -110,6 +112,9 @@ def up(
 ) -> None:
     """Start broker, registry, scheduler and one worker per device; Ctrl-C stops them all."""
     settings = _settings(endpoint, home)
+    created = keys.init_keys(settings.home_path).created
+    if created:
+        console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
     env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(settings.home_path))
     n_gpu = detect_gpus() if gpus is None else gpus
     plan = [["broker"], ["registry"], ["scheduler"]]

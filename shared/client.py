@@ -13,20 +13,29 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from shared import keys
 from shared import protocol as p
 from shared.config import Settings, load_settings
-from shared.errors import RequestTimeout, Unavailable, error_from_reply
+from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_from_reply
 from shared.transport import send_frames
 
 CONNECT_TIMEOUT = 3.0
+# While waiting for a reply the client looks at its connection's events this often: a broker that dies
+# (its connection closes) fails the pending call within this, not at the call's timeout.
+WATCH_S = 0.25
 _recv = zmq.backend.Socket.recv  # the sugar layer's per-call checks cost more than the recv itself
 _get = zmq.backend.Socket.get
 _RCVMORE = zmq.RCVMORE
+_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+_monitor_ids = itertools.count()
 
 
 def as_plain(obj: Any) -> Any:
@@ -40,62 +49,153 @@ def as_plain(obj: Any) -> Any:
     return obj
 
 
+class _Connection:
+    """One thread's DEALER to the broker, with a monitor that tells handshake failures and disconnects."""
+
+    __slots__ = ("sock", "monitor", "key", "endpoint", "up", "lost")
+
+    def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, key: keys.KeyFile, endpoint: str):
+        self.sock, self.monitor, self.key, self.endpoint = sock, monitor, key, endpoint
+        self.up = False  # the CURVE handshake has succeeded and the connection is open
+        self.lost = False  # a disconnect was seen since the last request was sent
+
+    def events(self) -> None:
+        """Apply the monitor's queued events (without blocking)."""
+        while _get(self.monitor, zmq.EVENTS) & zmq.POLLIN:
+            self._apply(recv_monitor_message(self.monitor, zmq.NOBLOCK))
+
+    def wait_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.events()
+        while not self.up:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.monitor.poll(int(left * 1000) + 1):
+                if self.up:
+                    return
+                raise Unavailable(f"no zinfer broker answers at {self.endpoint} (is `zinfer up` running?)")
+            self._apply(recv_monitor_message(self.monitor, zmq.NOBLOCK))
+
+    def _apply(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up = True
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.up, self.lost = False, True
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise Unauthenticated(f"the broker at {self.endpoint} refused key {self.key.name!r} ({self.key.path}): "
+                                  "it is unknown there or was revoked; ask an admin for a key "
+                                  "(`zinfer keys create NAME --role user`) and set ZINFER_CLIENT_KEY to its file")
+        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) and not self.up:
+            raise Unauthenticated(f"the secure handshake with {self.endpoint} failed: the broker key in "
+                                  f"{self.key.path} does not belong to the broker there (keys of another mesh?)")
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
 class Client:
     def __init__(self, endpoint: str | None = None, timeout: float | None = None,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, key: str | Path | keys.KeyFile | None = None):
+        """`key`: a client key file (or a loaded KeyFile); default ZINFER_CLIENT_KEY, the `client_key` setting,
+        else this home's admin key, else its user key."""
         self.settings = settings or load_settings(endpoint=endpoint)
         self.endpoint = endpoint or self.settings.endpoint
         self.timeout = timeout if timeout is not None else self.settings.request_timeout
         self.ctx = zmq.Context.instance()
+        self._key_arg = key
+        self._key: keys.KeyFile | None = None
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._connections: list[_Connection] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
 
     # ------------------------------------------------------------------ transport
 
-    def _socket(self) -> zmq.Socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
+    @property
+    def key(self) -> keys.KeyFile:
+        if self._key is None:
+            if isinstance(self._key_arg, keys.KeyFile):
+                self._key = self._key_arg
+            else:
+                explicit = str(self._key_arg) if self._key_arg else (self.settings.client_key or None)
+                self._key = keys.load_client_key(self.settings.home_path, explicit)
+        return self._key
+
+    def _connection(self) -> _Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            key = self.key
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
+            sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+            key.apply(sock)
+            monitor = sock.get_monitor_socket(_EVENTS, addr=f"inproc://zinfer-client-{os.getpid()}-"
+                                                            f"{next(_monitor_ids)}")
+            conn = _Connection(sock, monitor, key, self.endpoint)
             try:
                 sock.connect(self.endpoint)
+                conn.wait_up(CONNECT_TIMEOUT)
             except zmq.ZMQError as exc:
-                sock.close(linger=0)
+                conn.close()
                 raise Unavailable(f"cannot connect to {self.endpoint}: {exc}") from None
-            if not sock.poll(CONNECT_TIMEOUT * 1000, zmq.POLLOUT):
-                sock.close(linger=0)
-                raise Unavailable(f"no zinfer broker answers at {self.endpoint} (is `zinfer up` running?)")
-            self._local.sock = sock
+            except BaseException:
+                conn.close()
+                raise
+            self._local.conn = conn
             with self._lock:
-                self._sockets.append(sock)
-        return sock
+                self._connections.append(conn)
+        return conn
 
-    def _send(self, target: str | bytes, msg: p.Msg, buffers=()) -> tuple[zmq.Socket, bytes]:
-        sock = self._socket()
+    def _socket(self) -> zmq.Socket:
+        return self._connection().sock
+
+    def _send(self, target: str | bytes, msg: p.Msg, buffers=()) -> tuple[_Connection, bytes]:
+        conn = self._connection()
+        conn.events()
+        if not conn.up:  # reconnecting (the broker restarted): give it the connect timeout to come back
+            conn.wait_up(CONNECT_TIMEOUT)
         req_id = self._prefix + next(self._ids).to_bytes(8, "big")
         target_b = target.encode() if isinstance(target, str) else target
+        body = p.encode(msg)
+        size = len(body) + sum(len(b) for b in buffers)
+        if size > self.settings.max_message_bytes:
+            raise TooLarge(f"this {type(msg).__name__} is {size:,} bytes; messages are limited to "
+                           f"{self.settings.max_message_mb} MiB (max_message_mb)")
+        conn.lost = False
         try:
-            send_frames(sock, p.client_request(target_b, req_id, p.encode(msg), buffers), zmq.NOBLOCK,
+            send_frames(conn.sock, p.client_request(target_b, req_id, body, buffers), zmq.NOBLOCK,
                         copy=not buffers)
         except zmq.Again:
             raise Unavailable(f"the broker at {self.endpoint} is not reachable") from None
-        return sock, req_id
+        return conn, req_id
 
-    def _recv(self, sock: zmq.Socket, req_id: bytes, timeout: float, what: str) -> tuple[bytes, Any, list]:
+    def _recv(self, conn: _Connection, req_id: bytes, timeout: float, what: str) -> tuple[bytes, Any, list]:
         deadline = time.monotonic() + timeout
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            frames = self._recv_frames(sock, left_ms) if left_ms > 0 else None
-            if frames is None:
-                self._cancel(sock, req_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._cancel(conn.sock, req_id)
                 raise RequestTimeout(f"no reply to {what} within {timeout:g}s")
+            frames = self._recv_frames(conn.sock, int(min(left, WATCH_S) * 1000) + 1)
+            if frames is None:
+                conn.events()
+                if conn.lost:
+                    raise Unavailable(f"lost the connection to the broker at {self.endpoint} while waiting for "
+                                      f"the reply to {what}")
+                continue
             if len(frames) < 3 or frames[1] != req_id:
                 continue  # a late reply to an earlier, abandoned request
-            reply = p.decode_reply(frames[2])
+            try:
+                reply = p.decode_reply(frames[2])
+            except p.Undecodable as exc:
+                raise Unavailable(f"undecodable reply to {what}: {exc}") from None
             if isinstance(reply, p.Error):
                 raise error_from_reply(reply)
             return frames[0], reply, frames[3:]
@@ -130,8 +230,8 @@ class Client:
         return reply
 
     def call_with_buffers(self, target, msg, timeout=None, buffers=()):
-        sock, req_id = self._send(target, msg, buffers)
-        _cmd, reply, extra = self._recv(sock, req_id, self.timeout if timeout is None else timeout,
+        conn, req_id = self._send(target, msg, buffers)
+        _cmd, reply, extra = self._recv(conn, req_id, self.timeout if timeout is None else timeout,
                                         type(msg).__name__)
         return reply, extra
 
@@ -141,11 +241,11 @@ class Client:
         Closing the iterator early (break, or the generator being dropped) cancels the work on the server.
         """
         wait = self.timeout if timeout is None else timeout
-        sock, req_id = self._send(target, msg)
+        conn, req_id = self._send(target, msg)
         done = False
         try:
             while True:
-                cmd, reply, _ = self._recv(sock, req_id, wait, type(msg).__name__)
+                cmd, reply, _ = self._recv(conn, req_id, wait, type(msg).__name__)
                 if cmd == p.REPLY:
                     done = True
                     if not isinstance(reply, p.Ok):
@@ -154,13 +254,13 @@ class Client:
                 yield reply
         finally:
             if not done:
-                self._cancel(sock, req_id)
+                self._cancel(conn.sock, req_id)
 
     def close(self) -> None:
         with self._lock:
-            for sock in self._sockets:
-                sock.close(linger=0)
-            self._sockets.clear()
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
         self._local = threading.local()
 
     def __enter__(self) -> Client:

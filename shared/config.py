@@ -21,6 +21,20 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     unroutable_grace: float = 2.0
     cpu_memory_budget_mb: int = 0
     send_hwm: int = 10000
+    # Largest message any socket accepts (ZMQ_MAXMSGSIZE); see configs/default.toml for how it is sized.
+    max_message_mb: int = 64
+    # Requests the broker holds for targets nobody serves yet: at most this many, and this many MiB in all.
+    park_max_requests: int = 1000
+    park_max_mb: int = 64
+    # Models whose own Python code (transformers' auto_map, trust_remote_code) may run in a worker. Operators
+    # list them here; a launch request can never switch it on.
+    trust_remote_code_models: list[str] = []
+    # The client's key file; empty: <home>/keys/clients/admin.key_secret, else user.key_secret.
+    client_key: str = ""
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 2**20
 
     @property
     def home_path(self) -> Path:
@@ -41,6 +55,7 @@ _ENV = {
     "ZINFER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
     "ZINFER_REQUEST_TIMEOUT": ("request_timeout", float),
     "ZINFER_CPU_MEMORY_BUDGET_MB": ("cpu_memory_budget_mb", int),
+    "ZINFER_CLIENT_KEY": ("client_key", str),
 }
 
 
@@ -73,6 +88,8 @@ def load_settings(**overrides) -> Settings:
         raise ConfigError(f"settings: {exc}") from None
     if settings.heartbeat_interval <= 0 or settings.heartbeat_liveness < 1:
         raise ConfigError("settings: heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+    if settings.max_message_mb < 1 or settings.park_max_requests < 0 or settings.park_max_mb < 0:
+        raise ConfigError("settings: max_message_mb must be >= 1; park_max_requests and park_max_mb >= 0")
     if not settings.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"endpoint {settings.endpoint!r}: expected tcp://host:port or ipc:///path")
     return settings

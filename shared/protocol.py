@@ -1,39 +1,45 @@
 """The wire protocol: envelope frames and every message struct. The single source of truth for both.
 
-Frames (ZeroMQ multipart; the broker reads only the envelope, never the body):
+Frames (ZeroMQ multipart over CURVE; the broker reads only the envelope, never the body):
 
     client -> broker   [REQUEST, target, req_id, body, *buffers]
-    broker -> peer     [REQUEST, client_id, req_id, body, *buffers]
+    broker -> peer     [REQUEST, client_id, req_id, caller, body, *buffers]
     peer   -> broker   [PARTIAL|REPLY, client_id, req_id, body, *buffers]
     broker -> client   [PARTIAL|REPLY, req_id, body, *buffers]
     client -> broker   [CANCEL, req_id]                   broker -> peer [CANCEL, client_id, req_id]
     peer   -> broker   [READY, service_name, *uids] | [BIND|UNBIND, uid] | [HEARTBEAT]
-    broker -> peer     [HEARTBEAT] | [DISCONNECT]
+    broker -> peer     [HEARTBEAT] | [DISCONNECT] | [DENIED, reason]
 
 The first frame is the header: the protocol name and version (PROTO) followed by a one-byte command, so a
 reader checks the version and routes with one comparison (one frame fewer per hop than separate frames).
-PARTIAL is one chunk of a streamed reply; REPLY ends every request (a
-single answer, the stream's last chunk, or an error). The body is a msgpack-encoded struct of the `Request` or
-`Reply` tagged union below; `buffers` carry raw arrays (float32 embeddings) without copying.
+PARTIAL is one chunk of a streamed reply; REPLY ends every request (a single answer, the stream's last chunk,
+or an error). The body is a msgpack-encoded struct of the `Request` or `Reply` tagged union below; `buffers`
+carry raw arrays (float32 embeddings) without copying.
+
+`caller` is stamped by the broker from the sender's authenticated CURVE key: "<role> <principal>", where the
+principal is the key's name, or the service name of a registered peer (services send their own requests over
+the socket they registered with, so a worker can tell the scheduler from any other key). Clients cannot forge
+it: the broker writes it. Services check it against ALLOWED_ROLES before a handler runs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
 
-PROTOCOL_VERSION = 1
-PROTO = b"ZINF" + str(PROTOCOL_VERSION).encode()  # b"ZINF1"
+PROTOCOL_VERSION = 2
+PROTO = b"ZINF" + str(PROTOCOL_VERSION).encode()  # b"ZINF2"
 
 READY = PROTO + b"\x01"
 BIND = PROTO + b"\x02"
 UNBIND = PROTO + b"\x03"
 HEARTBEAT = PROTO + b"\x04"
 DISCONNECT = PROTO + b"\x05"
+DENIED = PROTO + b"\x06"  # the broker refused a READY/BIND (name held by a live peer, or not this key's to hold)
 REQUEST = PROTO + b"\x10"
 CANCEL = PROTO + b"\x11"
 PARTIAL = PROTO + b"\x20"
@@ -42,6 +48,31 @@ REPLY = PROTO + b"\x21"
 BROKER_TARGET = b"broker"  # requests addressed to the broker itself (its status)
 REGISTRY = "registry"
 SCHEDULER = "scheduler"
+
+
+# ---------------------------------------------------------------- callers and roles
+
+USER, ADMIN, SERVICE = "user", "admin", "service"
+ROLES = (USER, ADMIN, SERVICE)
+
+
+class Caller(NamedTuple):
+    """Who sent a request, as the broker authenticated it."""
+
+    role: str
+    principal: str  # a key's name, or the service name of a registered peer ("scheduler", "worker/cpu")
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.principal}"
+
+
+def caller_stamp(role: str, principal: str) -> bytes:
+    return f"{role} {principal}".encode()
+
+
+def parse_caller(frame: bytes) -> Caller:
+    role, _, principal = frame.decode("utf-8", "replace").partition(" ")
+    return Caller(role, principal)
 
 
 def worker_service(worker_id: str) -> str:
@@ -92,6 +123,23 @@ class RegistryStatus(Msg, kw_only=True):
 
 
 EngineValue = str | int | float | bool | None
+
+
+class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The launch options an engine takes (Xinference passes them as extra launch keyword arguments). Unknown
+    names are refused; none of them loads code. `trust_remote_code` is honoured only for models an operator
+    lists in the `trust_remote_code_models` setting."""
+
+    trust_remote_code: bool | None = None
+    # transformers
+    continuous_batching: bool | None = None
+    fast_decode: bool | None = None
+    max_sequences: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    # llama.cpp
+    n_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    # embeddings
+    batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] | None = None
+    max_batch_size: Annotated[int, Meta(ge=1, le=65536)] | None = None
 
 
 class LaunchModel(Msg, kw_only=True):
@@ -175,7 +223,7 @@ class LoadInstance(Msg, kw_only=True):
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
     memory_estimate: int = 0
-    engine_kwargs: dict[str, EngineValue] = {}
+    options: EngineOptions = msgspec.field(default_factory=EngineOptions)
 
 
 class UnloadInstance(Msg, kw_only=True):
@@ -237,6 +285,8 @@ ErrorCode = Literal[
     "timeout",
     "cancelled",
     "protocol",
+    "forbidden",  # the caller's role may not do this
+    "unauthenticated",  # no usable key, or the key was refused
     "internal",
 ]
 
@@ -332,12 +382,14 @@ class PeerView(Struct, kw_only=True, omit_defaults=True):
     uids: list[str] = []
     inflight: int = 0
     idle_s: float = 0.0
+    key: str = ""  # the name of the key it registered with
 
 
 class BrokerStatusReply(Msg, kw_only=True):
     endpoint: str
     peers: list[PeerView]
     pending: int = 0
+    parked: int = 0  # requests waiting for a target nobody serves yet
 
 
 class Usage(Struct, kw_only=True):
@@ -434,6 +486,33 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Embed: (Embedding,),
 }
 
+# Which roles may send each request; services check it (with the broker's caller stamp) before any handler
+# runs. A test keeps it complete. Handlers narrow further where a role is not enough: workers take
+# LoadInstance/UnloadInstance from the scheduler only, the scheduler takes a WorkerReport only from that worker.
+ANYONE = frozenset(ROLES)
+ADMINS = frozenset({ADMIN})
+SERVICES = frozenset({SERVICE})
+ALLOWED_ROLES: dict[type, frozenset[str]] = {
+    Ping: ANYONE,
+    RegisterModel: ADMINS,
+    ListRegistrations: ANYONE,
+    GetRegistration: ANYONE,
+    UnregisterModel: ADMINS,
+    RegistryStatus: ANYONE,
+    LaunchModel: ADMINS,
+    ListModels: ANYONE,
+    DescribeModel: ANYONE,
+    TerminateModel: ADMINS,
+    InstancesOf: ANYONE,
+    SchedulerStatus: ANYONE,
+    WorkerReport: SERVICES,
+    LoadInstance: SERVICES,
+    UnloadInstance: SERVICES,
+    Generate: ANYONE,
+    Chat: ANYONE,
+    Embed: ANYONE,
+}
+
 # ---------------------------------------------------------------- codec
 
 _encoder = msgspec.msgpack.Encoder()
@@ -445,12 +524,28 @@ def encode(msg: Msg) -> bytes:
     return _encoder.encode(msg)
 
 
+class Undecodable(ValueError):
+    """A body that is not a valid message: bad msgpack, wrong types, or hostile nesting."""
+
+
 def decode_request(body: bytes | memoryview) -> Request:
-    return _request_decoder.decode(body)
+    try:
+        return _request_decoder.decode(body)
+    except Exception as exc:  # DecodeError, ValidationError, and RecursionError from deeply nested input
+        raise Undecodable(_why(exc)) from None
 
 
 def decode_reply(body: bytes | memoryview) -> Reply:
-    return _reply_decoder.decode(body)
+    try:
+        return _reply_decoder.decode(body)
+    except Exception as exc:
+        raise Undecodable(_why(exc)) from None
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:
@@ -482,3 +577,36 @@ def peer_bind(uid: str, bind: bool = True) -> list:
 
 HEARTBEAT_FRAMES = [HEARTBEAT]
 DISCONNECT_FRAMES = [DISCONNECT]
+
+# What the broker sends; each takes the destination's routing identity first (ROUTER addressing).
+
+
+def route_request(peer: bytes, client: bytes, req_id: bytes, caller: bytes, rest) -> list:
+    """A client's request on its way to a peer; `rest` is [body, *buffers] as received."""
+    return [peer, REQUEST, client, req_id, caller, *rest]
+
+
+def route_reply(client: bytes, command: bytes, req_id: bytes, rest) -> list:
+    """A peer's PARTIAL/REPLY on its way to the client; `rest` is [body, *buffers] as received."""
+    return [client, command, req_id, *rest]
+
+
+def route_cancel(peer: bytes, client: bytes, req_id: bytes) -> list:
+    return [peer, CANCEL, client, req_id]
+
+
+def broker_error(client: bytes, req_id: bytes, code: str, message: str) -> list:
+    return [client, REPLY, req_id, error_body(code, message)]
+
+
+def broker_reply(client: bytes, req_id: bytes, msg: Msg) -> list:
+    return [client, REPLY, req_id, encode(msg)]
+
+
+def to_peer(identity: bytes, frames: list) -> list:
+    """HEARTBEAT_FRAMES or DISCONNECT_FRAMES (or denied(...)) for one peer."""
+    return [identity, *frames]
+
+
+def denied(reason: str) -> list:
+    return [DENIED, reason.encode()]

@@ -1,9 +1,13 @@
 """The service runtime shared by registry, scheduler and workers.
 
-One I/O thread owns the DEALER socket to the broker: it heartbeats, reconnects (and re-registers) when the
-broker goes away, decodes requests and hands them to handlers. Fast handlers run inline; the others run in
-a thread pool, so a long request never blocks heartbeats or other requests. Pool threads send their replies
-through per-thread inproc PUSH sockets that the I/O thread forwards, so only one thread touches the DEALER.
+One I/O thread owns the DEALER socket to the broker (CURVE, with the service key): it heartbeats, reconnects
+(and re-registers) when the broker goes away, decodes requests, checks the caller's role (stamped by the
+broker) against ALLOWED_ROLES and hands them to handlers. Fast handlers run inline; the others run in a thread
+pool, so a long request never blocks heartbeats or other requests. Pool threads send their replies through
+per-thread inproc PUSH sockets that the I/O thread forwards, so only one thread touches the DEALER.
+
+Services call each other through the same socket (`call`), so the broker stamps their requests with their
+registered service name: a worker can tell that a LoadInstance really comes from the scheduler.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import msgspec
 import structlog
 import zmq
 
+from shared import keys
 from shared import protocol as p
 from shared.config import Settings
-from shared.errors import reply_from_exception
+from shared.errors import Forbidden, RequestTimeout, Unavailable, error_from_reply, reply_from_exception
 
 log = structlog.get_logger()
 
@@ -57,13 +61,19 @@ def die_with_parent() -> None:
 class RequestContext:
     """What a handler knows of its request besides the message: who asked, and whether it was cancelled."""
 
-    __slots__ = ("client_id", "req_id", "_cancelled", "_runtime")
+    __slots__ = ("client_id", "req_id", "caller", "_cancelled", "_runtime")
 
-    def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes):
+    def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes, caller: p.Caller):
         self._runtime = runtime
         self.client_id = client_id
         self.req_id = req_id
+        self.caller = caller
         self._cancelled: threading.Event | None = None
+
+    def require_service(self, name: str, what: str) -> None:
+        """Refuse unless the request came from the registered service `name` (e.g. the scheduler)."""
+        if self.caller.role != p.SERVICE or self.caller.principal != name:
+            raise Forbidden(f"{what} is accepted from the {name} only, not from {self.caller}")
 
     @property
     def cancelled(self) -> threading.Event:
@@ -77,6 +87,17 @@ class RequestContext:
 
 
 Handler = Callable[[Any, RequestContext], Any]
+
+
+class _Call:
+    """A request this service sent (ServiceRuntime.call), waiting for its reply from the I/O thread."""
+
+    __slots__ = ("event", "frames", "error")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.frames: list | None = None
+        self.error: Exception | None = None
 
 
 class ServiceRuntime:
@@ -105,9 +126,17 @@ class ServiceRuntime:
         self.dealer: zmq.Socket | None = None
         self.broker_seen = 0.0
         self.running = True
+        self.exit_code = 0
         self.connected = threading.Event()
         self.on_reconnect: Callable[[], None] | None = None
         self._io_ident: int | None = None
+        self.key = keys.load_service_key(settings.home_path)
+        self._calls: dict[bytes, _Call] = {}
+        self._call_ids = itertools.count(1)
+        self._call_prefix = b"s" + os.urandom(3)
+        self._callers: dict[bytes, p.Caller] = {}
+        self.denied_since: float | None = None
+        self._next_ready = 0.0
 
     # ------------------------------------------------------------------ API for handler threads
 
@@ -135,6 +164,35 @@ class ServiceRuntime:
     def stop(self, *_args) -> None:
         self.running = False
 
+    def call(self, target: str, msg: p.Msg, timeout: float | None = None):
+        """Send a request as this service and wait for its reply (from any thread but the I/O thread)."""
+        if threading.get_ident() == self._io_ident:
+            raise RuntimeError("ServiceRuntime.call from the I/O thread would wait for itself")
+        wait = self.settings.request_timeout if timeout is None else timeout
+        req_id = self._call_prefix + next(self._call_ids).to_bytes(8, "big")
+        pending = _Call()
+        self._calls[req_id] = pending
+        self.send(p.client_request(target.encode(), req_id, p.encode(msg)))
+        if not pending.event.wait(wait):
+            self._calls.pop(req_id, None)
+            self.send(p.client_cancel(req_id))
+            raise RequestTimeout(f"{target} did not answer {type(msg).__name__} within {wait:g}s")
+        if pending.error is not None:
+            raise pending.error
+        try:
+            reply = p.decode_reply(pending.frames[0])
+        except p.Undecodable as exc:
+            raise Unavailable(f"{target} answered {type(msg).__name__} with an undecodable reply: {exc}") from None
+        if isinstance(reply, p.Error):
+            raise error_from_reply(reply)
+        return reply
+
+    def _fail_calls(self, why: str) -> None:
+        calls, self._calls = self._calls, {}
+        for pending in calls.values():
+            pending.error = Unavailable(why)
+            pending.event.set()
+
     # ------------------------------------------------------------------ loop
 
     def install_signal_handlers(self) -> None:
@@ -144,18 +202,36 @@ class ServiceRuntime:
     def _connect(self) -> None:
         if self.dealer is not None:
             self.dealer.close(linger=0)
+            self._fail_calls(f"lost the broker at {self.settings.endpoint} before the reply came")
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        self.key.apply(self.dealer)
         self.dealer.connect(self.settings.endpoint)
         self._register()
 
     def _register(self) -> None:
         self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)))
         self.broker_seen = time.monotonic()
-        log.info("registered", endpoint=self.settings.endpoint, uids=len(self.bound))
+        log.info("registered", endpoint=self.settings.endpoint, uids=len(self.bound), key=self.key.name)
         if self.on_reconnect is not None:
             self.on_reconnect()
+
+    def _on_denied(self, reason: str) -> None:
+        """The broker refused our READY: the name is held by a live process, or not this key's to hold. Retry
+        each heartbeat interval (a holder cut off by the network expires within the liveness window); give up
+        and exit when it lasts, so a second process for one name ends with the reason instead of lingering."""
+        now = time.monotonic()
+        if self.denied_since is None:
+            self.denied_since = now
+        log.error("registration_denied", service=self.service, reason=reason)
+        give_up = max(10.0, 4 * self.settings.liveness_s)
+        if now - self.denied_since > give_up:
+            log.error("giving_up", service=self.service, reason=reason, denied_s=round(now - self.denied_since, 1))
+            self.exit_code = 3
+            self.running = False
+        self._next_ready = now + self.settings.heartbeat_interval
 
     def serve(self) -> None:
         self._io_ident = threading.get_ident()
@@ -187,6 +263,9 @@ class ServiceRuntime:
                     except zmq.Again:
                         break
             now = time.monotonic()
+            if self.denied_since is not None and now >= self._next_ready:
+                self._next_ready = now + interval
+                self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)), zmq.NOBLOCK)
             if now >= next_beat:
                 next_beat = now + interval
                 self.dealer.send_multipart(p.HEARTBEAT_FRAMES, zmq.NOBLOCK)
@@ -197,6 +276,7 @@ class ServiceRuntime:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._fail_calls(f"{self.service} is stopping")
         for ctx in list(self.active.values()):
             ctx.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -234,30 +314,52 @@ class ServiceRuntime:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         cmd = frames[0]
-        if cmd == p.REQUEST and len(frames) >= 4:
-            self._on_request(frames[1], frames[2], frames[3])
+        if cmd == p.REQUEST and len(frames) >= 5:
+            self.denied_since = None
+            self._on_request(frames[1], frames[2], frames[3], frames[4])
             return
+        elif cmd == p.REPLY and len(frames) >= 3:  # the answer to one of our own calls
+            pending = self._calls.pop(frames[1], None)
+            if pending is not None:
+                pending.frames = frames[2:]
+                pending.event.set()
         elif cmd == p.CANCEL and len(frames) >= 3:
             ctx = self.active.get((frames[1], frames[2]))
             if ctx is not None:
                 ctx.cancelled.set()
+        elif cmd == p.HEARTBEAT:
+            self.denied_since = None  # the broker heartbeats registered peers only
+        elif cmd == p.DENIED:
+            self._on_denied(frames[1].decode("utf-8", "replace") if len(frames) > 1 else "no reason given")
         elif cmd == p.DISCONNECT:
             log.info("broker_asked_reregister")
             self._register()
-        elif cmd != p.HEARTBEAT:
+        elif cmd != p.PARTIAL:
             log.warning("frame_dropped", reason=f"unexpected header {cmd[:8]!r}")
 
-    def _on_request(self, client_id: bytes, req_id: bytes, body: bytes) -> None:
-        ctx = RequestContext(self, client_id, req_id)
+    def _caller(self, stamp: bytes) -> p.Caller:
+        caller = self._callers.get(stamp)
+        if caller is None:
+            caller = p.parse_caller(stamp)
+            if len(self._callers) < 4096:  # callers are few (one per key or service name)
+                self._callers[stamp] = caller
+        return caller
+
+    def _on_request(self, client_id: bytes, req_id: bytes, stamp: bytes, body: bytes) -> None:
+        ctx = RequestContext(self, client_id, req_id, self._caller(stamp))
         try:
             msg = p.decode_request(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except p.Undecodable as exc:
             ctx.send(p.Error(code="protocol", message=f"undecodable request: {exc}"), final=True)
             return
         handler = self.handlers.get(type(msg))
         if handler is None:
             ctx.send(p.Error(code="invalid", message=f"{self.service} does not serve {type(msg).__name__}"),
                      final=True)
+            return
+        if ctx.caller.role not in p.ALLOWED_ROLES.get(type(msg), ()):
+            ctx.send(p.Error(code="forbidden", message=f"keys with the {ctx.caller.role} role may not send "
+                             f"{type(msg).__name__} (this is key {ctx.caller.principal!r})"), final=True)
             return
         if type(msg) in self.inline:
             self._run_inline(handler, msg, ctx)

@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import zmq
+
+from shared import keys
 from shared.client import Client
 from shared.errors import ZinferError
 
@@ -34,7 +37,27 @@ class Mesh:
         if cpu_budget_mb:
             self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.client = Client(self.endpoint, timeout=20.0)
+        keys.init_keys(home)  # what `zinfer up` does: broker, service, admin and user keys
+        self.admin_key = keys.client_key_path(home, "admin")
+        self.user_key = keys.client_key_path(home, "user")
+        self.client = self.new_client()
+
+    def new_client(self, timeout: float = 20.0, key=None) -> Client:
+        """A client of this mesh, with its admin key unless `key` (a key file) says otherwise."""
+        return Client(self.endpoint, timeout=timeout, key=key or self.admin_key)
+
+    @property
+    def service_key(self) -> Path:
+        return keys.keys_dir(self.home) / "service.key_secret"
+
+    def raw_socket(self, key_file: Path | None) -> zmq.Socket:
+        """A DEALER to the broker for tests that send hand-made frames: CURVE with `key_file`, or plaintext."""
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if key_file is not None:
+            keys.read_key_file(key_file).apply(sock, keys.broker_public_key(self.home))
+        sock.connect(self.endpoint)
+        return sock
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name.replace('/', '_').replace(':', '_')}.log", "ab")

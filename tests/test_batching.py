@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 
-from shared.client import Client
 from shared.errors import TooLarge
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import Mesh
@@ -56,7 +55,7 @@ SENTENCES = [f"sentence number {i} about {'whales ' * (i % 7)}and the sea" for i
 def test_batched_embeddings_equal_unbatched(bmesh):
     model = bmesh.client.get_model("emb")
     alone = [model.embed_array(s) for s in SENTENCES]
-    clients = [Client(bmesh.endpoint) for _ in range(len(SENTENCES))]
+    clients = [bmesh.new_client() for _ in range(len(SENTENCES))]
     results, errors = concurrently(len(SENTENCES), lambda i: clients[i].get_model("emb").embed_array(SENTENCES[i]))
     assert not errors
     for i in range(len(SENTENCES)):
@@ -67,7 +66,7 @@ def test_batched_embeddings_equal_unbatched(bmesh):
 
 
 def test_a_failing_request_in_a_batch_fails_alone(bmesh):
-    clients = [Client(bmesh.endpoint) for _ in range(16)]
+    clients = [bmesh.new_client() for _ in range(16)]
 
     def request(i):
         texts = ["word " * 600] if i == 7 else [f"fine request {i}"]
@@ -84,7 +83,7 @@ def test_concurrent_streams_equal_their_lone_runs(bmesh, uid):
     cfg = {"max_tokens": 24, **GREEDY}
     model = bmesh.client.get_model(uid)
     alone = [model.generate(p, cfg) for p in prompts]
-    clients = [Client(bmesh.endpoint) for _ in prompts]
+    clients = [bmesh.new_client() for _ in prompts]
 
     def stream(i):
         chunks = list(clients[i].get_model(uid).generate(prompts[i], {**cfg, "stream": True}))
@@ -103,7 +102,7 @@ def test_each_stream_keeps_its_own_max_tokens_and_stops(bmesh):
     model = bmesh.client.get_model("cb")
     base = model.generate("hello", {"max_tokens": 30, **GREEDY})["choices"][0]["text"]
     stop = base[12:15]
-    clients = [Client(bmesh.endpoint) for _ in range(8)]
+    clients = [bmesh.new_client() for _ in range(8)]
 
     def run(i):
         cfg = {"max_tokens": 3 + i, **GREEDY} if i % 2 else {"max_tokens": 30, "stop": stop, **GREEDY}
@@ -120,7 +119,7 @@ def test_each_stream_keeps_its_own_max_tokens_and_stops(bmesh):
 
 
 def test_llama_cpp_queue_depth_is_visible(bmesh):
-    clients = [Client(bmesh.endpoint) for _ in range(6)]
+    clients = [bmesh.new_client() for _ in range(6)]
     seen = []
     done = threading.Event()
 

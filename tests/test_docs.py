@@ -22,6 +22,7 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
         text = (REPO / "examples" / f"{name}.json").read_text().replace("{MODELS}", str(tiny_models["pytorch"].parent))
         (tmp_path / target).write_text(text)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZINFER_HOME", str(mesh.home))  # as for a user of the machine that ran `zinfer up`
     namespace: dict = {}
     blocks = python_blocks("usage.md")
     assert len(blocks) >= 5

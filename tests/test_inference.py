@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 
-from shared.client import Client
 from shared.errors import InvalidRequest, TooLarge
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
@@ -283,7 +282,7 @@ def test_closing_a_llama_cpp_stream_frees_its_queue(served):
 CLIENT_SCRIPT = """
 import sys
 from shared.client import Client
-c = Client(sys.argv[1])
+c = Client(sys.argv[1], key=sys.argv[2])
 for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens": 6000, "temperature": 0,
                                                                   "stream": True})):
     if i == 2:
@@ -292,7 +291,7 @@ for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens"
 
 
 def test_a_client_process_that_dies_mid_stream_stops_its_generation(served):
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, served.endpoint], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, served.endpoint, str(served.admin_key)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "streaming"
     served.wait(lambda: _inflight(served.client, "hf-long") == 1 or None, timeout=5)
@@ -305,7 +304,7 @@ def test_concurrent_requests_to_one_instance(served):
     results = {}
 
     def run(i):
-        client = Client(served.endpoint)
+        client = served.new_client()
         results[i] = client.get_model("gg").generate(f"request {i}", {"max_tokens": 8, **GREEDY})
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from cli.mesh import detect_gpus
-from shared.client import Client
 from shared.errors import Conflict, InternalError, NotFound, TooLarge, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
@@ -106,7 +105,7 @@ def test_long_request_does_not_block_other_instances_or_heartbeats(mesh, tiny_mo
     done = {}
 
     def long_generation():
-        client = Client(mesh.endpoint, timeout=60)
+        client = mesh.new_client(timeout=60)
         start = time.monotonic()
         r = client.get_model("slow").generate("hello", {"max_tokens": 6000, "temperature": 0})
         done["slow_s"] = time.monotonic() - start
@@ -139,7 +138,7 @@ def test_sigkill_of_a_worker_fails_its_requests_and_instances_only(tmp_path, tin
         result = {}
 
         def request():
-            client = Client(m.endpoint, timeout=60)
+            client = m.new_client(timeout=60)
             start = time.monotonic()
             try:
                 client.get_model("doomed").generate("Once upon a time", {"max_tokens": 1900, "temperature": 0})

@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-import zmq
 
+from shared import keys
 from shared import protocol as p
-from shared.client import Client
 from shared.errors import Unavailable
 from tests.mesh import HEARTBEAT, REPO, Mesh, free_port
 
@@ -50,7 +49,7 @@ def test_streamed_reply_arrives_in_order_and_ends(bus):
 
 
 def test_killed_service_fails_its_inflight_requests_quickly(bus):
-    client = Client(bus.endpoint, timeout=30)
+    client = bus.new_client(timeout=30)
     result = {}
 
     def call():
@@ -86,13 +85,11 @@ def test_services_reregister_after_a_broker_restart(bus):
 
 
 def test_ten_thousand_malformed_frames_leave_the_broker_serving(bus):
+    """Hostile frames from keys the broker accepts: a client key, and the service key (which may register)."""
     rng = random.Random(1234)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(bus.endpoint)
+    socks = [bus.raw_socket(bus.admin_key), bus.raw_socket(bus.service_key)]
     commands = [p.READY, p.BIND, p.UNBIND, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CANCEL, p.PARTIAL, p.REPLY,
-                p.PROTO + b"\xff", b"", b"ZINF0\x10"]
+                p.DENIED, p.PROTO + b"\xff", b"", b"ZINF1\x10"]
     for i in range(10_000):
         kind = i % 4
         if kind == 0:  # pure noise
@@ -104,19 +101,20 @@ def test_ten_thousand_malformed_frames_leave_the_broker_serving(bus):
         else:  # requests to random targets with garbage bodies
             frames = [p.REQUEST, rng.choice([b"registry", b"testpeer", rng.randbytes(4)]),
                       rng.randbytes(8), rng.randbytes(rng.randint(0, 40))]
-        sock.send_multipart(frames)
-    sock.close()
-    time.sleep(1.0)
+        socks[i % 2].send_multipart(frames)
+    for sock in socks:
+        sock.close()
+    bus.wait(lambda: bus.client.call("testpeer", p.Ping(payload=b"alive")).payload == b"alive" or None)
     assert bus.procs["broker"].poll() is None
-    assert bus.client.call("testpeer", p.Ping(payload=b"alive")).payload == b"alive"
     assert isinstance(bus.client.call("registry", p.Ping()), p.Pong)
+    assert {"registry", "testpeer"} <= bus.services()
 
 
 def test_ipc_endpoint_works(tmp_path):
     m = Mesh(tmp_path / "home", tmp_path)
     m.endpoint = f"ipc://{tmp_path}/zinfer.sock"
     m.env["ZINFER_ENDPOINT"] = m.endpoint
-    m.client = Client(m.endpoint, timeout=10)
+    m.client = m.new_client(timeout=10)
     try:
         m.start_broker()
         m.start("registry", "registry")
@@ -153,20 +151,23 @@ def test_zinfer_up_then_status(tmp_path):
     assert _zinfer("status", "--timeout", "1", env=env).returncode == 1
 
 
-def test_unreachable_endpoint_is_one_line_and_exit_1():
-    out = _zinfer("status", "-e", f"tcp://127.0.0.1:{free_port()}")
+def test_unreachable_endpoint_is_one_line_and_exit_1(tmp_path):
+    keys.init_keys(tmp_path)
+    out = _zinfer("status", "-e", f"tcp://127.0.0.1:{free_port()}", env=dict(os.environ, ZINFER_HOME=str(tmp_path)))
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "no zinfer broker answers" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_port_in_use_is_one_line_and_exit_1():
+def test_port_in_use_is_one_line_and_exit_1(tmp_path):
     import socket
 
+    keys.init_keys(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        out = _zinfer("broker", "-e", f"tcp://127.0.0.1:{s.getsockname()[1]}")
+        out = _zinfer("broker", "-e", f"tcp://127.0.0.1:{s.getsockname()[1]}",
+                      env=dict(os.environ, ZINFER_HOME=str(tmp_path)))
     assert out.returncode == 1
     assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
 

@@ -58,8 +58,41 @@ def test_reply_round_trip(msg):
 
 
 def test_a_request_body_is_not_a_reply():
-    with pytest.raises(msgspec.ValidationError):
+    with pytest.raises(p.Undecodable):
         p.decode_reply(p.encode(p.Ping()))
+
+
+def test_every_request_names_the_roles_that_may_send_it():
+    assert set(p.ALLOWED_ROLES) == _members(p.Request)
+    for request, roles in p.ALLOWED_ROLES.items():
+        assert roles and roles <= set(p.ROLES), request
+    # What a user key may never do, and what only services send.
+    for admin_only in (p.RegisterModel, p.UnregisterModel, p.LaunchModel, p.TerminateModel):
+        assert p.ALLOWED_ROLES[admin_only] == {p.ADMIN}
+    for internal in (p.WorkerReport, p.LoadInstance, p.UnloadInstance):
+        assert p.ALLOWED_ROLES[internal] == {p.SERVICE}
+
+
+def nested_bomb(depth: int = 100_000) -> bytes:
+    """A LoadInstance whose `llm.v2_extras` (a dict[str, Any]) holds lists nested `depth` deep: ~100 KB that made
+    msgspec raise RecursionError, which used to escape the service loop."""
+    family = {"version": 1, "model_name": "m", "model_lang": ["en"], "model_ability": ["chat"],
+              "model_specs": [], "v2_extras": {"x": "PLACEHOLDER"}}
+    body = msgspec.msgpack.encode({"op": "LoadInstance", "model_uid": "u", "model_type": "LLM", "llm": family})
+    return body.replace(msgspec.msgpack.encode("PLACEHOLDER"), b"\x91" * depth + b"\xc0")
+
+
+def test_hostile_bodies_raise_undecodable_only():
+    with pytest.raises(RecursionError):  # what the raw decoder does with it
+        msgspec.msgpack.Decoder(p.Request).decode(nested_bomb())
+    for hostile in (nested_bomb(), b"\x91" * 100_000 + b"\xc0", b"\xff" * 10, p.encode(p.Ping())[:-1], b""):
+        with pytest.raises(p.Undecodable):
+            p.decode_request(hostile)
+
+
+def test_callers_round_trip():
+    stamp = p.caller_stamp(p.SERVICE, "worker/cpu:1")
+    assert p.parse_caller(stamp) == p.Caller("service", "worker/cpu:1")
 
 
 def test_frames_carry_the_protocol_version():

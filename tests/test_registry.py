@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.client import Client
 from shared.errors import InvalidRequest, NotFound
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
@@ -151,7 +150,7 @@ def test_persistence_survives_a_restart_of_the_whole_mesh(tmp_path, tiny_models)
 def test_a_killed_write_never_leaves_a_definition_that_loads_half(tmp_path, tiny_models):
     home = tmp_path / "home"
     m = start_registry_mesh(Mesh(home, tmp_path))
-    client = Client(m.endpoint, timeout=5)
+    client = m.new_client(timeout=5)
     done = []
 
     def flood():

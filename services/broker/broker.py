@@ -5,53 +5,98 @@ they host. A request goes to the least busy live peer of its target; every reque
 REPLY so that a peer that dies (no heartbeat for `liveness` seconds) has all its requests answered with an
 error. A request for a target nobody serves yet waits `unroutable_grace` seconds (services re-register after
 a broker restart) and then gets an error.
+
+Trust: the socket is a CURVE server. At the handshake, ZAP (pyzmq's authenticator thread) lets in only the
+public keys listed, unrevoked, in the roster (shared/keys.py); the roster is re-read when it changes, and every
+message is checked against it again, so a revoked key is cut off at once, live connections included. The
+role of the sender's key decides what it may do here:
+- `service` keys may register (READY, BIND, UNBIND), heartbeat and answer requests; a service name is held by
+  one live peer at a time, and only names the key may hold; model uids are bound under `model/` only.
+- a REPLY or PARTIAL is forwarded only from the peer the request was sent to.
+- every request reaches its peer stamped with the sender's role and name (`caller`, see shared/protocol.py);
+  services check it before any handler runs.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import deque
 
 import structlog
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
+from shared import keys
 from shared import protocol as p
 from shared.config import Settings
 from shared.transport import send_frames
 
 log = structlog.get_logger()
 
-MAX_WAITING = 10_000  # requests parked for unknown targets, all targets together
 DRAIN = 2000  # messages handled per poll wake-up
+ZAP_DOMAIN = "zinfer"
+MODEL_PREFIX = p.model_target("").encode()  # peers may bind model uids only, never a service's name
+
+
+class Known:
+    """An accepted key: what the roster says of it, and the caller stamp its requests carry."""
+
+    __slots__ = ("name", "role", "stamp", "entry")
+
+    def __init__(self, entry: keys.RosterKey):
+        self.entry = entry
+        self.name = entry.name
+        self.role = entry.role
+        self.stamp = p.caller_stamp(entry.role, entry.name)
 
 
 class Peer:
-    __slots__ = ("identity", "service", "uids", "inflight", "last_seen")
+    __slots__ = ("identity", "service", "uids", "inflight", "last_seen", "public_key", "caller", "key_name")
 
-    def __init__(self, identity: bytes, service: bytes, now: float):
+    def __init__(self, identity: bytes, service: bytes, now: float, public_key: str, key_name: str):
         self.identity = identity
         self.service = service
         self.uids: set[bytes] = set()
         self.inflight = 0
         self.last_seen = now
+        self.public_key = public_key
+        self.key_name = key_name
+        self.caller = p.caller_stamp(p.SERVICE, service.decode(errors="replace"))
 
 
 class Broker:
     def __init__(self, settings: Settings, endpoint: str | None = None):
         self.settings = settings
         self.endpoint = endpoint or settings.endpoint
+        self.home = settings.home_path
+        server_key = keys.load_broker_key(self.home)
         self.ctx = zmq.Context.instance()
+        self.peers: dict[bytes, Peer] = {}
+        self.routes: dict[bytes, list[Peer]] = {}
+        self.pending: dict[tuple[bytes, bytes], Peer] = {}
+        self.known: dict[str, Known] = {}
+        self._roster_stamp: tuple | None = None
+        self._refresh_roster()
+        # ZAP: the handshake of every connection asks `callback` (in the authenticator's thread).
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(ZAP_DOMAIN, self)
+        self.refused = 0
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises, so we can cancel
         self.sock.setsockopt(zmq.SNDHWM, settings.send_hwm)
         self.sock.setsockopt(zmq.RCVHWM, settings.send_hwm)
-        self.peers: dict[bytes, Peer] = {}
-        self.routes: dict[bytes, list[Peer]] = {}
-        self.pending: dict[tuple[bytes, bytes], Peer] = {}
+        self.sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = server_key.secret
+        self.sock.curve_publickey = server_key.public
+        self.sock.zap_domain = ZAP_DOMAIN.encode()
         self.waiting: dict[bytes, deque] = {}
         self.n_waiting = 0
+        self.waiting_bytes = 0
         self.now = time.monotonic()
         self.dropped = 0
         self.running = True
@@ -73,46 +118,103 @@ class Broker:
         if self.endpoint.endswith(":0"):
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    # ------------------------------------------------------------------ keys
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """ZAP (in the authenticator's thread): is this public key (z85) allowed to connect? A key created a
+        moment ago is let in at once: an unknown key makes the roster be read again if its file changed."""
+        public = client_key.decode("ascii", "replace")
+        allowed = public in self.known or (self._refresh_roster() and public in self.known)
+        if not allowed:
+            self.refused += 1
+            if self.refused <= 10 or self.refused % 1000 == 0:
+                log.warning("key_refused", public_key=client_key[:8].decode("ascii", "replace") + "...",
+                            refused=self.refused)
+        return allowed
+
+    def _refresh_roster(self) -> bool:
+        """Re-read the roster if its file changed; True when the key table was replaced. Safe from any thread:
+        it only swaps `known` (peers are pruned by the broker's own thread, in _tick)."""
+        path = keys.roster_path(self.home)
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._roster_stamp:
+            return False
+        try:
+            roster = keys.read_roster(self.home)
+        except Exception as exc:  # a damaged roster keeps the last good one
+            log.error("roster_unreadable", error=str(exc))
+            return False
+        self._roster_stamp = stamp
+        self.known = {public: Known(entry) for public, entry in roster.active().items()}
+        log.info("roster_loaded", keys=len(self.known))
+        return True
+
+    def _prune_revoked(self) -> None:
+        for peer in list(self.peers.values()):
+            if peer.public_key not in self.known:
+                self._send(peer.identity, p.DISCONNECT_FRAMES)
+                self._remove(peer, "its key was revoked")
+
     # ------------------------------------------------------------------ loop
 
     def serve(self) -> None:
         interval = self.settings.heartbeat_interval
         next_tick = time.monotonic() + interval
         sock = self.sock
-        recv = sock.recv_multipart
+        recv, more = zmq.backend.Socket.recv, zmq.backend.Socket.get
+        RCVMORE = zmq.RCVMORE
         # A blocking recv with a timeout waits inside ZeroMQ: one call per wake-up instead of poll + recv.
         sock.rcvtimeo = int(min(interval, 0.2) * 1000)
 
         def send(frames, flags):
             send_frames(sock, frames, flags)
 
-        handle, routes, pending = self._handle, self.routes, self.pending
+        handle, routes, pending, peers = self._handle, self.routes, self.pending, self.peers
         REQUEST, REPLY, NOBLOCK = p.REQUEST, p.REPLY, zmq.NOBLOCK
+        route_request, route_reply = p.route_request, p.route_reply
         while self.running:
             try:
-                first = recv()
+                head = recv(sock, copy=False)
             except zmq.Again:
-                first = None
-            if first is not None:
+                head = None
+            if head is not None:
                 self.now = time.monotonic()
+                known = self.known
                 for i in range(DRAIN):
-                    if i == 0:
-                        frames = first
-                    else:
+                    if i:
                         try:
-                            frames = recv(NOBLOCK)
+                            head = recv(sock, NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                    # Fast paths, inlined: a request to a target with one live peer, and a final reply.
-                    # Everything else (and any send error) takes the general handlers.
+                    # The key this message came with (ZAP's User-Id is the z85 public key), checked per message
+                    # so that revoking a key cuts off its live connections too.
+                    try:
+                        key = known.get(head.get("User-Id"))
+                    except zmq.ZMQError:
+                        key = None
+                    frames = [head.bytes]
+                    while more(sock, RCVMORE):
+                        frames.append(recv(sock))
+                    if key is None:
+                        self._refuse(frames)
+                        continue
+                    # Fast paths, inlined: a request to a target with one live peer, and a final reply from the
+                    # peer that owns the request. Everything else (and any send error) takes the general handlers.
                     try:
                         if len(frames) >= 5:
                             cmd = frames[1]
                             if cmd == REQUEST:
-                                peers = routes.get(frames[2])
-                                if peers and len(peers) == 1:
-                                    peer = peers[0]
-                                    send([peer.identity, REQUEST, frames[0], *frames[3:]], NOBLOCK)
+                                targets = routes.get(frames[2])
+                                if targets and len(targets) == 1:
+                                    peer = targets[0]
+                                    sender = peers.get(frames[0])
+                                    caller = sender.caller if sender is not None else key.stamp
+                                    send(route_request(peer.identity, frames[0], frames[3], caller, frames[4:]),
+                                         NOBLOCK)
                                     pending[(frames[0], frames[3])] = peer
                                     peer.inflight += 1
                                     continue
@@ -121,13 +223,13 @@ class Broker:
                                 if owner is not None and owner.identity == frames[0]:
                                     owner.inflight -= 1
                                     owner.last_seen = self.now
-                                    send([frames[2], REPLY, *frames[3:]], NOBLOCK)
+                                    send(route_reply(frames[2], REPLY, frames[3], frames[4:]), NOBLOCK)
                                     continue
                                 if owner is not None:
                                     pending[(frames[2], frames[3])] = owner
                     except zmq.ZMQError:
                         pass  # not delivered; the general path below answers for it
-                    handle(frames)
+                    handle(frames, key)
             self.now = time.monotonic()
             if self.now >= next_tick:
                 self._tick()
@@ -138,6 +240,7 @@ class Broker:
         for peer in list(self.peers.values()):
             self._send(peer.identity, p.DISCONNECT_FRAMES)
         self.sock.close(linger=0)
+        self.auth.stop()
 
     def stop(self, *_args) -> None:
         self.running = False
@@ -148,46 +251,60 @@ class Broker:
 
     # ------------------------------------------------------------------ frames
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], key: Known) -> None:
         try:
             handler = self._dispatch.get(frames[1]) if len(frames) > 1 else None
             if handler is None:
                 raise ValueError("not a zinfer header (wrong protocol, version or command)")
-            handler(frames[0], frames)
+            handler(frames[0], frames, key)
         except Exception as exc:  # never die on input: log (rate-limited) and drop
-            self.dropped += 1
-            if self.dropped <= 10 or self.dropped % 1000 == 0:
-                log.warning("frame_dropped", reason=str(exc)[:200], frames=len(frames), dropped=self.dropped)
+            self._dropped(str(exc)[:200], frames)
+
+    def _dropped(self, reason: str, frames: list) -> None:
+        self.dropped += 1
+        if self.dropped <= 10 or self.dropped % 1000 == 0:
+            log.warning("frame_dropped", reason=reason, frames=len(frames), dropped=self.dropped)
+
+    def _refuse(self, frames: list[bytes]) -> None:
+        """A message from a key that is no longer in the roster (revoked while connected)."""
+        if len(frames) >= 4 and frames[1] == p.REQUEST:
+            self._send_raw(p.broker_error(frames[0], frames[3], "unauthenticated",
+                                          "this client's key was revoked; ask an admin for a new one"))
+        elif len(frames) >= 2 and frames[1] == p.READY:
+            self._send(frames[0], p.denied("this key was revoked"))
+        self._dropped("revoked or unknown key", frames)
 
     def _send(self, identity: bytes, frames: list) -> bool:
-        return self._try_send(identity, frames) == 0
+        return self._send_raw(p.to_peer(identity, frames)) == 0
 
-    def _try_send(self, identity: bytes, frames: list) -> int:
+    def _send_raw(self, frames: list) -> int:
         """0 when queued, else the errno: EHOSTUNREACH (that identity left) or EAGAIN (its queue is full)."""
         try:
-            send_frames(self.sock, [identity, *frames], zmq.NOBLOCK)
+            send_frames(self.sock, frames, zmq.NOBLOCK)
             return 0
         except zmq.ZMQError as exc:
             return exc.errno
 
     def _reply_error(self, client: bytes, req_id: bytes, code: str, message: str) -> None:
-        self._send(client, [p.REPLY, req_id, p.error_body(code, message)])
+        self._send_raw(p.broker_error(client, req_id, code, message))
 
-    def _on_request(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_request(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         # [sender, REQUEST, target, req_id, body, *buffers]
         if len(frames) < 5:
             raise ValueError("short REQUEST")
         target, req_id = frames[2], frames[3]
         if target == p.BROKER_TARGET:
-            self._send(sender, [p.REPLY, req_id, p.encode(self.status())])
+            self._send_raw(p.broker_reply(sender, req_id, self.status()))
             return
+        origin = self.peers.get(sender)
+        caller = origin.caller if origin is not None else key.stamp
         while True:
             peers = self.routes.get(target)
             if not peers:
-                self._park(target, sender, frames)
+                self._park(target, sender, frames, key)
                 return
             peer = peers[0] if len(peers) == 1 else min(peers, key=_inflight)
-            errno = self._try_send(peer.identity, [p.REQUEST, sender, req_id, *frames[4:]])
+            errno = self._send_raw(p.route_request(peer.identity, sender, req_id, caller, frames[4:]))
             if errno == 0:
                 self.pending[(sender, req_id)] = peer
                 peer.inflight += 1
@@ -199,72 +316,99 @@ class Broker:
             # Its connection is gone (the process died): drop it now rather than at heartbeat expiry.
             self._remove(peer, "disconnected")
 
-    def _on_reply(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_reply(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         # [sender, REPLY|PARTIAL, client, req_id, body, *buffers]
         if len(frames) < 5:
             raise ValueError("short REPLY")
         client, req_id = frames[2], frames[3]
         peer = self.peers.get(sender)
-        if peer is None:
-            self._send(sender, p.DISCONNECT_FRAMES)
-        else:
-            peer.last_seen = self.now
+        owner = self.pending.get((client, req_id))
+        if peer is None or owner is not peer:
+            # Only the peer a request went to may answer it. A late reply to a cancelled request is normal;
+            # one from a socket that is not a registered peer is a forgery.
+            if peer is None:
+                self._send(sender, p.DISCONNECT_FRAMES)
+                self._dropped(f"reply from {key.role} key {key.name!r}, which is not a registered peer", frames)
+            return
+        peer.last_seen = self.now
         final = frames[1] == p.REPLY
         if final:
-            owner = self.pending.pop((client, req_id), None)
-            if owner is not None:
-                owner.inflight -= 1
-        delivered = self._send(client, [frames[1], req_id, *frames[4:]])
-        if not delivered and not final and peer is not None:
+            del self.pending[(client, req_id)]
+            peer.inflight -= 1
+        delivered = self._send_raw(p.route_reply(client, frames[1], req_id, frames[4:])) == 0
+        if not delivered and not final:
             # The client is gone mid-stream: stop the work it started.
-            self._send(sender, [p.CANCEL, client, req_id])
+            self._send_raw(p.route_cancel(sender, client, req_id))
             if self.pending.pop((client, req_id), None) is not None:
                 peer.inflight -= 1
 
-    def _on_cancel(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_cancel(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         if len(frames) < 3:
             raise ValueError("short CANCEL")
-        key = (sender, frames[2])
-        peer = self.pending.pop(key, None)
+        peer = self.pending.pop((sender, frames[2]), None)
         if peer is not None:
             peer.inflight -= 1
-            self._send(peer.identity, [p.CANCEL, sender, frames[2]])
+            self._send_raw(p.route_cancel(peer.identity, sender, frames[2]))
 
-    def _on_heartbeat(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_heartbeat(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         peer = self.peers.get(sender)
-        if peer is None:
-            self._send(sender, p.DISCONNECT_FRAMES)  # a peer of an earlier broker: ask it to re-register
-        else:
+        if peer is not None:
             peer.last_seen = self.now
+        elif key.role == p.SERVICE:
+            self._send(sender, p.DISCONNECT_FRAMES)  # a peer of an earlier broker: ask it to re-register
 
-    def _on_ready(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_ready(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         if len(frames) < 3 or not frames[2]:
             raise ValueError("READY without a service name")
+        service = bytes(frames[2])
+        name = service.decode(errors="replace")
+        if key.role != p.SERVICE:
+            self._send(sender, p.denied(f"a {key.role} key cannot register a service"))
+            self._dropped(f"READY {name!r} from {key.role} key {key.name!r}", frames)
+            return
+        if service.startswith(MODEL_PREFIX) or not key.entry.may_hold(name):
+            self._send(sender, p.denied(f"key {key.name!r} may not hold the name {name!r}"))
+            self._dropped(f"READY {name!r} from key {key.name!r}, which may not hold it", frames)
+            return
+        holder = next((peer for peer in self.routes.get(service, ()) if peer.service == service), None)
+        if holder is not None and holder.identity != sender:
+            # A name is held by one live peer. A restarted process takes it over from a dead one: a probe to the
+            # holder fails at once when its connection is gone (ROUTER_MANDATORY).
+            if self._send(holder.identity, p.HEARTBEAT_FRAMES):
+                self._send(sender, p.denied(f"{name} is held by a live peer (key {holder.key_name!r}); "
+                                            "a second process cannot take it while the first answers"))
+                self._dropped(f"READY {name!r}: held by a live peer", frames)
+                return
+            self._remove(holder, "replaced by a new process")
         if sender in self.peers:
             self._remove(self.peers[sender], "re-registered")
-        peer = Peer(sender, bytes(frames[2]), self.now)
+        peer = Peer(sender, service, self.now, key.entry.public_key, key.name)
         self.peers[sender] = peer
         self._route(peer, peer.service)
         for uid in frames[3:]:
-            self._route(peer, bytes(uid))
-        log.info("peer_ready", peer=peer.service.decode(errors="replace"), uids=len(frames) - 3)
+            if bytes(uid).startswith(MODEL_PREFIX):
+                self._route(peer, bytes(uid))
+        log.info("peer_ready", peer=name, key=key.name, uids=len(frames) - 3)
 
-    def _on_bind(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_bind(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         if len(frames) < 3 or not frames[2]:
             raise ValueError("BIND without a uid")
         peer = self.peers.get(sender)
         if peer is None:
-            self._send(sender, p.DISCONNECT_FRAMES)
+            if key.role == p.SERVICE:
+                self._send(sender, p.DISCONNECT_FRAMES)
             return
         peer.last_seen = self.now
         uid = bytes(frames[2])
+        if not uid.startswith(MODEL_PREFIX):
+            raise ValueError(f"BIND of {uid[:40]!r}: peers bind model uids only")
         if frames[1] == p.BIND:
             self._route(peer, uid)
         elif uid in peer.uids:
             peer.uids.discard(uid)
             self._unroute(peer, uid)
 
-    def _on_disconnect(self, sender: bytes, frames: list[bytes]) -> None:
+    def _on_disconnect(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         peer = self.peers.get(sender)
         if peer is not None:
             self._remove(peer, "disconnected")
@@ -277,9 +421,10 @@ class Broker:
         peers = self.routes.setdefault(target, [])
         if peer not in peers:
             peers.append(peer)
-        for sender, frames, _ in self.waiting.pop(target, ()):
+        for sender, frames, _, size, key in self.waiting.pop(target, ()):
             self.n_waiting -= 1
-            self._on_request(sender, frames)
+            self.waiting_bytes -= size
+            self._on_request(sender, frames, key)
 
     def _unroute(self, peer: Peer, target: bytes) -> None:
         peers = self.routes.get(target)
@@ -301,15 +446,22 @@ class Broker:
             self._reply_error(key[0], key[1], "unavailable", f"{service} {why} before answering this request")
         log.warning("peer_removed", peer=service, why=why, failed_requests=len(lost))
 
-    def _park(self, target: bytes, sender: bytes, frames: list[bytes]) -> None:
-        if self.n_waiting >= MAX_WAITING:
-            self._reply_error(sender, frames[3], "unavailable", "broker queue full")
+    def _park(self, target: bytes, sender: bytes, frames: list[bytes], key: Known) -> None:
+        size = sum(len(f) for f in frames)
+        if (self.n_waiting >= self.settings.park_max_requests
+                or self.waiting_bytes + size > self.settings.park_max_mb * 2**20):
+            name = target.decode(errors="replace")
+            self._reply_error(sender, frames[3], "unavailable",
+                              f"nothing serves {name!r} yet and the broker's queue for such requests is full")
             return
-        self.waiting.setdefault(target, deque()).append((sender, frames, self.now))
+        self.waiting.setdefault(target, deque()).append((sender, frames, self.now, size, key))
         self.n_waiting += 1
+        self.waiting_bytes += size
 
     def _tick(self) -> None:
         now = self.now
+        self._refresh_roster()
+        self._prune_revoked()  # always: the authenticator thread may have been the one to see the change
         dead_after = self.settings.liveness_s
         for peer in list(self.peers.values()):
             if now - peer.last_seen > dead_after:
@@ -320,8 +472,9 @@ class Broker:
         for target in list(self.waiting):
             queue = self.waiting[target]
             while queue and now - queue[0][2] > grace:
-                sender, frames, _ = queue.popleft()
+                sender, frames, _, size, _key = queue.popleft()
                 self.n_waiting -= 1
+                self.waiting_bytes -= size
                 name = target.decode(errors="replace")
                 self._reply_error(sender, frames[3], "unavailable",
                                   f"nothing serves {name!r} (no such service or model uid is running)")
@@ -333,9 +486,11 @@ class Broker:
             endpoint=self.endpoint,
             peers=[p.PeerView(service=peer.service.decode(errors="replace"),
                               uids=sorted(u.decode(errors="replace") for u in peer.uids),
-                              inflight=peer.inflight, idle_s=round(self.now - peer.last_seen, 3))
+                              inflight=peer.inflight, idle_s=round(self.now - peer.last_seen, 3),
+                              key=peer.key_name)
                    for peer in self.peers.values()],
             pending=len(self.pending),
+            parked=self.n_waiting,
         )
 
 

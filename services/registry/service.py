@@ -10,7 +10,6 @@ from services.registry import catalog
 from services.registry.store import DefinitionStore
 from services.registry.validate import MODEL_TYPES, check_model_type, validate
 from shared import protocol as p
-from shared.client import Client
 from shared.config import Settings
 from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from shared.models import (
@@ -62,7 +61,7 @@ class Registry:
             self.persisted[model_type] = set(found)
             self.corrupt += bad
         log.info("registry_loaded", custom={t: len(v) for t, v in self.custom.items()}, corrupt=len(self.corrupt))
-        self._scheduler = Client(settings=settings, timeout=10.0)
+        self.bus: ServiceRuntime | None = None  # set by run_registry: calls go out as the registry
 
     def handlers(self) -> dict:
         return {
@@ -117,8 +116,8 @@ class Registry:
                                  field="model_name")
         if not msg.force:
             try:
-                reply = self._scheduler.call(p.SCHEDULER, p.InstancesOf(model_type=msg.model_type,
-                                                                        model_name=msg.model_name))
+                reply = self.bus.call(p.SCHEDULER, p.InstancesOf(model_type=msg.model_type,
+                                                                 model_name=msg.model_name), timeout=10.0)
             except Unavailable:
                 reply = p.UidList(model_uids=[])  # no scheduler running: nothing can be launched
             if reply.model_uids:
@@ -149,5 +148,7 @@ class Registry:
 def run_registry(settings: Settings) -> None:
     registry = Registry(settings)
     runtime = ServiceRuntime(p.REGISTRY, settings, registry.handlers(), inline=Registry.inline)
+    registry.bus = runtime
     runtime.install_signal_handlers()
     runtime.serve()
+    return runtime.exit_code

@@ -17,10 +17,16 @@ import structlog
 from services.registry import catalog
 from services.scheduler.placement import Slot, estimate_memory, match_spec, place
 from shared import protocol as p
-from shared.client import Client
 from shared.config import Settings
-from shared.errors import Conflict, InvalidRequest, NotFound, ZinferError
-from shared.models import EmbeddingFamily, LLMFamily, check_name, parse_embedding, parse_llm
+from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, ZinferError
+from shared.models import (
+    EmbeddingFamily,
+    LLMFamily,
+    check_name,
+    parse_embedding,
+    parse_llm,
+    problem_from_validation,
+)
 from shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
@@ -79,7 +85,7 @@ class Scheduler:
         self.lock = threading.RLock()
         self.workers: dict[str, WorkerState] = {}
         self.models: dict[str, Model] = {}
-        self.client = Client(settings=settings, timeout=settings.request_timeout)
+        self.bus: ServiceRuntime | None = None  # set by run_scheduler: calls go out as the scheduler
         self.running = True
         # uid -> when it was terminated: a report sent before the unload must not bring it back.
         self.terminated: dict[str, float] = {}
@@ -103,6 +109,7 @@ class Scheduler:
     def on_report(self, msg: p.WorkerReport, ctx) -> p.Ok:
         now = time.monotonic()
         wid = msg.device.worker_id
+        ctx.require_service(p.worker_service(wid), f"a report for worker {wid!r}")
         with self.lock:
             old = self.workers.get(wid)
             if old is None or old.info.pid != msg.device.pid:
@@ -160,7 +167,7 @@ class Scheduler:
     # ------------------------------------------------------------------ launch
 
     def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily:
-        reply = self.client.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name))
+        reply = self.bus.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name))
         if model_type == "LLM":
             family = parse_llm(reply.definition)
             # Send workers a self-contained definition: the family's prompt style and template resolved.
@@ -177,19 +184,19 @@ class Scheduler:
         problem = check_name(uid, "model_uid")
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
+        options = self._engine_options(msg)
         family = self._registration(msg.model_type, msg.model_name)
         if isinstance(family, LLMFamily):
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization)
             need = {k: estimate_memory(spec, quant, None, k) for k in ("cpu", "cuda")}
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
-                                  engine_kwargs=msg.engine_kwargs)
+                                  options=options)
             fmt, size = spec.model_format, spec.model_size_in_billions
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
             need = {k: estimate_memory(None, None, family, k) for k in ("cpu", "cuda")}
-            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family,
-                                  engine_kwargs=msg.engine_kwargs)
+            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options)
             fmt, size, quant = "pytorch", None, "none"
         with self.lock:
             if uid in self.models:
@@ -210,12 +217,21 @@ class Scheduler:
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
 
+    def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:
+        """The launch's engine options, typed (unknown names refused), under the operator's code policy."""
+        options = engine_options(msg.engine_kwargs)
+        if options.trust_remote_code and msg.model_name not in self.settings.trust_remote_code_models:
+            raise Forbidden(f"trust_remote_code: model {msg.model_name!r} may not run its own code here; an "
+                            "operator allows it per model with trust_remote_code_models in the settings file",
+                            field="trust_remote_code")
+        return options
+
     def _load_all(self, model: Model, loads: list[tuple[str, p.LoadInstance]]) -> None:
         errors: list[str] = []
 
         def load_one(wid: str, load: p.LoadInstance, replica: Replica) -> None:
             try:
-                self.client.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
+                self.bus.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
             except ZinferError as exc:
                 with self.lock:
                     replica.state, replica.error = "failed", str(exc)
@@ -242,7 +258,7 @@ class Scheduler:
         # Nothing half-loaded: the replicas that did load are unloaded again.
         for wid, _load in loads:
             try:
-                self.client.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid), timeout=30)
+                self.bus.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid), timeout=30)
             except ZinferError:
                 pass
 
@@ -286,7 +302,7 @@ class Scheduler:
             workers = sorted({r.worker_id for r in model.replicas})
         for wid in workers:
             try:
-                self.client.call(p.worker_service(wid), p.UnloadInstance(model_uid=msg.model_uid), timeout=60)
+                self.bus.call(p.worker_service(wid), p.UnloadInstance(model_uid=msg.model_uid), timeout=60)
             except NotFound:
                 pass  # never loaded there, or already gone
             except ZinferError as exc:
@@ -305,10 +321,20 @@ class Scheduler:
         return p.Ok(message=f"terminated {msg.model_uid}")
 
 
-def run_scheduler(settings: Settings) -> None:
+def engine_options(kwargs: dict) -> p.EngineOptions:
+    try:
+        return msgspec.convert(kwargs, p.EngineOptions)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc)
+        raise InvalidRequest(f"engine option {problem}", field=problem.field or "engine_kwargs") from None
+
+
+def run_scheduler(settings: Settings) -> int:
     scheduler = Scheduler(settings)
     runtime = ServiceRuntime(p.SCHEDULER, settings, scheduler.handlers(), inline=Scheduler.inline)
+    scheduler.bus = runtime
     threading.Thread(target=scheduler.expire_workers, name="expire", daemon=True).start()
     runtime.install_signal_handlers()
     runtime.serve()
     scheduler.running = False
+    return runtime.exit_code

@@ -12,7 +12,7 @@ import numpy as np
 from services.worker import files, prompts
 from services.worker.backends.base import EmbeddingBackend, LLMBackend, Sampling, Step
 from shared import protocol as p
-from shared.errors import InstanceNotReady, InvalidRequest, TooLarge
+from shared.errors import Forbidden, InstanceNotReady, InvalidRequest, TooLarge
 
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_STREAM_INTERVAL_MS = 10.0  # tokens produced within this window travel as one chunk
@@ -88,8 +88,10 @@ def coalesce(steps: Iterator[Step], interval_s: float) -> Iterator[Step]:
 
 
 class Instance:
-    def __init__(self, load: p.LoadInstance, device: str, run_on=None, submit_on=None):
+    def __init__(self, load: p.LoadInstance, device: str, run_on=None, submit_on=None,
+                 trusted_models: list[str] | None = None):
         self.spec = load
+        self.trusted_models = list(trusted_models or [])
         self.run_on = run_on  # call(fn, *args) on the worker's main thread
         self.submit_on = submit_on  # submit(fn) -> Future on the worker's main thread
         self.uid = load.model_uid
@@ -105,9 +107,18 @@ class Instance:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def trust_remote_code(self) -> bool:
+        """This worker's own settings decide whether a model's code may run here (never the request)."""
+        name = (self.spec.llm or self.spec.embedding).model_name
+        trusted = name in self.trusted_models
+        if self.spec.options.trust_remote_code and not trusted:
+            raise Forbidden(f"trust_remote_code: model {name!r} may not run its own code on this worker (not in "
+                            "its trust_remote_code_models setting)", field="trust_remote_code")
+        return trusted
+
     def load(self) -> None:
-        load, kw = self.spec, self.spec.engine_kwargs
-        trust = bool(kw.get("trust_remote_code", False))
+        load, opts = self.spec, self.spec.options
+        trust = self.trust_remote_code()
         if load.model_type == "embedding":
             from services.worker.backends.sentence_backend import SentenceTransformersBackend
             from services.worker.batching import EmbeddingBatcher
@@ -121,9 +132,8 @@ class Instance:
                                      f"the registration says dimensions={load.embedding.dimensions}",
                                      field="dimensions")
             self.backend = backend
-            wait = kw.get("batch_wait_ms")
-            self.batcher = EmbeddingBatcher(backend, max_batch_size=int(kw.get("max_batch_size") or 256),
-                                            wait_ms=float(wait) if wait is not None else 0.0, run_on=self.run_on)
+            self.batcher = EmbeddingBatcher(backend, max_batch_size=opts.max_batch_size or 256,
+                                            wait_ms=opts.batch_wait_ms or 0.0, run_on=self.run_on)
         else:
             spec, family = load.spec, load.llm
             path = files.resolve_llm_files(spec, load.quantization)
@@ -135,15 +145,14 @@ class Instance:
                     path, self.device, load.quantization, family.context_length, trust_remote_code=trust,
                     # Default on a GPU. On a CPU the batch's paged attention makes one long stream 5x slower (6,000
                     # tokens: 18 s against 3.8 s), so requests run one by one unless the launch asks for batching.
-                    continuous_batching=bool(kw.get("continuous_batching", self.device.startswith("cuda"))),
-                    run_on=self.submit_on,
-                    fast_decode=bool(kw.get("fast_decode", True)), max_sequences=int(kw.get("max_sequences") or 64))
+                    continuous_batching=(self.device.startswith("cuda") if opts.continuous_batching is None
+                                         else opts.continuous_batching),
+                    run_on=self.submit_on, fast_decode=opts.fast_decode is not False,
+                    max_sequences=opts.max_sequences or 64)
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
-                n_threads = kw.get("n_threads")
-                self.backend = LlamaCppBackend(path, self.device, family.context_length,
-                                               n_threads=int(n_threads) if n_threads else None)
+                self.backend = LlamaCppBackend(path, self.device, family.context_length, n_threads=opts.n_threads)
         self.progress = 1.0
         self.state = "ready"
 

@@ -10,7 +10,6 @@ from services.worker.device import DeviceProbe
 from services.worker.instance import Instance
 from services.worker.mainthread import MainThreadExecutor
 from shared import protocol as p
-from shared.client import Client
 from shared.config import Settings
 from shared.errors import Conflict, NotFound, ZinferError
 from shared.transport import ServiceRuntime
@@ -52,7 +51,9 @@ class Worker:
         return min(ready, key=lambda r: r.inflight) if ready else replicas[0]
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
-        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call, submit_on=self.compute.submit)
+        ctx.require_service(p.SCHEDULER, "LoadInstance")
+        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call, submit_on=self.compute.submit,
+                            trusted_models=self.settings.trust_remote_code_models)
         with self.lock:
             replicas = self.instances.setdefault(msg.model_uid, [])
             if any(r.replica == msg.replica for r in replicas):
@@ -74,6 +75,7 @@ class Worker:
         return p.Ok(message=f"{msg.model_uid} ready on {self.worker_id}")
 
     def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
+        ctx.require_service(p.SCHEDULER, "UnloadInstance")
         with self.lock:
             replicas = self.instances.pop(msg.model_uid, None)
         if not replicas:
@@ -95,18 +97,17 @@ class Worker:
                               instances=[r.report() for r in replicas])
 
     def _report_loop(self) -> None:
-        client = Client(settings=self.settings, timeout=max(2.0, self.settings.liveness_s))
         self.runtime.connected.wait()
         while self.runtime.running:
             self.report_now.wait(self.settings.heartbeat_interval)
             self.report_now.clear()
             try:
-                client.call(p.SCHEDULER, self.report())
+                # Sent as this worker (its registered socket): the scheduler takes reports from their worker only.
+                self.runtime.call(p.SCHEDULER, self.report(), timeout=max(2.0, self.settings.liveness_s))
             except ZinferError as exc:
                 log.debug("report_failed", error=str(exc))
             except Exception:
                 log.exception("report_failed")
-        client.close()
 
     def serve(self) -> None:
         self._reporter.start()
@@ -122,5 +123,7 @@ class Worker:
                     r.close()
 
 
-def run_worker(settings: Settings, device: str) -> None:
-    Worker(settings, device).serve()
+def run_worker(settings: Settings, device: str) -> int:
+    worker = Worker(settings, device)
+    worker.serve()
+    return worker.runtime.exit_code
