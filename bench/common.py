@@ -109,19 +109,13 @@ class StreamCrowd:
     generator is not what limits the measurement). run() returns (seconds, total completion tokens,
     time to first chunk of each stream)."""
 
-    def __init__(self, endpoint: str, uid: str, prompts: list[str], max_tokens: int):
+    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int):
         import zmq
 
         from shared import protocol as p
 
         self.p, self.zmq = p, zmq
-        ctx = zmq.Context.instance()
-        self.socks = []
-        for _ in prompts:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-            self.socks.append(sock)
+        self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
         cfg = p.GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True)
         self.target = p.model_target(uid).encode()
         self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=cfg)) for t in prompts]

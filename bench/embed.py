@@ -13,7 +13,6 @@ import zmq
 from common import concurrently, record, start_mesh, timed, tiny_models
 
 from shared import protocol as p
-from shared.client import Client
 from shared.transport import send_frames
 
 
@@ -21,14 +20,8 @@ class ClientCrowd:
     """64 clients, each its own DEALER socket with one request in flight, driven from one thread so that the
     load generator is not what limits the measurement (64 Python threads on 2 cores would be)."""
 
-    def __init__(self, endpoint: str, uid: str, texts: list[str]):
-        self.ctx = zmq.Context.instance()
-        self.socks = []
-        for _ in texts:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-            self.socks.append(sock)
+    def __init__(self, mesh, uid: str, texts: list[str]):
+        self.socks = [mesh.raw_socket(mesh.admin_key) for _ in texts]
         self.target = p.model_target(uid).encode()
         self.bodies = [p.encode(p.Embed(model_uid=uid, input=[t])) for t in texts]
         self.poller = zmq.Poller()
@@ -87,10 +80,10 @@ def main() -> None:
         served = {}
         for batch in (1, 32, 256):
             served[batch] = batch / timed(lambda b=batch: handle.embed_array(sentences[:b]), args.rounds)
-        burst = ClientCrowd(mesh.endpoint, "emb", sentences[:64])
+        burst = ClientCrowd(mesh, "emb", sentences[:64])
         burst.run()  # sockets connected, warm
         served["conc64"] = 64 / timed(burst.run, args.rounds)
-        handles = [Client(mesh.endpoint).get_model("emb") for _ in range(64)]
+        handles = [mesh.new_client().get_model("emb") for _ in range(64)]
         served["conc64_threads"] = 64 / timed(
             lambda: concurrently(64, lambda i: handles[i].embed_array(sentences[i])), args.rounds)
     finally:

@@ -90,12 +90,12 @@ def raw_llama(path, device, tokens):
 
 
 def served(mesh, uid, tokens, levels):
-    StreamCrowd(mesh.endpoint, uid, PROMPTS[:1], 8).run()  # warm
-    singles = [StreamCrowd(mesh.endpoint, uid, [PROMPTS[i]], tokens).run() for i in range(3)]
+    StreamCrowd(mesh, uid, PROMPTS[:1], 8).run()  # warm
+    singles = [StreamCrowd(mesh, uid, [PROMPTS[i]], tokens).run() for i in range(3)]
     el, n, first = min(singles, key=lambda r: r[0] / max(1, r[1]))
     result = {"tok_s_1": n / el, "ttft_ms": first[0] * 1000}
     for level in levels:
-        el, n, _ = StreamCrowd(mesh.endpoint, uid, PROMPTS[:level], tokens).run()
+        el, n, _ = StreamCrowd(mesh, uid, PROMPTS[:level], tokens).run()
         result[f"concurrent_{level}"] = n / el
     return result
 
