@@ -16,6 +16,7 @@ import zmq
 from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_table
 from shared import keys
 from shared.config import Settings, load_settings
+from shared.endpoints import endpoint_holder
 from shared.errors import ZinferError
 from shared.logs import configure_logging
 from shared.transport import die_with_parent
@@ -38,6 +39,7 @@ def broker(endpoint: Endpoint = None, home: Home = None) -> None:
     try:
         b.bind()
     except zmq.ZMQError as exc:
+        b.close()
         fail(f"cannot listen on {settings.endpoint}: {exc.strerror}")
     b.install_signal_handlers()
     log.info("broker_listening", endpoint=b.endpoint)
@@ -112,6 +114,10 @@ def up(
 ) -> None:
     """Start broker, registry, scheduler and one worker per device; Ctrl-C stops them all."""
     settings = _settings(endpoint, home)
+    holder = endpoint_holder(settings.endpoint)
+    if holder is not None:  # before anything starts: a second mesh must never join or disturb the first
+        fail(f"{settings.endpoint} is in use by {holder}; stop that mesh first (`zinfer down`, or Ctrl-C to its "
+             "`zinfer up`) or choose another endpoint with -e")
     created = keys.init_keys(settings.home_path).created
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
@@ -139,7 +145,9 @@ def up(
             if broker_proc.poll() is not None:
                 fail(f"the broker could not start on {settings.endpoint} (see the error above)")
             try:
-                client.broker_status(timeout=0.5)
+                answered = client.broker_status(timeout=0.5)["pid"]
+                if answered != broker_proc.pid:  # someone else's broker took the endpoint meanwhile
+                    fail(f"{settings.endpoint} is answered by another broker (pid {answered}); not starting")
                 break
             except ZinferError:
                 if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,8 +54,20 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zinfer-walkthrough-"))
-    os.environ.setdefault("ZINFER_ENDPOINT", f"tcp://127.0.0.1:{free_port()}")
-    os.environ.setdefault("ZINFER_HOME", str(work / "home"))
+    try:
+        run(args, work)
+    finally:
+        if not args.keep_running:  # a mesh left running still needs its home
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    # Always a fresh endpoint and home of its own, whatever the user's shell exports: the walk-through must never
+    # join (or disturb) a mesh that is already running, nor leave persisted files behind.
+    os.environ["ZINFER_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
+    os.environ["ZINFER_HOME"] = str(work / "home")
+    os.environ.pop("ZINFER_CLIENT_KEY", None)
+    os.environ.pop("ZINFER_CONFIG", None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     step("Build the tiny test models (a Llama in transformers and GGUF form, and MiniLM)")

@@ -19,6 +19,7 @@ role of the sender's key decides what it may do here:
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -31,6 +32,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from shared import keys
 from shared import protocol as p
 from shared.config import Settings
+from shared.endpoints import endpoint_holder
 from shared.transport import send_frames
 
 log = structlog.get_logger()
@@ -113,7 +115,11 @@ class Broker:
         }
 
     def bind(self) -> None:
-        """Bind the ROUTER; raises zmq.ZMQError (e.g. address in use) for the caller to report."""
+        """Bind the ROUTER; raises zmq.ZMQError (e.g. address in use) for the caller to report. An ipc path that a
+        live process accepts on is refused here: libzmq would unlink it and take it over silently."""
+        holder = endpoint_holder(self.endpoint)
+        if holder is not None:
+            raise zmq.ZMQError(errno.EADDRINUSE, f"{self.endpoint} is in use by {holder}")
         self.sock.bind(self.endpoint)
         if self.endpoint.endswith(":0"):
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -466,8 +472,9 @@ class Broker:
         for peer in list(self.peers.values()):
             if now - peer.last_seen > dead_after:
                 self._remove(peer, f"stopped answering (no heartbeat for {dead_after:g}s)")
-            else:
-                self._send(peer.identity, p.HEARTBEAT_FRAMES)
+            elif self._send_raw(p.to_peer(peer.identity, p.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
+                # Its connection is gone (the process died): known now, not at the end of the liveness window.
+                self._remove(peer, "disconnected")
         grace = self.settings.unroutable_grace
         for target in list(self.waiting):
             queue = self.waiting[target]
@@ -491,6 +498,7 @@ class Broker:
                    for peer in self.peers.values()],
             pending=len(self.pending),
             parked=self.n_waiting,
+            pid=os.getpid(),
         )
 
 
