@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from shared import keys
 from shared import protocol as p
 from shared.config import Settings, load_settings
-from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_from_reply
+from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_class, error_from_reply
 from shared.transport import send_frames
 
 CONNECT_TIMEOUT = 3.0
@@ -330,8 +330,7 @@ class Client:
         return uid
 
     def wait_model(self, model_uid: str, timeout: float, progress=None) -> dict:
-        from shared.errors import InternalError
-
+        """Wait until the model is ready; a launch that failed raises its error with its own type and field."""
         deadline = time.monotonic() + timeout
         while True:
             view = self.describe_model(model_uid)
@@ -340,7 +339,8 @@ class Client:
             if view["state"] == "ready":
                 return view
             if view["state"] == "failed":
-                raise InternalError(f"model {model_uid!r} failed to launch: {view['error']}")
+                raise error_class(view["error_code"] or "internal")(
+                    f"model {model_uid!r} failed to launch: {view['error']}", view["error_field"])
             if time.monotonic() > deadline:
                 raise RequestTimeout(f"model {model_uid!r} is still {view['state']} after {timeout:g}s")
             time.sleep(0.05)

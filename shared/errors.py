@@ -67,6 +67,12 @@ class RequestTimeout(ZinferError, TimeoutError):
     code = "timeout"
 
 
+class StorageError(ZinferError, OSError):
+    """The server could not write or read its own files (disk full, read-only home); the message says which."""
+
+    code = "storage"
+
+
 class Cancelled(ZinferError):
     code = "cancelled"
 
@@ -80,12 +86,26 @@ class InternalError(ZinferError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge, Forbidden,
-                                       Unauthenticated, Unavailable, RequestTimeout, Cancelled, ProtocolError,
-                                       InternalError)}
+                                       Unauthenticated, Unavailable, RequestTimeout, StorageError, Cancelled,
+                                       ProtocolError, InternalError)}
+
+
+def error_class(code: str) -> type[ZinferError]:
+    return _BY_CODE.get(code, InternalError)
 
 
 def error_from_reply(reply: Error) -> ZinferError:
-    return _BY_CODE.get(reply.code, InternalError)(reply.message, reply.field, reply.problems)
+    return error_class(reply.code)(reply.message, reply.field, reply.problems)
+
+
+def storage_error(action: str, path, exc: OSError, field: str | None = None) -> StorageError:
+    """An OSError of the server's own files as a typed error naming the path and the cause."""
+    import errno
+
+    cause = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+             errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(
+        exc.errno, exc.strerror or type(exc).__name__)
+    return StorageError(f"cannot {action} {path}: {cause}", field=field)
 
 
 def reply_from_exception(exc: BaseException) -> Error:

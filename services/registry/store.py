@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from shared.errors import storage_error
 from shared.models import Definition, DefinitionError, definition_to_json
 from shared.protocol import CorruptFile
 
@@ -23,28 +24,38 @@ class DefinitionStore:
         return self.root / model_type / f"{model_name}.json"
 
     def save(self, model_type: str, definition: Definition) -> None:
-        """Temp file in the same folder, fsync, rename, fsync the folder: a crash leaves old or new, never half."""
+        """Temp file in the same folder, fsync, rename, fsync the folder: a crash leaves old or new, never half.
+        A write that fails (disk full, read-only) raises StorageError naming the path; nothing is left."""
         folder = self.root / model_type
-        folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(model_type, definition.model_name)
         data = json.dumps(definition_to_json(definition), indent=2).encode()
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        tmp = None
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path(model_type, definition.model_name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
+            os.replace(tmp, target)
+            tmp = None
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise storage_error("persist the definition to", target, exc, field="persist") from None
         finally:
-            os.close(dir_fd)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def delete(self, model_type: str, model_name: str) -> None:
-        self.path(model_type, model_name).unlink(missing_ok=True)
+        path = self.path(model_type, model_name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise storage_error("delete", path, exc) from None
 
     def load_all(self, model_type: str, parse) -> tuple[dict[str, Definition], list[CorruptFile]]:
         """Every persisted definition of a type; a bad file is reported and skipped, never fatal."""

@@ -1,15 +1,21 @@
 """Scheduler handlers: launch (match spec, place, load on workers), list, describe, terminate.
 
 Workers are the source of truth for what is loaded: each reports its device and instances every heartbeat
-interval, and the scheduler reconciles its records with those reports (so a restarted scheduler rebuilds its
-view). A worker silent for the liveness period is dropped and its instances marked failed.
+interval, and every report rewrites the scheduler's view of that worker: a replica the worker holds takes the
+state the worker gives it (so it is `ready` again after any outage: a broker restart, a busy machine that
+delayed reports), and a replica it does not hold, with no load on the way, is `failed` with the reason. A
+restarted scheduler rebuilds its view the same way. A worker silent for the liveness period is dropped (its
+replicas failed) until it reports again.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import structlog
@@ -18,7 +24,7 @@ from services.registry import catalog
 from services.scheduler.placement import Slot, estimate_memory, match_spec, place
 from shared import protocol as p
 from shared.config import Settings
-from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, ZinferError
+from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
 from shared.models import (
     EmbeddingFamily,
     LLMFamily,
@@ -38,10 +44,13 @@ class Replica:
     index: int
     state: str = "launching"
     error: str = ""
+    error_code: str = ""  # the wire code of the error (invalid, not_found, ...), so clients raise its type
+    error_field: str | None = None
     progress: float = 0.0
     memory: int = 0
     queue_depth: int = 0
     inflight: int = 0
+    stats: p.InstanceStats | None = None
 
 
 @dataclass
@@ -54,7 +63,9 @@ class Model:
     quantization: str = ""
     replicas: list[Replica] = field(default_factory=list)
     terminating: bool = False
-    error: str = ""
+    error: str = ""  # a launch that failed: the model stays failed until terminated
+    error_code: str = ""
+    error_field: str | None = None
 
     @property
     def state(self) -> str:
@@ -79,6 +90,58 @@ class WorkerState:
         return self.info.free_memory - sum(self.reserved.values())
 
 
+class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the scheduler remembers of a launch across its own restarts (placement and a launch's failure)."""
+
+    uid: str
+    model_name: str
+    model_type: str
+    model_format: str = ""
+    size: int | str | None = None
+    quantization: str = ""
+    replicas: list[tuple[str, int]] = []  # (worker id, replica index)
+    error: str = ""
+    error_code: str = ""
+    error_field: str | None = None
+
+
+class LaunchBook:
+    """<home>/scheduler/launched.json: the launched uids, written atomically at each launch and terminate, so that
+    a restarted scheduler never forgets an acknowledged launch: what the workers still hold is `ready` again,
+    what no worker holds any more is `failed` with the reason (instead of vanishing)."""
+
+    def __init__(self, home: Path):
+        self.path = home / "scheduler" / "launched.json"
+        self.lock = threading.Lock()
+
+    def load(self) -> list[LaunchRecord]:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=list[LaunchRecord])
+        except FileNotFoundError:
+            return []
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("launch_book_unreadable", path=str(self.path), error=str(exc))
+            return []
+
+    def save(self, records: list[LaunchRecord]) -> None:
+        with self.lock:
+            tmp = None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(msgspec.json.encode(records))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                tmp = None
+            except OSError as exc:
+                raise storage_error("record the launch in", self.path, exc) from None
+            finally:
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
+
+
 class Scheduler:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -89,6 +152,24 @@ class Scheduler:
         self.running = True
         # uid -> when it was terminated: a report sent before the unload must not bring it back.
         self.terminated: dict[str, float] = {}
+        self.started = time.monotonic()
+        self.book = LaunchBook(settings.home_path)
+        for record in self.book.load():
+            self.models[record.uid] = Model(
+                uid=record.uid, model_name=record.model_name, model_type=record.model_type,
+                model_format=record.model_format, size=record.size, quantization=record.quantization,
+                replicas=[Replica(worker_id=wid, index=index) for wid, index in record.replicas],
+                error=record.error, error_code=record.error_code, error_field=record.error_field)
+
+    def _record(self) -> None:
+        """Write the launch book from the current models (call without holding self.lock)."""
+        with self.lock:
+            records = [LaunchRecord(uid=m.uid, model_name=m.model_name, model_type=m.model_type,
+                                    model_format=m.model_format, size=m.size, quantization=m.quantization,
+                                    replicas=[(r.worker_id, r.index) for r in m.replicas], error=m.error,
+                                    error_code=m.error_code, error_field=m.error_field)
+                       for m in self.models.values()]
+        self.book.save(records)
 
     def handlers(self) -> dict:
         return {
@@ -111,19 +192,19 @@ class Scheduler:
         wid = msg.device.worker_id
         ctx.require_service(p.worker_service(wid), f"a report for worker {wid!r}")
         with self.lock:
-            old = self.workers.get(wid)
-            if old is None or old.info.pid != msg.device.pid:
-                if old is not None:
-                    self._fail_worker_replicas(wid, f"worker {wid} restarted")
-                log.info("worker_joined", worker=wid, device=msg.device.device, free=msg.device.free_memory)
-                self.workers[wid] = WorkerState(msg.device, now)
-            state = self.workers[wid]
+            state = self.workers.get(wid)
+            if state is None or state.info.pid != msg.device.pid:
+                log.info("worker_joined", worker=wid, device=msg.device.device, free=msg.device.free_memory,
+                         restarted=state is not None)
+                state = self.workers[wid] = WorkerState(msg.device, now, reserved=state.reserved if state else {})
             state.info, state.last_seen = msg.device, now
+            held = set()
             for inst in msg.instances:
+                held.add((inst.model_uid, inst.replica))
                 state.reserved.pop((inst.model_uid, inst.replica), None)  # the worker counts it now
                 model = self.models.get(inst.model_uid)
                 if model is None and now - self.terminated.get(inst.model_uid, -1e9) < self.settings.liveness_s:
-                    continue
+                    continue  # a report sent before its unload
                 if model is None:  # known to the worker, not to us: we restarted; adopt it
                     model = Model(uid=inst.model_uid, model_name=inst.model_name, model_type=inst.model_type,
                                   model_format=inst.model_format, size=inst.model_size_in_billions,
@@ -134,18 +215,22 @@ class Scheduler:
                 if replica is None:
                     replica = Replica(worker_id=wid, index=inst.replica)
                     model.replicas.append(replica)
-                if replica.state != "failed" or inst.state == "failed":
-                    replica.state = inst.state
-                replica.error = inst.error or replica.error
+                replica.state = inst.state  # the worker's word, whatever we thought before
+                replica.error, replica.error_code = inst.error, inst.error_code
+                replica.error_field = inst.error_field
                 replica.progress, replica.memory = inst.progress, inst.memory
                 replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
+                replica.stats = inst.stats
+            for model in self.models.values():
+                for r in model.replicas:
+                    if (r.worker_id == wid and (model.uid, r.index) not in held and r.state != "failed"
+                            and (model.uid, r.index) not in state.reserved and not model.terminating):
+                        self._fail(r, f"worker {wid} no longer holds it (the worker restarted or unloaded it)")
         return p.Ok()
 
-    def _fail_worker_replicas(self, wid: str, why: str) -> None:
-        for model in self.models.values():
-            for r in model.replicas:
-                if r.worker_id == wid and r.state in ("launching", "ready"):
-                    r.state, r.error = "failed", why
+    @staticmethod
+    def _fail(replica: Replica, why: str, code: str = "unavailable", field: str | None = None) -> None:
+        replica.state, replica.error, replica.error_code, replica.error_field = "failed", why, code, field
 
     def expire_workers(self) -> None:
         while self.running:
@@ -155,9 +240,18 @@ class Scheduler:
                 for wid, state in list(self.workers.items()):
                     if now - state.last_seen > self.settings.liveness_s:
                         del self.workers[wid]
-                        self._fail_worker_replicas(
-                            wid, f"worker {wid} died (no report for {self.settings.liveness_s:g}s)")
+                        why = f"worker {wid} stopped reporting (nothing for {self.settings.liveness_s:g}s)"
+                        for model in self.models.values():
+                            for r in model.replicas:
+                                if r.worker_id == wid and r.state in ("launching", "ready"):
+                                    self._fail(r, why)
                         log.warning("worker_lost", worker=wid)
+                if now - self.started > self.settings.liveness_s:  # launches remembered from before a restart
+                    for model in self.models.values():
+                        for r in model.replicas:
+                            if r.worker_id not in self.workers and r.state == "launching" and not model.terminating:
+                                self._fail(r, f"worker {r.worker_id} has not reported since the scheduler "
+                                              "restarted")
 
     def status(self, msg, ctx) -> p.SchedulerStatusReply:
         with self.lock:
@@ -213,6 +307,14 @@ class Scheduler:
                 model.replicas.append(Replica(worker_id=wid, index=index, memory=need[kind]))
                 loads.append((wid, msgspec.structs.replace(base, replica=index, memory_estimate=need[kind])))
             self.models[uid] = model
+        try:
+            self._record()  # acknowledged launches survive a scheduler restart
+        except ZinferError:
+            with self.lock:
+                self.models.pop(uid, None)
+                for wid in chosen:
+                    self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items() if k[0] != uid}
+            raise
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
@@ -227,15 +329,15 @@ class Scheduler:
         return options
 
     def _load_all(self, model: Model, loads: list[tuple[str, p.LoadInstance]]) -> None:
-        errors: list[str] = []
+        errors: list[ZinferError] = []
 
         def load_one(wid: str, load: p.LoadInstance, replica: Replica) -> None:
             try:
                 self.bus.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
             except ZinferError as exc:
                 with self.lock:
-                    replica.state, replica.error = "failed", str(exc)
-                errors.append(str(exc))
+                    self._fail(replica, exc.message, exc.code, exc.field)
+                errors.append(exc)
 
         threads = [threading.Thread(target=load_one, args=(wid, load, model.replicas[i]), daemon=True)
                    for i, (wid, load) in enumerate(loads)]
@@ -253,8 +355,13 @@ class Scheduler:
                         r.state, r.progress = "ready", 1.0
                 log.info("launched", model_uid=model.uid)
                 return
-            model.error = errors[0]
-        log.error("launch_failed", model_uid=model.uid, error=errors[0])
+            first = errors[0]
+            model.error, model.error_code, model.error_field = first.message, first.code, first.field
+        log.error("launch_failed", model_uid=model.uid, error=str(first))
+        try:
+            self._record()
+        except ZinferError as exc:
+            log.error("launch_book_write_failed", error=str(exc))
         # Nothing half-loaded: the replicas that did load are unloaded again.
         for wid, _load in loads:
             try:
@@ -266,16 +373,18 @@ class Scheduler:
 
     def _view(self, m: Model) -> p.InstanceView:
         hosts = {wid: w.info.host for wid, w in self.workers.items()}
-        errors = [r.error for r in m.replicas if r.error]
+        failed = next((r for r in m.replicas if r.state == "failed" and r.error), None)
+        error, code, field_ = ((m.error, m.error_code, m.error_field) if m.error else
+                               (failed.error, failed.error_code, failed.error_field) if failed else ("", "", None))
         return p.InstanceView(
             model_uid=m.uid, model_name=m.model_name, model_type=m.model_type, model_format=m.model_format,
             model_size_in_billions=m.size, quantization=m.quantization, replica=len(m.replicas),
             devices=[r.worker_id for r in m.replicas],
             address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
-            state=m.state, error=m.error or (errors[0] if errors else ""),
+            state=m.state, error=error, error_code=code, error_field=field_,
             progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
             memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
-            inflight=sum(r.inflight for r in m.replicas))
+            inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas))
 
     def list_models(self, msg, ctx) -> p.ModelList:
         with self.lock:
@@ -317,8 +426,18 @@ class Scheduler:
                 if wid in self.workers:
                     self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items()
                                                   if k[0] != msg.model_uid}
+        self._record()
         log.info("terminated", model_uid=msg.model_uid)
         return p.Ok(message=f"terminated {msg.model_uid}")
+
+
+def _sum_stats(parts) -> p.InstanceStats:
+    total = p.InstanceStats()
+    for part in parts:
+        if part is not None:
+            for name in p.InstanceStats.__struct_fields__:
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+    return total
 
 
 def engine_options(kwargs: dict) -> p.EngineOptions:
