@@ -31,6 +31,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     trust_remote_code_models: list[str] = []
     # The client's key file; empty: <home>/keys/clients/admin.key_secret, else user.key_secret.
     client_key: str = ""
+    # Request limits, checked on arrival before any tokenizing: a prompt (or a chat's text, or an embed
+    # request's texts together) in UTF-8 bytes, and the texts of one embed request.
+    max_prompt_bytes: int = 4 * 2**20
+    max_embed_items: int = 2048
+    # Requests one model instance holds (waiting or running) before new ones get "unavailable" at once.
+    instance_queue: int = 256
+    # Seconds a chat template may take to render before the request is refused.
+    template_timeout_s: float = 1.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -53,6 +61,7 @@ _ENV = {
     "ZINFER_ENDPOINT": ("endpoint", str),
     "ZINFER_HOME": ("home", str),
     "ZINFER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
+    "ZINFER_HEARTBEAT_LIVENESS": ("heartbeat_liveness", int),
     "ZINFER_REQUEST_TIMEOUT": ("request_timeout", float),
     "ZINFER_CPU_MEMORY_BUDGET_MB": ("cpu_memory_budget_mb", int),
     "ZINFER_CLIENT_KEY": ("client_key", str),
@@ -90,6 +99,10 @@ def load_settings(**overrides) -> Settings:
         raise ConfigError("settings: heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
     if settings.max_message_mb < 1 or settings.park_max_requests < 0 or settings.park_max_mb < 0:
         raise ConfigError("settings: max_message_mb must be >= 1; park_max_requests and park_max_mb >= 0")
+    if min(settings.max_prompt_bytes, settings.max_embed_items, settings.instance_queue) < 1 \
+            or settings.template_timeout_s <= 0:
+        raise ConfigError("settings: max_prompt_bytes, max_embed_items, instance_queue and template_timeout_s "
+                          "must be > 0")
     if not settings.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"endpoint {settings.endpoint!r}: expected tcp://host:port or ipc:///path")
     return settings

@@ -131,15 +131,17 @@ class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     lists in the `trust_remote_code_models` setting."""
 
     trust_remote_code: bool | None = None
-    # transformers
+    # generation: decode concurrent requests together (default on; off runs them one at a time, in order)
     continuous_batching: bool | None = None
-    fast_decode: bool | None = None
+    # transformers: sequences decoded together (default 64)
     max_sequences: Annotated[int, Meta(ge=1, le=4096)] | None = None
-    # llama.cpp
+    # llama.cpp: CPU threads, and sequences decoded together (default: what 512 MiB of KV cache holds, <= 16)
     n_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
-    # embeddings
+    n_parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
+    # embeddings: texts and padded tokens per batch, and how long a batch may wait for more requests
     batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] | None = None
     max_batch_size: Annotated[int, Meta(ge=1, le=65536)] | None = None
+    max_batch_tokens: Annotated[int, Meta(ge=1)] | None = None
 
 
 class LaunchModel(Msg, kw_only=True):
@@ -201,10 +203,23 @@ class InstanceReport(Struct, kw_only=True, omit_defaults=True):
     quantization: str = ""
     state: str  # launching | ready | failed | terminating
     error: str = ""
+    error_code: str = ""  # the error's wire code (ErrorCode), so that clients raise its type
+    error_field: str | None = None
     progress: float = 0.0
     memory: int = 0  # bytes this instance holds (estimate on CPU)
     queue_depth: int = 0
     inflight: int = 0
+    stats: InstanceStats | None = None
+
+
+class InstanceStats(Struct, kw_only=True, omit_defaults=True):
+    """Counters since an instance was loaded (what /metrics and the tests read)."""
+
+    requests: int = 0  # requests taken (started)
+    failures: int = 0  # requests that ended with an error (cancellations not counted)
+    cancelled: int = 0
+    tokens_in: int = 0  # prompt tokens (generation) or input tokens (embeddings)
+    tokens_out: int = 0  # generated tokens
 
 
 class WorkerReport(Msg, kw_only=True):
@@ -285,6 +300,7 @@ ErrorCode = Literal[
     "timeout",
     "cancelled",
     "protocol",
+    "storage",  # the server's own files: disk full, read-only
     "forbidden",  # the caller's role may not do this
     "unauthenticated",  # no usable key, or the key was refused
     "internal",
@@ -354,10 +370,13 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     address: list[str] = []
     state: str
     error: str = ""
+    error_code: str = ""
+    error_field: str | None = None
     progress: float = 0.0
     memory: int = 0
     queue_depth: int = 0
     inflight: int = 0
+    stats: InstanceStats = msgspec.field(default_factory=lambda: InstanceStats())
 
 
 class ModelList(Msg, kw_only=True):
@@ -390,6 +409,7 @@ class BrokerStatusReply(Msg, kw_only=True):
     peers: list[PeerView]
     pending: int = 0
     parked: int = 0  # requests waiting for a target nobody serves yet
+    pid: int = 0
 
 
 class Usage(Struct, kw_only=True):

@@ -59,31 +59,28 @@ def die_with_parent() -> None:
 
 
 class RequestContext:
-    """What a handler knows of its request besides the message: who asked, and whether it was cancelled."""
+    """What a handler knows of its request besides the message: who asked, and whether it was cancelled.
 
-    __slots__ = ("client_id", "req_id", "caller", "_cancelled", "_runtime")
+    `cancelled` is a plain flag: the I/O thread sets it (CANCEL from the broker, shutdown), the thread doing the
+    work polls it between steps."""
+
+    __slots__ = ("client_id", "req_id", "caller", "cancelled", "_runtime")
 
     def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes, caller: p.Caller):
         self._runtime = runtime
         self.client_id = client_id
         self.req_id = req_id
         self.caller = caller
-        self._cancelled: threading.Event | None = None
+        self.cancelled = False
+
+    def send(self, msg: p.Msg, buffers=(), final: bool = False) -> None:
+        """A reply chunk (final=False) or the final reply; callable from any thread."""
+        self._runtime.send(p.peer_reply(self.client_id, self.req_id, p.encode(msg), buffers, final))
 
     def require_service(self, name: str, what: str) -> None:
         """Refuse unless the request came from the registered service `name` (e.g. the scheduler)."""
         if self.caller.role != p.SERVICE or self.caller.principal != name:
             raise Forbidden(f"{what} is accepted from the {name} only, not from {self.caller}")
-
-    @property
-    def cancelled(self) -> threading.Event:
-        # Made on first use: inline requests on the hot path never need one.
-        if self._cancelled is None:
-            self._cancelled = threading.Event()
-        return self._cancelled
-
-    def send(self, msg: p.Msg, buffers=(), final: bool = False) -> None:
-        self._runtime.send(p.peer_reply(self.client_id, self.req_id, p.encode(msg), buffers, final))
 
 
 Handler = Callable[[Any, RequestContext], Any]
@@ -108,11 +105,14 @@ class ServiceRuntime:
     """
 
     def __init__(self, service: str, settings: Settings, handlers: dict[type, Handler],
-                 inline: set[type] = frozenset(), max_workers: int = 32):
+                 inline: set[type] = frozenset(), max_workers: int = 32, deferred: set[type] = frozenset()):
         self.service = service
         self.settings = settings
         self.handlers = handlers
         self.inline = set(inline)
+        # Handlers that run inline and answer later from another thread (ctx.send(..., final=True)): the request
+        # stays tracked (for CANCEL) until that final reply passes through here.
+        self.deferred = set(deferred)
         self.ctx = zmq.Context.instance()
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service.replace("/", "-"))
         self.inproc = f"inproc://zinfer-out-{os.getpid()}-{next(_inproc_ids)}"
@@ -278,7 +278,7 @@ class ServiceRuntime:
     def _shutdown(self) -> None:
         self._fail_calls(f"{self.service} is stopping")
         for ctx in list(self.active.values()):
-            ctx.cancelled.set()
+            ctx.cancelled = True
         self.pool.shutdown(wait=True, cancel_futures=True)
         while True:  # flush replies produced while the pool wound down
             try:
@@ -326,7 +326,7 @@ class ServiceRuntime:
         elif cmd == p.CANCEL and len(frames) >= 3:
             ctx = self.active.get((frames[1], frames[2]))
             if ctx is not None:
-                ctx.cancelled.set()
+                ctx.cancelled = True
         elif cmd == p.HEARTBEAT:
             self.denied_since = None  # the broker heartbeats registered peers only
         elif cmd == p.DENIED:
@@ -361,7 +361,15 @@ class ServiceRuntime:
             ctx.send(p.Error(code="forbidden", message=f"keys with the {ctx.caller.role} role may not send "
                              f"{type(msg).__name__} (this is key {ctx.caller.principal!r})"), final=True)
             return
-        if type(msg) in self.inline:
+        if type(msg) in self.deferred:
+            key = (client_id, req_id)
+            self.active[key] = ctx
+            try:
+                handler(msg, ctx)
+            except Exception as exc:
+                self.active.pop(key, None)
+                self._fail(msg, ctx, exc)
+        elif type(msg) in self.inline:
             self._run_inline(handler, msg, ctx)
         else:
             self.active[(client_id, req_id)] = ctx
@@ -405,7 +413,7 @@ class ServiceRuntime:
     def _stream(self, chunks: Iterator, ctx: RequestContext) -> None:
         try:
             for chunk in chunks:
-                if ctx.cancelled.is_set():
+                if ctx.cancelled:
                     break
                 if isinstance(chunk, tuple):
                     ctx.send(chunk[0], chunk[1])
@@ -415,7 +423,7 @@ class ServiceRuntime:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        if ctx.cancelled.is_set():
+        if ctx.cancelled:
             self.send(p.peer_reply(ctx.client_id, ctx.req_id, p.error_body("cancelled", "stream cancelled")))
         else:
             self.send(p.peer_reply(ctx.client_id, ctx.req_id, _END))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from functools import lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from shared.errors import InvalidRequest
+from shared.errors import Cancelled, InvalidRequest
 from shared.models import PromptStyle
 from shared.protocol import ChatMessage
 
@@ -23,14 +25,52 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def render_chat_template(template: str, messages: list[ChatMessage], bos_token: str = "",
-                         eos_token: str = "") -> str:
+class _TemplateStopped(Exception):
+    pass
+
+
+def _limited(render, timeout_s: float, cancelled):
+    """Run render() with a time limit, stopping early if cancelled(): a profile hook (called on every Python
+    function call and return, which a template's loops make) checks the clock every 256 calls. A template with
+    nested loops over range(100000) is stopped within the limit instead of keeping a core busy for hours."""
+    deadline = time.monotonic() + timeout_s
+    calls = 0
+
+    def hook(_frame, _event, _arg):
+        nonlocal calls
+        calls += 1
+        if calls & 255 == 0 and (time.monotonic() > deadline or (cancelled is not None and cancelled())):
+            raise _TemplateStopped
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
     try:
-        return _compile(template).render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+        return render()
+    finally:
+        sys.setprofile(previous)
+
+
+def render_chat_template(template: str, messages: list[ChatMessage], bos_token: str = "", eos_token: str = "",
+                         timeout_s: float = 1.0, cancelled=None) -> str:
+    """The chat as one prompt through a Jinja chat template (sandboxed, time-limited, cancellable)."""
+    context = {"messages": [{"role": m.role, "content": m.content} for m in messages],
+               "add_generation_prompt": True, "bos_token": bos_token, "eos_token": eos_token}
+    try:
+        compiled = _compile(template)
+        return _limited(lambda: compiled.render(**context), timeout_s, cancelled)
+    except _TemplateStopped:
+        if cancelled is not None and cancelled():
+            raise Cancelled("cancelled while rendering the chat template") from None
+        raise InvalidRequest(f"the chat template took over {timeout_s:g}s to render these messages",
+                             field="messages") from None
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"chat_template could not render these messages: {exc}", field="messages") from None
+    except RecursionError:
+        raise InvalidRequest("chat_template could not render these messages: it recursed too deeply",
+                             field="messages") from None
+    except Exception as exc:  # a template is user code: any failure is a refusal of these messages
+        raise InvalidRequest(f"chat_template could not render these messages: {type(exc).__name__}: {exc}",
+                             field="messages") from None
 
 
 def _turns(style: PromptStyle, messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:

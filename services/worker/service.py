@@ -1,4 +1,9 @@
-"""The worker process: hosts model instances for one device and reports them to the scheduler."""
+"""The worker process: hosts model instances for one device and reports them to the scheduler.
+
+Threads: the I/O thread (the service runtime) decodes requests, checks their limits and queues them on their
+instance's engine (no pool thread per request); the main thread runs the compute loop (services/worker/
+compute.py), where engines take turns; a few pool threads load and unload models; one reporter thread.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import threading
 
 import structlog
 
+from services.worker.compute import ComputeLoop
 from services.worker.device import DeviceProbe
 from services.worker.instance import Instance
-from services.worker.mainthread import MainThreadExecutor
 from shared import protocol as p
 from shared.config import Settings
 from shared.errors import Conflict, NotFound, ZinferError
@@ -25,35 +30,37 @@ class Worker:
         self.instances: dict[str, list[Instance]] = {}
         self.lock = threading.Lock()
         self.report_now = threading.Event()
+        self.loop = ComputeLoop()
         self.runtime = ServiceRuntime(p.worker_service(device), settings, self.handlers(), inline={p.Ping},
-                                      max_workers=256)
+                                      deferred={p.Generate, p.Chat, p.Embed}, max_workers=4)
         self.runtime.on_reconnect = self.report_now.set
-        self.compute = MainThreadExecutor()
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
     def handlers(self) -> dict:
+        submit = self.submit
         return {
             p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
             p.LoadInstance: self.load,
             p.UnloadInstance: self.unload,
-            p.Generate: lambda msg, ctx: self._pick(msg.model_uid).generate(msg, ctx.cancelled),
-            p.Chat: lambda msg, ctx: self._pick(msg.model_uid).chat(msg, ctx.cancelled),
-            p.Embed: lambda msg, ctx: self._pick(msg.model_uid).embed(msg),
+            p.Generate: submit,
+            p.Chat: submit,
+            p.Embed: submit,
         }
 
-    # ------------------------------------------------------------------ instances
+    # ------------------------------------------------------------------ requests (the I/O thread)
 
-    def _pick(self, uid: str) -> Instance:
-        replicas = self.instances.get(uid)
+    def submit(self, msg, ctx) -> None:
+        replicas = self.instances.get(msg.model_uid)
         if not replicas:
-            raise NotFound(f"model {uid!r} is not loaded on worker {self.worker_id}", field="model_uid")
+            raise NotFound(f"model {msg.model_uid!r} is not loaded on worker {self.worker_id}", field="model_uid")
         ready = [r for r in replicas if r.state == "ready"]
-        return min(ready, key=lambda r: r.inflight) if ready else replicas[0]
+        (min(ready, key=Instance.inflight) if ready else replicas[0]).submit(msg, ctx)
+
+    # ------------------------------------------------------------------ instances (pool threads)
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
-        instance = Instance(msg, self.probe.torch_device, run_on=self.compute.call, submit_on=self.compute.submit,
-                            trusted_models=self.settings.trust_remote_code_models)
+        instance = Instance(msg, self.probe.torch_device, self.settings, self.loop)
         with self.lock:
             replicas = self.instances.setdefault(msg.model_uid, [])
             if any(r.replica == msg.replica for r in replicas):
@@ -65,9 +72,8 @@ class Worker:
         try:
             instance.load()
         except Exception as exc:
-            instance.state = "failed"
-            instance.error = str(exc) if isinstance(exc, ZinferError) else f"{type(exc).__name__}: {exc}"
-            log.error("instance_failed", model_uid=msg.model_uid, error=instance.error)
+            instance.fail(exc)
+            log.error("instance_failed", model_uid=msg.model_uid, error=str(instance.error))
             self.report_now.set()
             raise
         log.info("instance_ready", model_uid=msg.model_uid, replica=msg.replica)
@@ -112,10 +118,10 @@ class Worker:
     def serve(self) -> None:
         self._reporter.start()
         self.runtime.install_signal_handlers()
-        # The ZeroMQ loop in a thread; the main thread computes (see mainthread.py).
+        # The ZeroMQ loop in a thread; the main thread computes (see compute.py).
         io = threading.Thread(target=self.runtime.serve, name="io")
         io.start()
-        self.compute.run(keep_going=io.is_alive)
+        self.loop.run(keep_going=io.is_alive)
         io.join()
         with self.lock:
             for replicas in self.instances.values():

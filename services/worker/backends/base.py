@@ -1,12 +1,15 @@
-"""The interface the worker calls; each engine module implements it."""
+"""The interface the worker's engines call; each engine module implements it.
+
+Generation backends are stepped by the worker's compute loop: `add` a sequence (its prompt is prefilled on the
+next step), `step` once to decode one more token for every sequence held, `remove` one that is done or
+cancelled. A backend decides each sequence's end (an end-of-generation or stop token, or max_tokens); the
+engine around it turns tokens into text, stop words and replies.
+"""
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -21,17 +24,20 @@ class Sampling(NamedTuple):
     repetition_penalty: float | None
 
 
-def finish_reason(last: int | None, stop_ids, produced: int, max_tokens: int) -> str:
-    """"stop" when an end token came (or generation ended early), "length" when max_tokens ran out."""
-    return "stop" if (last in stop_ids or produced < max_tokens) else "length"
+class StepOut(NamedTuple):
+    """What one step gave a sequence: its new token ids, and why it ended ("stop" or "length") if it did."""
 
-
-class Step(NamedTuple):
-    """Text produced since the last step, the tokens it took, and why generation ended (on the last)."""
-
-    text: str
-    tokens: int
+    seq_id: int
+    tokens: list[int]
     finish: str | None = None
+
+
+class Detokenizer(Protocol):
+    def push(self, token_ids: list[int]) -> str:
+        """Text of these new tokens (incomplete UTF-8 is held back until it completes)."""
+
+    def flush(self) -> str:
+        """What is still held back, at the end of the sequence."""
 
 
 class LLMBackend(ABC):
@@ -39,20 +45,33 @@ class LLMBackend(ABC):
     chat_template: str | None = None  # the model's own (tokenizer / GGUF metadata)
     bos_token: str = ""
     eos_token: str = ""
+    max_sequences: int = 1  # sequences one step decodes together
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
 
     @abstractmethod
-    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        """Generate from already tokenized ids (tokenized once per request: the context check counts them)."""
+    def detokenizer(self) -> Detokenizer: ...
+
+    @abstractmethod
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+        """Hold a new sequence (at most max_sequences at once); the next step prefills it."""
+
+    @abstractmethod
+    def step(self) -> list[StepOut]:
+        """One decode step for every sequence held; a sequence that ends is released by the backend itself."""
+
+    @abstractmethod
+    def remove(self, seq_id: int) -> None:
+        """Release a sequence before its end (cancelled, or cut by a stop word)."""
+
+    @abstractmethod
+    def active(self) -> int:
+        """Sequences held."""
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         raise NotImplementedError
-
-    def queue_depth(self) -> int:
-        return 0
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
         return None
@@ -70,27 +89,3 @@ class EmbeddingBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
         return None
-
-
-class FairLock:
-    """A FIFO lock for single-sequence engines: requests run in arrival order; `depth` is the queue length."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
-
-    @property
-    def depth(self) -> int:
-        return max(0, len(self._queue) - 1)
-
-    def __enter__(self):
-        ticket = object()
-        with self._cond:
-            self._queue.append(ticket)
-            self._cond.wait_for(lambda: self._queue[0] is ticket)
-        return self
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._queue.popleft()
-            self._cond.notify_all()

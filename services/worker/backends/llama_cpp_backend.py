@@ -1,102 +1,229 @@
-"""llama.cpp engine (llama-cpp-python) for `ggufv2` specs. Single-sequence: requests queue fairly."""
+"""llama.cpp engine (llama-cpp-python's low-level API) for `ggufv2` specs: several sequences in one decode.
+
+One llama_context holds `n_parallel` sequences, each with its own range of the KV cache (context_length cells
+each, kv_unified off). A step puts into one llama_batch the last token of every running sequence and the next
+prompt tokens of sequences being prefilled (in chunks of n_batch), runs one llama_decode, and samples each
+sequence with its own sampler chain, built the way llama-cpp-python's create_completion builds its own
+(penalties, then greedy; or top-k, typical, top-p, min-p, temperature and a seeded dist), so that a lone greedy
+run equals create_completion's. Each token is detokenized once (create_completion re-detokenizes the whole
+completion after every token, quadratic in its length).
+"""
 
 from __future__ import annotations
 
 import codecs
+import os
 import random
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 
-from services.worker.backends.base import FairLock, LLMBackend, Sampling, Step
+from services.worker.backends.base import LLMBackend, Sampling, StepOut
+
+N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
+KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
+
+
+class _Detokenizer:
+    """Each token's bytes once, through an incremental UTF-8 decoder (a multi-byte character can span tokens)."""
+
+    __slots__ = ("model", "decoder")
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+
+    def push(self, token_ids: list[int]) -> str:
+        return self.decoder.decode(self.model.detokenize(token_ids, special=False))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
+class _Seq:
+    __slots__ = ("id", "slot", "prompt", "fed", "pos", "last", "generated", "sampler", "max_tokens", "stop_ids",
+                 "out_index")
+
+    def __init__(self, seq_id: int, slot: int, prompt: list[int], sampler, sampling: Sampling):
+        self.id, self.slot, self.prompt, self.sampler = seq_id, slot, prompt, sampler
+        self.fed = 0  # prompt tokens decoded so far
+        self.pos = 0  # tokens in this sequence's KV cache
+        self.last = -1  # the token to decode next
+        self.generated = 0
+        self.max_tokens = sampling.max_tokens
+        self.stop_ids = frozenset(sampling.stop_token_ids)
+        self.out_index = -1  # its row of logits in the current batch
 
 
 class LlamaCppBackend(LLMBackend):
     def __init__(self, path: str, device: str, context_length: int, n_threads: int | None = None,
-                 embedding: bool = False):
-        from llama_cpp import Llama
+                 n_parallel: int | None = None):
+        import llama_cpp
+        from llama_cpp import _internals as internals
+        from llama_cpp._logger import set_verbose
 
-        self._Llama = Llama
+        set_verbose(False)  # llama.cpp's own chatter stays off the logs (errors still show), as Llama(verbose=False)
+        self.lib = llama_cpp
         self.path = path
-        self.n_gpu_layers = -1 if device.startswith("cuda") else 0
+        self.device = device
         self.n_threads = n_threads
         self.context_length = context_length
-        self.llm = Llama(model_path=path, n_ctx=context_length, n_gpu_layers=self.n_gpu_layers,
-                         n_threads=n_threads, verbose=False)
-        meta = self.llm.metadata or {}
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = -1 if device.startswith("cuda") else 0
+        self.model = internals.LlamaModel(path_model=path, params=mparams, verbose=False)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.max_sequences = n_parallel or self.default_parallel(context_length)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = context_length * self.max_sequences
+        cparams.n_batch = cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = self.max_sequences
+        cparams.kv_unified = False  # each sequence its own context_length cells
+        cpus = os.cpu_count() or 1
+        cparams.n_threads = n_threads or max(cpus // 2, 1)  # as Llama's defaults
+        cparams.n_threads_batch = n_threads or cpus
+        self.ctx = internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        meta = self.model.metadata()
         self.chat_template = meta.get("tokenizer.chat_template")
-        self.bos_token = self._token_text(self.llm.token_bos())
-        self.eos_token = self._token_text(self.llm.token_eos())
-        self.lock = FairLock()
+        self.bos_token = self._token_text(self.model.token_bos())
+        self.eos_token = self._token_text(self.model.token_eos())
+        self._free_slots = list(range(self.max_sequences - 1, -1, -1))
+        self._seqs: dict[int, _Seq] = {}
         self._embedder = None
-        self._want_embedding = embedding
+
+    def default_parallel(self, context_length: int) -> int:
+        """Sequences decoded together by default: as many as KV_BUDGET of f16 KV cache holds (at most 16)."""
+        lib, model = self.lib, self.model.model
+        n_layer, n_embd = lib.llama_model_n_layer(model), lib.llama_model_n_embd(model)
+        n_head, n_head_kv = lib.llama_model_n_head(model), max(1, lib.llama_model_n_head_kv(model))
+        kv_per_token = 2 * n_layer * (n_embd * n_head_kv // max(1, n_head)) * 2
+        return max(1, min(16, KV_BUDGET // max(1, kv_per_token * context_length)))
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
-        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore")
+        return self.model.detokenize([token_id], special=True).decode("utf-8", errors="ignore")
 
     def tokenize(self, prompt: str) -> list[int]:
         """The prompt as create_completion tokenizes it: BOS/EOS as the vocabulary asks, special tokens parsed."""
-        model = self.llm._model
-        bos = model.token_cls() if model.token_cls() != -1 else self.llm.token_bos()
+        model = self.model
+        bos = model.token_cls() if model.token_cls() != -1 else model.token_bos()
         head = [bos] if model.add_bos_token() and bos != -1 else []
         sep = model.token_sep()
-        tail = [sep if sep != -1 else self.llm.token_eos()] if (model.add_eos_token() or sep != -1) else []
-        return head + self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) + tail
+        tail = [sep if sep != -1 else model.token_eos()] if (model.add_eos_token() or sep != -1) else []
+        return head + model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) + tail
 
-    def queue_depth(self) -> int:
-        return self.lock.depth
+    def detokenizer(self) -> _Detokenizer:
+        return _Detokenizer(self.model)
 
-    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        """Token by token with llama.cpp's own sampler, as create_completion samples (same defaults, seed and
-        end-of-generation tokens), but detokenizing each token once: create_completion(stream=True)
-        re-detokenizes the whole completion per token, which grows quadratically (minutes for 6k tokens)."""
-        import llama_cpp
+    # ------------------------------------------------------------------ sequences
 
-        llm = self.llm
-        stop_ids = set(sampling.stop_token_ids)
-        vocab = llm._model.vocab
-        with self.lock:
-            llm.set_seed(sampling.seed if sampling.seed is not None
-                         else random.Random(llm._seed).randint(0, 2**32))
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-            n, finish = 0, "length"
-            generator = llm.generate(
-                prompt_ids, top_k=40 if sampling.top_k is None else sampling.top_k,
-                top_p=0.95 if sampling.top_p is None else sampling.top_p, min_p=0.05, typical_p=1.0,
-                temp=sampling.temperature,
-                repeat_penalty=1.0 if sampling.repetition_penalty is None else sampling.repetition_penalty)
-            try:
-                for token in generator:
-                    if cancelled.is_set():
-                        return
-                    if llama_cpp.llama_vocab_is_eog(vocab, token) or token in stop_ids:
-                        finish = "stop"
-                        break
-                    n += 1
-                    yield Step(decoder.decode(llm.detokenize([token])), 1)
-                    if n >= sampling.max_tokens:
-                        break
-            finally:
-                generator.close()
-            yield Step(decoder.decode(b"", final=True), 0, finish)
+    def _sampler(self, s: Sampling):
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lib.llama_sampler_chain_add
+        add(chain, lib.llama_sampler_init_penalties(
+            self.n_vocab, 64, 1.0 if s.repetition_penalty is None else s.repetition_penalty, 0.0, 0.0))
+        if s.temperature == 0:
+            add(chain, lib.llama_sampler_init_greedy())
+        else:
+            add(chain, lib.llama_sampler_init_top_k(40 if s.top_k is None else s.top_k))
+            add(chain, lib.llama_sampler_init_typical(1.0, 1))
+            add(chain, lib.llama_sampler_init_top_p(0.95 if s.top_p is None else s.top_p, 1))
+            add(chain, lib.llama_sampler_init_min_p(0.05, 1))
+            add(chain, lib.llama_sampler_init_temp(s.temperature))
+            add(chain, lib.llama_sampler_init_dist(s.seed if s.seed is not None else random.getrandbits(32)))
+        return chain
+
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+        if not self._free_slots:
+            raise RuntimeError("no free sequence slot")
+        seq = _Seq(seq_id, self._free_slots.pop(), list(prompt_ids), self._sampler(sampling), sampling)
+        self._seqs[seq_id] = seq
+
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def remove(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            self.lib.llama_sampler_free(seq.sampler)
+            self._free_slots.append(seq.slot)
+
+    def step(self) -> list[StepOut]:
+        lib, b = self.lib, self.batch
+        n = 0
+        # Running sequences first (one token each), then prompt chunks while the batch has room.
+        for seq in self._seqs.values():
+            if seq.fed == len(seq.prompt):
+                n = self._put(n, seq.last, seq.pos, seq.slot, True)
+                seq.out_index = n - 1
+        for seq in self._seqs.values():
+            if seq.fed < len(seq.prompt) and n < N_BATCH:
+                chunk = seq.prompt[seq.fed:seq.fed + N_BATCH - n]
+                for token in chunk:
+                    seq.fed += 1
+                    n = self._put(n, token, seq.pos, seq.slot, seq.fed == len(seq.prompt))
+                    seq.pos += 1
+                if seq.fed == len(seq.prompt):
+                    seq.out_index = n - 1
+        if n == 0:
+            return []
+        b.n_tokens = n
+        rc = lib.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed (code {rc})")
+        outs: list[StepOut] = []
+        for seq in list(self._seqs.values()):
+            if seq.out_index < 0:
+                continue
+            if seq.last >= 0:
+                seq.pos += 1  # the token just decoded is in the cache now
+            token = lib.llama_sampler_sample(seq.sampler, self.ctx.ctx, seq.out_index)
+            seq.out_index = -1
+            if lib.llama_vocab_is_eog(self.vocab, token) or token in seq.stop_ids:
+                outs.append(StepOut(seq.id, [], "stop"))
+                self.remove(seq.id)
+                continue
+            seq.generated += 1
+            seq.last = token
+            finish = "length" if seq.generated >= seq.max_tokens else None
+            outs.append(StepOut(seq.id, [token], finish))
+            if finish:
+                self.remove(seq.id)
+        return outs
+
+    def _put(self, i: int, token: int, pos: int, slot: int, logits: bool) -> int:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = slot
+        b.logits[i] = logits
+        return i + 1
+
+    # ------------------------------------------------------------------ embeddings
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        with self.lock:
-            if self._embedder is None:  # llama.cpp embeds only from a context made for it
-                from llama_cpp import LLAMA_POOLING_TYPE_MEAN
+        if self._embedder is None:  # llama.cpp embeds only from a context made for it
+            from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
-                # Mean pooling, as the transformers backend does (a file may declare no pooling of its own).
-                self._embedder = self._Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
-                                             pooling_type=LLAMA_POOLING_TYPE_MEAN, n_gpu_layers=self.n_gpu_layers,
-                                             n_threads=self.n_threads, verbose=False)
-            result = self._embedder.create_embedding(texts)
+            # Mean pooling, as the transformers backend does (a file may declare no pooling of its own).
+            self._embedder = Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
+                                   pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                                   n_gpu_layers=-1 if self.device.startswith("cuda") else 0,
+                                   n_threads=self.n_threads, verbose=False)
+        result = self._embedder.create_embedding(texts)
         vectors = np.asarray([d["embedding"] for d in result["data"]], dtype=np.float32)
         return vectors, int(result["usage"]["prompt_tokens"])
 
     def close(self) -> None:
-        for llm in (self.llm, self._embedder):
-            if llm is not None:
-                llm.close()
+        for seq_id in list(self._seqs):
+            self.remove(seq_id)
+        self.lib.llama_batch_free(self.batch)
+        self.ctx.close()
+        self.model.close()
+        if self._embedder is not None:
+            self._embedder.close()

@@ -1,20 +1,25 @@
-"""transformers engine for `pytorch` specs: AutoTokenizer + AutoModelForCausalLM."""
+"""transformers engine for `pytorch` specs: AutoTokenizer + AutoModelForCausalLM, decoded step by step here.
+
+The worker's compute loop steps this backend; it holds up to `max_sequences` sequences in one batch with one
+KV cache (transformers' DynamicCache), so concurrent requests are decoded together:
+- a new sequence is prefilled alone (one forward over its prompt, exactly as generate() does for one prompt),
+  its first token sampled, and its cache merged into the batch's (left-padded to a common length; an
+  attention mask hides the padding, each row keeps its own positions);
+- each step decodes one token for every sequence in the batch with one forward;
+- a sequence that ends is sliced out, and padding every remaining row shares is trimmed.
+Greedy decoding is argmax, as generate() does; sampled decoding applies repetition penalty, temperature,
+top-k and top-p (generate()'s order) with a per-sequence seeded generator.
+"""
 
 from __future__ import annotations
 
-import itertools
-import queue
-import threading
-import time
-from collections.abc import Iterator
-from concurrent.futures import Future
+import inspect
+import random
 
 import numpy as np
 
-from services.worker.backends.base import LLMBackend, Sampling, Step, finish_reason
+from services.worker.backends.base import LLMBackend, Sampling, StepOut
 from shared.errors import InvalidRequest
-
-_seed_lock = threading.Lock()
 
 
 class IncrementalDecoder:
@@ -45,55 +50,23 @@ class IncrementalDecoder:
         return rest
 
 
-class _Cancelled(Exception):
-    """Raised from the streamer to end a generate() whose request was cancelled."""
+class _Seq:
+    __slots__ = ("id", "prompt", "sampling", "stop_ids", "generated", "last", "length", "generator", "history",
+                 "processors")
 
-
-class _TokenBuffer:
-    """transformers' streamer protocol (put gets the prompt first, then each new token), buffering ids for
-    the consumer and waking it at most every WAKE_S: a wake-up per token costs more than the token on a CPU.
-    Raising from put() is how a cancelled request stops generate() between two decode steps."""
-
-    WAKE_S = 0.002
-
-    def __init__(self, cancelled: threading.Event, stop: threading.Event):
-        self.cancelled, self.stop = cancelled, stop
-        self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.ids: list[int] = []
-        self.done = False
-        self.prompt_seen = False
-        self.last_wake = 0.0
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        if self.cancelled.is_set() or self.stop.is_set():
-            raise _Cancelled
-        with self.lock:
-            self.ids.extend(value.reshape(-1).tolist())
-        now = time.monotonic()
-        if now - self.last_wake >= self.WAKE_S:
-            self.last_wake = now
-            self.ready.set()
-
-    def end(self):
-        self.done = True
-        self.ready.set()
-
-    def take(self) -> tuple[list[int], bool]:
-        self.ready.wait()
-        self.ready.clear()
-        with self.lock:
-            ids, self.ids = self.ids, []
-        return ids, self.done and not self.ids
+    def __init__(self, seq_id: int, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int]):
+        self.id, self.prompt, self.sampling, self.stop_ids = seq_id, prompt, sampling, stop_ids
+        self.generated = 0
+        self.last = -1
+        self.length = 0  # real tokens in this sequence's cache row (its next position)
+        self.generator = None
+        self.history = None  # prompt + generated ids, for the repetition penalty
+        self.processors = None
 
 
 class TransformersBackend(LLMBackend):
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
-                 trust_remote_code: bool = False, continuous_batching: bool = True, run_on=None,
-                 fast_decode: bool = True, max_sequences: int = 64):
+                 trust_remote_code: bool = False, max_sequences: int = 64):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,82 +102,163 @@ class TransformersBackend(LLMBackend):
         self.eos_token = self.tokenizer.eos_token or ""
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
-            self.eos_ids[0] if self.eos_ids else 0)
-        self.batcher = ContinuousBatcher(self, max_sequences) if continuous_batching else None
-        # On a GPU, plain generate() decodes with a static KV cache, which transformers compiles with CUDA
-        # graphs; launch with fast_decode=false to turn it off. Unmeasured here: no GPU in this project's CI.
-        self.fast_decode = fast_decode and device.startswith("cuda") and quantization == "none"
-        # Where plain generate() runs: given a submit(fn) -> Future (the worker's main thread), else a thread.
-        self.run_on = run_on or _in_thread
+        self.max_sequences = max(1, max_sequences)
+        # generate() computes the prefill's logits for the last position only; do the same (same numbers).
+        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._new: list[_Seq] = []  # added, not yet prefilled
+        self._rows: list[_Seq] = []  # the batch, in cache row order
+        self._cache = None
+        self._mask = None  # (rows, cache length): 1 for real tokens, 0 for left padding
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
 
-    def generate_kwargs(self, sampling: Sampling) -> dict:
-        kw: dict = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self.pad_id,
-                    "eos_token_id": list(dict.fromkeys(self.eos_ids + sampling.stop_token_ids))}
-        if sampling.temperature and sampling.temperature > 0:
-            kw.update(do_sample=True, temperature=sampling.temperature)
-            if sampling.top_p is not None:
-                kw["top_p"] = sampling.top_p
-            if sampling.top_k is not None:
-                kw["top_k"] = sampling.top_k
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    def detokenizer(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self.tokenizer)
+
+    def active(self) -> int:
+        return len(self._new) + len(self._rows)
+
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+        seq = _Seq(seq_id, list(prompt_ids), sampling, frozenset(self.eos_ids + sampling.stop_token_ids))
+        if sampling.temperature:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            seq.generator = self.torch.Generator(device=self.device).manual_seed(seed)
+            seq.processors = self._processors(sampling)
         if sampling.repetition_penalty is not None:
-            kw["repetition_penalty"] = sampling.repetition_penalty
-        if self.fast_decode:
-            kw["cache_implementation"] = "static"
-        return kw
+            seq.history = list(prompt_ids)
+            if seq.processors is None:
+                seq.processors = self._processors(sampling)
+        self._new.append(seq)
 
-    def stream(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        """With continuous batching on (a launch option; the default on a GPU), greedy requests share the batch
-        and sampled ones run as plain `generate`; with it off, every request runs as plain `generate`, one at a
-        time on the worker's main thread. A lone greedy request takes the batch path too: a plain `generate`
-        running beside the batch on one model thrashed the CPU's cores (16 streams: 208 tokens/s)."""
-        if self.batcher is not None and not sampling.temperature and sampling.repetition_penalty is None:
-            return self.batcher.stream(prompt_ids, sampling, cancelled)
-        return self._stream_plain(prompt_ids, sampling, cancelled)
+    def remove(self, seq_id: int) -> None:
+        self._new = [s for s in self._new if s.id != seq_id]
+        keep = [i for i, s in enumerate(self._rows) if s.id != seq_id]
+        if len(keep) != len(self._rows):
+            self._keep_rows(keep)
 
-    def _stream_plain(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        """One `generate` call, run where `run_on` says (the worker's main thread: one at a time, and torch is
-        faster there), streaming its tokens to this thread."""
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[StepOut]:
+        outs: list[StepOut] = []
+        with self.torch.inference_mode():
+            if self._rows:
+                outs += self._decode()
+            while self._new:
+                outs += self._prefill(self._new.pop(0))
+        return outs
+
+    def _prefill(self, seq: _Seq) -> list[StepOut]:
         torch = self.torch
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        stop = threading.Event()
-        buffer = _TokenBuffer(cancelled, stop)
-        kwargs = self.generate_kwargs(sampling)
+        ids = torch.tensor([seq.prompt], device=self.device)
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        seq.length = len(seq.prompt)
+        result = self._advance(seq, out.logits[:, -1, :])
+        if result.finish is None:
+            self._merge(seq, out.past_key_values)
+        return [result]
 
-        def run():
-            try:
-                with torch.inference_mode():
-                    if sampling.seed is not None:
-                        with _seed_lock:
-                            torch.manual_seed(sampling.seed)
-                    self.model.generate(**enc, streamer=buffer, **kwargs)
-            except _Cancelled:
-                pass
-            finally:
-                buffer.end()
+    def _decode(self) -> list[StepOut]:
+        torch = self.torch
+        rows = self._rows
+        input_ids = torch.tensor([[s.last] for s in rows], device=self.device)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True)
+        self._cache, self._mask = out.past_key_values, mask
+        logits = out.logits[:, -1, :]
+        results, keep = [], []
+        for i, seq in enumerate(rows):
+            seq.length += 1
+            result = self._advance(seq, logits[i:i + 1])
+            results.append(result)
+            if result.finish is None:
+                keep.append(i)
+        if len(keep) != len(rows):
+            self._keep_rows(keep)
+        return results
 
-        done = self.run_on(run)
-        decoder = IncrementalDecoder(self.tokenizer)
-        n, last, finished = 0, None, False
-        try:
-            while not finished:
-                ids, finished = buffer.take()
-                for token in ids:  # one step per token, so a stream can still send every token on its own
-                    n += 1
-                    last = token
-                    yield Step(decoder.push([token]), 1)
-            done.result()  # surfaces an error raised by generate
-            yield Step(decoder.flush(), 0, finish_reason(last, kwargs["eos_token_id"], n, sampling.max_tokens))
-        finally:
-            stop.set()
-            if not finished:
-                done.result()
+    def _advance(self, seq: _Seq, logits) -> StepOut:
+        """Pick the next token of one sequence from its logits row (1, vocab)."""
+        torch = self.torch
+        s = seq.sampling
+        if seq.processors is not None:
+            history = torch.tensor([seq.history if seq.history is not None else [seq.last]], device=self.device)
+            logits = seq.processors(history, logits.float())
+        if s.temperature:
+            probs = torch.softmax(logits.float(), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator)[0, 0])
+        else:
+            token = int(torch.argmax(logits, dim=-1)[0])
+        seq.generated += 1
+        seq.last = token
+        if seq.history is not None:
+            seq.history.append(token)
+        if token in seq.stop_ids:  # as generate(): the end token counts, and decodes to nothing (special)
+            return StepOut(seq.id, [token], "stop")
+        return StepOut(seq.id, [token], "length" if seq.generated >= s.max_tokens else None)
+
+    def _processors(self, s: Sampling):
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        out = LogitsProcessorList()
+        if s.repetition_penalty is not None:
+            out.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
+        if s.temperature:
+            out.append(TemperatureLogitsWarper(s.temperature))
+            if s.top_k is not None:
+                out.append(TopKLogitsWarper(top_k=s.top_k))
+            if s.top_p is not None:
+                out.append(TopPLogitsWarper(top_p=s.top_p))
+        return out
+
+    # ------------------------------------------------------------------ the batch's cache
+
+    def _layers(self, cache) -> list:
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(not hasattr(layer, "keys") for layer in layers):
+            raise RuntimeError(f"unsupported cache type {type(cache).__name__}")
+        return layers
+
+    def _merge(self, seq: _Seq, cache) -> None:
+        torch = self.torch
+        if not self._rows:
+            self._rows, self._cache = [seq], cache
+            self._mask = torch.ones((1, seq.length), dtype=torch.long, device=self.device)
+            return
+        old_len, new_len = self._mask.shape[1], seq.length
+        width = max(old_len, new_len)
+        for mine, theirs in zip(self._layers(self._cache), self._layers(cache), strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        new_mask = torch.ones((1, new_len), dtype=torch.long, device=self.device)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)], dim=0)
+        self._rows.append(seq)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        torch = self.torch
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        real = mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0  # padding all remaining rows share goes
+        for layer in self._layers(self._cache):
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[i] for i in keep]
+
+    # ------------------------------------------------------------------ embeddings, close
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         torch = self.torch
@@ -217,8 +271,7 @@ class TransformersBackend(LLMBackend):
         return pooled.float().cpu().numpy(), int(enc["attention_mask"].sum())
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        self._new, self._rows, self._cache, self._mask = [], [], None, None
         del self.model
         if self.device.startswith("cuda"):
             import gc
@@ -227,116 +280,20 @@ class TransformersBackend(LLMBackend):
             self.torch.cuda.empty_cache()
 
 
-def _in_thread(fn) -> Future:
-    future: Future = Future()
+def _left_pad(t, width: int):
+    """(batch, heads, length, dim) -> (batch, heads, width, dim), zeros on the left."""
+    import torch
 
-    def target():
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, name="hf-generate", daemon=True).start()
-    return future
+    missing = width - t.shape[2]
+    if missing <= 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], t.shape[1], missing, t.shape[3])), t], dim=2)
 
 
-class ContinuousBatcher:
-    """transformers' continuous batching manager, shared by the concurrent greedy requests of one instance.
+def _left_pad_mask(mask, width: int):
+    import torch
 
-    New requests join between decode steps and finished ones leave; each keeps its own max_tokens and stop
-    tokens. One dispatcher thread reads the manager's results and routes them to each request's queue (the
-    manager's own per-request iterator re-queues other requests' results, which churns under load).
-    """
-
-    def __init__(self, backend: TransformersBackend, max_sequences: int = 64):
-        self.backend = backend
-        self.max_sequences = max_sequences
-        self._manager = None
-        self._lock = threading.Lock()
-        self._routes: dict[str, queue.Queue] = {}
-        self._ids = itertools.count()
-        self._closing = threading.Event()
-
-    def _start(self):
-        with self._lock:
-            if self._manager is None:
-                from transformers import ContinuousBatchingConfig, GenerationConfig
-
-                gen = GenerationConfig(do_sample=False, max_new_tokens=self.backend.context_length,
-                                       eos_token_id=list(self.backend.eos_ids) or -1,
-                                       pad_token_id=self.backend.pad_id)
-                # Size the paged KV cache for max_sequences full contexts: left to itself, transformers takes 90%
-                # of free memory (14 GB of this 24 GB CPU machine, 19 s to allocate, for a 2 MB model).
-                page = 256
-                blocks = self.max_sequences * -(-self.backend.context_length // page)
-                manager = self.backend.model.init_continuous_batching(
-                    generation_config=gen,
-                    continuous_batching_config=ContinuousBatchingConfig(
-                        auto_switch_to_flash=False,  # sdpa stays sdpa: plain generate can share the model
-                        page_size=page, num_blocks=blocks, max_requests_per_batch=self.max_sequences,
-                        max_batch_tokens=max(page, min(self.backend.context_length, 4096))))
-                manager.start()
-                self._manager = manager
-                threading.Thread(target=self._dispatch, name="cb-dispatch", daemon=True).start()
-            return self._manager
-
-    def _dispatch(self) -> None:
-        manager = self._manager
-        while not self._closing.is_set():
-            out = manager.get_result(timeout=0.1)
-            if out is None:
-                if manager.background_thread_status.fatal_error is not None:
-                    error = manager.background_thread_status.fatal_error
-                    for q in list(self._routes.values()):
-                        q.put(RuntimeError(f"continuous batching stopped: {error}"))
-                    return
-                continue
-            q = self._routes.get(out.request_id)
-            if q is not None:
-                q.put(out)
-
-    def stream(self, input_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-        manager = self._start()
-        rid = f"zinfer-{next(self._ids)}"
-        q: queue.Queue = queue.Queue()
-        self._routes[rid] = q
-        eos = list(dict.fromkeys(self.backend.eos_ids + sampling.stop_token_ids))
-        manager.add_request(input_ids, request_id=rid, max_new_tokens=sampling.max_tokens, streaming=True,
-                            eos_token_id=eos or -1)
-        decoder = IncrementalDecoder(self.backend.tokenizer)
-        seen, finished, last = 0, False, None
-        try:
-            while not finished:
-                try:
-                    out = q.get(timeout=0.05)
-                except queue.Empty:
-                    if cancelled.is_set():
-                        return
-                    continue
-                while not q.empty():  # behind by a few steps: the latest output holds them all
-                    later = q.get_nowait()
-                    if isinstance(out, Exception) or (not isinstance(later, Exception) and out.error):
-                        break
-                    out = later
-                if isinstance(out, Exception):
-                    raise out
-                if out.error:
-                    raise RuntimeError(f"generation failed: {out.error}")
-                new = list(out.generated_tokens[seen:])
-                seen += len(new)
-                finished = out.is_finished()
-                if new:
-                    last = new[-1]
-                    yield Step(decoder.push(new), len(new))
-                if cancelled.is_set():
-                    return
-            yield Step(decoder.flush(), 0, finish_reason(last, eos, seen, sampling.max_tokens))
-        finally:
-            self._routes.pop(rid, None)
-            if not finished:
-                manager.cancel_request(rid)
-
-    def close(self) -> None:
-        self._closing.set()
-        if self._manager is not None:
-            self._manager.stop(block=True)
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)

@@ -1,0 +1,151 @@
+"""Embeddings on the compute loop: concurrent requests to one instance run as one `encode` call.
+
+While a batch encodes, new requests queue; the next step takes what is queued, up to `max_batch_size` texts
+and `max_batch_tokens` padded tokens (the longest text x the texts), so one step stays bounded: a request of
+20,000 texts is split into many batches, and other instances on the worker get their turns between them.
+With `batch_wait_ms` a batch waits that long for stragglers. Each request gets its own rows back in order; one
+that fails (a text over the model's max_tokens, or texts that break the encoder) fails alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from services.worker.backends.base import EmbeddingBackend
+from services.worker.compute import Engine, Job
+from shared import protocol as p
+from shared.errors import TooLarge, Unavailable
+
+
+class _Work:
+    """One embed request on its way: how far its batches have got, and the vectors so far."""
+
+    __slots__ = ("job", "texts", "next", "parts", "tokens")
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.texts: list[str] = job.msg.input
+        self.next = 0
+        self.parts: list[np.ndarray] = []
+        self.tokens = 0
+
+
+class EmbeddingEngine(Engine):
+    def __init__(self, uid: str, backend: EmbeddingBackend, wake: Callable[[], None], max_queue: int,
+                 max_batch_size: int = 256, max_batch_tokens: int = 16384, wait_ms: float = 0.0):
+        self.uid = uid
+        self.name = f"model {uid}"
+        self.backend = backend
+        self.wake = wake
+        self.max_queue = max_queue
+        self.max_items = max(1, max_batch_size)
+        self.max_tokens = max(1, max_batch_tokens)
+        self.wait_s = max(0.0, wait_ms) / 1000
+        self.queue: deque[_Work] = deque()
+        self.stats = p.InstanceStats()
+
+    def submit(self, job: Job) -> None:
+        if len(self.queue) >= self.max_queue:
+            raise Unavailable(f"{self.name} has {len(self.queue)} requests queued (instance_queue); try again")
+        self.queue.append(_Work(job))
+        self.wake()
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def has_work(self) -> bool:
+        if not self.queue:
+            return False
+        if self.wait_s and time.monotonic() - self.queue[0].job.received < self.wait_s:
+            return sum(len(w.texts) - w.next for w in self.queue) >= self.max_items
+        return True
+
+    def wait_hint(self) -> float | None:
+        if self.queue and self.wait_s:
+            return max(0.0, self.queue[0].job.received + self.wait_s - time.monotonic())
+        return None
+
+    def fail_all(self, error: Exception) -> None:
+        self.stats.failures += len(self.queue)
+        while self.queue:
+            self.queue.popleft().job.fail(error)
+
+    def step(self) -> None:
+        batch: list[tuple[_Work, int]] = []  # each request's texts in this batch: (work, how many)
+        texts: list[str] = []
+        longest = 0
+        while self.queue and len(texts) < self.max_items:
+            work = self.queue[0]
+            if work.job.cancelled:
+                self.queue.popleft()
+                work.job.drop_cancelled()
+                self.stats.cancelled += 1
+                continue
+            if work.next == 0:
+                self.stats.requests += 1
+            chunk = work.texts[work.next:work.next + self.max_items - len(texts)]
+            counts = self.backend.token_counts(chunk)
+            too_long = next((i for i, n in enumerate(counts) if n > self.backend.max_tokens), None)
+            if too_long is not None:
+                self.queue.popleft()
+                at = f"input[{work.next + too_long}]"
+                self.stats.failures += 1
+                work.job.fail(TooLarge(f"{at} has {counts[too_long]} tokens; this model takes at most "
+                                       f"{self.backend.max_tokens}", field=at))
+                continue
+            take = 0
+            for n in counts:  # at least one text per step, then as many as the padded-token budget allows
+                if texts or take:
+                    if max(longest, n) * (len(texts) + take + 1) > self.max_tokens:
+                        break
+                longest = max(longest, n)
+                take += 1
+            texts += chunk[:take]
+            work.tokens += sum(counts[:take])
+            self.stats.tokens_in += sum(counts[:take])
+            work.next += take
+            batch.append((work, take))
+            if work.next < len(work.texts):
+                break  # the rest of a big request waits for this engine's next turn
+            self.queue.popleft()
+        if texts:
+            self._encode(batch, texts)
+
+    def _encode(self, batch: list[tuple[_Work, int]], texts: list[str]) -> None:
+        try:
+            vectors = self.backend.encode(texts)
+        except Exception:
+            # Find the culprit: each request's texts on their own, so that only a failing one fails.
+            for work, count in batch:
+                part = texts[:count]
+                texts = texts[count:]
+                try:
+                    work.parts.append(self.backend.encode(part))
+                    self._finish(work)
+                except Exception as exc:
+                    self._drop(work)
+                    self.stats.failures += 1
+                    work.job.fail(exc)
+            return
+        start = 0
+        for work, count in batch:
+            work.parts.append(vectors[start:start + count])
+            start += count
+            self._finish(work)
+
+    def _drop(self, work: _Work) -> None:
+        if work in self.queue:
+            self.queue.remove(work)
+
+    def _finish(self, work: _Work) -> None:
+        if work.next < len(work.texts):
+            return
+        vectors = np.ascontiguousarray(work.parts[0] if len(work.parts) == 1 else np.vstack(work.parts),
+                                       dtype=np.float32)
+        reply = p.Embedding(model=self.uid, rows=vectors.shape[0],
+                            dimensions=vectors.shape[1], prompt_tokens=work.tokens)
+        work.job.reply(reply, [memoryview(vectors).cast("B")])

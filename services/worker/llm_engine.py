@@ -1,0 +1,225 @@
+"""Generation on the compute loop: requests become sequences of one backend, decoded together step by step.
+
+Each step: admit queued requests while the backend has room (render the chat prompt, time-limited;
+tokenize; check the context), run one backend step (one decode for every sequence held; prefill for new ones),
+turn each sequence's new tokens into text and replies (services/worker/output.py), and drop sequences that are
+done, cut by a stop word, or cancelled by their client. Embed requests to an LLM with the `embed` ability run
+here too, a few texts per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from services.worker import prompts
+from services.worker.backends.base import Detokenizer, LLMBackend, Sampling
+from services.worker.compute import Engine, Job
+from services.worker.output import Generation, merge_stops
+from shared import protocol as p
+from shared.errors import InvalidRequest, TooLarge, Unavailable
+from shared.models import LLMFamily
+
+DEFAULT_MAX_TOKENS = 1024
+EMBED_TEXTS_PER_STEP = 16
+
+
+class _Running:
+    __slots__ = ("job", "gen", "detok")
+
+    def __init__(self, job: Job, gen: Generation, detok: Detokenizer):
+        self.job, self.gen, self.detok = job, gen, detok
+
+
+class _EmbedWork:
+    __slots__ = ("job", "next", "parts", "tokens")
+
+    def __init__(self, job: Job):
+        self.job, self.next, self.parts, self.tokens = job, 0, [], 0
+
+
+class LLMEngine(Engine):
+    def __init__(self, uid: str, family: LLMFamily, backend: LLMBackend, wake: Callable[[], None], max_queue: int,
+                 template_timeout_s: float = 1.0):
+        self.uid = uid
+        self.name = f"model {uid}"
+        self.family = family
+        self.backend = backend
+        self.wake = wake
+        self.max_queue = max_queue
+        self.template_timeout_s = template_timeout_s
+        self.queue: deque[Job] = deque()
+        self.running: dict[int, _Running] = {}
+        self.embeds: deque[_EmbedWork] = deque()
+        self._ids = itertools.count()
+        self.stats = p.InstanceStats()
+
+    # ------------------------------------------------------------------ from the I/O thread
+
+    def submit(self, job: Job) -> None:
+        held = len(self.queue) + len(self.running) + len(self.embeds)
+        if held >= self.max_queue:
+            raise Unavailable(f"{self.name} holds {held} requests (instance_queue); try again")
+        self.queue.append(job)
+        self.wake()
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def inflight(self) -> int:
+        return len(self.running) + len(self.embeds)
+
+    # ------------------------------------------------------------------ on the compute loop
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.embeds or
+                    (self.queue and self.backend.active() < self.backend.max_sequences))
+
+    def fail_all(self, error: Exception) -> None:
+        self.stats.failures += len(self.running) + len(self.embeds) + len(self.queue)
+        for seq_id, run in list(self.running.items()):
+            self.backend.remove(seq_id)
+            run.job.fail(error)
+        self.running.clear()
+        for work in self.embeds:
+            work.job.fail(error)
+        self.embeds.clear()
+        while self.queue:
+            self.queue.popleft().fail(error)
+
+    def step(self) -> None:
+        for seq_id, run in list(self.running.items()):  # clients that gave up: free their place first
+            if run.job.cancelled:
+                self.backend.remove(seq_id)
+                del self.running[seq_id]
+                run.job.drop_cancelled()
+                self.stats.cancelled += 1
+        self._admit()
+        if self.embeds:
+            self._embed_step()
+        if not self.backend.active():
+            return
+        for out in self.backend.step():
+            self.stats.tokens_out += len(out.tokens)
+            run = self.running.get(out.seq_id)
+            if run is None:
+                continue
+            text = run.detok.push(out.tokens) if out.tokens else ""
+            if out.finish is not None:
+                text += run.detok.flush()
+            if run.gen.add(text, len(out.tokens), out.finish):
+                del self.running[out.seq_id]
+                if out.finish is None:  # cut by a stop word: the backend still holds it
+                    self.backend.remove(out.seq_id)
+
+    def _admit(self) -> None:
+        while self.queue and self.backend.active() < self.backend.max_sequences:
+            job = self.queue.popleft()
+            if job.cancelled:
+                job.drop_cancelled()
+                self.stats.cancelled += 1
+                continue
+            self.stats.requests += 1
+            if isinstance(job.msg, p.Embed):
+                self.embeds.append(_EmbedWork(job))
+                continue
+            try:
+                self._start(job)
+            except Exception as exc:  # a refusal of this request (typed), never of the engine
+                self.stats.failures += 1
+                job.fail(exc)
+
+    def _start(self, job: Job) -> None:
+        msg, family = job.msg, self.family
+        if isinstance(msg, p.Chat):
+            if "chat" not in family.model_ability:
+                raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
+                                     "use generate", field="model_uid")
+            if not msg.messages:
+                raise InvalidRequest("messages must not be empty", field="messages")
+            prompt, stops, stop_ids = self.chat_prompt(msg.messages, lambda: job.cancelled)
+            stops = merge_stops(msg.config.stop, stops)
+        else:
+            if "generate" not in family.model_ability and "chat" not in family.model_ability:
+                raise InvalidRequest(f"model {self.uid!r} cannot generate (abilities {family.model_ability})",
+                                     field="model_uid")
+            prompt, stops = msg.prompt, merge_stops(msg.config.stop, family.stop)
+            stop_ids = list(family.stop_token_ids or [])
+        prompt_ids = self.backend.tokenize(prompt)
+        sampling = self.sampling(msg.config, len(prompt_ids), stop_ids)
+        self.stats.tokens_in += len(prompt_ids)
+        seq_id = next(self._ids)
+        gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(prompt_ids), stops, msg.config)
+        self.running[seq_id] = _Running(job, gen, self.backend.detokenizer())
+        self.backend.add(seq_id, prompt_ids, sampling)
+
+    def sampling(self, cfg: p.GenerateConfig, prompt_tokens: int, stop_ids=()) -> Sampling:
+        ctx_len = self.backend.context_length
+        if prompt_tokens >= ctx_len:
+            raise TooLarge(f"the prompt has {prompt_tokens} tokens; context_length is {ctx_len}", field="prompt")
+        max_tokens = cfg.max_tokens if cfg.max_tokens is not None else min(DEFAULT_MAX_TOKENS,
+                                                                            ctx_len - prompt_tokens)
+        if max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}", field="max_tokens")
+        if prompt_tokens + max_tokens > ctx_len:
+            raise TooLarge(f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                           f"{prompt_tokens + max_tokens} > context_length {ctx_len}", field="max_tokens")
+        temperature = 1.0 if cfg.temperature is None else cfg.temperature
+        if temperature < 0:
+            raise InvalidRequest("temperature must be >= 0", field="temperature")
+        return Sampling(max_tokens, temperature, cfg.top_p, cfg.top_k, cfg.seed,
+                        tuple(dict.fromkeys([*(cfg.stop_token_ids or ()), *stop_ids])), cfg.repetition_penalty)
+
+    def chat_prompt(self, messages: list[p.ChatMessage], cancelled=None) -> tuple[str, list[str], list[int]]:
+        family = self.family
+        style = family.prompt_style if not isinstance(family.prompt_style, str) else None
+        stops = merge_stops(family.stop)
+        stop_ids = list(family.stop_token_ids or [])
+        template = family.chat_template or (None if style is not None else self.backend.chat_template)
+        if template:
+            prompt = prompts.render_chat_template(template, messages, self.backend.bos_token, self.backend.eos_token,
+                                                  self.template_timeout_s, cancelled)
+        elif style is not None:
+            prompt = prompts.render_prompt_style(style, messages)
+            stops = merge_stops(stops, style.stop)
+            stop_ids += list(style.stop_token_ids or [])
+        else:
+            raise InvalidRequest(f"model {self.uid!r} has no chat template or prompt style", field="model_uid")
+        return prompt, stops, stop_ids
+
+    def _embed_step(self) -> None:
+        work = self.embeds[0]
+        if work.job.cancelled:
+            self.embeds.popleft()
+            work.job.drop_cancelled()
+            self.stats.cancelled += 1
+            return
+        try:
+            if "embed" not in self.family.model_ability:
+                raise InvalidRequest(f"model {self.uid!r} cannot embed (abilities {self.family.model_ability})",
+                                     field="model_uid")
+            texts = work.job.msg.input[work.next:work.next + EMBED_TEXTS_PER_STEP]
+            for i, text in enumerate(texts, start=work.next):
+                n = len(self.backend.tokenize(text))
+                if n > self.backend.context_length:
+                    raise TooLarge(f"input[{i}] has {n} tokens; context_length is {self.backend.context_length}",
+                                   field=f"input[{i}]")
+            vectors, tokens = self.backend.embed(texts)
+        except Exception as exc:
+            self.embeds.popleft()
+            self.stats.failures += 1
+            work.job.fail(exc)
+            return
+        work.parts.append(vectors)
+        work.tokens += tokens
+        self.stats.tokens_in += tokens
+        work.next += len(texts)
+        if work.next < len(work.job.msg.input):
+            return
+        self.embeds.popleft()
+        vectors = np.ascontiguousarray(np.vstack(work.parts), dtype=np.float32)
+        work.job.reply(p.Embedding(model=self.uid, rows=vectors.shape[0], dimensions=vectors.shape[1],
+                                   prompt_tokens=work.tokens), [memoryview(vectors).cast("B")])
