@@ -17,7 +17,11 @@ from shared.client import Client
 from shared.errors import ZinferError
 
 REPO = Path(__file__).resolve().parents[1]
-HEARTBEAT = 0.25  # fast liveness in tests: a dead peer is noticed within ~0.75 s
+# Liveness in tests: 0.5 s heartbeats, 6 missed = 3 s. Tight enough to see a stalled peer quickly, loose enough
+# for a busy 2-core machine (0.25 s x 3 failed peers whose I/O thread was starved during model loads). A process
+# that dies is noticed sooner: its connection closes, and the next heartbeat to it fails at once.
+HEARTBEAT = 0.5
+LIVENESS = 6
 
 
 def free_port() -> int:
@@ -27,12 +31,15 @@ def free_port() -> int:
 
 
 class Mesh:
-    def __init__(self, home: Path, log_dir: Path, heartbeat: float = HEARTBEAT, cpu_budget_mb: int = 0):
+    def __init__(self, home: Path, log_dir: Path, heartbeat: float = HEARTBEAT, cpu_budget_mb: int = 0,
+                 liveness: int = LIVENESS):
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.liveness = heartbeat * liveness  # seconds of silence after which a peer is declared dead
         self.home = home
         self.log_dir = log_dir
         self.env = dict(os.environ, ZINFER_ENDPOINT=self.endpoint, ZINFER_HOME=str(home),
-                        ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), ZINFER_HEARTBEAT_LIVENESS=str(liveness),
+                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO")
         if cpu_budget_mb:
             self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)

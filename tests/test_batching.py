@@ -118,21 +118,25 @@ def test_each_stream_keeps_its_own_max_tokens_and_stops(bmesh):
             assert r["choices"][0]["finish_reason"] == "stop"
 
 
-def test_llama_cpp_queue_depth_is_visible(bmesh):
+def test_requests_beyond_the_parallel_sequences_queue_visibly(bmesh):
+    """llama.cpp decodes n_parallel sequences together; more requests wait, and `zinfer list` shows the queue."""
+    bmesh.client.launch_model(model_name="custom-llama-2", model_format="ggufv2", model_uid="gg2", n_parallel=2)
     clients = [bmesh.new_client() for _ in range(6)]
     seen = []
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            seen.append(bmesh.client.list_models()["gg"]["queue_depth"])
+            seen.append(bmesh.client.list_models()["gg2"]["queue_depth"])
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    results, errors = concurrently(6, lambda i: clients[i].get_model("gg").generate(
+    results, errors = concurrently(6, lambda i: clients[i].get_model("gg2").generate(
         "hello", {"max_tokens": 1900, **GREEDY}))
     done.set()
     watcher.join()
     assert not errors and max(seen) >= 2
-    bmesh.wait(lambda: bmesh.client.list_models()["gg"]["queue_depth"] == 0 or None, timeout=5)
+    assert all(r["choices"][0]["text"] == results[0]["choices"][0]["text"] for r in results.values())
+    bmesh.wait(lambda: bmesh.client.list_models()["gg2"]["queue_depth"] == 0 or None, timeout=5)
+    bmesh.client.terminate_model("gg2")

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -248,42 +247,36 @@ def _inflight(client, uid):
     return client.describe_model(uid)["inflight"]
 
 
-def test_closing_a_stream_stops_its_generation(served):
-    c = served.client
-    full_cfg = {"max_tokens": 6000, **GREEDY}
-    start = time.monotonic()
-    whole = c.get_model("hf-long").generate("hello", full_cfg)
-    full_s = time.monotonic() - start
-    assert whole["usage"]["completion_tokens"] == 6000 and full_s > 2  # a long generation when left to run
-    stream = c.get_model("hf-long").generate("hello", {**full_cfg, "stream": True})
-    next(stream)
-    next(stream)
-    stream.close()
-    closed_at = time.monotonic()
-    served.wait(lambda: _inflight(c, "hf-long") == 0 or None, timeout=full_s)
-    assert time.monotonic() - closed_at < full_s / 3
+def settled_tokens_out(m, uid: str, after: int = -1) -> int:
+    """The instance's generated-token count, from a report that shows it idle (the same report carries both, so
+    the count is complete) and, with `after`, that counted tokens made since that earlier count."""
+
+    def idle():
+        view = m.client.describe_model(uid)
+        return view if view["inflight"] == 0 and view["stats"]["tokens_out"] > after else None
+
+    return m.wait(idle, timeout=120)["stats"]["tokens_out"]
 
 
-def test_closing_a_llama_cpp_stream_frees_its_queue(served):
-    c = served.client
-    model = c.get_model("gg-long")
-    start = time.monotonic()
-    whole = model.generate("Once upon a time", {"max_tokens": 1900, **GREEDY})
-    full_s = time.monotonic() - start
-    assert whole["usage"]["completion_tokens"] > 1000
-    stream = model.generate("Once upon a time", {"max_tokens": 1900, "stream": True, **GREEDY})
+LONG = 8000  # of the long-context models' 8,192: seconds of generation if it were left to run
+
+
+@pytest.mark.parametrize("uid", ["hf-long", "gg-long"])
+def test_closing_a_stream_stops_its_generation(served, uid):
+    before = settled_tokens_out(served, uid)
+    stream = served.client.get_model(uid).generate("hello", {"max_tokens": LONG, "stream": True, **GREEDY})
     next(stream)
-    stream.close()
-    start = time.monotonic()
-    model.generate("hello", {"max_tokens": 2, **GREEDY})  # queued behind the first if it had gone on
-    assert time.monotonic() - start < full_s / 2
+    next(stream)
+    stream.close()  # the client sends CANCEL; the worker drops the sequence at its next step
+    produced = settled_tokens_out(served, uid, after=before) - before
+    assert 0 < produced < LONG / 2, produced
 
 
 CLIENT_SCRIPT = """
 import sys
 from shared.client import Client
 c = Client(sys.argv[1], key=sys.argv[2])
-for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens": 6000, "temperature": 0,
+for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens": 8000, "temperature": 0,
                                                                   "stream": True})):
     if i == 2:
         print("streaming", flush=True)
@@ -291,13 +284,15 @@ for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens"
 
 
 def test_a_client_process_that_dies_mid_stream_stops_its_generation(served):
+    before = settled_tokens_out(served, "hf-long")
     proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, served.endpoint, str(served.admin_key)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "streaming"
-    served.wait(lambda: _inflight(served.client, "hf-long") == 1 or None, timeout=5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    served.wait(lambda: _inflight(served.client, "hf-long") == 0 or None, timeout=2.5)
+    # The broker cannot deliver the next chunk to a client that is gone: it cancels the work it started.
+    produced = settled_tokens_out(served, "hf-long", after=before) - before
+    assert 0 < produced < LONG / 2, produced
 
 
 def test_concurrent_requests_to_one_instance(served):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cli.mesh import detect_gpus
-from shared.errors import Conflict, InternalError, NotFound, TooLarge, Unavailable, ZinferError
+from shared.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -70,8 +70,9 @@ def test_launch_errors(mesh, tiny_models):
 def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
     c = mesh.client
     c.register_model("embedding", embedding_definition(tiny_models, "wrong-dims", dimensions=768))
-    with pytest.raises(InternalError, match="384-dimensional.*dimensions=768"):
+    with pytest.raises(InvalidRequest, match="384-dimensional.*dimensions=768") as err:  # the worker's own error
         c.launch_model(model_name="wrong-dims", model_type="embedding")
+    assert err.value.field == "dimensions"
     view = c.describe_model("wrong-dims")
     assert view["state"] == "failed" and "768" in view["error"]
     # Requests to it say why, rather than hanging or saying "unknown".
@@ -81,8 +82,9 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
     c.terminate_model("wrong-dims")
     # 4-/8-bit pytorch quantization needs a GPU (bitsandbytes): a clear error on the CPU.
     c.register_model("LLM", llm_definition(tiny_models))
-    with pytest.raises(InternalError, match="quantization '4-bit' needs a GPU"):
+    with pytest.raises(InvalidRequest, match="quantization '4-bit' needs a GPU") as err:
         c.launch_model(model_name="custom-llama-2", model_format="pytorch", quantization="4-bit", model_uid="q4")
+    assert err.value.field == "quantization"
     c.terminate_model("q4")
     # ggmlv3 cannot be read by current llama.cpp: a clear error at launch.
     ggml = tiny_models["gguf_dir"] / "x.ggmlv3.q4_0.bin"
@@ -92,7 +94,7 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
                          "model_id": "x/y", "model_file_name_template": "x.ggmlv3.{quantization}.bin",
                          "model_uri": str(ggml)}]
     c.register_model("LLM", d)
-    with pytest.raises(InternalError, match="ggmlv3 files cannot be read by current llama.cpp"):
+    with pytest.raises(InvalidRequest, match="ggmlv3 files cannot be read by current llama.cpp"):
         c.launch_model(model_name="old-ggml")
 
 
@@ -104,27 +106,21 @@ def test_long_request_does_not_block_other_instances_or_heartbeats(mesh, tiny_mo
     c.launch_model(model_name="custom-llama-2", model_format="ggufv2", model_uid="fast")
     done = {}
 
-    def long_generation():
-        client = mesh.new_client(timeout=60)
-        start = time.monotonic()
-        r = client.get_model("slow").generate("hello", {"max_tokens": 6000, "temperature": 0})
-        done["slow_s"] = time.monotonic() - start
+    def long_generation():  # 8,000 tokens: seconds of work for the worker
+        r = mesh.new_client(timeout=300).get_model("slow").generate("hello", {"max_tokens": 8000, "temperature": 0})
         done["tokens"] = r["usage"]["completion_tokens"]
 
     t = threading.Thread(target=long_generation)
     t.start()
-    time.sleep(0.3)
+    mesh.wait(lambda: c.describe_model("slow")["inflight"] == 1 or None)  # it is running
     fast = c.get_model("fast")
-    latencies = []
     for _ in range(5):
-        start = time.monotonic()
-        fast.generate("hello", {"max_tokens": 4, "temperature": 0})
-        latencies.append(time.monotonic() - start)
+        assert fast.generate("hello", {"max_tokens": 4, "temperature": 0})["usage"]["completion_tokens"] == 4
         peers = {p["service"]: p for p in c.broker_status()["peers"]}
-        assert peers["worker/cpu"]["idle_s"] < 3 * 0.25 + 0.5  # its heartbeats keep coming
+        assert peers["worker/cpu"]["idle_s"] < mesh.liveness  # its heartbeats keep coming
+    assert t.is_alive()  # the other instance answered all five while the long request was still running
     t.join()
-    assert done["tokens"] == 6000 and done["slow_s"] > 2.0  # the long request really was long...
-    assert max(latencies) < done["slow_s"] / 4  # ...and the other instance kept answering meanwhile
+    assert done["tokens"] == 8000
 
 
 def test_sigkill_of_a_worker_fails_its_requests_and_instances_only(tmp_path, tiny_models):
@@ -149,7 +145,7 @@ def test_sigkill_of_a_worker_fails_its_requests_and_instances_only(tmp_path, tin
 
         t = threading.Thread(target=request)
         t.start()
-        time.sleep(0.3)
+        m.wait(lambda: m.client.describe_model("doomed")["inflight"] == 1 or None)  # it is being served
         killed_at = time.monotonic()
         m.kill("worker/cpu:0")
         t.join(timeout=15)

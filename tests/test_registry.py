@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -163,7 +162,7 @@ def test_a_killed_write_never_leaves_a_definition_that_loads_half(tmp_path, tiny
 
     t = threading.Thread(target=flood)
     t.start()
-    time.sleep(0.4)
+    m.wait(lambda: len(done) >= 20 or None)
     m.kill("registry")  # SIGKILL while it is writing definitions
     t.join()
     # What a crash can leave: a temp file mid-write, and (from another writer) a truncated definition.
