@@ -63,6 +63,13 @@ class Unavailable(ZinferError, ConnectionError):
     code = "unavailable"
 
 
+class QueueFull(Unavailable):
+    """Unavailable for now because a queue is full (an instance's, a peer's, the broker's): try again later.
+    HTTP answers it 429."""
+
+    code = "queue_full"
+
+
 class RequestTimeout(ZinferError, TimeoutError):
     code = "timeout"
 
@@ -86,8 +93,8 @@ class InternalError(ZinferError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge, Forbidden,
-                                       Unauthenticated, Unavailable, RequestTimeout, StorageError, Cancelled,
-                                       ProtocolError, InternalError)}
+                                       Unauthenticated, Unavailable, QueueFull, RequestTimeout, StorageError,
+                                       Cancelled, ProtocolError, InternalError)}
 
 
 def error_class(code: str) -> type[ZinferError]:

@@ -156,6 +156,8 @@ class LaunchModel(Msg, kw_only=True):
     gpu_idx: list[int] | None = None
     devices: list[str] | None = None  # pin to these workers by device name (e.g. ["cpu:1"])
     engine_kwargs: dict[str, EngineValue] = {}
+    model_engine: str | None = None  # Xinference's name for the engine; checked against the format
+    worker_ip: list[str] | None = None  # pin to workers on these hosts (address or host name)
 
 
 class ListModels(Msg, kw_only=True):
@@ -201,6 +203,8 @@ class InstanceReport(Struct, kw_only=True, omit_defaults=True):
     model_format: str = ""
     model_size_in_billions: int | str | None = None
     quantization: str = ""
+    model_ability: list[str] = []
+    context_length: int = 0
     state: str  # launching | ready | failed | terminating
     error: str = ""
     error_code: str = ""  # the error's wire code (ErrorCode), so that clients raise its type
@@ -297,6 +301,7 @@ ErrorCode = Literal[
     "state",  # an instance that is not ready
     "too_large",
     "unavailable",  # nobody serves that target, or its process died
+    "queue_full",  # a queue on the way is full: try again later
     "timeout",
     "cancelled",
     "protocol",
@@ -365,6 +370,8 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     model_format: str = ""
     model_size_in_billions: int | str | None = None
     quantization: str = ""
+    model_ability: list[str] = []
+    context_length: int = 0
     replica: int = 1
     devices: list[str] = []
     address: list[str] = []

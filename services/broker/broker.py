@@ -316,7 +316,7 @@ class Broker:
                 peer.inflight += 1
                 return
             if errno != zmq.EHOSTUNREACH:
-                self._reply_error(sender, req_id, "unavailable",
+                self._reply_error(sender, req_id, "queue_full",
                                   f"{peer.service.decode(errors='replace')} is overloaded; try again")
                 return
             # Its connection is gone (the process died): drop it now rather than at heartbeat expiry.
@@ -457,7 +457,7 @@ class Broker:
         if (self.n_waiting >= self.settings.park_max_requests
                 or self.waiting_bytes + size > self.settings.park_max_mb * 2**20):
             name = target.decode(errors="replace")
-            self._reply_error(sender, frames[3], "unavailable",
+            self._reply_error(sender, frames[3], "queue_full",
                               f"nothing serves {name!r} yet and the broker's queue for such requests is full")
             return
         self.waiting.setdefault(target, deque()).append((sender, frames, self.now, size, key))

@@ -19,10 +19,12 @@ def spec_label(spec: LLMSpec) -> str:
 
 
 def match_spec(family: LLMFamily, model_format: str | None, size: int | str | None,
-               quantization: str | None) -> tuple[LLMSpec, str]:
-    """The first spec that fits the asked format/size/quantization, and the quantization to use."""
+               quantization: str | None, formats: tuple[str, ...] | None = None) -> tuple[LLMSpec, str]:
+    """The first spec that fits the asked format/size/quantization (and engine's formats), and its quantization."""
     for spec in family.model_specs:
         if model_format and spec.model_format != model_format:
+            continue
+        if formats is not None and spec.model_format not in formats:
             continue
         if size is not None and size_in_billions(spec.model_size_in_billions) != size_in_billions(size):
             continue
@@ -93,6 +95,27 @@ class Slot:
     worker_id: str
     device: str  # cpu | cuda:N
     free: int  # bytes free for new instances (reported, less reservations)
+    hosts: tuple[str, ...] = ()  # the names and addresses of its host (for worker_ip)
+
+
+# Xinference's engine names, by the formats each runs here.
+ENGINES = {"transformers": ("pytorch",), "llama.cpp": ("ggufv2", "ggmlv3"),
+           "sentence_transformers": ("embedding",)}
+_ENGINE_ALIASES = {"transformers": "transformers", "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp",
+                   "llamacpp": "llama.cpp", "sentence_transformers": "sentence_transformers",
+                   "sentence-transformers": "sentence_transformers"}
+
+
+def engine_formats(model_engine: str | None, model_type: str) -> tuple[str, ...] | None:
+    """The formats a requested engine runs (None: any); raises InvalidRequest for an engine zinfer lacks."""
+    if model_engine is None:
+        return None
+    engine = _ENGINE_ALIASES.get(model_engine.strip().lower())
+    valid = "sentence_transformers" if model_type == "embedding" else "transformers or llama.cpp"
+    if engine is None or (model_type == "embedding") != (engine == "sentence_transformers"):
+        raise InvalidRequest(f"model_engine {model_engine!r}: zinfer runs {valid} for {model_type} models",
+                             field="model_engine")
+    return ENGINES[engine]
 
 
 def _mib(n: int) -> str:
@@ -100,7 +123,14 @@ def _mib(n: int) -> str:
 
 
 def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | None,
-               devices: list[str] | None = None) -> list[Slot]:
+               devices: list[str] | None = None, worker_ip: list[str] | None = None) -> list[Slot]:
+    if worker_ip:
+        on_host = [s for s in slots if set(worker_ip) & set(s.hosts)]
+        if not on_host:
+            have = sorted({h for s in slots for h in s.hosts[:2]}) or ["no workers"]
+            raise InvalidRequest(f"worker_ip {worker_ip}: no worker runs there (hosts: {', '.join(have)})",
+                                 field="worker_ip")
+        slots = on_host
     gpus = [s for s in slots if s.device.startswith("cuda")]
     cpus = [s for s in slots if s.device.startswith("cpu")]
     if devices:
@@ -137,13 +167,14 @@ def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | 
 
 
 def place(slots: list[Slot], need: dict[str, int], replica: int, n_gpu: int | str | None = "auto",
-          gpu_idx: list[int] | None = None, devices: list[str] | None = None) -> list[str]:
+          gpu_idx: list[int] | None = None, devices: list[str] | None = None,
+          worker_ip: list[str] | None = None) -> list[str]:
     """Worker ids for `replica` instances: most free memory first, distinct devices while they fit.
 
     `need` maps a device kind ("cpu", "cuda") to the bytes one instance needs there. Raises TooLarge with
     the numbers when some replica fits nowhere (nothing is reserved then).
     """
-    pool = candidates(slots, n_gpu, gpu_idx, devices)
+    pool = candidates(slots, n_gpu, gpu_idx, devices, worker_ip)
     if not pool:
         raise TooLarge("no worker is running for this placement", field="n_gpu")
     free = {s.worker_id: s.free for s in pool}

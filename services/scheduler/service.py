@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 from services.registry import catalog
-from services.scheduler.placement import Slot, estimate_memory, match_spec, place
+from services.scheduler.placement import Slot, engine_formats, estimate_memory, match_spec, place
 from shared import protocol as p
 from shared.config import Settings
 from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
@@ -61,6 +61,8 @@ class Model:
     model_format: str = ""
     size: int | str | None = None
     quantization: str = ""
+    ability: list[str] = field(default_factory=list)
+    context_length: int = 0
     replicas: list[Replica] = field(default_factory=list)
     terminating: bool = False
     error: str = ""  # a launch that failed: the model stays failed until terminated
@@ -210,6 +212,7 @@ class Scheduler:
                                   model_format=inst.model_format, size=inst.model_size_in_billions,
                                   quantization=inst.quantization)
                     self.models[inst.model_uid] = model
+                model.ability, model.context_length = inst.model_ability, inst.context_length
                 replica = next((r for r in model.replicas if r.index == inst.replica and r.worker_id == wid),
                                None)
                 if replica is None:
@@ -279,9 +282,15 @@ class Scheduler:
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
         options = self._engine_options(msg)
+        formats = engine_formats(msg.model_engine, msg.model_type)
+        if formats is not None and msg.model_format is not None and msg.model_type == "LLM" \
+                and msg.model_format not in formats:
+            raise InvalidRequest(f"model_engine {msg.model_engine!r} does not run model_format {msg.model_format!r} "
+                                 f"(it runs {', '.join(formats)})", field="model_engine")
         family = self._registration(msg.model_type, msg.model_name)
         if isinstance(family, LLMFamily):
-            spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization)
+            spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
+                                     None if msg.model_type == "embedding" else formats)
             need = {k: estimate_memory(spec, quant, None, k) for k in ("cpu", "cuda")}
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options)
@@ -296,10 +305,14 @@ class Scheduler:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
-            slots = [Slot(w.info.worker_id, w.info.device, w.free) for w in self.workers.values()]
-            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices)
+            slots = [Slot(w.info.worker_id, w.info.device, w.free, (w.info.host,))
+                     for w in self.workers.values()]
+            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
             model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
-                          size=size, quantization=quant or "")
+                          size=size, quantization=quant or "",
+                          ability=list(family.model_ability) if isinstance(family, LLMFamily) else ["embed"],
+                          context_length=family.context_length if isinstance(family, LLMFamily)
+                          else family.max_tokens)
             loads = []
             for index, wid in enumerate(chosen):
                 kind = "cuda" if self.workers[wid].info.device.startswith("cuda") else "cpu"
@@ -378,7 +391,8 @@ class Scheduler:
                                (failed.error, failed.error_code, failed.error_field) if failed else ("", "", None))
         return p.InstanceView(
             model_uid=m.uid, model_name=m.model_name, model_type=m.model_type, model_format=m.model_format,
-            model_size_in_billions=m.size, quantization=m.quantization, replica=len(m.replicas),
+            model_size_in_billions=m.size, quantization=m.quantization, model_ability=m.ability,
+            context_length=m.context_length, replica=len(m.replicas),
             devices=[r.worker_id for r in m.replicas],
             address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
             state=m.state, error=error, error_code=code, error_field=field_,

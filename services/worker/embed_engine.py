@@ -18,7 +18,7 @@ import numpy as np
 from services.worker.backends.base import EmbeddingBackend
 from services.worker.compute import Engine, Job
 from shared import protocol as p
-from shared.errors import TooLarge, Unavailable
+from shared.errors import QueueFull, TooLarge
 
 
 class _Work:
@@ -50,7 +50,7 @@ class EmbeddingEngine(Engine):
 
     def submit(self, job: Job) -> None:
         if len(self.queue) >= self.max_queue:
-            raise Unavailable(f"{self.name} has {len(self.queue)} requests queued (instance_queue); try again")
+            raise QueueFull(f"{self.name} has {len(self.queue)} requests queued (instance_queue); try again")
         self.queue.append(_Work(job))
         self.wake()
 

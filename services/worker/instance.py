@@ -116,6 +116,8 @@ class Instance:
             model_uid=self.uid, replica=self.replica, model_name=self.model_name, model_type=load.model_type,
             model_format=spec.model_format if spec else "", quantization=load.quantization or "",
             model_size_in_billions=spec.model_size_in_billions if spec else None,
+            model_ability=list(load.llm.model_ability) if load.llm else ["embed"],
+            context_length=load.llm.context_length if load.llm else load.embedding.max_tokens,
             state=self.state, error=self.error.message if self.error else "",
             error_code=self.error.code if self.error else "", error_field=self.error.field if self.error else None,
             progress=self.progress, memory=load.memory_estimate,

@@ -20,7 +20,7 @@ from services.worker.backends.base import Detokenizer, LLMBackend, Sampling
 from services.worker.compute import Engine, Job
 from services.worker.output import Generation, merge_stops
 from shared import protocol as p
-from shared.errors import InvalidRequest, TooLarge, Unavailable
+from shared.errors import InvalidRequest, QueueFull, TooLarge
 from shared.models import LLMFamily
 
 DEFAULT_MAX_TOKENS = 1024
@@ -62,7 +62,7 @@ class LLMEngine(Engine):
     def submit(self, job: Job) -> None:
         held = len(self.queue) + len(self.running) + len(self.embeds)
         if held >= self.max_queue:
-            raise Unavailable(f"{self.name} holds {held} requests (instance_queue); try again")
+            raise QueueFull(f"{self.name} holds {held} requests (instance_queue); try again")
         self.queue.append(job)
         self.wake()
 
