@@ -20,7 +20,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shared import keys
+from shared import compat, keys
 from shared import protocol as p
 from shared.config import Settings, load_settings
 from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_class, error_from_reply
@@ -311,19 +311,17 @@ class Client:
     def launch_model(self, model_name: str, model_type: str = "LLM", model_format: str | None = None,
                      model_size_in_billions: int | str | None = None, quantization: str | None = None,
                      model_uid: str | None = None, replica: int = 1, n_gpu: int | str | None = "auto",
-                     gpu_idx: int | list[int] | None = None, devices: str | list[str] | None = None,
-                     wait: bool = True, timeout: float | None = None,
-                     progress=None, **engine_kwargs) -> str:
+                     gpu_idx: int | str | list | None = None, devices: str | list[str] | None = None,
+                     wait: bool = True, timeout: float | None = None, progress=None, **kwargs) -> str:
         """Launch a registered model; returns its uid. With wait=True (default) returns once it is ready and
-        raises with the cause if loading fails. `progress(view_dict)` is called while waiting."""
-        if isinstance(gpu_idx, int):
-            gpu_idx = [gpu_idx]
-        if isinstance(devices, str):
-            devices = [devices]
-        msg = p.LaunchModel(model_name=model_name, model_type=model_type, model_format=model_format,
-                            model_size_in_billions=model_size_in_billions, quantization=quantization,
-                            model_uid=model_uid, replica=replica, n_gpu=n_gpu, gpu_idx=gpu_idx,
-                            devices=devices, engine_kwargs=engine_kwargs)
+        raises with the cause if loading fails. `progress(view_dict)` is called while waiting.
+
+        Takes Xinference's keywords too (model_engine, worker_ip, gpu_idx as 0, "0,1" or [0, 1], ...); any other
+        keyword is an engine option (max_batch_size, n_parallel, ...). Unknown names are refused by name."""
+        msg = compat.launch_request(model_name, model_type=model_type, model_format=model_format,
+                                    model_size_in_billions=model_size_in_billions, quantization=quantization,
+                                    model_uid=model_uid, replica=replica, n_gpu=n_gpu, gpu_idx=gpu_idx,
+                                    devices=devices, **kwargs)
         uid = self.call(p.SCHEDULER, msg).model_uid
         if wait:
             self.wait_model(uid, timeout if timeout is not None else self.settings.launch_timeout, progress)

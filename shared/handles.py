@@ -7,16 +7,14 @@ from collections.abc import Iterator
 import msgspec
 import numpy as np
 
+from shared import compat
 from shared import protocol as p
 from shared.client import Client, as_plain
 from shared.errors import InstanceNotReady, InvalidRequest, NotFound, Unavailable, ZinferError
 
 
 def _config(generate_config: dict | None) -> p.GenerateConfig:
-    try:
-        return msgspec.convert(generate_config or {}, p.GenerateConfig)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"generate_config: {exc}", field="generate_config") from None
+    return compat.generate_config(generate_config)
 
 
 def _embed_result(client_uid: str, reply: p.Embedding, frames) -> dict:
