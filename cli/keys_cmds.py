@@ -43,6 +43,17 @@ def create(
     key = keys.create_client_key(_home(home), name, role, out)
     typer.echo(f"created {role} key {name!r}: {key.path}")
     typer.echo(f"use it with: ZINFER_CLIENT_KEY={key.path} zinfer list")
+    typer.echo(f"API key for HTTP (Authorization: Bearer ...): {keys.api_key_of(key)}")
+
+
+@app.command("api-key")
+@friendly_errors
+def api_key(
+    name: Annotated[str, typer.Argument(help="A client key's name (its file under <home>/keys/clients/).")],
+    home: Home = None,
+) -> None:
+    """Print the HTTP API key of a client key (the gateway's Authorization: Bearer)."""
+    typer.echo(keys.api_key_of(keys.read_key_file(keys.client_key_path(_home(home), name))))
 
 
 @app.command("list")

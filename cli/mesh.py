@@ -90,6 +90,38 @@ def worker(
     raise typer.Exit(run_worker(settings, device))
 
 
+def gateway(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 9998).")] = None,
+    endpoint: Endpoint = None,
+    home: Home = None,
+) -> None:
+    """Run the HTTP gateway: OpenAI's and Xinference's REST APIs over the mesh (docs at /docs)."""
+    settings = load_settings(endpoint=endpoint, home=home, gateway_host=host, gateway_port=port)
+    listen = f"tcp://{settings.gateway_host}:{settings.gateway_port}"
+    holder = endpoint_holder(listen)
+    if holder is not None:
+        fail(f"cannot listen on {settings.gateway_host}:{settings.gateway_port}: in use by {holder}")
+    configure_logging("gateway")
+    die_with_parent()
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    app = create_app(settings)  # before the server starts: a missing key is one line here, not a traceback
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    uvicorn.Server(uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
+                                  access_log=False, loop=loop, http=http, proxy_headers=False,
+                                  timeout_graceful_shutdown=5)).run()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def detect_gpus() -> int:
     """Count GPUs without importing torch (which takes seconds)."""
     smi = shutil.which("nvidia-smi")
@@ -111,8 +143,9 @@ def up(
     home: Home = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="GPU workers to start (default: all found).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu/--no-cpu", help="Start a CPU worker.")] = True,
+    http: Annotated[bool, typer.Option("--http/--no-http", help="Start the HTTP gateway.")] = True,
 ) -> None:
-    """Start broker, registry, scheduler and one worker per device; Ctrl-C stops them all."""
+    """Start broker, registry, scheduler, one worker per device and the HTTP gateway; Ctrl-C stops them all."""
     settings = _settings(endpoint, home)
     holder = endpoint_holder(settings.endpoint)
     if holder is not None:  # before anything starts: a second mesh must never join or disturb the first
@@ -127,6 +160,13 @@ def up(
     plan += [["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)]
     if cpu:
         plan.append(["worker", "--device", "cpu"])
+    gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
+    if http:
+        holder = endpoint_holder(f"tcp://{settings.gateway_host}:{settings.gateway_port}")
+        if holder is not None:
+            fail(f"the gateway's {settings.gateway_host}:{settings.gateway_port} is in use by {holder}; choose "
+                 "another with ZINFER_GATEWAY_PORT, or start without it (--no-http)")
+        plan.append(["gateway"])
     children: list[tuple[list[str], subprocess.Popen]] = []
     stopping = False
 
@@ -158,7 +198,7 @@ def up(
         want = {"registry", "scheduler"} | {f"worker/{a[2]}" for a in plan if a[0] == "worker"}
         while not stopping:
             services = {peer["service"] for peer in client.broker_status(timeout=2)["peers"]}
-            if want <= services:
+            if want <= services and (not http or _answers(f"{gateway_url}/health")):
                 break
             for args, proc in children:
                 if proc.poll() is not None:
@@ -166,7 +206,8 @@ def up(
             if time.monotonic() > deadline + 60:
                 fail(f"still waiting for {sorted(want - services)} after 90s")
             time.sleep(0.1)
-        console.print(f"[bold green]zinfer is up[/] at {settings.endpoint} (home {settings.home_path}); "
+        web = f"; HTTP (OpenAI, Xinference) at {gateway_url}/v1" if http else ""
+        console.print(f"[bold green]zinfer is up[/] at {settings.endpoint}{web} (home {settings.home_path}); "
                       f"{len(children)} processes: {', '.join(' '.join(a) for a, _ in children)}. Ctrl-C stops.")
         restarts: dict[int, float] = {}
         while not stopping:
@@ -191,6 +232,16 @@ def up(
                 proc.kill()
         if stopping:
             console.print("zinfer stopped")
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _fmt_bytes(n: int) -> str:
@@ -220,5 +271,5 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
 
 
 def install(app: typer.Typer) -> None:
-    for fn in (up, broker, registry, scheduler, worker, status):
+    for fn in (up, broker, registry, scheduler, worker, gateway, status):
         app.command(fn.__name__)(friendly_errors(fn))

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     # Always a fresh endpoint and home of its own, whatever the user's shell exports: the walk-through must never
     # join (or disturb) a mesh that is already running, nor leave persisted files behind.
     os.environ["ZINFER_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
+    os.environ["ZINFER_GATEWAY_PORT"] = str(free_port())
     os.environ["ZINFER_HOME"] = str(work / "home")
     os.environ.pop("ZINFER_CLIENT_KEY", None)
     os.environ.pop("ZINFER_CONFIG", None)

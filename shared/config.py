@@ -39,6 +39,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     instance_queue: int = 256
     # Seconds a chat template may take to render before the request is refused.
     template_timeout_s: float = 1.0
+    # The HTTP gateway (OpenAI and Xinference REST APIs). Without gateway_auth, callers without an API key act
+    # with this home's user key (never admin).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 9998
+    gateway_auth: bool = True
 
     @property
     def max_message_bytes(self) -> int:
@@ -65,6 +70,8 @@ _ENV = {
     "ZINFER_REQUEST_TIMEOUT": ("request_timeout", float),
     "ZINFER_CPU_MEMORY_BUDGET_MB": ("cpu_memory_budget_mb", int),
     "ZINFER_CLIENT_KEY": ("client_key", str),
+    "ZINFER_GATEWAY_HOST": ("gateway_host", str),
+    "ZINFER_GATEWAY_PORT": ("gateway_port", int),
 }
 
 

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 import msgspec
 import zmq
+import zmq.utils.z85
 
 from shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from shared.models import NAME_PATTERN, NAME_RE
@@ -369,3 +370,26 @@ def load_client_key(home: Path, explicit: str | None = None) -> KeyFile:
     raise Unauthenticated(f"no client key: tried {where}. Create keys with `zinfer keys init` (done by `zinfer up`), "
                     "or ask an admin for one (`zinfer keys create NAME --role user`) and set ZINFER_CLIENT_KEY "
                     "to its file")
+
+
+# ---------------------------------------------------------------- API keys (HTTP)
+
+
+def api_key_of(key: KeyFile) -> str:
+    """The HTTP API key of a client key: its CURVE secret key, as 'zk-' and 64 hex digits. The gateway connects to
+    the bus with exactly that keypair, so an API key has its key's role, and revoking the key revokes it."""
+    return "zk-" + zmq.utils.z85.decode(key.secret).hex()
+
+
+def key_from_api_key(api_key: str, broker_key: bytes) -> KeyFile:
+    """The keypair behind an API key (raises Unauthenticated for anything that is not one)."""
+    token = api_key.strip()
+    if not token.startswith("zk-") or len(token) != 67:
+        raise Unauthenticated("not a zinfer API key (expected zk- and 64 hex digits; `zinfer keys create NAME` "
+                              "prints one)")
+    try:
+        secret = zmq.utils.z85.encode(bytes.fromhex(token[3:]))
+    except ValueError:
+        raise Unauthenticated("not a zinfer API key (not hex)") from None
+    return KeyFile(path="(API key)", name="api-key", role="", public=zmq.curve_public(secret), secret=secret,
+                   broker_key=broker_key)

@@ -93,6 +93,24 @@ class Mesh:
             args += ["--memory-budget-mb", str(budget_mb)]
         self.start(f"worker/{device}", *args)
 
+    def start_gateway(self) -> None:
+        """The HTTP gateway on a free port; `gateway_url` is its base URL once /health answers."""
+        import urllib.request
+
+        port = free_port()
+        self.env["ZINFER_GATEWAY_PORT"] = str(port)
+        self.start("gateway", "gateway")
+        self.gateway_url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"{self.gateway_url}/health", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return None
+
+        self.wait(healthy)
+
     def services(self) -> set[str]:
         return {p["service"] for p in self.client.broker_status(timeout=1)["peers"]}
 

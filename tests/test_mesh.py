@@ -132,7 +132,8 @@ def _zinfer(*args, env=None, timeout=60, input=None):
 
 def test_zinfer_up_then_status(tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    env = dict(os.environ, ZINFER_HOME=str(tmp_path), ZINFER_ENDPOINT=endpoint, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, ZINFER_HOME=str(tmp_path), ZINFER_ENDPOINT=endpoint, HF_HUB_OFFLINE="1",
+               ZINFER_GATEWAY_PORT=str(free_port()))
     up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
@@ -144,6 +145,10 @@ def test_zinfer_up_then_status(tmp_path):
         assert out.returncode == 0, out.stderr
         for needle in ("registry", "scheduler", "worker/cpu", "cpu"):
             assert needle in out.stdout
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{env['ZINFER_GATEWAY_PORT']}/ready", timeout=10) as ready:
+            assert b'"ready":true' in ready.read()  # the gateway came up with the rest
     finally:
         up.send_signal(2)  # Ctrl-C stops every child
         up.wait(timeout=30)

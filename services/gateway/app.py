@@ -1,0 +1,516 @@
+"""The HTTP gateway: OpenAI's and Xinference's REST APIs over the bus, as an ASGI app (FastAPI).
+
+Every request acts on the bus as its caller (services/gateway/bus.py): `Authorization: Bearer <API key>`, the
+caller's own CURVE key. Without one the answer is 401, unless the settings say `gateway_auth = false`: then
+the gateway acts with this home's `user` key, never an admin's. Bodies are decoded with msgspec into the same
+structs the bus carries (shared/compat.py takes OpenAI's and Xinference's spellings); replies are encoded
+straight to JSON. Errors are OpenAI error objects with the HTTP status of their type, and carry `detail` too
+(what Xinference's client reads). A streaming client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import numpy as np
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.gateway.bus import Bus, Connection
+from services.gateway.metrics import Metrics
+from shared import compat, keys
+from shared import protocol as p
+from shared.client import as_plain
+from shared.config import Settings
+from shared.errors import (
+    InstanceNotReady,
+    InvalidRequest,
+    NotFound,
+    RequestTimeout,
+    Unauthenticated,
+    Unavailable,
+    ZinferError,
+    error_class,
+)
+from shared.models import problem_from_validation
+
+STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
+          "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "timeout": 504,
+          "cancelled": 499, "storage": 507, "internal": 500}
+OPENAI_TYPE = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               429: "rate_limit_error"}
+log = structlog.get_logger()
+_json = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+def error_response(exc: ZinferError) -> JSONResponse:
+    status = STATUS.get(exc.code, 500)
+    body = {"error": {"message": str(exc), "type": OPENAI_TYPE.get(status, "server_error"), "param": exc.field,
+                      "code": exc.code}, "detail": str(exc)}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def json_response(obj: Any) -> Response:
+    return Response(_json.encode(obj), media_type="application/json")
+
+
+def plain(msg: p.Msg) -> dict:
+    """A reply struct as OpenAI's JSON object: every field present, no internal tag."""
+    return as_plain(msg)
+
+
+async def body_of(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = _decoder.decode(raw) if raw else {}
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def required(body: dict, name: str, kind: type | tuple) -> Any:
+    value = body.get(name)
+    if value is None:
+        raise InvalidRequest(f"{name} is required", field=name)
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"{name} must be {getattr(kind, '__name__', kind)}", field=name)
+    return value
+
+
+def chat_messages(value: Any) -> list[p.ChatMessage]:
+    try:
+        return msgspec.convert(value, list[p.ChatMessage])
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc)  # its field is a path like "[0].content"
+        field = f"messages{problem.field}"
+        raise InvalidRequest(f"{field}: {problem.message}", field=field) from None
+
+
+class Gateway:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.timeout = settings.request_timeout
+        self.broker_key = keys.broker_public_key(settings.home_path)
+        self.own_key = keys.load_client_key(settings.home_path, settings.client_key or
+                                            str(keys.client_key_path(settings.home_path, "user")))
+        self.bus: Bus | None = None
+        self.metrics = Metrics()
+        self._uids: set[str] = set()
+        self._uids_at = 0.0
+
+    # ------------------------------------------------------------------ callers
+
+    def connection(self, request: Request) -> Connection:
+        header = request.headers.get("authorization")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("Authorization must be `Bearer <API key>`")
+            return self.bus.connection(self.bus.api_key(token, self.broker_key))
+        if not self.settings.gateway_auth:
+            return self.bus.connection(self.own_key)
+        raise Unauthenticated("an API key is required (Authorization: Bearer zk-...); `zinfer keys create NAME` "
+                              "makes one")
+
+    async def model_target(self, conn: Connection, uid: Any) -> str:
+        """The bus target of a model uid; an unknown uid is a 404 at once (not after the broker's grace period)."""
+        if not isinstance(uid, str) or not uid:
+            raise InvalidRequest("model is required (a launched model's uid)", field="model")
+        if uid not in self._uids or time.monotonic() - self._uids_at > 5:
+            reply, _ = await conn.call(p.SCHEDULER, p.ListModels(), self.timeout)
+            self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
+            if uid not in self._uids:
+                raise NotFound(f"no launched model has uid {uid!r}", field="model")
+        return p.model_target(uid)
+
+    async def explain(self, conn: Connection, uid: str, exc: ZinferError) -> ZinferError:
+        """Nobody serves the uid right now: say why (its state), as the Python client does."""
+        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+            return exc
+        try:
+            reply, _ = await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout)
+        except NotFound:
+            return NotFound(f"no launched model has uid {uid!r}", field="model")
+        except ZinferError:
+            return exc
+        view = reply.model
+        return InstanceNotReady(f"model {uid!r} is {view.state}{': ' + view.error if view.error else ''}",
+                                field="model")
+
+    # ------------------------------------------------------------------ inference
+
+    async def completions(self, request: Request, chat: bool) -> Response:
+        conn = self.connection(request)
+        body = await body_of(request)
+        uid = body.pop("model", None)
+        target = await self.model_target(conn, uid)
+        if chat:
+            messages = chat_messages(required(body, "messages", list))
+            body.pop("messages")
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            config = compat.generate_config(body)
+            msg: p.Msg = p.Chat(model_uid=uid, messages=messages, config=config)
+        else:
+            prompt = required(body, "prompt", (str, list))
+            body.pop("prompt")
+            if isinstance(prompt, list):
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise InvalidRequest("prompt must be one string (or a list of one string)", field="prompt")
+                prompt = prompt[0]
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            config = compat.generate_config(body)
+            msg = p.Generate(model_uid=uid, prompt=prompt, config=config)
+        if not config.stream:
+            try:
+                reply, _ = await conn.call(target, msg, self.timeout)
+            except ZinferError as exc:
+                raise await self.explain(conn, uid, exc) from None
+            self.metrics.tokens(uid, reply.usage)
+            return json_response(plain(reply))
+        chunks = conn.stream(target, msg, self.timeout)
+        try:
+            first = await chunks.__anext__()  # errors before the first chunk get their own HTTP status
+        except StopAsyncIteration:
+            first = None
+        except ZinferError as exc:
+            await chunks.aclose()
+            raise await self.explain(conn, uid, exc) from None
+        return EventStream(self._sse(uid, first, chunks, include_usage))
+
+    async def _sse(self, uid: str, first, chunks, include_usage: bool):
+        usage = None
+        last = None
+        try:
+            chunk = first
+            while chunk is not None:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                data = plain(chunk)
+                data["usage"] = None  # OpenAI: usage travels in a chunk of its own, when asked for
+                last = data
+                yield b"data: " + _json.encode(data) + b"\n\n"
+                chunk = await anext(chunks, None)
+            if include_usage and usage is not None and last is not None:
+                tail = {k: last[k] for k in ("id", "object", "created", "model")}
+                tail.update(choices=[], usage=as_plain(usage))
+                yield b"data: " + _json.encode(tail) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            self.metrics.tokens(uid, usage)
+        except ZinferError as exc:  # mid-stream: the status is sent already, the error goes as an event
+            self.metrics.error(exc)
+            yield b"data: " + _json.encode({"error": {"message": str(exc), "type": "server_error",
+                                                      "param": exc.field, "code": exc.code}}) + b"\n\n"
+        finally:
+            await chunks.aclose()  # a client that went away cancels its generation on the worker
+
+    async def embeddings(self, request: Request) -> Response:
+        conn = self.connection(request)
+        body = await body_of(request)
+        uid = body.get("model")
+        target = await self.model_target(conn, uid)
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("input must be a string or a list of strings", field="input")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise InvalidRequest(f"encoding_format {encoding!r} must be float or base64", field="encoding_format")
+        unknown = set(body) - {"model", "input", "encoding_format", "user", "dimensions"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidRequest(f"unknown field {name!r}{compat.closest(name, ['input', 'encoding_format'])}",
+                                 field=name)
+        try:
+            reply, buffers = await conn.call(target, p.Embed(model_uid=uid, input=texts), self.timeout)
+        except ZinferError as exc:
+            raise await self.explain(conn, uid, exc) from None
+        if body.get("dimensions") not in (None, reply.dimensions):
+            raise InvalidRequest(f"dimensions: model {uid!r} makes {reply.dimensions}-dimensional embeddings",
+                                 field="dimensions")
+        vectors = np.frombuffer(buffers[0].buffer, dtype=np.float32).reshape(reply.rows, reply.dimensions)
+        if encoding == "base64":
+            data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
+                    for i, row in enumerate(vectors)]
+        else:
+            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors.tolist())]
+        self.metrics.tokens(uid, p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
+                                         total_tokens=reply.prompt_tokens))
+        return json_response({"object": "list", "data": data, "model": uid,
+                              "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}})
+
+    # ------------------------------------------------------------------ models (OpenAI list, Xinference REST)
+
+    async def call(self, request: Request, target: str, msg: p.Msg, timeout: float | None = None) -> p.Msg:
+        reply, _ = await self.connection(request).call(target, msg, timeout or self.timeout)
+        return reply
+
+    async def list_models(self, request: Request) -> Response:
+        reply = await self.call(request, p.SCHEDULER, p.ListModels())
+        self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
+        data = [{"id": m.model_uid, "object": "model", "created": 0, "owned_by": "zinfer", **plain(m)}
+                for m in reply.models]
+        return json_response({"object": "list", "data": data})
+
+    async def describe(self, request: Request, uid: str) -> Response:
+        reply = await self.call(request, p.SCHEDULER, p.DescribeModel(model_uid=uid))
+        return json_response({"id": uid, **plain(reply.model)})
+
+    async def launch(self, request: Request) -> Response:
+        body = await body_of(request)
+        model_name = required(body, "model_name", str)
+        body.pop("model_name")
+        wait = request.query_params.get("wait_ready", "true").lower() not in ("false", "0", "no")
+        msg = compat.launch_request(model_name, **body)
+        conn = self.connection(request)
+        reply, _ = await conn.call(p.SCHEDULER, msg, self.timeout)
+        uid = reply.model_uid
+        deadline = time.monotonic() + self.settings.launch_timeout
+        while wait:
+            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
+            if view.state == "ready":
+                break
+            if view.state == "failed":
+                raise error_class(view.error_code or "internal")(f"model {uid!r} failed to launch: {view.error}",
+                                                                 view.error_field)
+            if time.monotonic() > deadline:
+                raise RequestTimeout(f"model {uid!r} is still {view.state} after {self.settings.launch_timeout:g}s")
+            await asyncio.sleep(0.05)
+        self._uids.add(uid)
+        return json_response({"model_uid": uid})
+
+    async def terminate(self, request: Request, uid: str) -> Response:
+        await self.call(request, p.SCHEDULER, p.TerminateModel(model_uid=uid), self.settings.launch_timeout)
+        self._uids.discard(uid)
+        return json_response({})
+
+    async def register(self, request: Request, model_type: str) -> Response:
+        body = await body_of(request)
+        model = required(body, "model", (str, dict))
+        if body.get("worker_ip") is not None:
+            raise InvalidRequest("worker_ip: definitions are registered once for the whole mesh", field="worker_ip")
+        text = model if isinstance(model, str) else msgspec.json.encode(model).decode()
+        await self.call(request, p.REGISTRY, p.RegisterModel(model_type=model_type, model=text,
+                                                             persist=bool(body.get("persist", False))))
+        return json_response({})
+
+    async def registrations(self, request: Request, model_type: str) -> Response:
+        reply = await self.call(request, p.REGISTRY, p.ListRegistrations(model_type=model_type))
+        return json_response([plain(item) for item in reply.items])
+
+    async def registration(self, request: Request, model_type: str, model_name: str) -> Response:
+        reply = await self.call(request, p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name))
+        return json_response(reply.definition)
+
+    async def unregister(self, request: Request, model_type: str, model_name: str) -> Response:
+        await self.call(request, p.REGISTRY, p.UnregisterModel(model_type=model_type, model_name=model_name))
+        return json_response({})
+
+    # ------------------------------------------------------------------ operations
+
+    async def ready(self) -> Response:
+        conn = self.bus.connection(self.own_key)
+        try:
+            status, _ = await conn.call(p.BROKER_TARGET, p.Ping(), 2.0)
+        except ZinferError as exc:
+            return JSONResponse({"ready": False, "broker": False, "detail": str(exc)}, status_code=503)
+        services = {peer.service for peer in status.peers}
+        parts = {"broker": True, "registry": p.REGISTRY in services, "scheduler": p.SCHEDULER in services,
+                 "workers": sorted(s for s in services if s.startswith("worker/"))}
+        ok = parts["registry"] and parts["scheduler"]
+        return JSONResponse({"ready": ok, **parts}, status_code=200 if ok else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        reply = await self.call(request, p.SCHEDULER, p.ListModels())
+        return Response(self.metrics.render(reply.models), media_type=self.metrics.content_type)
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator of ready-made `data: ...` frames. Starlette's StreamingResponse
+    runs each stream in an anyio task group to notice a disconnect (a quarter of the gateway's time on short
+    streams); here one asyncio task waits for the disconnect and cancels the stream, whose iterator then closes
+    (which cancels the generation on the worker)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events):
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        gone = False
+
+        async def watch():
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            streaming.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+        except OSError:  # the connection closed under a send
+            pass
+        finally:
+            watcher.cancel()
+            await self.events.aclose()
+
+
+class FastPath:
+    """The inference routes (POST completions, chat completions, embeddings) straight to their handlers, in front
+    of FastAPI: its stack of about ten ASGI layers (several wrapping every chunk's send) cost ~0.3 ms a request
+    here, on the path where every millisecond shows. Same handlers, same errors, same metrics; FastAPI still
+    declares these routes (OpenAPI) and serves everything else."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app = app
+        self.gateway = gateway
+        self.routes = {"/v1/completions": lambda r: gateway.completions(r, chat=False),
+                       "/v1/chat/completions": lambda r: gateway.completions(r, chat=True),
+                       "/v1/embeddings": gateway.embeddings}
+
+    async def __call__(self, scope, receive, send):
+        handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        metrics = self.gateway.metrics
+        try:
+            response = await handler(Request(scope, receive))
+        except ZinferError as exc:
+            metrics.error(exc)
+            response = error_response(exc)
+        except Exception:
+            log.exception("request_failed", route=scope["path"])
+            response = JSONResponse({"error": {"message": "internal error", "type": "server_error", "param": None,
+                                               "code": "internal"}, "detail": "internal error"}, status_code=500)
+        metrics.request(scope["path"], "POST", response.status_code, time.perf_counter() - start)
+        await response(scope, receive, send)
+
+
+class Measure:
+    """Requests by route and status, and time to the response's first byte (a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware costs a task group per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def measured_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.request(route, scope["method"], message["status"], time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, measured_send)
+
+
+def create_app(settings: Settings) -> FastPath:
+    gw = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        gw.bus = Bus(settings)  # in the server's event loop
+        yield
+        gw.bus.close()
+
+    app = FastAPI(title="zinfer gateway", version="1", lifespan=lifespan,
+                  description="OpenAI- and Xinference-compatible REST API over a zinfer mesh. "
+                  "Authorization: Bearer <API key> (`zinfer keys create NAME` prints one).")
+    app.state.gateway = gw
+
+    @app.exception_handler(ZinferError)
+    async def zinfer_error(request: Request, exc: ZinferError):
+        gw.metrics.error(exc)
+        return error_response(exc)
+
+    app.add_middleware(Measure, metrics=gw.metrics)
+
+    @app.get("/health", include_in_schema=True)
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        return await gw.ready()
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return await gw.metrics_text(request)
+
+    @app.get("/v1/cluster/auth")
+    async def cluster_auth():
+        """Whether requests need an API key (Xinference's client asks this first)."""
+        return {"auth": settings.gateway_auth}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await gw.completions(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await gw.completions(request, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await gw.embeddings(request)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        return await gw.list_models(request)
+
+    @app.post("/v1/models")
+    async def launch(request: Request):
+        return await gw.launch(request)
+
+    @app.get("/v1/models/{model_uid}")
+    async def describe(request: Request, model_uid: str):
+        return await gw.describe(request, model_uid)
+
+    @app.delete("/v1/models/{model_uid}")
+    async def terminate(request: Request, model_uid: str):
+        return await gw.terminate(request, model_uid)
+
+    @app.post("/v1/model_registrations/{model_type}")
+    async def register(request: Request, model_type: str):
+        return await gw.register(request, model_type)
+
+    @app.get("/v1/model_registrations/{model_type}")
+    async def registrations(request: Request, model_type: str):
+        return await gw.registrations(request, model_type)
+
+    @app.get("/v1/model_registrations/{model_type}/{model_name}")
+    async def registration(request: Request, model_type: str, model_name: str):
+        return await gw.registration(request, model_type, model_name)
+
+    @app.delete("/v1/model_registrations/{model_type}/{model_name}")
+    async def unregister(request: Request, model_type: str, model_name: str):
+        return await gw.unregister(request, model_type, model_name)
+
+    return FastPath(app, gw)
