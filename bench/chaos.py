@@ -140,9 +140,11 @@ class Soak:
                 uid = mine_launched
                 with self.lock:
                     self.launched.discard(uid)
-                if self.outcome(op, client.terminate_model, uid, timeout=60)[0]:
+                ok, answer = self.outcome(op, client.terminate_model, uid, timeout=60)
+                if ok:
                     with self.lock:
                         self.terminated.add(uid)
+                if ok or isinstance(answer, NotFound):  # gone (a launch that never took place is not there)
                     mine_launched = None
             elif op == "heal":
                 self.outcome(op, self.heal, client)
