@@ -10,16 +10,17 @@ An unknown name is refused with the closest valid one ("did you mean").
 
 from __future__ import annotations
 
-import difflib
+import re
 from typing import Any
 
 import msgspec
 
 from shared import protocol as p
 from shared.errors import InvalidRequest
+from shared.models import closest_name, problem_from_validation
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
-_IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,), "request_limits": (None,),
+_IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
                "replica_config": (None,), "model_path": (None,), "enable_thinking": (None,),
                "enable_virtual_env": (None, False), "virtual_env_packages": (None, []),
                "virtual_env_find_links": (None, []), "envs": (None, {}), "wait_ready": (True, False)}
@@ -28,9 +29,7 @@ _LAUNCH_FIELDS = ("model_name", "model_type", "model_format", "model_size_in_bil
 _ENGINE_OPTIONS = p.EngineOptions.__struct_fields__
 
 
-def closest(name: str, choices) -> str:
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+closest = closest_name
 
 
 def _ints(value: Any, field: str) -> list[int] | None:
@@ -87,28 +86,44 @@ def launch_request(model_name: str, **kwargs: Any) -> p.LaunchModel:
         if name in fields:
             fields[name] = _strings(fields[name], name)
     size = fields.get("model_size_in_billions")
-    if isinstance(size, float):
+    if isinstance(size, str) and not _SIZE_RE.match(size.strip()):
+        raise InvalidRequest(f"model_size_in_billions {size!r} must be a number of billions (7, 1.8 or 1_8)",
+                             field="model_size_in_billions")
+    if isinstance(size, bool) or isinstance(size, int | float) and size <= 0:
+        raise InvalidRequest(f"model_size_in_billions {size!r} must be a positive number of billions",
+                             field="model_size_in_billions")
+    if isinstance(size, str):
+        size = size.strip()
+        fields["model_size_in_billions"] = int(size) if size.isdigit() else size.replace(".", "_")
+    elif isinstance(size, float):
         fields["model_size_in_billions"] = int(size) if size.is_integer() else str(size).replace(".", "_")
-    elif isinstance(size, str) and size.isdigit():
-        fields["model_size_in_billions"] = int(size)
     n_gpu = fields.get("n_gpu")
     if isinstance(n_gpu, str) and n_gpu.isdigit():
         fields["n_gpu"] = int(n_gpu)
+    engine_options(engine)  # checked here too, so a client hears of a typo before anything is sent
     fields["engine_kwargs"] = engine
     try:
         return msgspec.convert(fields, p.LaunchModel)
     except msgspec.ValidationError as exc:
-        from shared.models import problem_from_validation
-
-        problem = problem_from_validation(exc)
+        problem = problem_from_validation(exc, p.LaunchModel)
         raise InvalidRequest(str(problem), field=problem.field or None) from None
 
 
+def engine_options(kwargs: dict) -> p.EngineOptions:
+    """A launch's engine options, typed: unknown names refused with the closest valid one, values checked."""
+    try:
+        return msgspec.convert(kwargs, p.EngineOptions)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, p.EngineOptions)
+        raise InvalidRequest(f"engine option {problem}", field=problem.field or "engine_kwargs") from None
+
+
+_SIZE_RE = re.compile(r"\A\d+(?:[._]\d+)?\Z")
+
+
 # OpenAI request fields that zinfer takes at their default values only (anything else is refused by name).
-_GENERATION_IGNORED_AT = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "logprobs": (None, False, 0),
-                          "top_logprobs": (None, 0), "presence_penalty": (0, 0.0, None),
-                          "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "suffix": (None, ""),
-                          "user": None, "stream_options": None, "response_format": (None, {"type": "text"}),
+# "user" is informational (any value); max_completion_tokens is OpenAI's newer name for max_tokens.
+_GENERATION_IGNORED_AT = {"best_of": (1, None), "logit_bias": (None, {}), "suffix": (None, ""), "user": None,
                           "tools": (None, []), "tool_choice": (None, "none", "auto"),
                           "parallel_tool_calls": (None, True, False), "chat_template_kwargs": (None, {}),
                           "max_completion_tokens": None}
@@ -134,7 +149,45 @@ def generate_config(values: dict | None) -> p.GenerateConfig:
     try:
         return msgspec.convert(fields, p.GenerateConfig)
     except msgspec.ValidationError as exc:
-        from shared.models import problem_from_validation
-
-        problem = problem_from_validation(exc)
+        problem = problem_from_validation(exc, p.GenerateConfig)
         raise InvalidRequest(str(problem), field=problem.field or "generate_config") from None
+
+
+def chat_messages(messages: Any) -> list[p.ChatMessage]:
+    """Chat messages as OpenAI and Xinference send them -> ChatMessage: content may be a string, a list of
+    parts (text parts are joined with newlines; other kinds are refused by name) or null (empty)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content}", field="messages")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{at} must be an object with role and content", field=at)
+        unknown = set(m) - {"role", "content", "name"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidRequest(f"{at}.{name}: unknown field{closest(name, ['role', 'content', 'name'])}",
+                                 field=f"{at}.{name}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                where = f"{at}.content[{j}]"
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise InvalidRequest(f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are "
+                                         f"supported, not {kind!r}", field=where)
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise InvalidRequest(f"{at}.content must be a string, a list of text parts or null",
+                                 field=f"{at}.content")
+        role, name = m.get("role"), m.get("name")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"{at}.role is required (system, user or assistant)", field=f"{at}.role")
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest(f"{at}.name must be a string", field=f"{at}.name")
+        out.append(p.ChatMessage(role=role, content=content, name=name))
+    return out

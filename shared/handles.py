@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import msgspec
 import numpy as np
 
 from shared import compat
@@ -71,7 +70,17 @@ class _Handle:
 
 
 class EmbeddingHandle(_Handle):
-    pass
+    """An embedding model: create_embedding only. generate and chat say so (typed), instead of failing inside."""
+
+    def not_llm(self, call: str) -> InvalidRequest:
+        return InvalidRequest(f"model {self.model_uid!r} is an embedding model: it cannot {call}; use "
+                              "create_embedding (zinfer embed), or launch an LLM", field="model_uid")
+
+    def generate(self, prompt: str, generate_config: dict | None = None, **_kwargs):
+        raise self.not_llm("generate")
+
+    def chat(self, *args, **_kwargs):
+        raise self.not_llm("chat")
 
 
 class LLMHandle(_Handle):
@@ -106,10 +115,7 @@ class LLMHandle(_Handle):
                 raise InvalidRequest("chat needs messages (or a prompt)", field="messages")
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                 list(chat_history or []) + [{"role": "user", "content": prompt}]
-        try:
-            msgs = msgspec.convert(messages, list[p.ChatMessage])
-        except msgspec.ValidationError as exc:
-            raise InvalidRequest(f"messages: {exc}", field="messages") from None
+        msgs = compat.chat_messages(messages)
         cfg = _config(generate_config)
         return self._run(p.Chat(model_uid=self.model_uid, messages=msgs, config=cfg), cfg.stream, timeout)
 

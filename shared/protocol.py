@@ -101,6 +101,7 @@ class RegisterModel(Msg, kw_only=True):
     model_type: str
     model: str  # the user's JSON text, validated by the registry
     persist: bool = False
+    force: bool = False  # replace a custom definition of that name (none of its instances may be running)
 
 
 class ListRegistrations(Msg, kw_only=True):
@@ -131,11 +132,16 @@ class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     lists in the `trust_remote_code_models` setting."""
 
     trust_remote_code: bool | None = None
+    # requests one instance holds (queued and running) before it answers queue_full (Xinference's
+    # request_limits; default: the worker's instance_queue setting)
+    request_limits: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     # generation: decode concurrent requests together (default on; off runs them one at a time, in order)
     continuous_batching: bool | None = None
     # transformers: sequences decoded together (default 64)
     max_sequences: Annotated[int, Meta(ge=1, le=4096)] | None = None
-    # llama.cpp: CPU threads, and sequences decoded together (default: what 512 MiB of KV cache holds, <= 16)
+    # llama.cpp: context window of each sequence (default: the registration's context_length), CPU threads,
+    # and sequences decoded together (default: what 512 MiB of KV cache holds, <= 16)
+    n_ctx: Annotated[int, Meta(ge=16, le=1 << 20)] | None = None
     n_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
     n_parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
     # embeddings: texts and padded tokens per batch, and how long a batch may wait for more requests
@@ -210,6 +216,7 @@ class InstanceReport(Struct, kw_only=True, omit_defaults=True):
     error_code: str = ""  # the error's wire code (ErrorCode), so that clients raise its type
     error_field: str | None = None
     progress: float = 0.0
+    stage: str = ""  # what a launching instance is doing ("loading 1 file, 12 MiB")
     memory: int = 0  # bytes this instance holds (estimate on CPU)
     queue_depth: int = 0
     inflight: int = 0
@@ -249,18 +256,51 @@ class UnloadInstance(Msg, kw_only=True):
     model_uid: str
 
 
+class ProbeFiles(Msg, kw_only=True):
+    """Scheduler -> worker, before placing: are this spec's files on your host, and how big are they?"""
+
+    model_type: str
+    spec: LLMSpec | None = None
+    quantization: str | None = None
+    embedding: EmbeddingFamily | None = None
+
+
+class ResponseFormat(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema (llama.cpp: a grammar)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None  # OpenAI: {"name": ..., "schema": {...}, "strict": ...}
+    schema: dict[str, Any] | None = None  # the schema itself (vLLM's and llama.cpp's spelling)
+
+
+class StreamOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
 class GenerateConfig(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     stream: bool = False
-    repetition_penalty: float | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
     # How long a stream may gather tokens into one chunk (ms); 0 sends every token as it comes.
-    stream_interval_ms: float | None = None
+    stream_interval_ms: Annotated[float, Meta(ge=0)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    n: Annotated[int, Meta(ge=1, le=16)] = 1  # choices, each its own sequence
+    # Completions: how many top alternatives each token's logprob comes with (0-20). Chat: true/false, with
+    # top_logprobs for the alternatives.
+    logprobs: bool | Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool = False  # completions: the prompt comes first in the text
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None  # no end token before this many
+    ignore_eos: bool = False  # go on past end tokens (to max_tokens or a stop word)
+    response_format: ResponseFormat | None = None
+    stream_options: StreamOptions | None = None
 
 
 class ChatMessage(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -289,7 +329,7 @@ class Embed(Msg, kw_only=True):
 Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
     | LaunchModel | ListModels | DescribeModel | TerminateModel | InstancesOf | SchedulerStatus | WorkerReport
-    | LoadInstance | UnloadInstance | Generate | Chat | Embed
+    | LoadInstance | UnloadInstance | ProbeFiles | Generate | Chat | Embed
 )
 
 # ---------------------------------------------------------------- replies
@@ -334,6 +374,10 @@ class RegistrationSummary(Struct, kw_only=True, omit_defaults=True):
     model_format: list[str] = []
     model_ability: list[str] = []
     model_family: str | None = None
+    model_lang: list[str] = []  # LLM model_lang, embedding language
+    dimensions: int | None = None  # embedding
+    max_tokens: int | None = None  # embedding
+    context_length: int | None = None  # LLM
 
 
 class Registrations(Msg, kw_only=True):
@@ -380,6 +424,7 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     error_code: str = ""
     error_field: str | None = None
     progress: float = 0.0
+    stage: str = ""  # what a launching replica is doing (the first one's, while any is launching)
     memory: int = 0
     queue_depth: int = 0
     inflight: int = 0
@@ -425,10 +470,38 @@ class Usage(Struct, kw_only=True):
     total_tokens: int
 
 
+class CompletionLogprobs(Struct, kw_only=True):
+    """OpenAI's completions logprobs: per token its text, its logprob, the top alternatives, its text offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(Struct, kw_only=True):
+    """OpenAI's chat logprobs."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class CompletionChoice(Struct, kw_only=True):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -449,12 +522,14 @@ class ChatCompletionMessage(Struct, kw_only=True, omit_defaults=True):
 class ChatChoice(Struct, kw_only=True):
     index: int = 0
     message: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
 class ChatDeltaChoice(Struct, kw_only=True):
     index: int = 0
     delta: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -476,6 +551,20 @@ class ChatCompletionChunk(Msg, kw_only=True):
     usage: Usage | None = None
 
 
+class FileProbe(Msg, kw_only=True):
+    """What a worker found: the files are here (`path`, `size` bytes; 0 when they come from the Hub at load), or
+    the `problem`, with the `field` it concerns."""
+
+    ok: bool
+    path: str = ""
+    size: int = 0
+    memory: int = 0  # bytes one instance needs on that worker's device
+    problem: str = ""
+    code: str = ""
+    field: str | None = None
+    host: str = ""
+
+
 class Embedding(Msg, kw_only=True):
     """Embeddings travel as one raw float32 frame (rows x dimensions) after the body, not as lists."""
 
@@ -488,7 +577,7 @@ class Embedding(Msg, kw_only=True):
 Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
-    | ChatCompletionChunk | Embedding
+    | ChatCompletionChunk | Embedding | FileProbe
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -508,6 +597,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     WorkerReport: (Ok,),
     LoadInstance: (Ok,),
     UnloadInstance: (Ok,),
+    ProbeFiles: (FileProbe,),
     Generate: (Completion,),
     Chat: (ChatCompletion, ChatCompletionChunk),
     Embed: (Embedding,),
@@ -535,6 +625,7 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     WorkerReport: SERVICES,
     LoadInstance: SERVICES,
     UnloadInstance: SERVICES,
+    ProbeFiles: SERVICES,
     Generate: ANYONE,
     Chat: ANYONE,
     Embed: ANYONE,

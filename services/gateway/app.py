@@ -38,7 +38,6 @@ from shared.errors import (
     ZinferError,
     error_class,
 )
-from shared.models import problem_from_validation
 
 STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
           "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "timeout": 504,
@@ -86,15 +85,6 @@ def required(body: dict, name: str, kind: type | tuple) -> Any:
     if not isinstance(value, kind):
         raise InvalidRequest(f"{name} must be {getattr(kind, '__name__', kind)}", field=name)
     return value
-
-
-def chat_messages(value: Any) -> list[p.ChatMessage]:
-    try:
-        return msgspec.convert(value, list[p.ChatMessage])
-    except msgspec.ValidationError as exc:
-        problem = problem_from_validation(exc)  # its field is a path like "[0].content"
-        field = f"messages{problem.field}"
-        raise InvalidRequest(f"{field}: {problem.message}", field=field) from None
 
 
 class Gateway:
@@ -156,8 +146,7 @@ class Gateway:
         uid = body.pop("model", None)
         target = await self.model_target(conn, uid)
         if chat:
-            messages = chat_messages(required(body, "messages", list))
-            body.pop("messages")
+            messages = compat.chat_messages(body.pop("messages", None))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             config = compat.generate_config(body)
             msg: p.Msg = p.Chat(model_uid=uid, messages=messages, config=config)
@@ -302,7 +291,8 @@ class Gateway:
             raise InvalidRequest("worker_ip: definitions are registered once for the whole mesh", field="worker_ip")
         text = model if isinstance(model, str) else msgspec.json.encode(model).decode()
         await self.call(request, p.REGISTRY, p.RegisterModel(model_type=model_type, model=text,
-                                                             persist=bool(body.get("persist", False))))
+                                                             persist=bool(body.get("persist", False)),
+                                                             force=bool(body.get("force", False))))
         return json_response({})
 
     async def registrations(self, request: Request, model_type: str) -> Response:

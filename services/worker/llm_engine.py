@@ -10,6 +10,7 @@ here too, a few texts per step.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import deque
 from collections.abc import Callable
 
@@ -27,11 +28,33 @@ DEFAULT_MAX_TOKENS = 1024
 EMBED_TEXTS_PER_STEP = 16
 
 
-class _Running:
-    __slots__ = ("job", "gen", "detok")
+def grammar_of(response_format: p.ResponseFormat | None) -> str | None:
+    """The GBNF grammar a response_format asks for: any JSON object, or JSON matching a schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-    def __init__(self, job: Job, gen: Generation, detok: Detokenizer):
-        self.job, self.gen, self.detok = job, gen, detok
+    if response_format.type == "json_object" and response_format.schema is None:
+        return JSON_GBNF
+    schema = response_format.schema
+    if schema is None and response_format.json_schema is not None:
+        schema = response_format.json_schema.get("schema", response_format.json_schema)
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format: json_schema needs a schema (an object)", field="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises plain errors on schemas it cannot turn into a grammar
+        raise InvalidRequest(f"response_format: the schema cannot become a grammar: {exc}",
+                             field="response_format") from None
+
+
+class _Running:
+    """One sequence: choice `index` of its request's generation."""
+
+    __slots__ = ("job", "gen", "index", "detok")
+
+    def __init__(self, job: Job, gen: Generation, index: int, detok: Detokenizer):
+        self.job, self.gen, self.index, self.detok = job, gen, index, detok
 
 
 class _EmbedWork:
@@ -62,7 +85,8 @@ class LLMEngine(Engine):
     def submit(self, job: Job) -> None:
         held = len(self.queue) + len(self.running) + len(self.embeds)
         if held >= self.max_queue:
-            raise QueueFull(f"{self.name} holds {held} requests (instance_queue); try again")
+            raise QueueFull(f"{self.name} holds {held} requests (its limit: request_limits, or the instance_queue "
+                            "setting); try again")
         self.queue.append(job)
         self.wake()
 
@@ -91,12 +115,15 @@ class LLMEngine(Engine):
             self.queue.popleft().fail(error)
 
     def step(self) -> None:
+        cancelled = set()
         for seq_id, run in list(self.running.items()):  # clients that gave up: free their place first
             if run.job.cancelled:
                 self.backend.remove(seq_id)
                 del self.running[seq_id]
-                run.job.drop_cancelled()
-                self.stats.cancelled += 1
+                if run.job not in cancelled:
+                    cancelled.add(run.job)
+                    run.job.drop_cancelled()
+                    self.stats.cancelled += 1
         self._admit()
         if self.embeds:
             self._embed_step()
@@ -110,13 +137,13 @@ class LLMEngine(Engine):
             text = run.detok.push(out.tokens) if out.tokens else ""
             if out.finish is not None:
                 text += run.detok.flush()
-            if run.gen.add(text, len(out.tokens), out.finish):
+            if run.gen.add(run.index, text, out.tokens, out.finish, out.logprobs):
                 del self.running[out.seq_id]
                 if out.finish is None:  # cut by a stop word: the backend still holds it
                     self.backend.remove(out.seq_id)
 
     def _admit(self) -> None:
-        while self.queue and self.backend.active() < self.backend.max_sequences:
+        while self.queue and self.backend.active() + self._needs(self.queue[0]) <= self.backend.max_sequences:
             job = self.queue.popleft()
             if job.cancelled:
                 job.drop_cancelled()
@@ -131,6 +158,11 @@ class LLMEngine(Engine):
             except Exception as exc:  # a refusal of this request (typed), never of the engine
                 self.stats.failures += 1
                 job.fail(exc)
+
+    def _needs(self, job: Job) -> int:
+        """Sequences a request takes (one per choice): at most all the backend has, so it always fits once idle."""
+        n = getattr(getattr(job.msg, "config", None), "n", 1)
+        return min(n, self.backend.max_sequences)
 
     def _start(self, job: Job) -> None:
         msg, family = job.msg, self.family
@@ -148,15 +180,30 @@ class LLMEngine(Engine):
                                      field="model_uid")
             prompt, stops = msg.prompt, merge_stops(msg.config.stop, family.stop)
             stop_ids = list(family.stop_token_ids or [])
+        cfg = msg.config
+        if cfg.n > self.backend.max_sequences:
+            raise InvalidRequest(f"n={cfg.n}: {self.name} decodes at most {self.backend.max_sequences} sequences at "
+                                 "once (launch it with more: n_parallel / max_sequences)", field="n")
+        if cfg.echo and isinstance(msg, p.Chat):
+            raise InvalidRequest("echo is for completions (generate), not chat", field="echo")
+        if cfg.echo and cfg.logprobs not in (None, False):
+            raise InvalidRequest("echo with logprobs (logprobs of the prompt) is not supported", field="echo")
         prompt_ids = self.backend.tokenize(prompt)
-        sampling = self.sampling(msg.config, len(prompt_ids), stop_ids)
+        sampling = self.sampling(cfg, len(prompt_ids), stop_ids, chat=isinstance(msg, p.Chat))
+        refused = self.backend.unsupported(sampling)
+        if refused is not None:
+            raise InvalidRequest(f"{refused} is not supported by the {self.backend.engine} engine (model {self.uid!r})",
+                                 field=refused)
         self.stats.tokens_in += len(prompt_ids)
-        seq_id = next(self._ids)
-        gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(prompt_ids), stops, msg.config)
-        self.running[seq_id] = _Running(job, gen, self.backend.detokenizer())
-        self.backend.add(seq_id, prompt_ids, sampling)
+        gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(prompt_ids), stops, cfg,
+                         echo=prompt if cfg.echo else "", token_text=self.backend.token_text)
+        for index in range(cfg.n):
+            seq_id = next(self._ids)
+            self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
+            seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
+            self.backend.add(seq_id, prompt_ids, seeded)
 
-    def sampling(self, cfg: p.GenerateConfig, prompt_tokens: int, stop_ids=()) -> Sampling:
+    def sampling(self, cfg: p.GenerateConfig, prompt_tokens: int, stop_ids=(), chat: bool = False) -> Sampling:
         ctx_len = self.backend.context_length
         if prompt_tokens >= ctx_len:
             raise TooLarge(f"the prompt has {prompt_tokens} tokens; context_length is {ctx_len}", field="prompt")
@@ -170,8 +217,20 @@ class LLMEngine(Engine):
         temperature = 1.0 if cfg.temperature is None else cfg.temperature
         if temperature < 0:
             raise InvalidRequest("temperature must be >= 0", field="temperature")
+        if cfg.min_tokens is not None and cfg.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens {cfg.min_tokens} is more than max_tokens {max_tokens}",
+                                 field="min_tokens")
+        if chat:  # chat: logprobs is true/false, and top_logprobs says how many alternatives
+            logprobs = (cfg.top_logprobs or 0) if cfg.logprobs is True else None
+            if cfg.top_logprobs and cfg.logprobs is not True:
+                raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs")
+        else:  # completions: logprobs is how many alternatives
+            logprobs = None if cfg.logprobs is None or cfg.logprobs is False else int(cfg.logprobs)
         return Sampling(max_tokens, temperature, cfg.top_p, cfg.top_k, cfg.seed,
-                        tuple(dict.fromkeys([*(cfg.stop_token_ids or ()), *stop_ids])), cfg.repetition_penalty)
+                        tuple(dict.fromkeys([*(cfg.stop_token_ids or ()), *stop_ids])), cfg.repetition_penalty,
+                        presence_penalty=cfg.presence_penalty or 0.0, frequency_penalty=cfg.frequency_penalty or 0.0,
+                        logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos,
+                        grammar=grammar_of(cfg.response_format))
 
     def chat_prompt(self, messages: list[p.ChatMessage], cancelled=None) -> tuple[str, list[str], list[int]]:
         family = self.family

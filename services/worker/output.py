@@ -1,16 +1,19 @@
-"""One generation's text on its way to the client: stop words, chunking and the reply objects.
+"""One generation's text on its way to the client: stop words, chunking, logprobs and the reply objects.
 
-The engine pushes each sequence's new text as decode steps produce it; this turns it into Xinference's
-completion / chat objects: cut at the first stop word (which is not returned; a possible stop prefix is held
-back until it is decided), tokens produced within `stream_interval_ms` of the last chunk sent travel as one
-chunk (the first and the last go at once), and a whole (non-streamed) generation becomes one reply.
+The engine pushes each sequence's new text as decode steps produce it; this turns it into Xinference's (and
+OpenAI's) completion and chat objects. A request with `n` choices has one sequence per choice; each choice is
+cut at its first stop word (which is not returned; a possible stop prefix is held back until it is decided),
+carries its tokens' logprobs when asked, and streams in chunks: tokens produced within `stream_interval_ms` of
+its last chunk travel together (the first and the last go at once). The usage counts every choice's tokens.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
+from services.worker.backends.base import TokenLogprob
 from services.worker.compute import Job
 from shared import protocol as p
 
@@ -59,68 +62,141 @@ class StopCutter:
         return buffer[:len(buffer) - hold], False
 
 
+class _Logprobs:
+    """One choice's logprobs as they accumulate (and, when streaming, as they go out with each chunk)."""
+
+    __slots__ = ("chat", "token_text", "tokens", "values", "tops", "offsets", "offset")
+
+    def __init__(self, chat: bool, token_text: Callable[[int], str], offset: int):
+        self.chat, self.token_text, self.offset = chat, token_text, offset
+        self.tokens: list[str] = []
+        self.values: list[float] = []
+        self.tops: list[list[tuple[str, float]]] = []
+        self.offsets: list[int] = []
+
+    def add(self, token: int, lp: TokenLogprob) -> None:
+        text = self.token_text(token)
+        self.tokens.append(text)
+        self.values.append(lp.logprob)
+        self.tops.append([(self.token_text(i), v) for i, v in lp.top])
+        self.offsets.append(self.offset)
+        self.offset += len(text)
+
+    def take(self):
+        """The logprobs gathered since the last take, in the reply's shape (None when there are none)."""
+        if not self.tokens:
+            return None
+        if self.chat:
+            out = p.ChatLogprobs(content=[
+                p.TokenLogprob(token=t, logprob=v, bytes=list(t.encode()), top_logprobs=[
+                    p.TopLogprob(token=a, logprob=b, bytes=list(a.encode())) for a, b in top])
+                for t, v, top in zip(self.tokens, self.values, self.tops, strict=True)])
+        else:
+            out = p.CompletionLogprobs(tokens=self.tokens, token_logprobs=list(self.values),
+                                       top_logprobs=[{**dict(top), t: v} for t, v, top in
+                                                     zip(self.tokens, self.values, self.tops, strict=True)],
+                                       text_offset=self.offsets)
+        self.tokens, self.values, self.tops, self.offsets = [], [], [], []
+        return out
+
+
+class _Choice:
+    __slots__ = ("index", "cutter", "parts", "pending", "tokens", "finish", "last_sent", "sent_first", "logprobs")
+
+    def __init__(self, index: int, stops: list[str]):
+        self.index = index
+        self.cutter = StopCutter(stops)
+        self.parts: list[str] = []  # the whole text, when not streaming
+        self.pending = ""
+        self.tokens = 0
+        self.finish: str | None = None
+        self.last_sent = 0.0
+        self.sent_first = False
+        self.logprobs: _Logprobs | None = None
+
+
 class Generation:
-    """The reply side of one generate or chat request."""
+    """The reply side of one generate or chat request, with its `n` choices."""
 
     def __init__(self, job: Job, model_uid: str, chat: bool, prompt_tokens: int, stops: list[str],
-                 config: p.GenerateConfig):
+                 config: p.GenerateConfig, echo: str = "", token_text: Callable[[int], str] | None = None):
         self.job = job
         self.model_uid = model_uid
         self.chat = chat
         self.prompt_tokens = prompt_tokens
-        self.cutter = StopCutter(stops)
         self.stream = config.stream
         ms = DEFAULT_STREAM_INTERVAL_MS if config.stream_interval_ms is None else config.stream_interval_ms
         self.interval_s = ms / 1000
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
         self.created = int(time.time())
-        self.tokens = 0
-        self.parts: list[str] = []  # the whole text, when not streaming
-        self.pending_text = ""
-        self.last_sent = 0.0
-        self.sent_first = False
+        self.choices = [_Choice(i, stops) for i in range(config.n)]
+        self.open = config.n
+        wants_logprobs = config.logprobs is not None and config.logprobs is not False
+        for c in self.choices:
+            if echo:
+                c.parts.append(echo)
+                c.pending = echo
+            if wants_logprobs and token_text is not None:
+                c.logprobs = _Logprobs(chat, token_text, len(echo))
         if chat and self.stream:  # the role comes first, at once (as OpenAI and Xinference send it)
             job.partial(p.ChatCompletionChunk(id=self.id, created=self.created, model=model_uid, choices=[
-                p.ChatDeltaChoice(delta=p.ChatCompletionMessage(role="assistant", content=""))]))
+                p.ChatDeltaChoice(index=c.index, delta=p.ChatCompletionMessage(role="assistant", content=""))
+                for c in self.choices]))
 
-    def add(self, text: str, tokens: int, finish: str | None) -> bool:
-        """New text from `tokens` decoded tokens (finish: why generation ended, on its last step). True when the
-        generation is over (ended, or cut by a stop word): the engine then drops the sequence."""
-        out, stopped = self.cutter.push(text, finish is not None)
+    def add(self, index: int, text: str, tokens: list[int], finish: str | None, lp: TokenLogprob | None) -> bool:
+        """Choice `index` got new text from `tokens` (finish: why it ended, on its last step). True when that
+        choice is over (ended, or cut by a stop word): the engine then drops its sequence."""
+        c = self.choices[index]
+        out, stopped = c.cutter.push(text, finish is not None)
         if stopped:
             finish = "stop"
-        self.tokens += tokens
+        c.tokens += len(tokens)
+        if c.logprobs is not None and lp is not None:
+            c.logprobs.add(tokens[0], lp)
+        if finish is not None:
+            c.finish = finish
+            self.open -= 1
         if not self.stream:
-            self.parts.append(out)
-            if finish is not None:
-                self.job.reply(self._whole("".join(self.parts), finish))
+            c.parts.append(out)
+            if not self.open:
+                self.job.reply(self._whole())
             return finish is not None
-        self.pending_text += out
+        c.pending += out
         now = time.monotonic()
-        if finish is not None or not self.sent_first or now - self.last_sent >= self.interval_s:
-            if self.pending_text or finish is not None or not self.sent_first:
-                chunk = self._chunk(self.pending_text, finish)
-                if finish is not None:
-                    self.job.reply(chunk)
-                else:
+        if finish is not None or not c.sent_first or now - c.last_sent >= self.interval_s:
+            if c.pending or finish is not None or not c.sent_first:
+                chunk = self._chunk(c, finish)
+                if self.open:
                     self.job.partial(chunk)
-                self.pending_text, self.last_sent, self.sent_first = "", now, True
+                else:
+                    self.job.reply(chunk)  # the last choice's last chunk ends the stream, with the usage
+                c.pending, c.last_sent, c.sent_first = "", now, True
         return finish is not None
 
-    def _whole(self, text: str, finish: str) -> p.Msg:
-        used = usage(self.prompt_tokens, self.tokens)
-        if self.chat:
-            return p.ChatCompletion(id=self.id, created=self.created, model=self.model_uid, usage=used, choices=[
-                p.ChatChoice(message=p.ChatCompletionMessage(role="assistant", content=text), finish_reason=finish)])
-        return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=used,
-                            choices=[p.CompletionChoice(text=text, finish_reason=finish)])
+    def _usage(self) -> p.Usage:
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
 
-    def _chunk(self, text: str, finish: str | None) -> p.Msg:
-        used = usage(self.prompt_tokens, self.tokens) if finish is not None else None
+    def _whole(self) -> p.Msg:
+        if self.chat:
+            return p.ChatCompletion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
+                                    choices=[p.ChatChoice(index=c.index, finish_reason=c.finish,
+                                                          message=p.ChatCompletionMessage(role="assistant",
+                                                                                          content="".join(c.parts)),
+                                                          logprobs=c.logprobs.take() if c.logprobs else None)
+                                             for c in self.choices])
+        return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
+                            choices=[p.CompletionChoice(text="".join(c.parts), index=c.index, finish_reason=c.finish,
+                                                        logprobs=c.logprobs.take() if c.logprobs else None)
+                                     for c in self.choices])
+
+    def _chunk(self, c: _Choice, finish: str | None) -> p.Msg:
+        used = self._usage() if not self.open else None
+        logprobs = c.logprobs.take() if c.logprobs else None
         if self.chat:
             return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_uid, usage=used,
                                          choices=[p.ChatDeltaChoice(
-                                             delta=p.ChatCompletionMessage(role=None, content=text),
-                                             finish_reason=finish)])
+                                             index=c.index, delta=p.ChatCompletionMessage(role=None, content=c.pending),
+                                             logprobs=logprobs, finish_reason=finish)])
         return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=used,
-                            choices=[p.CompletionChoice(text=text, finish_reason=finish)])
+                            choices=[p.CompletionChoice(text=c.pending, index=c.index, logprobs=logprobs,
+                                                        finish_reason=finish)])

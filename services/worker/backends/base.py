@@ -22,6 +22,19 @@ class Sampling(NamedTuple):
     seed: int | None
     stop_token_ids: tuple[int, ...]
     repetition_penalty: float | None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # how many top alternatives each token's logprob comes with; None: no logprobs
+    min_tokens: int = 0  # end tokens are held off until this many tokens
+    ignore_eos: bool = False  # end-of-generation tokens do not end it (max_tokens and stop tokens still do)
+    grammar: str | None = None  # GBNF the output must follow (llama.cpp)
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (before any sampling change), and the top alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 class StepOut(NamedTuple):
@@ -30,6 +43,26 @@ class StepOut(NamedTuple):
     seq_id: int
     tokens: list[int]
     finish: str | None = None
+    logprobs: TokenLogprob | None = None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 log-softmax of a row of logits, as llama-cpp-python computes it (Llama.logits_to_logprobs)."""
+    top = np.amax(logits)
+    shifted = np.subtract(logits, top if np.isfinite(top) else 0, dtype=np.single)
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def token_logprob(row: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """The logprob of `token` and the k most likely tokens from a row of log-probabilities."""
+    if k > 0:
+        best = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(row.shape[0])
+        best = best[np.argsort(-row[best], kind="stable")]
+        top = [(int(i), float(row[i])) for i in best]
+    else:
+        top = []
+    return TokenLogprob(float(row[token]), top)
 
 
 class Detokenizer(Protocol):
@@ -41,11 +74,20 @@ class Detokenizer(Protocol):
 
 
 class LLMBackend(ABC):
+    engine: str  # Xinference's name for it: "transformers", "llama.cpp"
     context_length: int
     chat_template: str | None = None  # the model's own (tokenizer / GGUF metadata)
     bos_token: str = ""
     eos_token: str = ""
     max_sequences: int = 1  # sequences one step decodes together
+
+    def unsupported(self, sampling: Sampling) -> str | None:
+        """The request field this engine cannot honour for `sampling` (named in the refusal), or None."""
+        return None
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (for logprobs)."""
+        raise NotImplementedError
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

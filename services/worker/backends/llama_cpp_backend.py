@@ -17,7 +17,8 @@ import random
 
 import numpy as np
 
-from services.worker.backends.base import LLMBackend, Sampling, StepOut
+from services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
+from shared.errors import InvalidRequest
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
 KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
@@ -41,10 +42,10 @@ class _Detokenizer:
 
 class _Seq:
     __slots__ = ("id", "slot", "prompt", "fed", "pos", "last", "generated", "sampler", "max_tokens", "stop_ids",
-                 "out_index")
+                 "out_index", "sampling")
 
     def __init__(self, seq_id: int, slot: int, prompt: list[int], sampler, sampling: Sampling):
-        self.id, self.slot, self.prompt, self.sampler = seq_id, slot, prompt, sampler
+        self.id, self.slot, self.prompt, self.sampler, self.sampling = seq_id, slot, prompt, sampler, sampling
         self.fed = 0  # prompt tokens decoded so far
         self.pos = 0  # tokens in this sequence's KV cache
         self.last = -1  # the token to decode next
@@ -55,6 +56,8 @@ class _Seq:
 
 
 class LlamaCppBackend(LLMBackend):
+    engine = "llama.cpp"
+
     def __init__(self, path: str, device: str, context_length: int, n_threads: int | None = None,
                  n_parallel: int | None = None):
         import llama_cpp
@@ -78,6 +81,9 @@ class LlamaCppBackend(LLMBackend):
         cparams.n_batch = cparams.n_ubatch = N_BATCH
         cparams.n_seq_max = self.max_sequences
         cparams.kv_unified = False  # each sequence its own context_length cells
+        # As llama-cpp-python's Llama sets it: llama.cpp's own default (auto) turns flash attention on for the CPU,
+        # whose different arithmetic moved logprobs by up to 4e-3 from create_completion's.
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cpus = os.cpu_count() or 1
         cparams.n_threads = n_threads or max(cpus // 2, 1)  # as Llama's defaults
         cparams.n_threads_batch = n_threads or cpus
@@ -91,6 +97,7 @@ class LlamaCppBackend(LLMBackend):
         self._free_slots = list(range(self.max_sequences - 1, -1, -1))
         self._seqs: dict[int, _Seq] = {}
         self._embedder = None
+        self._eog: np.ndarray | None = None  # end-of-generation token ids (for min_tokens), found on first use
 
     def default_parallel(self, context_length: int) -> int:
         """Sequences decoded together by default: as many as KV_BUDGET of f16 KV cache holds (at most 16)."""
@@ -117,6 +124,15 @@ class LlamaCppBackend(LLMBackend):
     def detokenizer(self) -> _Detokenizer:
         return _Detokenizer(self.model)
 
+    def token_text(self, token_id: int) -> str:
+        return self.model.detokenize([token_id], special=False).decode("utf-8", errors="ignore")
+
+    def eog_ids(self) -> np.ndarray:
+        if self._eog is None:
+            is_eog = self.lib.llama_vocab_is_eog
+            self._eog = np.array([t for t in range(self.n_vocab) if is_eog(self.vocab, t)], dtype=np.int64)
+        return self._eog
+
     # ------------------------------------------------------------------ sequences
 
     def _sampler(self, s: Sampling):
@@ -124,7 +140,15 @@ class LlamaCppBackend(LLMBackend):
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
         add(chain, lib.llama_sampler_init_penalties(
-            self.n_vocab, 64, 1.0 if s.repetition_penalty is None else s.repetition_penalty, 0.0, 0.0))
+            self.n_vocab, 64, 1.0 if s.repetition_penalty is None else s.repetition_penalty, s.frequency_penalty,
+            s.presence_penalty))
+        if s.grammar is not None:  # before the choice, as create_completion places it
+            grammar = lib.llama_sampler_init_grammar(self.vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise InvalidRequest("response_format: llama.cpp could not build a grammar from it",
+                                     field="response_format")
+            add(chain, grammar)
         if s.temperature == 0:
             add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -181,16 +205,26 @@ class LlamaCppBackend(LLMBackend):
                 continue
             if seq.last >= 0:
                 seq.pos += 1  # the token just decoded is in the cache now
+            s = seq.sampling
+            logprobs = None
+            if s.logprobs is not None or seq.generated < s.min_tokens:
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx.ctx, seq.out_index),
+                                               shape=(self.n_vocab,))
+                if s.logprobs is not None:  # of the model's own distribution, before anything is held off
+                    logprobs = log_softmax(logits)
+                if seq.generated < s.min_tokens:
+                    logits[self.eog_ids()] = -np.inf  # in place: the sampler reads the context's logits
             token = lib.llama_sampler_sample(seq.sampler, self.ctx.ctx, seq.out_index)
             seq.out_index = -1
-            if lib.llama_vocab_is_eog(self.vocab, token) or token in seq.stop_ids:
+            if token in seq.stop_ids or (not s.ignore_eos and lib.llama_vocab_is_eog(self.vocab, token)):
                 outs.append(StepOut(seq.id, [], "stop"))
                 self.remove(seq.id)
                 continue
             seq.generated += 1
             seq.last = token
             finish = "length" if seq.generated >= seq.max_tokens else None
-            outs.append(StepOut(seq.id, [token], finish))
+            outs.append(StepOut(seq.id, [token], finish,
+                                token_logprob(logprobs, token, s.logprobs) if logprobs is not None else None))
             if finish:
                 self.remove(seq.id)
         return outs

@@ -18,7 +18,7 @@ import random
 
 import numpy as np
 
-from services.worker.backends.base import LLMBackend, Sampling, StepOut
+from services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
 from shared.errors import InvalidRequest
 
 
@@ -52,7 +52,7 @@ class IncrementalDecoder:
 
 class _Seq:
     __slots__ = ("id", "prompt", "sampling", "stop_ids", "generated", "last", "length", "generator", "history",
-                 "processors")
+                 "processors", "eos")
 
     def __init__(self, seq_id: int, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int]):
         self.id, self.prompt, self.sampling, self.stop_ids = seq_id, prompt, sampling, stop_ids
@@ -65,6 +65,8 @@ class _Seq:
 
 
 class TransformersBackend(LLMBackend):
+    engine = "transformers"
+
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
                  trust_remote_code: bool = False, max_sequences: int = 64):
         import torch
@@ -116,11 +118,25 @@ class TransformersBackend(LLMBackend):
     def detokenizer(self) -> IncrementalDecoder:
         return IncrementalDecoder(self.tokenizer)
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def unsupported(self, sampling: Sampling) -> str | None:
+        if sampling.presence_penalty:
+            return "presence_penalty"
+        if sampling.frequency_penalty:
+            return "frequency_penalty"
+        if sampling.grammar is not None:
+            return "response_format"
+        return None
+
     def active(self) -> int:
         return len(self._new) + len(self._rows)
 
     def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
-        seq = _Seq(seq_id, list(prompt_ids), sampling, frozenset(self.eos_ids + sampling.stop_token_ids))
+        ends = sampling.stop_token_ids if sampling.ignore_eos else self.eos_ids + sampling.stop_token_ids
+        seq = _Seq(seq_id, list(prompt_ids), sampling, frozenset(ends))
+        seq.eos = list(self.eos_ids)
         if sampling.temperature:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
             seq.generator = self.torch.Generator(device=self.device).manual_seed(seed)
@@ -184,6 +200,10 @@ class TransformersBackend(LLMBackend):
         """Pick the next token of one sequence from its logits row (1, vocab)."""
         torch = self.torch
         s = seq.sampling
+        logprobs = torch.log_softmax(logits.float(), dim=-1)[0].cpu().numpy() if s.logprobs is not None else None
+        if seq.generated < s.min_tokens and seq.eos:  # as generate(min_new_tokens=...): no end token yet
+            logits = logits.clone()
+            logits[:, seq.eos] = -float("inf")
         if seq.processors is not None:
             history = torch.tensor([seq.history if seq.history is not None else [seq.last]], device=self.device)
             logits = seq.processors(history, logits.float())
@@ -196,9 +216,10 @@ class TransformersBackend(LLMBackend):
         seq.last = token
         if seq.history is not None:
             seq.history.append(token)
+        lp = token_logprob(logprobs, token, s.logprobs) if logprobs is not None else None
         if token in seq.stop_ids:  # as generate(): the end token counts, and decodes to nothing (special)
-            return StepOut(seq.id, [token], "stop")
-        return StepOut(seq.id, [token], "length" if seq.generated >= s.max_tokens else None)
+            return StepOut(seq.id, [token], "stop", lp)
+        return StepOut(seq.id, [token], "length" if seq.generated >= s.max_tokens else None, lp)
 
     def _processors(self, s: Sampling):
         from transformers import (
