@@ -1,17 +1,11 @@
-"""Placement as pure functions: pick a spec, estimate its memory, choose devices."""
+"""Placement as pure functions: pick a spec, choose devices (each worker estimates its own need: sizing.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from shared.errors import InvalidRequest, NotFound, TooLarge
-from shared.models import EmbeddingFamily, LLMFamily, LLMSpec, size_in_billions, spec_file_name, uri_to_path
-
-OVERHEAD = 1.2  # activations, KV cache, allocator slack
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+from shared.models import LLMFamily, LLMSpec, size_in_billions
 
 
 def spec_label(spec: LLMSpec) -> str:
@@ -41,60 +35,12 @@ def match_spec(family: LLMFamily, model_format: str | None, size: int | str | No
                    + "; ".join(spec_label(s) for s in family.model_specs), field="model_format")
 
 
-def _weights_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-
-
-def _checkpoint_bytes_per_param(path: Path) -> float:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return 2.0
-    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16")
-    return 4.0 if "32" in dtype else 2.0
-
-
-_GGUF_BYTES = {"q2": 0.35, "q3": 0.45, "q4": 0.6, "q5": 0.7, "q6": 0.8, "q8": 1.1, "f16": 2.0, "f32": 4.0}
-
-
-def estimate_memory(spec: LLMSpec | None, quantization: str | None, embedding: EmbeddingFamily | None,
-                    device_kind: str) -> int:
-    """Bytes one instance will hold on a device of this kind: from the files on disk, else from parameters."""
-    if embedding is not None:
-        path = uri_to_path(embedding.model_uri) if embedding.model_uri else None
-        if path and os.path.exists(path):
-            size = _weights_bytes(Path(path))
-            factor = 0.5 if device_kind == "cuda" else 1.0  # fp16 on a GPU
-            return int(size * factor * OVERHEAD)
-        return 512 * 2**20
-    path_str = uri_to_path(spec.model_uri) if spec.model_uri else None
-    if path_str and os.path.exists(path_str):
-        path = Path(path_str)
-        if spec.model_format != "pytorch":
-            if path.is_dir():
-                path = path / spec_file_name(spec.model_file_name_template, quantization)
-            if path.is_file():
-                return int(path.stat().st_size * OVERHEAD)
-        else:
-            stored = _checkpoint_bytes_per_param(path)
-            target = 4.0 if device_kind == "cpu" else {"4-bit": 0.55, "8-bit": 1.05}.get(quantization, 2.0)
-            return int(_weights_bytes(path) * target / stored * OVERHEAD)
-    params = size_in_billions(spec.model_size_in_billions) * 1e9
-    if spec.model_format == "pytorch":
-        per = 4.0 if device_kind == "cpu" else {"4-bit": 0.55, "8-bit": 1.05}.get(quantization, 2.0)
-    else:
-        q = (quantization or "").lower()
-        per = next((v for k, v in _GGUF_BYTES.items() if q.startswith(k)), 2.0)
-    return int(params * per * OVERHEAD)
-
-
 @dataclass
 class Slot:
     worker_id: str
     device: str  # cpu | cuda:N
     free: int  # bytes free for new instances (reported, less reservations)
+    need: int = 0  # bytes one instance needs there (the worker's own estimate, from the files it has)
     hosts: tuple[str, ...] = ()  # the names and addresses of its host (for worker_ip)
 
 
@@ -104,6 +50,29 @@ ENGINES = {"transformers": ("pytorch",), "llama.cpp": ("ggufv2", "ggmlv3"),
 _ENGINE_ALIASES = {"transformers": "transformers", "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp",
                    "llamacpp": "llama.cpp", "sentence_transformers": "sentence_transformers",
                    "sentence-transformers": "sentence_transformers"}
+
+
+# Engine options that only one engine reads (the others apply to every engine).
+ENGINE_ONLY = {"max_sequences": "transformers", "n_ctx": "llama.cpp", "n_threads": "llama.cpp",
+               "n_parallel": "llama.cpp", "batch_wait_ms": "sentence_transformers",
+               "max_batch_size": "sentence_transformers", "max_batch_tokens": "sentence_transformers"}
+
+
+def engine_of(model_format: str, model_type: str) -> str:
+    if model_type == "embedding":
+        return "sentence_transformers"
+    return next(e for e, formats in ENGINES.items() if model_format in formats)
+
+
+def check_engine_options(options, engine: str) -> None:
+    """Refuse an option the chosen engine would not read (e.g. n_ctx for transformers), by name."""
+    for name, owner in ENGINE_ONLY.items():
+        if getattr(options, name) is not None and owner != engine:
+            raise InvalidRequest(f"{name} is an option of the {owner} engine; this model runs on {engine}",
+                                 field=name)
+    if engine == "sentence_transformers" and options.continuous_batching is not None:
+        raise InvalidRequest("continuous_batching is an option of the generation engines; this model runs on "
+                             "sentence_transformers", field="continuous_batching")
 
 
 def engine_formats(model_engine: str | None, model_type: str) -> tuple[str, ...] | None:
@@ -166,13 +135,12 @@ def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | 
     return gpus
 
 
-def place(slots: list[Slot], need: dict[str, int], replica: int, n_gpu: int | str | None = "auto",
-          gpu_idx: list[int] | None = None, devices: list[str] | None = None,
-          worker_ip: list[str] | None = None) -> list[str]:
+def place(slots: list[Slot], replica: int, n_gpu: int | str | None = "auto", gpu_idx: list[int] | None = None,
+          devices: list[str] | None = None, worker_ip: list[str] | None = None) -> list[str]:
     """Worker ids for `replica` instances: most free memory first, distinct devices while they fit.
 
-    `need` maps a device kind ("cpu", "cuda") to the bytes one instance needs there. Raises TooLarge with
-    the numbers when some replica fits nowhere (nothing is reserved then).
+    Each slot says the bytes one instance needs there (`need`). Raises TooLarge with the numbers when some
+    replica fits nowhere (nothing is reserved then).
     """
     pool = candidates(slots, n_gpu, gpu_idx, devices, worker_ip)
     if not pool:
@@ -180,20 +148,15 @@ def place(slots: list[Slot], need: dict[str, int], replica: int, n_gpu: int | st
     free = {s.worker_id: s.free for s in pool}
     chosen: list[str] = []
     for _ in range(replica):
-        fits = [s for s in pool if free[s.worker_id] >= need[_kind(s.device)]]
+        fits = [s for s in pool if free[s.worker_id] >= s.need]
         fresh = [s for s in fits if s.worker_id not in chosen]
         options = fresh or fits
         if not options:
-            detail = ", ".join(f"{s.worker_id} needs {_mib(need[_kind(s.device)])}, has {_mib(free[s.worker_id])} "
-                               "free" for s in pool)
+            detail = ", ".join(f"{s.worker_id} needs {_mib(s.need)}, has {_mib(free[s.worker_id])} free" for s in pool)
             placed = f" ({len(chosen)} of {replica} replicas placed)" if replica > 1 else ""
             raise TooLarge(f"not enough memory for this model{placed}: {detail}", field="replica"
                            if chosen else None)
         best = max(options, key=lambda s: free[s.worker_id])
         chosen.append(best.worker_id)
-        free[best.worker_id] -= need[_kind(best.device)]
+        free[best.worker_id] -= best.need
     return chosen
-
-
-def _kind(device: str) -> str:
-    return "cuda" if device.startswith("cuda") else "cpu"

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +22,34 @@ import msgspec
 import structlog
 
 from services.registry import catalog
-from services.scheduler.placement import Slot, engine_formats, estimate_memory, match_spec, place
+from services.scheduler.placement import (
+    Slot,
+    check_engine_options,
+    engine_formats,
+    engine_of,
+    match_spec,
+    place,
+)
 from shared import protocol as p
+from shared.compat import engine_options
 from shared.config import Settings
-from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
+from shared.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    ZinferError,
+    error_class,
+    storage_error,
+)
 from shared.models import (
     EmbeddingFamily,
     LLMFamily,
     check_name,
     parse_embedding,
     parse_llm,
-    problem_from_validation,
 )
 from shared.transport import ServiceRuntime
 
@@ -47,6 +65,7 @@ class Replica:
     error_code: str = ""  # the wire code of the error (invalid, not_found, ...), so clients raise its type
     error_field: str | None = None
     progress: float = 0.0
+    stage: str = ""
     memory: int = 0
     queue_depth: int = 0
     inflight: int = 0
@@ -221,7 +240,7 @@ class Scheduler:
                 replica.state = inst.state  # the worker's word, whatever we thought before
                 replica.error, replica.error_code = inst.error, inst.error_code
                 replica.error_field = inst.error_field
-                replica.progress, replica.memory = inst.progress, inst.memory
+                replica.progress, replica.memory, replica.stage = inst.progress, inst.memory, inst.stage
                 replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
                 replica.stats = inst.stats
             for model in self.models.values():
@@ -291,34 +310,44 @@ class Scheduler:
         if isinstance(family, LLMFamily):
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
                                      None if msg.model_type == "embedding" else formats)
-            need = {k: estimate_memory(spec, quant, None, k) for k in ("cpu", "cuda")}
+            probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant)
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options)
             fmt, size = spec.model_format, spec.model_size_in_billions
+            check_engine_options(options, engine_of(fmt, "LLM"))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
-            need = {k: estimate_memory(None, None, family, k) for k in ("cpu", "cuda")}
+            probe = p.ProbeFiles(model_type="embedding", embedding=family)
             base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options)
             fmt, size, quant = "pytorch", None, "none"
+            check_engine_options(options, "sentence_transformers")
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
-            slots = [Slot(w.info.worker_id, w.info.device, w.free, (w.info.host,))
-                     for w in self.workers.values()]
-            chosen = place(slots, need, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
+        # Files first (each worker looks on its own host, and sizes the instance from what it finds), then memory.
+        found = self._probe(probe)
+        with self.lock:
+            if uid in self.models:
+                raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
+                               "or pass another model_uid", field="model_uid")
+            slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory, (w.info.host,))
+                     for wid, w in self.workers.items() if wid in found and found[wid].ok]
+            if not slots:
+                raise self._no_files(found)
+            chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
+            need = {wid: found[wid].memory for wid in chosen}
             model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
                           size=size, quantization=quant or "",
                           ability=list(family.model_ability) if isinstance(family, LLMFamily) else ["embed"],
-                          context_length=family.context_length if isinstance(family, LLMFamily)
+                          context_length=(options.n_ctx or family.context_length) if isinstance(family, LLMFamily)
                           else family.max_tokens)
             loads = []
             for index, wid in enumerate(chosen):
-                kind = "cuda" if self.workers[wid].info.device.startswith("cuda") else "cpu"
-                self.workers[wid].reserved[(uid, index)] = need[kind]
-                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[kind]))
-                loads.append((wid, msgspec.structs.replace(base, replica=index, memory_estimate=need[kind])))
+                self.workers[wid].reserved[(uid, index)] = need[wid]
+                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[wid]))
+                loads.append((wid, msgspec.structs.replace(base, replica=index, memory_estimate=need[wid])))
             self.models[uid] = model
         try:
             self._record()  # acknowledged launches survive a scheduler restart
@@ -331,6 +360,32 @@ class Scheduler:
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
+
+    def _probe(self, probe: p.ProbeFiles) -> dict[str, p.FileProbe]:
+        """Ask every worker (at once) whether it has the files and what one instance needs there."""
+        with self.lock:
+            workers = list(self.workers)
+        if not workers:
+            raise TooLarge("no worker is running", field="n_gpu")
+        found: dict[str, p.FileProbe] = {}
+        with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
+            futures = {wid: pool.submit(self.bus.call, p.worker_service(wid), probe, 10.0) for wid in workers}
+            for wid, future in futures.items():
+                try:
+                    found[wid] = future.result()
+                except ZinferError as exc:  # a worker that cannot answer now is no candidate
+                    log.warning("probe_failed", worker=wid, error=str(exc))
+        return found
+
+    @staticmethod
+    def _no_files(found: dict[str, p.FileProbe]) -> ZinferError:
+        """No worker has the files: the first worker's problem, typed, with how many others said the same."""
+        problems = [f for f in found.values() if not f.ok]
+        if not problems:
+            return Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
+        first = problems[0]
+        also = f" (and on {len(problems) - 1} other worker(s))" if len(problems) > 1 else ""
+        return error_class(first.code or "not_found")(first.problem + also, first.field)
 
     def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:
         """The launch's engine options, typed (unknown names refused), under the operator's code policy."""
@@ -397,6 +452,7 @@ class Scheduler:
             address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
             state=m.state, error=error, error_code=code, error_field=field_,
             progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
+            stage=next((r.stage for r in m.replicas if r.state == "launching" and r.stage), ""),
             memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
             inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas))
 
@@ -452,14 +508,6 @@ def _sum_stats(parts) -> p.InstanceStats:
             for name in p.InstanceStats.__struct_fields__:
                 setattr(total, name, getattr(total, name) + getattr(part, name))
     return total
-
-
-def engine_options(kwargs: dict) -> p.EngineOptions:
-    try:
-        return msgspec.convert(kwargs, p.EngineOptions)
-    except msgspec.ValidationError as exc:
-        problem = problem_from_validation(exc)
-        raise InvalidRequest(f"engine option {problem}", field=problem.field or "engine_kwargs") from None
 
 
 def run_scheduler(settings: Settings) -> int:

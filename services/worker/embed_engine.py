@@ -50,7 +50,8 @@ class EmbeddingEngine(Engine):
 
     def submit(self, job: Job) -> None:
         if len(self.queue) >= self.max_queue:
-            raise QueueFull(f"{self.name} has {len(self.queue)} requests queued (instance_queue); try again")
+            raise QueueFull(f"{self.name} has {len(self.queue)} requests queued (its limit: request_limits, or "
+                            "the instance_queue setting); try again")
         self.queue.append(_Work(job))
         self.wake()
 

@@ -18,8 +18,11 @@ def utf8_over(text: str, limit: int) -> bool:
 
 
 class Instance:
-    def __init__(self, load: p.LoadInstance, device: str, settings: Settings, loop: ComputeLoop):
+    def __init__(self, load: p.LoadInstance, device: str, settings: Settings, loop: ComputeLoop,
+                 on_change=lambda: None):
         self.spec = load
+        self.on_change = on_change  # the worker reports at once (the launch progress a client shows)
+        self.stage = ""
         self.settings = settings
         self.loop = loop
         self.uid = load.model_uid
@@ -37,6 +40,14 @@ class Instance:
 
     # ------------------------------------------------------------------ lifecycle (a pool thread)
 
+    def _step(self, progress: float, stage: str) -> None:
+        self.progress, self.stage = progress, stage
+        self.on_change()
+
+    def _loading(self, path: str) -> None:
+        count, size = files.weights_summary(path)
+        self._step(0.3, f"loading {count} weight file{'s' if count != 1 else ''}, {size / 2**20:,.0f} MiB")
+
     def trust_remote_code(self) -> bool:
         """This worker's own settings decide whether a model's code may run here (never the request)."""
         trusted = self.model_name in self.settings.trust_remote_code_models
@@ -47,28 +58,31 @@ class Instance:
 
     def load(self) -> None:
         load, opts, settings = self.spec, self.spec.options, self.settings
+        limit = opts.request_limits or settings.instance_queue
         trust = self.trust_remote_code()
         if load.model_type == "embedding":
             from services.worker.backends.sentence_backend import SentenceTransformersBackend
             from services.worker.embed_engine import EmbeddingEngine
 
+            self._step(0.05, "finding files")
             path = files.resolve_embedding_files(load.embedding)
-            self.progress = 0.3
+            self._loading(path)
             backend = SentenceTransformersBackend(path, self.device, load.embedding.max_tokens, trust)
             if backend.dimensions != load.embedding.dimensions:
                 backend.close()
                 raise InvalidRequest(f"the model at {path} makes {backend.dimensions}-dimensional embeddings; "
                                      f"the registration says dimensions={load.embedding.dimensions}",
                                      field="dimensions")
-            engine = EmbeddingEngine(self.uid, backend, self.loop.wake, settings.instance_queue,
+            engine = EmbeddingEngine(self.uid, backend, self.loop.wake, limit,
                                      max_batch_size=opts.max_batch_size or 256,
                                      max_batch_tokens=opts.max_batch_tokens or 16384, wait_ms=opts.batch_wait_ms or 0)
         else:
             from services.worker.llm_engine import LLMEngine
 
             spec, family = load.spec, load.llm
+            self._step(0.05, "finding files")
             path = files.resolve_llm_files(spec, load.quantization)
-            self.progress = 0.3
+            self._loading(path)
             batching = opts.continuous_batching is not False
             if spec.model_format == "pytorch":
                 from services.worker.backends.transformers_backend import TransformersBackend
@@ -79,13 +93,13 @@ class Instance:
             else:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
-                backend = LlamaCppBackend(path, self.device, family.context_length, n_threads=opts.n_threads,
-                                          n_parallel=opts.n_parallel if batching else 1)
-            engine = LLMEngine(self.uid, family, backend, self.loop.wake, settings.instance_queue,
+                backend = LlamaCppBackend(path, self.device, opts.n_ctx or family.context_length,
+                                          n_threads=opts.n_threads, n_parallel=opts.n_parallel if batching else 1)
+            engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,
                                settings.template_timeout_s)
         self.backend, self.engine = backend, engine
         self.loop.add(engine)
-        self.progress = 1.0
+        self.progress, self.stage = 1.0, ""
         self.state = "ready"
 
     def fail(self, exc: BaseException) -> None:
@@ -117,10 +131,10 @@ class Instance:
             model_format=spec.model_format if spec else "", quantization=load.quantization or "",
             model_size_in_billions=spec.model_size_in_billions if spec else None,
             model_ability=list(load.llm.model_ability) if load.llm else ["embed"],
-            context_length=load.llm.context_length if load.llm else load.embedding.max_tokens,
+            context_length=(load.options.n_ctx or load.llm.context_length) if load.llm else load.embedding.max_tokens,
             state=self.state, error=self.error.message if self.error else "",
             error_code=self.error.code if self.error else "", error_field=self.error.field if self.error else None,
-            progress=self.progress, memory=load.memory_estimate,
+            progress=self.progress, stage=self.stage, memory=load.memory_estimate,
             queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
             stats=msgspec.structs.replace(engine.stats) if engine else None)
 

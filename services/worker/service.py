@@ -11,6 +11,7 @@ import threading
 
 import structlog
 
+from services.worker import files
 from services.worker.compute import ComputeLoop
 from services.worker.device import DeviceProbe
 from services.worker.instance import Instance
@@ -42,6 +43,7 @@ class Worker:
             p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
             p.LoadInstance: self.load,
             p.UnloadInstance: self.unload,
+            p.ProbeFiles: self.probe_files,
             p.Generate: submit,
             p.Chat: submit,
             p.Embed: submit,
@@ -60,7 +62,7 @@ class Worker:
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
-        instance = Instance(msg, self.probe.torch_device, self.settings, self.loop)
+        instance = Instance(msg, self.probe.torch_device, self.settings, self.loop, self.report_now.set)
         with self.lock:
             replicas = self.instances.setdefault(msg.model_uid, [])
             if any(r.replica == msg.replica for r in replicas):
@@ -79,6 +81,10 @@ class Worker:
         log.info("instance_ready", model_uid=msg.model_uid, replica=msg.replica)
         self.report_now.set()
         return p.Ok(message=f"{msg.model_uid} ready on {self.worker_id}")
+
+    def probe_files(self, msg: p.ProbeFiles, ctx) -> p.FileProbe:
+        ctx.require_service(p.SCHEDULER, "ProbeFiles")
+        return files.probe(msg, "cuda" if self.probe.kind == "cuda" else "cpu")
 
     def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "UnloadInstance")
