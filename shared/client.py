@@ -288,10 +288,13 @@ class Client:
 
     # ------------------------------------------------------------------ registry
 
-    def register_model(self, model_type: str, model: str | dict, persist: bool = False,
+    def register_model(self, model_type: str, model: str | dict, persist: bool = False, force: bool = False,
                        timeout: float | None = None) -> None:
+        """Register a custom model. force=True replaces a custom definition of the same name, in one step, if
+        none of its instances is launched."""
         text = model if isinstance(model, str) else json.dumps(model)
-        self.call(p.REGISTRY, p.RegisterModel(model_type=model_type, model=text, persist=persist), timeout)
+        self.call(p.REGISTRY, p.RegisterModel(model_type=model_type, model=text, persist=persist, force=force),
+                  timeout)
 
     def list_model_registrations(self, model_type: str, timeout: float | None = None) -> list[dict]:
         reply = self.call(p.REGISTRY, p.ListRegistrations(model_type=model_type), timeout)

@@ -7,6 +7,7 @@ the field; `definition_to_json` gives a definition back in the version it was re
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Literal
 
@@ -146,15 +147,69 @@ _UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 _MISSING_RE = re.compile(r"^Object missing required field `(?P<name>[^`]*)`$")
 
 
-def problem_from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> FieldProblem:
-    """Turn msgspec's "Expected `int` - at `$.a[0].b`" into FieldProblem("a[0].b", "Expected `int`")."""
+_ENUM_RE = re.compile(r"^Invalid enum value (?P<value>.*)$")
+_STEP_RE = re.compile(r"\.?(?:(?P<name>[^.\[\]]+)|\[(?P<index>\d+)\])")
+
+
+def _type_at(root: type, path: str):
+    """msgspec's type info at a path like `model_specs[0].model_format` under the struct `root` (None if the
+    path leaves what the types describe)."""
+    info = msgspec.inspect.type_info(root)
+    for step in _STEP_RE.finditer(path):
+        if isinstance(info, msgspec.inspect.UnionType):  # X | None, or v1 | v2: the first container or struct
+            info = next((t for t in info.types if isinstance(t, msgspec.inspect.StructType | msgspec.inspect.ListType
+                                                                | msgspec.inspect.DictType)), None)
+        if step.group("name") is not None and isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == step.group("name")), None)
+        elif step.group("index") is not None and isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+        elif isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        else:
+            return None
+    return info
+
+
+def _literal_values(info) -> list | None:
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return list(info.values)
+    if isinstance(info, msgspec.inspect.UnionType):
+        for t in info.types:
+            if isinstance(t, msgspec.inspect.LiteralType):
+                return list(t.values)
+    return None
+
+
+def closest_name(name: str, choices) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices`, or ""."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def problem_from_validation(exc: msgspec.ValidationError | msgspec.DecodeError,
+                            root: type | None = None) -> FieldProblem:
+    """Turn msgspec's "Expected `int` - at `$.a[0].b`" into FieldProblem("a[0].b", "Expected `int`").
+
+    Given the struct type that was decoded (`root`), an enum error lists the valid values and an unknown field
+    names the closest valid one."""
     m = _PATH_RE.match(str(exc))
     msg, path = m.group("msg"), (m.group("path") or "").lstrip(".")
-    for regex, text in ((_UNKNOWN_RE, "unknown field"), (_MISSING_RE, "required field is missing")):
-        hit = regex.match(msg)
-        if hit:
-            path = f"{path}.{hit.group('name')}" if path else hit.group("name")
-            msg = text
+    unknown = _UNKNOWN_RE.match(msg)
+    if unknown:
+        name = unknown.group("name")
+        parent = _type_at(root, path) if root is not None else None
+        hint = closest_name(name, [f.encode_name for f in parent.fields]) \
+            if isinstance(parent, msgspec.inspect.StructType) else ""
+        return FieldProblem(f"{path}.{name}" if path else name, "unknown field" + hint)
+    missing = _MISSING_RE.match(msg)
+    if missing:
+        return FieldProblem(f"{path}.{missing.group('name')}" if path else missing.group("name"),
+                            "required field is missing")
+    enum = _ENUM_RE.match(msg)
+    if enum and root is not None:
+        values = _literal_values(_type_at(root, path))
+        if values:
+            msg = f"invalid value {enum.group('value')}; valid values: {', '.join(map(str, values))}"
     return FieldProblem(path, msg)
 
 
@@ -206,7 +261,7 @@ def _convert(obj: dict, kind: type) -> Any:
     try:
         return msgspec.convert(obj, kind)
     except msgspec.ValidationError as exc:
-        raise DefinitionError([problem_from_validation(exc)]) from None
+        raise DefinitionError([problem_from_validation(exc, kind)]) from None
 
 
 def parse_llm(obj: dict) -> LLMFamily:

@@ -8,7 +8,7 @@ import structlog
 
 from services.registry import catalog
 from services.registry.store import DefinitionStore
-from services.registry.validate import MODEL_TYPES, check_model_type, validate
+from services.registry.validate import MODEL_TYPES, already_registered, check_model_type, validate
 from shared import protocol as p
 from shared.config import Settings
 from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable
@@ -16,6 +16,7 @@ from shared.models import (
     Definition,
     DefinitionError,
     EmbeddingFamily,
+    FieldProblem,
     decode_json_object,
     definition_to_json,
     parse_embedding,
@@ -38,13 +39,24 @@ def parse_persisted(model_type: str):
     return parse
 
 
+def _name_of(model: str) -> str | None:
+    """The model_name a definition's JSON gives, if it can be read (validate() reports it when not)."""
+    try:
+        name = decode_json_object(model).get("model_name")
+    except DefinitionError:
+        return None
+    return name if isinstance(name, str) else None
+
+
 def summary(model_type: str, d: Definition, is_builtin: bool) -> p.RegistrationSummary:
     if isinstance(d, EmbeddingFamily):
-        return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin)
+        return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
+                                     model_lang=list(d.language), dimensions=d.dimensions, max_tokens=d.max_tokens)
     formats = list(dict.fromkeys(s.model_format for s in d.model_specs))
     return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                  model_format=formats, model_ability=list(d.model_ability),
-                                 model_family=d.model_family)
+                                 model_family=d.model_family, model_lang=list(d.model_lang),
+                                 context_length=d.context_length)
 
 
 class Registry:
@@ -73,20 +85,40 @@ class Registry:
             p.RegistryStatus: self.status,
         }
 
-    # Everything but unregister (which asks the scheduler) answers at once, in the I/O thread.
-    inline = {p.Ping, p.RegisterModel, p.ListRegistrations, p.GetRegistration, p.RegistryStatus}
+    # Everything but register and unregister (which may ask the scheduler) answers at once, in the I/O thread.
+    inline = {p.Ping, p.ListRegistrations, p.GetRegistration, p.RegistryStatus}
 
     def register(self, msg: p.RegisterModel, ctx) -> p.Ok:
+        self._check_type(msg.model_type)
+        taken = set(self.custom[msg.model_type])
+        definition = validate(msg.model_type, msg.model, taken - {_name_of(msg.model)} if msg.force else taken)
+        name = definition.model_name
+        replaced = msg.force and name in taken
+        if replaced:
+            self._refuse_if_running(msg.model_type, name, "replace")
         with self.lock:
-            taken = set(self.custom.get(msg.model_type, {}))
-            definition = validate(msg.model_type, msg.model, taken)
+            if not msg.force and name in self.custom[msg.model_type]:  # registered meanwhile
+                raise DefinitionError([FieldProblem("model_name", already_registered(msg.model_type, name))])
             if msg.persist:
                 self.store.save(msg.model_type, definition)  # written before it is visible: all or nothing
-                self.persisted[msg.model_type].add(definition.model_name)
-            self.custom[msg.model_type][definition.model_name] = definition
-        log.info("model_registered", model_type=msg.model_type, model_name=definition.model_name,
-                 persist=msg.persist)
-        return p.Ok(message=f"registered {msg.model_type} {definition.model_name}")
+                self.persisted[msg.model_type].add(name)
+            elif name in self.persisted[msg.model_type]:  # replaced by one that lives in memory only
+                self.store.delete(msg.model_type, name)
+                self.persisted[msg.model_type].discard(name)
+            self.custom[msg.model_type][name] = definition
+        log.info("model_registered", model_type=msg.model_type, model_name=name, persist=msg.persist,
+                 replaced=replaced)
+        return p.Ok(message=f"{'replaced' if replaced else 'registered'} {msg.model_type} {name}")
+
+    def _refuse_if_running(self, model_type: str, model_name: str, verb: str) -> None:
+        try:
+            reply = self.bus.call(p.SCHEDULER, p.InstancesOf(model_type=model_type, model_name=model_name),
+                                  timeout=10.0)
+        except Unavailable:
+            reply = p.UidList(model_uids=[])  # no scheduler running: nothing can be launched
+        if reply.model_uids:
+            raise Conflict(f"{model_name!r} has launched instances {reply.model_uids}; terminate them first, "
+                           f"then {verb} it", field="model_name")
 
     def list(self, msg: p.ListRegistrations, ctx) -> p.Registrations:
         self._check_type(msg.model_type)
@@ -115,14 +147,7 @@ class Registry:
             raise InvalidRequest(f"{msg.model_name!r} is a built-in model and cannot be unregistered",
                                  field="model_name")
         if not msg.force:
-            try:
-                reply = self.bus.call(p.SCHEDULER, p.InstancesOf(model_type=msg.model_type,
-                                                                 model_name=msg.model_name), timeout=10.0)
-            except Unavailable:
-                reply = p.UidList(model_uids=[])  # no scheduler running: nothing can be launched
-            if reply.model_uids:
-                raise Conflict(f"{msg.model_name!r} has launched instances {reply.model_uids}; terminate them "
-                               "first (or unregister with force)", field="model_name")
+            self._refuse_if_running(msg.model_type, msg.model_name, "unregister")
         with self.lock:
             if msg.model_name in self.persisted[msg.model_type]:
                 self.store.delete(msg.model_type, msg.model_name)

@@ -27,6 +27,12 @@ def check_model_type(model_type: str) -> None:
         raise DefinitionError([FieldProblem("model_type", f"{model_type!r} is not one of {list(MODEL_TYPES)}")])
 
 
+def already_registered(model_type: str, name: str) -> str:
+    return (f"{name!r} is already registered as a custom {model_type}; unregister it first "
+            f"(zinfer unregister --model-type {model_type} --model-name {name}), or register with --force to "
+            "replace it")
+
+
 def _uri_problems(uri: str | None, want_file: bool, field: str) -> list[FieldProblem]:
     if uri is None:
         return []
@@ -77,13 +83,19 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str]) -
     """Parse and check a user's definition; `taken` holds the custom names registered for this type."""
     check_model_type(model_type)
     obj = decode_json_object(model_json)
+    other = "embedding" if model_type == "LLM" else "LLM"
+    if ("model_specs" in obj) != (model_type == "LLM") and ("dimensions" in obj) != (model_type == "embedding"):
+        raise DefinitionError([FieldProblem("model_type", f"this is an {other} definition ("
+                                            + ("it has dimensions and no model_specs" if other == "embedding"
+                                               else "it has model_specs and no dimensions")
+                                            + f"); register it with --model-type {other}")])
     definition = parse_llm(obj) if model_type == "LLM" else parse_embedding(obj)
     problems = shape_problems(definition)
     name = definition.model_name
     if name in catalog.builtins(model_type):
         problems.append(FieldProblem("model_name", f"{name!r} is a built-in {model_type} model name"))
     elif name in taken:
-        problems.append(FieldProblem("model_name", f"{name!r} is already registered as a custom {model_type}"))
+        problems.append(FieldProblem("model_name", already_registered(model_type, name)))
     if isinstance(definition, LLMFamily):
         problems += _llm_problems(definition)
     elif isinstance(definition, EmbeddingFamily):
