@@ -7,11 +7,13 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_json
+from cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json
+from shared.handles import EmbeddingHandle
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate.")]
-Stream = Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate (also --max_tokens).")]
+Stream = Annotated[bool, typer.Option("--stream/--no-stream",
+                                      help="Print tokens as they come (also --stream true|false).")]
 Temperature = Annotated[float | None, typer.Option("--temperature", help="0 for greedy decoding.")]
 
 
@@ -36,6 +38,8 @@ def generate(
     """Complete a prompt; without one, asks for prompts until an empty line or Ctrl-D."""
     with make_client(endpoint, timeout) as client:
         model = client.get_model(model_uid)
+        if isinstance(model, EmbeddingHandle):  # before asking for a prompt
+            raise model.not_llm("generate")
         prompts = [prompt] if prompt is not None else None
         while True:
             if prompts is None:
@@ -63,6 +67,8 @@ def generate(
 
 def chat(
     model_uid: Uid,
+    message: Annotated[str | None, typer.Argument(
+        help="A message: answered once, then the command ends (without one, an interactive chat).")] = None,
     max_tokens: MaxTokens = None,
     stream: Stream = True,
     temperature: Temperature = None,
@@ -70,22 +76,34 @@ def chat(
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
-    """An interactive chat that keeps the history; an empty line or Ctrl-D ends it."""
+    """Chat: one MESSAGE answered, or an interactive chat that keeps the history (an empty line or Ctrl-D ends it)."""
     with make_client(endpoint, timeout) as client:
         model = client.get_model(model_uid)
+        if isinstance(model, EmbeddingHandle):
+            raise model.not_llm("chat")
+        abilities = client.describe_model(model_uid)["model_ability"]
+        if "chat" not in abilities:  # say so before asking for a message
+            fail(f"model_uid: model {model_uid!r} cannot chat (abilities {abilities}); use zinfer generate")
         history = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        pending = [message] if message is not None else None
         while True:
-            try:
-                text = input("User: ")
-            except EOFError:
-                return
-            if not sys.stdin.isatty():  # piped input is not echoed: show what was said
-                sys.stdout.write(text + "\n")
-            if not text.strip():
-                return
+            if pending is not None:
+                if not pending:
+                    return
+                text = pending.pop()
+            else:
+                try:
+                    text = input("User: ")
+                except EOFError:
+                    return
+                if not sys.stdin.isatty():  # piped input is not echoed: show what was said
+                    sys.stdout.write(text + "\n")
+                if not text.strip():
+                    return
             history.append({"role": "user", "content": text})
             result = model.chat(messages=history, generate_config=_config(max_tokens, stream, temperature))
-            sys.stdout.write("Assistant: ")
+            if pending is None:
+                sys.stdout.write("Assistant: ")
             if stream:
                 answer = ""
                 for chunk in result:
@@ -124,4 +142,4 @@ def embed(
 
 def install(app: typer.Typer) -> None:
     for fn in (generate, chat, embed):
-        app.command(fn.__name__)(friendly_errors(fn))
+        command(app, fn)

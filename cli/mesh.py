@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import zmq
 
-from cli.common import Endpoint, Timeout, console, fail, friendly_errors, make_client, print_table
+from cli import runfile
+from cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
 from shared import keys
 from shared.config import Settings, load_settings
 from shared.endpoints import endpoint_holder
 from shared.errors import ZinferError
-from shared.logs import configure_logging
+from shared.logs import configure_logging, log_folder, log_name
 from shared.transport import die_with_parent
 
 Home = Annotated[str | None, typer.Option("--home", help="Data folder (default ~/.zinfer or ZINFER_HOME).")]
@@ -28,12 +30,25 @@ def _settings(endpoint: str | None, home: str | None = None) -> Settings:
     return load_settings(endpoint=endpoint, home=home)
 
 
+def _logging(service: str, settings: Settings):
+    """stderr, and <home>/logs/<service>.log (what `zinfer logs` reads)."""
+    return configure_logging(service, settings.home_path, max_mb=settings.log_max_mb, backups=settings.log_backups)
+
+
+def quiet_progress_bars() -> None:
+    """Download and loading bars (huggingface_hub, transformers' tqdm) belong on a user's terminal, not in a
+    service's log; launch progress reaches users through the scheduler instead."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def broker(endpoint: Endpoint = None, home: Home = None) -> None:
     """Run the broker (one ROUTER socket every process connects to, CURVE with the keys under <home>/keys)."""
     from services.broker.broker import Broker
 
     settings = _settings(endpoint, home)
-    log = configure_logging("broker")
+    log = _logging("broker", settings)
     die_with_parent()
     b = Broker(settings)
     try:
@@ -51,7 +66,7 @@ def registry(endpoint: Endpoint = None, home: Home = None) -> None:
     from services.registry.service import run_registry
 
     settings = _settings(endpoint, home)
-    configure_logging("registry")
+    _logging("registry", settings)
     die_with_parent()
     raise typer.Exit(run_registry(settings))
 
@@ -61,7 +76,7 @@ def scheduler(endpoint: Endpoint = None, home: Home = None) -> None:
     from services.scheduler.service import run_scheduler
 
     settings = _settings(endpoint, home)
-    configure_logging("scheduler")
+    _logging("scheduler", settings)
     die_with_parent()
     raise typer.Exit(run_scheduler(settings))
 
@@ -83,7 +98,8 @@ def worker(
         fail(f"--device: {exc}")
     if kind == "cuda":  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
-    configure_logging(f"worker/{device}")
+    quiet_progress_bars()
+    _logging(f"worker/{device}", settings)
     die_with_parent()
     from services.worker.service import run_worker
 
@@ -102,7 +118,7 @@ def gateway(
     holder = endpoint_holder(listen)
     if holder is not None:
         fail(f"cannot listen on {settings.gateway_host}:{settings.gateway_port}: in use by {holder}")
-    configure_logging("gateway")
+    log = _logging("gateway", settings)
     die_with_parent()
     import uvicorn
 
@@ -111,6 +127,7 @@ def gateway(
     app = create_app(settings)  # before the server starts: a missing key is one line here, not a traceback
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
+    log.info("gateway_listening", url=f"http://{settings.gateway_host}:{settings.gateway_port}", loop=loop, http=http)
     uvicorn.Server(uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_config=None,
                                   access_log=False, loop=loop, http=http, proxy_headers=False,
                                   timeout_graceful_shutdown=5)).run()
@@ -134,8 +151,27 @@ def detect_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def _spawn(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env)
+def _out_file(home, args: list[str]) -> Path:
+    """Where a child of `up` writes what does not go through logging (a crash, a native library's prints)."""
+    name = args[0] if args[0] != "worker" else f"worker/{args[2]}"
+    return log_folder(home) / f"{log_name(name)}.out"
+
+
+def _spawn(args: list[str], env: dict, home) -> subprocess.Popen:
+    out = _out_file(home, args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "ab") as sink:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdin=subprocess.DEVNULL,
+                                stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def up(
@@ -145,8 +181,14 @@ def up(
     cpu: Annotated[bool, typer.Option("--cpu/--no-cpu", help="Start a CPU worker.")] = True,
     http: Annotated[bool, typer.Option("--http/--no-http", help="Start the HTTP gateway.")] = True,
 ) -> None:
-    """Start broker, registry, scheduler, one worker per device and the HTTP gateway; Ctrl-C stops them all."""
+    """Start broker, registry, scheduler, one worker per device and the HTTP gateway; Ctrl-C or `zinfer down`
+    stops them all. Services log to <home>/logs (`zinfer logs`)."""
     settings = _settings(endpoint, home)
+    home_path = settings.home_path
+    running = runfile.read(home_path)
+    if running is not None and runfile.alive(running.pid, running.started):
+        fail(f"a mesh is already running from {home_path} (zinfer up, pid {running.pid}, at {running.endpoint}); "
+             "stop it with `zinfer down`, or use another --home")
     holder = endpoint_holder(settings.endpoint)
     if holder is not None:  # before anything starts: a second mesh must never join or disturb the first
         fail(f"{settings.endpoint} is in use by {holder}; stop that mesh first (`zinfer down`, or Ctrl-C to its "
@@ -154,7 +196,8 @@ def up(
     created = keys.init_keys(settings.home_path).created
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
-    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(settings.home_path))
+    # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
+    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0")
     n_gpu = detect_gpus() if gpus is None else gpus
     plan = [["broker"], ["registry"], ["scheduler"]]
     plan += [["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)]
@@ -169,6 +212,12 @@ def up(
         plan.append(["gateway"])
     children: list[tuple[list[str], subprocess.Popen]] = []
     stopping = False
+    me = runfile.UpRecord(pid=os.getpid(), started=runfile.started_at(os.getpid()), endpoint=settings.endpoint,
+                          gateway=gateway_url if http else "")
+
+    def record() -> None:
+        me.children = [runfile.Child(args=a, pid=c.pid, started=runfile.started_at(c.pid)) for a, c in children]
+        runfile.write(home_path, me)
 
     def stop(*_):
         nonlocal stopping
@@ -177,13 +226,15 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        broker_proc = _spawn(plan[0], env)
+        broker_proc = _spawn(plan[0], env, home_path)
         children.append((plan[0], broker_proc))
+        record()
         client = make_client(settings.endpoint, timeout=2.0)
         deadline = time.monotonic() + 30
         while True:  # the broker answers once it is bound; it exits at once if the port is taken
             if broker_proc.poll() is not None:
-                fail(f"the broker could not start on {settings.endpoint} (see the error above)")
+                fail(f"the broker could not start on {settings.endpoint}:\n"
+                     f"{_tail(_out_file(home_path, plan[0])) or _tail(log_folder(home_path) / 'broker.log')}")
             try:
                 answered = client.broker_status(timeout=0.5)["pid"]
                 if answered != broker_proc.pid:  # someone else's broker took the endpoint meanwhile
@@ -194,7 +245,8 @@ def up(
                     fail(f"the broker did not come up on {settings.endpoint}")
                 time.sleep(0.1)
         for args in plan[1:]:
-            children.append((args, _spawn(args, env)))
+            children.append((args, _spawn(args, env, home_path)))
+        record()
         want = {"registry", "scheduler"} | {f"worker/{a[2]}" for a in plan if a[0] == "worker"}
         while not stopping:
             services = {peer["service"] for peer in client.broker_status(timeout=2)["peers"]}
@@ -202,13 +254,15 @@ def up(
                 break
             for args, proc in children:
                 if proc.poll() is not None:
-                    fail(f"`zinfer {' '.join(args)}` exited with code {proc.returncode} while starting")
+                    fail(f"`zinfer {' '.join(args)}` exited with code {proc.returncode} while starting:\n"
+                         f"{_tail(_out_file(home_path, args))}")
             if time.monotonic() > deadline + 60:
                 fail(f"still waiting for {sorted(want - services)} after 90s")
             time.sleep(0.1)
         web = f"; HTTP (OpenAI, Xinference) at {gateway_url}/v1" if http else ""
-        console.print(f"[bold green]zinfer is up[/] at {settings.endpoint}{web} (home {settings.home_path}); "
-                      f"{len(children)} processes: {', '.join(' '.join(a) for a, _ in children)}. Ctrl-C stops.")
+        console.print(f"[bold green]zinfer is up[/] at {settings.endpoint}{web} (home {home_path}); "
+                      f"{len(children)} processes: {', '.join(' '.join(a) for a, _ in children)}. "
+                      "Logs: `zinfer logs -f`. Stop: Ctrl-C or `zinfer down`.", highlight=False)
         restarts: dict[int, float] = {}
         while not stopping:
             time.sleep(0.2)
@@ -217,9 +271,13 @@ def up(
                     # Keep the mesh whole: a crashed process is restarted (at most once every 2 s).
                     if time.monotonic() - restarts.get(i, 0) > 2:
                         console.print(f"[yellow]`zinfer {' '.join(args)}` exited ({proc.returncode}); "
-                                      "restarting[/]")
+                                      "restarting[/]", highlight=False)
+                        tail = _tail(_out_file(home_path, args))
+                        if tail:
+                            console.print(tail, highlight=False, markup=False)
                         restarts[i] = time.monotonic()
-                        children[i] = (args, _spawn(args, env))
+                        children[i] = (args, _spawn(args, env, home_path))
+                        record()
     finally:
         for _, proc in reversed(children):
             if proc.poll() is None:
@@ -230,6 +288,8 @@ def up(
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+        runfile.remove(home_path, os.getpid())
         if stopping:
             console.print("zinfer stopped")
 
@@ -272,4 +332,4 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
 
 def install(app: typer.Typer) -> None:
     for fn in (up, broker, registry, scheduler, worker, gateway, status):
-        app.command(fn.__name__)(friendly_errors(fn))
+        command(app, fn)

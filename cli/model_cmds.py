@@ -7,9 +7,19 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import Endpoint, Timeout, console, friendly_errors, make_client, print_json, print_table
+from cli.common import Endpoint, Timeout, command, console, make_client, print_json, print_table
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
+
+
+def _value(text: str):
+    """A command-line value as the engine option's type: int, float, true/false, none, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return {"true": True, "false": False, "none": None, "null": None}.get(text.lower(), text)
 
 
 def _engine_kwargs(pairs: list[str] | None) -> dict:
@@ -18,18 +28,39 @@ def _engine_kwargs(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--engine-arg")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+        out[key] = _value(value)
     return out
 
 
+def _extra_options(args: list[str]) -> dict:
+    """Xinference's extra launch options, `--name value` (or `--name=value`) after the known ones -> keywords
+    (checked by the client: an unknown name is refused with the closest valid one)."""
+    out = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise typer.BadParameter(f"unexpected argument {arg!r} (extra options are --name value)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise typer.BadParameter(f"--{name} needs a value (--{name} VALUE)")
+            value = args[i + 1]
+            i += 1
+        out[name.replace("-", "_")] = _value(value)
+        i += 1
+    return out
+
+
+def _ids(values: list[str] | None) -> list[str] | None:
+    """--gpu-idx 0,1 and --gpu-idx 0 --gpu-idx 1 alike -> ["0", "1"] (the client checks they are numbers)."""
+    if not values:
+        return None
+    return [part.strip() for v in values for part in v.split(",") if part.strip()] or None
+
+
 def launch(
+    ctx: typer.Context,
     model_name: Annotated[str, typer.Option("--model-name", "-n", help="A registered model's name.")],
     model_type: Annotated[str, typer.Option("--model-type", "-t")] = "LLM",
     model_format: Annotated[str | None, typer.Option("--model-format", "-f")] = None,
@@ -38,7 +69,16 @@ def launch(
     model_uid: Annotated[str | None, typer.Option("--model-uid", "-u")] = None,
     replica: Annotated[int, typer.Option("--replica", "-r")] = 1,
     n_gpu: Annotated[str, typer.Option("--n-gpu", help="auto, 0 (CPU) or 1.")] = "auto",
-    gpu_idx: Annotated[list[int] | None, typer.Option("--gpu-idx", help="Pin to these GPUs.")] = None,
+    gpu_idx: Annotated[list[str] | None, typer.Option(
+        "--gpu-idx", help="Pin to these GPUs: 0,1 or repeated.")] = None,
+    model_engine: Annotated[str | None, typer.Option(
+        "--model-engine", "-en", help="transformers or llama.cpp (LLM), sentence_transformers (embedding).")] = None,
+    worker_ip: Annotated[list[str] | None, typer.Option(
+        "--worker-ip", help="Launch on the workers of this host (name or address).")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option(
+        "--trust-remote-code/--no-trust-remote-code",
+        help="Run the model's own code (only models the operator allows; also --trust-remote-code true|false).",
+        show_default=False)] = None,
     device: Annotated[list[str] | None, typer.Option(
         "--device", help="Pin to these workers (e.g. cpu:1, cuda:0).")] = None,
     engine_arg: Annotated[list[str] | None, typer.Option(
@@ -47,22 +87,29 @@ def launch(
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
-    """Launch a registered model on the best device and print its uid."""
-    size = int(size_in_billions) if size_in_billions and size_in_billions.isdigit() else size_in_billions
+    """Launch a registered model on the best device and print its uid.
+
+    Extra `--name value` pairs are engine options, as with Xinference (e.g. --n_ctx 4096, --max_sequences 32,
+    --request_limits 100); each is checked, and an unknown name is refused with the closest valid one."""
+    options = {**_extra_options(ctx.args), **_engine_kwargs(engine_arg)}
+    if trust_remote_code is not None:
+        options["trust_remote_code"] = trust_remote_code
     with make_client(endpoint, timeout) as client:
         uid = client.launch_model(
             model_name=model_name, model_type=model_type, model_format=model_format,
-            model_size_in_billions=size, quantization=quantization, model_uid=model_uid, replica=replica,
-            n_gpu=int(n_gpu) if n_gpu.isdigit() else n_gpu, gpu_idx=gpu_idx, devices=device, wait=False,
-            **_engine_kwargs(engine_arg))
+            model_size_in_billions=size_in_billions, quantization=quantization, model_uid=model_uid,
+            replica=replica, n_gpu=None if n_gpu.lower() == "none" else n_gpu, gpu_idx=_ids(gpu_idx),
+            devices=device, model_engine=model_engine, worker_ip=_ids(worker_ip), wait=False, **options)
         if wait:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-                          TimeElapsedColumn(), console=console, transient=True) as bar:
+                          TimeElapsedColumn(), console=console, transient=True,
+                          disable=not console.is_terminal) as bar:
                 task = bar.add_task(f"launching {uid}", total=1.0, state="launching")
 
                 def show(view):
+                    where = f" on {', '.join(view['devices'])}" if view["devices"] else ""
                     bar.update(task, completed=view["progress"],
-                               state=f"{view['state']} on {', '.join(view['devices'])}")
+                               state=f"{view['stage'] or view['state']}{where}")
 
                 client.wait_model(uid, timeout or client.settings.launch_timeout, show)
     typer.echo(f"Model uid: {uid}")
@@ -101,7 +148,7 @@ def terminate(model_uid: Uid, endpoint: Endpoint = None, timeout: Timeout = None
 
 
 def install(app: typer.Typer) -> None:
-    app.command("launch")(friendly_errors(launch))
-    app.command("list")(friendly_errors(list_models))
-    app.command("describe")(friendly_errors(describe))
-    app.command("terminate")(friendly_errors(terminate))
+    command(app, launch, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    command(app, list_models, "list")
+    command(app, describe)
+    command(app, terminate)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Endpoint, Timeout, fail, friendly_errors, make_client, print_json, print_table
+from cli.common import Endpoint, Timeout, command, make_client, print_json, print_table, read_text
 
 ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM or embedding.")]
 
@@ -16,17 +16,17 @@ def register(
     model_type: ModelType = "LLM",
     file: Annotated[Path, typer.Option("--file", "-f", help="The model definition (JSON).")] = ...,
     persist: Annotated[bool, typer.Option("--persist", "-p", help="Keep it across restarts.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a custom model of the same name (none of its "
+                                        "instances may be running).")] = False,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
     """Register a custom model from a JSON definition."""
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        fail(f"--file {file}: {exc.strerror}")
+    text = read_text(file, "--file")
     with make_client(endpoint, timeout) as client:
-        client.register_model(model_type=model_type, model=text, persist=persist)
-    typer.echo(f"registered {model_type} model from {file}" + (" (persisted)" if persist else ""))
+        client.register_model(model_type=model_type, model=text, persist=persist, force=force)
+    verb = "registered or replaced" if force else "registered"
+    typer.echo(f"{verb} {model_type} model from {file}" + (" (persisted)" if persist else ""))
 
 
 def registrations(
@@ -41,9 +41,15 @@ def registrations(
     if as_json:
         print_json(items)
         return
-    rows = [[i["model_type"], i["model_name"], ", ".join(i["model_format"]), ", ".join(i["model_ability"]),
-             i["model_family"] or "", "yes" if i["is_builtin"] else "no"] for i in items]
-    print_table(["Type", "Name", "Formats", "Abilities", "Family", "Built-in"], rows)
+    if model_type == "embedding":
+        rows = [[i["model_type"], i["model_name"], i["dimensions"], i["max_tokens"], ", ".join(i["model_lang"]),
+                 "yes" if i["is_builtin"] else "no"] for i in items]
+        print_table(["Type", "Name", "Dimensions", "Max tokens", "Languages", "Built-in"], rows)
+        return
+    rows = [[i["model_type"], i["model_name"], ", ".join(i["model_lang"]), ", ".join(i["model_format"]),
+             ", ".join(i["model_ability"]), i["model_family"] or "", i["context_length"] or "",
+             "yes" if i["is_builtin"] else "no"] for i in items]
+    print_table(["Type", "Name", "Languages", "Formats", "Abilities", "Family", "Context", "Built-in"], rows)
 
 
 def unregister(
@@ -61,4 +67,4 @@ def unregister(
 
 def install(app: typer.Typer) -> None:
     for fn in (register, registrations, unregister):
-        app.command(fn.__name__)(friendly_errors(fn))
+        command(app, fn)

@@ -135,6 +135,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         print(f"embedding: {len(embedding['data'][0]['embedding'])} dimensions, usage {embedding['usage']}")
         client.close()
 
+        step("The services' logs")
+        zinfer("logs", "scheduler", "-n", "4")
+
         step("Terminate and unregister")
         for uid in ("llama-pt", "llama-gguf", "custom-bge"):
             zinfer("terminate", "--model-uid", uid)
@@ -144,9 +147,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
         print("\nwalk-through complete")
     finally:
         if not args.keep_running:
-            step("Stop the mesh (Ctrl-C to `zinfer up`)")
-            os.killpg(up.pid, signal.SIGINT)
-            up.wait(timeout=30)
+            step("Stop the mesh")
+            try:
+                zinfer("down")
+                up.wait(timeout=30)
+            except (SystemExit, subprocess.TimeoutExpired):
+                os.killpg(up.pid, signal.SIGINT)  # as Ctrl-C to `zinfer up`
+                up.wait(timeout=30)
             print(f"zinfer up exited with {up.returncode}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -44,6 +45,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 9998
     gateway_auth: bool = True
+    # Service logs: <home>/logs/<service>.log, one JSON object per line, rotated at log_max_mb.
+    log_max_mb: Annotated[int, msgspec.Meta(ge=1)] = 20
+    log_backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
 
     @property
     def max_message_bytes(self) -> int:
