@@ -71,19 +71,20 @@ def _files(folder: Path, service: str | None) -> list[Path]:
     return []
 
 
-def _last_lines(path: Path, n: int) -> list[str]:
-    """The last n lines of a file, reading back from its end in blocks (logs can be large)."""
-    if n <= 0:
-        return []
+def _last_lines(path: Path, n: int) -> tuple[list[str], int, int]:
+    """The last n complete lines of a file, reading back from its end in blocks (logs can be large), with the
+    file's inode and the offset just past the last complete line: following goes on from exactly there."""
     with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        data, pos = b"", end
-        while pos > 0 and data.count(b"\n") <= n:
+        st = os.fstat(f.fileno())
+        data, pos = b"", st.st_size
+        while pos > 0 and data.count(b"\n") <= max(n, 0):
             step = min(65536, pos)
             pos -= step
             f.seek(pos)
             data = f.read(step) + data
-    return [line.decode("utf-8", "replace") for line in data.splitlines()[-n:] if line.strip()]
+    cut = data.rfind(b"\n") + 1  # a line still being written is left for the follower
+    lines = data[:cut].splitlines()[-n:] if n > 0 else []
+    return [line.decode("utf-8", "replace") for line in lines if line.strip()], st.st_ino, pos + cut
 
 
 class _Printer:
@@ -147,7 +148,11 @@ def logs(
         typer.echo(f"no logs in {folder} yet", err=True)
         return
     show = _Printer(as_json or not console.is_terminal)
-    recent = [line for f in files for line in _last_lines(f, lines)]
+    recent, where = [], {}
+    for f in files:
+        got, inode, offset = _last_lines(f, lines)
+        recent += got
+        where[f] = (inode, offset)  # a line written after this read is the follower's to print
     recent.sort(key=_timestamp)  # ISO timestamps in UTC: text order is time order
     for line in recent[-lines:] if lines else []:
         show(line)
@@ -155,10 +160,6 @@ def logs(
     if not follow:
         return
     # Follow: poll each file for growth; a file that was rotated (new inode, or shorter) is read from its start.
-    where: dict[Path, tuple[int, int]] = {}
-    for f in files:
-        st = f.stat()
-        where[f] = (st.st_ino, st.st_size)
     try:
         while True:
             for f in _files(folder, None) if service is None else files:  # new services' files too

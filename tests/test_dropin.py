@@ -360,6 +360,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _readline(proc: subprocess.Popen, timeout: float = 30) -> str:
+    """A line of the process's output, or a failure after `timeout` (never a hung test)."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout), f"no line from {proc.args} within {timeout}s"
+    return proc.stdout.readline()
+
+
 def test_logs_follow_prints_new_lines_and_survives_rotation(tmp_path):
     folder = tmp_path / "home" / "logs"
     folder.mkdir(parents=True)
@@ -369,13 +379,13 @@ def test_logs_follow_prints_new_lines_and_survives_rotation(tmp_path):
     follow = subprocess.Popen([sys.executable, "-m", "cli", "logs", "registry", "-f", "--json"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert json.loads(follow.stdout.readline())["event"] == "first"
-        with open(log, "a") as f:
+        assert json.loads(_readline(follow))["event"] == "first"
+        with open(log, "a") as f:  # at once: a line written while it starts to follow is not lost
             f.write(json.dumps({"event": "second", "service": "registry", "timestamp": "2"}) + "\n")
-        assert json.loads(follow.stdout.readline())["event"] == "second"
+        assert json.loads(_readline(follow))["event"] == "second"
         log.rename(folder / "registry.log.1")  # what RotatingFileHandler does
         log.write_text(json.dumps({"event": "third", "service": "registry", "timestamp": "3"}) + "\n")
-        assert json.loads(follow.stdout.readline())["event"] == "third"
+        assert json.loads(_readline(follow))["event"] == "third"
     finally:
         follow.kill()
         follow.wait()
