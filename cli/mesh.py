@@ -85,11 +85,15 @@ def worker(
     device: Annotated[str, typer.Option("--device", "-d", help="cpu, cpu:N or cuda:N.")] = "cpu",
     memory_budget_mb: Annotated[int | None, typer.Option(
         "--memory-budget-mb", help="Memory this worker may fill (CPU; default from config/system).")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Its name in the mesh (default: the device beside a local broker, HOST/DEVICE when the "
+        "broker is on another host).")] = None,
     endpoint: Endpoint = None,
     home: Home = None,
 ) -> None:
-    """Run an inference worker for one device."""
-    from services.worker.device import parse_device
+    """Run an inference worker for one device. On another host: `zinfer keys import BUNDLE`, then
+    `zinfer worker -e tcp://BROKER:9997 --device cuda:0` (it keeps running when its shell exits)."""
+    from services.worker.device import default_worker_id, parse_device
 
     settings = load_settings(endpoint=endpoint, home=home, cpu_memory_budget_mb=memory_budget_mb)
     try:
@@ -98,12 +102,15 @@ def worker(
         fail(f"--device: {exc}")
     if kind == "cuda":  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    worker_id = name or default_worker_id(device, settings.endpoint)
+    if not worker_id or any(c in worker_id for c in " \t\n") or len(worker_id) > 128:
+        fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces")
     quiet_progress_bars()
-    _logging(f"worker/{device}", settings)
+    _logging(f"worker/{worker_id}", settings)
     die_with_parent()
     from services.worker.service import run_worker
 
-    raise typer.Exit(run_worker(settings, device))
+    raise typer.Exit(run_worker(settings, device, worker_id))
 
 
 def gateway(
@@ -197,7 +204,8 @@ def up(
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
     # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
-    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0")
+    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0",
+               ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
     plan = [["broker"], ["registry"], ["scheduler"]]
     plan += [["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)]
@@ -319,9 +327,10 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
         services = {peer["service"] for peer in broker_status["peers"]}
         if "scheduler" in services:
             workers = client.scheduler_status()["workers"]
-            print_table(["Worker", "Device", "Host", "Free", "Total", "PID"],
+            print_table(["Worker", "Device", "Host", "Address", "Free", "Total", "PID"],
                         [[w["worker_id"], w["device"] + (f" ({w['gpu_name']})" if w["gpu_name"] else ""),
-                          w["host"], _fmt_bytes(w["free_memory"]), _fmt_bytes(w["total_memory"]), w["pid"]]
+                          w["host"], w["address"], _fmt_bytes(w["free_memory"]), _fmt_bytes(w["total_memory"]),
+                          w["pid"]]
                          for w in workers], title="workers")
         if "registry" in services:
             reg = client.registry_status()

@@ -74,7 +74,7 @@ def launch(
     model_engine: Annotated[str | None, typer.Option(
         "--model-engine", "-en", help="transformers or llama.cpp (LLM), sentence_transformers (embedding).")] = None,
     worker_ip: Annotated[list[str] | None, typer.Option(
-        "--worker-ip", help="Launch on the workers of this host (name or address).")] = None,
+        "--worker-ip", "--host", help="Launch on the workers of this host (its name or address; repeatable).")] = None,
     trust_remote_code: Annotated[bool | None, typer.Option(
         "--trust-remote-code/--no-trust-remote-code",
         help="Run the model's own code (only models the operator allows; also --trust-remote-code true|false).",
@@ -129,9 +129,9 @@ def list_models(
     rows = [[m["model_uid"], m["model_name"], m["model_type"], m["model_format"],
              m["model_size_in_billions"] or "", m["quantization"], ", ".join(m["devices"]),
              m["state"] + (f" ({m['error']})" if m["error"] else ""), m["queue_depth"],
-             ", ".join(m["address"])] for m in models.values()]
+             ", ".join(dict.fromkeys(m["hosts"]))] for m in models.values()]
     print_table(["UID", "Name", "Type", "Format", "Size (B)", "Quantization", "Devices", "State", "Queue",
-                 "Address"], rows)
+                 "Hosts"], rows)
 
 
 def describe(model_uid: Uid, endpoint: Endpoint = None, timeout: Timeout = None) -> None:

@@ -190,8 +190,9 @@ class SchedulerStatus(Msg, kw_only=True):
 
 
 class DeviceInfo(Struct, kw_only=True, omit_defaults=True):
-    worker_id: str  # e.g. "cpu", "cpu:1", "cuda:0"
-    host: str
+    worker_id: str  # e.g. "cpu", "cpu:1", "cuda:0"; "gpu-host-2/cuda:0" for a worker on another host
+    host: str  # its host name
+    address: str = ""  # the address it reaches the broker from (what Xinference calls worker_ip)
     device: str  # "cpu" or "cuda:N"
     total_memory: int  # bytes
     free_memory: int  # bytes available to new instances
@@ -417,8 +418,9 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     model_ability: list[str] = []
     context_length: int = 0
     replica: int = 1
-    devices: list[str] = []
-    address: list[str] = []
+    devices: list[str] = []  # the worker of each replica
+    hosts: list[str] = []  # the host name of each replica's worker
+    address: list[str] = []  # "ADDRESS/worker/ID" of each replica (Xinference's address: where it runs)
     state: str
     error: str = ""
     error_code: str = ""

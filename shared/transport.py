@@ -50,8 +50,18 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, copy: bool = Tru
 _inproc_ids = itertools.count()
 
 
+DIE_WITH_PARENT = "ZINFER_DIE_WITH_PARENT"
+
+
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the parent dies, so no orphan keeps a port or a GPU."""
+    """For processes that `zinfer up` (or a test harness) started, which set ZINFER_DIE_WITH_PARENT=1: ask Linux
+    to SIGTERM us when the parent dies, so no orphan keeps a port or a GPU. A service started on its own (a
+    worker on another host, under systemd or `setsid nohup`) keeps running when the shell that started it exits.
+
+    Linux sends the signal when the *thread* that forked us ends: parents must spawn from a thread that lives as
+    long as they do (`up` spawns from its main thread)."""
+    if os.environ.get(DIE_WITH_PARENT) != "1":
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -207,6 +217,9 @@ class ServiceRuntime:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
         self.dealer.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        # A connect that hears nothing (a broker host cut off) is retried after this, not after the kernel's
+        # two minutes of SYN retries: a worker re-joins within about a heartbeat of its link coming back.
+        self.dealer.setsockopt(zmq.CONNECT_TIMEOUT, max(250, int(self.settings.heartbeat_interval * 1000)))
         self.key.apply(self.dealer)
         self.dealer.connect(self.settings.endpoint)
         self._register()

@@ -40,7 +40,8 @@ class Mesh:
         self.env = dict(os.environ, ZINFER_ENDPOINT=self.endpoint, ZINFER_HOME=str(home),
                         ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), ZINFER_HEARTBEAT_LIVENESS=str(liveness),
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO")
+                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO",
+                        ZINFER_DIE_WITH_PARENT="1")  # nothing outlives the test process
         if cpu_budget_mb:
             self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)
         self.procs: dict[str, subprocess.Popen] = {}

@@ -131,3 +131,25 @@ def test_a_single_file_uri_must_be_the_quantization_asked_for(tmp_path):
         files.local_llm_path(odd, "F16")
     one = msgspec_replace(odd, quantizations=["F16"])
     assert files.local_llm_path(one, "F16") == str(tmp_path / "other.gguf")
+
+
+def test_replicas_spread_over_hosts_before_devices():
+    s = [Slot("a/cpu", "cpu", 900 * MiB, 100 * MiB, ("host-a", "10.0.0.2")),
+         Slot("a/cpu:1", "cpu:1", 800 * MiB, 100 * MiB, ("host-a", "10.0.0.2")),
+         Slot("b/cpu", "cpu", 300 * MiB, 100 * MiB, ("host-b", "10.0.0.3"))]
+    assert place(s, 2, n_gpu=0) == ["a/cpu", "b/cpu"]  # host-b has less free memory, but is another host
+    assert place(s, 3, n_gpu=0) == ["a/cpu", "b/cpu", "a/cpu:1"]
+    assert place(s, 1, n_gpu=0, worker_ip=["10.0.0.3"]) == ["b/cpu"]
+    assert place(s, 1, n_gpu=0, worker_ip=["host-a"]) == ["a/cpu"]
+
+
+def test_a_host_without_the_files_is_passed_over_and_named_when_pinned():
+    missing = NotFound("model_uri /m does not exist on host host-a", field="model_uri")
+    s = [Slot("a/cpu", "cpu", 900 * MiB, 0, ("host-a", "10.0.0.2"), problem=missing),
+         Slot("b/cpu", "cpu", 300 * MiB, 100 * MiB, ("host-b", "10.0.0.3"))]
+    assert place(s, 1, n_gpu=0) == ["b/cpu"]
+    with pytest.raises(NotFound, match="does not exist on host host-a") as err:
+        place(s, 1, n_gpu=0, worker_ip=["host-a"])
+    assert err.value.field == "model_uri"
+    with pytest.raises(NotFound, match=r"host-a \(and on 1 other candidate worker\(s\)\)"):
+        place([s[0], Slot("b/cpu", "cpu", 1, 0, ("host-b",), problem=missing)], 1, n_gpu=0)

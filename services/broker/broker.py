@@ -117,6 +117,7 @@ class Broker:
     def bind(self) -> None:
         """Bind the ROUTER; raises zmq.ZMQError (e.g. address in use) for the caller to report. An ipc path that a
         live process accepts on is refused here: libzmq would unlink it and take it over silently."""
+        raise_open_files_limit()
         holder = endpoint_holder(self.endpoint)
         if holder is not None:
             raise zmq.ZMQError(errno.EADDRINUSE, f"{self.endpoint} is in use by {holder}")
@@ -500,6 +501,18 @@ class Broker:
             parked=self.n_waiting,
             pid=os.getpid(),
         )
+
+
+def raise_open_files_limit() -> int:
+    """Every peer's connection is a file descriptor: the common soft limit of 1,024 would refuse the thousandth
+    worker or client (bench/fanout.py runs 1,000 peers). Raised to the hard limit, which needs no privilege."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
 
 
 def _inflight(peer: Peer) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import InvalidRequest, NotFound, TooLarge
+from shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
 from shared.models import LLMFamily, LLMSpec, size_in_billions
 
 
@@ -41,7 +41,12 @@ class Slot:
     device: str  # cpu | cuda:N
     free: int  # bytes free for new instances (reported, less reservations)
     need: int = 0  # bytes one instance needs there (the worker's own estimate, from the files it has)
-    hosts: tuple[str, ...] = ()  # the names and addresses of its host (for worker_ip)
+    hosts: tuple[str, ...] = ()  # its host's name and address (worker_ip pins by either; replicas spread by them)
+    problem: ZinferError | None = None  # why it cannot load this model (its host lacks the files), if it cannot
+
+    @property
+    def host(self) -> tuple[str, ...]:
+        return self.hosts or (self.worker_id,)
 
 
 # Xinference's engine names, by the formats each runs here.
@@ -137,20 +142,30 @@ def candidates(slots: list[Slot], n_gpu: int | str | None, gpu_idx: list[int] | 
 
 def place(slots: list[Slot], replica: int, n_gpu: int | str | None = "auto", gpu_idx: list[int] | None = None,
           devices: list[str] | None = None, worker_ip: list[str] | None = None) -> list[str]:
-    """Worker ids for `replica` instances: most free memory first, distinct devices while they fit.
+    """Worker ids for `replica` instances: on the candidates (pins, n_gpu) whose host has the files, replicas
+    spread over distinct hosts first, then distinct devices, most free memory first.
 
-    Each slot says the bytes one instance needs there (`need`). Raises TooLarge with the numbers when some
-    replica fits nowhere (nothing is reserved then).
+    Each slot says the bytes one instance needs there (`need`), or why it cannot load the model (`problem`: its
+    host lacks the files), which is raised when no candidate has them. Raises TooLarge with the numbers when
+    some replica fits nowhere (nothing is reserved then).
     """
     pool = candidates(slots, n_gpu, gpu_idx, devices, worker_ip)
     if not pool:
         raise TooLarge("no worker is running for this placement", field="n_gpu")
+    lacking = [s for s in pool if s.problem is not None]
+    pool = [s for s in pool if s.problem is None]
+    if not pool:
+        first = lacking[0].problem
+        also = f" (and on {len(lacking) - 1} other candidate worker(s))" if len(lacking) > 1 else ""
+        raise type(first)(first.message + also, first.field)
     free = {s.worker_id: s.free for s in pool}
     chosen: list[str] = []
     for _ in range(replica):
         fits = [s for s in pool if free[s.worker_id] >= s.need]
+        used_hosts = {s.host for s in pool if s.worker_id in chosen}
+        new_host = [s for s in fits if s.host not in used_hosts]
         fresh = [s for s in fits if s.worker_id not in chosen]
-        options = fresh or fits
+        options = new_host or fresh or fits
         if not options:
             detail = ", ".join(f"{s.worker_id} needs {_mib(s.need)}, has {_mib(free[s.worker_id])} free" for s in pool)
             placed = f" ({len(chosen)} of {replica} replicas placed)" if replica > 1 else ""

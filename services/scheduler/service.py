@@ -332,10 +332,13 @@ class Scheduler:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
-            slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory, (w.info.host,))
-                     for wid, w in self.workers.items() if wid in found and found[wid].ok]
+            slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
+                          tuple(h for h in (w.info.host, w.info.address) if h),
+                          None if found[wid].ok else error_class(found[wid].code or "not_found")(
+                              found[wid].problem, found[wid].field))
+                     for wid, w in self.workers.items() if wid in found]
             if not slots:
-                raise self._no_files(found)
+                raise Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
             chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
             need = {wid: found[wid].memory for wid in chosen}
             model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
@@ -376,16 +379,6 @@ class Scheduler:
                 except ZinferError as exc:  # a worker that cannot answer now is no candidate
                     log.warning("probe_failed", worker=wid, error=str(exc))
         return found
-
-    @staticmethod
-    def _no_files(found: dict[str, p.FileProbe]) -> ZinferError:
-        """No worker has the files: the first worker's problem, typed, with how many others said the same."""
-        problems = [f for f in found.values() if not f.ok]
-        if not problems:
-            return Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
-        first = problems[0]
-        also = f" (and on {len(problems) - 1} other worker(s))" if len(problems) > 1 else ""
-        return error_class(first.code or "not_found")(first.problem + also, first.field)
 
     def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:
         """The launch's engine options, typed (unknown names refused), under the operator's code policy."""
@@ -441,6 +434,7 @@ class Scheduler:
 
     def _view(self, m: Model) -> p.InstanceView:
         hosts = {wid: w.info.host for wid, w in self.workers.items()}
+        addresses = {wid: w.info.address or w.info.host for wid, w in self.workers.items()}
         failed = next((r for r in m.replicas if r.state == "failed" and r.error), None)
         error, code, field_ = ((m.error, m.error_code, m.error_field) if m.error else
                                (failed.error, failed.error_code, failed.error_field) if failed else ("", "", None))
@@ -449,7 +443,8 @@ class Scheduler:
             model_size_in_billions=m.size, quantization=m.quantization, model_ability=m.ability,
             context_length=m.context_length, replica=len(m.replicas),
             devices=[r.worker_id for r in m.replicas],
-            address=[f"{hosts.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
+            hosts=[hosts.get(r.worker_id, "?") for r in m.replicas],
+            address=[f"{addresses.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
             state=m.state, error=error, error_code=code, error_field=field_,
             progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
             stage=next((r.stage for r in m.replicas if r.state == "launching" and r.stage), ""),

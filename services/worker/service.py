@@ -24,15 +24,15 @@ log = structlog.get_logger()
 
 
 class Worker:
-    def __init__(self, settings: Settings, device: str):
+    def __init__(self, settings: Settings, device: str, worker_id: str | None = None):
         self.settings = settings
-        self.worker_id = device
-        self.probe = DeviceProbe(device, settings.cpu_memory_budget_mb)
+        self.worker_id = worker_id or device
+        self.probe = DeviceProbe(device, settings.cpu_memory_budget_mb, settings.endpoint)
         self.instances: dict[str, list[Instance]] = {}
         self.lock = threading.Lock()
         self.report_now = threading.Event()
         self.loop = ComputeLoop()
-        self.runtime = ServiceRuntime(p.worker_service(device), settings, self.handlers(), inline={p.Ping},
+        self.runtime = ServiceRuntime(p.worker_service(self.worker_id), settings, self.handlers(), inline={p.Ping},
                                       deferred={p.Generate, p.Chat, p.Embed}, max_workers=4)
         self.runtime.on_reconnect = self.report_now.set
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
@@ -135,7 +135,7 @@ class Worker:
                     r.close()
 
 
-def run_worker(settings: Settings, device: str) -> int:
-    worker = Worker(settings, device)
+def run_worker(settings: Settings, device: str, worker_id: str | None = None) -> int:
+    worker = Worker(settings, device, worker_id)
     worker.serve()
     return worker.runtime.exit_code
