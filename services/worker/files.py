@@ -1,4 +1,5 @@
-"""Resolve a spec to files on this worker's disk: model_uri, or model_id through the Hugging Face cache.
+"""Resolve a spec to files on this worker's disk: model_uri, or model_id through the Hugging Face cache (downloaded
+at launch with progress, stopped by a terminate).
 
 Paths are looked up on the worker's own host (a model_uri may exist on one host of the mesh only). Before a
 launch the scheduler probes the workers (`probe`): the files must be there (the missing one is named), a
@@ -9,27 +10,103 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from shared import protocol as p
-from shared.errors import InvalidRequest, NotFound, ZinferError
+from shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError
 from shared.models import EmbeddingFamily, LLMSpec, spec_file_name, uri_to_path
 from shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
 
-def _from_hub(model_id: str, revision: str | None, filename: str | None = None) -> str:
-    from huggingface_hub import hf_hub_download, snapshot_download
+class Fetch:
+    """One launch's view of its downloads: `progress(done, total)` in bytes as files arrive, and `cancelled()`
+    polled as they do (a terminate during the launch stops the download at the next block)."""
 
+    def __init__(self, progress: Callable[[int, int], None] = lambda done, total: None,
+                 cancelled: Callable[[], bool] = lambda: False):
+        self.progress = progress
+        self.cancelled = cancelled
+
+
+def _bar_class(fetch: Fetch, total: int):
+    """A tqdm class for huggingface_hub that shows nothing and counts the bytes written to disk: the per-file bar
+    of a single download, or the snapshot's reconstruction bar (the snapshot's transfer bar and its file counter
+    would count twice). Every update checks for a cancel."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    counted = {"huggingface_hub.http_get", "huggingface_hub.xet_get", "huggingface_hub.snapshot_download"}
+    lock = threading.Lock()
+    done = [0]
+
+    class Bar(hf_tqdm):
+        def __init__(self, *args, name: str | None = None, **kwargs):
+            kwargs["disable"] = True
+            self._counts = name in counted
+            super().__init__(*args, name=name, **kwargs)
+
+        def update(self, n=1):
+            if fetch.cancelled():
+                raise Cancelled("the launch was cancelled (terminated) during its download")
+            if self._counts and n:
+                with lock:
+                    done[0] += int(n)
+                    fetch.progress(done[0], max(total, done[0]))
+            return super().update(n)
+
+    return Bar
+
+
+def _from_hub(model_id: str, revision: str | None, filename: str | None = None, fetch: Fetch | None = None) -> str:
+    """The files of a Hub repository (the whole snapshot, or one file) in the standard Hugging Face cache,
+    downloaded now unless they are there. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as in huggingface_hub."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    fetch = fetch or Fetch()
+    # huggingface_hub writes (and reports) a download in blocks of DOWNLOAD_CHUNK_SIZE, 10 MiB: 1 MiB blocks make
+    # the progress finer and a terminate stop within a MiB, at no measurable cost to the transfer.
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, 1 << 20)
+    what = f"{model_id}/{filename}" if filename else model_id
+    get = (lambda **kw: hf_hub_download(model_id, filename, revision=revision, **kw)) if filename else \
+        (lambda **kw: snapshot_download(model_id, revision=revision, **kw))
     try:
-        if filename:
-            return hf_hub_download(model_id, filename, revision=revision)
-        return snapshot_download(model_id, revision=revision)
-    except Exception as exc:  # offline and not cached, unknown repo, network: all mean "not available"
-        what = f"{model_id}/{filename}" if filename else model_id
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        total = 0
+        if not constants.HF_HUB_OFFLINE:
+            try:  # sizes first (the Hub's metadata only), for "done of total"; offline, the cache decides below
+                planned = get(dry_run=True)
+                total = sum(f.file_size or 0 for f in (planned if isinstance(planned, list) else [planned])
+                            if f.will_download)
+            except Exception:
+                total = 0
+        if total:
+            fetch.progress(0, total)
+        return get(tqdm_class=_bar_class(fetch, total))
+    except ZinferError:
+        raise
+    except GatedRepoError:
+        raise Forbidden(f"model_id {model_id!r} is gated on {constants.ENDPOINT}: accept its terms there and set "
+                        "HF_TOKEN for the workers", field="model_id") from None
+    except RepositoryNotFoundError:
+        raise NotFound(f"model_id {model_id!r}: no such repository on {constants.ENDPOINT} (or it is private: set "
+                       "HF_TOKEN for the workers)", field="model_id") from None
+    except RevisionNotFoundError:
+        raise NotFound(f"model_revision {revision!r}: repository {model_id!r} has no such revision",
+                       field="model_revision") from None
+    except EntryNotFoundError:
+        raise NotFound(f"model_file_name_template: repository {model_id!r} has no file {filename!r}",
+                       field="model_file_name_template") from None
+    except Exception as exc:  # offline and not cached, the network: not available on this host now
+        offline = constants.HF_HUB_OFFLINE
         hint = " (HF_HUB_OFFLINE is set: only cached files can be used)" if offline else ""
-        raise NotFound(f"model_id {what!r} is not in the Hugging Face cache and could not be downloaded{hint}: "
-                       f"{type(exc).__name__}", field="model_id") from None
+        raise NotFound(f"model_id {what!r} is not in the Hugging Face cache of host {_host()} and could not be "
+                       f"downloaded from {constants.ENDPOINT}{hint}: {type(exc).__name__}", field="model_id") from None
 
 
 def _host() -> str:
@@ -83,22 +160,19 @@ def local_embedding_path(family: EmbeddingFamily) -> str | None:
     return path
 
 
-def resolve_llm_files(spec: LLMSpec, quantization: str) -> str:
-    """A directory for pytorch, a file for gguf/ggml."""
-    if spec.model_format == "ggmlv3":
-        raise InvalidRequest(
-            "ggmlv3 files cannot be read by current llama.cpp; convert the file to GGUF "
-            "(llama.cpp's convert_llama_ggml_to_gguf.py) and register a ggufv2 spec", field="model_format")
+def resolve_llm_files(spec: LLMSpec, quantization: str, fetch: Fetch | None = None) -> str:
+    """A directory for pytorch, a file for gguf/ggml (a GGML v3 file as it is: the instance converts it)."""
     local = local_llm_path(spec, quantization)
     if local is not None:
         return local
     if spec.model_format == "pytorch":
-        return _from_hub(spec.model_id, spec.model_revision)
-    return _from_hub(spec.model_id, spec.model_revision, spec_file_name(spec.model_file_name_template, quantization))
+        return _from_hub(spec.model_id, spec.model_revision, fetch=fetch)
+    return _from_hub(spec.model_id, spec.model_revision, spec_file_name(spec.model_file_name_template, quantization),
+                     fetch)
 
 
-def resolve_embedding_files(family: EmbeddingFamily) -> str:
-    return local_embedding_path(family) or _from_hub(family.model_id, family.model_revision)
+def resolve_embedding_files(family: EmbeddingFamily, fetch: Fetch | None = None) -> str:
+    return local_embedding_path(family) or _from_hub(family.model_id, family.model_revision, fetch=fetch)
 
 
 def weights_summary(path: str) -> tuple[int, int]:

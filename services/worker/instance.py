@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import msgspec
 
 from services.worker import files
 from services.worker.compute import ComputeLoop, Job
 from shared import protocol as p
 from shared.config import Settings
-from shared.errors import Forbidden, InstanceNotReady, InvalidRequest, TooLarge, Unavailable, ZinferError
+from shared.errors import Cancelled, Forbidden, InstanceNotReady, InvalidRequest, TooLarge, Unavailable, ZinferError
 
 
 def utf8_over(text: str, limit: int) -> bool:
@@ -33,6 +35,8 @@ class Instance:
         self.progress = 0.0
         self.backend = None
         self.engine = None
+        self.cancelled = threading.Event()  # set by close(): a launch in progress stops at its next step
+        self._lock = threading.Lock()
 
     @property
     def model_name(self) -> str:
@@ -45,8 +49,42 @@ class Instance:
         self.on_change()
 
     def _loading(self, path: str) -> None:
+        self._check_cancelled()
         count, size = files.weights_summary(path)
         self._step(0.3, f"loading {count} weight file{'s' if count != 1 else ''}, {size / 2**20:,.0f} MiB")
+
+    def _check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"the launch of {self.uid!r} was cancelled (terminated)")
+
+    def _fetch(self, what: str) -> files.Fetch:
+        """Download progress as the stage ("downloading org/model: 12 of 104 MiB"), between 0.05 and 0.25."""
+        last = [-1.0]
+
+        def progress(done: int, total: int) -> None:
+            share = done / total if total else 0.0
+            if share - last[0] >= 0.01 or done == total:  # about 100 reports at most, each one sent at once
+                last[0] = share
+                self._step(0.05 + 0.2 * share, f"downloading {what}: {done / 2**20:,.1f} of {total / 2**20:,.1f} MiB")
+
+        return files.Fetch(progress, self.cancelled.is_set)
+
+    def _convert_ggml(self, path: str, context_length: int) -> str:
+        """A GGML v3 file's GGUF in <home>/cache/gguf-from-ggml (converted now, or by an earlier launch)."""
+        from services.worker import ggml
+
+        last = [-1.0]
+
+        def progress(done: int, total: int) -> None:
+            share = done / total if total else 1.0
+            if share - last[0] >= 0.01 or done == total:
+                last[0] = share
+                self._step(0.25 + 0.05 * share,
+                           f"converting GGML v3 to GGUF: {done / 2**20:,.1f} of {total / 2**20:,.1f} MiB")
+
+        self._step(0.25, "converting GGML v3 to GGUF")
+        return str(ggml.cached_gguf(path, self.settings.home_path / "cache" / "gguf-from-ggml", context_length,
+                                    progress, self.cancelled.is_set))
 
     def trust_remote_code(self) -> bool:
         """This worker's own settings decide whether a model's code may run here (never the request)."""
@@ -65,7 +103,7 @@ class Instance:
             from services.worker.embed_engine import EmbeddingEngine
 
             self._step(0.05, "finding files")
-            path = files.resolve_embedding_files(load.embedding)
+            path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
             self._loading(path)
             backend = SentenceTransformersBackend(path, self.device, load.embedding.max_tokens, trust)
             if backend.dimensions != load.embedding.dimensions:
@@ -81,7 +119,9 @@ class Instance:
 
             spec, family = load.spec, load.llm
             self._step(0.05, "finding files")
-            path = files.resolve_llm_files(spec, load.quantization)
+            path = files.resolve_llm_files(spec, load.quantization, self._fetch(spec.model_id))
+            if spec.model_format == "ggmlv3":
+                path = self._convert_ggml(path, family.context_length)
             self._loading(path)
             batching = opts.continuous_batching is not False
             if spec.model_format == "pytorch":
@@ -97,10 +137,15 @@ class Instance:
                                           n_threads=opts.n_threads, n_parallel=opts.n_parallel if batching else 1)
             engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,
                                settings.template_timeout_s)
-        self.backend, self.engine = backend, engine
-        self.loop.add(engine)
-        self.progress, self.stage = 1.0, ""
-        self.state = "ready"
+        with self._lock:  # close() either sees this engine, or we see its cancel: never neither
+            if not self.cancelled.is_set():
+                self.backend, self.engine = backend, engine
+                self.loop.add(engine)
+                self.progress, self.stage = 1.0, ""
+                self.state = "ready"
+                return
+        backend.close()  # terminated while the weights loaded: nobody holds this instance any more
+        self._check_cancelled()
 
     def fail(self, exc: BaseException) -> None:
         self.state = "failed"
@@ -108,9 +153,11 @@ class Instance:
 
     def close(self) -> None:
         """Stop serving: refuse what the engine still holds, and free the model between two loop steps."""
-        self.state = "terminating"
-        engine, backend = self.engine, self.backend
-        self.engine = self.backend = None
+        with self._lock:
+            self.state = "terminating"
+            self.cancelled.set()
+            engine, backend = self.engine, self.backend
+            self.engine = self.backend = None
         if engine is not None:
             self.loop.remove(engine)
 

@@ -1,0 +1,155 @@
+"""Specs without model_uri (issue 14): the worker downloads model_id through huggingface_hub, into the standard
+Hugging Face cache, with progress, stopped by a terminate; cached files launch offline.
+
+A stand-in for the Hub on 127.0.0.1 (tests/hubserver.py) serves the tiny models in the Hub's routes; the workers
+get HF_ENDPOINT pointed at it, an empty HF_HOME and an HF_TOKEN. Outputs are compared with the same models
+launched from their local folders.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from shared.errors import NotFound
+from tests.conftest import embedding_definition, llm_definition
+from tests.hubserver import HubServer
+from tests.mesh import REPO, Mesh
+
+PROMPT = "What is the largest animal in the world?"
+TOKEN = "hf_zinfer_test_token"
+
+
+def _hub_only(definition: dict) -> dict:
+    """The definition with its model_uri removed: its files come from model_id."""
+    for spec in definition.get("model_specs", [definition]):
+        spec.pop("model_uri", None)
+    return definition
+
+
+@pytest.fixture
+def hub_mesh(tmp_path, tiny_models):
+    # A larger repository for the cancel test: the tiny Llama and a 4 MiB file (downloads go by 1 MiB blocks).
+    large = tmp_path / "large-repo"
+    shutil.copytree(tiny_models["pytorch"], large)
+    (large / "extra.bin").write_bytes(bytes(4 << 20))
+    repos = {"zinfer/tiny-llama": tiny_models["pytorch"], "zinfer/tiny-llama-gguf": tiny_models["gguf_dir"],
+             "sentence-transformers/all-MiniLM-L6-v2": tiny_models["embedding"], "zinfer/tiny-llama-large": large}
+    with HubServer(repos) as hub:
+        m = Mesh(tmp_path / "home", tmp_path)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            m.env.pop(name, None)
+        m.env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_TOKEN=TOKEN,
+                     HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5")
+        try:
+            m.start_all()
+            c = m.client
+            c.register_model("LLM", llm_definition(tiny_models, "local-llama"))
+            c.register_model("embedding", embedding_definition(tiny_models, "local-minilm"))
+            c.register_model("LLM", _hub_only(llm_definition(tiny_models, "hub-llama")))
+            c.register_model("embedding", _hub_only(embedding_definition(tiny_models, "hub-minilm")))
+            large_definition = _hub_only(llm_definition(tiny_models, "hub-llama-large"))
+            large_definition["model_specs"][0]["model_id"] = "zinfer/tiny-llama-large"
+            c.register_model("LLM", large_definition)
+            m.hub = hub
+            m.hf_cache = tmp_path / "hf" / "hub"
+            yield m
+        finally:
+            m.stop()
+
+
+def _greedy(mesh, uid: str) -> str:
+    out = mesh.client.get_model(uid).generate(PROMPT, {"max_tokens": 16, "temperature": 0, "ignore_eos": True})
+    return out["choices"][0]["text"]
+
+
+def _vector(mesh, uid: str) -> np.ndarray:
+    return np.array(mesh.client.get_model(uid).create_embedding("the blue whale")["data"][0]["embedding"])
+
+
+def _launch_watching(mesh, **launch) -> list[str]:
+    """Launch without waiting and collect the stages the instance reports until it is ready."""
+    c = mesh.client
+    uid = c.launch_model(wait=False, **launch)
+    stages, deadline = [], time.monotonic() + 120
+    while True:
+        view = c.describe_model(uid)
+        if view.get("stage") and view["stage"] not in stages:
+            stages.append(view["stage"])
+        if view["state"] in ("ready", "failed"):
+            assert view["state"] == "ready", view
+            return stages
+        assert time.monotonic() < deadline, stages
+        time.sleep(0.02)
+
+
+def test_model_id_launches_download_with_progress_then_run_offline(hub_mesh):
+    m, c = hub_mesh, hub_mesh.client
+    m.hub.bytes_per_s = 2 << 20  # a link slow enough that the progress shows (2 MiB/s)
+    stages = _launch_watching(m, model_name="hub-llama", model_format="pytorch", model_uid="hub-pt")
+    downloading = [s for s in stages if s.startswith("downloading zinfer/tiny-llama:")]
+    assert downloading and downloading[-1].endswith(" MiB") and " of " in downloading[-1], stages
+    m.hub.bytes_per_s = None
+    c.launch_model(model_name="hub-llama", model_format="ggufv2", quantization="F32", model_uid="hub-gguf")
+    c.launch_model(model_name="hub-minilm", model_type="embedding", model_uid="hub-emb")
+    # Into the standard cache, and for the GGUF spec the one file of its template only.
+    assert (m.hf_cache / "models--zinfer--tiny-llama" / "snapshots").is_dir()
+    gguf_files = {path.rsplit("/", 1)[-1] for _, path, _ in m.hub.served("/zinfer/tiny-llama-gguf/resolve/")}
+    assert gguf_files == {"tiny-llama.F32.gguf"}
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in m.hub.served("/zinfer/")), "HF_TOKEN not sent"
+    # The same answers as from the local folders.
+    c.launch_model(model_name="local-llama", model_format="pytorch", model_uid="local-pt")
+    c.launch_model(model_name="local-llama", model_format="ggufv2", quantization="F32", model_uid="local-gguf")
+    c.launch_model(model_name="local-minilm", model_type="embedding", model_uid="local-emb")
+    assert _greedy(m, "hub-pt") == _greedy(m, "local-pt")
+    assert _greedy(m, "hub-gguf") == _greedy(m, "local-gguf")
+    assert np.allclose(_vector(m, "hub-emb"), _vector(m, "local-emb"), atol=1e-6)
+    # A repository the Hub does not have: NotFound naming model_id.
+    bad = _hub_only(llm_definition({"pytorch": "/x", "gguf_dir": "/x"}, "no-such-repo"))
+    bad["model_specs"][0]["model_id"] = "zinfer/no-such-repo"
+    c.register_model("LLM", bad)
+    with pytest.raises(NotFound) as err:
+        c.launch_model(model_name="no-such-repo", model_format="pytorch", model_uid="missing")
+    assert err.value.field == "model_id" and "zinfer/no-such-repo" in str(err.value)
+    # The Hub gone: the cached files launch offline.
+    answers = {uid: _greedy(m, uid) for uid in ("hub-pt", "hub-gguf")}
+    vector = _vector(m, "hub-emb")
+    m.hub.stop()
+    for uid in ("hub-pt", "hub-gguf", "hub-emb"):
+        c.terminate_model(uid)
+    c.launch_model(model_name="hub-llama", model_format="pytorch", model_uid="hub-pt")
+    c.launch_model(model_name="hub-llama", model_format="ggufv2", quantization="F32", model_uid="hub-gguf")
+    c.launch_model(model_name="hub-minilm", model_type="embedding", model_uid="hub-emb")
+    assert {uid: _greedy(m, uid) for uid in answers} == answers
+    assert np.allclose(_vector(m, "hub-emb"), vector, atol=1e-6)
+
+
+def test_terminate_stops_a_download(hub_mesh):
+    m, c = hub_mesh, hub_mesh.client
+    m.hub.bytes_per_s = 512 << 10  # 512 KiB/s: the 4 MiB file would take 8 s
+    uid = c.launch_model(model_name="hub-llama-large", model_format="pytorch", model_uid="slow", wait=False)
+    deadline = time.monotonic() + 60
+    while not c.describe_model(uid).get("stage", "").startswith("downloading"):
+        assert time.monotonic() < deadline, c.describe_model(uid)
+        time.sleep(0.02)
+    listed = subprocess.run([sys.executable, "-m", "cli", "list"], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env={**m.env, "PYTHONPATH": str(REPO), "COLUMNS": "300"})
+    assert "launching (downloading zinfer/tiny-llama-large: " in listed.stdout, listed.stdout + listed.stderr
+    c.terminate_model(uid)
+    with pytest.raises(NotFound):
+        c.describe_model(uid)
+    # The download stops: the worker breaks the connection off within a block (the Hub sees it as it writes).
+    deadline = time.monotonic() + 30
+    while "extra.bin" not in m.hub.aborted:
+        assert time.monotonic() < deadline, "the download went on after terminate"
+        time.sleep(0.05)
+    assert len([r for r in m.hub.served("/extra.bin") if r[0] == "GET"]) == 1  # and is not retried
+    # The worker is free to launch it again (at full speed now), and it resumes into the same cache.
+    m.hub.bytes_per_s = None
+    c.launch_model(model_name="hub-llama-large", model_format="pytorch", model_uid="slow")
+    assert _greedy(m, "slow")
