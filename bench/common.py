@@ -109,14 +109,14 @@ class StreamCrowd:
     generator is not what limits the measurement). run() returns (seconds, total completion tokens,
     time to first chunk of each stream)."""
 
-    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int):
+    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False):
         import zmq
 
         from shared import protocol as p
 
         self.p, self.zmq = p, zmq
         self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
-        cfg = p.GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True)
+        cfg = p.GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos)
         self.target = p.model_target(uid).encode()
         self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=cfg)) for t in prompts]
         self.poller = zmq.Poller()
@@ -143,10 +143,9 @@ class StreamCrowd:
                     reply = p.decode_reply(frames[2])
                     if isinstance(reply, p.Error):
                         raise RuntimeError(reply.message)
+                    first.setdefault(sock, time.perf_counter() - start)
+                    if reply.usage is not None:  # the last chunk (the final REPLY) carries the usage
+                        tokens += reply.usage.completion_tokens
                     if frames[0] == p.REPLY:
                         open_streams.discard(sock)
-                        continue
-                    first.setdefault(sock, time.perf_counter() - start)
-                    if reply.usage is not None:
-                        tokens += reply.usage.completion_tokens
         return time.perf_counter() - start, tokens, list(first.values())

@@ -1,6 +1,8 @@
 """The HTTP gateway against the ZMQ client: one load generator drives both, same models, same run.
 
-    .venv/bin/python bench/http.py [--seconds 5] [--skip-start]
+    .venv/bin/python bench/gateway.py [--seconds 5] [--skip-start]
+
+(Not named http.py: a script of that name in bench/ shadows the standard library's `http` for every script here.)
 
 Rows (the issue's table, re-measured for zinfer over HTTP and over ZeroMQ):
 - start to ready: `zinfer up` until the gateway's /ready says ready;
