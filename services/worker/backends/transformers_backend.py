@@ -107,6 +107,8 @@ class TransformersBackend(LLMBackend):
         self.max_sequences = max(1, max_sequences)
         # generate() computes the prefill's logits for the last position only; do the same (same numbers).
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # transformers 5.x renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._new: list[_Seq] = []  # added, not yet prefilled
         self._rows: list[_Seq] = []  # the batch, in cache row order
         self._cache = None
@@ -182,7 +184,7 @@ class TransformersBackend(LLMBackend):
         positions = torch.tensor([[s.length] for s in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
+                         use_cache=True, **{self._cache_kw: self._cache})
         self._cache, self._mask = out.past_key_values, mask
         logits = out.logits[:, -1, :]
         results, keep = [], []
