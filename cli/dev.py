@@ -17,9 +17,14 @@ app = typer.Typer(no_args_is_help=True, help="Developer helpers (test models).")
 def make_tiny_models_cmd(
     directory: Annotated[Path, typer.Argument(help="Where to write the models.")],
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if present.")] = False,
+    small_llama: Annotated[bool, typer.Option(
+        "--small-llama", help="Also a small random Llama (hidden 512, 8 layers, 104 MB F32) for benchmarks.")] = False,
 ) -> None:
-    """Build the tiny Llama (transformers + GGUF) and copy the MiniLM embedding model, in seconds."""
-    from shared.tinymodels import make_tiny_models
+    """Build the tiny Llama (transformers, GGUF, GGML v3) and copy the MiniLM embedding model, in seconds."""
+    from shared.tinymodels import make_small_llama, make_tiny_models
 
-    for kind, path in make_tiny_models(directory, force=force).items():
+    built = make_tiny_models(directory, force=force)
+    if small_llama:
+        built.update(make_small_llama(directory, force=force))
+    for kind, path in built.items():
         typer.echo(f"{kind}: {path}")

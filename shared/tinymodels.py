@@ -41,7 +41,8 @@ def _train_tokenizer(vocab_size: int):
 
 
 def build_tiny_llama(out_dir: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                     vocab_size: int = 512, seed: int = 0) -> Path:
+                     vocab_size: int = 512, seed: int = 0, intermediate: int | None = None,
+                     init_std: float = 0.3) -> Path:
     """A random-weight Llama with a trained tokenizer, saved with save_pretrained into out_dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -53,7 +54,7 @@ def build_tiny_llama(out_dir: Path, hidden: int = 64, layers: int = 2, heads: in
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out_dir)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         bos_token_id=tok.convert_tokens_to_ids("<s>"), eos_token_id=tok.convert_tokens_to_ids("</s>"),
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
@@ -62,7 +63,7 @@ def build_tiny_llama(out_dir: Path, hidden: int = 64, layers: int = 2, heads: in
     with torch.no_grad():  # larger-than-default weights make greedy outputs vary with the prompt
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, init_std)
     model.generation_config.pad_token_id = config.eos_token_id
     model.save_pretrained(out_dir)
     return out_dir
@@ -169,6 +170,23 @@ def write_legacy_models(hf_dir: Path, ggml_dir: Path, spm_dir: Path, force: bool
         tmp = target.with_name(target.name + ".tmp")
         write(tmp, cfg, vocab, tensors, q)
         tmp.rename(target)
+
+
+def make_small_llama(root: Path, force: bool = False) -> dict[str, Path]:
+    """root/small-llama (HF) and root/small-gguf/small-llama.F32.gguf: a random Llama of hidden 512, 8 layers,
+    intermediate 1536, ~27M parameters (104 MB F32), the tiny tokenizer. Big enough that batching sequences
+    in one decode pays on a CPU (the tiny model's steps are all overhead); for bench/generate.py."""
+    root = root.resolve()
+    hf_dir, gguf_dir = root / "small-llama", root / "small-gguf"
+    if force or not (hf_dir / "model.safetensors").exists():
+        build_tiny_llama(hf_dir, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1536, init_std=0.05)
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    target = gguf_dir / "small-llama.F32.gguf"
+    if force or not target.exists():
+        tmp = target.with_suffix(".tmp")
+        convert_to_gguf(hf_dir, tmp, "F32")
+        tmp.rename(target)
+    return {"small_pytorch": hf_dir, "small_gguf_dir": gguf_dir, "small_gguf": target}
 
 
 def minilm_source() -> Path:
