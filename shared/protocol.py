@@ -266,6 +266,14 @@ class ProbeFiles(Msg, kw_only=True):
     embedding: EmbeddingFamily | None = None
 
 
+class FindPaths(Msg, kw_only=True):
+    """Registry -> scheduler -> every worker: which hosts have these folders / files? (A model_uri is resolved on
+    the worker's host: the registry's own host need not have it.)"""
+
+    dirs: list[str] = []
+    files: list[str] = []
+
+
 class ResponseFormat(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """OpenAI's response_format: free text, any JSON object, or JSON matching a schema (llama.cpp: a grammar)."""
 
@@ -330,7 +338,7 @@ class Embed(Msg, kw_only=True):
 Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
     | LaunchModel | ListModels | DescribeModel | TerminateModel | InstancesOf | SchedulerStatus | WorkerReport
-    | LoadInstance | UnloadInstance | ProbeFiles | Generate | Chat | Embed
+    | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed
 )
 
 # ---------------------------------------------------------------- replies
@@ -553,6 +561,14 @@ class ChatCompletionChunk(Msg, kw_only=True):
     usage: Usage | None = None
 
 
+class PathsFound(Msg, kw_only=True):
+    """For FindPaths: each path found -> the hosts that have it (a folder as a folder, a file as a file), and
+    the hosts that were asked."""
+
+    found: dict[str, list[str]] = {}
+    hosts: list[str] = []
+
+
 class FileProbe(Msg, kw_only=True):
     """What a worker found: the files are here (`path`, `size` bytes; 0 when they come from the Hub at load), or
     the `problem`, with the `field` it concerns."""
@@ -579,7 +595,7 @@ class Embedding(Msg, kw_only=True):
 Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
-    | ChatCompletionChunk | Embedding | FileProbe
+    | ChatCompletionChunk | Embedding | FileProbe | PathsFound
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -600,6 +616,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     LoadInstance: (Ok,),
     UnloadInstance: (Ok,),
     ProbeFiles: (FileProbe,),
+    FindPaths: (PathsFound,),
     Generate: (Completion,),
     Chat: (ChatCompletion, ChatCompletionChunk),
     Embed: (Embedding,),
@@ -628,6 +645,7 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     LoadInstance: SERVICES,
     UnloadInstance: SERVICES,
     ProbeFiles: SERVICES,
+    FindPaths: SERVICES,
     Generate: ANYONE,
     Chat: ANYONE,
     Embed: ANYONE,

@@ -1,6 +1,7 @@
 """Workers on other hosts: network namespaces on this machine stand for hosts (issue 13).
 
-    core      broker, registry, scheduler        10.N.0.1  (its own ZINFER_HOME with every key)
+    core      broker, registry, scheduler        10.N.0.1  (its own ZINFER_HOME with every key; the registry does
+                                                           not see the `only-b` folder)
     host-a    a CPU worker, hostname host-a      10.N.0.2  (a ZINFER_HOME holding only its imported bundle)
     host-b    a CPU worker, hostname host-b      10.N.0.3  (likewise; the only host with the `only-b` models)
     stranger  a peer with a key of its own       10.N.0.4
@@ -27,7 +28,7 @@ import pytest
 
 from shared import keys
 from shared.client import Client
-from shared.errors import NotFound, Unavailable, ZinferError
+from shared.errors import InvalidRequest, NotFound, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, free_port
 
@@ -199,7 +200,7 @@ def hosts(tmp_path_factory, tiny_models):
     h = Hosts(tmp_path_factory.mktemp("multihost"), tiny_models)
     try:
         h.start("core", "broker", ["broker"], h.core_home)
-        h.start("core", "registry", ["registry"], h.core_home)
+        h.start("core", "registry", ["registry"], h.core_home, hide=h.only_b)  # only host-b has that folder
         h.start("core", "scheduler", ["scheduler"], h.core_home)
         for host in ("host-a", "host-b"):
             h.start_worker(host)
@@ -243,7 +244,14 @@ def test_files_are_resolved_on_each_workers_host(hosts, tiny_models):
     spec = definition["model_specs"][1]
     spec["model_uri"] = f"file://{hosts.only_b / 'gguf'}"
     definition["model_specs"] = [spec]
-    c.register_model("LLM", definition)  # the registry's host has the folder too (this test's file system)
+    # The registry's host lacks the folder (hidden in its mount namespace): it asks the workers' hosts.
+    c.register_model("LLM", definition)
+    nowhere = llm_definition(tiny_models, "nowhere")
+    nowhere["model_specs"] = [{**spec, "model_uri": "file:///models/nowhere"}]
+    with pytest.raises(InvalidRequest) as err:
+        c.register_model("LLM", nowhere)
+    assert "/models/nowhere does not exist on the registry's host nor on any worker's host (host-" in str(err.value)
+    assert "host-a" in str(err.value) and "host-b" in str(err.value)
     uid = c.launch_model(model_name="only-on-b", model_uid="on-b")  # host-a lacks the files: it goes to host-b
     assert c.describe_model(uid)["devices"] == ["host-b/cpu"]
     with pytest.raises(NotFound) as err:

@@ -11,7 +11,7 @@ from services.registry.store import DefinitionStore
 from services.registry.validate import MODEL_TYPES, already_registered, check_model_type, validate
 from shared import protocol as p
 from shared.config import Settings
-from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable, ZinferError
 from shared.models import (
     Definition,
     DefinitionError,
@@ -91,7 +91,8 @@ class Registry:
     def register(self, msg: p.RegisterModel, ctx) -> p.Ok:
         self._check_type(msg.model_type)
         taken = set(self.custom[msg.model_type])
-        definition = validate(msg.model_type, msg.model, taken - {_name_of(msg.model)} if msg.force else taken)
+        definition = validate(msg.model_type, msg.model, taken - {_name_of(msg.model)} if msg.force else taken,
+                              self._where)
         name = definition.model_name
         replaced = msg.force and name in taken
         if replaced:
@@ -109,6 +110,14 @@ class Registry:
         log.info("model_registered", model_type=msg.model_type, model_name=name, persist=msg.persist,
                  replaced=replaced)
         return p.Ok(message=f"{'replaced' if replaced else 'registered'} {msg.model_type} {name}")
+
+    def _where(self, dirs: list[str], files: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+        """Which workers' hosts have these paths (a model_uri this host lacks may be on a worker host)."""
+        try:
+            reply = self.bus.call(p.SCHEDULER, p.FindPaths(dirs=dirs, files=files), timeout=15.0)
+        except ZinferError:  # no scheduler, or it could not ask: nobody was asked
+            return {}, []
+        return reply.found, reply.hosts
 
     def _refuse_if_running(self, model_type: str, model_name: str, verb: str) -> None:
         try:

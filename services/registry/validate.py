@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from services.registry import catalog
 from shared.models import (
@@ -33,14 +34,69 @@ def already_registered(model_type: str, name: str) -> str:
             "replace it")
 
 
-def _uri_problems(uri: str | None, want_file: bool, field: str) -> list[FieldProblem]:
+# Which hosts have these (folders, files): the workers', asked through the scheduler. (found, hosts asked)
+Where = Callable[[list[str], list[str]], tuple[dict[str, list[str]], list[str]]]
+
+
+class _Remote:
+    """The paths this host lacks, looked up on the workers' hosts in one round (a model_uri is resolved on the
+    host of the worker that loads it: on a mesh of several hosts the registry's own host need not have it)."""
+
+    def __init__(self, where: Where | None):
+        self.where = where
+        self.dirs: list[str] = []
+        self.files: list[str] = []
+        self.found: dict[str, list[str]] = {}
+        self.hosts: list[str] = []
+
+    def ask(self) -> None:
+        if self.where is not None and (self.dirs or self.files):
+            self.found, self.hosts = self.where(self.dirs, self.files)
+
+    def missing(self, path: str) -> str:
+        elsewhere = (f" nor on any worker's host ({', '.join(self.hosts)})" if self.hosts
+                     else " (and no worker could be asked)")
+        return f"{path} does not exist on the registry's host{elsewhere}"
+
+
+def _local_paths(family: LLMFamily | EmbeddingFamily) -> list[tuple[str, str, bool, list[str]]]:
+    """(field, path, wants a file, the template's file names) of each model_uri that names a local path."""
+    out = []
+    specs = family.model_specs if isinstance(family, LLMFamily) else [family]
+    for i, spec in enumerate(specs):
+        uri = spec.model_uri
+        path = uri_to_path(uri) if uri else None
+        if path is None:
+            continue
+        field = f"model_specs[{i}].model_uri" if isinstance(family, LLMFamily) else "model_uri"
+        fmt = getattr(spec, "model_format", "pytorch")
+        template = getattr(spec, "model_file_name_template", None)
+        names = [spec_file_name(template, q) for q in spec.quantizations] if fmt != "pytorch" and template else []
+        out.append((field, path, fmt != "pytorch", names))
+    return out
+
+
+def _remote_paths(family: LLMFamily | EmbeddingFamily, where: Where | None) -> _Remote:
+    remote = _Remote(where)
+    for _field, path, want_file, names in _local_paths(family):
+        if os.path.exists(path):
+            continue
+        if want_file:  # the file itself, or a folder of one file per quantization
+            remote.files += [path, *(os.path.join(path, n) for n in names)]
+        else:
+            remote.dirs.append(path)
+    remote.ask()
+    return remote
+
+
+def _uri_problems(uri: str | None, want_file: bool, field: str, remote: _Remote) -> list[FieldProblem]:
     if uri is None:
         return []
     path = uri_to_path(uri)
     if path is None:
         return [FieldProblem(field, f"{uri!r} must be file:///absolute/path or an absolute path")]
     if not os.path.exists(path):
-        return [FieldProblem(field, f"{path} does not exist")]
+        return [] if remote.found.get(path) else [FieldProblem(field, remote.missing(path))]
     if want_file and not os.path.isfile(path):
         return [FieldProblem(field, f"{path} is not a file (ggml/gguf specs name the model file itself)")]
     if not want_file and not os.path.isdir(path):
@@ -48,7 +104,7 @@ def _uri_problems(uri: str | None, want_file: bool, field: str) -> list[FieldPro
     return []
 
 
-def _llm_problems(family: LLMFamily) -> list[FieldProblem]:
+def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
     problems = []
     if family.model_family != "other" and family.model_family not in catalog.builtin_llms():
         problems.append(FieldProblem(
@@ -66,6 +122,14 @@ def _llm_problems(family: LLMFamily) -> list[FieldProblem]:
     for i, spec in enumerate(family.model_specs):
         field = f"model_specs[{i}].model_uri"
         folder = uri_to_path(spec.model_uri) if spec.model_uri else None
+        if folder and not os.path.exists(folder) and spec.model_format != "pytorch" and \
+                spec.model_file_name_template and not remote.found.get(folder):
+            # Not here: a file on some worker's host, or a folder there with every quantization's file.
+            names = [spec_file_name(spec.model_file_name_template, q) for q in spec.quantizations]
+            if all(remote.found.get(os.path.join(folder, n)) for n in names):
+                continue
+            problems.append(FieldProblem(field, remote.missing(folder)))
+            continue
         if spec.model_format != "pytorch" and folder and os.path.isdir(folder) and spec.model_file_name_template:
             # A folder works when it holds the file of every quantization (the template picks one at launch).
             missing = [q for q in spec.quantizations if not os.path.isfile(
@@ -75,12 +139,14 @@ def _llm_problems(family: LLMFamily) -> list[FieldProblem]:
                     f"{spec_file_name(spec.model_file_name_template, missing[0])}; a {spec.model_format} "
                     "model_uri names the model file (or a folder holding one file per quantization)"))
             continue
-        problems += _uri_problems(spec.model_uri, spec.model_format != "pytorch", field)
+        problems += _uri_problems(spec.model_uri, spec.model_format != "pytorch", field, remote)
     return problems
 
 
-def validate(model_type: str, model_json: str | bytes | dict, taken: set[str]) -> Definition:
-    """Parse and check a user's definition; `taken` holds the custom names registered for this type."""
+def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], where: Where | None = None
+             ) -> Definition:
+    """Parse and check a user's definition; `taken` holds the custom names registered for this type; `where`
+    finds the model_uri paths this host lacks on the workers' hosts."""
     check_model_type(model_type)
     obj = decode_json_object(model_json)
     other = "embedding" if model_type == "LLM" else "LLM"
@@ -96,10 +162,11 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str]) -
         problems.append(FieldProblem("model_name", f"{name!r} is a built-in {model_type} model name"))
     elif name in taken:
         problems.append(FieldProblem("model_name", already_registered(model_type, name)))
+    remote = _remote_paths(definition, where)
     if isinstance(definition, LLMFamily):
-        problems += _llm_problems(definition)
+        problems += _llm_problems(definition, remote)
     elif isinstance(definition, EmbeddingFamily):
-        problems += _uri_problems(definition.model_uri, False, "model_uri")
+        problems += _uri_problems(definition.model_uri, False, "model_uri", remote)
     if problems:
         raise DefinitionError(problems)
     return definition

@@ -201,6 +201,7 @@ class Scheduler:
             p.DescribeModel: self.describe,
             p.TerminateModel: self.terminate,
             p.InstancesOf: self.instances_of,
+            p.FindPaths: self.find_paths,
             p.SchedulerStatus: self.status,
         }
 
@@ -379,6 +380,30 @@ class Scheduler:
                 except ZinferError as exc:  # a worker that cannot answer now is no candidate
                     log.warning("probe_failed", worker=wid, error=str(exc))
         return found
+
+    def find_paths(self, msg: p.FindPaths, ctx) -> p.PathsFound:
+        """Ask every worker (16 at a time) which of these paths its host has; the registry checks a model_uri
+        that its own host lacks this way. Workers that do not answer in time count as not having them."""
+        ctx.require_service(p.REGISTRY, "FindPaths")
+        if len(msg.dirs) + len(msg.files) > 256:
+            raise InvalidRequest("FindPaths: at most 256 paths", field="files")
+        with self.lock:
+            workers = list(self.workers)
+        found: dict[str, list[str]] = {}
+        hosts: list[str] = []
+        if not workers:
+            return p.PathsFound()
+        with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
+            futures = [pool.submit(self.bus.call, p.worker_service(wid), msg, 5.0) for wid in workers]
+            for future in futures:
+                try:
+                    reply = future.result()
+                except ZinferError:
+                    continue
+                for path, where in reply.found.items():
+                    found.setdefault(path, []).extend(h for h in where if h not in found.get(path, []))
+                hosts += [h for h in reply.hosts if h not in hosts]
+        return p.PathsFound(found=found, hosts=hosts)
 
     def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:
         """The launch's engine options, typed (unknown names refused), under the operator's code policy."""

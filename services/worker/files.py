@@ -184,6 +184,14 @@ def weights_summary(path: str) -> tuple[int, int]:
     return len(found), sum(f.stat().st_size for f in found)
 
 
+def find_paths(msg: p.FindPaths) -> p.PathsFound:
+    """Which of these folders and files this host has (absolute paths only)."""
+    host = _host()
+    found = {d: [host] for d in msg.dirs if os.path.isabs(d) and os.path.isdir(d)}
+    found.update({f: [host] for f in msg.files if os.path.isabs(f) and os.path.isfile(f)})
+    return p.PathsFound(found=found, hosts=[host])
+
+
 def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     """Whether this host has a spec's files, and the memory one instance needs here (from them, or from the
     parameter count when they would come from the Hub at load)."""

@@ -44,6 +44,7 @@ class Worker:
             p.LoadInstance: self.load,
             p.UnloadInstance: self.unload,
             p.ProbeFiles: self.probe_files,
+            p.FindPaths: self.find_paths,
             p.Generate: submit,
             p.Chat: submit,
             p.Embed: submit,
@@ -85,6 +86,10 @@ class Worker:
     def probe_files(self, msg: p.ProbeFiles, ctx) -> p.FileProbe:
         ctx.require_service(p.SCHEDULER, "ProbeFiles")
         return files.probe(msg, "cuda" if self.probe.kind == "cuda" else "cpu")
+
+    def find_paths(self, msg: p.FindPaths, ctx) -> p.PathsFound:
+        ctx.require_service(p.SCHEDULER, "FindPaths")
+        return files.find_paths(msg)
 
     def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "UnloadInstance")
