@@ -355,6 +355,19 @@ def test_a_peer_without_a_key_of_the_mesh_is_refused(hosts):
     assert len(hosts.c.scheduler_status()["workers"]) == 2
 
 
+def test_revoking_a_hosts_key_cuts_its_workers_off(hosts):
+    """`zinfer keys revoke host-b` on the head: the broker drops host-b's worker and refuses its handshakes from
+    then on (it keeps retrying); its instances fail; host-a serves on. (Last of the namespace tests.)"""
+    c = hosts.c
+    out = subprocess.run([sys.executable, "-m", "cli", "keys", "revoke", "host-b", "--home", str(hosts.core_home)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: {w["worker_id"] for w in c.scheduler_status()["workers"]} == {"host-a/cpu"}, timeout=30)
+    wait_for(lambda: c.describe_model("gen-host-b")["state"] == "failed", timeout=30)
+    assert c.get_model("gen-host-a").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
+    assert c.get_model("both").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
+
+
 # ---------------------------------------------------------------- without namespaces
 
 
