@@ -365,44 +365,43 @@ class Scheduler:
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
 
-    def _probe(self, probe: p.ProbeFiles) -> dict[str, p.FileProbe]:
-        """Ask every worker (at once) whether it has the files and what one instance needs there."""
+    def _ask_workers(self, msg: p.Msg, timeout: float, what: str) -> dict[str, p.Msg]:
+        """Send msg to every worker (16 at a time); their replies by worker id. A worker that cannot answer now
+        is left out (logged)."""
         with self.lock:
             workers = list(self.workers)
+        replies: dict[str, p.Msg] = {}
         if not workers:
-            raise TooLarge("no worker is running", field="n_gpu")
-        found: dict[str, p.FileProbe] = {}
+            return replies
         with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
-            futures = {wid: pool.submit(self.bus.call, p.worker_service(wid), probe, 10.0) for wid in workers}
+            futures = {wid: pool.submit(self.bus.call, p.worker_service(wid), msg, timeout) for wid in workers}
             for wid, future in futures.items():
                 try:
-                    found[wid] = future.result()
-                except ZinferError as exc:  # a worker that cannot answer now is no candidate
-                    log.warning("probe_failed", worker=wid, error=str(exc))
-        return found
+                    replies[wid] = future.result()
+                except ZinferError as exc:
+                    log.warning(f"{what}_failed", worker=wid, error=str(exc))
+        return replies
+
+    def _probe(self, probe: p.ProbeFiles) -> dict[str, p.FileProbe]:
+        """Ask every worker whether it has the files and what one instance needs there; one that cannot answer
+        now is no candidate."""
+        with self.lock:
+            if not self.workers:
+                raise TooLarge("no worker is running", field="n_gpu")
+        return self._ask_workers(probe, 10.0, "probe")
 
     def find_paths(self, msg: p.FindPaths, ctx) -> p.PathsFound:
-        """Ask every worker (16 at a time) which of these paths its host has; the registry checks a model_uri
-        that its own host lacks this way. Workers that do not answer in time count as not having them."""
+        """Which workers' hosts have these paths; the registry checks a model_uri that its own host lacks this
+        way. Workers that do not answer in time count as not having them."""
         ctx.require_service(p.REGISTRY, "FindPaths")
         if len(msg.dirs) + len(msg.files) > 256:
             raise InvalidRequest("FindPaths: at most 256 paths", field="files")
-        with self.lock:
-            workers = list(self.workers)
         found: dict[str, list[str]] = {}
         hosts: list[str] = []
-        if not workers:
-            return p.PathsFound()
-        with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
-            futures = [pool.submit(self.bus.call, p.worker_service(wid), msg, 5.0) for wid in workers]
-            for future in futures:
-                try:
-                    reply = future.result()
-                except ZinferError:
-                    continue
-                for path, where in reply.found.items():
-                    found.setdefault(path, []).extend(h for h in where if h not in found.get(path, []))
-                hosts += [h for h in reply.hosts if h not in hosts]
+        for reply in self._ask_workers(msg, 5.0, "find_paths").values():
+            for path, where in reply.found.items():
+                found.setdefault(path, []).extend(h for h in where if h not in found.get(path, []))
+            hosts += [h for h in reply.hosts if h not in hosts]
         return p.PathsFound(found=found, hosts=hosts)
 
     def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:

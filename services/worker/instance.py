@@ -57,34 +57,31 @@ class Instance:
         if self.cancelled.is_set():
             raise Cancelled(f"the launch of {self.uid!r} was cancelled (terminated)")
 
-    def _fetch(self, what: str) -> files.Fetch:
-        """Download progress as the stage ("downloading org/model: 12 of 104 MiB"), between 0.05 and 0.25."""
+    def _byte_progress(self, start: float, span: float, label: str):
+        """progress(done, total) in bytes -> the stage ("LABEL: 12.0 of 104.0 MiB") and progress from start to
+        start + span, reported at each whole percent (about 100 reports at most, each one sent at once)."""
         last = [-1.0]
 
         def progress(done: int, total: int) -> None:
             share = done / total if total else 0.0
-            if share - last[0] >= 0.01 or done == total:  # about 100 reports at most, each one sent at once
+            if share - last[0] >= 0.01 or done == total:
                 last[0] = share
-                self._step(0.05 + 0.2 * share, f"downloading {what}: {done / 2**20:,.1f} of {total / 2**20:,.1f} MiB")
+                self._step(start + span * share, f"{label}: {done / 2**20:,.1f} of {total / 2**20:,.1f} MiB")
 
-        return files.Fetch(progress, self.cancelled.is_set)
+        return progress
+
+    def _fetch(self, what: str) -> files.Fetch:
+        """Downloads of this launch: their progress between 0.05 and 0.25, stopped by a terminate."""
+        return files.Fetch(self._byte_progress(0.05, 0.2, f"downloading {what}"), self.cancelled.is_set)
 
     def _convert_ggml(self, path: str, context_length: int) -> str:
         """A GGML v3 file's GGUF in <home>/cache/gguf-from-ggml (converted now, or by an earlier launch)."""
         from services.worker import ggml
 
-        last = [-1.0]
-
-        def progress(done: int, total: int) -> None:
-            share = done / total if total else 1.0
-            if share - last[0] >= 0.01 or done == total:
-                last[0] = share
-                self._step(0.25 + 0.05 * share,
-                           f"converting GGML v3 to GGUF: {done / 2**20:,.1f} of {total / 2**20:,.1f} MiB")
-
         self._step(0.25, "converting GGML v3 to GGUF")
         return str(ggml.cached_gguf(path, self.settings.home_path / "cache" / "gguf-from-ggml", context_length,
-                                    progress, self.cancelled.is_set))
+                                    self._byte_progress(0.25, 0.05, "converting GGML v3 to GGUF"),
+                                    self.cancelled.is_set))
 
     def trust_remote_code(self) -> bool:
         """This worker's own settings decide whether a model's code may run here (never the request)."""
