@@ -204,6 +204,36 @@ def test_a_sequence_dropped_mid_batch_frees_its_slot_and_its_cache(tiny_models, 
         backend.close()
 
 
+def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_models):
+    """Plain greedy sequences skip the sampler chain: one argmax over the step's output rows picks their tokens.
+    A sequence given llama.cpp's greedy sampler chain instead picks the same tokens as the argmax's lone run, and
+    argmax sequences that join mid-way (their prompts prefilling while others decode) beside a sampled one equal
+    their lone runs: each row of the step's logits is read for the right sequence."""
+    from services.worker.backends.llama_cpp_backend import plain_greedy
+
+    backend = _backend("llama.cpp", tiny_models, slots=4)
+    try:
+        prompts = [backend.tokenize(f"story {i} begins when the") for i in range(3)]
+        greedy = _greedy(40)
+        assert plain_greedy(greedy) and not plain_greedy(greedy._replace(repetition_penalty=1.1))
+        lone = []
+        for i, ids in enumerate(prompts):
+            backend.add(i, ids, greedy)
+            lone.append(_run(backend, {i: ids})[i])
+        backend.add(100, prompts[0], greedy._replace(temperature=0.8, seed=7))  # through its sampler chain
+        backend.add(10, prompts[0], greedy)
+        backend._seqs[10].sampler = backend._sampler(greedy)  # llama.cpp's greedy sampler, not the argmax
+        got = _run(backend, {100: prompts[0], 10: prompts[0]}, steps=5)
+        backend.add(11, prompts[1], greedy)
+        backend.add(12, prompts[2], greedy)
+        rest = _run(backend, {10: prompts[0], 11: prompts[1], 12: prompts[2], 100: prompts[0]})
+        assert got[10] + rest[10] == lone[0]
+        assert rest[11] == lone[1] and rest[12] == lone[2]
+        assert len(got[100] + rest[100]) == 40
+    finally:
+        backend.close()
+
+
 def test_memory_stays_bounded_over_1000_sequential_requests(bmesh):
     """1,000 requests one after another (generate on llama.cpp and transformers, streams, chat, embed): the
     worker's resident memory after the first 200 is where it stays (a leak per request of a KV cache, a
