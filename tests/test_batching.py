@@ -234,6 +234,24 @@ def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_
         backend.close()
 
 
+def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
+    """The worker counts tokens (usage, and the max_tokens check) with a copy of the fast tokenizer: the same
+    counts as the transformers call, and still whole after encode() has switched truncation and padding on in the
+    tokenizer it shares (a text over the encoder's max_seq_length must count in full, to be refused)."""
+    from services.worker.backends.sentence_backend import SentenceTransformersBackend
+
+    backend = SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
+    try:
+        assert backend._counter is not None  # MiniLM's tokenizer is a fast one
+        texts = ["whales " * 600, "how do whales sleep at night", "naïve café déjà vu 🐋", ""]
+        before = backend.token_counts(texts)
+        backend.encode(texts)
+        assert backend.token_counts(texts) == before == backend._slow_counts(texts)
+        assert before[0] > backend.model.max_seq_length
+    finally:
+        backend.close()
+
+
 def test_memory_stays_bounded_over_1000_sequential_requests(bmesh):
     """1,000 requests one after another (generate on llama.cpp and transformers, streams, chat, embed): the
     worker's resident memory after the first 200 is where it stays (a leak per request of a KV cache, a
