@@ -59,13 +59,16 @@ def raw_transformers(path, device, tokens, levels):
     runs = [one(PROMPTS[i]) for i in range(3)]
     el, n, ttft = min(runs)
     result = {"tok_s_1": n / el, "ttft_ms": ttft * 1000}
-    for level in levels:
+    for level in levels:  # best of 3, as the served crowds
         ids = tok(PROMPTS[:level], return_tensors="pt", padding=True).to(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=tokens, **kw)
-        el = time.perf_counter() - start
-        result[f"static_batch_{level}"] = level * (out.shape[1] - ids.input_ids.shape[1]) / el
+        best = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=tokens, **kw)
+            el = time.perf_counter() - start
+            best = max(best, level * (out.shape[1] - ids.input_ids.shape[1]) / el)
+        result[f"static_batch_{level}"] = best
     return result
 
 
@@ -161,7 +164,7 @@ def served(mesh, uid, tokens, levels, ignore_eos=False):
     for level in levels:
         crowd = StreamCrowd(mesh, uid, PROMPTS[:level], tokens, ignore_eos)
         crowd.run()
-        runs = [crowd.run() for _ in range(2 if ignore_eos else 1)]
+        runs = [crowd.run() for _ in range(3)]  # best of 3, as the raw baselines
         result[f"concurrent_{level}"] = max(n / el for el, n, _ in runs)
     return result
 
