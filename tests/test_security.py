@@ -158,36 +158,56 @@ def test_forged_replies_never_reach_a_client(secure):
     its next request, from a registered peer and from an unregistered socket: the client gets the real one."""
     evil = secure.raw_socket(secure.service_key)
     evil.send_multipart(p.peer_ready("evil"))
-    secure.wait_services({"evil"})
     stray = secure.raw_socket(secure.user_key)
-    victim = secure.new_client(key=secure.user_key, timeout=20)
     learned = {}
-
-    def serve_once():
-        frames = evil.recv_multipart()
-        learned.update(client=frames[1], req_id=frames[2], caller=frames[3])
-        evil.send_multipart(p.peer_reply(frames[1], frames[2], p.encode(p.Pong(payload=b"evil-ok"))))
-
-    t = threading.Thread(target=serve_once)
-    t.start()
-    assert victim.call("evil", p.Ping(payload=b"hi")).payload == b"evil-ok"
-    t.join()
-    assert learned["caller"] == b"user user"  # stamped by the broker: the victim's role and key name
-    result = {}
-    slow = threading.Thread(target=lambda: result.update(
-        reply=victim.call("testpeer", p.Ping(payload=b"sleep:1.5"))))
-    slow.start()
-    counter = int.from_bytes(learned["req_id"][4:], "big")
+    forge, done = threading.Event(), threading.Event()
     forged = p.encode(p.Pong(payload=b"forged"))
-    deadline = time.monotonic() + 1.2
-    while time.monotonic() < deadline:
-        for n in range(counter + 1, counter + 4):
-            req_id = learned["req_id"][:4] + n.to_bytes(8, "big")
-            evil.send_multipart(p.peer_reply(learned["client"], req_id, forged))
-            stray.send_multipart(p.peer_reply(learned["client"], req_id, forged))
-        time.sleep(0.05)
-    slow.join()
-    assert result["reply"].payload == b"slept"
+
+    def run_evil():
+        """The evil peer, all on one thread (a zmq socket is not thread-safe). It heartbeats as a live service
+        must: a raw peer that stays silent is dropped after the mesh's 3 s liveness, and a busy CI machine took
+        longer than that between READY and the first request. Broker heartbeats arrive among the requests."""
+        next_beat = 0.0
+        while not done.is_set():
+            if time.monotonic() >= next_beat:
+                evil.send_multipart(p.HEARTBEAT_FRAMES)
+                next_beat = time.monotonic() + secure.liveness / 12
+            if evil.poll(50):
+                frames = evil.recv_multipart()
+                if frames[0] == p.REQUEST and not learned:
+                    learned.update(client=frames[1], req_id=frames[2], caller=frames[3])
+                    evil.send_multipart(p.peer_reply(frames[1], frames[2], p.encode(p.Pong(payload=b"evil-ok"))))
+            if forge.is_set():
+                for req_id in next_req_ids():
+                    evil.send_multipart(p.peer_reply(learned["client"], req_id, forged))
+
+    def next_req_ids():
+        counter = int.from_bytes(learned["req_id"][4:], "big")
+        return [learned["req_id"][:4] + n.to_bytes(8, "big") for n in range(counter + 1, counter + 4)]
+
+    t = threading.Thread(target=run_evil)
+    t.start()
+    try:
+        secure.wait_services({"evil"})
+        victim = secure.new_client(key=secure.user_key, timeout=20)
+        assert victim.call("evil", p.Ping(payload=b"hi")).payload == b"evil-ok"
+        assert learned["caller"] == b"user user"  # stamped by the broker: the victim's role and key name
+        result = {}
+        slow = threading.Thread(target=lambda: result.update(
+            reply=victim.call("testpeer", p.Ping(payload=b"sleep:1.5"))))
+        slow.start()
+        forge.set()
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            for req_id in next_req_ids():
+                stray.send_multipart(p.peer_reply(learned["client"], req_id, forged))
+            time.sleep(0.05)
+        slow.join()
+        assert result["reply"].payload == b"slept"
+        assert "evil" in secure.services()  # it forged as a live, registered peer throughout
+    finally:
+        done.set()
+        t.join()
     evil.send_multipart(p.DISCONNECT_FRAMES)
     evil.close()
     stray.close()
