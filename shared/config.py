@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Service logs: <home>/logs/<service>.log, one JSON object per line, rotated at log_max_mb.
     log_max_mb: Annotated[int, msgspec.Meta(ge=1)] = 20
     log_backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
+    # llama.cpp's AMX kernels (see configs/default.toml: they crashed every quantized model on our VMs).
+    llama_cpp_amx: bool = False
 
     @property
     def max_message_bytes(self) -> int:

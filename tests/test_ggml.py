@@ -139,6 +139,44 @@ def test_a_cancelled_conversion_leaves_nothing(tiny_models, tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [first.name]
 
 
+_QUANTIZED_IN_A_CHILD = """
+import json, sys
+import numpy as np
+import llama_cpp.llama_cpp as low
+from services.worker.backends.base import Sampling
+from services.worker.backends.llama_cpp_backend import LlamaCppBackend
+
+defaults = low.llama_model_default_params
+backend = LlamaCppBackend(sys.argv[1], "cpu", 256, n_parallel=2)
+greedy = Sampling(max_tokens=8, temperature=0, top_p=None, top_k=None, seed=None, stop_token_ids=(),
+                  repetition_penalty=None, ignore_eos=True)
+backend.add(0, backend.tokenize("the largest animal"), greedy)
+backend.add(1, backend.tokenize("once upon a time"), greedy)
+tokens = {0: [], 1: []}
+while backend.active():
+    for out in backend.step():
+        tokens[out.seq_id].extend(out.tokens)
+vectors, _ = backend.embed(["the largest animal"])
+print(json.dumps({"amx": b"AMX_INT8 = 1" in low.llama_print_system_info(), "extra": backend.use_extra_bufts,
+                  "tokens": [len(tokens[0]), len(tokens[1])], "finite": bool(np.isfinite(vectors).all()),
+                  "restored": low.llama_model_default_params is defaults}))
+"""
+
+
+@pytest.mark.parametrize("quantization", ["q4_0", "q8_0"])
+def test_quantized_models_generate_and_embed_where_llama_cpp_has_amx_kernels(tiny_models, quantization):
+    """llama.cpp's AMX kernels segfaulted every quantized model on the Sapphire Rapids VMs this project runs on;
+    the backend loads weights without them there (the llama_cpp_amx setting) and elsewhere as llama.cpp would.
+    In a child process, so that a crash fails this test rather than the suite."""
+    path = tiny_models["spm_gguf_dir"] / SPM_GGUF_TEMPLATE.format(quantization=quantization)
+    run = subprocess.run([sys.executable, "-c", _QUANTIZED_IN_A_CHILD, str(path)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["extra"] == (not got["amx"]) and got["restored"]
+    assert got["tokens"] == [8, 8] and got["finite"]
+
+
 # ---------------------------------------------------------------- through the mesh
 
 

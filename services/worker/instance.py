@@ -131,7 +131,8 @@ class Instance:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
                 backend = LlamaCppBackend(path, self.device, opts.n_ctx or family.context_length,
-                                          n_threads=opts.n_threads, n_parallel=opts.n_parallel if batching else 1)
+                                          n_threads=opts.n_threads, n_parallel=opts.n_parallel if batching else 1,
+                                          amx=settings.llama_cpp_amx)
             engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,
                                settings.template_timeout_s)
         with self._lock:  # close() either sees this engine, or we see its cancel: never neither

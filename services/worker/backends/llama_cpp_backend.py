@@ -19,9 +19,11 @@ and 17 us less for 16 (41.5 against 43.6 ms for 16 x 128 tokens).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import random
+import threading
 
 import numpy as np
 
@@ -50,6 +52,41 @@ class _Detokenizer:
         return self.decoder.decode(b"", final=True)
 
 
+def extra_buffers(system_info: bytes, amx: bool) -> bool:
+    """Whether llama.cpp may place weights in the CPU's extra buffer types (AMX first, then repacked layouts).
+
+    Not where this llama.cpp has AMX kernels, unless the `llama_cpp_amx` setting asks for them: on the Sapphire
+    Rapids VMs this project runs on, every quantized model segfaulted the whole worker in ggml_backend_amx_mul_mat
+    at its first decode (q4_0, q8_0, q4_K_M; the tiny model and a 26M-parameter Llama alike), and llama.cpp
+    turns AMX off only together with repacking (use_extra_bufts). F32/F16 weights never used either.
+    """
+    return amx or b"AMX_INT8 = 1" not in system_info
+
+
+_defaults_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_defaults(use_extra_bufts: bool):
+    """llama-cpp-python's Llama() takes no use_extra_bufts: while one is built, the model defaults it reads carry
+    ours (the low-level API, which the generation path uses, takes them as a parameter)."""
+    import llama_cpp.llama_cpp as low
+
+    with _defaults_lock:
+        original = low.llama_model_default_params
+
+        def defaults():
+            params = original()
+            params.use_extra_bufts = use_extra_bufts
+            return params
+
+        low.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
 def plain_greedy(s: Sampling) -> bool:
     """Greedy with nothing that changes the logits first: the argmax is the token (no sampler chain needed)."""
     return (s.temperature == 0 and s.grammar is None and s.repetition_penalty in (None, 1.0)
@@ -76,7 +113,7 @@ class LlamaCppBackend(LLMBackend):
     engine = "llama.cpp"
 
     def __init__(self, path: str, device: str, context_length: int, n_threads: int | None = None,
-                 n_parallel: int | None = None):
+                 n_parallel: int | None = None, amx: bool = False):
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp._logger import set_verbose
@@ -89,6 +126,7 @@ class LlamaCppBackend(LLMBackend):
         self.context_length = context_length
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = -1 if device.startswith("cuda") else 0
+        mparams.use_extra_bufts = self.use_extra_bufts = extra_buffers(llama_cpp.llama_print_system_info(), amx)
         self.model = internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -304,10 +342,11 @@ class LlamaCppBackend(LLMBackend):
             from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
             # Mean pooling, as the transformers backend does (a file may declare no pooling of its own).
-            self._embedder = Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
-                                   pooling_type=LLAMA_POOLING_TYPE_MEAN,
-                                   n_gpu_layers=-1 if self.device.startswith("cuda") else 0,
-                                   n_threads=self.n_threads, verbose=False)
+            with _model_defaults(self.use_extra_bufts):
+                self._embedder = Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
+                                       pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                                       n_gpu_layers=-1 if self.device.startswith("cuda") else 0,
+                                       n_threads=self.n_threads, verbose=False)
         result = self._embedder.create_embedding(texts)
         vectors = np.asarray([d["embedding"] for d in result["data"]], dtype=np.float32)
         return vectors, int(result["usage"]["prompt_tokens"])
