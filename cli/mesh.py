@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import signal
@@ -107,6 +108,9 @@ def worker(
         fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces")
     quiet_progress_bars()
     _logging(f"worker/{worker_id}", settings)
+    # A native crash in an engine (llama.cpp, torch) prints every thread's Python stack to stderr before the
+    # process dies (under `zinfer up`: <home>/logs/<service>.out), instead of only a broker's "disconnected".
+    faulthandler.enable()
     die_with_parent()
     from services.worker.service import run_worker
 

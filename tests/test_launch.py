@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -165,6 +166,17 @@ def test_sigkill_of_a_worker_fails_its_requests_and_instances_only(tmp_path, tin
         assert c.describe_model(uid)["devices"] == ["cpu:0"]
     finally:
         m.stop()
+
+
+def test_a_native_crash_in_a_worker_leaves_its_stacks_in_the_log(mesh):
+    """An engine that segfaults (llama.cpp's AMX kernels did, on this project's VMs) kills its worker; the worker's
+    output then holds every thread's Python stack, where the crash happened, not just the broker's "disconnected"."""
+    mesh.kill("worker/cpu", signal.SIGSEGV)
+    assert mesh.procs["worker/cpu"].returncode == -signal.SIGSEGV
+    log = (mesh.log_dir / "worker_cpu.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log
+    assert "services/worker/service.py" in log and "in serve" in log  # the main thread's loop, where it was
+    mesh.wait(lambda: not mesh.client.scheduler_status()["workers"] or None)  # and the mesh knows it is gone
 
 
 def test_scheduler_restart_rebuilds_its_view_from_the_workers(mesh, tiny_models):
