@@ -58,7 +58,7 @@ def extra_buffers(system_info: bytes, amx: bool) -> bool:
     Not where this llama.cpp has AMX kernels, unless the `llama_cpp_amx` setting asks for them: on the Sapphire
     Rapids VMs this project runs on, every quantized model segfaulted the whole worker in ggml_backend_amx_mul_mat
     at its first decode (q4_0, q8_0, q4_K_M; the tiny model and a 26M-parameter Llama alike), and llama.cpp
-    turns AMX off only together with repacking (use_extra_bufts). F32/F16 weights never used either.
+    turns AMX off only together with repacking (use_extra_bufts). F32 and F16 weights use neither.
     """
     return amx or b"AMX_INT8 = 1" not in system_info
 
