@@ -3,6 +3,7 @@ and curl. Real mesh processes and a real gateway process on loopback; outputs eq
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 import requests
+import zmq
 from xinference_client import RESTfulClient
 
 from shared import keys
@@ -122,6 +124,49 @@ def test_a_client_that_disconnects_cancels_its_generation(gw):
     stream.close()  # the HTTP connection closes: the gateway sends CANCEL on the bus
     produced = settled_tokens_out(gw, "hf-long", after=before) - before
     assert 0 < produced < 4000, produced
+
+
+def test_a_disconnect_that_comes_with_a_chunk_still_cancels_the_generation(gw):
+    """The race CI lost once (8,000 of 8,000 tokens generated after a disconnect): the gateway's bus stream is
+    cancelled in the same turn of the event loop as its next chunk arrives. On Python 3.11 asyncio.wait_for
+    swallowed such a cancel and returned the chunk, so the stream went on. Here the cancel is issued from the
+    chunk's own delivery, with the gateway's Connection against the real mesh: it must end the stream and stop
+    the worker."""
+    from services.gateway.bus import Connection
+    from shared import protocol as p
+    from shared.config import load_settings
+
+    settings = load_settings(endpoint=gw.endpoint, home=str(gw.home))
+    key = keys.read_key_file(gw.admin_key)
+    before = settled_tokens_out(gw, "hf-long")
+    cancelled_before = gw.client.describe_model("hf-long")["stats"]["cancelled"]
+    msg = p.Generate(model_uid="hf-long", prompt="hello",
+                     config=p.GenerateConfig(max_tokens=8000, temperature=0, stream=True))
+
+    async def race():
+        conn = Connection(zmq.Context.instance(), settings, key)
+        try:
+            chunks = conn.stream(p.model_target("hf-long"), msg, 60)
+            await anext(chunks)
+            queue = next(w for w in conn.waiters.values() if isinstance(w, asyncio.Queue))
+            while not queue.empty():  # the race is on a chunk still to come: take those already here
+                await anext(chunks)
+            consumer = asyncio.create_task(anext(chunks))  # it runs before any socket callback: it waits
+
+            def deliver_then_disconnect(frames):
+                asyncio.Queue.put_nowait(queue, frames)
+                consumer.cancel()  # what EventStream's watcher does when the HTTP client goes away
+
+            queue.put_nowait = deliver_then_disconnect  # no await since the queue was empty: it still is
+            with pytest.raises(asyncio.CancelledError):  # not a chunk: the swallowed cancel returned one
+                await asyncio.wait_for(consumer, 60)
+        finally:
+            conn.close()
+
+    asyncio.run(race())
+    produced = settled_tokens_out(gw, "hf-long", after=before) - before
+    assert 0 < produced < 4000, produced
+    gw.wait(lambda: gw.client.describe_model("hf-long")["stats"]["cancelled"] == cancelled_before + 1)
 
 
 # ---------------------------------------------------------------- Xinference's client

@@ -356,6 +356,8 @@ class EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+                if gone:  # the watcher's cancel lands at the next wait, but queued chunks need none and uvicorn's
+                    return  # send() drops them silently once the client is gone: stop here, not when they run out
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:

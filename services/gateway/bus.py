@@ -62,7 +62,8 @@ class Connection:
             raise self.failure
         if not self.up.is_set():
             try:
-                await asyncio.wait_for(self.up.wait(), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):  # not wait_for: see stream()
+                    await self.up.wait()
             except TimeoutError:
                 if self.failure is not None:
                     raise self.failure from None
@@ -174,10 +175,18 @@ class Connection:
         done = False
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    raise RequestTimeout(f"no reply to {type(msg).__name__} within {timeout:g}s") from None
+                if queue.empty():
+                    # Not asyncio.wait_for: on Python 3.11 a cancel that lands while the next chunk is already in
+                    # hand is swallowed (wait_for returns the chunk), so an HTTP client that went away left its
+                    # generation running to max_tokens (CI: 8,000 of 8,000 tokens after a disconnect).
+                    # asyncio.timeout waits in this task and lets every cancel through.
+                    try:
+                        async with asyncio.timeout(timeout):
+                            item = await queue.get()
+                    except TimeoutError:
+                        raise RequestTimeout(f"no reply to {type(msg).__name__} within {timeout:g}s") from None
+                else:
+                    item = queue.get_nowait()
                 cmd, reply, _ = self._decode(item)
                 if cmd == p.REPLY:
                     done = True
