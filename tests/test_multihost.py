@@ -34,6 +34,7 @@ from tests.mesh import REPO, free_port
 
 HEARTBEAT, LIVENESS = 0.5, 6  # 3 s without a heartbeat: declared gone
 PROMPT = "What is the largest animal in the world?"
+FOUR_GREEDY = {"max_tokens": 4, "temperature": 0}  # sampled, the tiny Llama ends early now and then (EOS)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -310,9 +311,9 @@ def test_a_host_cut_off_fails_alone_and_is_reconciled_when_it_returns(hosts):
     assert "host-a/cpu" in view["error"] and ("stopped reporting" in view["error"] or "lost" in view["error"])
     assert detected < 3 * liveness and pending_failed < 3 * liveness, (detected, pending_failed)
     # host-b serves on: its own models, and the replica of `both` that is there.
-    assert c.get_model("gen-host-b").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
+    assert c.get_model("gen-host-b").generate(PROMPT, FOUR_GREEDY)["usage"]["completion_tokens"] == 4
     for _ in range(3):
-        assert c.get_model("both").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
+        assert c.get_model("both").generate(PROMPT, FOUR_GREEDY)["usage"]["completion_tokens"] == 4
     assert c.get_model("emb-host-b").create_embedding("still here")["data"]
     with pytest.raises(ZinferError):
         c.get_model("emb-host-a").create_embedding("cut off", timeout=2 * liveness)
@@ -323,7 +324,7 @@ def test_a_host_cut_off_fails_alone_and_is_reconciled_when_it_returns(hosts):
     print(f"link down: pending request failed after {pending_failed:.2f} s, instance failed after {detected:.2f} s; "
           f"link up: ready after {time.monotonic() - back:.2f} s")  # figures for docs/scale.md (pytest -s)
     wait_for(lambda: c.describe_model("both")["state"] == "ready", timeout=60)
-    out = c.get_model("gen-host-a").generate(PROMPT, {"max_tokens": 4})
+    out = c.get_model("gen-host-a").generate(PROMPT, FOUR_GREEDY)
     assert out["usage"]["completion_tokens"] == 4
     assert c.get_model("emb-host-a").create_embedding("back")["data"]
 
@@ -364,8 +365,8 @@ def test_revoking_a_hosts_key_cuts_its_workers_off(hosts):
     assert out.returncode == 0, out.stderr
     wait_for(lambda: {w["worker_id"] for w in c.scheduler_status()["workers"]} == {"host-a/cpu"}, timeout=30)
     wait_for(lambda: c.describe_model("gen-host-b")["state"] == "failed", timeout=30)
-    assert c.get_model("gen-host-a").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
-    assert c.get_model("both").generate(PROMPT, {"max_tokens": 4})["usage"]["completion_tokens"] == 4
+    assert c.get_model("gen-host-a").generate(PROMPT, FOUR_GREEDY)["usage"]["completion_tokens"] == 4
+    assert c.get_model("both").generate(PROMPT, FOUR_GREEDY)["usage"]["completion_tokens"] == 4
 
 
 # ---------------------------------------------------------------- without namespaces

@@ -257,6 +257,6 @@ def test_chat_content_parts_and_null_content(rq):
 
 
 def test_stream_options_are_accepted(rq):
-    chunks = list(rq.client.get_model("gg").generate(PROMPT, {"max_tokens": 5, "stream": True,
+    chunks = list(rq.client.get_model("gg").generate(PROMPT, {"max_tokens": 5, "stream": True, **GREEDY,
                                                               "stream_options": {"include_usage": True}}))
     assert chunks[-1]["usage"]["completion_tokens"] == 5
