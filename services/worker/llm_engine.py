@@ -118,12 +118,14 @@ class LLMEngine(Engine):
         cancelled = set()
         for seq_id, run in list(self.running.items()):  # clients that gave up: free their place first
             if run.job.cancelled:
-                self.backend.remove(seq_id)
-                del self.running[seq_id]
                 if run.job not in cancelled:
                     cancelled.add(run.job)
-                    run.job.drop_cancelled()
+                    # Counted before it leaves `running`: a report (read on the I/O thread, inflight first) that
+                    # shows the request gone shows it counted.
                     self.stats.cancelled += 1
+                    run.job.drop_cancelled()
+                self.backend.remove(seq_id)
+                del self.running[seq_id]
         self._admit()
         if self.embeds:
             self._embed_step()
