@@ -16,7 +16,10 @@ import requests
 import zmq
 from xinference_client import RESTfulClient
 
+from services.gateway.bus import Connection
 from shared import keys
+from shared import protocol as p
+from shared.config import load_settings
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -132,10 +135,6 @@ def test_a_disconnect_that_comes_with_a_chunk_still_cancels_the_generation(gw):
     swallowed such a cancel and returned the chunk, so the stream went on. Here the cancel is issued from the
     chunk's own delivery, with the gateway's Connection against the real mesh: it must end the stream and stop
     the worker."""
-    from services.gateway.bus import Connection
-    from shared import protocol as p
-    from shared.config import load_settings
-
     settings = load_settings(endpoint=gw.endpoint, home=str(gw.home))
     key = keys.read_key_file(gw.admin_key)
     before = settled_tokens_out(gw, "hf-long")
@@ -159,7 +158,8 @@ def test_a_disconnect_that_comes_with_a_chunk_still_cancels_the_generation(gw):
 
             queue.put_nowait = deliver_then_disconnect  # no await since the queue was empty: it still is
             with pytest.raises(asyncio.CancelledError):  # not a chunk: the swallowed cancel returned one
-                await asyncio.wait_for(consumer, 60)
+                async with asyncio.timeout(60):
+                    await consumer
         finally:
             conn.close()
 
