@@ -50,6 +50,19 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     # llama.cpp's AMX kernels (see configs/default.toml: they crashed every quantized model on our VMs).
     llama_cpp_amx: bool = False
+    # Model instances: each replica runs in a process of its own (services/worker/supervisor.py).
+    # CPU threads of each instance's engine; 0: the cores this worker may use.
+    instance_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    # A crashed instance process is started again after restart_backoff_s, doubling for each further crash up to
+    # 30 s; more than restart_limit restarts within restart_window_s leave it `failed` with the last cause.
+    restart_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    restart_limit: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # Seconds a terminated instance's process has to exit after SIGTERM before it is killed.
+    terminate_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    # Seconds the scheduler waits for a lost worker to come back before it loads that worker's instances on
+    # another worker that can hold them.
+    worker_return_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -78,6 +91,12 @@ _ENV = {
     "ZINFER_CLIENT_KEY": ("client_key", str),
     "ZINFER_GATEWAY_HOST": ("gateway_host", str),
     "ZINFER_GATEWAY_PORT": ("gateway_port", int),
+    "ZINFER_INSTANCE_THREADS": ("instance_threads", int),
+    "ZINFER_RESTART_BACKOFF_S": ("restart_backoff_s", float),
+    "ZINFER_RESTART_LIMIT": ("restart_limit", int),
+    "ZINFER_RESTART_WINDOW_S": ("restart_window_s", float),
+    "ZINFER_TERMINATE_GRACE_S": ("terminate_grace_s", float),
+    "ZINFER_WORKER_RETURN_S": ("worker_return_s", float),
 }
 
 

@@ -200,11 +200,17 @@ class DeviceInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
 
 
+# An instance replica's life: launching (its first load), ready, restarting (its process died, or its worker
+# restarted, and a new process is loading it again), failed (for good, until terminated), terminating.
+InstanceState = Literal["launching", "ready", "restarting", "failed", "terminating"]
+
+
 class InstanceReport(Struct, kw_only=True, omit_defaults=True):
     """What a worker says of one instance it holds; workers are the source of truth for what is loaded."""
 
     model_uid: str
     replica: int = 0
+    incarnation: int = 0  # the launch this replica belongs to (LoadInstance.incarnation)
     model_name: str
     model_type: str
     model_format: str = ""
@@ -212,16 +218,19 @@ class InstanceReport(Struct, kw_only=True, omit_defaults=True):
     quantization: str = ""
     model_ability: list[str] = []
     context_length: int = 0
-    state: str  # launching | ready | failed | terminating
+    state: InstanceState
     error: str = ""
     error_code: str = ""  # the error's wire code (ErrorCode), so that clients raise its type
     error_field: str | None = None
     progress: float = 0.0
     stage: str = ""  # what a launching instance is doing ("loading 1 file, 12 MiB")
-    memory: int = 0  # bytes this instance holds (estimate on CPU)
+    memory: int = 0  # bytes this instance holds: its process's RSS on the CPU, its CUDA memory on a GPU
     queue_depth: int = 0
     inflight: int = 0
     stats: InstanceStats | None = None
+    pid: int = 0  # its process (0 while none runs)
+    restarts: int = 0  # times its process was started again (after a crash, a kill, or its worker's restart)
+    cause: str = ""  # why it last restarted: the signal or exit code, and the last native frame
 
 
 class InstanceStats(Struct, kw_only=True, omit_defaults=True):
@@ -244,6 +253,11 @@ class LoadInstance(Msg, kw_only=True):
 
     model_uid: str
     replica: int = 0
+    # Each launch of a uid has its own number: messages about an older launch never touch a newer one.
+    incarnation: int = 0
+    # Set when the scheduler loads a replica again (its worker restarted, or it moves to another worker): why.
+    # The replica shows `restarting` with this cause, not `launching`.
+    restore_cause: str = ""
     model_type: str
     llm: LLMFamily | None = None
     spec: LLMSpec | None = None
@@ -255,6 +269,8 @@ class LoadInstance(Msg, kw_only=True):
 
 class UnloadInstance(Msg, kw_only=True):
     model_uid: str
+    incarnation: int = 0  # only this launch's replicas (0: whatever the worker holds of the uid)
+    replica: int | None = None  # only this replica (None: every replica of the uid on this worker)
 
 
 class ProbeFiles(Msg, kw_only=True):
@@ -439,6 +455,8 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     queue_depth: int = 0
     inflight: int = 0
     stats: InstanceStats = msgspec.field(default_factory=lambda: InstanceStats())
+    restarts: int = 0  # restarts of its replicas' processes since the launch
+    restart_cause: str = ""  # why the last one restarted
 
 
 class ModelList(Msg, kw_only=True):

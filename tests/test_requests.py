@@ -88,10 +88,34 @@ def test_presence_and_frequency_penalties_equal_llama_cpp(rq, raw_llama):
     assert text(served) != text(rq.client.get_model("gg").generate(PROMPT, {"max_tokens": 40, **GREEDY}))
 
 
+def test_presence_and_frequency_penalties_on_transformers_follow_openai(rq, tiny_models):
+    """OpenAI's definition, over the last 64 generated tokens as llama.cpp counts them: a greedy loop over the raw
+    model that subtracts count * frequency + presence from each seen token's logit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["pytorch"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["pytorch"], dtype=torch.float32).eval()
+    prompt, out = tok(PROMPT).input_ids, []
+    for _ in range(40):
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+        recent = out[-64:]
+        for token in set(recent):
+            logits[token] -= recent.count(token) * 1.0 + 1.5
+        out.append(int(torch.argmax(logits)))
+        if out[-1] == tok.eos_token_id:
+            break
+    cfg = {"max_tokens": 40, "presence_penalty": 1.5, "frequency_penalty": 1.0}
+    served = rq.client.get_model("hf").generate(PROMPT, {**cfg, **GREEDY})
+    assert served["usage"]["completion_tokens"] == len(out)
+    assert text(served) == tok.decode(out, skip_special_tokens=True)
+    assert text(served) != text(rq.client.get_model("hf").generate(PROMPT, {"max_tokens": 40, **GREEDY}))
+
+
 def test_engines_refuse_what_they_cannot_do_by_field_and_engine(rq):
     hf = rq.client.get_model("hf")
-    for field, value in (("presence_penalty", 0.5), ("frequency_penalty", 0.5),
-                         ("response_format", {"type": "json_object"})):
+    for field, value in (("response_format", {"type": "json_object"}),):
         with pytest.raises(InvalidRequest, match=f"{field} is not supported by the transformers engine") as err:
             hf.generate(PROMPT, {"max_tokens": 4, field: value})
         assert err.value.field == field

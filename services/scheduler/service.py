@@ -1,11 +1,14 @@
-"""Scheduler handlers: launch (match spec, place, load on workers), list, describe, terminate.
+"""Scheduler handlers: launch (match spec, place, load on workers), list, describe, terminate; and the desired
+state that brings instances back by themselves.
 
-Workers are the source of truth for what is loaded: each reports its device and instances every heartbeat
-interval, and every report rewrites the scheduler's view of that worker: a replica the worker holds takes the
-state the worker gives it (so it is `ready` again after any outage: a broker restart, a busy machine that
-delayed reports), and a replica it does not hold, with no load on the way, is `failed` with the reason. A
-restarted scheduler rebuilds its view the same way. A worker silent for the liveness period is dropped (its
-replicas failed) until it reports again.
+What was launched (each replica's LoadInstance, its worker, the launch's incarnation and placement pins) is the
+desired state, written to <home>/scheduler/launched.json at each launch, move and terminate, so it survives a
+scheduler restart. Workers are the source of truth for what is loaded: each reports its device and instances
+every heartbeat interval, and a replica the worker holds takes the state the worker gives it. A replica that its
+worker does not hold (the worker restarted) is `restarting` and loaded there again; a worker silent for the
+liveness period has its replicas `restarting` until it returns, and after `worker_return_s` they are loaded on
+another worker that can hold them. Reports about an older launch of a uid (another incarnation) never touch
+the current one: such leftovers are unloaded.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ log = structlog.get_logger()
 class Replica:
     worker_id: str
     index: int
+    load: p.LoadInstance | None = None  # what loads it (None only for an instance adopted from a worker's report)
     state: str = "launching"
     error: str = ""
     error_code: str = ""  # the wire code of the error (invalid, not_found, ...), so clients raise its type
@@ -70,6 +74,22 @@ class Replica:
     queue_depth: int = 0
     inflight: int = 0
     stats: p.InstanceStats | None = None
+    restarts: int = 0  # its worker's count of its process restarts
+    restores: int = 0  # loads the scheduler sent again (its worker restarted, or it moved)
+    cause: str = ""  # why it last restarted
+    needs_load: bool = False  # desired but not held by its worker: the reconciler loads it
+    loading: bool = False  # a LoadInstance is on its way
+    lost_since: float | None = None  # when its worker was lost (moved elsewhere after worker_return_s)
+    next_try: float = 0.0  # a failed restore is tried again from then
+
+
+class Pins(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A launch's placement constraints, kept to place a replica again when its worker does not come back."""
+
+    n_gpu: int | str | None = "auto"
+    gpu_idx: list[int] | None = None
+    devices: list[str] | None = None
+    worker_ip: list[str] | None = None
 
 
 @dataclass
@@ -87,6 +107,8 @@ class Model:
     error: str = ""  # a launch that failed: the model stays failed until terminated
     error_code: str = ""
     error_field: str | None = None
+    incarnation: int = 0
+    pins: Pins = field(default_factory=Pins)
 
     @property
     def state(self) -> str:
@@ -97,6 +119,8 @@ class Model:
             return "failed"
         if "launching" in states or not states:
             return "launching"
+        if "restarting" in states:
+            return "restarting"
         return "ready" if states == {"ready"} else "launching"
 
 
@@ -124,6 +148,9 @@ class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str = ""
     error_code: str = ""
     error_field: str | None = None
+    incarnation: int = 0
+    loads: list[p.LoadInstance] = []  # each replica's load, in the order of `replicas`
+    pins: Pins = msgspec.field(default_factory=Pins)
 
 
 class LaunchBook:
@@ -175,12 +202,15 @@ class Scheduler:
         self.terminated: dict[str, float] = {}
         self.started = time.monotonic()
         self.book = LaunchBook(settings.home_path)
+        self.wake_reconciler = threading.Event()
         for record in self.book.load():
+            loads = {load.replica: load for load in record.loads}
             self.models[record.uid] = Model(
                 uid=record.uid, model_name=record.model_name, model_type=record.model_type,
                 model_format=record.model_format, size=record.size, quantization=record.quantization,
-                replicas=[Replica(worker_id=wid, index=index) for wid, index in record.replicas],
-                error=record.error, error_code=record.error_code, error_field=record.error_field)
+                replicas=[Replica(worker_id=wid, index=index, load=loads.get(index)) for wid, index in record.replicas],
+                error=record.error, error_code=record.error_code, error_field=record.error_field,
+                incarnation=record.incarnation, pins=record.pins)
 
     def _record(self) -> None:
         """Write the launch book from the current models (call without holding self.lock)."""
@@ -188,7 +218,8 @@ class Scheduler:
             records = [LaunchRecord(uid=m.uid, model_name=m.model_name, model_type=m.model_type,
                                     model_format=m.model_format, size=m.size, quantization=m.quantization,
                                     replicas=[(r.worker_id, r.index) for r in m.replicas], error=m.error,
-                                    error_code=m.error_code, error_field=m.error_field)
+                                    error_code=m.error_code, error_field=m.error_field, incarnation=m.incarnation,
+                                    loads=[r.load for r in m.replicas if r.load is not None], pins=m.pins)
                        for m in self.models.values()]
         self.book.save(records)
 
@@ -213,28 +244,35 @@ class Scheduler:
         now = time.monotonic()
         wid = msg.device.worker_id
         ctx.require_service(p.worker_service(wid), f"a report for worker {wid!r}")
+        stale: list[p.UnloadInstance] = []
         with self.lock:
             state = self.workers.get(wid)
-            if state is None or state.info.pid != msg.device.pid:
+            restarted = state is not None and state.info.pid != msg.device.pid
+            if state is None or restarted:
                 log.info("worker_joined", worker=wid, device=msg.device.device, free=msg.device.free_memory,
-                         restarted=state is not None)
+                         restarted=restarted)
                 state = self.workers[wid] = WorkerState(msg.device, now, reserved=state.reserved if state else {})
             state.info, state.last_seen = msg.device, now
             held = set()
             for inst in msg.instances:
-                held.add((inst.model_uid, inst.replica))
                 state.reserved.pop((inst.model_uid, inst.replica), None)  # the worker counts it now
                 model = self.models.get(inst.model_uid)
                 if model is None and now - self.terminated.get(inst.model_uid, -1e9) < self.settings.liveness_s:
                     continue  # a report sent before its unload
-                if model is None:  # known to the worker, not to us: we restarted; adopt it
+                if model is None:  # known to the worker, not to us (our launch book was lost): adopt it
                     model = Model(uid=inst.model_uid, model_name=inst.model_name, model_type=inst.model_type,
                                   model_format=inst.model_format, size=inst.model_size_in_billions,
-                                  quantization=inst.quantization)
+                                  quantization=inst.quantization, incarnation=inst.incarnation)
                     self.models[inst.model_uid] = model
+                replica = next((r for r in model.replicas if r.index == inst.replica), None)
+                if (inst.incarnation != model.incarnation or model.terminating
+                        or (replica is not None and replica.worker_id != wid)):
+                    # An older launch of this uid, or a replica that has moved on: never the current one.
+                    stale.append(p.UnloadInstance(model_uid=inst.model_uid, incarnation=inst.incarnation,
+                                                  replica=inst.replica))
+                    continue
+                held.add((inst.model_uid, inst.replica))
                 model.ability, model.context_length = inst.model_ability, inst.context_length
-                replica = next((r for r in model.replicas if r.index == inst.replica and r.worker_id == wid),
-                               None)
                 if replica is None:
                     replica = Replica(worker_id=wid, index=inst.replica)
                     model.replicas.append(replica)
@@ -243,17 +281,46 @@ class Scheduler:
                 replica.error_field = inst.error_field
                 replica.progress, replica.memory, replica.stage = inst.progress, inst.memory, inst.stage
                 replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
-                replica.stats = inst.stats
+                replica.stats, replica.restarts = inst.stats, inst.restarts
+                replica.cause = inst.cause or replica.cause
+                replica.needs_load, replica.lost_since = False, None
             for model in self.models.values():
+                if model.terminating or model.error:
+                    continue
                 for r in model.replicas:
                     if (r.worker_id == wid and (model.uid, r.index) not in held and r.state != "failed"
-                            and (model.uid, r.index) not in state.reserved and not model.terminating):
-                        self._fail(r, f"worker {wid} no longer holds it (the worker restarted or unloaded it)")
+                            and not r.loading and (model.uid, r.index) not in state.reserved):
+                        why = f"worker {wid} restarted" if restarted or r.state in ("ready", "launching") \
+                            else r.cause or f"worker {wid} does not hold it"
+                        self._restart(r, why)
+        for unload in stale:
+            threading.Thread(target=self._unload_stale, args=(wid, unload), daemon=True).start()
+        if any(r.needs_load for m in self.models.values() for r in m.replicas):
+            self.wake_reconciler.set()
         return p.Ok()
+
+    def _unload_stale(self, wid: str, unload: p.UnloadInstance) -> None:
+        log.info("unloading_stale_instance", worker=wid, model_uid=unload.model_uid, incarnation=unload.incarnation)
+        try:
+            self.bus.call(p.worker_service(wid), unload, timeout=60)
+        except ZinferError as exc:
+            log.warning("stale_unload_failed", worker=wid, model_uid=unload.model_uid, error=str(exc))
+
+    @staticmethod
+    def _restart(replica: Replica, why: str) -> None:
+        """Desired, not held: `restarting` with the cause until the reconciler has it loaded again."""
+        if replica.load is None:
+            Scheduler._fail(replica, f"{why}; its launch was not recorded, so it cannot be loaded again "
+                                     "(terminate and launch it)")
+            return
+        replica.state, replica.cause, replica.needs_load = "restarting", why, True
+        replica.error, replica.error_code, replica.error_field = "", "", None
+        replica.progress, replica.stage, replica.inflight, replica.queue_depth = 0.0, "", 0, 0
 
     @staticmethod
     def _fail(replica: Replica, why: str, code: str = "unavailable", field: str | None = None) -> None:
         replica.state, replica.error, replica.error_code, replica.error_field = "failed", why, code, field
+        replica.needs_load = False
 
     def expire_workers(self) -> None:
         while self.running:
@@ -266,15 +333,109 @@ class Scheduler:
                         why = f"worker {wid} stopped reporting (nothing for {self.settings.liveness_s:g}s)"
                         for model in self.models.values():
                             for r in model.replicas:
-                                if r.worker_id == wid and r.state in ("launching", "ready"):
-                                    self._fail(r, why)
+                                if r.worker_id == wid and r.state != "failed" and not model.terminating:
+                                    self._restart(r, why)
+                                    r.lost_since = now
                         log.warning("worker_lost", worker=wid)
                 if now - self.started > self.settings.liveness_s:  # launches remembered from before a restart
                     for model in self.models.values():
                         for r in model.replicas:
-                            if r.worker_id not in self.workers and r.state == "launching" and not model.terminating:
-                                self._fail(r, f"worker {r.worker_id} has not reported since the scheduler "
-                                              "restarted")
+                            if (r.worker_id not in self.workers and r.state in ("launching", "ready")
+                                    and not model.terminating and not model.error and not r.loading):
+                                self._restart(r, f"worker {r.worker_id} has not reported since the scheduler "
+                                                 "restarted")
+                                r.lost_since = now
+
+    # ------------------------------------------------------------------ desired state
+
+    def reconcile(self) -> None:
+        """Load what is desired but not held: on its worker when that worker is there, on another one when its
+        worker has been gone for worker_return_s. Runs every heartbeat interval, and at once after a report
+        that found something missing."""
+        while self.running:
+            self.wake_reconciler.wait(self.settings.heartbeat_interval)
+            self.wake_reconciler.clear()
+            now = time.monotonic()
+            todo: list[tuple[Model, Replica, str]] = []
+            with self.lock:
+                for model in self.models.values():
+                    if model.terminating or model.error:
+                        continue
+                    for r in model.replicas:
+                        if not r.needs_load or r.loading or now < r.next_try or r.load is None:
+                            continue
+                        if r.worker_id in self.workers:
+                            r.loading = True
+                            todo.append((model, r, "restore"))
+                        elif r.lost_since is not None and now - r.lost_since >= self.settings.worker_return_s:
+                            r.loading = True
+                            todo.append((model, r, "move"))
+            for model, r, what in todo:
+                target = self._restore if what == "restore" else self._move
+                threading.Thread(target=target, args=(model, r), daemon=True).start()
+
+    def _restore(self, model: Model, r: Replica) -> None:
+        """Load a desired replica on its worker again; a refusal that will not change fails it, others retry."""
+        with self.lock:
+            load = msgspec.structs.replace(r.load, restore_cause=r.cause or "restored")
+            wid = r.worker_id
+            r.restores += 1
+        log.info("restoring_instance", model_uid=model.uid, replica=r.index, worker=wid, cause=load.restore_cause)
+        try:
+            self.bus.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
+        except ZinferError as exc:
+            with self.lock:
+                r.loading = False
+                if model.incarnation != load.incarnation or model.terminating:
+                    return
+                if exc.code in ("unavailable", "timeout", "queue_full", "cancelled"):
+                    r.next_try = time.monotonic() + max(2.0, self.settings.liveness_s)
+                    log.warning("restore_failed", model_uid=model.uid, worker=wid, error=str(exc))
+                else:
+                    self._fail(r, exc.message, exc.code, exc.field)
+            return
+        with self.lock:
+            r.loading = False
+            if r.state == "restarting" and model.incarnation == load.incarnation:
+                r.state, r.needs_load, r.progress = "ready", False, 1.0
+        log.info("restored_instance", model_uid=model.uid, replica=r.index, worker=wid)
+
+    def _move(self, model: Model, r: Replica) -> None:
+        """Its worker has not come back: place the replica on another worker that has the files and the memory."""
+        load = r.load
+        lost = r.worker_id
+        try:
+            found = self._ask_workers(p.ProbeFiles(model_type=load.model_type, spec=load.spec,
+                                                   quantization=load.quantization, embedding=load.embedding),
+                                      10.0, "probe")
+            with self.lock:
+                others = {x.worker_id for x in model.replicas if x is not r}
+                slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
+                              tuple(h for h in (w.info.host, w.info.address) if h),
+                              None if found[wid].ok else error_class(found[wid].code or "not_found")(
+                                  found[wid].problem, found[wid].field))
+                         for wid, w in self.workers.items() if wid in found and wid not in others]
+                if not slots:
+                    raise Unavailable("no other worker can take it now")
+                pins = model.pins
+                wid = place(slots, 1, pins.n_gpu, pins.gpu_idx, pins.devices, pins.worker_ip)[0]
+                if model.terminating or model.incarnation != load.incarnation:
+                    r.loading = False
+                    return
+                r.worker_id, r.lost_since = wid, None
+                r.load = msgspec.structs.replace(load, memory_estimate=found[wid].memory)
+                r.cause = f"{r.cause}; moved from {lost} to {wid}"
+                self.workers[wid].reserved[(model.uid, r.index)] = found[wid].memory
+            self._record()
+        except ZinferError as exc:
+            with self.lock:
+                r.loading = False
+                r.next_try = time.monotonic() + max(5.0, self.settings.worker_return_s / 4)
+                r.cause = f"{r.cause.split('; no other')[0]}; no other worker can take it yet: {exc.message}"
+            log.warning("move_failed", model_uid=model.uid, replica=r.index, error=str(exc))
+            return
+        log.info("moving_instance", model_uid=model.uid, replica=r.index, from_worker=lost, to_worker=wid)
+        self._restore(model, r)
 
     def status(self, msg, ctx) -> p.SchedulerStatusReply:
         with self.lock:
@@ -308,19 +469,21 @@ class Scheduler:
             raise InvalidRequest(f"model_engine {msg.model_engine!r} does not run model_format {msg.model_format!r} "
                                  f"(it runs {', '.join(formats)})", field="model_engine")
         family = self._registration(msg.model_type, msg.model_name)
+        incarnation = time.time_ns()  # this launch's own number, unique across scheduler restarts
         if isinstance(family, LLMFamily):
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
                                      None if msg.model_type == "embedding" else formats)
             probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant)
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
-                                  options=options)
+                                  options=options, incarnation=incarnation)
             fmt, size = spec.model_format, spec.model_size_in_billions
             check_engine_options(options, engine_of(fmt, "LLM"))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
             probe = p.ProbeFiles(model_type="embedding", embedding=family)
-            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options)
+            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options,
+                                  incarnation=incarnation)
             fmt, size, quant = "pytorch", None, "none"
             check_engine_options(options, "sentence_transformers")
         with self.lock:
@@ -346,12 +509,15 @@ class Scheduler:
                           size=size, quantization=quant or "",
                           ability=list(family.model_ability) if isinstance(family, LLMFamily) else ["embed"],
                           context_length=(options.n_ctx or family.context_length) if isinstance(family, LLMFamily)
-                          else family.max_tokens)
+                          else family.max_tokens, incarnation=incarnation,
+                          pins=Pins(n_gpu=msg.n_gpu, gpu_idx=msg.gpu_idx, devices=msg.devices,
+                                    worker_ip=msg.worker_ip))
             loads = []
             for index, wid in enumerate(chosen):
                 self.workers[wid].reserved[(uid, index)] = need[wid]
-                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[wid]))
-                loads.append((wid, msgspec.structs.replace(base, replica=index, memory_estimate=need[wid])))
+                load = msgspec.structs.replace(base, replica=index, memory_estimate=need[wid])
+                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[wid], load=load, loading=True))
+                loads.append((wid, load))
             self.models[uid] = model
         try:
             self._record()  # acknowledged launches survive a scheduler restart
@@ -423,6 +589,8 @@ class Scheduler:
                 with self.lock:
                     self._fail(replica, exc.message, exc.code, exc.field)
                 errors.append(exc)
+            finally:
+                replica.loading = False
 
         threads = [threading.Thread(target=load_one, args=(wid, load, model.replicas[i]), daemon=True)
                    for i, (wid, load) in enumerate(loads)]
@@ -447,10 +615,12 @@ class Scheduler:
             self._record()
         except ZinferError as exc:
             log.error("launch_book_write_failed", error=str(exc))
-        # Nothing half-loaded: the replicas that did load are unloaded again.
+        # Nothing half-loaded: the replicas that did load are unloaded again (this launch's only: a relaunch of
+        # the uid that comes meanwhile is another incarnation, which this never touches).
         for wid, _load in loads:
             try:
-                self.bus.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid), timeout=30)
+                self.bus.call(p.worker_service(wid), p.UnloadInstance(model_uid=model.uid,
+                                                                      incarnation=model.incarnation), timeout=30)
             except ZinferError:
                 pass
 
@@ -471,9 +641,12 @@ class Scheduler:
             address=[f"{addresses.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
             state=m.state, error=error, error_code=code, error_field=field_,
             progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
-            stage=next((r.stage for r in m.replicas if r.state == "launching" and r.stage), ""),
+            stage=next((r.stage for r in m.replicas if r.state in ("launching", "restarting") and r.stage), ""),
             memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
-            inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas))
+            inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas),
+            restarts=sum(r.restarts + r.restores for r in m.replicas),
+            restart_cause=next((r.cause for r in m.replicas if r.state == "restarting" and r.cause),
+                               next((r.cause for r in m.replicas if r.cause), "")))
 
     def list_models(self, msg, ctx) -> p.ModelList:
         with self.lock:
@@ -498,9 +671,11 @@ class Scheduler:
                 raise NotFound(f"no launched model has uid {msg.model_uid!r}", field="model_uid")
             model.terminating = True
             workers = sorted({r.worker_id for r in model.replicas})
+        unload = p.UnloadInstance(model_uid=msg.model_uid, incarnation=model.incarnation)
         for wid in workers:
             try:
-                self.bus.call(p.worker_service(wid), p.UnloadInstance(model_uid=msg.model_uid), timeout=60)
+                self.bus.call(p.worker_service(wid), unload,
+                              timeout=60 + self.settings.terminate_grace_s)
             except NotFound:
                 pass  # never loaded there, or already gone
             except ZinferError as exc:
@@ -534,6 +709,7 @@ def run_scheduler(settings: Settings) -> int:
     runtime = ServiceRuntime(p.SCHEDULER, settings, scheduler.handlers(), inline=Scheduler.inline)
     scheduler.bus = runtime
     threading.Thread(target=scheduler.expire_workers, name="expire", daemon=True).start()
+    threading.Thread(target=scheduler.reconcile, name="reconcile", daemon=True).start()
     runtime.install_signal_handlers()
     runtime.serve()
     scheduler.running = False

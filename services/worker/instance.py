@@ -19,9 +19,25 @@ def utf8_over(text: str, limit: int) -> bool:
     return n > limit or (n * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
 
 
+def base_report(load: p.LoadInstance, state: p.InstanceState) -> p.InstanceReport:
+    """What a launch says of its instance before any process has reported on it."""
+    spec = load.spec
+    return p.InstanceReport(
+        model_uid=load.model_uid, replica=load.replica, incarnation=load.incarnation,
+        model_name=(load.llm or load.embedding).model_name, model_type=load.model_type,
+        model_format=spec.model_format if spec else "", quantization=load.quantization or "",
+        model_size_in_billions=spec.model_size_in_billions if spec else None,
+        model_ability=list(load.llm.model_ability) if load.llm else ["embed"],
+        context_length=(load.options.n_ctx or load.llm.context_length) if load.llm else load.embedding.max_tokens,
+        state=state, memory=load.memory_estimate)
+
+
 class Instance:
+    """The model of one instance process (services/worker/child.py): its backend and engine, on that process's
+    compute loop."""
+
     def __init__(self, load: p.LoadInstance, device: str, settings: Settings, loop: ComputeLoop,
-                 on_change=lambda: None):
+                 on_change=lambda: None, threads: int | None = None):
         self.spec = load
         self.on_change = on_change  # the worker reports at once (the launch progress a client shows)
         self.stage = ""
@@ -30,6 +46,7 @@ class Instance:
         self.uid = load.model_uid
         self.replica = load.replica
         self.device = device
+        self.threads = threads
         self.state = "launching"
         self.error: ZinferError | None = None
         self.progress = 0.0
@@ -131,7 +148,8 @@ class Instance:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
                 backend = LlamaCppBackend(path, self.device, opts.n_ctx or family.context_length,
-                                          n_threads=opts.n_threads, n_parallel=opts.n_parallel if batching else 1,
+                                          n_threads=opts.n_threads or self.threads,
+                                          n_parallel=opts.n_parallel if batching else 1,
                                           amx=settings.llama_cpp_amx)
             engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,
                                settings.template_timeout_s)
@@ -168,20 +186,12 @@ class Instance:
         self.loop.call(release)
 
     def report(self) -> p.InstanceReport:
-        load = self.spec
-        spec = load.spec
         engine = self.engine
-        return p.InstanceReport(
-            model_uid=self.uid, replica=self.replica, model_name=self.model_name, model_type=load.model_type,
-            model_format=spec.model_format if spec else "", quantization=load.quantization or "",
-            model_size_in_billions=spec.model_size_in_billions if spec else None,
-            model_ability=list(load.llm.model_ability) if load.llm else ["embed"],
-            context_length=(load.options.n_ctx or load.llm.context_length) if load.llm else load.embedding.max_tokens,
-            state=self.state, error=self.error.message if self.error else "",
+        return msgspec.structs.replace(
+            base_report(self.spec, self.state), error=self.error.message if self.error else "",
             error_code=self.error.code if self.error else "", error_field=self.error.field if self.error else None,
-            progress=self.progress, stage=self.stage, memory=load.memory_estimate,
-            queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
-            stats=msgspec.structs.replace(engine.stats) if engine else None)
+            progress=self.progress, stage=self.stage, queue_depth=engine.depth() if engine else 0,
+            inflight=self.inflight(), stats=msgspec.structs.replace(engine.stats) if engine else None)
 
     def inflight(self) -> int:
         engine = self.engine

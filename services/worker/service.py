@@ -1,8 +1,10 @@
-"""The worker process: hosts model instances for one device and reports them to the scheduler.
+"""The worker process: the supervisor of one device's model instances, and their voice to the scheduler.
 
-Threads: the I/O thread (the service runtime) decodes requests, checks their limits and queues them on their
-instance's engine (no pool thread per request); the main thread runs the compute loop (services/worker/
-compute.py), where engines take turns; a few pool threads load and unload models; one reporter thread.
+It probes files and memory for the scheduler, starts one process per instance replica (services/worker/
+supervisor.py; each serves its requests itself, services/worker/child.py), restarts the ones that die, stops
+them on terminate, and reports them every heartbeat interval and at once on a change. It runs no model itself:
+one model's crash never takes its neighbours down. Threads: the I/O thread (the service runtime), pool threads
+for loads and unloads (each waits for its processes), the supervisor's watch thread, one reporter thread.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import threading
 import structlog
 
 from services.worker import files
-from services.worker.compute import ComputeLoop
 from services.worker.device import DeviceProbe
-from services.worker.instance import Instance
+from services.worker.supervisor import Supervisor
 from shared import protocol as p
 from shared.config import Settings
-from shared.errors import Conflict, NotFound, ZinferError
+from shared.errors import Forbidden, NotFound, ZinferError
 from shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
@@ -28,59 +29,37 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id or device
         self.probe = DeviceProbe(device, settings.cpu_memory_budget_mb, settings.endpoint)
-        self.instances: dict[str, list[Instance]] = {}
-        self.lock = threading.Lock()
         self.report_now = threading.Event()
-        self.loop = ComputeLoop()
         self.runtime = ServiceRuntime(p.worker_service(self.worker_id), settings, self.handlers(), inline={p.Ping},
-                                      deferred={p.Generate, p.Chat, p.Embed}, max_workers=4)
+                                      max_workers=16)
         self.runtime.on_reconnect = self.report_now.set
+        self.instances = Supervisor(settings, self.worker_id, self.probe.torch_device, self.report_now.set)
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
     def handlers(self) -> dict:
-        submit = self.submit
         return {
             p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
             p.LoadInstance: self.load,
             p.UnloadInstance: self.unload,
             p.ProbeFiles: self.probe_files,
             p.FindPaths: self.find_paths,
-            p.Generate: submit,
-            p.Chat: submit,
-            p.Embed: submit,
         }
-
-    # ------------------------------------------------------------------ requests (the I/O thread)
-
-    def submit(self, msg, ctx) -> None:
-        replicas = self.instances.get(msg.model_uid)
-        if not replicas:
-            raise NotFound(f"model {msg.model_uid!r} is not loaded on worker {self.worker_id}", field="model_uid")
-        ready = [r for r in replicas if r.state == "ready"]
-        (min(ready, key=Instance.inflight) if ready else replicas[0]).submit(msg, ctx)
 
     # ------------------------------------------------------------------ instances (pool threads)
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
-        instance = Instance(msg, self.probe.torch_device, self.settings, self.loop, self.report_now.set)
-        with self.lock:
-            replicas = self.instances.setdefault(msg.model_uid, [])
-            if any(r.replica == msg.replica for r in replicas):
-                raise Conflict(f"model {msg.model_uid!r} replica {msg.replica} is already on {self.worker_id}")
-            replicas.append(instance)
-        self.runtime.bind(p.model_target(msg.model_uid))  # from now on requests reach us (and hear "launching")
-        self.report_now.set()
-        log.info("instance_loading", model_uid=msg.model_uid, replica=msg.replica)
+        if msg.options.trust_remote_code and (msg.llm or msg.embedding).model_name \
+                not in self.settings.trust_remote_code_models:
+            raise Forbidden(f"trust_remote_code: model {(msg.llm or msg.embedding).model_name!r} may not run its "
+                            "own code on this worker (not in its trust_remote_code_models setting)",
+                            field="trust_remote_code")
+        log.info("instance_loading", model_uid=msg.model_uid, replica=msg.replica, incarnation=msg.incarnation)
         try:
-            instance.load()
-        except Exception as exc:
-            instance.fail(exc)
-            log.error("instance_failed", model_uid=msg.model_uid, error=str(instance.error))
-            self.report_now.set()
+            self.instances.launch(msg)
+        except ZinferError as exc:
+            log.error("instance_failed", model_uid=msg.model_uid, error=str(exc))
             raise
-        log.info("instance_ready", model_uid=msg.model_uid, replica=msg.replica)
-        self.report_now.set()
         return p.Ok(message=f"{msg.model_uid} ready on {self.worker_id}")
 
     def probe_files(self, msg: p.ProbeFiles, ctx) -> p.FileProbe:
@@ -92,26 +71,20 @@ class Worker:
         return files.find_paths(msg)
 
     def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
+        """Terminate the uid's replicas of that launch: their processes are gone when this answers."""
         ctx.require_service(p.SCHEDULER, "UnloadInstance")
-        with self.lock:
-            replicas = self.instances.pop(msg.model_uid, None)
+        replicas = self.instances.find(msg.model_uid, msg.incarnation, msg.replica)
         if not replicas:
             raise NotFound(f"model {msg.model_uid!r} is not loaded on worker {self.worker_id}")
-        self.runtime.unbind(p.model_target(msg.model_uid))
-        for r in replicas:
-            r.close()
-        self.report_now.set()
-        log.info("instance_unloaded", model_uid=msg.model_uid)
+        self.instances.stop(replicas)
+        log.info("instance_unloaded", model_uid=msg.model_uid, incarnation=msg.incarnation)
         return p.Ok(message=f"{msg.model_uid} unloaded from {self.worker_id}")
 
     # ------------------------------------------------------------------ reports
 
     def report(self) -> p.WorkerReport:
-        with self.lock:
-            replicas = [r for rs in self.instances.values() for r in rs]
-        used = sum(r.spec.memory_estimate for r in replicas if r.state in ("launching", "ready"))
-        return p.WorkerReport(device=self.probe.info(self.worker_id, used),
-                              instances=[r.report() for r in replicas])
+        instances, used = self.instances.reports()
+        return p.WorkerReport(device=self.probe.info(self.worker_id, used), instances=instances)
 
     def _report_loop(self) -> None:
         self.runtime.connected.wait()
@@ -129,15 +102,10 @@ class Worker:
     def serve(self) -> None:
         self._reporter.start()
         self.runtime.install_signal_handlers()
-        # The ZeroMQ loop in a thread; the main thread computes (see compute.py).
-        io = threading.Thread(target=self.runtime.serve, name="io")
-        io.start()
-        self.loop.run(keep_going=io.is_alive)
-        io.join()
-        with self.lock:
-            for replicas in self.instances.values():
-                for r in replicas:
-                    r.close()
+        try:
+            self.runtime.serve()
+        finally:
+            self.instances.close()
 
 
 def run_worker(settings: Settings, device: str, worker_id: str | None = None) -> int:

@@ -50,9 +50,25 @@ class IncrementalDecoder:
         return rest
 
 
+# Presence and frequency penalties look at the last 64 generated tokens, as llama.cpp's penalties sampler does
+# with the window our llama.cpp backend gives it (the prompt is not counted there either).
+PENALTY_LAST_N = 64
+
+
+def penalize(logits, recent: list[int], presence: float, frequency: float):
+    """OpenAI's presence and frequency penalties, applied as llama.cpp applies them: each token seen `c` times
+    among the recent generated tokens loses `c * frequency + presence` from its logit."""
+    import torch
+
+    ids, counts = torch.unique(torch.tensor(recent, device=logits.device), return_counts=True)
+    logits = logits.float().clone()
+    logits[:, ids] -= counts.to(logits.dtype) * frequency + presence
+    return logits
+
+
 class _Seq:
     __slots__ = ("id", "prompt", "sampling", "stop_ids", "generated", "last", "length", "generator", "history",
-                 "processors", "eos")
+                 "processors", "eos", "recent")
 
     def __init__(self, seq_id: int, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int]):
         self.id, self.prompt, self.sampling, self.stop_ids = seq_id, prompt, sampling, stop_ids
@@ -62,6 +78,7 @@ class _Seq:
         self.generator = None
         self.history = None  # prompt + generated ids, for the repetition penalty
         self.processors = None
+        self.recent = None  # generated ids, for presence and frequency penalties (the last PENALTY_LAST_N)
 
 
 class TransformersBackend(LLMBackend):
@@ -124,10 +141,6 @@ class TransformersBackend(LLMBackend):
         return self.tokenizer.decode([token_id])
 
     def unsupported(self, sampling: Sampling) -> str | None:
-        if sampling.presence_penalty:
-            return "presence_penalty"
-        if sampling.frequency_penalty:
-            return "frequency_penalty"
         if sampling.grammar is not None:
             return "response_format"
         return None
@@ -139,6 +152,8 @@ class TransformersBackend(LLMBackend):
         ends = sampling.stop_token_ids if sampling.ignore_eos else self.eos_ids + sampling.stop_token_ids
         seq = _Seq(seq_id, list(prompt_ids), sampling, frozenset(ends))
         seq.eos = list(self.eos_ids)
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            seq.recent = []
         if sampling.temperature:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
             seq.generator = self.torch.Generator(device=self.device).manual_seed(seed)
@@ -206,6 +221,8 @@ class TransformersBackend(LLMBackend):
         if seq.generated < s.min_tokens and seq.eos:  # as generate(min_new_tokens=...): no end token yet
             logits = logits.clone()
             logits[:, seq.eos] = -float("inf")
+        if seq.recent:
+            logits = penalize(logits, seq.recent, s.presence_penalty, s.frequency_penalty)
         if seq.processors is not None:
             history = torch.tensor([seq.history if seq.history is not None else [seq.last]], device=self.device)
             logits = seq.processors(history, logits.float())
@@ -218,6 +235,10 @@ class TransformersBackend(LLMBackend):
         seq.last = token
         if seq.history is not None:
             seq.history.append(token)
+        if seq.recent is not None:
+            seq.recent.append(token)
+            if len(seq.recent) > PENALTY_LAST_N:
+                del seq.recent[0]
         lp = token_logprob(logprobs, token, s.logprobs) if logprobs is not None else None
         if token in seq.stop_ids:  # as generate(): the end token counts, and decodes to nothing (special)
             return StepOut(seq.id, [token], "stop", lp)
