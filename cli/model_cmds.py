@@ -128,7 +128,9 @@ def list_models(
         return
     rows = [[m["model_uid"], m["model_name"], m["model_type"], m["model_format"],
              m["model_size_in_billions"] or "", m["quantization"], ", ".join(m["devices"]),
-             m["state"] + (f" ({m['error']})" if m["error"] else f" ({m['stage']})" if m.get("stage") else ""),
+             m["state"] + (f" ({m['error']})" if m["error"] else f" ({m['stage']})" if m.get("stage") else "")
+             + (f"; restarted {m['restarts']}x, last: {m.get('restart_cause', '')}" if m.get("restarts") else
+                f"; {m['restart_cause']}" if m["state"] == "restarting" and m.get("restart_cause") else ""),
              m["queue_depth"],
              ", ".join(dict.fromkeys(m["hosts"]))] for m in models.values()]
     print_table(["UID", "Name", "Type", "Format", "Size (B)", "Quantization", "Devices", "State", "Queue",

@@ -455,6 +455,7 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     queue_depth: int = 0
     inflight: int = 0
     stats: InstanceStats = msgspec.field(default_factory=lambda: InstanceStats())
+    pids: list[int] = []  # the process of each replica (0 while none runs)
     restarts: int = 0  # restarts of its replicas' processes since the launch
     restart_cause: str = ""  # why the last one restarted
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from collections import deque
 
@@ -96,6 +97,12 @@ class Broker:
         self.sock.curve_secretkey = server_key.secret
         self.sock.curve_publickey = server_key.public
         self.sock.zap_domain = ZAP_DOMAIN.encode()
+        # A connection that closes (a process that died) is seen at once: a monitor thread flags it, and the loop
+        # then probes its peers (a send to a gone identity fails at once), instead of at the next heartbeat tick.
+        self.peer_left = threading.Event()
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        threading.Thread(target=self._watch_disconnects, name="disconnects", daemon=True).start()
+        self._next_probe = 0.0
         self.waiting: dict[bytes, deque] = {}
         self.n_waiting = 0
         self.waiting_bytes = 0
@@ -238,14 +245,46 @@ class Broker:
                         pass  # not delivered; the general path below answers for it
                     handle(frames, key)
             self.now = time.monotonic()
+            if self.peer_left.is_set() and self.now >= self._next_probe:
+                self.peer_left.clear()
+                self._next_probe = self.now + 0.05  # at most 20 probes a second, whatever the churn of clients
+                self._probe_peers()
             if self.now >= next_tick:
                 self._tick()
                 next_tick = self.now + interval
         self.close()
 
+    def _watch_disconnects(self) -> None:
+        """The monitor's thread: flag each closed connection for the loop (which owns the ROUTER)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        try:
+            while True:
+                try:
+                    event = recv_monitor_message(self._monitor)
+                except (zmq.ZMQError, ValueError):
+                    return
+                if event.get("event") == zmq.EVENT_DISCONNECTED:
+                    self.peer_left.set()
+                elif event.get("event") == zmq.EVENT_MONITOR_STOPPED:
+                    return
+        finally:
+            self._monitor.close(linger=0)
+
+    def _probe_peers(self) -> None:
+        """A heartbeat to every peer: one whose connection is gone is removed now, and its pending requests are
+        answered `unavailable` (a crashed instance's clients hear it at once)."""
+        for peer in list(self.peers.values()):
+            if self._send_raw(p.to_peer(peer.identity, p.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
+                self._remove(peer, "disconnected")
+
     def close(self) -> None:
         for peer in list(self.peers.values()):
             self._send(peer.identity, p.DISCONNECT_FRAMES)
+        try:
+            self.sock.disable_monitor()  # the monitor's thread hears MONITOR_STOPPED and closes its socket
+        except zmq.ZMQError:
+            pass
         self.sock.close(linger=0)
         self.auth.stop()
 

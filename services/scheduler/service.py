@@ -74,6 +74,7 @@ class Replica:
     queue_depth: int = 0
     inflight: int = 0
     stats: p.InstanceStats | None = None
+    pid: int = 0  # its process, as its worker last said
     restarts: int = 0  # its worker's count of its process restarts
     restores: int = 0  # loads the scheduler sent again (its worker restarted, or it moved)
     cause: str = ""  # why it last restarted
@@ -281,7 +282,7 @@ class Scheduler:
                 replica.error_field = inst.error_field
                 replica.progress, replica.memory, replica.stage = inst.progress, inst.memory, inst.stage
                 replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
-                replica.stats, replica.restarts = inst.stats, inst.restarts
+                replica.stats, replica.restarts, replica.pid = inst.stats, inst.restarts, inst.pid
                 replica.cause = inst.cause or replica.cause
                 replica.needs_load, replica.lost_since = False, None
             for model in self.models.values():
@@ -313,7 +314,7 @@ class Scheduler:
             Scheduler._fail(replica, f"{why}; its launch was not recorded, so it cannot be loaded again "
                                      "(terminate and launch it)")
             return
-        replica.state, replica.cause, replica.needs_load = "restarting", why, True
+        replica.state, replica.cause, replica.needs_load, replica.pid = "restarting", why, True, 0
         replica.error, replica.error_code, replica.error_field = "", "", None
         replica.progress, replica.stage, replica.inflight, replica.queue_depth = 0.0, "", 0, 0
 
@@ -644,7 +645,7 @@ class Scheduler:
             stage=next((r.stage for r in m.replicas if r.state in ("launching", "restarting") and r.stage), ""),
             memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
             inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas),
-            restarts=sum(r.restarts + r.restores for r in m.replicas),
+            pids=[r.pid for r in m.replicas], restarts=sum(r.restarts + r.restores for r in m.replicas),
             restart_cause=next((r.cause for r in m.replicas if r.state == "restarting" and r.cause),
                                next((r.cause for r in m.replicas if r.cause), "")))
 

@@ -6,7 +6,7 @@ import threading
 
 import msgspec
 
-from services.worker import files
+from services.worker import checks, files
 from services.worker.compute import ComputeLoop, Job
 from shared import protocol as p
 from shared.config import Settings
@@ -118,6 +118,7 @@ class Instance:
 
             self._step(0.05, "finding files")
             path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
+            checks.check_hf_folder(path)
             self._loading(path)
             backend = SentenceTransformersBackend(path, self.device, load.embedding.max_tokens, trust)
             if backend.dimensions != load.embedding.dimensions:
@@ -136,6 +137,10 @@ class Instance:
             path = files.resolve_llm_files(spec, load.quantization, self._fetch(spec.model_id))
             if spec.model_format == "ggmlv3":
                 path = self._convert_ggml(path, family.context_length)
+            if spec.model_format == "pytorch":
+                checks.check_hf_folder(path)
+            else:
+                checks.check_gguf(path)
             self._loading(path)
             batching = opts.continuous_batching is not False
             if spec.model_format == "pytorch":

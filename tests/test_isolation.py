@@ -1,0 +1,282 @@
+"""One process per instance replica: a fault stays with its instance, and instances heal themselves.
+
+Real processes throughout: broker, registry, scheduler and a CPU worker whose instances each run in a process of
+their own; faults are real signals to those processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from shared.errors import InvalidRequest, Unavailable, ZinferError
+from tests.conftest import embedding_definition, llm_definition
+from tests.mesh import REPO, Mesh
+
+PROMPT = "Once upon a time"
+GREEDY = {"max_tokens": 12, "temperature": 0}
+
+
+def fast_restarts(m: Mesh, limit: int = 5) -> Mesh:
+    m.env.update(ZINFER_RESTART_BACKOFF_S="0.2", ZINFER_RESTART_LIMIT=str(limit), ZINFER_TERMINATE_GRACE_S="2")
+    return m
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("isolation")
+    m = fast_restarts(Mesh(root / "home", root)).start_all()
+    c = m.client
+    c.register_model("LLM", llm_definition(tiny_models))
+    c.register_model("embedding", embedding_definition(tiny_models))
+    c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
+    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="hf")
+    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
+    yield m
+    m.stop()
+
+
+def pid_of(m: Mesh, uid: str) -> int:
+    return m.wait(lambda: m.client.describe_model(uid)["pids"][0] or None, timeout=30)
+
+
+class EmbedLoop:
+    """A client embedding one sentence in a loop (bounded: 3,000 requests or 90 s), counting errors."""
+
+    def __init__(self, m: Mesh, uid: str = "emb"):
+        self.client = m.new_client(timeout=20)
+        self.uid = uid
+        self.done = threading.Event()
+        self.ok = 0
+        self.errors: list[Exception] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        model = self.client.get_model(self.uid)
+        deadline = time.monotonic() + 90
+        for _ in range(3000):
+            if self.done.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                assert len(model.create_embedding("a sentence to embed")["data"]) == 1
+                self.ok += 1
+            except (ZinferError, AssertionError) as exc:
+                self.errors.append(exc)
+
+    def __enter__(self) -> EmbedLoop:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=30)
+        self.client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_a_crashed_instance_restarts_by_itself_while_its_neighbours_answer(iso, sig):
+    c = iso.client
+    before = c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"]
+    restarts = c.describe_model("gg")["restarts"]
+    pid = pid_of(iso, "gg")
+    with EmbedLoop(iso) as loop:
+        iso.wait(lambda: loop.ok >= 5 or None, timeout=30)
+        killed = time.monotonic()
+        os.kill(pid, sig)
+        # Ready again by itself, in a new process, within 15 s.
+        iso.wait(lambda: (lambda v: v["state"] == "ready" and v["restarts"] > restarts and v["pids"][0] != pid
+                          or None)(c.describe_model("gg")), timeout=15)
+        back = time.monotonic() - killed
+        served_before = loop.ok
+        iso.wait(lambda: loop.ok > served_before + 5 or None, timeout=30)
+    assert loop.errors == [], loop.errors[:3]  # the neighbour answered throughout
+    assert back < 15
+    view = c.describe_model("gg")
+    assert sig.name in view["restart_cause"], view
+    if sig == signal.SIGSEGV:  # faulthandler's stack names the frame it was in
+        assert " in " in view["restart_cause"], view
+    assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
+    assert c.describe_model("hf")["restarts"] == 0 and c.describe_model("emb")["restarts"] == 0
+    listed = subprocess.run([sys.executable, "-m", "cli", "list"], env=iso.env, cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert f"killed by {sig.name}" in listed.stdout and "restarted" in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_a_request_in_flight_on_a_dead_instance_fails_at_once_as_unavailable(iso):
+    c = iso.client
+    result = {}
+
+    def long_generation():
+        client = iso.new_client(timeout=60)
+        try:
+            client.get_model("hf").generate(PROMPT, {"max_tokens": 1900, "temperature": 0, "ignore_eos": True})
+            result["error"] = None
+        except ZinferError as exc:
+            result["error"] = exc
+        finally:
+            client.close()
+
+    t = threading.Thread(target=long_generation)
+    t.start()
+    iso.wait(lambda: c.describe_model("hf")["inflight"] == 1 or None, timeout=30)
+    killed = time.monotonic()
+    os.kill(pid_of(iso, "hf"), signal.SIGKILL)
+    t.join(timeout=30)
+    assert isinstance(result.get("error"), Unavailable), result
+    assert time.monotonic() - killed < 3  # the broker sees the connection close; no liveness wait
+    iso.wait(lambda: c.describe_model("hf")["state"] == "ready" or None, timeout=30)
+    assert c.get_model("hf").generate(PROMPT, GREEDY)["usage"]["completion_tokens"] >= 1
+
+
+def test_terminate_ends_the_process_and_returns_its_memory(iso):
+    c = iso.client
+    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="tmp-emb")
+    pid = pid_of(iso, "tmp-emb")
+    held = c.describe_model("tmp-emb")["memory"]
+    assert held > 10 * 2**20  # its process's RSS: the model and the libraries it has paged in
+    free = c.scheduler_status()["workers"][0]["free_memory"]
+    start = time.monotonic()
+    c.terminate_model("tmp-emb")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    iso.wait(lambda: c.scheduler_status()["workers"][0]["free_memory"] >= free + held * 0.8 or None, timeout=2)
+    assert time.monotonic() - start < 4
+
+
+def test_a_hung_instance_is_killed_within_the_grace_period(iso):
+    """A process that does not answer SIGTERM (stopped, as one stuck in a native call is): SIGKILL after the
+    grace period (2 s here)."""
+    c = iso.client
+    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="hung")
+    pid = pid_of(iso, "hung")
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    c.terminate_model("hung")
+    took = time.monotonic() - start
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert 2 <= took < 2 + 5, took
+    assert "hung" not in c.list_models()
+
+
+def test_a_bad_config_json_is_an_invalid_request_naming_model_uri(iso, tiny_models, tmp_path):
+    c = iso.client
+    broken = tmp_path / "broken-llama"
+    shutil.copytree(tiny_models["pytorch"], broken)
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    d = llm_definition(tiny_models, "broken-config")
+    d["model_specs"] = [{**d["model_specs"][0], "model_uri": f"file://{broken}"}]
+    c.register_model("LLM", d)
+    with pytest.raises(InvalidRequest, match="config.json: is not valid JSON") as err:
+        c.launch_model(model_name="broken-config", model_format="pytorch")
+    assert err.value.field == "model_uri"
+    c.terminate_model("broken-config")
+    # Truncated weights: the safetensors header promises more bytes than the file has.
+    (broken / "config.json").write_text((tiny_models["pytorch"] / "config.json").read_text())
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(InvalidRequest, match="model.safetensors: is truncated") as err:
+        c.launch_model(model_name="broken-config", model_format="pytorch")
+    assert err.value.field == "model_uri"
+    c.terminate_model("broken-config")
+    c.unregister_model("LLM", "broken-config")
+    assert c.describe_model("emb")["state"] == "ready"
+
+
+def test_a_ggml_file_without_byte_tokens_is_refused_at_launch(iso, tiny_models, tmp_path):
+    """llama.cpp aborts the process (std::out_of_range in llama_vocab::byte_to_token) at the first prompt with a
+    byte its SentencePiece vocabulary lacks; the file is refused before an engine sees it."""
+    from shared import tinyggml
+    from shared.tinymodels import gguf_tensors
+
+    cfg, tensors = gguf_tensors(tiny_models["pytorch"])
+    vocab = tinyggml.spm_vocab(tiny_models["pytorch"], cfg["vocab_size"])
+    vocab = vocab[:3] + [(f"\u2581nobyte{i}", -1.0 - i, "normal") for i in range(256)] + vocab[259:]
+    tinyggml.write_ggml_v3(tmp_path / "nobytes.ggmlv3.q8_0.bin", cfg, vocab, tensors, "q8_0")
+    d = llm_definition(tiny_models, "no-byte-tokens")
+    d["model_specs"] = [{"model_format": "ggmlv3", "model_size_in_billions": 1, "quantizations": ["q8_0"],
+                         "model_id": "x/nobytes", "model_file_name_template": "nobytes.ggmlv3.{quantization}.bin",
+                         "model_uri": f"file://{tmp_path}"}]
+    c = iso.client
+    c.register_model("LLM", d)
+    with pytest.raises(InvalidRequest, match="without byte tokens for 256 of the 256 bytes") as err:
+        c.launch_model(model_name="no-byte-tokens")
+    assert err.value.field == "model_uri"
+    c.terminate_model("no-byte-tokens")
+    c.unregister_model("LLM", "no-byte-tokens")
+    assert {c.describe_model(u)["state"] for u in ("gg", "hf", "emb")} == {"ready"}
+
+
+def test_two_replicas_launch_on_a_fresh_worker_and_a_failed_uid_relaunches_at_once(mesh, tiny_models):
+    c = mesh.client
+    c.register_model("LLM", llm_definition(tiny_models))
+    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="pt", replica=2)
+    view = c.describe_model("pt")
+    assert view["state"] == "ready" and view["replica"] == 2 and len(set(view["pids"])) == 2
+    assert c.get_model("pt").generate(PROMPT, GREEDY)["usage"]["completion_tokens"] >= 1
+    c.terminate_model("pt")
+    # A launch that fails (4-bit needs a GPU), terminated and launched again under its uid at once.
+    with pytest.raises(InvalidRequest, match="needs a GPU"):
+        c.launch_model(model_name="custom-llama-2", model_format="pytorch", quantization="4-bit", model_uid="pt")
+    c.terminate_model("pt")
+    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="pt")
+    assert c.describe_model("pt")["state"] == "ready"
+    assert c.get_model("pt").generate(PROMPT, GREEDY)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_crash_loop_ends_failed_with_the_cause(tmp_path, tiny_models):
+    m = fast_restarts(Mesh(tmp_path / "home", tmp_path), limit=2).start_all()
+    try:
+        c = m.client
+        c.register_model("embedding", embedding_definition(tiny_models))
+        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
+        for restarts in (1, 2):
+            os.kill(pid_of(m, "loop"), signal.SIGKILL)
+            m.wait(lambda n=restarts: (lambda v: v["state"] == "ready" and v["restarts"] == n
+                                       or None)(c.describe_model("loop")), timeout=30)
+        os.kill(pid_of(m, "loop"), signal.SIGKILL)
+        m.wait(lambda: c.describe_model("loop")["state"] == "failed" or None, timeout=30)
+        view = c.describe_model("loop")
+        assert "restart_limit" in view["error"] and "SIGKILL" in view["error"], view
+        assert view["pids"] == [0]
+        c.terminate_model("loop")
+        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
+        assert len(c.get_model("loop").create_embedding("back")["data"]) == 1
+    finally:
+        m.stop()
+
+
+def test_instances_come_back_after_the_worker_and_the_scheduler_restart(tmp_path, tiny_models):
+    """SIGKILL the worker (its instance processes die with it) and the scheduler: once they are back, every
+    instance is loaded again from the scheduler's desired state, with its uid and the same greedy output; while
+    no process holds them they are never `ready`."""
+    m = fast_restarts(Mesh(tmp_path / "home", tmp_path)).start_all()
+    try:
+        c = m.client
+        c.register_model("LLM", llm_definition(tiny_models))
+        c.register_model("embedding", embedding_definition(tiny_models))
+        c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
+        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
+        before = c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"]
+        pids = [pid_of(m, "gg"), pid_of(m, "emb")]
+        m.kill("worker/cpu")
+        m.wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                               for p in pids) or None, timeout=10)
+        m.wait(lambda: {v["state"] for v in c.list_models().values()} == {"restarting"} or None, timeout=20)
+        m.kill("scheduler")
+        m.start("scheduler", "scheduler")
+        m.wait_services({"scheduler"})
+        m.wait(lambda: {v["state"] for v in c.list_models().values()} == {"restarting"} or None, timeout=20)
+        m.start_worker("cpu")
+        m.wait(lambda: {u: v["state"] for u, v in c.list_models().items()} == {"gg": "ready", "emb": "ready"}
+               or None, timeout=90)
+        assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
+        assert len(c.get_model("emb").create_embedding("hi")["data"]) == 1
+    finally:
+        m.stop()
