@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import zmq
-from common import concurrently, record, start_mesh, timed, tiny_models
+from common import StreamCrowd, concurrently, record, start_mesh, timed, tiny_models
 
 from shared import protocol as p
 from shared.transport import send_frames
@@ -96,8 +96,8 @@ def main() -> None:
         handles = [mesh.new_client().get_model("emb") for _ in range(64)]
         served["conc64_threads"] = 64 / timed(
             lambda: concurrently(64, lambda i: handles[i].embed_array(sentences[i])), args.rounds)
-        # One sentence at a time, with idle neighbours on the same worker: a transformers instance (continuous
-        # batching) and a llama.cpp instance that have served requests and gone idle.
+        # One sentence at a time, with idle neighbours on the same device: a transformers instance (continuous
+        # batching) and a llama.cpp instance that have each served 16 streams and gone idle.
         c.register_model("LLM", {"model_name": "bench-neighbour", "model_lang": ["en"],
                                  "model_ability": ["generate"], "context_length": 2048, "model_specs": [
                                      {"model_format": "pytorch", "model_size_in_billions": 1,
@@ -107,8 +107,7 @@ def main() -> None:
                                       "model_uri": str(models["gguf_dir"])}]})
         for fmt, uid in (("pytorch", "hf-neighbour"), ("ggufv2", "gg-neighbour")):
             c.launch_model(model_name="bench-neighbour", model_format=fmt, model_uid=uid, continuous_batching=True)
-            for _ in range(3):
-                c.get_model(uid).generate("hello", {"max_tokens": 32, "temperature": 0})
+            StreamCrowd(mesh, uid, [f"hello {i}" for i in range(16)], 32).run()
         one = sentences[7]
         raw_lat, served_lat = [], []
         for _ in range(args.rounds * 4):  # interleaved, so that drift of the machine falls on both alike

@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=True,
+                    help="llama.cpp rows with idle transformers and embedding instances on the same device")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     models = tiny_models()
@@ -213,6 +215,17 @@ def main() -> None:
             report["served_transformers_plain"] = served(mesh, "hf-plain", args.tokens, levels[:3])
             c.terminate_model("hf-plain")
         if args.engine in ("llama", "both"):
+            if args.neighbours:
+                # Idle neighbours on the same device, as a served llama.cpp instance has them: a continuous-batching
+                # transformers instance that has served 16 streams, and an embedding instance that has served.
+                c.launch_model(model_name="bench-llm", model_format="pytorch", model_uid="hf-neighbour",
+                               continuous_batching=True)
+                StreamCrowd(mesh, "hf-neighbour", PROMPTS[:16], args.tokens).run()
+                c.register_model("embedding", {"model_name": "bench-minilm", "dimensions": 384, "max_tokens": 256,
+                                               "language": ["en"], "model_uri": str(models["embedding"])})
+                c.launch_model(model_name="bench-minilm", model_type="embedding", model_uid="emb-neighbour")
+                c.get_model("emb-neighbour").embed_array(PROMPTS[:64])
+                report["llama_neighbours"] = ["hf-neighbour (transformers, continuous batching)", "emb-neighbour"]
             small = make_small_llama(models["pytorch"].parent)  # built once (seconds), kept with the tiny models
             c.register_model("LLM", {"model_name": "bench-small", "model_lang": ["en"],
                                      "model_ability": ["generate"], "context_length": 2048, "model_specs": [

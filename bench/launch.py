@@ -1,8 +1,10 @@
 """Launch-to-ready through the mesh against the raw load time of the same model, same run.
 
 The raw side loads with the engine's own call in this (warm) process; the served side is
-client.launch_model(...) returning ready, on a worker that has already loaded one model (imports warm), so
-both measure loading rather than Python imports.
+client.launch_model(...) returning ready: placement, a new instance process forked from the worker's fork
+server (which imported the engines when the worker started), the load in that process, and its bind. Every
+launch is a new process; no launch warms another. The first launch of the run is also shown: it may wait for
+the fork server's imports when it comes right after the worker started.
 
     .venv/bin/python bench/launch.py [--rounds 3]
 """
@@ -66,22 +68,23 @@ def main() -> None:
         cases = {"pytorch": dict(model_name="bench-llm", model_format="pytorch"),
                  "ggufv2": dict(model_name="bench-llm", model_format="ggufv2"),
                  "embedding": dict(model_name="bench-minilm", model_type="embedding")}
-        for kw in cases.values():  # warm the worker's imports
-            c.terminate_model(c.launch_model(model_uid="warm", **kw))
+        first = None
         for name, kw in cases.items():
             times = []
             for _ in range(args.rounds):
                 start = time.perf_counter()
                 uid = c.launch_model(model_uid="timed", **kw)
                 times.append(time.perf_counter() - start)
+                first = times[0] if first is None else first
                 c.terminate_model(uid)
             served[name] = min(times)
     finally:
         mesh.stop()
-    print(f"{'model':<12}{'raw load s':>12}{'served launch s':>17}{'overhead s':>12}   (target: <= raw + 0.5 s)")
+    print(f"{'model':<12}{'raw load s':>12}{'served launch s':>17}{'overhead s':>12}   (target: <= raw + 1.5 s)")
     for name in raw:
         print(f"{name:<12}{raw[name]:>12.3f}{served[name]:>17.3f}{served[name] - raw[name]:>12.3f}")
-    record("launch", {"raw_s": raw, "served_s": served,
+    print(f"first launch after the worker started: {first:.3f} s")
+    record("launch", {"raw_s": raw, "served_s": served, "first_launch_s": round(first, 3),
                       "overhead_s": {k: round(served[k] - raw[k], 3) for k in raw}})
 
 

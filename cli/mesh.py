@@ -104,8 +104,8 @@ def worker(
     if kind == "cuda":  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     worker_id = name or default_worker_id(device, settings.endpoint)
-    if not worker_id or any(c in worker_id for c in " \t\n") or len(worker_id) > 128:
-        fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces")
+    if not worker_id or any(c in worker_id for c in " \t\n#") or len(worker_id) > 128:
+        fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces or '#'")
     quiet_progress_bars()
     _logging(f"worker/{worker_id}", settings)
     # A native crash in an engine (llama.cpp, torch) prints every thread's Python stack to stderr before the

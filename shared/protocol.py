@@ -79,6 +79,19 @@ def worker_service(worker_id: str) -> str:
     return f"worker/{worker_id}"
 
 
+INSTANCE_MARK = "#"  # never in a worker id (`zinfer worker --name` refuses it) nor in a model uid
+
+
+def instance_service(worker_id: str, model_uid: str, replica: int) -> str:
+    """The name a model instance's own process registers under: within its worker's name, so a worker host's
+    key (which may hold `worker/*`) covers its instances: worker/cpu#my-model/0."""
+    return f"{worker_service(worker_id)}{INSTANCE_MARK}{model_uid}/{replica}"
+
+
+def is_instance_service(service: str) -> bool:
+    return service.startswith("worker/") and INSTANCE_MARK in service
+
+
 def model_target(model_uid: str) -> str:
     """Model uids live in their own namespace, so a uid can never shadow a service name."""
     return f"model/{model_uid}"

@@ -32,7 +32,7 @@ def fast_restarts(m: Mesh, limit: int = 5) -> Mesh:
 @pytest.fixture(scope="module")
 def iso(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("isolation")
-    m = fast_restarts(Mesh(root / "home", root)).start_all()
+    m = fast_restarts(Mesh(root / "home", root), limit=3).start_all()
     c = m.client
     c.register_model("LLM", llm_definition(tiny_models))
     c.register_model("embedding", embedding_definition(tiny_models))
@@ -230,26 +230,23 @@ def test_two_replicas_launch_on_a_fresh_worker_and_a_failed_uid_relaunches_at_on
     assert c.get_model("pt").generate(PROMPT, GREEDY)["usage"]["completion_tokens"] >= 1
 
 
-def test_a_crash_loop_ends_failed_with_the_cause(tmp_path, tiny_models):
-    m = fast_restarts(Mesh(tmp_path / "home", tmp_path), limit=2).start_all()
-    try:
-        c = m.client
-        c.register_model("embedding", embedding_definition(tiny_models))
-        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
-        for restarts in (1, 2):
-            os.kill(pid_of(m, "loop"), signal.SIGKILL)
-            m.wait(lambda n=restarts: (lambda v: v["state"] == "ready" and v["restarts"] == n
-                                       or None)(c.describe_model("loop")), timeout=30)
-        os.kill(pid_of(m, "loop"), signal.SIGKILL)
-        m.wait(lambda: c.describe_model("loop")["state"] == "failed" or None, timeout=30)
-        view = c.describe_model("loop")
-        assert "restart_limit" in view["error"] and "SIGKILL" in view["error"], view
-        assert view["pids"] == [0]
-        c.terminate_model("loop")
-        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
-        assert len(c.get_model("loop").create_embedding("back")["data"]) == 1
-    finally:
-        m.stop()
+def test_a_crash_loop_ends_failed_with_the_cause(iso):
+    """restart_limit is 3 in this mesh: the fourth crash within the window leaves the instance failed."""
+    c = iso.client
+    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
+    for restarts in (1, 2, 3):
+        os.kill(pid_of(iso, "loop"), signal.SIGKILL)
+        iso.wait(lambda n=restarts: (lambda v: v["state"] == "ready" and v["restarts"] == n
+                                     or None)(c.describe_model("loop")), timeout=30)
+    os.kill(pid_of(iso, "loop"), signal.SIGKILL)
+    iso.wait(lambda: c.describe_model("loop")["state"] == "failed" or None, timeout=30)
+    view = c.describe_model("loop")
+    assert "restart_limit" in view["error"] and "SIGKILL" in view["error"], view
+    assert view["pids"] == [0]
+    c.terminate_model("loop")
+    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")
+    assert len(c.get_model("loop").create_embedding("back")["data"]) == 1
+    c.terminate_model("loop")
 
 
 def test_instances_come_back_after_the_worker_and_the_scheduler_restart(tmp_path, tiny_models):
@@ -278,5 +275,30 @@ def test_instances_come_back_after_the_worker_and_the_scheduler_restart(tmp_path
                or None, timeout=90)
         assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
         assert len(c.get_model("emb").create_embedding("hi")["data"]) == 1
+    finally:
+        m.stop()
+
+
+def test_the_instances_of_a_worker_that_does_not_return_move_to_another(tmp_path, tiny_models):
+    m = fast_restarts(Mesh(tmp_path / "home", tmp_path))
+    m.env["ZINFER_WORKER_RETURN_S"] = "2"
+    m.start_all(workers=("cpu:0", "cpu:1"), budgets={"cpu:0": 6000, "cpu:1": 4000})  # most free memory: cpu:0
+    try:
+        c = m.client
+        c.register_model("LLM", llm_definition(tiny_models))
+        c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
+        assert c.describe_model("gg")["devices"] == ["cpu:0"]
+        before = c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"]
+        m.kill("worker/cpu:0")
+        m.wait(lambda: c.describe_model("gg")["state"] == "restarting" or None, timeout=20)
+        m.wait(lambda: (lambda v: v["state"] == "ready" and v["devices"] == ["cpu:1"] or None)(c.describe_model("gg")),
+               timeout=60)
+        assert "moved from cpu:0 to cpu:1" in c.describe_model("gg")["restart_cause"]
+        assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
+        # The old worker comes back: the instance stays where it is now, and the old worker holds nothing.
+        m.start_worker("cpu:0")
+        m.wait(lambda: len(c.scheduler_status()["workers"]) == 2 or None, timeout=30)
+        assert c.describe_model("gg")["devices"] == ["cpu:1"]
+        assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
     finally:
         m.stop()

@@ -317,7 +317,7 @@ class Gateway:
             return JSONResponse({"ready": False, "broker": False, "detail": str(exc)}, status_code=503)
         services = {peer.service for peer in status.peers}
         parts = {"broker": True, "registry": p.REGISTRY in services, "scheduler": p.SCHEDULER in services,
-                 "workers": sorted(s for s in services if s.startswith("worker/"))}
+                 "workers": sorted(s for s in services if s.startswith("worker/") and not p.is_instance_service(s))}
         ok = parts["registry"] and parts["scheduler"]
         return JSONResponse({"ready": ok, **parts}, status_code=200 if ok else 503)
 

@@ -410,12 +410,11 @@ class Scheduler:
                                                    quantization=load.quantization, embedding=load.embedding),
                                       10.0, "probe")
             with self.lock:
-                others = {x.worker_id for x in model.replicas if x is not r}
                 slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
                               tuple(h for h in (w.info.host, w.info.address) if h),
                               None if found[wid].ok else error_class(found[wid].code or "not_found")(
                                   found[wid].problem, found[wid].field))
-                         for wid, w in self.workers.items() if wid in found and wid not in others]
+                         for wid, w in self.workers.items() if wid in found]
                 if not slots:
                     raise Unavailable("no other worker can take it now")
                 pins = model.pins

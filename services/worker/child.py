@@ -1,6 +1,6 @@
 """One model instance replica in a process of its own: what the worker's supervisor starts for each replica.
 
-The process joins the broker itself, with the worker's service key, as `worker/<worker>/<uid>/<replica>` and
+The process joins the broker itself, with the worker's service key, as `worker/<worker>#<uid>/<replica>` and
 binds `model/<uid>` once its model is loaded: requests go client -> broker -> this process, the same hops as when
 the worker held every instance. Its main thread loads the model and then runs the compute loop (PyTorch's CPU
 kernels are 10-25% slower from a secondary thread); an I/O thread owns the broker socket; a reporter thread
@@ -36,12 +36,6 @@ log = structlog.get_logger()
 _reports = msgspec.msgpack.Encoder()
 
 
-def instance_service(worker_id: str, uid: str, replica: int) -> str:
-    """The name an instance process registers with the broker: under its worker's, so that a worker host's key
-    (which may hold `worker/*`) covers its instances too."""
-    return f"{p.worker_service(worker_id)}/{uid}/{replica}"
-
-
 def set_threads(threads: int) -> None:
     """CPU threads for this process's engine: torch's intra-op pool (OpenMP) and, through the backends,
     llama.cpp's n_threads."""
@@ -69,7 +63,7 @@ class InstanceProcess:
 
     def send_report(self) -> None:
         report = self.instance.report()
-        if self.load.model_type == "LLM" and self.instance.device.startswith("cuda"):
+        if self.instance.device.startswith("cuda"):
             report.memory = _cuda_memory()
         with self._send_lock:
             try:

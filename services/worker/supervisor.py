@@ -172,7 +172,7 @@ class Supervisor:
 
     def _spawn(self, replica: Replica) -> None:
         load = replica.load
-        service = child.instance_service(self.worker_id, load.model_uid, load.replica)
+        service = p.instance_service(self.worker_id, load.model_uid, load.replica)
         replica.fault_path = self.faults / f"{log_name(service)}.txt"
         replica.fault_path.write_text("")
         receiver, sender = self.mp.Pipe(duplex=False)
