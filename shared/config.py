@@ -51,7 +51,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # llama.cpp's AMX kernels (see configs/default.toml: they crashed every quantized model on our VMs).
     llama_cpp_amx: bool = False
     # Model instances: each replica runs in a process of its own (services/worker/supervisor.py).
-    # CPU threads of each instance's engine; 0: the cores this worker may use.
+    # CPU threads of each instance's engine; 0: each engine's default (torch: the cores; llama.cpp: half of them to
+    # decode, all to prefill).
     instance_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     # A crashed instance process is started again after restart_backoff_s, doubling for each further crash up to
     # 30 s; more than restart_limit restarts within restart_window_s leave it `failed` with the last cause.

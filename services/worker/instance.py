@@ -153,7 +153,7 @@ class Instance:
                 from services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
                 backend = LlamaCppBackend(path, self.device, opts.n_ctx or family.context_length,
-                                          n_threads=opts.n_threads or self.threads,
+                                          n_threads=opts.n_threads or self.threads or None,
                                           n_parallel=opts.n_parallel if batching else 1,
                                           amx=settings.llama_cpp_amx)
             engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,

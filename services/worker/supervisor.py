@@ -133,7 +133,7 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self.faults = settings.home_path / "run" / "faults"
         self.faults.mkdir(parents=True, exist_ok=True)
-        self.threads = settings.instance_threads or len(os.sched_getaffinity(0))
+        self.threads = settings.instance_threads  # 0: each engine's own default
         self.mp = start_fork_server()
         self._settings_raw = _encoder.encode(settings)
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
