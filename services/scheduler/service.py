@@ -410,11 +410,7 @@ class Scheduler:
                                                    quantization=load.quantization, embedding=load.embedding),
                                       10.0, "probe")
             with self.lock:
-                slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
-                              tuple(h for h in (w.info.host, w.info.address) if h),
-                              None if found[wid].ok else error_class(found[wid].code or "not_found")(
-                                  found[wid].problem, found[wid].field))
-                         for wid, w in self.workers.items() if wid in found]
+                slots = self._slots(found)
                 if not slots:
                     raise Unavailable("no other worker can take it now")
                 pins = model.pins
@@ -496,11 +492,7 @@ class Scheduler:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
-            slots = [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
-                          tuple(h for h in (w.info.host, w.info.address) if h),
-                          None if found[wid].ok else error_class(found[wid].code or "not_found")(
-                              found[wid].problem, found[wid].field))
-                     for wid, w in self.workers.items() if wid in found]
+            slots = self._slots(found)
             if not slots:
                 raise Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
             chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
@@ -530,6 +522,14 @@ class Scheduler:
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
+
+    def _slots(self, found: dict[str, p.FileProbe]) -> list[Slot]:
+        """Placement candidates: the live workers that answered a file probe (call with self.lock held)."""
+        return [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
+                     tuple(h for h in (w.info.host, w.info.address) if h),
+                     None if found[wid].ok else error_class(found[wid].code or "not_found")(
+                         found[wid].problem, found[wid].field))
+                for wid, w in self.workers.items() if wid in found]
 
     def _ask_workers(self, msg: p.Msg, timeout: float, what: str) -> dict[str, p.Msg]:
         """Send msg to every worker (16 at a time); their replies by worker id. A worker that cannot answer now
