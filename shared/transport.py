@@ -225,6 +225,11 @@ class ServiceRuntime:
         self._register()
 
     def _register(self) -> None:
+        # A broker that asks us to register again (it restarted, or dropped us as silent) has already failed the
+        # requests we hold: stop their work (a 2,048-text embed would otherwise run on for seconds, and the next
+        # requests would wait behind it for nobody).
+        for ctx in self.active.values():
+            ctx.cancelled = True
         self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)))
         self.broker_seen = time.monotonic()
         log.info("registered", endpoint=self.settings.endpoint, uids=len(self.bound), key=self.key.name)

@@ -194,8 +194,9 @@ def test_scheduler_restart_rebuilds_its_view_from_the_workers(mesh, tiny_models)
     mesh.start("scheduler", "scheduler")
     mesh.wait(lambda: c.list_models().get("e1", {}).get("state") == "ready" or None, timeout=20)
     after = c.describe_model("e1")
-    for key in ("model_name", "model_type", "devices", "state", "memory"):
+    for key in ("model_name", "model_type", "devices", "state"):
         assert after[key] == before[key], key
+    assert after["memory"] > 0  # its process's RSS, read afresh at each report
     c.terminate_model("e1")
 
 

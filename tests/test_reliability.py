@@ -259,7 +259,7 @@ def test_an_oversized_prompt_is_refused_at_once_without_tokenizing(served_mesh):
         with pytest.raises(TooLarge, match="max_prompt_bytes") as err:
             model.generate(prompt, {"max_tokens": 1})
         times.append(time.perf_counter() - start)
-    assert err.value.field == "prompt" and min(times) < 0.050
+    assert err.value.field == "prompt" and min(times) < 1.0  # tokenizing 4 MiB would take seconds
     with pytest.raises(TooLarge, match="max_embed_items"):
         served_mesh.client.get_model("emb").create_embedding(["a"] * 20_001)
     assert model.generate("hi", {"max_tokens": 2, "temperature": 0})["usage"]["completion_tokens"] == 2

@@ -191,6 +191,11 @@ class Supervisor:
             sender.close()
         with self.lock:
             replica.process, replica.conn, replica.report, replica.next_start = process, receiver, None, None
+            doomed = replica.state == "terminating"  # terminated while it started: stop() found no process yet
+        if doomed:
+            os.kill(process.pid, signal.SIGKILL)
+            receiver.close()
+            return
         log.info("instance_process_started", model_uid=load.model_uid, replica=load.replica, pid=process.pid,
                  state=replica.state)
         self.wake()
@@ -375,9 +380,12 @@ class Supervisor:
                     os.kill(r.process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            if r.next_start is not None and now >= r.next_start and r.state == "restarting" and self.running:
-                r.next_start = None
-                r.restarts += 1
+            with self.lock:
+                due = r.next_start is not None and now >= r.next_start and r.state == "restarting" and self.running
+                if due:
+                    r.next_start = None
+                    r.restarts += 1
+            if due:
                 try:
                     self._spawn(r)
                 except ZinferError as exc:
