@@ -252,6 +252,27 @@ def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
         backend.close()
 
 
+def test_small_batches_skip_encode_and_give_its_vectors(tiny_models):
+    """Up to 32 texts run as one forward pass on features built by the Rust tokenizer (encode()'s per-call
+    overhead is 0.5-2 ms of a one-sentence request): the same features as the model's preprocess() and the same
+    vectors as encode(), for texts of every kind, one over max_seq_length included; bigger batches use encode()."""
+    from sentence_transformers import SentenceTransformer
+
+    from services.worker.backends import sentence_backend
+
+    backend = sentence_backend.SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
+    try:
+        assert backend._featurizer is not None and not backend.model.training
+        texts = ["how do whales sleep", "", "naïve café déjà vu 🐋", "whales " * 600, "  two  spaces  ", "A" * 3]
+        raw = SentenceTransformer(str(tiny_models["embedding"]), device="cpu")
+        np.testing.assert_allclose(backend.encode(texts), raw.encode(texts), atol=1e-6)
+        np.testing.assert_allclose(backend.encode(texts[:1]), raw.encode(texts[:1]), atol=1e-6)
+        many = [f"sentence {i} " * (i % 7 + 1) for i in range(sentence_backend.DIRECT_MAX + 5)]
+        np.testing.assert_allclose(backend.encode(many), raw.encode(many), atol=1e-6)
+    finally:
+        backend.close()
+
+
 def test_memory_stays_bounded_over_1000_sequential_requests(bmesh):
     """1,000 requests one after another (generate on llama.cpp and transformers, streams, chat, embed): the
     worker's resident memory after the first 200 is where it stays (a leak per request of a KV cache, a
