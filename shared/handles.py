@@ -9,7 +9,7 @@ import numpy as np
 from shared import compat
 from shared import protocol as p
 from shared.client import Client, as_plain
-from shared.errors import InstanceNotReady, InvalidRequest, NotFound, Unavailable, ZinferError
+from shared.errors import InstanceNotReady, InvalidRequest, NoRoute, NotFound, ZinferError
 
 
 def _config(generate_config: dict | None) -> p.GenerateConfig:
@@ -40,7 +40,7 @@ class _Handle:
 
     def _explain(self, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid: say why (its state and error, from the scheduler) instead."""
-        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+        if not isinstance(exc, NoRoute):
             return exc
         try:
             view = self.client.describe_model(self.model_uid)

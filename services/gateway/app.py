@@ -31,17 +31,17 @@ from shared.config import Settings
 from shared.errors import (
     InstanceNotReady,
     InvalidRequest,
+    NoRoute,
     NotFound,
     RequestTimeout,
     Unauthenticated,
-    Unavailable,
     ZinferError,
     error_class,
 )
 
 STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
-          "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "timeout": 504,
-          "cancelled": 499, "storage": 507, "internal": 500}
+          "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "no_route": 503,
+          "timeout": 504, "cancelled": 499, "storage": 507, "internal": 500}
 OPENAI_TYPE = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
                413: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                429: "rate_limit_error"}
@@ -126,7 +126,7 @@ class Gateway:
 
     async def explain(self, conn: Connection, uid: str, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid right now: say why (its state), as the Python client does."""
-        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+        if not isinstance(exc, NoRoute):
             return exc
         try:
             reply, _ = await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout)

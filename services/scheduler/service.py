@@ -389,7 +389,7 @@ class Scheduler:
                 r.loading = False
                 if model.incarnation != load.incarnation or model.terminating:
                     return
-                if exc.code in ("unavailable", "timeout", "queue_full", "cancelled"):
+                if exc.code in ("unavailable", "no_route", "timeout", "queue_full", "cancelled"):
                     r.next_try = time.monotonic() + max(2.0, self.settings.liveness_s)
                     log.warning("restore_failed", model_uid=model.uid, worker=wid, error=str(exc))
                 else:
@@ -679,7 +679,7 @@ class Scheduler:
             except NotFound:
                 pass  # never loaded there, or already gone
             except ZinferError as exc:
-                if wid in self.workers and exc.code != "unavailable":
+                if wid in self.workers and exc.code not in ("unavailable", "no_route"):
                     with self.lock:
                         model.terminating = False
                     raise
