@@ -61,3 +61,26 @@ def test_every_setting_has_its_variable(monkeypatch):
     monkeypatch.setenv("ZINFER_INSTANCE_THREADS", "-1")
     with pytest.raises(ConfigError, match="ZINFER_INSTANCE_THREADS.*>= 0"):
         load_settings()
+
+
+def test_an_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The one helper every state file goes through: the new content, the requested mode, no temporary file
+    left; a write that fails at the rename leaves the old file as it was and nothing beside it."""
+    import os
+
+    from shared.atomic import write_atomic
+
+    target = tmp_path / "state" / "book.json"
+    write_atomic(target, b"old")
+    write_atomic(target, b"new", mode=0o600)
+    assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["book.json"]
+
+    def refuse(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError):
+        write_atomic(target, b"newer")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["book.json"]

@@ -13,8 +13,6 @@ the current one: such leftovers are unloaded.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from services.scheduler.placement import (
     place,
 )
 from shared import protocol as p
+from shared.atomic import write_atomic
 from shared.compat import engine_options
 from shared.config import Settings
 from shared.errors import (
@@ -174,21 +173,10 @@ class LaunchBook:
 
     def save(self, records: list[LaunchRecord]) -> None:
         with self.lock:
-            tmp = None
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(msgspec.json.encode(records))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                tmp = None
+                write_atomic(self.path, msgspec.json.encode(records))
             except OSError as exc:
                 raise storage_error("record the launch in", self.path, exc) from None
-            finally:
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
 
 
 class Scheduler:
