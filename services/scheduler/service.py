@@ -23,14 +23,8 @@ import msgspec
 import structlog
 
 from services.registry import catalog
-from services.scheduler.placement import (
-    Slot,
-    check_engine_options,
-    engine_formats,
-    engine_of,
-    match_spec,
-    place,
-)
+from services.scheduler.placement import Slot, match_spec, place
+from shared import engines
 from shared import protocol as p
 from shared.atomic import write_atomic
 from shared.compat import engine_options
@@ -447,7 +441,7 @@ class Scheduler:
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
         options = self._engine_options(msg)
-        formats = engine_formats(msg.model_engine, msg.model_type)
+        formats = engines.formats_of(msg.model_engine, msg.model_type)
         if formats is not None and msg.model_format is not None and msg.model_type == "LLM" \
                 and msg.model_format not in formats:
             raise InvalidRequest(f"model_engine {msg.model_engine!r} does not run model_format {msg.model_format!r} "
@@ -461,7 +455,7 @@ class Scheduler:
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options, incarnation=incarnation)
             fmt, size = spec.model_format, spec.model_size_in_billions
-            check_engine_options(options, engine_of(fmt, "LLM"))
+            engines.check_options(options, engines.for_model("LLM", fmt))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
@@ -469,7 +463,7 @@ class Scheduler:
             base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options,
                                   incarnation=incarnation)
             fmt, size, quant = "pytorch", None, "none"
-            check_engine_options(options, "sentence_transformers")
+            engines.check_options(options, engines.for_model("embedding", None))
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
