@@ -6,13 +6,13 @@ time, and only a process with both is taken to be ours.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 import psutil
+
+from shared.atomic import write_atomic
 
 
 class Child(msgspec.Struct, kw_only=True):
@@ -59,17 +59,7 @@ def read(home: Path) -> UpRecord | None:
 
 
 def write(home: Path, record: UpRecord) -> None:
-    """Atomically: a temporary file in the same folder, then rename."""
-    path = run_file(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".up.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.encode(record))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(run_file(home), msgspec.json.encode(record))
 
 
 def remove(home: Path, pid: int | None = None) -> None:

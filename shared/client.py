@@ -16,78 +16,71 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from shared import compat, keys
 from shared import protocol as p
+from shared.buscore import (
+    CONNECT_TIMEOUT,
+    LAUNCH_POLL_S,
+    MONITOR_EVENTS,
+    MonitorState,
+    Requests,
+    as_plain,
+    launch_done,
+    read_reply,
+    stream_step,
+)
 from shared.config import Settings, load_settings
-from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_class, error_from_reply
+from shared.errors import RequestTimeout, Unavailable
+from shared.handles import EmbeddingHandle, LLMHandle
 from shared.transport import send_frames
 
-CONNECT_TIMEOUT = 3.0
+__all__ = ["Client", "as_plain"]
 # While waiting for a reply the client looks at its connection's events this often: a broker that dies
 # (its connection closes) fails the pending call within this, not at the call's timeout.
 WATCH_S = 0.25
 _recv = zmq.backend.Socket.recv  # the sugar layer's per-call checks cost more than the recv itself
 _get = zmq.backend.Socket.get
 _RCVMORE = zmq.RCVMORE
-_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 _monitor_ids = itertools.count()
-
-
-def as_plain(obj: Any) -> Any:
-    """A reply struct as plain dicts and lists with every field present (what Xinference's client returns)."""
-    if isinstance(obj, msgspec.Struct):
-        return {f: as_plain(getattr(obj, f)) for f in obj.__struct_fields__ if f != "op"}
-    if isinstance(obj, list | tuple):
-        return [as_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: as_plain(v) for k, v in obj.items()}
-    return obj
 
 
 class _Connection:
     """One thread's DEALER to the broker, with a monitor that tells handshake failures and disconnects."""
 
-    __slots__ = ("sock", "monitor", "key", "endpoint", "up", "lost")
+    __slots__ = ("sock", "monitor", "key", "endpoint", "state")
 
     def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, key: keys.KeyFile, endpoint: str):
         self.sock, self.monitor, self.key, self.endpoint = sock, monitor, key, endpoint
-        self.up = False  # the CURVE handshake has succeeded and the connection is open
-        self.lost = False  # a disconnect was seen since the last request was sent
+        self.state = MonitorState(
+            refused=f"the broker at {endpoint} refused key {key.name!r} ({key.path}): it is unknown there or was "
+                    "revoked; ask an admin for a key (`zinfer keys create NAME --role user`) and set "
+                    "ZINFER_CLIENT_KEY to its file",
+            mismatch=f"the secure handshake with {endpoint} failed: the broker key in {key.path} does not belong "
+                     "to the broker there (keys of another mesh?)")
 
     def events(self) -> None:
-        """Apply the monitor's queued events (without blocking)."""
+        """Apply the monitor's queued events (without blocking); a refused key raises."""
         while _get(self.monitor, zmq.EVENTS) & zmq.POLLIN:
             self._apply(recv_monitor_message(self.monitor, zmq.NOBLOCK))
 
     def wait_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self.events()
-        while not self.up:
+        while not self.state.up:
             left = deadline - time.monotonic()
             if left <= 0 or not self.monitor.poll(int(left * 1000) + 1):
-                if self.up:
+                if self.state.up:
                     return
                 raise Unavailable(f"no zinfer broker answers at {self.endpoint} (is `zinfer up` running?)")
             self._apply(recv_monitor_message(self.monitor, zmq.NOBLOCK))
 
     def _apply(self, event: dict) -> None:
-        kind = event["event"]
-        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.up = True
-        elif kind == zmq.EVENT_DISCONNECTED:
-            self.up, self.lost = False, True
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            raise Unauthenticated(f"the broker at {self.endpoint} refused key {self.key.name!r} ({self.key.path}): "
-                                  "it is unknown there or was revoked; ask an admin for a key "
-                                  "(`zinfer keys create NAME --role user`) and set ZINFER_CLIENT_KEY to its file")
-        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) and not self.up:
-            raise Unauthenticated(f"the secure handshake with {self.endpoint} failed: the broker key in "
-                                  f"{self.key.path} does not belong to the broker there (keys of another mesh?)")
+        self.state.apply(event["event"])
+        if self.state.failure is not None:
+            raise self.state.failure
 
     def close(self) -> None:
         try:
@@ -112,8 +105,7 @@ class Client:
         self._local = threading.local()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(4)
+        self._requests = Requests(self.settings.max_message_bytes, self.settings.max_message_mb)
 
     # ------------------------------------------------------------------ transport
 
@@ -136,7 +128,7 @@ class Client:
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a broker that is not there
             sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
             key.apply(sock)
-            monitor = sock.get_monitor_socket(_EVENTS, addr=f"inproc://zinfer-client-{os.getpid()}-"
+            monitor = sock.get_monitor_socket(MONITOR_EVENTS, addr=f"inproc://zinfer-client-{os.getpid()}-"
                                                             f"{next(_monitor_ids)}")
             conn = _Connection(sock, monitor, key, self.endpoint)
             try:
@@ -157,21 +149,14 @@ class Client:
         return self._connection().sock
 
     def _send(self, target: str | bytes, msg: p.Msg, buffers=()) -> tuple[_Connection, bytes]:
+        req_id, frames = self._requests.frames(target, msg, buffers)
         conn = self._connection()
         conn.events()
-        if not conn.up:  # reconnecting (the broker restarted): give it the connect timeout to come back
+        if not conn.state.up:  # reconnecting (the broker restarted): give it the connect timeout to come back
             conn.wait_up(CONNECT_TIMEOUT)
-        req_id = self._prefix + next(self._ids).to_bytes(8, "big")
-        target_b = target.encode() if isinstance(target, str) else target
-        body = p.encode(msg)
-        size = len(body) + sum(len(b) for b in buffers)
-        if size > self.settings.max_message_bytes:
-            raise TooLarge(f"this {type(msg).__name__} is {size:,} bytes; messages are limited to "
-                           f"{self.settings.max_message_mb} MiB (max_message_mb)")
-        conn.lost = False
+        conn.state.lost = False
         try:
-            send_frames(conn.sock, p.client_request(target_b, req_id, body, buffers), zmq.NOBLOCK,
-                        copy=not buffers)
+            send_frames(conn.sock, frames, zmq.NOBLOCK, copy=not buffers)
         except zmq.Again:
             raise Unavailable(f"the broker at {self.endpoint} is not reachable") from None
         return conn, req_id
@@ -186,19 +171,13 @@ class Client:
             frames = self._recv_frames(conn.sock, int(min(left, WATCH_S) * 1000) + 1)
             if frames is None:
                 conn.events()
-                if conn.lost:
+                if conn.state.lost:
                     raise Unavailable(f"lost the connection to the broker at {self.endpoint} while waiting for "
                                       f"the reply to {what}")
                 continue
             if len(frames) < 3 or frames[1] != req_id:
                 continue  # a late reply to an earlier, abandoned request
-            try:
-                reply = p.decode_reply(frames[2])
-            except p.Undecodable as exc:
-                raise Unavailable(f"undecodable reply to {what}: {exc}") from None
-            if isinstance(reply, p.Error):
-                raise error_from_reply(reply)
-            return frames[0], reply, frames[3:]
+            return read_reply(frames)
 
     @staticmethod
     def _cancel(sock: zmq.Socket, req_id: bytes) -> None:
@@ -244,14 +223,11 @@ class Client:
         conn, req_id = self._send(target, msg)
         done = False
         try:
-            while True:
+            while not done:
                 cmd, reply, _ = self._recv(conn, req_id, wait, type(msg).__name__)
-                if cmd == p.REPLY:
-                    done = True
-                    if not isinstance(reply, p.Ok):
-                        yield reply
-                    return
-                yield reply
+                done, chunk = stream_step(cmd, reply)
+                if chunk is not None:
+                    yield chunk
         finally:
             if not done:
                 self._cancel(conn.sock, req_id)
@@ -334,17 +310,12 @@ class Client:
         """Wait until the model is ready; a launch that failed raises its error with its own type and field."""
         deadline = time.monotonic() + timeout
         while True:
-            view = self.describe_model(model_uid)
+            view = self.call(p.SCHEDULER, p.DescribeModel(model_uid=model_uid)).model
             if progress is not None:
-                progress(view)
-            if view["state"] == "ready":
-                return view
-            if view["state"] == "failed":
-                raise error_class(view["error_code"] or "internal")(
-                    f"model {model_uid!r} failed to launch: {view['error']}", view["error_field"])
-            if time.monotonic() > deadline:
-                raise RequestTimeout(f"model {model_uid!r} is still {view['state']} after {timeout:g}s")
-            time.sleep(0.05)
+                progress(as_plain(view))
+            if launch_done(model_uid, view, time.monotonic() > deadline, timeout):
+                return as_plain(view)
+            time.sleep(LAUNCH_POLL_S)
 
     def list_models(self, timeout: float | None = None) -> dict[str, dict]:
         """Launched models keyed by uid (as Xinference's client returns them)."""
@@ -359,8 +330,6 @@ class Client:
 
     def get_model(self, model_uid: str) -> ModelHandle:
         """A handle for inference: LLMHandle (generate, chat, create_embedding) or EmbeddingHandle."""
-        from shared.handles import EmbeddingHandle, LLMHandle
-
         view = self.describe_model(model_uid)
         cls = EmbeddingHandle if view["model_type"] == "embedding" else LLMHandle
         return cls(self, model_uid)

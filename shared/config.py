@@ -82,23 +82,28 @@ class ConfigError(Exception):
     """A settings file or variable that cannot be used; the message names it."""
 
 
-_ENV = {
-    "ZINFER_ENDPOINT": ("endpoint", str),
-    "ZINFER_HOME": ("home", str),
-    "ZINFER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float),
-    "ZINFER_HEARTBEAT_LIVENESS": ("heartbeat_liveness", int),
-    "ZINFER_REQUEST_TIMEOUT": ("request_timeout", float),
-    "ZINFER_CPU_MEMORY_BUDGET_MB": ("cpu_memory_budget_mb", int),
-    "ZINFER_CLIENT_KEY": ("client_key", str),
-    "ZINFER_GATEWAY_HOST": ("gateway_host", str),
-    "ZINFER_GATEWAY_PORT": ("gateway_port", int),
-    "ZINFER_INSTANCE_THREADS": ("instance_threads", int),
-    "ZINFER_RESTART_BACKOFF_S": ("restart_backoff_s", float),
-    "ZINFER_RESTART_LIMIT": ("restart_limit", int),
-    "ZINFER_RESTART_WINDOW_S": ("restart_window_s", float),
-    "ZINFER_TERMINATE_GRACE_S": ("terminate_grace_s", float),
-    "ZINFER_WORKER_RETURN_S": ("worker_return_s", float),
-}
+def env_var(field: str) -> str:
+    """The variable that sets a field: ZINFER_ and the field's name in capitals (ZINFER_PARK_MAX_REQUESTS)."""
+    return "ZINFER_" + field.upper()
+
+
+def _from_env(environ) -> dict:
+    """Every settings field from its ZINFER_* variable, converted (and checked) by msgspec as the files are.
+    A list takes comma-separated items; an empty variable counts as unset."""
+    values: dict = {}
+    for field in msgspec.structs.fields(Settings):
+        var = env_var(field.name)
+        raw = environ.get(var)
+        if not raw:
+            continue
+        value: object = raw
+        if getattr(field.type, "__origin__", None) is list:
+            value = [item.strip() for item in raw.split(",") if item.strip()]
+        try:
+            values[field.name] = msgspec.convert(value, field.type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{var}={raw!r}: {exc}") from None
+    return values
 
 
 def _read_toml(path: Path) -> dict:
@@ -116,13 +121,7 @@ def load_settings(**overrides) -> Settings:
     user_file = os.environ.get("ZINFER_CONFIG")
     if user_file:
         values.update(_read_toml(Path(user_file)))
-    for var, (field, kind) in _ENV.items():
-        raw = os.environ.get(var)
-        if raw:
-            try:
-                values[field] = kind(raw)
-            except ValueError:
-                raise ConfigError(f"{var}={raw!r}: expected {kind.__name__}") from None
+    values.update(_from_env(os.environ))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = msgspec.convert(values, Settings)

@@ -63,6 +63,13 @@ class Unavailable(ZinferError, ConnectionError):
     code = "unavailable"
 
 
+class NoRoute(Unavailable):
+    """Nothing serves the target (no such service, or no process holds that model uid now): the broker's own
+    answer, told apart from a full queue by its code, never by its text."""
+
+    code = "no_route"
+
+
 class QueueFull(Unavailable):
     """Unavailable for now because a queue is full (an instance's, a peer's, the broker's): try again later.
     HTTP answers it 429."""
@@ -93,7 +100,7 @@ class InternalError(ZinferError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidRequest, NotFound, Conflict, InstanceNotReady, TooLarge, Forbidden,
-                                       Unauthenticated, Unavailable, QueueFull, RequestTimeout, StorageError,
+                                       Unauthenticated, Unavailable, NoRoute, QueueFull, RequestTimeout, StorageError,
                                        Cancelled, ProtocolError, InternalError)}
 
 

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shared import compat
 from shared import protocol as p
-from shared.client import Client, as_plain
-from shared.errors import InstanceNotReady, InvalidRequest, NotFound, Unavailable, ZinferError
+from shared.buscore import as_plain, embedding_array, embedding_result, not_serving
+from shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
+
+if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
+    from shared.client import Client
 
 
 def _config(generate_config: dict | None) -> p.GenerateConfig:
     return compat.generate_config(generate_config)
-
-
-def _embed_result(client_uid: str, reply: p.Embedding, frames) -> dict:
-    vectors = np.frombuffer(frames[0].buffer, dtype=np.float32).reshape(reply.rows, reply.dimensions)
-    return {
-        "object": "list",
-        "model": client_uid,
-        "data": [{"index": i, "object": "embedding", "embedding": vectors[i].tolist()}
-                 for i in range(reply.rows)],
-        "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens},
-    }
 
 
 class _Handle:
@@ -40,16 +33,15 @@ class _Handle:
 
     def _explain(self, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid: say why (its state and error, from the scheduler) instead."""
-        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+        if not isinstance(exc, NoRoute):
             return exc
         try:
-            view = self.client.describe_model(self.model_uid)
+            view = self.client.call(p.SCHEDULER, p.DescribeModel(model_uid=self.model_uid)).model
         except NotFound:
-            return NotFound(f"no launched model has uid {self.model_uid!r}", field="model_uid")
+            view = None
         except ZinferError:
             return exc
-        detail = f": {view['error']}" if view["error"] else ""
-        return InstanceNotReady(f"model {self.model_uid!r} is {view['state']}{detail}", field="model_uid")
+        return not_serving(self.model_uid, exc, view, "model_uid")
 
     def _call(self, msg: p.Msg, timeout: float | None):
         try:
@@ -60,13 +52,13 @@ class _Handle:
     def create_embedding(self, input: str | list[str], timeout: float | None = None) -> dict:
         texts = [input] if isinstance(input, str) else list(input)
         reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
-        return _embed_result(self.model_uid, reply, frames)
+        return embedding_result(self.model_uid, reply, embedding_array(reply, frames))
 
     def embed_array(self, input: str | list[str], timeout: float | None = None) -> np.ndarray:
         """Embeddings as one float32 array (rows x dimensions), without building Python lists."""
         texts = [input] if isinstance(input, str) else list(input)
         reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
-        return np.frombuffer(frames[0].buffer, dtype=np.float32).reshape(reply.rows, reply.dimensions)
+        return embedding_array(reply, frames)
 
 
 class EmbeddingHandle(_Handle):

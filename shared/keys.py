@@ -17,7 +17,6 @@ import fcntl
 import fnmatch
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import msgspec
 import zmq
 import zmq.utils.z85
 
+from shared.atomic import write_atomic
 from shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from shared.models import NAME_PATTERN, NAME_RE
 
@@ -98,23 +98,7 @@ _LINE = re.compile(r'^\s*([A-Za-z0-9_-]+)\s*=\s*"([^"]*)"\s*$')
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write atomically with mode 0600 from the start (never readable by others, even for a moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode=0o600)
 
 
 def write_key_file(path: Path, name: str, role: str, public: bytes, secret: bytes = b"",

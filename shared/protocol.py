@@ -378,7 +378,8 @@ ErrorCode = Literal[
     "conflict",  # already exists, in use
     "state",  # an instance that is not ready
     "too_large",
-    "unavailable",  # nobody serves that target, or its process died
+    "unavailable",  # the process serving it died, or the connection to it is gone
+    "no_route",  # nothing serves that target (no such service or model uid is running)
     "queue_full",  # a queue on the way is full: try again later
     "timeout",
     "cancelled",

@@ -285,3 +285,51 @@ def test_without_gateway_auth_anonymous_callers_are_users_only(tmp_path, tiny_mo
     finally:
         m.stop()
 
+
+
+def test_a_full_broker_queue_is_429_over_http_and_queue_full_in_python(tmp_path, tiny_models):
+    """The broker holds no request for a target nothing serves (park_max_requests = 0): while the instance is
+    stopped (SIGSTOP, so the broker drops it after the liveness window), its requests meet a full queue. HTTP
+    answers 429 and the Python client raises QueueFull, never 'the model is not running' (both used to read the
+    broker's text, which starts "nothing serves" for a full queue too)."""
+    import os
+    import signal
+
+    from shared.errors import QueueFull, ZinferError
+
+    m = Mesh(tmp_path / "home", tmp_path)
+    m.env["ZINFER_PARK_MAX_REQUESTS"] = "0"
+    m.start_all()
+    pid = None
+    try:
+        m.start_gateway()
+        c = m.client
+        c.register_model("embedding", embedding_definition(tiny_models))
+        c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
+        model = m.new_client(timeout=10).get_model("emb")
+        assert len(model.create_embedding("ready")["data"]) == 1
+        pid = m.wait(lambda: c.describe_model("emb")["pids"][0] or None, timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+
+        def python_sees_queue_full():
+            try:
+                model.create_embedding("anyone?")
+            except QueueFull:
+                return True
+            except ZinferError:  # held by the stopped process until the broker drops it: unavailable, timeout
+                return False
+            return False  # answered: the signal had not landed yet
+
+        m.wait(python_sees_queue_full, timeout=60)
+        headers = {"Authorization": f"Bearer {keys.api_key_of(keys.read_key_file(m.admin_key))}"}
+        r = requests.post(f"{m.gateway_url}/v1/embeddings", headers=headers, timeout=30,
+                          json={"model": "emb", "input": "anyone?"})
+        assert r.status_code == 429, r.text
+        assert "queue" in r.json()["error"]["message"]
+        os.kill(pid, signal.SIGCONT)
+        pid = None
+        m.wait(lambda: len(model.create_embedding("back")["data"]) == 1, timeout=60)
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        m.stop()

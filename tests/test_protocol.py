@@ -100,3 +100,16 @@ def test_frames_carry_the_protocol_version():
     assert frames[0] == p.REQUEST and frames[0].startswith(p.PROTO)
     assert p.peer_reply(b"c", b"id", b"b", final=False)[0] == p.PARTIAL
     assert p.peer_ready("registry", ["m"]) == [p.READY, b"registry", b"m"]
+
+
+def test_every_error_code_has_its_exception_and_http_status():
+    """A code the wire may carry that the client would read as InternalError, or the gateway answer as 500, is a
+    bug: one class per code, one status per code."""
+    from services.gateway.app import STATUS
+    from shared.errors import _BY_CODE, InternalError, NoRoute, QueueFull, Unavailable, error_class
+
+    codes = set(typing.get_args(p.ErrorCode))
+    assert codes == set(_BY_CODE) == set(STATUS)
+    assert all(error_class(code).code == code for code in codes) and error_class("nonsense") is InternalError
+    assert issubclass(NoRoute, Unavailable) and issubclass(QueueFull, Unavailable)
+    assert STATUS["queue_full"] == 429 and STATUS["no_route"] == 503

@@ -523,7 +523,7 @@ class Broker:
                 self.n_waiting -= 1
                 self.waiting_bytes -= size
                 name = target.decode(errors="replace")
-                self._reply_error(sender, frames[3], "unavailable",
+                self._reply_error(sender, frames[3], "no_route",
                                   f"nothing serves {name!r} (no such service or model uid is running)")
             if not queue:
                 del self.waiting[target]

@@ -11,13 +11,11 @@ straight to JSON. Errors are OpenAI error objects with the HTTP status of their 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-import numpy as np
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,22 +24,19 @@ from services.gateway.bus import Bus, Connection
 from services.gateway.metrics import Metrics
 from shared import compat, keys
 from shared import protocol as p
-from shared.client import as_plain
+from shared.buscore import LAUNCH_POLL_S, as_plain, embedding_array, embedding_result, launch_done, not_serving
 from shared.config import Settings
 from shared.errors import (
-    InstanceNotReady,
     InvalidRequest,
+    NoRoute,
     NotFound,
-    RequestTimeout,
     Unauthenticated,
-    Unavailable,
     ZinferError,
-    error_class,
 )
 
 STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
-          "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "timeout": 504,
-          "cancelled": 499, "storage": 507, "internal": 500}
+          "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "no_route": 503,
+          "timeout": 504, "cancelled": 499, "storage": 507, "internal": 500}
 OPENAI_TYPE = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
                413: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                429: "rate_limit_error"}
@@ -126,17 +121,15 @@ class Gateway:
 
     async def explain(self, conn: Connection, uid: str, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid right now: say why (its state), as the Python client does."""
-        if not isinstance(exc, Unavailable) or not exc.message.startswith("nothing serves"):
+        if not isinstance(exc, NoRoute):
             return exc
         try:
-            reply, _ = await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout)
+            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
         except NotFound:
-            return NotFound(f"no launched model has uid {uid!r}", field="model")
+            view = None
         except ZinferError:
             return exc
-        view = reply.model
-        return InstanceNotReady(f"model {uid!r} is {view.state}{': ' + view.error if view.error else ''}",
-                                field="model")
+        return not_serving(uid, exc, view, "model")
 
     # ------------------------------------------------------------------ inference
 
@@ -228,16 +221,9 @@ class Gateway:
         if body.get("dimensions") not in (None, reply.dimensions):
             raise InvalidRequest(f"dimensions: model {uid!r} makes {reply.dimensions}-dimensional embeddings",
                                  field="dimensions")
-        vectors = np.frombuffer(buffers[0].buffer, dtype=np.float32).reshape(reply.rows, reply.dimensions)
-        if encoding == "base64":
-            data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
-                    for i, row in enumerate(vectors)]
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors.tolist())]
         self.metrics.tokens(uid, p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
                                          total_tokens=reply.prompt_tokens))
-        return json_response({"object": "list", "data": data, "model": uid,
-                              "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}})
+        return json_response(embedding_result(uid, reply, embedding_array(reply, buffers), encoding))
 
     # ------------------------------------------------------------------ models (OpenAI list, Xinference REST)
 
@@ -268,14 +254,9 @@ class Gateway:
         deadline = time.monotonic() + self.settings.launch_timeout
         while wait:
             view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
-            if view.state == "ready":
+            if launch_done(uid, view, time.monotonic() > deadline, self.settings.launch_timeout):
                 break
-            if view.state == "failed":
-                raise error_class(view.error_code or "internal")(f"model {uid!r} failed to launch: {view.error}",
-                                                                 view.error_field)
-            if time.monotonic() > deadline:
-                raise RequestTimeout(f"model {uid!r} is still {view.state} after {self.settings.launch_timeout:g}s")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(LAUNCH_POLL_S)
         self._uids.add(uid)
         return json_response({"model_uid": uid})
 

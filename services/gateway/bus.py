@@ -20,13 +20,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared import keys
 from shared import protocol as p
+from shared.buscore import CONNECT_TIMEOUT, MONITOR_EVENTS, MonitorState, Requests, read_reply, stream_step
 from shared.config import Settings
-from shared.errors import RequestTimeout, TooLarge, Unauthenticated, Unavailable, error_from_reply
+from shared.errors import RequestTimeout, Unavailable
 from shared.transport import send_frames
 
-CONNECT_TIMEOUT = 3.0
-_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 _ids = itertools.count()
 
 
@@ -44,18 +42,23 @@ class Connection:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         key.apply(self.sock)
-        self.monitor = self.sock.get_monitor_socket(_EVENTS, addr=f"inproc://zinfer-gateway-{os.getpid()}-"
+        self.monitor = self.sock.get_monitor_socket(MONITOR_EVENTS, addr=f"inproc://zinfer-gateway-{os.getpid()}-"
                                                                   f"{next(_ids)}")
         self.waiters: dict[bytes, asyncio.Future | asyncio.Queue] = {}
         self.up = asyncio.Event()
-        self.failure: Exception | None = None  # set when the handshake was refused: the key is bad
-        self.prefix = os.urandom(4)
-        self.ids = itertools.count(1)
+        self.state = MonitorState(refused="the API key was refused: it is unknown or was revoked",
+                                  mismatch="the secure handshake with the broker failed")
+        self.requests = Requests(settings.max_message_bytes, settings.max_message_mb)
         self.sock.connect(settings.endpoint)
         self.loop.add_reader(self.sock.FD, self._readable)
         self.loop.add_reader(self.monitor.FD, self._monitor_readable)
         self._readable()
         self._monitor_readable()
+
+    @property
+    def failure(self) -> Exception | None:
+        """Set when the handshake was refused: the key is bad."""
+        return self.state.failure
 
     async def ready(self) -> None:
         if self.failure is not None:
@@ -89,17 +92,12 @@ class Connection:
     def _monitor_readable(self) -> None:
         while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             kind = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up.set()
-            elif kind == zmq.EVENT_DISCONNECTED:
-                self.up.clear()
+            error = self.state.apply(kind)
+            (self.up.set if self.state.up else self.up.clear)()
+            if error is self.state.failure and error is not None:
+                self._fail_all(error)
+            elif error is not None:
                 self._fail_all(Unavailable(f"lost the connection to the broker at {self.settings.endpoint}"))
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.failure = Unauthenticated("the API key was refused: it is unknown or was revoked")
-                self._fail_all(self.failure)
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self.failure = Unauthenticated("the secure handshake with the broker failed")
-                self._fail_all(self.failure)
 
     def _fail_all(self, error: Exception) -> None:
         for waiter in self.waiters.values():
@@ -111,15 +109,10 @@ class Connection:
     # ------------------------------------------------------------------ requests
 
     def _send(self, target: str | bytes, msg: p.Msg, waiter: asyncio.Future | asyncio.Queue) -> bytes:
-        body = p.encode(msg)
-        if len(body) > self.settings.max_message_bytes:
-            raise TooLarge(f"this request is {len(body):,} bytes; messages are limited to "
-                           f"{self.settings.max_message_mb} MiB (max_message_mb)")
-        req_id = self.prefix + next(self.ids).to_bytes(8, "big")
+        req_id, frames = self.requests.frames(target, msg)
         self.waiters[req_id] = waiter
         try:
-            target_b = target if isinstance(target, bytes) else target.encode()
-            send_frames(self.sock, p.client_request(target_b, req_id, body), zmq.NOBLOCK)
+            send_frames(self.sock, frames, zmq.NOBLOCK)
         except zmq.Again:
             del self.waiters[req_id]
             raise Unavailable(f"the broker at {self.settings.endpoint} is not reachable") from None
@@ -138,13 +131,7 @@ class Connection:
     def _decode(item) -> tuple[bytes, p.Msg, list]:
         if isinstance(item, Exception):
             raise item
-        try:
-            reply = p.decode_reply(item[2].buffer)
-        except p.Undecodable as exc:
-            raise Unavailable(f"undecodable reply: {exc}") from None
-        if isinstance(reply, p.Error):
-            raise error_from_reply(reply)
-        return item[0].bytes, reply, item[3:]
+        return read_reply(item)
 
     async def call(self, target: str | bytes, msg: p.Msg, timeout: float) -> tuple[p.Msg, list]:
         """One request, one reply (and its raw frames, e.g. an embedding's float32 buffer)."""
@@ -188,12 +175,11 @@ class Connection:
                 else:
                     item = queue.get_nowait()
                 cmd, reply, _ = self._decode(item)
-                if cmd == p.REPLY:
-                    done = True
-                    if not isinstance(reply, p.Ok):
-                        yield reply
+                done, chunk = stream_step(cmd, reply)
+                if chunk is not None:
+                    yield chunk
+                if done:
                     return
-                yield reply
         finally:
             if done:
                 self.waiters.pop(req_id, None)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import structlog
 
+from shared.atomic import write_atomic
 from shared.errors import storage_error
 from shared.models import Definition, DefinitionError, definition_to_json
 from shared.protocol import CorruptFile
@@ -26,29 +25,12 @@ class DefinitionStore:
     def save(self, model_type: str, definition: Definition) -> None:
         """Temp file in the same folder, fsync, rename, fsync the folder: a crash leaves old or new, never half.
         A write that fails (disk full, read-only) raises StorageError naming the path; nothing is left."""
-        folder = self.root / model_type
         target = self.path(model_type, definition.model_name)
         data = json.dumps(definition_to_json(definition), indent=2).encode()
-        tmp = None
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            tmp = None
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(target, data)
         except OSError as exc:
             raise storage_error("persist the definition to", target, exc, field="persist") from None
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def delete(self, model_type: str, model_name: str) -> None:
         path = self.path(model_type, model_name)

@@ -49,49 +49,6 @@ class Slot:
         return self.hosts or (self.worker_id,)
 
 
-# Xinference's engine names, by the formats each runs here.
-ENGINES = {"transformers": ("pytorch",), "llama.cpp": ("ggufv2", "ggmlv3"),
-           "sentence_transformers": ("embedding",)}
-_ENGINE_ALIASES = {"transformers": "transformers", "llama.cpp": "llama.cpp", "llama_cpp": "llama.cpp",
-                   "llamacpp": "llama.cpp", "sentence_transformers": "sentence_transformers",
-                   "sentence-transformers": "sentence_transformers"}
-
-
-# Engine options that only one engine reads (the others apply to every engine).
-ENGINE_ONLY = {"max_sequences": "transformers", "n_ctx": "llama.cpp", "n_threads": "llama.cpp",
-               "n_parallel": "llama.cpp", "batch_wait_ms": "sentence_transformers",
-               "max_batch_size": "sentence_transformers", "max_batch_tokens": "sentence_transformers"}
-
-
-def engine_of(model_format: str, model_type: str) -> str:
-    if model_type == "embedding":
-        return "sentence_transformers"
-    return next(e for e, formats in ENGINES.items() if model_format in formats)
-
-
-def check_engine_options(options, engine: str) -> None:
-    """Refuse an option the chosen engine would not read (e.g. n_ctx for transformers), by name."""
-    for name, owner in ENGINE_ONLY.items():
-        if getattr(options, name) is not None and owner != engine:
-            raise InvalidRequest(f"{name} is an option of the {owner} engine; this model runs on {engine}",
-                                 field=name)
-    if engine == "sentence_transformers" and options.continuous_batching is not None:
-        raise InvalidRequest("continuous_batching is an option of the generation engines; this model runs on "
-                             "sentence_transformers", field="continuous_batching")
-
-
-def engine_formats(model_engine: str | None, model_type: str) -> tuple[str, ...] | None:
-    """The formats a requested engine runs (None: any); raises InvalidRequest for an engine zinfer lacks."""
-    if model_engine is None:
-        return None
-    engine = _ENGINE_ALIASES.get(model_engine.strip().lower())
-    valid = "sentence_transformers" if model_type == "embedding" else "transformers or llama.cpp"
-    if engine is None or (model_type == "embedding") != (engine == "sentence_transformers"):
-        raise InvalidRequest(f"model_engine {model_engine!r}: zinfer runs {valid} for {model_type} models",
-                             field="model_engine")
-    return ENGINES[engine]
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 

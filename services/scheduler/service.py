@@ -13,8 +13,6 @@ the current one: such leftovers are unloaded.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +23,10 @@ import msgspec
 import structlog
 
 from services.registry import catalog
-from services.scheduler.placement import (
-    Slot,
-    check_engine_options,
-    engine_formats,
-    engine_of,
-    match_spec,
-    place,
-)
+from services.scheduler.placement import Slot, match_spec, place
+from shared import engines
 from shared import protocol as p
+from shared.atomic import write_atomic
 from shared.compat import engine_options
 from shared.config import Settings
 from shared.errors import (
@@ -174,21 +167,10 @@ class LaunchBook:
 
     def save(self, records: list[LaunchRecord]) -> None:
         with self.lock:
-            tmp = None
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(msgspec.json.encode(records))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                tmp = None
+                write_atomic(self.path, msgspec.json.encode(records))
             except OSError as exc:
                 raise storage_error("record the launch in", self.path, exc) from None
-            finally:
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
 
 
 class Scheduler:
@@ -389,7 +371,7 @@ class Scheduler:
                 r.loading = False
                 if model.incarnation != load.incarnation or model.terminating:
                     return
-                if exc.code in ("unavailable", "timeout", "queue_full", "cancelled"):
+                if exc.code in ("unavailable", "no_route", "timeout", "queue_full", "cancelled"):
                     r.next_try = time.monotonic() + max(2.0, self.settings.liveness_s)
                     log.warning("restore_failed", model_uid=model.uid, worker=wid, error=str(exc))
                 else:
@@ -459,7 +441,7 @@ class Scheduler:
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
         options = self._engine_options(msg)
-        formats = engine_formats(msg.model_engine, msg.model_type)
+        formats = engines.formats_of(msg.model_engine, msg.model_type)
         if formats is not None and msg.model_format is not None and msg.model_type == "LLM" \
                 and msg.model_format not in formats:
             raise InvalidRequest(f"model_engine {msg.model_engine!r} does not run model_format {msg.model_format!r} "
@@ -473,7 +455,7 @@ class Scheduler:
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options, incarnation=incarnation)
             fmt, size = spec.model_format, spec.model_size_in_billions
-            check_engine_options(options, engine_of(fmt, "LLM"))
+            engines.check_options(options, engines.for_model("LLM", fmt))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
@@ -481,7 +463,7 @@ class Scheduler:
             base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options,
                                   incarnation=incarnation)
             fmt, size, quant = "pytorch", None, "none"
-            check_engine_options(options, "sentence_transformers")
+            engines.check_options(options, engines.for_model("embedding", None))
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
@@ -679,7 +661,7 @@ class Scheduler:
             except NotFound:
                 pass  # never loaded there, or already gone
             except ZinferError as exc:
-                if wid in self.workers and exc.code != "unavailable":
+                if wid in self.workers and exc.code not in ("unavailable", "no_route"):
                     with self.lock:
                         model.terminating = False
                     raise

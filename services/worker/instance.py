@@ -8,6 +8,7 @@ import msgspec
 
 from services.worker import checks, files
 from services.worker.compute import ComputeLoop, Job
+from shared import engines
 from shared import protocol as p
 from shared.config import Settings
 from shared.errors import Cancelled, Forbidden, InstanceNotReady, InvalidRequest, TooLarge, Unavailable, ZinferError
@@ -109,55 +110,20 @@ class Instance:
         return trusted
 
     def load(self) -> None:
-        load, opts, settings = self.spec, self.spec.options, self.settings
-        limit = opts.request_limits or settings.instance_queue
+        load = self.spec
+        limit = load.options.request_limits or self.settings.instance_queue
         trust = self.trust_remote_code()
+        engine_info = engines.for_model(load.model_type, load.spec.model_format if load.spec else None)
+        self._step(0.05, "finding files")
         if load.model_type == "embedding":
-            from services.worker.backends.sentence_backend import SentenceTransformersBackend
-            from services.worker.embed_engine import EmbeddingEngine
-
-            self._step(0.05, "finding files")
             path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
-            checks.check_hf_folder(path)
-            self._loading(path)
-            backend = SentenceTransformersBackend(path, self.device, load.embedding.max_tokens, trust)
-            if backend.dimensions != load.embedding.dimensions:
-                backend.close()
-                raise InvalidRequest(f"the model at {path} makes {backend.dimensions}-dimensional embeddings; "
-                                     f"the registration says dimensions={load.embedding.dimensions}",
-                                     field="dimensions")
-            engine = EmbeddingEngine(self.uid, backend, self.loop.wake, limit,
-                                     max_batch_size=opts.max_batch_size or 256,
-                                     max_batch_tokens=opts.max_batch_tokens or 16384, wait_ms=opts.batch_wait_ms or 0)
         else:
-            from services.worker.llm_engine import LLMEngine
-
-            spec, family = load.spec, load.llm
-            self._step(0.05, "finding files")
-            path = files.resolve_llm_files(spec, load.quantization, self._fetch(spec.model_id))
-            if spec.model_format == "ggmlv3":
-                path = self._convert_ggml(path, family.context_length)
-            if spec.model_format == "pytorch":
-                checks.check_hf_folder(path)
-            else:
-                checks.check_gguf(path)
-            self._loading(path)
-            batching = opts.continuous_batching is not False
-            if spec.model_format == "pytorch":
-                from services.worker.backends.transformers_backend import TransformersBackend
-
-                backend = TransformersBackend(path, self.device, load.quantization, family.context_length,
-                                              trust_remote_code=trust,
-                                              max_sequences=(opts.max_sequences or 64) if batching else 1)
-            else:
-                from services.worker.backends.llama_cpp_backend import LlamaCppBackend
-
-                backend = LlamaCppBackend(path, self.device, opts.n_ctx or family.context_length,
-                                          n_threads=opts.n_threads or self.threads or None,
-                                          n_parallel=opts.n_parallel if batching else 1,
-                                          amx=settings.llama_cpp_amx)
-            engine = LLMEngine(self.uid, family, backend, self.loop.wake, limit,
-                               settings.template_timeout_s)
+            path = files.resolve_llm_files(load.spec, load.quantization, self._fetch(load.spec.model_id))
+            if load.spec.model_format == "ggmlv3":
+                path = self._convert_ggml(path, load.llm.context_length)
+        (checks.check_hf_folder if engine_info.files == "hf_folder" else checks.check_gguf)(path)
+        self._loading(path)
+        backend, engine = engines.loader(engine_info)(self, engine_info, path, trust, limit)
         with self._lock:  # close() either sees this engine, or we see its cancel: never neither
             if not self.cancelled.is_set():
                 self.backend, self.engine = backend, engine

@@ -359,3 +359,18 @@ class LlamaCppBackend(LLMBackend):
         self.model.close()
         if self._embedder is not None:
             self._embedder.close()
+
+
+def load(instance, engine, path: str, trust: bool, limit: int):
+    """The llama.cpp engine of an instance (shared/engines.py): the backend, and the generation engine on it.
+    llama.cpp runs no model code, so `trust` changes nothing here."""
+    from services.worker.llm_engine import LLMEngine
+
+    spec, opts = instance.spec, instance.spec.options
+    batching = opts.continuous_batching is not False
+    backend = LlamaCppBackend(path, instance.device, opts.n_ctx or spec.llm.context_length,
+                              n_threads=opts.n_threads or instance.threads or None,
+                              n_parallel=opts.n_parallel if batching else 1,
+                              amx=instance.settings.llama_cpp_amx)
+    return backend, LLMEngine(instance.uid, spec.llm, backend, instance.loop.wake, limit,
+                              instance.settings.template_timeout_s)

@@ -130,3 +130,22 @@ class SentenceTransformersBackend(EmbeddingBackend):
 
             gc.collect()
             self.torch.cuda.empty_cache()
+
+
+def load(instance, engine, path: str, trust: bool, limit: int):
+    """The sentence-transformers engine of an instance (shared/engines.py): the backend, checked against the
+    registration's dimensions, and the batching embedding engine on it."""
+    from services.worker.embed_engine import EmbeddingEngine
+    from shared.engines import option
+    from shared.errors import InvalidRequest
+
+    family, opts = instance.spec.embedding, instance.spec.options
+    backend = SentenceTransformersBackend(path, instance.device, family.max_tokens, trust)
+    if backend.dimensions != family.dimensions:
+        backend.close()
+        raise InvalidRequest(f"the model at {path} makes {backend.dimensions}-dimensional embeddings; the "
+                             f"registration says dimensions={family.dimensions}", field="dimensions")
+    return backend, EmbeddingEngine(instance.uid, backend, instance.loop.wake, limit,
+                                    max_batch_size=option(engine, opts, "max_batch_size"),
+                                    max_batch_tokens=option(engine, opts, "max_batch_tokens"),
+                                    wait_ms=option(engine, opts, "batch_wait_ms"))

@@ -341,3 +341,17 @@ def _left_pad_mask(mask, width: int):
     if missing <= 0:
         return mask
     return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
+
+
+def load(instance, engine, path: str, trust: bool, limit: int):
+    """The transformers engine of an instance (shared/engines.py): the backend, and the generation engine on it."""
+    from services.worker.llm_engine import LLMEngine
+    from shared.engines import option
+
+    spec, opts = instance.spec, instance.spec.options
+    batching = opts.continuous_batching is not False
+    backend = TransformersBackend(path, instance.device, spec.quantization, spec.llm.context_length,
+                                  trust_remote_code=trust,
+                                  max_sequences=option(engine, opts, "max_sequences") if batching else 1)
+    return backend, LLMEngine(instance.uid, spec.llm, backend, instance.loop.wake, limit,
+                              instance.settings.template_timeout_s)

@@ -1,0 +1,166 @@
+"""What a bus client does, without the I/O: the one core under the sync client (shared/client.py) and the
+gateway's asyncio connections (services/gateway/bus.py), which only move frames.
+
+Request ids and frames (with the message-size limit), reading a reply (typed errors, an undecodable body),
+where a stream ends, what a connection's monitor events mean, when a launch being waited for is done, and
+the shapes of results (plain dicts, embeddings). Pure functions and small classes: unit-tested without a mesh.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+
+from shared import protocol as p
+from shared.errors import (
+    InstanceNotReady,
+    NoRoute,
+    NotFound,
+    RequestTimeout,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    ZinferError,
+    error_class,
+    error_from_reply,
+)
+
+# What a client's monitor socket listens for: the CURVE handshake's outcome and disconnects.
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                  | zmq.EVENT_DISCONNECTED)
+CONNECT_TIMEOUT = 3.0  # seconds a new connection has to complete its handshake
+
+
+def as_plain(obj: Any) -> Any:
+    """A reply struct as plain dicts and lists with every field present (what Xinference's client returns)."""
+    if isinstance(obj, msgspec.Struct):
+        return {f: as_plain(getattr(obj, f)) for f in obj.__struct_fields__ if f != "op"}
+    if isinstance(obj, list | tuple):
+        return [as_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class Requests:
+    """Request ids (a random prefix per connection, then a counter) and the frames of a request."""
+
+    def __init__(self, max_message_bytes: int, max_message_mb: int):
+        self.prefix = os.urandom(4)
+        self.ids = itertools.count(1)
+        self.max_bytes = max_message_bytes
+        self.max_mb = max_message_mb
+
+    def frames(self, target: str | bytes, msg: p.Msg, buffers=()) -> tuple[bytes, list]:
+        """(request id, frames); TooLarge before anything is sent when the message is over the limit."""
+        body = p.encode(msg)
+        size = len(body) + sum(len(b) for b in buffers)
+        if size > self.max_bytes:
+            raise TooLarge(f"this {type(msg).__name__} is {size:,} bytes; messages are limited to "
+                           f"{self.max_mb} MiB (max_message_mb)")
+        req_id = self.prefix + next(self.ids).to_bytes(8, "big")
+        target_b = target if isinstance(target, bytes) else target.encode()
+        return req_id, p.client_request(target_b, req_id, body, buffers)
+
+
+def _bytes(frame) -> bytes:
+    return frame if type(frame) is bytes else frame.bytes
+
+
+def read_reply(frames: list) -> tuple[bytes, p.Msg, list]:
+    """(REPLY or PARTIAL, the reply, its buffers) from a reply's frames [cmd, req_id, body, *buffers]; an Error
+    raises its typed exception, a body that does not decode raises Unavailable."""
+    body = frames[2]
+    try:
+        reply = p.decode_reply(body if type(body) is bytes else body.buffer)
+    except p.Undecodable as exc:
+        raise Unavailable(f"undecodable reply: {exc}") from None
+    if isinstance(reply, p.Error):
+        raise error_from_reply(reply)
+    return _bytes(frames[0]), reply, frames[3:]
+
+
+def stream_step(cmd: bytes, reply: p.Msg) -> tuple[bool, p.Msg | None]:
+    """(is this the end, the chunk to hand on or None): a stream ends with its final REPLY, which is either its
+    last chunk or the runtime's closing Ok (not a chunk)."""
+    if cmd == p.REPLY:
+        return True, None if isinstance(reply, p.Ok) else reply
+    return False, reply
+
+
+class MonitorState:
+    """What a connection's monitor events mean: up (handshake done), lost (a disconnect since the last request),
+    or a failure that no retry fixes (the key was refused)."""
+
+    def __init__(self, refused: str, mismatch: str):
+        self.up = False
+        self.lost = False
+        self.failure: ZinferError | None = None
+        self._refused, self._mismatch = refused, mismatch
+
+    def apply(self, kind: int) -> ZinferError | None:
+        """Take one event; returns the error that pending requests should fail with, if any."""
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up = True
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.up, self.lost = False, True
+            return Unavailable("lost the connection to the broker")
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.failure = Unauthenticated(self._refused)
+            return self.failure
+        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) and not self.up:
+            self.failure = Unauthenticated(self._mismatch)
+            return self.failure
+        return None
+
+
+def launch_done(uid: str, view: p.InstanceView, expired: bool, timeout: float) -> bool:
+    """While waiting for a launch: True once ready; a failed launch raises its own error (type and field);
+    still loading past the deadline raises RequestTimeout; else False (ask again)."""
+    if view.state == "ready":
+        return True
+    if view.state == "failed":
+        raise error_class(view.error_code or "internal")(f"model {uid!r} failed to launch: {view.error}",
+                                                         view.error_field)
+    if expired:
+        raise RequestTimeout(f"model {uid!r} is still {view.state} after {timeout:g}s")
+    return False
+
+
+LAUNCH_POLL_S = 0.05  # how often a launch being waited for is asked after
+
+
+def not_serving(uid: str, exc: ZinferError, view: p.InstanceView | None, field: str) -> ZinferError:
+    """A request that found nothing serving its model (NoRoute) says why: no such uid, or the instance's state
+    (from the scheduler's view, None when it has none). Any other error passes through as it is."""
+    if not isinstance(exc, NoRoute):
+        return exc
+    if view is None:
+        return NotFound(f"no launched model has uid {uid!r}", field=field)
+    detail = f": {view.error}" if view.error else ""
+    return InstanceNotReady(f"model {uid!r} is {view.state}{detail}", field=field)
+
+
+def embedding_array(reply: p.Embedding, buffers: list) -> np.ndarray:
+    """The float32 rows an Embedding reply carries in its buffer (zero-copy)."""
+    frame = buffers[0]
+    return np.frombuffer(frame if type(frame) is bytes else frame.buffer,
+                         dtype=np.float32).reshape(reply.rows, reply.dimensions)
+
+
+def embedding_result(uid: str, reply: p.Embedding, vectors: np.ndarray, encoding: str = "float") -> dict:
+    """OpenAI's (and Xinference's) embeddings response; base64 is the float32 bytes of each row."""
+    if encoding == "base64":
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
+                for i, row in enumerate(vectors)]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors.tolist())]
+    return {"object": "list", "model": uid, "data": data,
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}}

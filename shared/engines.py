@@ -1,0 +1,96 @@
+"""Every engine zinfer runs, in one place: its name (Xinference's) and aliases, the model type and formats it
+runs, the launch options only it reads with their defaults, how its files are checked before it sees them, and
+where the instance process finds the function that loads it.
+
+Read by placement (which engine runs a launch, which options it may take), by the scheduler's launch checks and
+by the instance process (services/worker/instance.py), which imports `loader` only there: this module imports
+nothing heavy, so the scheduler never loads torch. Adding an engine is adding its module (a backend with a
+`load(instance, path, trust, limit)` function) and one entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import InvalidRequest
+
+
+class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # Xinference's model_engine name
+    aliases: tuple[str, ...] = ()  # other spellings a launch may use (lower case)
+    model_type: Literal["LLM", "embedding"]
+    formats: tuple[str, ...] = ()  # the model_format values it runs (an embedding registration has none)
+    options: dict[str, Any] = {}  # EngineOptions fields only this engine reads -> default (None: worked out)
+    generates: bool = False  # continuous_batching applies
+    files: Literal["hf_folder", "gguf"]  # how the files are checked before the engine opens them
+    loader: str  # "module:function" that builds (backend, engine) in the instance process
+
+
+ENGINES: tuple[EngineInfo, ...] = (
+    EngineInfo(name="transformers", model_type="LLM", formats=("pytorch",), generates=True, files="hf_folder",
+               options={"max_sequences": 64}, loader="services.worker.backends.transformers_backend:load"),
+    EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="LLM", formats=("ggufv2", "ggmlv3"),
+               generates=True, files="gguf",
+               # n_ctx: the registration's context_length; n_threads: the instance_threads setting, else
+               # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16
+               options={"n_ctx": None, "n_threads": None, "n_parallel": None},
+               loader="services.worker.backends.llama_cpp_backend:load"),
+    EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
+               files="hf_folder", options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
+               loader="services.worker.backends.sentence_backend:load"),
+)
+
+_BY_NAME = {alias: e for e in ENGINES for alias in (e.name, *e.aliases)}
+
+
+def by_name(model_engine: str) -> EngineInfo | None:
+    return _BY_NAME.get(model_engine.strip().lower())
+
+
+def for_model(model_type: str, model_format: str | None) -> EngineInfo:
+    """The engine that runs this model type and format (the first listed where several could)."""
+    for engine in ENGINES:
+        if engine.model_type == model_type and (not engine.formats or model_format in engine.formats):
+            return engine
+    raise InvalidRequest(f"no engine runs {model_type} models in format {model_format!r}", field="model_format")
+
+
+def formats_of(model_engine: str | None, model_type: str) -> tuple[str, ...] | None:
+    """The formats a requested engine runs (None: any engine may); InvalidRequest for an engine zinfer lacks or
+    one of another model type."""
+    if model_engine is None:
+        return None
+    engine = by_name(model_engine)
+    if engine is None or engine.model_type != model_type:
+        valid = " or ".join(e.name for e in ENGINES if e.model_type == model_type)
+        raise InvalidRequest(f"model_engine {model_engine!r}: zinfer runs {valid} for {model_type} models",
+                             field="model_engine")
+    return engine.formats or None
+
+
+def check_options(options, engine: EngineInfo) -> None:
+    """Refuse an option the chosen engine would not read (n_ctx for transformers), by name."""
+    for other in ENGINES:
+        if other is engine:
+            continue
+        for name in other.options:
+            if name not in engine.options and getattr(options, name) is not None:
+                raise InvalidRequest(f"{name} is an option of the {other.name} engine; this model runs on "
+                                     f"{engine.name}", field=name)
+    if not engine.generates and options.continuous_batching is not None:
+        raise InvalidRequest(f"continuous_batching is an option of the generation engines; this model runs on "
+                             f"{engine.name}", field="continuous_batching")
+
+
+def option(engine: EngineInfo, options, name: str):
+    """A launch's value for one of the engine's options, else the engine's default."""
+    value = getattr(options, name)
+    return engine.options[name] if value is None else value
+
+
+def loader(engine: EngineInfo):
+    module, _, function = engine.loader.partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -1,0 +1,149 @@
+"""The bus core (shared/buscore.py) under the sync client and the gateway, without a mesh; and the import graph."""
+
+from __future__ import annotations
+
+import ast
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from shared import buscore
+from shared import protocol as p
+from shared.errors import (
+    InstanceNotReady,
+    InvalidRequest,
+    NoRoute,
+    NotFound,
+    QueueFull,
+    RequestTimeout,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_requests_number_their_frames_and_refuse_oversized_messages():
+    requests = buscore.Requests(max_message_bytes=1000, max_message_mb=1)
+    first, frames = requests.frames("model/x", p.Ping())
+    second, _ = requests.frames(b"model/x", p.Ping())
+    assert first[:4] == second[:4] and first != second and frames[:3] == [p.REQUEST, b"model/x", first]
+    with pytest.raises(TooLarge, match=r"this Embed is [\d,]+ bytes; messages are limited to 1 MiB"):
+        requests.frames("model/x", p.Embed(model_uid="x", input=["a" * 2000]))
+
+
+def test_replies_decode_to_messages_or_typed_errors():
+    ok = [p.REPLY, b"id", p.encode(p.Pong()), b"buffer"]
+    assert buscore.read_reply(ok) == (p.REPLY, p.Pong(), [b"buffer"])
+    frame = zmq.Frame(p.encode(p.Pong()))
+    assert buscore.read_reply([zmq.Frame(p.PARTIAL), b"id", frame])[:2] == (p.PARTIAL, p.Pong())
+    for code, cls in (("queue_full", QueueFull), ("no_route", NoRoute), ("invalid", InvalidRequest)):
+        with pytest.raises(cls) as err:
+            buscore.read_reply([p.REPLY, b"id", p.encode(p.Error(code=code, message="m", field="f"))])
+        assert err.value.field == "f"
+    with pytest.raises(Unavailable, match="undecodable reply"):
+        buscore.read_reply([p.REPLY, b"id", b"\xc1garbage"])
+
+
+def test_a_stream_ends_with_its_final_reply():
+    chunk = p.Pong(payload=b"1")
+    assert buscore.stream_step(p.PARTIAL, chunk) == (False, chunk)
+    assert buscore.stream_step(p.REPLY, chunk) == (True, chunk)  # the last chunk, final
+    assert buscore.stream_step(p.REPLY, p.Ok(message="end of stream")) == (True, None)
+
+
+def test_monitor_events():
+    state = buscore.MonitorState(refused="refused!", mismatch="other mesh")
+    assert state.apply(zmq.EVENT_HANDSHAKE_SUCCEEDED) is None and state.up
+    lost = state.apply(zmq.EVENT_DISCONNECTED)
+    assert isinstance(lost, Unavailable) and state.lost and not state.up and state.failure is None
+    refused = state.apply(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    assert isinstance(refused, Unauthenticated) and state.failure is refused and str(refused) == "refused!"
+    fresh = buscore.MonitorState(refused="", mismatch="other mesh")
+    assert str(fresh.apply(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)) == "other mesh"
+
+
+def view(state: str, **kw) -> p.InstanceView:
+    return p.InstanceView(model_uid="u", model_name="m", model_type="LLM", state=state, **kw)
+
+
+def test_waiting_for_a_launch():
+    assert buscore.launch_done("u", view("ready"), expired=True, timeout=1) is True
+    assert buscore.launch_done("u", view("launching"), expired=False, timeout=1) is False
+    with pytest.raises(InvalidRequest, match="model 'u' failed to launch: bad file") as err:
+        buscore.launch_done("u", view("failed", error="bad file", error_code="invalid", error_field="model_uri"),
+                            expired=False, timeout=1)
+    assert err.value.field == "model_uri"
+    with pytest.raises(RequestTimeout, match="still launching after 2s"):
+        buscore.launch_done("u", view("launching"), expired=True, timeout=2)
+
+
+def test_nothing_serving_is_explained_and_other_errors_pass():
+    busy = QueueFull("nothing serves 'model/u' yet and the broker's queue for such requests is full")
+    assert buscore.not_serving("u", busy, None, "model") is busy  # a full queue is not "not running"
+    gone = NoRoute("nothing serves 'model/u'")
+    missing = buscore.not_serving("u", gone, None, "model")
+    assert isinstance(missing, NotFound) and missing.field == "model"
+    loading = buscore.not_serving("u", gone, view("restarting", error="SIGSEGV"), "model_uid")
+    assert isinstance(loading, InstanceNotReady) and str(loading) == "model_uid: model 'u' is restarting: SIGSEGV"
+
+
+def test_embedding_results_as_floats_and_base64():
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    reply = p.Embedding(model="u", rows=2, dimensions=3, prompt_tokens=7)
+    vectors = buscore.embedding_array(reply, [memoryview(rows).cast("B").tobytes()])
+    assert vectors.tolist() == rows.tolist()
+    result = buscore.embedding_result("u", reply, vectors)
+    assert result["data"][1] == {"object": "embedding", "index": 1, "embedding": [3.0, 4.0, 5.0]}
+    assert result["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and result["model"] == "u"
+    b64 = buscore.embedding_result("u", reply, vectors, "base64")["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(b64), dtype=np.float32).tolist() == [0.0, 1.0, 2.0]
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """The project modules a file imports, anywhere in it (a lazy import inside a function closes a circle as
+    surely as one at the top), except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_no_import_circles():
+    modules = {}
+    for top in ("shared", "services", "cli"):
+        for path in (REPO / top).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {name: sorted(m for m in _imports(path, REPO) if m in modules and m != name)
+             for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for dep in graph[name]:
+            if state.get(dep) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)

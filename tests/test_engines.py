@@ -1,0 +1,58 @@
+"""The engine registry (shared/engines.py): complete, consistent, and what placement and launches read."""
+
+from __future__ import annotations
+
+import typing
+
+import msgspec
+import pytest
+
+from shared import engines
+from shared import protocol as p
+from shared.errors import InvalidRequest
+from shared.models import ModelFormat
+
+GENERIC = {"trust_remote_code", "request_limits", "continuous_batching"}  # options every engine reads
+
+
+def test_every_engine_option_has_exactly_one_engine():
+    owners: dict[str, list[str]] = {}
+    for engine in engines.ENGINES:
+        for name in engine.options:
+            owners.setdefault(name, []).append(engine.name)
+    fields = set(p.EngineOptions.__struct_fields__)
+    assert set(owners) | GENERIC == fields and not set(owners) & GENERIC
+    assert all(len(names) == 1 for names in owners.values()), owners
+
+
+def test_every_format_and_type_has_an_engine_whose_loader_exists():
+    for fmt in typing.get_args(ModelFormat):
+        assert fmt in engines.for_model("LLM", fmt).formats
+    assert engines.for_model("embedding", None).name == "sentence_transformers"
+    names = [e.name for e in engines.ENGINES]
+    assert len(set(names)) == len(names)
+    for engine in engines.ENGINES:
+        assert callable(engines.loader(engine)), engine.loader
+        for name, default in engine.options.items():  # each default passes the option's own bounds
+            if default is not None:
+                msgspec.convert({name: default}, p.EngineOptions)
+
+
+def test_names_aliases_and_the_options_a_launch_may_give():
+    assert engines.by_name(" LLAMA_CPP ") is engines.by_name("llama.cpp")
+    assert engines.formats_of("llamacpp", "LLM") == ("ggufv2", "ggmlv3")
+    assert engines.formats_of(None, "LLM") is None and engines.formats_of("sentence-transformers", "embedding") is None
+    with pytest.raises(InvalidRequest, match="zinfer runs transformers or llama.cpp for LLM models") as err:
+        engines.formats_of("vllm", "LLM")
+    assert err.value.field == "model_engine"
+    with pytest.raises(InvalidRequest, match="model_engine 'transformers'"):
+        engines.formats_of("transformers", "embedding")
+    transformers = engines.by_name("transformers")
+    with pytest.raises(InvalidRequest, match="n_ctx is an option of the llama.cpp engine") as err:
+        engines.check_options(p.EngineOptions(n_ctx=512), transformers)
+    assert err.value.field == "n_ctx"
+    with pytest.raises(InvalidRequest, match="continuous_batching") as err:
+        engines.check_options(p.EngineOptions(continuous_batching=True), engines.by_name("sentence_transformers"))
+    engines.check_options(p.EngineOptions(max_sequences=8, continuous_batching=False), transformers)
+    assert engines.option(transformers, p.EngineOptions(), "max_sequences") == 64
+    assert engines.option(transformers, p.EngineOptions(max_sequences=8), "max_sequences") == 8
