@@ -38,6 +38,16 @@ MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUT
 CONNECT_TIMEOUT = 3.0  # seconds a new connection has to complete its handshake
 
 
+def close_connection(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Close a client's DEALER and its monitor (the monitor first stopped, so nothing writes to a closed pair)."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 def as_plain(obj: Any) -> Any:
     """A reply struct as plain dicts and lists with every field present (what Xinference's client returns)."""
     if isinstance(obj, msgspec.Struct):

@@ -28,6 +28,7 @@ from shared.buscore import (
     MonitorState,
     Requests,
     as_plain,
+    close_connection,
     launch_done,
     read_reply,
     stream_step,
@@ -83,12 +84,7 @@ class _Connection:
             raise self.state.failure
 
     def close(self) -> None:
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        close_connection(self.sock, self.monitor)
 
 
 class Client:

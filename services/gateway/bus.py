@@ -20,7 +20,15 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared import keys
 from shared import protocol as p
-from shared.buscore import CONNECT_TIMEOUT, MONITOR_EVENTS, MonitorState, Requests, read_reply, stream_step
+from shared.buscore import (
+    CONNECT_TIMEOUT,
+    MONITOR_EVENTS,
+    MonitorState,
+    Requests,
+    close_connection,
+    read_reply,
+    stream_step,
+)
 from shared.config import Settings
 from shared.errors import RequestTimeout, Unavailable
 from shared.transport import send_frames
@@ -193,12 +201,7 @@ class Connection:
                 self.loop.remove_reader(sock.FD)
             except (ValueError, zmq.ZMQError):
                 pass
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        close_connection(self.sock, self.monitor)
 
 
 def _expire(future: asyncio.Future, why: str) -> None:
