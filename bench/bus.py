@@ -23,8 +23,9 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared import protocol as p  # noqa: E402
-from shared.client import Client  # noqa: E402
+from zinfer.shared import protocol as p  # noqa: E402
+from zinfer.shared.client import Client  # noqa: E402
+
 from tests.mesh import Mesh, free_port  # noqa: E402
 
 WINDOW = 200  # requests in flight in the pipelined runs

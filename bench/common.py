@@ -34,7 +34,7 @@ def machine() -> str:
 
 
 def tiny_models() -> dict[str, Path]:
-    from shared.tinymodels import make_tiny_models
+    from zinfer.shared.tinymodels import make_tiny_models
 
     return make_tiny_models(MODELS)
 
@@ -113,8 +113,7 @@ class StreamCrowd:
 
     def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False):
         import zmq
-
-        from shared import protocol as p
+        from zinfer.shared import protocol as p
 
         self.p, self.zmq = p, zmq
         self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
@@ -127,7 +126,7 @@ class StreamCrowd:
             self.poller.register(sock, zmq.POLLIN)
 
     def run(self) -> tuple[float, int, list[float]]:
-        from shared.transport import send_frames
+        from zinfer.shared.transport import send_frames
 
         p = self.p
         self.runs += 1

@@ -12,9 +12,8 @@ import time
 import numpy as np
 import zmq
 from common import StreamCrowd, concurrently, record, start_mesh, timed, tiny_models
-
-from shared import protocol as p
-from shared.transport import send_frames
+from zinfer.shared import protocol as p
+from zinfer.shared.transport import send_frames
 
 
 class ClientCrowd:
@@ -111,7 +110,7 @@ def main() -> None:
         one = sentences[7]
         # The instance's own call (its backend: one forward pass for a small batch, without encode()'s per-call
         # overhead), in this process: what the served figure minus this costs is the mesh's path alone.
-        from services.worker.backends.sentence_backend import SentenceTransformersBackend
+        from zinfer.services.worker.backends.sentence_backend import SentenceTransformersBackend
 
         direct = SentenceTransformersBackend(str(models["embedding"]), args.device, 256)
         raw_lat, served_lat, direct_lat = [], [], []

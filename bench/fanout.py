@@ -29,9 +29,9 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import record  # noqa: E402
+from zinfer.shared import keys  # noqa: E402
+from zinfer.shared import protocol as p  # noqa: E402
 
-from shared import keys  # noqa: E402
-from shared import protocol as p  # noqa: E402
 from tests.mesh import Mesh  # noqa: E402
 
 WINDOW = 64  # requests each client keeps in flight

@@ -37,8 +37,8 @@ import requests  # noqa: E402
 
 sys.path.insert(0, _HERE)
 from common import REPO, record, start_mesh, tiny_models  # noqa: E402
+from zinfer.shared import keys  # noqa: E402
 
-from shared import keys  # noqa: E402
 from tests.conftest import embedding_definition, llm_definition  # noqa: E402
 from tests.mesh import free_port  # noqa: E402
 
@@ -212,7 +212,7 @@ def start_to_ready(root: Path) -> float:
     env = dict(os.environ, ZINFER_HOME=str(root / "up-home"), ZINFER_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
                ZINFER_GATEWAY_PORT=str(port))
     start = time.perf_counter()
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    up = subprocess.Popen([sys.executable, "-m", "zinfer", "up"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         while time.perf_counter() - start < 120:

@@ -22,9 +22,9 @@ try:  # typer 0.29 carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click import ClickException
 
-from shared.client import Client
-from shared.config import ConfigError, load_settings
-from shared.errors import ZinferError
+from zinfer.shared.client import Client
+from zinfer.shared.config import ConfigError, load_settings
+from zinfer.shared.errors import ZinferError
 
 console = Console()
 if not console.is_terminal:  # piped or captured: don't fold names at 80 columns

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import friendly_errors
+from zinfer.cli.common import friendly_errors
 
 app = typer.Typer(no_args_is_help=True, help="Developer helpers (test models).")
 
@@ -21,7 +20,7 @@ def make_tiny_models_cmd(
         "--small-llama", help="Also a small random Llama (hidden 512, 8 layers, 104 MB F32) for benchmarks.")] = False,
 ) -> None:
     """Build the tiny Llama (transformers, GGUF, GGML v3) and copy the MiniLM embedding model, in seconds."""
-    from shared.tinymodels import make_small_llama, make_tiny_models
+    from zinfer.shared.tinymodels import make_small_llama, make_tiny_models
 
     built = make_tiny_models(directory, force=force)
     if small_llama:

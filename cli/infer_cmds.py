@@ -6,9 +6,8 @@ import sys
 from typing import Annotated
 
 import typer
-
-from cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json
-from shared.handles import EmbeddingHandle
+from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json
+from zinfer.shared.handles import EmbeddingHandle
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate (also --max_tokens).")]

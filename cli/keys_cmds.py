@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import friendly_errors, print_json, print_table
-from shared import keys
-from shared.config import load_settings
+from zinfer.cli.common import friendly_errors, print_json, print_table
+from zinfer.shared import keys
+from zinfer.shared.config import load_settings
 
 app = typer.Typer(no_args_is_help=True, help="The mesh's keys: who may connect, with which role.")
 

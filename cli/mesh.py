@@ -14,15 +14,14 @@ from typing import Annotated
 
 import typer
 import zmq
-
-from cli import runfile
-from cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
-from shared import keys
-from shared.config import Settings, load_settings
-from shared.endpoints import endpoint_holder
-from shared.errors import ZinferError
-from shared.logs import configure_logging, log_folder, log_name
-from shared.transport import die_with_parent
+from zinfer.cli import runfile
+from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
+from zinfer.shared import keys
+from zinfer.shared.config import Settings, load_settings
+from zinfer.shared.endpoints import endpoint_holder
+from zinfer.shared.errors import ZinferError
+from zinfer.shared.logs import configure_logging, log_folder, log_name
+from zinfer.shared.transport import die_with_parent
 
 Home = Annotated[str | None, typer.Option("--home", help="Data folder (default ~/.zinfer or ZINFER_HOME).")]
 
@@ -46,7 +45,7 @@ def quiet_progress_bars() -> None:
 
 def broker(endpoint: Endpoint = None, home: Home = None) -> None:
     """Run the broker (one ROUTER socket every process connects to, CURVE with the keys under <home>/keys)."""
-    from services.broker.broker import Broker
+    from zinfer.services.broker.broker import Broker
 
     settings = _settings(endpoint, home)
     log = _logging("broker", settings)
@@ -64,7 +63,7 @@ def broker(endpoint: Endpoint = None, home: Home = None) -> None:
 
 def registry(endpoint: Endpoint = None, home: Home = None) -> None:
     """Run the registry service (model definitions)."""
-    from services.registry.service import run_registry
+    from zinfer.services.registry.service import run_registry
 
     settings = _settings(endpoint, home)
     _logging("registry", settings)
@@ -74,7 +73,7 @@ def registry(endpoint: Endpoint = None, home: Home = None) -> None:
 
 def scheduler(endpoint: Endpoint = None, home: Home = None) -> None:
     """Run the scheduler service (workers, placement, instances)."""
-    from services.scheduler.service import run_scheduler
+    from zinfer.services.scheduler.service import run_scheduler
 
     settings = _settings(endpoint, home)
     _logging("scheduler", settings)
@@ -94,7 +93,7 @@ def worker(
 ) -> None:
     """Run an inference worker for one device. On another host: `zinfer keys import BUNDLE`, then
     `zinfer worker -e tcp://BROKER:9997 --device cuda:0` (it keeps running when its shell exits)."""
-    from services.worker.device import default_worker_id, parse_device
+    from zinfer.services.worker.device import default_worker_id, parse_device
 
     settings = load_settings(endpoint=endpoint, home=home, cpu_memory_budget_mb=memory_budget_mb)
     try:
@@ -112,7 +111,7 @@ def worker(
     # process dies (under `zinfer up`: <home>/logs/<service>.out), instead of only a broker's "disconnected".
     faulthandler.enable()
     die_with_parent()
-    from services.worker.service import run_worker
+    from zinfer.services.worker.service import run_worker
 
     raise typer.Exit(run_worker(settings, device, worker_id))
 
@@ -132,8 +131,7 @@ def gateway(
     log = _logging("gateway", settings)
     die_with_parent()
     import uvicorn
-
-    from services.gateway.app import create_app
+    from zinfer.services.gateway.app import create_app
 
     app = create_app(settings)  # before the server starts: a missing key is one line here, not a traceback
     loop = "uvloop" if _has("uvloop") else "asyncio"
@@ -172,7 +170,7 @@ def _spawn(args: list[str], env: dict, home) -> subprocess.Popen:
     out = _out_file(home, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "ab") as sink:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdin=subprocess.DEVNULL,
+        return subprocess.Popen([sys.executable, "-m", "zinfer", *args], env=env, stdin=subprocess.DEVNULL,
                                 stdout=sink, stderr=subprocess.STDOUT)
 
 

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-from cli.common import Endpoint, Timeout, command, console, make_client, print_json, print_table
+from zinfer.cli.common import Endpoint, Timeout, command, console, make_client, print_json, print_table
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
 

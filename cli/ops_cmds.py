@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli import runfile
-from cli.common import command, console, fail
-from shared.config import load_settings
-from shared.logs import console_renderers, log_folder, log_name
+from zinfer.cli import runfile
+from zinfer.cli.common import command, console, fail
+from zinfer.shared.config import load_settings
+from zinfer.shared.logs import console_renderers, log_folder, log_name
 
 Home = Annotated[str | None, typer.Option("--home", help="Data folder (default ~/.zinfer or ZINFER_HOME).")]
 

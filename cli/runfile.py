@@ -11,8 +11,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
-
-from shared.atomic import write_atomic
+from zinfer.shared.atomic import write_atomic
 
 
 class Child(msgspec.Struct, kw_only=True):

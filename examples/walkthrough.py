@@ -37,7 +37,7 @@ def step(title: str) -> None:
 
 def zinfer(*args: str, input: str | None = None) -> str:
     print(f"$ zinfer {shlex.join(args)}" + (f"   <<< {input!r}" if input else ""), flush=True)
-    out = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=os.environ, text=True, input=input,
+    out = subprocess.run([sys.executable, "-m", "zinfer", *args], cwd=REPO, env=os.environ, text=True, input=input,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     sys.stdout.write(out.stdout)
     if out.returncode != 0:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     step("Start the mesh: broker, registry, scheduler and one worker per device")
     print(f"$ zinfer up   (endpoint {os.environ['ZINFER_ENDPOINT']}, home {os.environ['ZINFER_HOME']})")
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=os.environ, text=True,
+    up = subprocess.Popen([sys.executable, "-m", "zinfer", "up"], cwd=REPO, env=os.environ, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     for line in up.stdout:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                "three hearts.")
 
         step("The same from Python")
-        from shared.client import Client
+        from zinfer.shared.client import Client
 
         client = Client()
         model = client.get_model("llama-pt")

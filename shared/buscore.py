@@ -16,9 +16,8 @@ from typing import Any
 import msgspec
 import numpy as np
 import zmq
-
-from shared import protocol as p
-from shared.errors import (
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import (
     InstanceNotReady,
     NoRoute,
     NotFound,

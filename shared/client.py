@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
-
-from shared import compat, keys
-from shared import protocol as p
-from shared.buscore import (
+from zinfer.shared import compat, keys
+from zinfer.shared import protocol as p
+from zinfer.shared.buscore import (
     CONNECT_TIMEOUT,
     LAUNCH_POLL_S,
     MONITOR_EVENTS,
@@ -33,10 +31,11 @@ from shared.buscore import (
     read_reply,
     stream_step,
 )
-from shared.config import Settings, load_settings
-from shared.errors import RequestTimeout, Unavailable
-from shared.handles import EmbeddingHandle, LLMHandle
-from shared.transport import send_frames
+from zinfer.shared.config import Settings, load_settings
+from zinfer.shared.errors import RequestTimeout, Unavailable
+from zinfer.shared.handles import EmbeddingHandle, LLMHandle
+from zinfer.shared.transport import send_frames
+from zmq.utils.monitor import recv_monitor_message
 
 __all__ = ["Client", "as_plain"]
 # While waiting for a reply the client looks at its connection's events this often: a broker that dies

@@ -14,10 +14,9 @@ import re
 from typing import Any
 
 import msgspec
-
-from shared import protocol as p
-from shared.errors import InvalidRequest
-from shared.models import closest_name, problem_from_validation
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.models import closest_name, problem_from_validation
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
 _IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),

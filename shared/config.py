@@ -8,8 +8,8 @@ from typing import Annotated
 
 import msgspec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# zinfer.configs: configs/ beside shared/ in the repository, zinfer/configs/ beside zinfer/shared/ in a wheel.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

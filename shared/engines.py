@@ -14,8 +14,7 @@ import importlib
 from typing import Any, Literal
 
 import msgspec
-
-from shared.errors import InvalidRequest
+from zinfer.shared.errors import InvalidRequest
 
 
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,16 +30,16 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 ENGINES: tuple[EngineInfo, ...] = (
     EngineInfo(name="transformers", model_type="LLM", formats=("pytorch",), generates=True, files="hf_folder",
-               options={"max_sequences": 64}, loader="services.worker.backends.transformers_backend:load"),
+               options={"max_sequences": 64}, loader="zinfer.services.worker.backends.transformers_backend:load"),
     EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="LLM", formats=("ggufv2", "ggmlv3"),
                generates=True, files="gguf",
                # n_ctx: the registration's context_length; n_threads: the instance_threads setting, else
                # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16
                options={"n_ctx": None, "n_threads": None, "n_parallel": None},
-               loader="services.worker.backends.llama_cpp_backend:load"),
+               loader="zinfer.services.worker.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
                files="hf_folder", options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
-               loader="services.worker.backends.sentence_backend:load"),
+               loader="zinfer.services.worker.backends.sentence_backend:load"),
 )
 
 _BY_NAME = {alias: e for e in ENGINES for alias in (e.name, *e.aliases)}

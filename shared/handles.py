@@ -6,14 +6,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from shared import compat
-from shared import protocol as p
-from shared.buscore import as_plain, embedding_array, embedding_result, not_serving
-from shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
+from zinfer.shared import compat
+from zinfer.shared import protocol as p
+from zinfer.shared.buscore import as_plain, embedding_array, embedding_result, not_serving
+from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
 
 if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
-    from shared.client import Client
+    from zinfer.shared.client import Client
 
 
 def _config(generate_config: dict | None) -> p.GenerateConfig:

@@ -26,10 +26,9 @@ from typing import Annotated, Literal
 import msgspec
 import zmq
 import zmq.utils.z85
-
-from shared.atomic import write_atomic
-from shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
-from shared.models import NAME_PATTERN, NAME_RE
+from zinfer.shared.atomic import write_atomic
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
+from zinfer.shared.models import NAME_PATTERN, NAME_RE
 
 Role = Literal["admin", "user", "service"]
 CLIENT_ROLES = ("admin", "user")

@@ -28,8 +28,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
-
-from shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
+from zinfer.shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
 
 PROTOCOL_VERSION = 2
 PROTO = b"ZINF" + str(PROTOCOL_VERSION).encode()  # b"ZINF2"

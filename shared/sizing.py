@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.models import EmbeddingFamily, LLMSpec, size_in_billions
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, size_in_billions
 
 OVERHEAD = 1.2  # activations, KV cache, allocator slack
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -154,7 +154,7 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
 def write_legacy_models(hf_dir: Path, ggml_dir: Path, spm_dir: Path, force: bool = False) -> None:
     """The tiny Llama as GGML v3 files (ggml_dir) and, with the same SentencePiece vocabulary, as GGUF (spm_dir),
     one file per quantization of shared.tinyggml.QUANTIZATIONS."""
-    from shared import tinyggml
+    from zinfer.shared import tinyggml
 
     for folder in (ggml_dir, spm_dir):
         folder.mkdir(parents=True, exist_ok=True)

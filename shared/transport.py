@@ -24,11 +24,10 @@ from typing import Any
 
 import structlog
 import zmq
-
-from shared import keys
-from shared import protocol as p
-from shared.config import Settings
-from shared.errors import Forbidden, RequestTimeout, Unavailable, error_from_reply, reply_from_exception
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import Forbidden, RequestTimeout, Unavailable, error_from_reply, reply_from_exception
 
 log = structlog.get_logger()
 

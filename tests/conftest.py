@@ -4,8 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+from zinfer.shared.tinymodels import CHAT_TEMPLATE
 
-from shared.tinymodels import CHAT_TEMPLATE
 from tests.mesh import Mesh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny Llama (HF + GGUF) and MiniLM, built once per test session (a few seconds)."""
-    from shared.tinymodels import make_tiny_models
+    from zinfer.shared.tinymodels import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models"))
 

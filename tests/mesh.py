@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import zmq
-
-from shared import keys
-from shared.client import Client
-from shared.errors import ZinferError
+from zinfer.shared import keys
+from zinfer.shared.client import Client
+from zinfer.shared.errors import ZinferError
 
 REPO = Path(__file__).resolve().parents[1]
 # Liveness in tests: 0.5 s heartbeats, 6 missed = 3 s. Tight enough to see a stalled peer quickly, loose enough
@@ -69,7 +68,7 @@ class Mesh:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name.replace('/', '_').replace(':', '_')}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=self.env, cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "zinfer", *args], env=self.env, cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc

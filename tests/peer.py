@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 import time
 
-from shared import protocol as p
-from shared.config import load_settings
-from shared.logs import configure_logging
-from shared.transport import ServiceRuntime
+from zinfer.shared import protocol as p
+from zinfer.shared.config import load_settings
+from zinfer.shared.logs import configure_logging
+from zinfer.shared.transport import ServiceRuntime
 
 
 def ping(msg: p.Ping, ctx):

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from zinfer.shared.errors import TooLarge
 
-from shared.errors import TooLarge
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import Mesh
 
@@ -147,16 +147,16 @@ def test_requests_beyond_the_parallel_sequences_queue_visibly(bmesh):
 
 def _backend(engine: str, models, slots: int):
     if engine == "llama.cpp":
-        from services.worker.backends.llama_cpp_backend import LlamaCppBackend
+        from zinfer.services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
         return LlamaCppBackend(str(models["gguf"]), "cpu", 512, n_parallel=slots)
-    from services.worker.backends.transformers_backend import TransformersBackend
+    from zinfer.services.worker.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(str(models["pytorch"]), "cpu", "none", 512, max_sequences=slots)
 
 
 def _greedy(tokens: int):
-    from services.worker.backends.base import Sampling
+    from zinfer.services.worker.backends.base import Sampling
 
     return Sampling(tokens, 0.0, None, None, None, (), None, ignore_eos=True)
 
@@ -209,7 +209,7 @@ def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_
     A sequence given llama.cpp's greedy sampler chain instead picks the same tokens as the argmax's lone run, and
     argmax sequences that join mid-way (their prompts prefilling while others decode) beside a sampled one equal
     their lone runs: each row of the step's logits is read for the right sequence."""
-    from services.worker.backends.llama_cpp_backend import plain_greedy
+    from zinfer.services.worker.backends.llama_cpp_backend import plain_greedy
 
     backend = _backend("llama.cpp", tiny_models, slots=4)
     try:
@@ -238,7 +238,7 @@ def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
     """The worker counts tokens (usage, and the max_tokens check) with a copy of the fast tokenizer: the same
     counts as the transformers call, and still whole after encode() has switched truncation and padding on in the
     tokenizer it shares (a text over the encoder's max_seq_length must count in full, to be refused)."""
-    from services.worker.backends.sentence_backend import SentenceTransformersBackend
+    from zinfer.services.worker.backends.sentence_backend import SentenceTransformersBackend
 
     backend = SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
     try:
@@ -257,8 +257,7 @@ def test_small_batches_skip_encode_and_give_its_vectors(tiny_models):
     overhead is 0.5-2 ms of a one-sentence request): the same features as the model's preprocess() and the same
     vectors as encode(), for texts of every kind, one over max_seq_length included; bigger batches use encode()."""
     from sentence_transformers import SentenceTransformer
-
-    from services.worker.backends import sentence_backend
+    from zinfer.services.worker.backends import sentence_backend
 
     backend = sentence_backend.SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
     try:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-
-from shared import buscore
-from shared import protocol as p
-from shared.errors import (
+from zinfer.shared import buscore
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import (
     InstanceNotReady,
     InvalidRequest,
     NoRoute,
@@ -126,7 +125,7 @@ def test_no_import_circles():
     modules = {}
     for top in ("shared", "services", "cli"):
         for path in (REPO / top).rglob("*.py"):
-            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            name = "zinfer." + ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
             modules[name] = path
     graph = {name: sorted(m for m in _imports(path, REPO) if m in modules and m != name)
              for name, path in modules.items()}

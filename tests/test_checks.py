@@ -8,10 +8,9 @@ import signal
 import struct
 
 import pytest
-
-from services.worker import checks
-from services.worker.supervisor import describe_exit, last_frame
-from shared.errors import InvalidRequest
+from zinfer.services.worker import checks
+from zinfer.services.worker.supervisor import describe_exit, last_frame
+from zinfer.shared.errors import InvalidRequest
 
 
 def write_gguf(path, tokens: list[str], model: str = "llama") -> None:

@@ -1,6 +1,5 @@
 import pytest
-
-from shared.config import ConfigError, load_settings
+from zinfer.shared.config import ConfigError, load_settings
 
 
 def test_defaults_and_env(monkeypatch, tmp_path):
@@ -46,8 +45,7 @@ def test_bad_env(monkeypatch):
 def test_every_setting_has_its_variable(monkeypatch):
     """ZINFER_<FIELD> for every field, checked by msgspec as the files are: numbers, booleans, bounds, lists."""
     import msgspec
-
-    from shared.config import Settings, env_var
+    from zinfer.shared.config import Settings, env_var
 
     for field in msgspec.structs.fields(Settings):
         monkeypatch.delenv(env_var(field.name), raising=False)
@@ -68,7 +66,7 @@ def test_an_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     left; a write that fails at the rename leaves the old file as it was and nothing beside it."""
     import os
 
-    from shared.atomic import write_atomic
+    from zinfer.shared.atomic import write_atomic
 
     target = tmp_path / "state" / "book.json"
     write_atomic(target, b"old")

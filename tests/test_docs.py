@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from zinfer.shared import keys
 
-from shared import keys
 from tests.mesh import REPO
 
 

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
+from zinfer.shared.errors import NotFound
 
-from shared.errors import NotFound
 from tests.conftest import embedding_definition, llm_definition
 from tests.hubserver import HubServer
 from tests.mesh import REPO, Mesh
@@ -137,7 +137,7 @@ def test_terminate_stops_a_download(hub_mesh):
     while not c.describe_model(uid).get("stage", "").startswith("downloading"):
         assert time.monotonic() < deadline, c.describe_model(uid)
         time.sleep(0.02)
-    listed = subprocess.run([sys.executable, "-m", "cli", "list"], capture_output=True, text=True, timeout=60,
+    listed = subprocess.run([sys.executable, "-m", "zinfer", "list"], capture_output=True, text=True, timeout=60,
                             cwd=REPO, env={**m.env, "PYTHONPATH": str(REPO), "COLUMNS": "300"})
     assert "launching (downloading zinfer/tiny-llama-large: " in listed.stdout, listed.stdout + listed.stderr
     c.terminate_model(uid)

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, QueueFull
 
-from shared.errors import Conflict, InvalidRequest, NotFound, QueueFull
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh, free_port
 
@@ -40,7 +40,7 @@ def xm(tmp_path_factory, tiny_models):
 
 def cli(m: Mesh, *args: str, stdin: str | None = None, timeout: float = 120, env: dict | None = None):
     """`zinfer ARGS` as a user runs it (a separate process, this mesh's endpoint and home)."""
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], input=stdin, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "zinfer", *args], input=stdin, capture_output=True, text=True,
                           cwd=REPO, env={**m.env, **(env or {})}, timeout=timeout)
     return proc
 
@@ -285,7 +285,7 @@ def test_the_seed_documents_cli_lines(seed, tiny_models, tmp_path):
                     out = ok(m, *args, *extra, "--temperature", "0", stdin=f"{PROMPT}\n\n")
                     assert out == f"Prompt: {PROMPT}\n{greedy(m, uid, PROMPT, 8)}\nPrompt: \n"
                 continue
-            proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True,
                                   cwd=tmp_path, env={**m.env, "PYTHONPATH": str(REPO)}, timeout=120)
             assert proc.returncode == 0, f"{line}: {proc.stderr}"
             if args[0] == "launch":
@@ -309,13 +309,13 @@ def test_up_logs_down(tmp_path):
                ZINFER_HEARTBEAT_INTERVAL="0.5", ZINFER_HEARTBEAT_LIVENESS="6")
 
     def run(*args, check=True):
-        proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                               env=env, timeout=120)
         assert not check or proc.returncode == 0, f"zinfer {' '.join(args)}: {proc.stderr}"
         return proc
 
     out = open(tmp_path / "up.out", "w+")
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=env, stdout=out,
+    up = subprocess.Popen([sys.executable, "-m", "zinfer", "up"], cwd=REPO, env=env, stdout=out,
                           stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -376,7 +376,7 @@ def test_logs_follow_prints_new_lines_and_survives_rotation(tmp_path):
     log = folder / "registry.log"
     log.write_text(json.dumps({"event": "first", "service": "registry", "timestamp": "1"}) + "\n")
     env = dict(os.environ, ZINFER_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
-    follow = subprocess.Popen([sys.executable, "-m", "cli", "logs", "registry", "-f", "--json"], cwd=REPO, env=env,
+    follow = subprocess.Popen([sys.executable, "-m", "zinfer", "logs", "registry", "-f", "--json"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert json.loads(_readline(follow))["event"] == "first"
@@ -394,8 +394,7 @@ def test_logs_follow_prints_new_lines_and_survives_rotation(tmp_path):
 def test_logs_render_for_a_person(tmp_path, capsys):
     """On a terminal `zinfer logs` renders lines as structlog's console does, tracebacks as Python prints them."""
     from structlog.tracebacks import ExceptionDictTransformer
-
-    from cli.ops_cmds import _Printer
+    from zinfer.cli.ops_cmds import _Printer
 
     try:
         raise ValueError("boom")

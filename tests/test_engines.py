@@ -6,11 +6,10 @@ import typing
 
 import msgspec
 import pytest
-
-from shared import engines
-from shared import protocol as p
-from shared.errors import InvalidRequest
-from shared.models import ModelFormat
+from zinfer.shared import engines
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.models import ModelFormat
 
 GENERIC = {"trust_remote_code", "request_limits", "continuous_batching"}  # options every engine reads
 

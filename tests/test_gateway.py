@@ -15,11 +15,11 @@ import pytest
 import requests
 import zmq
 from xinference_client import RESTfulClient
+from zinfer.services.gateway.bus import Connection
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.config import load_settings
 
-from services.gateway.bus import Connection
-from shared import keys
-from shared import protocol as p
-from shared.config import load_settings
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -238,12 +238,12 @@ def test_keys_and_roles_over_http(gw, tiny_models):
                              json={"model": json.dumps(llm_definition(tiny_models, "by-user")), "persist": False})
     assert register.status_code == 403
     # A key made with `zinfer keys create` works at once; revoked, it is refused.
-    out = subprocess.run([sys.executable, "-m", "cli", "keys", "create", "carol", "--role", "user"],
+    out = subprocess.run([sys.executable, "-m", "zinfer", "keys", "create", "carol", "--role", "user"],
                          capture_output=True, text=True, cwd=REPO, env=gw.env, timeout=60)
     api_key = next(line.split()[-1] for line in out.stdout.splitlines() if "API key" in line)
     assert oai(gw, api_key).completions.create(model="gg", prompt="hi", max_tokens=2,
                                         temperature=0).usage.completion_tokens == 2
-    subprocess.run([sys.executable, "-m", "cli", "keys", "revoke", "carol"], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "zinfer", "keys", "revoke", "carol"], check=True, capture_output=True,
                    cwd=REPO, env=gw.env, timeout=60)
 
     def refused():
@@ -295,7 +295,7 @@ def test_a_full_broker_queue_is_429_over_http_and_queue_full_in_python(tmp_path,
     import os
     import signal
 
-    from shared.errors import QueueFull, ZinferError
+    from zinfer.shared.errors import QueueFull, ZinferError
 
     m = Mesh(tmp_path / "home", tmp_path)
     m.env["ZINFER_PARK_MAX_REQUESTS"] = "0"

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from zinfer.services.worker import ggml
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.tinyggml import GGML_TEMPLATE, SPM_GGUF_TEMPLATE
 
-from services.worker import ggml
-from shared.errors import InvalidRequest
-from shared.tinyggml import GGML_TEMPLATE, SPM_GGUF_TEMPLATE
 from tests.mesh import REPO
 
 PROMPT = "What is the largest animal in the world?"
@@ -143,8 +143,8 @@ _QUANTIZED_IN_A_CHILD = """
 import json, sys
 import numpy as np
 import llama_cpp.llama_cpp as low
-from services.worker.backends.base import Sampling
-from services.worker.backends.llama_cpp_backend import LlamaCppBackend
+from zinfer.services.worker.backends.base import Sampling
+from zinfer.services.worker.backends.llama_cpp_backend import LlamaCppBackend
 
 defaults = low.llama_model_default_params
 backend = LlamaCppBackend(sys.argv[1], "cpu", 256, n_parallel=2)
@@ -181,7 +181,7 @@ def test_quantized_models_generate_and_embed_where_llama_cpp_has_amx_kernels(tin
 
 
 def _cli(mesh, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=cwd,
                           env={**mesh.env, "PYTHONPATH": str(REPO), "COLUMNS": "200"}, timeout=180)
 
 

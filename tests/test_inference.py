@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 import pytest
+from zinfer.shared.errors import InvalidRequest, TooLarge
 
-from shared.errors import InvalidRequest, TooLarge
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -274,7 +274,7 @@ def test_closing_a_stream_stops_its_generation(served, uid):
 
 CLIENT_SCRIPT = """
 import sys
-from shared.client import Client
+from zinfer.shared.client import Client
 c = Client(sys.argv[1], key=sys.argv[2])
 for i, chunk in enumerate(c.get_model("hf-long").generate("hello", {"max_tokens": 8000, "temperature": 0,
                                                                   "stream": True})):
@@ -314,7 +314,7 @@ def test_concurrent_requests_to_one_instance(served):
 
 
 def zinfer(mesh, *args, input=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                           env=mesh.env, input=input, timeout=120)
 
 

@@ -15,8 +15,8 @@ import time
 
 import psutil
 import pytest
+from zinfer.shared.errors import InvalidRequest, Unavailable, ZinferError
 
-from shared.errors import InvalidRequest, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -112,7 +112,7 @@ def test_a_crashed_instance_restarts_by_itself_while_its_neighbours_answer(iso, 
         assert " in " in view["restart_cause"], view
     assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
     assert c.describe_model("hf")["restarts"] == 0 and c.describe_model("emb")["restarts"] == 0
-    listed = subprocess.run([sys.executable, "-m", "cli", "list"], env=iso.env, cwd=REPO, capture_output=True,
+    listed = subprocess.run([sys.executable, "-m", "zinfer", "list"], env=iso.env, cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert f"killed by {sig.name}" in listed.stdout and "restarted" in listed.stdout, listed.stdout + listed.stderr
 
@@ -200,8 +200,8 @@ def test_a_bad_config_json_is_an_invalid_request_naming_model_uri(iso, tiny_mode
 def test_a_ggml_file_without_byte_tokens_is_refused_at_launch(iso, tiny_models, tmp_path):
     """llama.cpp aborts the process (std::out_of_range in llama_vocab::byte_to_token) at the first prompt with a
     byte its SentencePiece vocabulary lacks; the file is refused before an engine sees it."""
-    from shared import tinyggml
-    from shared.tinymodels import gguf_tensors
+    from zinfer.shared import tinyggml
+    from zinfer.shared.tinymodels import gguf_tensors
 
     cfg, tensors = gguf_tensors(tiny_models["pytorch"])
     vocab = tinyggml.spm_vocab(tiny_models["pytorch"], cfg["vocab_size"])

@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
+from zinfer.cli.mesh import detect_gpus
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, ZinferError
 
-from cli.mesh import detect_gpus
-from shared.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -77,7 +77,7 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
     view = c.describe_model("wrong-dims")
     assert view["state"] == "failed" and "768" in view["error"]
     # Requests to it say why, rather than hanging or saying "unknown".
-    from shared.errors import InstanceNotReady
+    from zinfer.shared.errors import InstanceNotReady
     with pytest.raises(InstanceNotReady, match="is failed"):
         c.get_model("wrong-dims").create_embedding("x")
     c.terminate_model("wrong-dims")
@@ -241,7 +241,7 @@ def test_placement_with_two_budgeted_cpu_workers(budget_mesh, tiny_models):
 
 
 def zinfer(mesh, *args):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                           env=mesh.env, timeout=120)
 
 

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import Unavailable
 
-from shared import keys
-from shared import protocol as p
-from shared.errors import Unavailable
 from tests.mesh import REPO, Mesh, free_port
 
 
@@ -126,7 +126,7 @@ def test_ipc_endpoint_works(tmp_path):
 
 
 def _zinfer(*args, env=None, timeout=60, input=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                           env=env or os.environ, timeout=timeout, input=input)
 
 
@@ -134,7 +134,7 @@ def test_zinfer_up_then_status(tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, ZINFER_HOME=str(tmp_path), ZINFER_ENDPOINT=endpoint, HF_HUB_OFFLINE="1",
                ZINFER_GATEWAY_PORT=str(free_port()))
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    up = subprocess.Popen([sys.executable, "-m", "zinfer", "up"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90

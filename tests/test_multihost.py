@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import pytest
+from zinfer.shared import keys
+from zinfer.shared.client import Client
+from zinfer.shared.errors import InvalidRequest, NotFound, Unavailable, ZinferError
 
-from shared import keys
-from shared.client import Client
-from shared.errors import InvalidRequest, NotFound, Unavailable, ZinferError
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, free_port
 
@@ -131,7 +131,7 @@ class Hosts:
             bundle = root / f"{host}.bundle"
             # The commands docs/scale.md gives: export on the head, import on the host (nothing else in its home).
             for args, at in ((["export", host, "-o", str(bundle)], self.core_home), (["import", str(bundle)], home)):
-                subprocess.run([sys.executable, "-m", "cli", "keys", *args, "--home", str(at)], cwd=REPO, check=True,
+                subprocess.run([sys.executable, "-m", "zinfer", "keys", *args, "--home", str(at)], cwd=REPO, check=True,
                                capture_output=True, timeout=60)
             bundle.unlink()
             held = {f.name for f in home.rglob("*") if f.is_file()}
@@ -157,7 +157,7 @@ class Hosts:
         cmd = ["ip", "netns", "exec", self.net.ns[host]]
         if prelude:
             cmd += ["unshare", "--uts", "--mount", "--propagation", "private"]
-        cmd += ["sh", "-c", script, sys.executable, "-m", "cli", *args]
+        cmd += ["sh", "-c", script, sys.executable, "-m", "zinfer", *args]
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, "ZINFER_HOME": str(home)}, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -260,7 +260,7 @@ def test_files_are_resolved_on_each_workers_host(hosts, tiny_models):
     assert f"{hosts.only_b / 'gguf'}" in str(err.value) and "on host host-a" in str(err.value)
     assert err.value.field == "model_uri"
     # The same from the command line, pinned with --host: one line naming the host and the path, exit code 1.
-    cli = subprocess.run([sys.executable, "-m", "cli", "launch", "--model-name", "only-on-b", "--host", "host-a",
+    cli = subprocess.run([sys.executable, "-m", "zinfer", "launch", "--model-name", "only-on-b", "--host", "host-a",
                           "-u", "on-a", "-e", hosts.endpoint], cwd=REPO, capture_output=True, text=True, timeout=60,
                          env={**hosts.env, "ZINFER_HOME": str(hosts.core_home), "COLUMNS": "400"})
     assert cli.returncode != 0 and "on host host-a" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
@@ -362,7 +362,7 @@ def test_revoking_a_hosts_key_cuts_its_workers_off(hosts):
     then on (it keeps retrying); its instances are lost (`restarting`, until it returns or they move after
     worker_return_s); host-a serves on. (Last of the namespace tests.)"""
     c = hosts.c
-    out = subprocess.run([sys.executable, "-m", "cli", "keys", "revoke", "host-b", "--home", str(hosts.core_home)],
+    out = subprocess.run([sys.executable, "-m", "zinfer", "keys", "revoke", "host-b", "--home", str(hosts.core_home)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     wait_for(lambda: {w["worker_id"] for w in c.scheduler_status()["workers"]} == {"host-a/cpu"}, timeout=30)
@@ -408,7 +408,7 @@ def _proc_state(pid: int) -> str:
 
 
 def test_a_worker_is_named_by_its_host_when_the_broker_is_elsewhere():
-    from services.worker.device import default_worker_id, is_local, local_address
+    from zinfer.services.worker.device import default_worker_id, is_local, local_address
 
     own = local_address("tcp://192.0.2.200:9997") or "127.0.0.1"  # this host's address towards that network
     for endpoint in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:9997", "tcp://0.0.0.0:9997", "tcp://localhost:1",

@@ -2,13 +2,12 @@
 
 import pytest
 from msgspec.structs import replace as msgspec_replace
-
-from services.scheduler.placement import Slot, match_spec, place
-from services.worker import files
-from shared import protocol as p
-from shared.errors import InvalidRequest, NotFound, TooLarge
-from shared.models import EmbeddingFamily, LLMSpec, parse_llm
-from shared.sizing import estimate_memory
+from zinfer.services.scheduler.placement import Slot, match_spec, place
+from zinfer.services.worker import files
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, parse_llm
+from zinfer.shared.sizing import estimate_memory
 
 MiB = 2**20
 

@@ -1,11 +1,10 @@
 """Chat prompt layouts: the built-in prompt styles, custom styles, and Jinja chat templates."""
 
 import pytest
-
-from services.registry import catalog
-from services.worker.prompts import render_chat_template, render_prompt_style
-from shared.errors import InvalidRequest
-from shared.protocol import ChatMessage
+from zinfer.services.registry import catalog
+from zinfer.services.worker.prompts import render_chat_template, render_prompt_style
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.protocol import ChatMessage
 
 CHAT = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello!"),
         ChatMessage(role="user", content="Who are you?")]

@@ -4,8 +4,7 @@ import typing
 
 import msgspec
 import pytest
-
-from shared import protocol as p
+from zinfer.shared import protocol as p
 
 
 def _members(union) -> set[type]:
@@ -105,8 +104,8 @@ def test_frames_carry_the_protocol_version():
 def test_every_error_code_has_its_exception_and_http_status():
     """A code the wire may carry that the client would read as InternalError, or the gateway answer as 500, is a
     bug: one class per code, one status per code."""
-    from services.gateway.app import STATUS
-    from shared.errors import _BY_CODE, InternalError, NoRoute, QueueFull, Unavailable, error_class
+    from zinfer.services.gateway.app import STATUS
+    from zinfer.shared.errors import _BY_CODE, InternalError, NoRoute, QueueFull, Unavailable, error_class
 
     codes = set(typing.get_args(p.ErrorCode))
     assert codes == set(_BY_CODE) == set(STATUS)

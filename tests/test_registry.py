@@ -11,8 +11,8 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zinfer.shared.errors import InvalidRequest, NotFound
 
-from shared.errors import InvalidRequest, NotFound
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 
@@ -87,7 +87,7 @@ def test_docs_examples_with_the_client(reg_mesh, tiny_models, tmp_path):
 
 
 def zinfer(mesh, *args, input=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                           env=mesh.env, input=input, timeout=60)
 
 

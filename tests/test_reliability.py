@@ -12,9 +12,8 @@ import threading
 import time
 
 import pytest
-
-from shared import protocol as p
-from shared.errors import (
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import (
     InstanceNotReady,
     InvalidRequest,
     StorageError,
@@ -22,6 +21,7 @@ from shared.errors import (
     Unavailable,
     storage_error,
 )
+
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 from tests.test_mesh import start_peer
@@ -124,7 +124,7 @@ def test_an_acknowledged_launch_survives_a_scheduler_and_worker_crash(served_mes
 def test_a_second_worker_for_one_device_is_refused_while_the_first_answers(served_mesh):
     m = served_mesh
     log = open(m.log_dir / "second_worker.log", "ab")
-    second = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--device", "cpu"], env=m.env, cwd=REPO,
+    second = subprocess.Popen([sys.executable, "-m", "zinfer", "worker", "--device", "cpu"], env=m.env, cwd=REPO,
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         m.wait(lambda: "held by a live peer" in (m.log_dir / "second_worker.log").read_text() or None, timeout=30)
@@ -140,7 +140,7 @@ def test_a_second_worker_for_one_device_is_refused_while_the_first_answers(serve
 
 
 def _zinfer(*args, env, timeout=60):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=timeout)
 
 
@@ -175,7 +175,7 @@ def test_a_live_ipc_endpoint_is_not_taken_over(tmp_path):
     finally:
         m.stop()
     # A stale socket file (its broker is gone) is not "in use".
-    from shared.endpoints import endpoint_holder
+    from zinfer.shared.endpoints import endpoint_holder
 
     assert endpoint_holder(m.endpoint) is None
 

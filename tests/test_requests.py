@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from zinfer.shared.errors import InvalidRequest
 
-from shared.errors import InvalidRequest
 from tests.conftest import llm_definition
 from tests.mesh import Mesh
 

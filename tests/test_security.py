@@ -18,11 +18,11 @@ import msgspec
 import psutil
 import pytest
 import zmq
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.client import Client
+from zinfer.shared.errors import Forbidden, InvalidRequest, TooLarge, Unauthenticated
 
-from shared import keys
-from shared import protocol as p
-from shared.client import Client
-from shared.errors import Forbidden, InvalidRequest, TooLarge, Unauthenticated
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 from tests.test_mesh import start_peer
@@ -105,7 +105,7 @@ def test_unauthenticated_connect_gets_nothing(secure, tmp_path):
         Client(secure.endpoint, key=tmp_path / "nowhere.key_secret").list_models()
     # And the CLI: one line, exit code 1.
     env = dict(secure.env, ZINFER_CLIENT_KEY=str(stranger_file))
-    out = subprocess.run([sys.executable, "-m", "cli", "list"], capture_output=True, text=True, cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "zinfer", "list"], capture_output=True, text=True, cwd=REPO, env=env,
                          timeout=60)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "refused key 'stranger'" in out.stderr
 
@@ -352,7 +352,7 @@ def test_a_revoked_key_is_refused_without_a_restart(secure):
     key_file = keys.client_key_path(secure.home, "temp-user")
     live = secure.new_client(key=key_file)
     assert "gg" in live.list_models()
-    out = subprocess.run([sys.executable, "-m", "cli", "keys", "revoke", "temp-user"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "zinfer", "keys", "revoke", "temp-user"], capture_output=True,
                          text=True, cwd=REPO, env=secure.env, timeout=60)
     assert out.returncode == 0, out.stderr
 
@@ -371,7 +371,7 @@ def test_a_revoked_key_is_refused_without_a_restart(secure):
 
 def test_keys_cli_create_list_and_file_modes(secure):
     def zinfer(*args):
-        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "zinfer", *args], capture_output=True, text=True, cwd=REPO,
                               env=secure.env, timeout=60)
 
     out = zinfer("keys", "create", "alice", "--role", "user")
@@ -417,7 +417,7 @@ def test_no_prompt_or_input_text_in_any_log(secure):
 
 LOG_SCRIPT = """
 import threading
-from shared.logs import configure_logging
+from zinfer.shared.logs import configure_logging
 log = configure_logging("probe")
 def handler(prompt):
     secret = prompt.upper()

@@ -28,13 +28,12 @@ from collections import deque
 
 import structlog
 import zmq
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.endpoints import endpoint_holder
+from zinfer.shared.transport import send_frames
 from zmq.auth.thread import ThreadAuthenticator
-
-from shared import keys
-from shared import protocol as p
-from shared.config import Settings
-from shared.endpoints import endpoint_holder
-from shared.transport import send_frames
 
 log = structlog.get_logger()
 

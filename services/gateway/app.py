@@ -19,14 +19,13 @@ import msgspec
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
-from services.gateway.bus import Bus, Connection
-from services.gateway.metrics import Metrics
-from shared import compat, keys
-from shared import protocol as p
-from shared.buscore import LAUNCH_POLL_S, as_plain, embedding_array, embedding_result, launch_done, not_serving
-from shared.config import Settings
-from shared.errors import (
+from zinfer.services.gateway.bus import Bus, Connection
+from zinfer.services.gateway.metrics import Metrics
+from zinfer.shared import compat, keys
+from zinfer.shared import protocol as p
+from zinfer.shared.buscore import LAUNCH_POLL_S, as_plain, embedding_array, embedding_result, launch_done, not_serving
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import (
     InvalidRequest,
     NoRoute,
     NotFound,

@@ -16,11 +16,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
-
-from shared import keys
-from shared import protocol as p
-from shared.buscore import (
+from zinfer.shared import keys
+from zinfer.shared import protocol as p
+from zinfer.shared.buscore import (
     CONNECT_TIMEOUT,
     MONITOR_EVENTS,
     MonitorState,
@@ -29,9 +27,10 @@ from shared.buscore import (
     read_reply,
     stream_step,
 )
-from shared.config import Settings
-from shared.errors import RequestTimeout, Unavailable
-from shared.transport import send_frames
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import RequestTimeout, Unavailable
+from zinfer.shared.transport import send_frames
+from zmq.utils.monitor import parse_monitor_message
 
 _ids = itertools.count()
 

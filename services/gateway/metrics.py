@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from shared import protocol as p
-from shared.errors import ZinferError
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import ZinferError
 
 STATES = ("launching", "ready", "failed", "terminating")
 

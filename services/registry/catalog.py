@@ -6,9 +6,8 @@ import json
 from functools import lru_cache
 
 import msgspec
-
-from shared.config import CONFIG_DIR
-from shared.models import EmbeddingFamily, LLMFamily, PromptStyle, parse_embedding, parse_llm
+from zinfer.shared.config import CONFIG_DIR
+from zinfer.shared.models import EmbeddingFamily, LLMFamily, PromptStyle, parse_embedding, parse_llm
 
 
 @lru_cache(maxsize=1)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import threading
 
 import structlog
-
-from services.registry import catalog
-from services.registry.store import DefinitionStore
-from services.registry.validate import MODEL_TYPES, already_registered, check_model_type, validate
-from shared import protocol as p
-from shared.config import Settings
-from shared.errors import Conflict, InvalidRequest, NotFound, Unavailable, ZinferError
-from shared.models import (
+from zinfer.services.registry import catalog
+from zinfer.services.registry.store import DefinitionStore
+from zinfer.services.registry.validate import MODEL_TYPES, already_registered, check_model_type, validate
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, Unavailable, ZinferError
+from zinfer.shared.models import (
     Definition,
     DefinitionError,
     EmbeddingFamily,
@@ -23,7 +22,7 @@ from shared.models import (
     parse_llm,
     shape_problems,
 )
-from shared.transport import ServiceRuntime
+from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
 

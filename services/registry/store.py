@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import structlog
-
-from shared.atomic import write_atomic
-from shared.errors import storage_error
-from shared.models import Definition, DefinitionError, definition_to_json
-from shared.protocol import CorruptFile
+from zinfer.shared.atomic import write_atomic
+from zinfer.shared.errors import storage_error
+from zinfer.shared.models import Definition, DefinitionError, definition_to_json
+from zinfer.shared.protocol import CorruptFile
 
 log = structlog.get_logger()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from services.registry import catalog
-from shared.models import (
+from zinfer.services.registry import catalog
+from zinfer.shared.models import (
     Definition,
     DefinitionError,
     EmbeddingFamily,

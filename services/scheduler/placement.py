@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
-from shared.models import LLMFamily, LLMSpec, size_in_billions
+from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
+from zinfer.shared.models import LLMFamily, LLMSpec, size_in_billions
 
 
 def spec_label(spec: LLMSpec) -> str:

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import msgspec
 import structlog
-
-from services.registry import catalog
-from services.scheduler.placement import Slot, match_spec, place
-from shared import engines
-from shared import protocol as p
-from shared.atomic import write_atomic
-from shared.compat import engine_options
-from shared.config import Settings
-from shared.errors import (
+from zinfer.services.registry import catalog
+from zinfer.services.scheduler.placement import Slot, match_spec, place
+from zinfer.shared import engines
+from zinfer.shared import protocol as p
+from zinfer.shared.atomic import write_atomic
+from zinfer.shared.compat import engine_options
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -40,14 +39,14 @@ from shared.errors import (
     error_class,
     storage_error,
 )
-from shared.models import (
+from zinfer.shared.models import (
     EmbeddingFamily,
     LLMFamily,
     check_name,
     parse_embedding,
     parse_llm,
 )
-from shared.transport import ServiceRuntime
+from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
 

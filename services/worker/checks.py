@@ -16,7 +16,7 @@ import os
 import struct
 from pathlib import Path
 
-from shared.errors import InvalidRequest
+from zinfer.shared.errors import InvalidRequest
 
 # safetensors: an 8-byte little-endian header length, then a JSON header of tensors with data offsets.
 _MAX_SAFETENSORS_HEADER = 100 * 2**20

@@ -23,13 +23,12 @@ import threading
 
 import msgspec
 import structlog
-
-from services.worker.compute import ComputeLoop
-from services.worker.instance import Instance
-from shared import protocol as p
-from shared.config import Settings
-from shared.logs import configure_logging
-from shared.transport import ServiceRuntime
+from zinfer.services.worker.compute import ComputeLoop
+from zinfer.services.worker.instance import Instance
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.logs import configure_logging
+from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
 

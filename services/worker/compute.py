@@ -21,10 +21,9 @@ from concurrent.futures import Future
 from typing import Any
 
 import structlog
-
-from shared import protocol as p
-from shared.errors import Cancelled, InternalError, reply_from_exception
-from shared.transport import RequestContext
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import Cancelled, InternalError, reply_from_exception
+from zinfer.shared.transport import RequestContext
 
 log = structlog.get_logger()
 

@@ -7,8 +7,7 @@ import re
 import socket
 
 import psutil
-
-from shared.protocol import DeviceInfo
+from zinfer.shared.protocol import DeviceInfo
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 

@@ -14,11 +14,10 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
-
-from services.worker.backends.base import EmbeddingBackend
-from services.worker.compute import Engine, Job
-from shared import protocol as p
-from shared.errors import QueueFull, TooLarge
+from zinfer.services.worker.backends.base import EmbeddingBackend
+from zinfer.services.worker.compute import Engine, Job
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import QueueFull, TooLarge
 
 
 class _Work:

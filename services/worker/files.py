@@ -14,10 +14,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from shared import protocol as p
-from shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError
-from shared.models import EmbeddingFamily, LLMSpec, spec_file_name, uri_to_path
-from shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, spec_file_name, uri_to_path
+from zinfer.shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
 
 class Fetch:

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from shared.errors import Cancelled, InvalidRequest
+from zinfer.shared.errors import Cancelled, InvalidRequest
 
 CONVERTER_VERSION = 1  # part of the cache key: a converter change converts again
 GGJT_MAGIC = 0x67676A74  # 'ggjt' as a little-endian u32 (the file starts b"tjgg")

@@ -5,13 +5,20 @@ from __future__ import annotations
 import threading
 
 import msgspec
-
-from services.worker import checks, files
-from services.worker.compute import ComputeLoop, Job
-from shared import engines
-from shared import protocol as p
-from shared.config import Settings
-from shared.errors import Cancelled, Forbidden, InstanceNotReady, InvalidRequest, TooLarge, Unavailable, ZinferError
+from zinfer.services.worker import checks, files
+from zinfer.services.worker.compute import ComputeLoop, Job
+from zinfer.shared import engines
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import (
+    Cancelled,
+    Forbidden,
+    InstanceNotReady,
+    InvalidRequest,
+    TooLarge,
+    Unavailable,
+    ZinferError,
+)
 
 
 def utf8_over(text: str, limit: int) -> bool:
@@ -94,7 +101,7 @@ class Instance:
 
     def _convert_ggml(self, path: str, context_length: int) -> str:
         """A GGML v3 file's GGUF in <home>/cache/gguf-from-ggml (converted now, or by an earlier launch)."""
-        from services.worker import ggml
+        from zinfer.services.worker import ggml
 
         self._step(0.25, "converting GGML v3 to GGUF")
         return str(ggml.cached_gguf(path, self.settings.home_path / "cache" / "gguf-from-ggml", context_length,

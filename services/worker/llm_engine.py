@@ -15,14 +15,13 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
-
-from services.worker import prompts
-from services.worker.backends.base import Detokenizer, LLMBackend, Sampling
-from services.worker.compute import Engine, Job
-from services.worker.output import Generation, merge_stops
-from shared import protocol as p
-from shared.errors import InvalidRequest, QueueFull, TooLarge
-from shared.models import LLMFamily
+from zinfer.services.worker import prompts
+from zinfer.services.worker.backends.base import Detokenizer, LLMBackend, Sampling
+from zinfer.services.worker.compute import Engine, Job
+from zinfer.services.worker.output import Generation, merge_stops
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
+from zinfer.shared.models import LLMFamily
 
 DEFAULT_MAX_TOKENS = 1024
 EMBED_TEXTS_PER_STEP = 16

@@ -13,9 +13,9 @@ import time
 import uuid
 from collections.abc import Callable
 
-from services.worker.backends.base import TokenLogprob
-from services.worker.compute import Job
-from shared import protocol as p
+from zinfer.services.worker.backends.base import TokenLogprob
+from zinfer.services.worker.compute import Job
+from zinfer.shared import protocol as p
 
 DEFAULT_STREAM_INTERVAL_MS = 10.0  # tokens produced within this window travel as one chunk
 

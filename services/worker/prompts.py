@@ -8,10 +8,9 @@ from functools import lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from shared.errors import Cancelled, InvalidRequest
-from shared.models import PromptStyle
-from shared.protocol import ChatMessage
+from zinfer.shared.errors import Cancelled, InvalidRequest
+from zinfer.shared.models import PromptStyle
+from zinfer.shared.protocol import ChatMessage
 
 
 @lru_cache(maxsize=32)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import threading
 
 import structlog
-
-from services.worker import files
-from services.worker.device import DeviceProbe
-from services.worker.supervisor import Supervisor
-from shared import protocol as p
-from shared.config import Settings
-from shared.errors import Forbidden, NotFound, ZinferError
-from shared.transport import ServiceRuntime
+from zinfer.services.worker import files
+from zinfer.services.worker.device import DeviceProbe
+from zinfer.services.worker.supervisor import Supervisor
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import Forbidden, NotFound, ZinferError
+from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
 

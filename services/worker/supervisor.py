@@ -30,17 +30,16 @@ from pathlib import Path
 import msgspec
 import psutil
 import structlog
-
-from services.worker import child
-from services.worker.instance import base_report
-from shared import protocol as p
-from shared.config import Settings
-from shared.errors import Cancelled, Conflict, InternalError, ZinferError, error_class
-from shared.logs import log_name
+from zinfer.services.worker import child
+from zinfer.services.worker.instance import base_report
+from zinfer.shared import protocol as p
+from zinfer.shared.config import Settings
+from zinfer.shared.errors import Cancelled, Conflict, InternalError, ZinferError, error_class
+from zinfer.shared.logs import log_name
 
 log = structlog.get_logger()
 
-PRELOAD = ["services.worker.preload"]
+PRELOAD = ["zinfer.services.worker.preload"]
 MAX_BACKOFF_S = 30.0
 
 _report_decoder = msgspec.msgpack.Decoder(p.InstanceReport)

@@ -26,9 +26,8 @@ import random
 import threading
 
 import numpy as np
-
-from services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
-from shared.errors import InvalidRequest
+from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
+from zinfer.shared.errors import InvalidRequest
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
 KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
@@ -364,7 +363,7 @@ class LlamaCppBackend(LLMBackend):
 def load(instance, engine, path: str, trust: bool, limit: int):
     """The llama.cpp engine of an instance (shared/engines.py): the backend, and the generation engine on it.
     llama.cpp runs no model code, so `trust` changes nothing here."""
-    from services.worker.llm_engine import LLMEngine
+    from zinfer.services.worker.llm_engine import LLMEngine
 
     spec, opts = instance.spec, instance.spec.options
     batching = opts.continuous_batching is not False

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from services.worker.backends.base import EmbeddingBackend
+from zinfer.services.worker.backends.base import EmbeddingBackend
 
 # Batches up to sentence-transformers' default batch_size run as one forward pass here (encode() would run them
 # as one batch too); bigger ones go through encode(), which sorts texts by length into batches of 32.
@@ -135,9 +134,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
 def load(instance, engine, path: str, trust: bool, limit: int):
     """The sentence-transformers engine of an instance (shared/engines.py): the backend, checked against the
     registration's dimensions, and the batching embedding engine on it."""
-    from services.worker.embed_engine import EmbeddingEngine
-    from shared.engines import option
-    from shared.errors import InvalidRequest
+    from zinfer.services.worker.embed_engine import EmbeddingEngine
+    from zinfer.shared.engines import option
+    from zinfer.shared.errors import InvalidRequest
 
     family, opts = instance.spec.embedding, instance.spec.options
     backend = SentenceTransformersBackend(path, instance.device, family.max_tokens, trust)

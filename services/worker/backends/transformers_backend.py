@@ -17,9 +17,8 @@ import inspect
 import random
 
 import numpy as np
-
-from services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
-from shared.errors import InvalidRequest
+from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
+from zinfer.shared.errors import InvalidRequest
 
 
 class IncrementalDecoder:
@@ -345,8 +344,8 @@ def _left_pad_mask(mask, width: int):
 
 def load(instance, engine, path: str, trust: bool, limit: int):
     """The transformers engine of an instance (shared/engines.py): the backend, and the generation engine on it."""
-    from services.worker.llm_engine import LLMEngine
-    from shared.engines import option
+    from zinfer.services.worker.llm_engine import LLMEngine
+    from zinfer.shared.engines import option
 
     spec, opts = instance.spec, instance.spec.options
     batching = opts.continuous_batching is not False
