@@ -23,10 +23,10 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zinfer.shared import protocol as p  # noqa: E402
-from zinfer.shared.client import Client  # noqa: E402
-
 from tests.mesh import Mesh, free_port  # noqa: E402
+from zinfer.shared import protocol as p  # noqa: E402
+from zinfer.shared import wire  # noqa: E402
+from zinfer.shared.client import Client  # noqa: E402
 
 WINDOW = 200  # requests in flight in the pipelined runs
 
@@ -137,7 +137,7 @@ def main() -> None:
             rps[name] = pipelined(lambda i, s=sock: s.send_multipart([i.to_bytes(8, "big"), body]),
                                   sock.recv_multipart, args.n * 10)
         rps["brokered"] = pipelined(
-            lambda i: bsock.send_multipart(p.client_request(b"registry", i.to_bytes(8, "big"), body)),
+            lambda i: bsock.send_multipart(wire.client_request(b"registry", i.to_bytes(8, "big"), body)),
             bsock.recv_multipart, args.n * 10)
     finally:
         mesh.stop()

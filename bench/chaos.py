@@ -28,10 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 from common import record, tiny_models
-from zinfer.shared.errors import InternalError, NotFound, RequestTimeout, ZinferError
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import Mesh
+from zinfer.shared.errors import InternalError, NotFound, RequestTimeout, ZinferError
 
 VICTIMS = ["broker", "registry", "scheduler", "worker/cpu:0", "worker/cpu:1"]
 

@@ -113,11 +113,14 @@ class StreamCrowd:
 
     def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False):
         import zmq
-        from zinfer.shared import protocol as p
 
-        self.p, self.zmq = p, zmq
+        from zinfer.shared import protocol as p
+        from zinfer.shared import wire
+        from zinfer.shared.payloads import GenerateConfig
+
+        self.p, self.wire, self.zmq = p, wire, zmq
         self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
-        cfg = p.GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos)
+        cfg = GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos)
         self.target = p.model_target(uid).encode()
         self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=cfg)) for t in prompts]
         self.runs = 0
@@ -133,7 +136,7 @@ class StreamCrowd:
         start = time.perf_counter()
         for i, sock in enumerate(self.socks):
             req_id = (self.runs * len(self.socks) + i).to_bytes(8, "big")
-            send_frames(sock, p.client_request(self.target, req_id, self.bodies[i]))
+            send_frames(sock, self.wire.client_request(self.target, req_id, self.bodies[i]))
         first: dict = {}
         tokens = 0
         open_streams = set(self.socks)
@@ -150,6 +153,6 @@ class StreamCrowd:
                     first.setdefault(sock, time.perf_counter() - start)
                     if reply.usage is not None:  # the last chunk (the final REPLY) carries the usage
                         tokens += reply.usage.completion_tokens
-                    if frames[0] == p.REPLY:
+                    if frames[0] == self.wire.REPLY:
                         open_streams.discard(sock)
         return time.perf_counter() - start, tokens, list(first.values())

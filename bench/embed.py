@@ -12,7 +12,9 @@ import time
 import numpy as np
 import zmq
 from common import StreamCrowd, concurrently, record, start_mesh, timed, tiny_models
+
 from zinfer.shared import protocol as p
+from zinfer.shared import wire
 from zinfer.shared.transport import send_frames
 
 
@@ -30,7 +32,7 @@ class ClientCrowd:
 
     def run(self) -> None:
         for i, sock in enumerate(self.socks):
-            send_frames(sock, p.client_request(self.target, i.to_bytes(8, "big"), self.bodies[i]))
+            send_frames(sock, wire.client_request(self.target, i.to_bytes(8, "big"), self.bodies[i]))
         pending = set(self.socks)
         while pending:
             for sock, _ in self.poller.poll(30_000):

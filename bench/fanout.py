@@ -29,10 +29,13 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import record  # noqa: E402
-from zinfer.shared import keys  # noqa: E402
-from zinfer.shared import protocol as p  # noqa: E402
 
 from tests.mesh import Mesh  # noqa: E402
+from zinfer.shared import (
+    keys,  # noqa: E402
+    wire,  # noqa: E402
+)
+from zinfer.shared import protocol as p  # noqa: E402
 
 WINDOW = 64  # requests each client keeps in flight
 CHUNKS = 20  # PARTIAL chunks per streamed request
@@ -52,7 +55,7 @@ def sim_workers(endpoint: str, home: str, names: list[str], interval: float, rea
         sock.setsockopt(zmq.SNDHWM, 100000)
         key.apply(sock, server)
         sock.connect(endpoint)
-        sock.send_multipart(p.peer_ready(name))
+        sock.send_multipart(wire.peer_ready(name))
         socks.append(sock)
     poller = zmq.Poller()
     for sock in socks:
@@ -67,19 +70,19 @@ def sim_workers(endpoint: str, home: str, names: list[str], interval: float, rea
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if frames[0] != p.REQUEST:
+                if frames[0] != wire.REQUEST:
                     continue
                 client, req_id, body = frames[1], frames[2], frames[4]
                 if body.endswith(b"stream"):  # msgpack of Ping(payload=b"stream") ends with the payload
                     for _ in range(CHUNKS):
-                        sock.send_multipart(p.peer_reply(client, req_id, pong, final=False))
-                sock.send_multipart(p.peer_reply(client, req_id, pong))
+                        sock.send_multipart(wire.peer_reply(client, req_id, pong, final=False))
+                sock.send_multipart(wire.peer_reply(client, req_id, pong))
         if time.monotonic() >= next_beat:
             next_beat = time.monotonic() + interval
             for sock in socks:
-                sock.send_multipart(p.HEARTBEAT_FRAMES, zmq.NOBLOCK)
+                sock.send_multipart(wire.HEARTBEAT_FRAMES, zmq.NOBLOCK)
     for sock in socks:
-        sock.send_multipart(p.DISCONNECT_FRAMES, zmq.NOBLOCK)
+        sock.send_multipart(wire.DISCONNECT_FRAMES, zmq.NOBLOCK)
         sock.close(linger=100)
     ctx.term()
 
@@ -98,7 +101,7 @@ def client_load(endpoint: str, home: str, targets: list[str], stream: bool, seco
     sent = replies = messages = 0
     end = time.monotonic() + seconds
     while sent < WINDOW:
-        sock.send_multipart(p.client_request(rng.choice(encoded), n.to_bytes(8, "big"), body))
+        sock.send_multipart(wire.client_request(rng.choice(encoded), n.to_bytes(8, "big"), body))
         n += 1
         sent += 1
     while time.monotonic() < end:
@@ -106,9 +109,9 @@ def client_load(endpoint: str, home: str, targets: list[str], stream: bool, seco
             continue
         frames = sock.recv_multipart()
         messages += 1
-        if frames[0] == p.REPLY:
+        if frames[0] == wire.REPLY:
             replies += 1
-            sock.send_multipart(p.client_request(rng.choice(encoded), n.to_bytes(8, "big"), body))
+            sock.send_multipart(wire.client_request(rng.choice(encoded), n.to_bytes(8, "big"), body))
             n += 1
     out.put((replies, messages))
     sock.close(linger=0)

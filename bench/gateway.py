@@ -37,10 +37,10 @@ import requests  # noqa: E402
 
 sys.path.insert(0, _HERE)
 from common import REPO, record, start_mesh, tiny_models  # noqa: E402
-from zinfer.shared import keys  # noqa: E402
 
 from tests.conftest import embedding_definition, llm_definition  # noqa: E402
 from tests.mesh import free_port  # noqa: E402
+from zinfer.shared import keys  # noqa: E402
 
 SENTENCE = "The blue whale is the largest animal that has ever lived."
 PROMPT = "Once upon a time there was a small village by the sea"

@@ -16,6 +16,7 @@ import argparse
 import time
 
 from common import StreamCrowd, big_llama, record, start_mesh, tiny_models
+
 from zinfer.shared.tinymodels import make_small_llama
 
 PROMPTS = [f"Stream number {i} tells the story of" for i in range(64)]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from zinfer.cli.common import friendly_errors
 
 app = typer.Typer(no_args_is_help=True, help="Developer helpers (test models).")

@@ -6,6 +6,7 @@ import sys
 from typing import Annotated
 
 import typer
+
 from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json
 from zinfer.shared.handles import EmbeddingHandle
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from zinfer.cli.common import friendly_errors, print_json, print_table
 from zinfer.shared import keys
 from zinfer.shared.config import load_settings

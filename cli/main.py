@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
+
 from zinfer.cli import common, dev, infer_cmds, keys_cmds, mesh, model_cmds, ops_cmds, registry_cmds
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,

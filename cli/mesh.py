@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 import zmq
+
 from zinfer.cli import runfile
 from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
 from zinfer.shared import keys
@@ -131,6 +132,7 @@ def gateway(
     log = _logging("gateway", settings)
     die_with_parent()
     import uvicorn
+
     from zinfer.services.gateway.app import create_app
 
     app = create_app(settings)  # before the server starts: a missing key is one line here, not a traceback

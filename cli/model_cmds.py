@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from zinfer.cli.common import Endpoint, Timeout, command, console, make_client, print_json, print_table
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
@@ -127,7 +128,7 @@ def list_models(
         return
     rows = [[m["model_uid"], m["model_name"], m["model_type"], m["model_format"],
              m["model_size_in_billions"] or "", m["quantization"], ", ".join(m["devices"]),
-             m["state"] + (f" ({m['error']})" if m["error"] else f" ({m['stage']})" if m.get("stage") else "")
+             m["state"] + (f" ({m['error']['message']})" if m["error"] else f" ({m['stage']})" if m["stage"] else "")
              + (f"; restarted {m['restarts']}x, last: {m.get('restart_cause', '')}" if m.get("restarts") else
                 f"; {m['restart_cause']}" if m["state"] == "restarting" and m.get("restart_cause") else ""),
              m["queue_depth"],

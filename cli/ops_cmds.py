@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from zinfer.cli import runfile
 from zinfer.cli.common import command, console, fail
 from zinfer.shared.config import load_settings

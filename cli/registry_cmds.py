@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from zinfer.cli.common import Endpoint, Timeout, command, make_client, print_json, print_table, read_text
 
 ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM or embedding.")]

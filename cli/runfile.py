@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
+
 from zinfer.shared.atomic import write_atomic
 
 

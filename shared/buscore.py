@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 import numpy as np
 import zmq
+
+from zinfer.shared import instances, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import (
     InstanceNotReady,
@@ -58,6 +60,14 @@ def as_plain(obj: Any) -> Any:
     return obj
 
 
+def view_plain(view: instances.InstanceView) -> dict:
+    """A launched model as the Python client and the HTTP gateway give it: the model's fields at the top, as
+    Xinference's list_models has them, then its replicas' state ("error": None, or the Error's code, message
+    and field)."""
+    out = as_plain(view)
+    return {"model_uid": out.pop("model_uid"), **out.pop("info"), **out}
+
+
 class Requests:
     """Request ids (a random prefix per connection, then a counter) and the frames of a request."""
 
@@ -76,7 +86,7 @@ class Requests:
                            f"{self.max_mb} MiB (max_message_mb)")
         req_id = self.prefix + next(self.ids).to_bytes(8, "big")
         target_b = target if isinstance(target, bytes) else target.encode()
-        return req_id, p.client_request(target_b, req_id, body, buffers)
+        return req_id, wire.client_request(target_b, req_id, body, buffers)
 
 
 def _bytes(frame) -> bytes:
@@ -99,7 +109,7 @@ def read_reply(frames: list) -> tuple[bytes, p.Msg, list]:
 def stream_step(cmd: bytes, reply: p.Msg) -> tuple[bool, p.Msg | None]:
     """(is this the end, the chunk to hand on or None): a stream ends with its final REPLY, which is either its
     last chunk or the runtime's closing Ok (not a chunk)."""
-    if cmd == p.REPLY:
+    if cmd == wire.REPLY:
         return True, None if isinstance(reply, p.Ok) else reply
     return False, reply
 
@@ -130,14 +140,14 @@ class MonitorState:
         return None
 
 
-def launch_done(uid: str, view: p.InstanceView, expired: bool, timeout: float) -> bool:
+def launch_done(uid: str, view: instances.InstanceView, expired: bool, timeout: float) -> bool:
     """While waiting for a launch: True once ready; a failed launch raises its own error (type and field);
     still loading past the deadline raises RequestTimeout; else False (ask again)."""
     if view.state == "ready":
         return True
     if view.state == "failed":
-        raise error_class(view.error_code or "internal")(f"model {uid!r} failed to launch: {view.error}",
-                                                         view.error_field)
+        error = view.error or p.Error(code="internal", message="no cause was given")
+        raise error_class(error.code)(f"model {uid!r} failed to launch: {error.message}", error.field)
     if expired:
         raise RequestTimeout(f"model {uid!r} is still {view.state} after {timeout:g}s")
     return False
@@ -146,14 +156,14 @@ def launch_done(uid: str, view: p.InstanceView, expired: bool, timeout: float) -
 LAUNCH_POLL_S = 0.05  # how often a launch being waited for is asked after
 
 
-def not_serving(uid: str, exc: ZinferError, view: p.InstanceView | None, field: str) -> ZinferError:
+def not_serving(uid: str, exc: ZinferError, view: instances.InstanceView | None, field: str) -> ZinferError:
     """A request that found nothing serving its model (NoRoute) says why: no such uid, or the instance's state
     (from the scheduler's view, None when it has none). Any other error passes through as it is."""
     if not isinstance(exc, NoRoute):
         return exc
     if view is None:
         return NotFound(f"no launched model has uid {uid!r}", field=field)
-    detail = f": {view.error}" if view.error else ""
+    detail = f": {view.error.message}" if view.error else ""
     return InstanceNotReady(f"model {uid!r} is {view.state}{detail}", field=field)
 
 

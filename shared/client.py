@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zinfer.shared import compat, keys
+from zmq.utils.monitor import recv_monitor_message
+
+from zinfer.shared import compat, keys, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
     CONNECT_TIMEOUT,
@@ -30,12 +32,12 @@ from zinfer.shared.buscore import (
     launch_done,
     read_reply,
     stream_step,
+    view_plain,
 )
 from zinfer.shared.config import Settings, load_settings
 from zinfer.shared.errors import RequestTimeout, Unavailable
 from zinfer.shared.handles import EmbeddingHandle, LLMHandle
 from zinfer.shared.transport import send_frames
-from zmq.utils.monitor import recv_monitor_message
 
 __all__ = ["Client", "as_plain"]
 # While waiting for a reply the client looks at its connection's events this often: a broker that dies
@@ -178,7 +180,7 @@ class Client:
     def _cancel(sock: zmq.Socket, req_id: bytes) -> None:
         """Tell the server to stop working on a request nobody waits for any more (best effort)."""
         try:
-            send_frames(sock, p.client_cancel(req_id), zmq.NOBLOCK)
+            send_frames(sock, wire.client_cancel(req_id), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -307,18 +309,18 @@ class Client:
         while True:
             view = self.call(p.SCHEDULER, p.DescribeModel(model_uid=model_uid)).model
             if progress is not None:
-                progress(as_plain(view))
+                progress(view_plain(view))
             if launch_done(model_uid, view, time.monotonic() > deadline, timeout):
-                return as_plain(view)
+                return view_plain(view)
             time.sleep(LAUNCH_POLL_S)
 
     def list_models(self, timeout: float | None = None) -> dict[str, dict]:
         """Launched models keyed by uid (as Xinference's client returns them)."""
         reply = self.call(p.SCHEDULER, p.ListModels(), timeout)
-        return {m.model_uid: as_plain(m) for m in reply.models}
+        return {m.model_uid: view_plain(m) for m in reply.models}
 
     def describe_model(self, model_uid: str, timeout: float | None = None) -> dict:
-        return as_plain(self.call(p.SCHEDULER, p.DescribeModel(model_uid=model_uid), timeout).model)
+        return view_plain(self.call(p.SCHEDULER, p.DescribeModel(model_uid=model_uid), timeout).model)
 
     def terminate_model(self, model_uid: str, timeout: float | None = None) -> None:
         self.call(p.SCHEDULER, p.TerminateModel(model_uid=model_uid), timeout)

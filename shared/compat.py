@@ -11,12 +11,14 @@ An unknown name is refused with the closest valid one ("did you mean").
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.models import closest_name, problem_from_validation
+from zinfer.shared.payloads import ChatMessage, GenerateConfig
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
 _IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
@@ -126,10 +128,10 @@ _GENERATION_IGNORED_AT = {"best_of": (1, None), "logit_bias": (None, {}), "suffi
                           "tools": (None, []), "tool_choice": (None, "none", "auto"),
                           "parallel_tool_calls": (None, True, False), "chat_template_kwargs": (None, {}),
                           "max_completion_tokens": None}
-_GENERATION_FIELDS = p.GenerateConfig.__struct_fields__
+_GENERATION_FIELDS = GenerateConfig.__struct_fields__
 
 
-def generate_config(values: dict | None) -> p.GenerateConfig:
+def generate_config(values: dict | None) -> GenerateConfig:
     """A generate_config (Xinference) or the generation fields of an OpenAI body -> GenerateConfig."""
     fields: dict[str, Any] = {}
     for name, value in (values or {}).items():
@@ -146,47 +148,70 @@ def generate_config(values: dict | None) -> p.GenerateConfig:
             raise InvalidRequest(f"unknown generate_config field {name!r}"
                                  f"{closest(name, _GENERATION_FIELDS + tuple(_GENERATION_IGNORED_AT))}", field=name)
     try:
-        return msgspec.convert(fields, p.GenerateConfig)
+        return msgspec.convert(fields, GenerateConfig)
     except msgspec.ValidationError as exc:
-        problem = problem_from_validation(exc, p.GenerateConfig)
+        problem = problem_from_validation(exc, GenerateConfig)
         raise InvalidRequest(str(problem), field=problem.field or "generate_config") from None
 
 
-def chat_messages(messages: Any) -> list[p.ChatMessage]:
+class _Part(msgspec.Struct):
+    """One part of a message's content list; only text parts are taken (checked after decoding, by name)."""
+
+    type: str
+    text: Any = None
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True):
+    role: Annotated[str, msgspec.Meta(min_length=1)]
+    content: str | list[_Part] | None = None
+    name: str | None = None
+
+
+class _Chat(msgspec.Struct):
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+
+
+def chat_messages(messages: Any) -> list[ChatMessage]:
     """Chat messages as OpenAI and Xinference send them -> ChatMessage: content may be a string, a list of
     parts (text parts are joined with newlines; other kinds are refused by name) or null (empty)."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list of {role, content}", field="messages")
+    if messages is None:
+        raise InvalidRequest("messages is required: a non-empty list of {role, content}", field="messages")
+    try:
+        typed = msgspec.convert({"messages": messages}, _Chat)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, _Chat)
+        raise InvalidRequest(str(problem), field=problem.field or "messages") from None
     out = []
-    for i, m in enumerate(messages):
-        at = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"{at} must be an object with role and content", field=at)
-        unknown = set(m) - {"role", "content", "name"}
-        if unknown:
-            name = sorted(unknown)[0]
-            raise InvalidRequest(f"{at}.{name}: unknown field{closest(name, ['role', 'content', 'name'])}",
-                                 field=f"{at}.{name}")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            texts = []
+    for i, m in enumerate(typed.messages):
+        content = m.content
+        if isinstance(content, list):
             for j, part in enumerate(content):
-                where = f"{at}.content[{j}]"
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if part.type != "text" or not isinstance(part.text, str):
+                    where = f"messages[{i}].content[{j}]"
                     raise InvalidRequest(f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are "
-                                         f"supported, not {kind!r}", field=where)
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        elif not isinstance(content, str):
-            raise InvalidRequest(f"{at}.content must be a string, a list of text parts or null",
-                                 field=f"{at}.content")
-        role, name = m.get("role"), m.get("name")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequest(f"{at}.role is required (system, user or assistant)", field=f"{at}.role")
-        if name is not None and not isinstance(name, str):
-            raise InvalidRequest(f"{at}.name must be a string", field=f"{at}.name")
-        out.append(p.ChatMessage(role=role, content=content, name=name))
+                                         f"supported, not {part.type!r}", field=where)
+            content = "\n".join(part.text for part in content)
+        out.append(ChatMessage(role=m.role, content=content or "", name=m.name))
     return out
+
+
+class EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenAI's embeddings request body (and Xinference's)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # checked against the model's own once it has answered
+    user: str | None = None
+
+
+def embeddings_body(body: dict) -> EmbeddingsBody:
+    """An embeddings request body, typed; InvalidRequest names the field at fault (and the closest known name)."""
+    try:
+        typed = msgspec.convert(body, EmbeddingsBody)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, EmbeddingsBody)
+        raise InvalidRequest(str(problem), field=problem.field or None) from None
+    if isinstance(typed.input, str):
+        typed.input = [typed.input]
+    return typed

@@ -14,6 +14,7 @@ import importlib
 from typing import Any, Literal
 
 import msgspec
+
 from zinfer.shared.errors import InvalidRequest
 
 

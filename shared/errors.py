@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from zinfer.shared.message import Error
 from zinfer.shared.models import DefinitionError, FieldProblem
-from zinfer.shared.protocol import Error
 
 
 class ZinferError(Exception):

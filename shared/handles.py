@@ -6,16 +6,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from zinfer.shared import compat
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import as_plain, embedding_array, embedding_result, not_serving
 from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
+from zinfer.shared.payloads import GenerateConfig
 
 if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
     from zinfer.shared.client import Client
 
 
-def _config(generate_config: dict | None) -> p.GenerateConfig:
+def _config(generate_config: dict | None) -> GenerateConfig:
     return compat.generate_config(generate_config)
 
 

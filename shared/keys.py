@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 import msgspec
 import zmq
 import zmq.utils.z85
+
 from zinfer.shared.atomic import write_atomic
 from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from zinfer.shared.models import NAME_PATTERN, NAME_RE

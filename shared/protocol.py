@@ -1,20 +1,7 @@
-"""The wire protocol: envelope frames and every message struct. The single source of truth for both.
-
-Frames (ZeroMQ multipart over CURVE; the broker reads only the envelope, never the body):
-
-    client -> broker   [REQUEST, target, req_id, body, *buffers]
-    broker -> peer     [REQUEST, client_id, req_id, caller, body, *buffers]
-    peer   -> broker   [PARTIAL|REPLY, client_id, req_id, body, *buffers]
-    broker -> client   [PARTIAL|REPLY, req_id, body, *buffers]
-    client -> broker   [CANCEL, req_id]                   broker -> peer [CANCEL, client_id, req_id]
-    peer   -> broker   [READY, service_name, *uids] | [BIND|UNBIND, uid] | [HEARTBEAT]
-    broker -> peer     [HEARTBEAT] | [DISCONNECT] | [DENIED, reason]
-
-The first frame is the header: the protocol name and version (PROTO) followed by a one-byte command, so a
-reader checks the version and routes with one comparison (one frame fewer per hop than separate frames).
-PARTIAL is one chunk of a streamed reply; REPLY ends every request (a single answer, the stream's last chunk,
-or an error). The body is a msgpack-encoded struct of the `Request` or `Reply` tagged union below; `buffers`
-carry raw arrays (float32 embeddings) without copying.
+"""Every message struct on the bus (one tagged union of requests, one of replies), which roles may send each
+request, and the codec. The single source of truth for bodies; shared/wire.py builds the frames around them,
+shared/payloads.py holds the OpenAI-shaped parts of generate, chat and embed, shared/instances.py the state of
+devices and instances, shared/message.py the base struct and the error reply.
 
 `caller` is stamped by the broker from the sender's authenticated CURVE key: "<role> <principal>", where the
 principal is the key's name, or the service name of a registered peer (services send their own requests over
@@ -24,25 +11,22 @@ it: the broker writes it. Services check it against ALLOWED_ROLES before a handl
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
-from zinfer.shared.models import EmbeddingFamily, FieldProblem, LLMFamily, LLMSpec
 
-PROTOCOL_VERSION = 2
-PROTO = b"ZINF" + str(PROTOCOL_VERSION).encode()  # b"ZINF2"
-
-READY = PROTO + b"\x01"
-BIND = PROTO + b"\x02"
-UNBIND = PROTO + b"\x03"
-HEARTBEAT = PROTO + b"\x04"
-DISCONNECT = PROTO + b"\x05"
-DENIED = PROTO + b"\x06"  # the broker refused a READY/BIND (name held by a live peer, or not this key's to hold)
-REQUEST = PROTO + b"\x10"
-CANCEL = PROTO + b"\x11"
-PARTIAL = PROTO + b"\x20"
-REPLY = PROTO + b"\x21"
+from zinfer.shared.instances import DeviceInfo, InstanceInfo, InstanceReport, InstanceView
+from zinfer.shared.message import Error, Msg
+from zinfer.shared.models import EmbeddingFamily, LLMFamily, LLMSpec, ModelType
+from zinfer.shared.payloads import (
+    ChatChoice,
+    ChatDeltaChoice,
+    ChatMessage,
+    CompletionChoice,
+    GenerateConfig,
+    Usage,
+)
 
 BROKER_TARGET = b"broker"  # requests addressed to the broker itself (its status)
 REGISTRY = "registry"
@@ -96,10 +80,6 @@ def model_target(model_uid: str) -> str:
     return f"model/{model_uid}"
 
 
-class Msg(Struct, tag_field="op", kw_only=True, omit_defaults=True):
-    """Base of every message; the class name is the tag."""
-
-
 # ---------------------------------------------------------------- requests
 
 
@@ -123,6 +103,8 @@ class ListRegistrations(Msg, kw_only=True):
 class GetRegistration(Msg, kw_only=True):
     model_type: str
     model_name: str
+    # The scheduler asks for the typed, launch-ready definition (prompt style and chat template resolved).
+    resolved: bool = False
 
 
 class UnregisterModel(Msg, kw_only=True):
@@ -201,60 +183,6 @@ class SchedulerStatus(Msg, kw_only=True):
     pass
 
 
-class DeviceInfo(Struct, kw_only=True, omit_defaults=True):
-    worker_id: str  # e.g. "cpu", "cpu:1", "cuda:0"; "gpu-host-2/cuda:0" for a worker on another host
-    host: str  # its host name
-    address: str = ""  # the address it reaches the broker from (what Xinference calls worker_ip)
-    device: str  # "cpu" or "cuda:N"
-    total_memory: int  # bytes
-    free_memory: int  # bytes available to new instances
-    gpu_name: str = ""
-    pid: int = 0
-
-
-# An instance replica's life: launching (its first load), ready, restarting (its process died, or its worker
-# restarted, and a new process is loading it again), failed (for good, until terminated), terminating.
-InstanceState = Literal["launching", "ready", "restarting", "failed", "terminating"]
-
-
-class InstanceReport(Struct, kw_only=True, omit_defaults=True):
-    """What a worker says of one instance it holds; workers are the source of truth for what is loaded."""
-
-    model_uid: str
-    replica: int = 0
-    incarnation: int = 0  # the launch this replica belongs to (LoadInstance.incarnation)
-    model_name: str
-    model_type: str
-    model_format: str = ""
-    model_size_in_billions: int | str | None = None
-    quantization: str = ""
-    model_ability: list[str] = []
-    context_length: int = 0
-    state: InstanceState
-    error: str = ""
-    error_code: str = ""  # the error's wire code (ErrorCode), so that clients raise its type
-    error_field: str | None = None
-    progress: float = 0.0
-    stage: str = ""  # what a launching instance is doing ("loading 1 file, 12 MiB")
-    memory: int = 0  # bytes this instance holds: its process's RSS on the CPU, its CUDA memory on a GPU
-    queue_depth: int = 0
-    inflight: int = 0
-    stats: InstanceStats | None = None
-    pid: int = 0  # its process (0 while none runs)
-    restarts: int = 0  # times its process was started again (after a crash, a kill, or its worker's restart)
-    cause: str = ""  # why it last restarted: the signal or exit code, and the last native frame
-
-
-class InstanceStats(Struct, kw_only=True, omit_defaults=True):
-    """Counters since an instance was loaded (what /metrics and the tests read)."""
-
-    requests: int = 0  # requests taken (started)
-    failures: int = 0  # requests that ended with an error (cancellations not counted)
-    cancelled: int = 0
-    tokens_in: int = 0  # prompt tokens (generation) or input tokens (embeddings)
-    tokens_out: int = 0  # generated tokens
-
-
 class WorkerReport(Msg, kw_only=True):
     device: DeviceInfo
     instances: list[InstanceReport] = []
@@ -270,13 +198,24 @@ class LoadInstance(Msg, kw_only=True):
     # Set when the scheduler loads a replica again (its worker restarted, or it moves to another worker): why.
     # The replica shows `restarting` with this cause, not `launching`.
     restore_cause: str = ""
-    model_type: str
+    model_type: ModelType
     llm: LLMFamily | None = None
     spec: LLMSpec | None = None
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
     memory_estimate: int = 0
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
+
+
+def instance_info(load: LoadInstance) -> InstanceInfo:
+    """What a launch's instance is: the scheduler's book and the worker's reports both take it from here."""
+    spec, llm = load.spec, load.llm
+    if llm is None:  # embedding models: one format, no quantization
+        return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type, model_format="pytorch",
+                            quantization="none", model_ability=["embed"], context_length=load.embedding.max_tokens)
+    return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
+                        model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",
+                        model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length)
 
 
 class UnloadInstance(Msg, kw_only=True):
@@ -288,7 +227,7 @@ class UnloadInstance(Msg, kw_only=True):
 class ProbeFiles(Msg, kw_only=True):
     """Scheduler -> worker, before placing: are this spec's files on your host, and how big are they?"""
 
-    model_type: str
+    model_type: ModelType
     spec: LLMSpec | None = None
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
@@ -300,50 +239,6 @@ class FindPaths(Msg, kw_only=True):
 
     dirs: list[str] = []
     files: list[str] = []
-
-
-class ResponseFormat(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema (llama.cpp: a grammar)."""
-
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None  # OpenAI: {"name": ..., "schema": {...}, "strict": ...}
-    schema: dict[str, Any] | None = None  # the schema itself (vLLM's and llama.cpp's spelling)
-
-
-class StreamOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    include_usage: bool = False
-
-
-class GenerateConfig(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    temperature: Annotated[float, Meta(ge=0)] | None = None
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    stream: bool = False
-    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
-    # How long a stream may gather tokens into one chunk (ms); 0 sends every token as it comes.
-    stream_interval_ms: Annotated[float, Meta(ge=0)] | None = None
-    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
-    n: Annotated[int, Meta(ge=1, le=16)] = 1  # choices, each its own sequence
-    # Completions: how many top alternatives each token's logprob comes with (0-20). Chat: true/false, with
-    # top_logprobs for the alternatives.
-    logprobs: bool | Annotated[int, Meta(ge=0, le=20)] | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    echo: bool = False  # completions: the prompt comes first in the text
-    min_tokens: Annotated[int, Meta(ge=0)] | None = None  # no end token before this many
-    ignore_eos: bool = False  # go on past end tokens (to max_tokens or a stop word)
-    response_format: ResponseFormat | None = None
-    stream_options: StreamOptions | None = None
-
-
-class ChatMessage(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    role: str
-    content: str
-    name: str | None = None
 
 
 class Generate(Msg, kw_only=True):
@@ -370,32 +265,6 @@ Request = (
 )
 
 # ---------------------------------------------------------------- replies
-
-ErrorCode = Literal[
-    "invalid",  # bad input; `field` / `problems` say where
-    "not_found",
-    "conflict",  # already exists, in use
-    "state",  # an instance that is not ready
-    "too_large",
-    "unavailable",  # the process serving it died, or the connection to it is gone
-    "no_route",  # nothing serves that target (no such service or model uid is running)
-    "queue_full",  # a queue on the way is full: try again later
-    "timeout",
-    "cancelled",
-    "protocol",
-    "storage",  # the server's own files: disk full, read-only
-    "forbidden",  # the caller's role may not do this
-    "unauthenticated",  # no usable key, or the key was refused
-    "internal",
-]
-
-
-class Error(Msg, kw_only=True):
-    code: ErrorCode
-    message: str
-    field: str | None = None
-    problems: list[FieldProblem] = []
-
 
 class Pong(Msg, kw_only=True):
     payload: bytes = b""
@@ -425,7 +294,9 @@ class Registrations(Msg, kw_only=True):
 class Registration(Msg, kw_only=True):
     model_type: str
     is_builtin: bool
-    definition: dict[str, Any]
+    definition: dict[str, Any]  # as registered (Xinference's JSON)
+    llm: LLMFamily | None = None  # with GetRegistration.resolved: the definition, typed and complete
+    embedding: EmbeddingFamily | None = None
 
 
 class CorruptFile(Struct, kw_only=True):
@@ -441,36 +312,6 @@ class RegistryStatusReply(Msg, kw_only=True):
 
 class Launched(Msg, kw_only=True):
     model_uid: str
-
-
-class InstanceView(Struct, kw_only=True, omit_defaults=True):
-    """One launched model (all its replicas) as `zinfer list` shows it."""
-
-    model_uid: str
-    model_name: str
-    model_type: str
-    model_format: str = ""
-    model_size_in_billions: int | str | None = None
-    quantization: str = ""
-    model_ability: list[str] = []
-    context_length: int = 0
-    replica: int = 1
-    devices: list[str] = []  # the worker of each replica
-    hosts: list[str] = []  # the host name of each replica's worker
-    address: list[str] = []  # "ADDRESS/worker/ID" of each replica (Xinference's address: where it runs)
-    state: str
-    error: str = ""
-    error_code: str = ""
-    error_field: str | None = None
-    progress: float = 0.0
-    stage: str = ""  # what a launching replica is doing (the first one's, while any is launching)
-    memory: int = 0
-    queue_depth: int = 0
-    inflight: int = 0
-    stats: InstanceStats = msgspec.field(default_factory=lambda: InstanceStats())
-    pids: list[int] = []  # the process of each replica (0 while none runs)
-    restarts: int = 0  # restarts of its replicas' processes since the launch
-    restart_cause: str = ""  # why the last one restarted
 
 
 class ModelList(Msg, kw_only=True):
@@ -506,47 +347,6 @@ class BrokerStatusReply(Msg, kw_only=True):
     pid: int = 0
 
 
-class Usage(Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(Struct, kw_only=True):
-    """OpenAI's completions logprobs: per token its text, its logprob, the top alternatives, its text offset."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class TopLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChatLogprobs(Struct, kw_only=True):
-    """OpenAI's chat logprobs."""
-
-    content: list[TokenLogprob] | None = None
-
-
-class CompletionChoice(Struct, kw_only=True):
-    text: str
-    index: int = 0
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
 class Completion(Msg, kw_only=True):
     id: str
     object: str = "text_completion"
@@ -554,25 +354,6 @@ class Completion(Msg, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-
-class ChatCompletionMessage(Struct, kw_only=True, omit_defaults=True):
-    role: str | None = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(Struct, kw_only=True):
-    index: int = 0
-    message: ChatCompletionMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatDeltaChoice(Struct, kw_only=True):
-    index: int = 0
-    delta: ChatCompletionMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletion(Msg, kw_only=True):
@@ -720,63 +501,3 @@ def _why(exc: Exception) -> str:
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:
     return _encoder.encode(Error(code=code, message=message, field=field))
-
-
-# ---------------------------------------------------------------- frame builders (nobody else builds frames)
-
-
-def client_request(target: bytes, req_id: bytes, body: bytes, buffers=()) -> list:
-    return [REQUEST, target, req_id, body, *buffers]
-
-
-def client_cancel(req_id: bytes) -> list:
-    return [CANCEL, req_id]
-
-
-def peer_reply(client_id: bytes, req_id: bytes, body: bytes, buffers=(), final: bool = True) -> list:
-    return [REPLY if final else PARTIAL, client_id, req_id, body, *buffers]
-
-
-def peer_ready(service: str, uids=()) -> list:
-    return [READY, service.encode(), *(u.encode() for u in uids)]
-
-
-def peer_bind(uid: str, bind: bool = True) -> list:
-    return [BIND if bind else UNBIND, uid.encode()]
-
-
-HEARTBEAT_FRAMES = [HEARTBEAT]
-DISCONNECT_FRAMES = [DISCONNECT]
-
-# What the broker sends; each takes the destination's routing identity first (ROUTER addressing).
-
-
-def route_request(peer: bytes, client: bytes, req_id: bytes, caller: bytes, rest) -> list:
-    """A client's request on its way to a peer; `rest` is [body, *buffers] as received."""
-    return [peer, REQUEST, client, req_id, caller, *rest]
-
-
-def route_reply(client: bytes, command: bytes, req_id: bytes, rest) -> list:
-    """A peer's PARTIAL/REPLY on its way to the client; `rest` is [body, *buffers] as received."""
-    return [client, command, req_id, *rest]
-
-
-def route_cancel(peer: bytes, client: bytes, req_id: bytes) -> list:
-    return [peer, CANCEL, client, req_id]
-
-
-def broker_error(client: bytes, req_id: bytes, code: str, message: str) -> list:
-    return [client, REPLY, req_id, error_body(code, message)]
-
-
-def broker_reply(client: bytes, req_id: bytes, msg: Msg) -> list:
-    return [client, REPLY, req_id, encode(msg)]
-
-
-def to_peer(identity: bytes, frames: list) -> list:
-    """HEARTBEAT_FRAMES or DISCONNECT_FRAMES (or denied(...)) for one peer."""
-    return [identity, *frames]
-
-
-def denied(reason: str) -> list:
-    return [DENIED, reason.encode()]

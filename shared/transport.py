@@ -24,7 +24,8 @@ from typing import Any
 
 import structlog
 import zmq
-from zinfer.shared import keys
+
+from zinfer.shared import keys, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import Forbidden, RequestTimeout, Unavailable, error_from_reply, reply_from_exception
@@ -84,7 +85,7 @@ class RequestContext:
 
     def send(self, msg: p.Msg, buffers=(), final: bool = False) -> None:
         """A reply chunk (final=False) or the final reply; callable from any thread."""
-        self._runtime.send(p.peer_reply(self.client_id, self.req_id, p.encode(msg), buffers, final))
+        self._runtime.send(wire.peer_reply(self.client_id, self.req_id, p.encode(msg), buffers, final))
 
     def require_service(self, name: str, what: str) -> None:
         """Refuse unless the request came from the registered service `name` (e.g. the scheduler)."""
@@ -165,10 +166,10 @@ class ServiceRuntime:
         sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
 
     def bind(self, uid: str) -> None:
-        self.send(p.peer_bind(uid, True))
+        self.send(wire.peer_bind(uid, True))
 
     def unbind(self, uid: str) -> None:
-        self.send(p.peer_bind(uid, False))
+        self.send(wire.peer_bind(uid, False))
 
     def stop(self, *_args) -> None:
         self.running = False
@@ -181,10 +182,10 @@ class ServiceRuntime:
         req_id = self._call_prefix + next(self._call_ids).to_bytes(8, "big")
         pending = _Call()
         self._calls[req_id] = pending
-        self.send(p.client_request(target.encode(), req_id, p.encode(msg)))
+        self.send(wire.client_request(target.encode(), req_id, p.encode(msg)))
         if not pending.event.wait(wait):
             self._calls.pop(req_id, None)
-            self.send(p.client_cancel(req_id))
+            self.send(wire.client_cancel(req_id))
             raise RequestTimeout(f"{target} did not answer {type(msg).__name__} within {wait:g}s")
         if pending.error is not None:
             raise pending.error
@@ -229,7 +230,7 @@ class ServiceRuntime:
         # requests would wait behind it for nobody).
         for ctx in self.active.values():
             ctx.cancelled = True
-        self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)))
+        self.dealer.send_multipart(wire.peer_ready(self.service, sorted(self.bound)))
         self.broker_seen = time.monotonic()
         log.info("registered", endpoint=self.settings.endpoint, uids=len(self.bound), key=self.key.name)
         if self.on_reconnect is not None:
@@ -282,10 +283,10 @@ class ServiceRuntime:
             now = time.monotonic()
             if self.denied_since is not None and now >= self._next_ready:
                 self._next_ready = now + interval
-                self.dealer.send_multipart(p.peer_ready(self.service, sorted(self.bound)), zmq.NOBLOCK)
+                self.dealer.send_multipart(wire.peer_ready(self.service, sorted(self.bound)), zmq.NOBLOCK)
             if now >= next_beat:
                 next_beat = now + interval
-                self.dealer.send_multipart(p.HEARTBEAT_FRAMES, zmq.NOBLOCK)
+                self.dealer.send_multipart(wire.HEARTBEAT_FRAMES, zmq.NOBLOCK)
                 if now - self.broker_seen > patience:
                     log.warning("broker_lost", silent_s=round(now - self.broker_seen, 2))
                     self._connect()  # a fresh socket, then READY with every bound uid
@@ -303,7 +304,7 @@ class ServiceRuntime:
             except zmq.Again:
                 break
         try:
-            self.dealer.send_multipart(p.DISCONNECT_FRAMES, zmq.NOBLOCK)
+            self.dealer.send_multipart(wire.DISCONNECT_FRAMES, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         time.sleep(0.05)  # let the DISCONNECT leave before the socket closes
@@ -316,13 +317,13 @@ class ServiceRuntime:
 
     def _forward(self, frames: list) -> None:
         cmd = frames[0] if type(frames[0]) is bytes else frames[0].bytes
-        if cmd == p.REPLY:
+        if cmd == wire.REPLY:
             if self.active:
                 key = tuple(f if type(f) is bytes else f.bytes for f in frames[1:3])
                 self.active.pop(key, None)
-        elif cmd in (p.BIND, p.UNBIND):
+        elif cmd in (wire.BIND, wire.UNBIND):
             uid = (frames[1] if type(frames[1]) is bytes else frames[1].bytes).decode()
-            (self.bound.add if cmd == p.BIND else self.bound.discard)(uid)
+            (self.bound.add if cmd == wire.BIND else self.bound.discard)(uid)
         try:
             # Small frames are cheaper copied; big ones (embeddings) go zero-copy.
             send_frames(self.dealer, frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
@@ -331,27 +332,27 @@ class ServiceRuntime:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         cmd = frames[0]
-        if cmd == p.REQUEST and len(frames) >= 5:
+        if cmd == wire.REQUEST and len(frames) >= 5:
             self.denied_since = None
             self._on_request(frames[1], frames[2], frames[3], frames[4])
             return
-        elif cmd == p.REPLY and len(frames) >= 3:  # the answer to one of our own calls
+        elif cmd == wire.REPLY and len(frames) >= 3:  # the answer to one of our own calls
             pending = self._calls.pop(frames[1], None)
             if pending is not None:
                 pending.frames = frames[2:]
                 pending.event.set()
-        elif cmd == p.CANCEL and len(frames) >= 3:
+        elif cmd == wire.CANCEL and len(frames) >= 3:
             ctx = self.active.get((frames[1], frames[2]))
             if ctx is not None:
                 ctx.cancelled = True
-        elif cmd == p.HEARTBEAT:
+        elif cmd == wire.HEARTBEAT:
             self.denied_since = None  # the broker heartbeats registered peers only
-        elif cmd == p.DENIED:
+        elif cmd == wire.DENIED:
             self._on_denied(frames[1].decode("utf-8", "replace") if len(frames) > 1 else "no reason given")
-        elif cmd == p.DISCONNECT:
+        elif cmd == wire.DISCONNECT:
             log.info("broker_asked_reregister")
             self._register()
-        elif cmd != p.PARTIAL:
+        elif cmd != wire.PARTIAL:
             log.warning("frame_dropped", reason=f"unexpected header {cmd[:8]!r}")
 
     def _caller(self, stamp: bytes) -> p.Caller:
@@ -400,7 +401,7 @@ class ServiceRuntime:
             self._fail(msg, ctx, exc)
             return
         if isinstance(result, p.Msg):
-            send_frames(self.dealer, p.peer_reply(ctx.client_id, ctx.req_id, p.encode(result)), zmq.NOBLOCK)
+            send_frames(self.dealer, wire.peer_reply(ctx.client_id, ctx.req_id, p.encode(result)), zmq.NOBLOCK)
         else:
             self._run(lambda m, c: result, msg, ctx)
 
@@ -441,6 +442,6 @@ class ServiceRuntime:
             if close is not None:
                 close()
         if ctx.cancelled:
-            self.send(p.peer_reply(ctx.client_id, ctx.req_id, p.error_body("cancelled", "stream cancelled")))
+            self.send(wire.peer_reply(ctx.client_id, ctx.req_id, p.error_body("cancelled", "stream cancelled")))
         else:
-            self.send(p.peer_reply(ctx.client_id, ctx.req_id, _END))
+            self.send(wire.peer_reply(ctx.client_id, ctx.req_id, _END))

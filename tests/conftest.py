@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
-from zinfer.shared.tinymodels import CHAT_TEMPLATE
 
 from tests.mesh import Mesh
+from zinfer.shared.tinymodels import CHAT_TEMPLATE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,6 +57,41 @@ def mesh(tmp_path) -> Mesh:
     m = Mesh(tmp_path / "home", tmp_path)
     try:
         m.start_all()
+        yield m
+    finally:
+        m.stop()
+
+
+# The launches served meshes are made of: uid -> launch arguments (see served_mesh).
+LAUNCHES: dict[str, dict] = {
+    "hf": dict(model_name="custom-llama-2", model_format="pytorch"),
+    "gg": dict(model_name="custom-llama-2", model_format="ggufv2", quantization="F32"),
+    "hf-long": dict(model_name="long-context", model_format="pytorch"),
+    "gg-long": dict(model_name="long-context", model_format="ggufv2"),
+    "emb": dict(model_name="custom-bge-base-en", model_type="embedding"),
+}
+
+
+@contextlib.contextmanager
+def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launches, *, gateway: bool = False,
+                llm: dict | None = None):
+    """The one builder of a module's served mesh: its own home and broker, the tiny models registered
+    (custom-llama-2, long-context with 8192 tokens, custom-bge-base-en) and `launches` launched: uids of
+    LAUNCHES, or (uid, launch arguments) pairs. `llm` adds fields to custom-llama-2's definition."""
+    root = tmp_path_factory.mktemp(name)
+    m = Mesh(root / "home", root)
+    try:
+        m.start_all()
+        if gateway:
+            m.start_gateway()
+        c = m.client
+        c.register_model("LLM", llm_definition(tiny_models, **(llm or {})))
+        c.register_model("LLM", llm_definition(tiny_models, "long-context", context_length=8192))
+        c.register_model("embedding", embedding_definition(tiny_models))
+        for launch in launches:
+            uid, args = (launch, LAUNCHES[launch]) if isinstance(launch, str) else launch
+            c.launch_model(model_uid=uid, **args)
+        m.root = root
         yield m
     finally:
         m.stop()

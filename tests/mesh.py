@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import zmq
+
 from zinfer.shared import keys
 from zinfer.shared.client import Client
 from zinfer.shared.errors import ZinferError

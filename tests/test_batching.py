@@ -7,29 +7,21 @@ import time
 
 import numpy as np
 import pytest
-from zinfer.shared.errors import TooLarge
 
-from tests.conftest import embedding_definition, llm_definition
-from tests.mesh import Mesh
+from tests.conftest import LAUNCHES, served_mesh
+from zinfer.shared.errors import TooLarge
 
 GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def bmesh(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("batching")
-    m = Mesh(root / "home", root).start_all()
-    c = m.client
-    c.register_model("LLM", llm_definition(tiny_models))
-    c.register_model("embedding", embedding_definition(tiny_models))
-    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb",
-                   batch_wait_ms=5, max_batch_size=64)
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="cb", continuous_batching=True)
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="plain",
-                   continuous_batching=False)
-    c.launch_model(model_name="custom-llama-2", model_format="ggufv2", model_uid="gg")
-    yield m
-    m.stop()
+    launches = [("emb", dict(LAUNCHES["emb"], batch_wait_ms=5, max_batch_size=64)),
+                ("cb", dict(LAUNCHES["hf"], continuous_batching=True)),
+                ("plain", dict(LAUNCHES["hf"], continuous_batching=False)),
+                ("gg", dict(model_name="custom-llama-2", model_format="ggufv2"))]
+    with served_mesh(tmp_path_factory, tiny_models, "batching", launches) as m:
+        yield m
 
 
 def concurrently(n: int, fn):
@@ -257,6 +249,7 @@ def test_small_batches_skip_encode_and_give_its_vectors(tiny_models):
     overhead is 0.5-2 ms of a one-sentence request): the same features as the model's preprocess() and the same
     vectors as encode(), for texts of every kind, one over max_seq_length included; bigger batches use encode()."""
     from sentence_transformers import SentenceTransformer
+
     from zinfer.services.worker.backends import sentence_backend
 
     backend = sentence_backend.SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from zinfer.shared import buscore
+
+from zinfer.shared import buscore, instances, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import (
     InstanceNotReady,
@@ -30,29 +31,29 @@ def test_requests_number_their_frames_and_refuse_oversized_messages():
     requests = buscore.Requests(max_message_bytes=1000, max_message_mb=1)
     first, frames = requests.frames("model/x", p.Ping())
     second, _ = requests.frames(b"model/x", p.Ping())
-    assert first[:4] == second[:4] and first != second and frames[:3] == [p.REQUEST, b"model/x", first]
+    assert first[:4] == second[:4] and first != second and frames[:3] == [wire.REQUEST, b"model/x", first]
     with pytest.raises(TooLarge, match=r"this Embed is [\d,]+ bytes; messages are limited to 1 MiB"):
         requests.frames("model/x", p.Embed(model_uid="x", input=["a" * 2000]))
 
 
 def test_replies_decode_to_messages_or_typed_errors():
-    ok = [p.REPLY, b"id", p.encode(p.Pong()), b"buffer"]
-    assert buscore.read_reply(ok) == (p.REPLY, p.Pong(), [b"buffer"])
+    ok = [wire.REPLY, b"id", p.encode(p.Pong()), b"buffer"]
+    assert buscore.read_reply(ok) == (wire.REPLY, p.Pong(), [b"buffer"])
     frame = zmq.Frame(p.encode(p.Pong()))
-    assert buscore.read_reply([zmq.Frame(p.PARTIAL), b"id", frame])[:2] == (p.PARTIAL, p.Pong())
+    assert buscore.read_reply([zmq.Frame(wire.PARTIAL), b"id", frame])[:2] == (wire.PARTIAL, p.Pong())
     for code, cls in (("queue_full", QueueFull), ("no_route", NoRoute), ("invalid", InvalidRequest)):
         with pytest.raises(cls) as err:
-            buscore.read_reply([p.REPLY, b"id", p.encode(p.Error(code=code, message="m", field="f"))])
+            buscore.read_reply([wire.REPLY, b"id", p.encode(p.Error(code=code, message="m", field="f"))])
         assert err.value.field == "f"
     with pytest.raises(Unavailable, match="undecodable reply"):
-        buscore.read_reply([p.REPLY, b"id", b"\xc1garbage"])
+        buscore.read_reply([wire.REPLY, b"id", b"\xc1garbage"])
 
 
 def test_a_stream_ends_with_its_final_reply():
     chunk = p.Pong(payload=b"1")
-    assert buscore.stream_step(p.PARTIAL, chunk) == (False, chunk)
-    assert buscore.stream_step(p.REPLY, chunk) == (True, chunk)  # the last chunk, final
-    assert buscore.stream_step(p.REPLY, p.Ok(message="end of stream")) == (True, None)
+    assert buscore.stream_step(wire.PARTIAL, chunk) == (False, chunk)
+    assert buscore.stream_step(wire.REPLY, chunk) == (True, chunk)  # the last chunk, final
+    assert buscore.stream_step(wire.REPLY, p.Ok(message="end of stream")) == (True, None)
 
 
 def test_monitor_events():
@@ -66,15 +67,16 @@ def test_monitor_events():
     assert str(fresh.apply(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)) == "other mesh"
 
 
-def view(state: str, **kw) -> p.InstanceView:
-    return p.InstanceView(model_uid="u", model_name="m", model_type="LLM", state=state, **kw)
+def view(state: str, **kw) -> instances.InstanceView:
+    return instances.InstanceView(model_uid="u", info=instances.InstanceInfo(model_name="m", model_type="LLM"),
+                                  state=state, **kw)
 
 
 def test_waiting_for_a_launch():
     assert buscore.launch_done("u", view("ready"), expired=True, timeout=1) is True
     assert buscore.launch_done("u", view("launching"), expired=False, timeout=1) is False
     with pytest.raises(InvalidRequest, match="model 'u' failed to launch: bad file") as err:
-        buscore.launch_done("u", view("failed", error="bad file", error_code="invalid", error_field="model_uri"),
+        buscore.launch_done("u", view("failed", error=p.Error(code="invalid", message="bad file", field="model_uri")),
                             expired=False, timeout=1)
     assert err.value.field == "model_uri"
     with pytest.raises(RequestTimeout, match="still launching after 2s"):
@@ -87,8 +89,18 @@ def test_nothing_serving_is_explained_and_other_errors_pass():
     gone = NoRoute("nothing serves 'model/u'")
     missing = buscore.not_serving("u", gone, None, "model")
     assert isinstance(missing, NotFound) and missing.field == "model"
-    loading = buscore.not_serving("u", gone, view("restarting", error="SIGSEGV"), "model_uid")
+    crashed = view("restarting", error=p.Error(code="unavailable", message="SIGSEGV"))
+    loading = buscore.not_serving("u", gone, crashed, "model_uid")
     assert isinstance(loading, InstanceNotReady) and str(loading) == "model_uid: model 'u' is restarting: SIGSEGV"
+
+
+def test_a_view_has_the_models_fields_at_the_top_and_its_error_nested():
+    """Xinference's list_models shape: model_name, model_type, ... beside model_uid, not under a key."""
+    failed = view("failed", error=p.Error(code="invalid", message="bad file", field="model_uri"))
+    plain = buscore.view_plain(failed)
+    assert list(plain)[:3] == ["model_uid", "model_name", "model_type"] and "info" not in plain
+    assert plain["error"] == {"code": "invalid", "message": "bad file", "field": "model_uri", "problems": []}
+    assert buscore.view_plain(view("ready"))["error"] is None
 
 
 def test_embedding_results_as_floats_and_base64():

@@ -8,6 +8,7 @@ import signal
 import struct
 
 import pytest
+
 from zinfer.services.worker import checks
 from zinfer.services.worker.supervisor import describe_exit, last_frame
 from zinfer.shared.errors import InvalidRequest

@@ -1,4 +1,5 @@
 import pytest
+
 from zinfer.shared.config import ConfigError, load_settings
 
 
@@ -45,6 +46,7 @@ def test_bad_env(monkeypatch):
 def test_every_setting_has_its_variable(monkeypatch):
     """ZINFER_<FIELD> for every field, checked by msgspec as the files are: numbers, booleans, bounds, lists."""
     import msgspec
+
     from zinfer.shared.config import Settings, env_var
 
     for field in msgspec.structs.fields(Settings):

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from zinfer.shared import keys
 
 from tests.mesh import REPO
+from zinfer.shared import keys
 
 
 def code_blocks(doc: str) -> list[tuple[str, str]]:

@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 import pytest
-from zinfer.shared.errors import NotFound
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.hubserver import HubServer
 from tests.mesh import REPO, Mesh
+from zinfer.shared.errors import NotFound
 
 PROMPT = "What is the largest animal in the world?"
 TOKEN = "hf_zinfer_test_token"

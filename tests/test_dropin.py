@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, QueueFull
 
-from tests.conftest import embedding_definition, llm_definition
+from tests.conftest import embedding_definition, llm_definition, served_mesh
 from tests.mesh import REPO, Mesh, free_port
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, QueueFull
 
 SEEDS = REPO.parent / "shared" / "seeds"
 PROMPT = "What is the largest animal in the world?"
@@ -25,17 +25,8 @@ PROMPT = "What is the largest animal in the world?"
 
 @pytest.fixture(scope="module")
 def xm(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("dropin")
-    m = Mesh(root / "home", root).start_all()
-    c = m.client
-    c.register_model("LLM", llm_definition(tiny_models))
-    c.register_model("embedding", embedding_definition(tiny_models))
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="hf")
-    c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
-    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
-    m.root = root
-    yield m
-    m.stop()
+    with served_mesh(tmp_path_factory, tiny_models, "dropin", ["hf", "gg", "emb"]) as m:
+        yield m
 
 
 def cli(m: Mesh, *args: str, stdin: str | None = None, timeout: float = 120, env: dict | None = None):
@@ -394,6 +385,7 @@ def test_logs_follow_prints_new_lines_and_survives_rotation(tmp_path):
 def test_logs_render_for_a_person(tmp_path, capsys):
     """On a terminal `zinfer logs` renders lines as structlog's console does, tracebacks as Python prints them."""
     from structlog.tracebacks import ExceptionDictTransformer
+
     from zinfer.cli.ops_cmds import _Printer
 
     try:

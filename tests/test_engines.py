@@ -6,6 +6,7 @@ import typing
 
 import msgspec
 import pytest
+
 from zinfer.shared import engines
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest

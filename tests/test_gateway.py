@@ -15,13 +15,14 @@ import pytest
 import requests
 import zmq
 from xinference_client import RESTfulClient
+
+from tests.conftest import embedding_definition, llm_definition, served_mesh
+from tests.mesh import REPO, Mesh
 from zinfer.services.gateway.bus import Connection
 from zinfer.shared import keys
 from zinfer.shared import protocol as p
 from zinfer.shared.config import load_settings
-
-from tests.conftest import embedding_definition, llm_definition
-from tests.mesh import REPO, Mesh
+from zinfer.shared.payloads import GenerateConfig
 
 PROMPT = "What is the largest animal in the world?"
 GREEDY = {"temperature": 0}
@@ -29,21 +30,10 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("gateway")
-    m = Mesh(root / "home", root).start_all()
-    m.start_gateway()
-    c = m.client
-    c.register_model("LLM", llm_definition(tiny_models))
-    c.register_model("LLM", llm_definition(tiny_models, "long-context", context_length=8192))
-    c.register_model("embedding", embedding_definition(tiny_models))
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="hf")
-    c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
-    c.launch_model(model_name="long-context", model_format="pytorch", model_uid="hf-long")
-    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
-    m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
-    m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
-    yield m
-    m.stop()
+    with served_mesh(tmp_path_factory, tiny_models, "gateway", ["hf", "gg", "hf-long", "emb"], gateway=True) as m:
+        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
+        m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
+        yield m
 
 
 def oai(m: Mesh, api_key: str | None = None) -> openai.OpenAI:
@@ -140,7 +130,7 @@ def test_a_disconnect_that_comes_with_a_chunk_still_cancels_the_generation(gw):
     before = settled_tokens_out(gw, "hf-long")
     cancelled_before = gw.client.describe_model("hf-long")["stats"]["cancelled"]
     msg = p.Generate(model_uid="hf-long", prompt="hello",
-                     config=p.GenerateConfig(max_tokens=8000, temperature=0, stream=True))
+                     config=GenerateConfig(max_tokens=8000, temperature=0, stream=True))
 
     async def race():
         conn = Connection(zmq.Context.instance(), settings, key)

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.mesh import REPO
 from zinfer.services.worker import ggml
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.tinyggml import GGML_TEMPLATE, SPM_GGUF_TEMPLATE
-
-from tests.mesh import REPO
 
 PROMPT = "What is the largest animal in the world?"
 

@@ -9,10 +9,10 @@ import threading
 
 import numpy as np
 import pytest
-from zinfer.shared.errors import InvalidRequest, TooLarge
 
-from tests.conftest import embedding_definition, llm_definition
-from tests.mesh import REPO, Mesh
+from tests.conftest import llm_definition, served_mesh
+from tests.mesh import REPO
+from zinfer.shared.errors import InvalidRequest, TooLarge
 
 PROMPT = "What is the largest animal in the world?"
 GREEDY = {"temperature": 0}
@@ -21,19 +21,9 @@ GREEDY = {"temperature": 0}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models):
     """One mesh with the tiny model launched in both formats, MiniLM, and a long-context llama.cpp model."""
-    root = tmp_path_factory.mktemp("infer")
-    m = Mesh(root / "home", root).start_all()
-    c = m.client
-    c.register_model("LLM", llm_definition(tiny_models, model_ability=["generate", "chat", "embed"]))
-    c.register_model("LLM", llm_definition(tiny_models, "long-context", context_length=8192))
-    c.register_model("embedding", embedding_definition(tiny_models))
-    c.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="hf")
-    c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
-    c.launch_model(model_name="long-context", model_format="pytorch", model_uid="hf-long")
-    c.launch_model(model_name="long-context", model_format="ggufv2", model_uid="gg-long")
-    c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
-    yield m
-    m.stop()
+    with served_mesh(tmp_path_factory, tiny_models, "infer", ["hf", "gg", "hf-long", "gg-long", "emb"],
+                     llm={"model_ability": ["generate", "chat", "embed"]}) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import time
 
 import psutil
 import pytest
-from zinfer.shared.errors import InvalidRequest, Unavailable, ZinferError
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
+from zinfer.shared.errors import InvalidRequest, Unavailable, ZinferError
 
 PROMPT = "Once upon a time"
 GREEDY = {"max_tokens": 12, "temperature": 0}
@@ -249,7 +249,7 @@ def test_a_crash_loop_ends_failed_with_the_cause(iso):
     os.kill(pid_of(iso, "loop"), signal.SIGKILL)
     iso.wait(lambda: c.describe_model("loop")["state"] == "failed" or None, timeout=30)
     view = c.describe_model("loop")
-    assert "restart_limit" in view["error"] and "SIGKILL" in view["error"], view
+    assert "restart_limit" in view["error"]["message"] and "SIGKILL" in view["error"]["message"], view
     assert view["pids"] == [0]
     c.terminate_model("loop")
     c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="loop")

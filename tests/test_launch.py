@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-from zinfer.cli.mesh import detect_gpus
-from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, ZinferError
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
+from zinfer.cli.mesh import detect_gpus
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, ZinferError
 
 MiB = 2**20
 
@@ -75,7 +75,7 @@ def test_a_failed_load_reports_its_cause_and_leaves_nothing(mesh, tiny_models):
         c.launch_model(model_name="wrong-dims", model_type="embedding")
     assert err.value.field == "dimensions"
     view = c.describe_model("wrong-dims")
-    assert view["state"] == "failed" and "768" in view["error"]
+    assert view["state"] == "failed" and "768" in view["error"]["message"] and view["error"]["code"] == "invalid"
     # Requests to it say why, rather than hanging or saying "unknown".
     from zinfer.shared.errors import InstanceNotReady
     with pytest.raises(InstanceNotReady, match="is failed"):

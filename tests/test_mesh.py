@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
-from zinfer.shared import keys
-from zinfer.shared import protocol as p
-from zinfer.shared.errors import Unavailable
 
 from tests.mesh import REPO, Mesh, free_port
+from zinfer.shared import keys, wire
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import Unavailable
 
 
 @pytest.fixture
@@ -89,8 +89,8 @@ def test_ten_thousand_malformed_frames_leave_the_broker_serving(bus):
     """Hostile frames from keys the broker accepts: a client key, and the service key (which may register)."""
     rng = random.Random(1234)
     socks = [bus.raw_socket(bus.admin_key), bus.raw_socket(bus.service_key)]
-    commands = [p.READY, p.BIND, p.UNBIND, p.HEARTBEAT, p.DISCONNECT, p.REQUEST, p.CANCEL, p.PARTIAL, p.REPLY,
-                p.DENIED, p.PROTO + b"\xff", b"", b"ZINF1\x10"]
+    commands = [wire.READY, wire.BIND, wire.UNBIND, wire.HEARTBEAT, wire.DISCONNECT, wire.REQUEST, wire.CANCEL,
+                wire.PARTIAL, wire.REPLY, wire.DENIED, wire.PROTO + b"\xff", b"", b"ZINF1\x10"]
     for i in range(10_000):
         kind = i % 4
         if kind == 0:  # pure noise
@@ -98,9 +98,9 @@ def test_ten_thousand_malformed_frames_leave_the_broker_serving(bus):
         elif kind == 1:  # right header, random command and junk
             frames = [rng.choice(commands)] + [rng.randbytes(rng.randint(0, 16)) for _ in range(rng.randint(0, 4))]
         elif kind == 2:  # replies for clients and requests that do not exist
-            frames = [p.REPLY, rng.randbytes(5), rng.randbytes(8), rng.randbytes(20)]
+            frames = [wire.REPLY, rng.randbytes(5), rng.randbytes(8), rng.randbytes(20)]
         else:  # requests to random targets with garbage bodies
-            frames = [p.REQUEST, rng.choice([b"registry", b"testpeer", rng.randbytes(4)]),
+            frames = [wire.REQUEST, rng.choice([b"registry", b"testpeer", rng.randbytes(4)]),
                       rng.randbytes(8), rng.randbytes(rng.randint(0, 40))]
         socks[i % 2].send_multipart(frames)
     for sock in socks:

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import pytest
-from zinfer.shared import keys
-from zinfer.shared.client import Client
-from zinfer.shared.errors import InvalidRequest, NotFound, Unavailable, ZinferError
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, free_port
+from zinfer.shared import keys
+from zinfer.shared.client import Client
+from zinfer.shared.errors import InvalidRequest, NotFound, Unavailable, ZinferError
 
 HEARTBEAT, LIVENESS = 0.5, 6  # 3 s without a heartbeat: declared gone
 PROMPT = "What is the largest animal in the world?"

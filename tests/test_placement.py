@@ -2,6 +2,7 @@
 
 import pytest
 from msgspec.structs import replace as msgspec_replace
+
 from zinfer.services.scheduler.placement import Slot, match_spec, place
 from zinfer.services.worker import files
 from zinfer.shared import protocol as p

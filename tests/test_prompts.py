@@ -1,10 +1,11 @@
 """Chat prompt layouts: the built-in prompt styles, custom styles, and Jinja chat templates."""
 
 import pytest
+
 from zinfer.services.registry import catalog
 from zinfer.services.worker.prompts import render_chat_template, render_prompt_style
 from zinfer.shared.errors import InvalidRequest
-from zinfer.shared.protocol import ChatMessage
+from zinfer.shared.payloads import ChatMessage
 
 CHAT = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello!"),
         ChatMessage(role="user", content="Who are you?")]

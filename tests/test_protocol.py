@@ -4,7 +4,17 @@ import typing
 
 import msgspec
 import pytest
+
+from zinfer.shared import instances, wire
 from zinfer.shared import protocol as p
+from zinfer.shared.payloads import (
+    ChatCompletionMessage,
+    ChatDeltaChoice,
+    ChatMessage,
+    CompletionChoice,
+    GenerateConfig,
+    Usage,
+)
 
 
 def _members(union) -> set[type]:
@@ -12,10 +22,21 @@ def _members(union) -> set[type]:
 
 
 def test_every_message_is_in_exactly_one_union():
+    """Every Msg subclass, in whichever shared module it is defined, is a request or a reply (not both)."""
+    import importlib
+    import pkgutil
+
+    import zinfer.shared
+
+    for module in pkgutil.iter_modules(zinfer.shared.__path__):
+        importlib.import_module(f"zinfer.shared.{module.name}")
     requests, replies = _members(p.Request), _members(p.Reply)
     assert not requests & replies
-    defined = {cls for cls in vars(p).values()
-               if isinstance(cls, type) and issubclass(cls, p.Msg) and cls is not p.Msg}
+    defined, todo = set(), [p.Msg]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            defined.add(sub)
+            todo.append(sub)
     assert defined == requests | replies
 
 
@@ -35,10 +56,10 @@ def test_tags_are_unique():
     p.Ping(payload=b"x"),
     p.RegisterModel(model_type="LLM", model="{}", persist=True),
     p.LaunchModel(model_name="m", replica=2, gpu_idx=[0], engine_kwargs={"a": 1, "b": "x"}),
-    p.Generate(model_uid="u", prompt="hi", config=p.GenerateConfig(max_tokens=3, stop=["x"], stream=True)),
-    p.Chat(model_uid="u", messages=[p.ChatMessage(role="user", content="hi")]),
+    p.Generate(model_uid="u", prompt="hi", config=GenerateConfig(max_tokens=3, stop=["x"], stream=True)),
+    p.Chat(model_uid="u", messages=[ChatMessage(role="user", content="hi")]),
     p.Embed(model_uid="u", input=["a", "b"]),
-    p.WorkerReport(device=p.DeviceInfo(worker_id="cpu", host="h", device="cpu", total_memory=1, free_memory=1)),
+    p.WorkerReport(device=instances.DeviceInfo(worker_id="cpu", host="h", device="cpu", total_memory=1, free_memory=1)),
 ])
 def test_request_round_trip(msg):
     assert p.decode_request(p.encode(msg)) == msg
@@ -46,10 +67,10 @@ def test_request_round_trip(msg):
 
 @pytest.mark.parametrize("msg", [
     p.Error(code="invalid", message="bad", field="model_name"),
-    p.Completion(id="cmpl-1", created=1, model="u", choices=[p.CompletionChoice(text="t", finish_reason="stop")],
-                 usage=p.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)),
+    p.Completion(id="cmpl-1", created=1, model="u", choices=[CompletionChoice(text="t", finish_reason="stop")],
+                 usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)),
     p.ChatCompletionChunk(id="c", created=1, model="u",
-                          choices=[p.ChatDeltaChoice(delta=p.ChatCompletionMessage(role=None, content="x"))]),
+                          choices=[ChatDeltaChoice(delta=ChatCompletionMessage(role=None, content="x"))]),
     p.Embedding(model="u", rows=2, dimensions=3, prompt_tokens=4),
 ])
 def test_reply_round_trip(msg):
@@ -95,10 +116,10 @@ def test_callers_round_trip():
 
 
 def test_frames_carry_the_protocol_version():
-    frames = p.client_request(b"registry", b"id", b"body")
-    assert frames[0] == p.REQUEST and frames[0].startswith(p.PROTO)
-    assert p.peer_reply(b"c", b"id", b"b", final=False)[0] == p.PARTIAL
-    assert p.peer_ready("registry", ["m"]) == [p.READY, b"registry", b"m"]
+    frames = wire.client_request(b"registry", b"id", b"body")
+    assert frames[0] == wire.REQUEST and frames[0].startswith(wire.PROTO)
+    assert wire.peer_reply(b"c", b"id", b"b", final=False)[0] == wire.PARTIAL
+    assert wire.peer_ready("registry", ["m"]) == [wire.READY, b"registry", b"m"]
 
 
 def test_every_error_code_has_its_exception_and_http_status():
@@ -106,8 +127,9 @@ def test_every_error_code_has_its_exception_and_http_status():
     bug: one class per code, one status per code."""
     from zinfer.services.gateway.app import STATUS
     from zinfer.shared.errors import _BY_CODE, InternalError, NoRoute, QueueFull, Unavailable, error_class
+    from zinfer.shared.message import ErrorCode
 
-    codes = set(typing.get_args(p.ErrorCode))
+    codes = set(typing.get_args(ErrorCode))
     assert codes == set(_BY_CODE) == set(STATUS)
     assert all(error_class(code).code == code for code in codes) and error_class("nonsense") is InternalError
     assert issubclass(NoRoute, Unavailable) and issubclass(QueueFull, Unavailable)

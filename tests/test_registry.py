@@ -11,10 +11,10 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zinfer.shared.errors import InvalidRequest, NotFound
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
+from zinfer.shared.errors import InvalidRequest, NotFound
 
 
 def start_registry_mesh(m: Mesh) -> Mesh:

@@ -12,6 +12,10 @@ import threading
 import time
 
 import pytest
+
+from tests.conftest import embedding_definition, llm_definition
+from tests.mesh import REPO, Mesh
+from tests.test_mesh import start_peer
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import (
     InstanceNotReady,
@@ -21,10 +25,6 @@ from zinfer.shared.errors import (
     Unavailable,
     storage_error,
 )
-
-from tests.conftest import embedding_definition, llm_definition
-from tests.mesh import REPO, Mesh
-from tests.test_mesh import start_peer
 
 
 def states(client) -> dict[str, str]:
@@ -77,7 +77,7 @@ def test_a_stalled_worker_is_restarting_then_ready_again(served_mesh):
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     m.wait(lambda: states(m.client) == {"gg": "ready", "emb": "ready"} or None, timeout=20)
-    assert m.client.describe_model("emb")["error"] == ""
+    assert m.client.describe_model("emb")["error"] is None
     assert len(m.client.get_model("emb").create_embedding("hi")["data"]) == 1
 
 

@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from zinfer.shared.errors import InvalidRequest
 
-from tests.conftest import llm_definition
-from tests.mesh import Mesh
+from tests.conftest import served_mesh
+from zinfer.shared.errors import InvalidRequest
 
 PROMPT = "Once upon a time"
 GREEDY = {"temperature": 0}
@@ -21,13 +20,8 @@ STOPS_EARLY_LLAMA = "is"  # ... and this after 50
 
 @pytest.fixture(scope="module")
 def rq(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("requests")
-    m = Mesh(root / "home", root).start_all()
-    m.client.register_model("LLM", llm_definition(tiny_models))
-    m.client.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="hf")
-    m.client.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
-    yield m
-    m.stop()
+    with served_mesh(tmp_path_factory, tiny_models, "requests", ["hf", "gg"]) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")

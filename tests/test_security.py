@@ -18,15 +18,15 @@ import msgspec
 import psutil
 import pytest
 import zmq
-from zinfer.shared import keys
-from zinfer.shared import protocol as p
-from zinfer.shared.client import Client
-from zinfer.shared.errors import Forbidden, InvalidRequest, TooLarge, Unauthenticated
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 from tests.test_mesh import start_peer
 from tests.test_protocol import nested_bomb
+from zinfer.shared import instances, keys, wire
+from zinfer.shared import protocol as p
+from zinfer.shared.client import Client
+from zinfer.shared.errors import Forbidden, InvalidRequest, TooLarge, Unauthenticated
 
 MARKER = "zinfer-secret-marker-7f3a"
 EVIL_CODE = """
@@ -91,7 +91,7 @@ def test_unauthenticated_connect_gets_nothing(secure, tmp_path):
     stranger = secure.raw_socket(stranger_file)
     for sock in (plain, stranger):
         try:  # queued until the handshake fails; after that there is no connection to queue for
-            sock.send_multipart(p.client_request(b"registry", b"x" * 8, p.encode(p.Ping())), zmq.NOBLOCK)
+            sock.send_multipart(wire.client_request(b"registry", b"x" * 8, p.encode(p.Ping())), zmq.NOBLOCK)
         except zmq.Again:
             pass
         assert no_reply(sock)
@@ -132,9 +132,9 @@ def test_a_user_key_cannot_register_launch_terminate_or_unregister(secure, tiny_
 def test_a_client_key_cannot_register_as_a_service(secure):
     for key_file in (secure.user_key, secure.admin_key):
         sock = secure.raw_socket(key_file)
-        sock.send_multipart(p.peer_ready("registry"))
+        sock.send_multipart(wire.peer_ready("registry"))
         frames = sock.recv_multipart() if sock.poll(5000) else []
-        assert frames[:1] == [p.DENIED] and b"cannot register a service" in frames[1]
+        assert frames[:1] == [wire.DENIED] and b"cannot register a service" in frames[1]
         sock.close()
     assert [peer["key"] for peer in secure.client.broker_status()["peers"] if peer["service"] == "registry"] \
         == ["service"]
@@ -142,9 +142,9 @@ def test_a_client_key_cannot_register_as_a_service(secure):
 
 def test_a_live_service_name_cannot_be_taken(secure, tiny_models):
     rogue = secure.raw_socket(secure.service_key)  # even with the service key itself
-    rogue.send_multipart(p.peer_ready("registry"))
+    rogue.send_multipart(wire.peer_ready("registry"))
     frames = rogue.recv_multipart() if rogue.poll(5000) else []
-    assert frames[:1] == [p.DENIED] and b"held by a live peer" in frames[1]
+    assert frames[:1] == [wire.DENIED] and b"held by a live peer" in frames[1]
     # Registrations keep reaching the real registry; the rogue sees none of them.
     secure.client.register_model("embedding", embedding_definition(tiny_models, "captured-maybe"))
     secure.client.unregister_model("embedding", "captured-maybe")
@@ -157,7 +157,7 @@ def test_forged_replies_never_reach_a_client(secure):
     """An attacker that learned a client's routing id and request ids (by serving it once) forges replies to
     its next request, from a registered peer and from an unregistered socket: the client gets the real one."""
     evil = secure.raw_socket(secure.service_key)
-    evil.send_multipart(p.peer_ready("evil"))
+    evil.send_multipart(wire.peer_ready("evil"))
     stray = secure.raw_socket(secure.user_key)
     learned = {}
     forge, done = threading.Event(), threading.Event()
@@ -170,16 +170,16 @@ def test_forged_replies_never_reach_a_client(secure):
         next_beat = 0.0
         while not done.is_set():
             if time.monotonic() >= next_beat:
-                evil.send_multipart(p.HEARTBEAT_FRAMES)
+                evil.send_multipart(wire.HEARTBEAT_FRAMES)
                 next_beat = time.monotonic() + secure.liveness / 12
             if evil.poll(50):
                 frames = evil.recv_multipart()
-                if frames[0] == p.REQUEST and not learned:
+                if frames[0] == wire.REQUEST and not learned:
                     learned.update(client=frames[1], req_id=frames[2], caller=frames[3])
-                    evil.send_multipart(p.peer_reply(frames[1], frames[2], p.encode(p.Pong(payload=b"evil-ok"))))
+                    evil.send_multipart(wire.peer_reply(frames[1], frames[2], p.encode(p.Pong(payload=b"evil-ok"))))
             if forge.is_set():
                 for req_id in next_req_ids():
-                    evil.send_multipart(p.peer_reply(learned["client"], req_id, forged))
+                    evil.send_multipart(wire.peer_reply(learned["client"], req_id, forged))
 
     def next_req_ids():
         counter = int.from_bytes(learned["req_id"][4:], "big")
@@ -200,7 +200,7 @@ def test_forged_replies_never_reach_a_client(secure):
         deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
             for req_id in next_req_ids():
-                stray.send_multipart(p.peer_reply(learned["client"], req_id, forged))
+                stray.send_multipart(wire.peer_reply(learned["client"], req_id, forged))
             time.sleep(0.05)
         slow.join()
         assert result["reply"].payload == b"slept"
@@ -209,13 +209,13 @@ def test_forged_replies_never_reach_a_client(secure):
     finally:
         done.set()
         t.join()
-    evil.send_multipart(p.DISCONNECT_FRAMES)
+    evil.send_multipart(wire.DISCONNECT_FRAMES)
     evil.close()
     stray.close()
 
 
 def test_a_fake_worker_report_is_refused(secure):
-    fake = p.WorkerReport(device=p.DeviceInfo(worker_id="fake", host="attacker", device="cpu:9",
+    fake = p.WorkerReport(device=instances.DeviceInfo(worker_id="fake", host="attacker", device="cpu:9",
                                               total_memory=2**50, free_memory=2**50))
     service_client = Client(secure.endpoint, key=secure.service_key)  # the service key, but not that worker
     for client in (secure.client, secure.new_client(key=secure.user_key), service_client):
@@ -276,7 +276,7 @@ def test_nested_msgpack_leaves_every_service_answering(secure):
     sock = secure.raw_socket(secure.admin_key)
     targets = [b"registry", b"scheduler", b"worker/cpu", p.model_target("gg").encode(), b"testpeer"]
     for i, target in enumerate(targets):
-        sock.send_multipart(p.client_request(target, i.to_bytes(8, "big"), nested_bomb()))
+        sock.send_multipart(wire.client_request(target, i.to_bytes(8, "big"), nested_bomb()))
     codes = {}
     for _ in targets:
         _cmd, reply = recv_reply(sock)
@@ -291,8 +291,8 @@ def test_nested_msgpack_leaves_every_service_answering(secure):
 def test_a_100_mb_frame_leaves_every_service_answering(secure):
     big = b"\0" * (100 * 2**20)
     sock = secure.raw_socket(secure.admin_key)
-    sock.send_multipart(p.client_request(b"registry", b"b" * 8, big))
-    sock.send_multipart(p.client_request(b"nobody-serves-this", b"c" * 8, big))
+    sock.send_multipart(wire.client_request(b"registry", b"b" * 8, big))
+    sock.send_multipart(wire.client_request(b"nobody-serves-this", b"c" * 8, big))
     assert no_reply(sock, 1.0)  # over max_message_mb: the broker drops that connection, answers nothing
     sock.close()
     broker = psutil.Process(secure.procs["broker"].pid)
@@ -310,7 +310,7 @@ def test_parked_requests_are_bounded(secure):
     body = p.encode(p.Ping(payload=b"\0" * 2**20))
     start = time.monotonic()
     for i in range(80):  # 80 MiB against park_max_mb = 64
-        sock.send_multipart(p.client_request(b"nobody-serves-this", i.to_bytes(8, "big"), body))
+        sock.send_multipart(wire.client_request(b"nobody-serves-this", i.to_bytes(8, "big"), body))
     _cmd, reply = recv_reply(sock)
     assert isinstance(reply, p.Error) and "queue for such requests is full" in reply.message
     assert time.monotonic() - start < 1.5  # at once, not after the 2 s grace

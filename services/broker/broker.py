@@ -28,12 +28,13 @@ from collections import deque
 
 import structlog
 import zmq
-from zinfer.shared import keys
+from zmq.auth.thread import ThreadAuthenticator
+
+from zinfer.shared import keys, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.endpoints import endpoint_holder
 from zinfer.shared.transport import send_frames
-from zmq.auth.thread import ThreadAuthenticator
 
 log = structlog.get_logger()
 
@@ -109,15 +110,15 @@ class Broker:
         self.dropped = 0
         self.running = True
         self._dispatch = {
-            p.REQUEST: self._on_request,
-            p.REPLY: self._on_reply,
-            p.PARTIAL: self._on_reply,
-            p.CANCEL: self._on_cancel,
-            p.HEARTBEAT: self._on_heartbeat,
-            p.READY: self._on_ready,
-            p.BIND: self._on_bind,
-            p.UNBIND: self._on_bind,
-            p.DISCONNECT: self._on_disconnect,
+            wire.REQUEST: self._on_request,
+            wire.REPLY: self._on_reply,
+            wire.PARTIAL: self._on_reply,
+            wire.CANCEL: self._on_cancel,
+            wire.HEARTBEAT: self._on_heartbeat,
+            wire.READY: self._on_ready,
+            wire.BIND: self._on_bind,
+            wire.UNBIND: self._on_bind,
+            wire.DISCONNECT: self._on_disconnect,
         }
 
     def bind(self) -> None:
@@ -169,7 +170,7 @@ class Broker:
     def _prune_revoked(self) -> None:
         for peer in list(self.peers.values()):
             if peer.public_key not in self.known:
-                self._send(peer.identity, p.DISCONNECT_FRAMES)
+                self._send(peer.identity, wire.DISCONNECT_FRAMES)
                 self._remove(peer, "its key was revoked")
 
     # ------------------------------------------------------------------ loop
@@ -187,8 +188,8 @@ class Broker:
             send_frames(sock, frames, flags)
 
         handle, routes, pending, peers = self._handle, self.routes, self.pending, self.peers
-        REQUEST, REPLY, NOBLOCK = p.REQUEST, p.REPLY, zmq.NOBLOCK
-        route_request, route_reply = p.route_request, p.route_reply
+        REQUEST, REPLY, NOBLOCK = wire.REQUEST, wire.REPLY, zmq.NOBLOCK
+        route_request, route_reply = wire.route_request, wire.route_reply
         while self.running:
             try:
                 head = recv(sock, copy=False)
@@ -274,12 +275,12 @@ class Broker:
         """A heartbeat to every peer: one whose connection is gone is removed now, and its pending requests are
         answered `unavailable` (a crashed instance's clients hear it at once)."""
         for peer in list(self.peers.values()):
-            if self._send_raw(p.to_peer(peer.identity, p.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
+            if self._send_raw(wire.to_peer(peer.identity, wire.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
                 self._remove(peer, "disconnected")
 
     def close(self) -> None:
         for peer in list(self.peers.values()):
-            self._send(peer.identity, p.DISCONNECT_FRAMES)
+            self._send(peer.identity, wire.DISCONNECT_FRAMES)
         try:
             self.sock.disable_monitor()  # the monitor's thread hears MONITOR_STOPPED and closes its socket
         except zmq.ZMQError:
@@ -312,15 +313,15 @@ class Broker:
 
     def _refuse(self, frames: list[bytes]) -> None:
         """A message from a key that is no longer in the roster (revoked while connected)."""
-        if len(frames) >= 4 and frames[1] == p.REQUEST:
-            self._send_raw(p.broker_error(frames[0], frames[3], "unauthenticated",
+        if len(frames) >= 4 and frames[1] == wire.REQUEST:
+            self._send_raw(wire.broker_error(frames[0], frames[3], "unauthenticated",
                                           "this client's key was revoked; ask an admin for a new one"))
-        elif len(frames) >= 2 and frames[1] == p.READY:
-            self._send(frames[0], p.denied("this key was revoked"))
+        elif len(frames) >= 2 and frames[1] == wire.READY:
+            self._send(frames[0], wire.denied("this key was revoked"))
         self._dropped("revoked or unknown key", frames)
 
     def _send(self, identity: bytes, frames: list) -> bool:
-        return self._send_raw(p.to_peer(identity, frames)) == 0
+        return self._send_raw(wire.to_peer(identity, frames)) == 0
 
     def _send_raw(self, frames: list) -> int:
         """0 when queued, else the errno: EHOSTUNREACH (that identity left) or EAGAIN (its queue is full)."""
@@ -331,7 +332,7 @@ class Broker:
             return exc.errno
 
     def _reply_error(self, client: bytes, req_id: bytes, code: str, message: str) -> None:
-        self._send_raw(p.broker_error(client, req_id, code, message))
+        self._send_raw(wire.broker_error(client, req_id, code, message))
 
     def _on_request(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         # [sender, REQUEST, target, req_id, body, *buffers]
@@ -339,7 +340,7 @@ class Broker:
             raise ValueError("short REQUEST")
         target, req_id = frames[2], frames[3]
         if target == p.BROKER_TARGET:
-            self._send_raw(p.broker_reply(sender, req_id, self.status()))
+            self._send_raw(wire.broker_reply(sender, req_id, self.status()))
             return
         origin = self.peers.get(sender)
         caller = origin.caller if origin is not None else key.stamp
@@ -349,7 +350,7 @@ class Broker:
                 self._park(target, sender, frames, key)
                 return
             peer = peers[0] if len(peers) == 1 else min(peers, key=_inflight)
-            errno = self._send_raw(p.route_request(peer.identity, sender, req_id, caller, frames[4:]))
+            errno = self._send_raw(wire.route_request(peer.identity, sender, req_id, caller, frames[4:]))
             if errno == 0:
                 self.pending[(sender, req_id)] = peer
                 peer.inflight += 1
@@ -372,18 +373,18 @@ class Broker:
             # Only the peer a request went to may answer it. A late reply to a cancelled request is normal;
             # one from a socket that is not a registered peer is a forgery.
             if peer is None:
-                self._send(sender, p.DISCONNECT_FRAMES)
+                self._send(sender, wire.DISCONNECT_FRAMES)
                 self._dropped(f"reply from {key.role} key {key.name!r}, which is not a registered peer", frames)
             return
         peer.last_seen = self.now
-        final = frames[1] == p.REPLY
+        final = frames[1] == wire.REPLY
         if final:
             del self.pending[(client, req_id)]
             peer.inflight -= 1
-        delivered = self._send_raw(p.route_reply(client, frames[1], req_id, frames[4:])) == 0
+        delivered = self._send_raw(wire.route_reply(client, frames[1], req_id, frames[4:])) == 0
         if not delivered and not final:
             # The client is gone mid-stream: stop the work it started.
-            self._send_raw(p.route_cancel(sender, client, req_id))
+            self._send_raw(wire.route_cancel(sender, client, req_id))
             if self.pending.pop((client, req_id), None) is not None:
                 peer.inflight -= 1
 
@@ -393,14 +394,14 @@ class Broker:
         peer = self.pending.pop((sender, frames[2]), None)
         if peer is not None:
             peer.inflight -= 1
-            self._send_raw(p.route_cancel(peer.identity, sender, frames[2]))
+            self._send_raw(wire.route_cancel(peer.identity, sender, frames[2]))
 
     def _on_heartbeat(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         peer = self.peers.get(sender)
         if peer is not None:
             peer.last_seen = self.now
         elif key.role == p.SERVICE:
-            self._send(sender, p.DISCONNECT_FRAMES)  # a peer of an earlier broker: ask it to re-register
+            self._send(sender, wire.DISCONNECT_FRAMES)  # a peer of an earlier broker: ask it to re-register
 
     def _on_ready(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         if len(frames) < 3 or not frames[2]:
@@ -408,19 +409,19 @@ class Broker:
         service = bytes(frames[2])
         name = service.decode(errors="replace")
         if key.role != p.SERVICE:
-            self._send(sender, p.denied(f"a {key.role} key cannot register a service"))
+            self._send(sender, wire.denied(f"a {key.role} key cannot register a service"))
             self._dropped(f"READY {name!r} from {key.role} key {key.name!r}", frames)
             return
         if service.startswith(MODEL_PREFIX) or not key.entry.may_hold(name):
-            self._send(sender, p.denied(f"key {key.name!r} may not hold the name {name!r}"))
+            self._send(sender, wire.denied(f"key {key.name!r} may not hold the name {name!r}"))
             self._dropped(f"READY {name!r} from key {key.name!r}, which may not hold it", frames)
             return
         holder = next((peer for peer in self.routes.get(service, ()) if peer.service == service), None)
         if holder is not None and holder.identity != sender:
             # A name is held by one live peer. A restarted process takes it over from a dead one: a probe to the
             # holder fails at once when its connection is gone (ROUTER_MANDATORY).
-            if self._send(holder.identity, p.HEARTBEAT_FRAMES):
-                self._send(sender, p.denied(f"{name} is held by a live peer (key {holder.key_name!r}); "
+            if self._send(holder.identity, wire.HEARTBEAT_FRAMES):
+                self._send(sender, wire.denied(f"{name} is held by a live peer (key {holder.key_name!r}); "
                                             "a second process cannot take it while the first answers"))
                 self._dropped(f"READY {name!r}: held by a live peer", frames)
                 return
@@ -441,13 +442,13 @@ class Broker:
         peer = self.peers.get(sender)
         if peer is None:
             if key.role == p.SERVICE:
-                self._send(sender, p.DISCONNECT_FRAMES)
+                self._send(sender, wire.DISCONNECT_FRAMES)
             return
         peer.last_seen = self.now
         uid = bytes(frames[2])
         if not uid.startswith(MODEL_PREFIX):
             raise ValueError(f"BIND of {uid[:40]!r}: peers bind model uids only")
-        if frames[1] == p.BIND:
+        if frames[1] == wire.BIND:
             self._route(peer, uid)
         elif uid in peer.uids:
             peer.uids.discard(uid)
@@ -511,7 +512,7 @@ class Broker:
         for peer in list(self.peers.values()):
             if now - peer.last_seen > dead_after:
                 self._remove(peer, f"stopped answering (no heartbeat for {dead_after:g}s)")
-            elif self._send_raw(p.to_peer(peer.identity, p.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
+            elif self._send_raw(wire.to_peer(peer.identity, wire.HEARTBEAT_FRAMES)) == zmq.EHOSTUNREACH:
                 # Its connection is gone (the process died): known now, not at the end of the liveness window.
                 self._remove(peer, "disconnected")
         grace = self.settings.unroutable_grace

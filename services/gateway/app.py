@@ -19,11 +19,20 @@ import msgspec
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
 from zinfer.shared import compat, keys
 from zinfer.shared import protocol as p
-from zinfer.shared.buscore import LAUNCH_POLL_S, as_plain, embedding_array, embedding_result, launch_done, not_serving
+from zinfer.shared.buscore import (
+    LAUNCH_POLL_S,
+    as_plain,
+    embedding_array,
+    embedding_result,
+    launch_done,
+    not_serving,
+    view_plain,
+)
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
     InvalidRequest,
@@ -32,6 +41,7 @@ from zinfer.shared.errors import (
     Unauthenticated,
     ZinferError,
 )
+from zinfer.shared.payloads import Usage
 
 STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
           "forbidden": 403, "unauthenticated": 401, "queue_full": 429, "unavailable": 503, "no_route": 503,
@@ -198,29 +208,17 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         conn = self.connection(request)
         body = await body_of(request)
-        uid = body.get("model")
-        target = await self.model_target(conn, uid)
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest("input must be a string or a list of strings", field="input")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise InvalidRequest(f"encoding_format {encoding!r} must be float or base64", field="encoding_format")
-        unknown = set(body) - {"model", "input", "encoding_format", "user", "dimensions"}
-        if unknown:
-            name = sorted(unknown)[0]
-            raise InvalidRequest(f"unknown field {name!r}{compat.closest(name, ['input', 'encoding_format'])}",
-                                 field=name)
+        target = await self.model_target(conn, body.get("model"))  # an unknown uid: 404 before the body's checks
+        typed = compat.embeddings_body(body)
+        uid, texts, encoding = typed.model, typed.input, typed.encoding_format
         try:
             reply, buffers = await conn.call(target, p.Embed(model_uid=uid, input=texts), self.timeout)
         except ZinferError as exc:
             raise await self.explain(conn, uid, exc) from None
-        if body.get("dimensions") not in (None, reply.dimensions):
+        if typed.dimensions not in (None, reply.dimensions):
             raise InvalidRequest(f"dimensions: model {uid!r} makes {reply.dimensions}-dimensional embeddings",
                                  field="dimensions")
-        self.metrics.tokens(uid, p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
+        self.metrics.tokens(uid, Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
                                          total_tokens=reply.prompt_tokens))
         return json_response(embedding_result(uid, reply, embedding_array(reply, buffers), encoding))
 
@@ -233,13 +231,13 @@ class Gateway:
     async def list_models(self, request: Request) -> Response:
         reply = await self.call(request, p.SCHEDULER, p.ListModels())
         self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
-        data = [{"id": m.model_uid, "object": "model", "created": 0, "owned_by": "zinfer", **plain(m)}
+        data = [{"id": m.model_uid, "object": "model", "created": 0, "owned_by": "zinfer", **view_plain(m)}
                 for m in reply.models]
         return json_response({"object": "list", "data": data})
 
     async def describe(self, request: Request, uid: str) -> Response:
         reply = await self.call(request, p.SCHEDULER, p.DescribeModel(model_uid=uid))
-        return json_response({"id": uid, **plain(reply.model)})
+        return json_response({"id": uid, **view_plain(reply.model)})
 
     async def launch(self, request: Request) -> Response:
         body = await body_of(request)

@@ -16,7 +16,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import zmq
-from zinfer.shared import keys
+from zmq.utils.monitor import parse_monitor_message
+
+from zinfer.shared import keys, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
     CONNECT_TIMEOUT,
@@ -30,7 +32,6 @@ from zinfer.shared.buscore import (
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import RequestTimeout, Unavailable
 from zinfer.shared.transport import send_frames
-from zmq.utils.monitor import parse_monitor_message
 
 _ids = itertools.count()
 
@@ -130,7 +131,7 @@ class Connection:
     def _cancel(self, req_id: bytes) -> None:
         self.waiters.pop(req_id, None)
         try:
-            send_frames(self.sock, p.client_cancel(req_id), zmq.NOBLOCK)
+            send_frames(self.sock, wire.client_cancel(req_id), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 

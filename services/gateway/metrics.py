@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from zinfer.shared import protocol as p
+
+from zinfer.shared import instances
 from zinfer.shared.errors import ZinferError
+from zinfer.shared.payloads import Usage
 
 STATES = ("launching", "ready", "failed", "terminating")
 
@@ -38,19 +40,19 @@ class Metrics:
     def error(self, exc: ZinferError) -> None:
         self.errors.labels(exc.code).inc()
 
-    def tokens(self, model: str, usage: p.Usage | None) -> None:
+    def tokens(self, model: str, usage: Usage | None) -> None:
         if usage is not None:
             self.token_count.labels(model, "in").inc(usage.prompt_tokens)
             self.token_count.labels(model, "out").inc(usage.completion_tokens)
 
-    def render(self, models: list[p.InstanceView]) -> bytes:
+    def render(self, models: list[instances.InstanceView]) -> bytes:
         return generate_latest(self.registry) + generate_latest(_Instances(models))
 
 
 class _Instances:
     """A one-scrape registry of the instances' metrics (prometheus-client calls collect())."""
 
-    def __init__(self, models: list[p.InstanceView]):
+    def __init__(self, models: list[instances.InstanceView]):
         self.models = models
 
     def collect(self):
@@ -62,9 +64,9 @@ class _Instances:
         replicas = GaugeMetricFamily("zinfer_instance_replicas", "Replicas", labels=labels)
         counters = {name: CounterMetricFamily(f"zinfer_instance_{name}", f"Instance {name.replace('_', ' ')} since "
                                               "it was loaded", labels=labels)
-                    for name in p.InstanceStats.__struct_fields__}
+                    for name in instances.InstanceStats.__struct_fields__}
         for m in self.models:
-            values = [m.model_uid, m.model_name, m.model_type]
+            values = [m.model_uid, m.info.model_name, m.info.model_type]
             for s in STATES:
                 state.add_metric([*values, s], 1.0 if m.state == s else 0.0)
             queue.add_metric(values, m.queue_depth)

@@ -6,6 +6,7 @@ import json
 from functools import lru_cache
 
 import msgspec
+
 from zinfer.shared.config import CONFIG_DIR
 from zinfer.shared.models import EmbeddingFamily, LLMFamily, PromptStyle, parse_embedding, parse_llm
 

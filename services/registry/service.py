@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
 import structlog
+
 from zinfer.services.registry import catalog
 from zinfer.services.registry.store import DefinitionStore
 from zinfer.services.registry.validate import MODEL_TYPES, already_registered, check_model_type, validate
@@ -16,6 +18,7 @@ from zinfer.shared.models import (
     DefinitionError,
     EmbeddingFamily,
     FieldProblem,
+    LLMFamily,
     decode_json_object,
     definition_to_json,
     parse_embedding,
@@ -146,8 +149,15 @@ class Registry:
 
     def get(self, msg: p.GetRegistration, ctx) -> p.Registration:
         definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
-        return p.Registration(model_type=msg.model_type, is_builtin=is_builtin,
-                              definition=definition_to_json(definition))
+        reply = p.Registration(model_type=msg.model_type, is_builtin=is_builtin,
+                               definition=definition_to_json(definition))
+        if msg.resolved and isinstance(definition, LLMFamily):
+            # Self-contained for the workers: the family's prompt style and chat template resolved here.
+            reply.llm = msgspec.structs.replace(definition, prompt_style=catalog.resolve_prompt_style(definition),
+                                                chat_template=catalog.family_chat_template(definition))
+        elif msg.resolved:
+            reply.embedding = definition
+        return reply
 
     def unregister(self, msg: p.UnregisterModel, ctx) -> p.Ok:
         _definition, is_builtin = self.lookup(msg.model_type, msg.model_name)

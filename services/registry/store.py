@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import structlog
+
 from zinfer.shared.atomic import write_atomic
 from zinfer.shared.errors import storage_error
 from zinfer.shared.models import Definition, DefinitionError, definition_to_json

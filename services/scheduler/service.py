@@ -16,16 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 import structlog
-from zinfer.services.registry import catalog
+
+from zinfer.services.scheduler.book import LaunchBook, LaunchRecord, Model, Pins, Replica, WorkerState, view
 from zinfer.services.scheduler.placement import Slot, match_spec, place
-from zinfer.shared import engines
+from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
-from zinfer.shared.atomic import write_atomic
 from zinfer.shared.compat import engine_options
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
@@ -37,139 +35,15 @@ from zinfer.shared.errors import (
     Unavailable,
     ZinferError,
     error_class,
-    storage_error,
 )
 from zinfer.shared.models import (
     EmbeddingFamily,
     LLMFamily,
     check_name,
-    parse_embedding,
-    parse_llm,
 )
 from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()
-
-
-@dataclass
-class Replica:
-    worker_id: str
-    index: int
-    load: p.LoadInstance | None = None  # what loads it (None only for an instance adopted from a worker's report)
-    state: str = "launching"
-    error: str = ""
-    error_code: str = ""  # the wire code of the error (invalid, not_found, ...), so clients raise its type
-    error_field: str | None = None
-    progress: float = 0.0
-    stage: str = ""
-    memory: int = 0
-    queue_depth: int = 0
-    inflight: int = 0
-    stats: p.InstanceStats | None = None
-    pid: int = 0  # its process, as its worker last said
-    restarts: int = 0  # its worker's count of its process restarts
-    restores: int = 0  # loads the scheduler sent again (its worker restarted, or it moved)
-    cause: str = ""  # why it last restarted
-    needs_load: bool = False  # desired but not held by its worker: the reconciler loads it
-    loading: bool = False  # a LoadInstance is on its way
-    lost_since: float | None = None  # when its worker was lost (moved elsewhere after worker_return_s)
-    next_try: float = 0.0  # a failed restore is tried again from then
-
-
-class Pins(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A launch's placement constraints, kept to place a replica again when its worker does not come back."""
-
-    n_gpu: int | str | None = "auto"
-    gpu_idx: list[int] | None = None
-    devices: list[str] | None = None
-    worker_ip: list[str] | None = None
-
-
-@dataclass
-class Model:
-    uid: str
-    model_name: str
-    model_type: str
-    model_format: str = ""
-    size: int | str | None = None
-    quantization: str = ""
-    ability: list[str] = field(default_factory=list)
-    context_length: int = 0
-    replicas: list[Replica] = field(default_factory=list)
-    terminating: bool = False
-    error: str = ""  # a launch that failed: the model stays failed until terminated
-    error_code: str = ""
-    error_field: str | None = None
-    incarnation: int = 0
-    pins: Pins = field(default_factory=Pins)
-
-    @property
-    def state(self) -> str:
-        states = {r.state for r in self.replicas}
-        if self.terminating:
-            return "terminating"
-        if "failed" in states or self.error:
-            return "failed"
-        if "launching" in states or not states:
-            return "launching"
-        if "restarting" in states:
-            return "restarting"
-        return "ready" if states == {"ready"} else "launching"
-
-
-@dataclass
-class WorkerState:
-    info: p.DeviceInfo
-    last_seen: float
-    reserved: dict[tuple[str, int], int] = field(default_factory=dict)
-
-    @property
-    def free(self) -> int:
-        return self.info.free_memory - sum(self.reserved.values())
-
-
-class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What the scheduler remembers of a launch across its own restarts (placement and a launch's failure)."""
-
-    uid: str
-    model_name: str
-    model_type: str
-    model_format: str = ""
-    size: int | str | None = None
-    quantization: str = ""
-    replicas: list[tuple[str, int]] = []  # (worker id, replica index)
-    error: str = ""
-    error_code: str = ""
-    error_field: str | None = None
-    incarnation: int = 0
-    loads: list[p.LoadInstance] = []  # each replica's load, in the order of `replicas`
-    pins: Pins = msgspec.field(default_factory=Pins)
-
-
-class LaunchBook:
-    """<home>/scheduler/launched.json: the launched uids, written atomically at each launch and terminate, so that
-    a restarted scheduler never forgets an acknowledged launch: what the workers still hold is `ready` again,
-    what no worker holds any more is `failed` with the reason (instead of vanishing)."""
-
-    def __init__(self, home: Path):
-        self.path = home / "scheduler" / "launched.json"
-        self.lock = threading.Lock()
-
-    def load(self) -> list[LaunchRecord]:
-        try:
-            return msgspec.json.decode(self.path.read_bytes(), type=list[LaunchRecord])
-        except FileNotFoundError:
-            return []
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("launch_book_unreadable", path=str(self.path), error=str(exc))
-            return []
-
-    def save(self, records: list[LaunchRecord]) -> None:
-        with self.lock:
-            try:
-                write_atomic(self.path, msgspec.json.encode(records))
-            except OSError as exc:
-                raise storage_error("record the launch in", self.path, exc) from None
 
 
 class Scheduler:
@@ -186,23 +60,12 @@ class Scheduler:
         self.book = LaunchBook(settings.home_path)
         self.wake_reconciler = threading.Event()
         for record in self.book.load():
-            loads = {load.replica: load for load in record.loads}
-            self.models[record.uid] = Model(
-                uid=record.uid, model_name=record.model_name, model_type=record.model_type,
-                model_format=record.model_format, size=record.size, quantization=record.quantization,
-                replicas=[Replica(worker_id=wid, index=index, load=loads.get(index)) for wid, index in record.replicas],
-                error=record.error, error_code=record.error_code, error_field=record.error_field,
-                incarnation=record.incarnation, pins=record.pins)
+            self.models[record.uid] = record.model()
 
     def _record(self) -> None:
         """Write the launch book from the current models (call without holding self.lock)."""
         with self.lock:
-            records = [LaunchRecord(uid=m.uid, model_name=m.model_name, model_type=m.model_type,
-                                    model_format=m.model_format, size=m.size, quantization=m.quantization,
-                                    replicas=[(r.worker_id, r.index) for r in m.replicas], error=m.error,
-                                    error_code=m.error_code, error_field=m.error_field, incarnation=m.incarnation,
-                                    loads=[r.load for r in m.replicas if r.load is not None], pins=m.pins)
-                       for m in self.models.values()]
+            records = [LaunchRecord.of(m) for m in self.models.values()]
         self.book.save(records)
 
     def handlers(self) -> dict:
@@ -242,9 +105,7 @@ class Scheduler:
                 if model is None and now - self.terminated.get(inst.model_uid, -1e9) < self.settings.liveness_s:
                     continue  # a report sent before its unload
                 if model is None:  # known to the worker, not to us (our launch book was lost): adopt it
-                    model = Model(uid=inst.model_uid, model_name=inst.model_name, model_type=inst.model_type,
-                                  model_format=inst.model_format, size=inst.model_size_in_billions,
-                                  quantization=inst.quantization, incarnation=inst.incarnation)
+                    model = Model(uid=inst.model_uid, info=inst.info, incarnation=inst.incarnation)
                     self.models[inst.model_uid] = model
                 replica = next((r for r in model.replicas if r.index == inst.replica), None)
                 if (inst.incarnation != model.incarnation or model.terminating
@@ -254,18 +115,14 @@ class Scheduler:
                                                   replica=inst.replica))
                     continue
                 held.add((inst.model_uid, inst.replica))
-                model.ability, model.context_length = inst.model_ability, inst.context_length
+                model.info = inst.info
                 if replica is None:
                     replica = Replica(worker_id=wid, index=inst.replica)
                     model.replicas.append(replica)
-                replica.state = inst.state  # the worker's word, whatever we thought before
-                replica.error, replica.error_code = inst.error, inst.error_code
-                replica.error_field = inst.error_field
-                replica.progress, replica.memory, replica.stage = inst.progress, inst.memory, inst.stage
-                replica.queue_depth, replica.inflight = inst.queue_depth, inst.inflight
-                replica.stats, replica.restarts, replica.pid = inst.stats, inst.restarts, inst.pid
-                replica.cause = inst.cause or replica.cause
-                replica.needs_load, replica.lost_since = False, None
+                status = inst.status  # the worker's word, whatever we thought before (but an earlier cause)
+                if not status.cause:
+                    status.cause = replica.status.cause
+                replica.status, replica.needs_load, replica.lost_since = status, False, None
             for model in self.models.values():
                 if model.terminating or model.error:
                     continue
@@ -273,8 +130,8 @@ class Scheduler:
                     if (r.worker_id == wid and (model.uid, r.index) not in held and r.state != "failed"
                             and not r.loading and (model.uid, r.index) not in state.reserved):
                         why = f"worker {wid} restarted" if restarted or r.state in ("ready", "launching") \
-                            else r.cause or f"worker {wid} does not hold it"
-                        self._restart(r, why)
+                            else r.status.cause or f"worker {wid} does not hold it"
+                        r.restart(why)
         for unload in stale:
             threading.Thread(target=self._unload_stale, args=(wid, unload), daemon=True).start()
         if any(r.needs_load for m in self.models.values() for r in m.replicas):
@@ -288,22 +145,6 @@ class Scheduler:
         except ZinferError as exc:
             log.warning("stale_unload_failed", worker=wid, model_uid=unload.model_uid, error=str(exc))
 
-    @staticmethod
-    def _restart(replica: Replica, why: str) -> None:
-        """Desired, not held: `restarting` with the cause until the reconciler has it loaded again."""
-        if replica.load is None:
-            Scheduler._fail(replica, f"{why}; its launch was not recorded, so it cannot be loaded again "
-                                     "(terminate and launch it)")
-            return
-        replica.state, replica.cause, replica.needs_load, replica.pid = "restarting", why, True, 0
-        replica.error, replica.error_code, replica.error_field = "", "", None
-        replica.progress, replica.stage, replica.inflight, replica.queue_depth = 0.0, "", 0, 0
-
-    @staticmethod
-    def _fail(replica: Replica, why: str, code: str = "unavailable", field: str | None = None) -> None:
-        replica.state, replica.error, replica.error_code, replica.error_field = "failed", why, code, field
-        replica.needs_load = False
-
     def expire_workers(self) -> None:
         while self.running:
             time.sleep(self.settings.heartbeat_interval)
@@ -316,7 +157,7 @@ class Scheduler:
                         for model in self.models.values():
                             for r in model.replicas:
                                 if r.worker_id == wid and r.state != "failed" and not model.terminating:
-                                    self._restart(r, why)
+                                    r.restart(why)
                                     r.lost_since = now
                         log.warning("worker_lost", worker=wid)
                 if now - self.started > self.settings.liveness_s:  # launches remembered from before a restart
@@ -324,8 +165,7 @@ class Scheduler:
                         for r in model.replicas:
                             if (r.worker_id not in self.workers and r.state in ("launching", "ready")
                                     and not model.terminating and not model.error and not r.loading):
-                                self._restart(r, f"worker {r.worker_id} has not reported since the scheduler "
-                                                 "restarted")
+                                r.restart(f"worker {r.worker_id} has not reported since the scheduler restarted")
                                 r.lost_since = now
 
     # ------------------------------------------------------------------ desired state
@@ -359,7 +199,7 @@ class Scheduler:
     def _restore(self, model: Model, r: Replica) -> None:
         """Load a desired replica on its worker again; a refusal that will not change fails it, others retry."""
         with self.lock:
-            load = msgspec.structs.replace(r.load, restore_cause=r.cause or "restored")
+            load = msgspec.structs.replace(r.load, restore_cause=r.status.cause or "restored")
             wid = r.worker_id
             r.restores += 1
         log.info("restoring_instance", model_uid=model.uid, replica=r.index, worker=wid, cause=load.restore_cause)
@@ -374,12 +214,12 @@ class Scheduler:
                     r.next_try = time.monotonic() + max(2.0, self.settings.liveness_s)
                     log.warning("restore_failed", model_uid=model.uid, worker=wid, error=str(exc))
                 else:
-                    self._fail(r, exc.message, exc.code, exc.field)
+                    r.fail(exc.message, exc.code, exc.field)
             return
         with self.lock:
             r.loading = False
             if r.state == "restarting" and model.incarnation == load.incarnation:
-                r.state, r.needs_load, r.progress = "ready", False, 1.0
+                r.status.state, r.status.progress, r.needs_load = "ready", 1.0, False
         log.info("restored_instance", model_uid=model.uid, replica=r.index, worker=wid)
 
     def _move(self, model: Model, r: Replica) -> None:
@@ -401,14 +241,15 @@ class Scheduler:
                     return
                 r.worker_id, r.lost_since = wid, None
                 r.load = msgspec.structs.replace(load, memory_estimate=found[wid].memory)
-                r.cause = f"{r.cause}; moved from {lost} to {wid}"
+                r.status.cause = f"{r.status.cause}; moved from {lost} to {wid}"
                 self.workers[wid].reserved[(model.uid, r.index)] = found[wid].memory
             self._record()
         except ZinferError as exc:
             with self.lock:
                 r.loading = False
                 r.next_try = time.monotonic() + max(5.0, self.settings.worker_return_s / 4)
-                r.cause = f"{r.cause.split('; no other')[0]}; no other worker can take it yet: {exc.message}"
+                before = r.status.cause.split("; no other")[0]
+                r.status.cause = f"{before}; no other worker can take it yet: {exc.message}"
             log.warning("move_failed", model_uid=model.uid, replica=r.index, error=str(exc))
             return
         log.info("moving_instance", model_uid=model.uid, replica=r.index, from_worker=lost, to_worker=wid)
@@ -422,13 +263,14 @@ class Scheduler:
     # ------------------------------------------------------------------ launch
 
     def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily:
-        reply = self.bus.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name))
-        if model_type == "LLM":
-            family = parse_llm(reply.definition)
-            # Send workers a self-contained definition: the family's prompt style and template resolved.
-            return msgspec.structs.replace(family, prompt_style=catalog.resolve_prompt_style(family),
-                                           chat_template=catalog.family_chat_template(family))
-        return parse_embedding(reply.definition)
+        """The definition to launch, typed and complete (the registry resolves its prompt style and template)."""
+        reply = self.bus.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name,
+                                                            resolved=True))
+        family = reply.llm if model_type == "LLM" else reply.embedding
+        if family is None:
+            raise InvalidRequest(f"the registry has no launchable {model_type} definition of {model_name!r}",
+                                 field="model_name")
+        return family
 
     def launch(self, msg: p.LaunchModel, ctx) -> p.Launched:
         if msg.model_type not in ("LLM", "embedding"):
@@ -453,15 +295,13 @@ class Scheduler:
             probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant)
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options, incarnation=incarnation)
-            fmt, size = spec.model_format, spec.model_size_in_billions
-            engines.check_options(options, engines.for_model("LLM", fmt))
+            engines.check_options(options, engines.for_model("LLM", spec.model_format))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
             probe = p.ProbeFiles(model_type="embedding", embedding=family)
             base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options,
                                   incarnation=incarnation)
-            fmt, size, quant = "pytorch", None, "none"
             engines.check_options(options, engines.for_model("embedding", None))
         with self.lock:
             if uid in self.models:
@@ -478,18 +318,15 @@ class Scheduler:
                 raise Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
             chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
             need = {wid: found[wid].memory for wid in chosen}
-            model = Model(uid=uid, model_name=msg.model_name, model_type=msg.model_type, model_format=fmt,
-                          size=size, quantization=quant or "",
-                          ability=list(family.model_ability) if isinstance(family, LLMFamily) else ["embed"],
-                          context_length=(options.n_ctx or family.context_length) if isinstance(family, LLMFamily)
-                          else family.max_tokens, incarnation=incarnation,
+            model = Model(uid=uid, info=p.instance_info(base), incarnation=incarnation,
                           pins=Pins(n_gpu=msg.n_gpu, gpu_idx=msg.gpu_idx, devices=msg.devices,
                                     worker_ip=msg.worker_ip))
             loads = []
             for index, wid in enumerate(chosen):
                 self.workers[wid].reserved[(uid, index)] = need[wid]
                 load = msgspec.structs.replace(base, replica=index, memory_estimate=need[wid])
-                model.replicas.append(Replica(worker_id=wid, index=index, memory=need[wid], load=load, loading=True))
+                model.replicas.append(Replica(worker_id=wid, index=index, load=load, loading=True,
+                                              status=instances.ReplicaStatus(memory=need[wid])))
                 loads.append((wid, load))
             self.models[uid] = model
         try:
@@ -568,7 +405,7 @@ class Scheduler:
                 self.bus.call(p.worker_service(wid), load, timeout=self.settings.launch_timeout)
             except ZinferError as exc:
                 with self.lock:
-                    self._fail(replica, exc.message, exc.code, exc.field)
+                    replica.fail(exc.message, exc.code, exc.field)
                 errors.append(exc)
             finally:
                 replica.loading = False
@@ -586,11 +423,11 @@ class Scheduler:
             if not errors:
                 for r in model.replicas:
                     if r.state == "launching":
-                        r.state, r.progress = "ready", 1.0
+                        r.status.state, r.status.progress = "ready", 1.0
                 log.info("launched", model_uid=model.uid)
                 return
             first = errors[0]
-            model.error, model.error_code, model.error_field = first.message, first.code, first.field
+            model.launch_failed(first)
         log.error("launch_failed", model_uid=model.uid, error=str(first))
         try:
             self._record()
@@ -607,43 +444,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ views, terminate
 
-    def _view(self, m: Model) -> p.InstanceView:
-        hosts = {wid: w.info.host for wid, w in self.workers.items()}
-        addresses = {wid: w.info.address or w.info.host for wid, w in self.workers.items()}
-        failed = next((r for r in m.replicas if r.state == "failed" and r.error), None)
-        error, code, field_ = ((m.error, m.error_code, m.error_field) if m.error else
-                               (failed.error, failed.error_code, failed.error_field) if failed else ("", "", None))
-        return p.InstanceView(
-            model_uid=m.uid, model_name=m.model_name, model_type=m.model_type, model_format=m.model_format,
-            model_size_in_billions=m.size, quantization=m.quantization, model_ability=m.ability,
-            context_length=m.context_length, replica=len(m.replicas),
-            devices=[r.worker_id for r in m.replicas],
-            hosts=[hosts.get(r.worker_id, "?") for r in m.replicas],
-            address=[f"{addresses.get(r.worker_id, '?')}/{p.worker_service(r.worker_id)}" for r in m.replicas],
-            state=m.state, error=error, error_code=code, error_field=field_,
-            progress=sum(r.progress for r in m.replicas) / max(1, len(m.replicas)),
-            stage=next((r.stage for r in m.replicas if r.state in ("launching", "restarting") and r.stage), ""),
-            memory=sum(r.memory for r in m.replicas), queue_depth=sum(r.queue_depth for r in m.replicas),
-            inflight=sum(r.inflight for r in m.replicas), stats=_sum_stats(r.stats for r in m.replicas),
-            pids=[r.pid for r in m.replicas], restarts=sum(r.restarts + r.restores for r in m.replicas),
-            restart_cause=next((r.cause for r in m.replicas if r.state == "restarting" and r.cause),
-                               next((r.cause for r in m.replicas if r.cause), "")))
-
     def list_models(self, msg, ctx) -> p.ModelList:
         with self.lock:
-            return p.ModelList(models=[self._view(m) for m in self.models.values()])
+            return p.ModelList(models=[view(m, self.workers) for m in self.models.values()])
 
     def describe(self, msg: p.DescribeModel, ctx) -> p.ModelDescription:
         with self.lock:
             model = self.models.get(msg.model_uid)
             if model is None:
                 raise NotFound(f"no launched model has uid {msg.model_uid!r}", field="model_uid")
-            return p.ModelDescription(model=self._view(model))
+            return p.ModelDescription(model=view(model, self.workers))
 
     def instances_of(self, msg: p.InstancesOf, ctx) -> p.UidList:
         with self.lock:
-            return p.UidList(model_uids=[m.uid for m in self.models.values()
-                                         if m.model_name == msg.model_name and m.model_type == msg.model_type])
+            return p.UidList(model_uids=[uid for uid, m in self.models.items()
+                                         if (m.info.model_name, m.info.model_type) == (msg.model_name, msg.model_type)])
 
     def terminate(self, msg: p.TerminateModel, ctx) -> p.Ok:
         with self.lock:
@@ -674,15 +489,6 @@ class Scheduler:
         self._record()
         log.info("terminated", model_uid=msg.model_uid)
         return p.Ok(message=f"terminated {msg.model_uid}")
-
-
-def _sum_stats(parts) -> p.InstanceStats:
-    total = p.InstanceStats()
-    for part in parts:
-        if part is not None:
-            for name in p.InstanceStats.__struct_fields__:
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-    return total
 
 
 def run_scheduler(settings: Settings) -> int:

@@ -23,6 +23,7 @@ import threading
 
 import msgspec
 import structlog
+
 from zinfer.services.worker.compute import ComputeLoop
 from zinfer.services.worker.instance import Instance
 from zinfer.shared import protocol as p
@@ -66,7 +67,7 @@ class InstanceProcess:
     def send_report(self) -> None:
         report = self.instance.report()
         if self.instance.device.startswith("cuda"):
-            report.memory = _cuda_memory()
+            report.status.memory = _cuda_memory()
         with self._send_lock:
             try:
                 self.conn.send_bytes(_reports.encode(report))

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import structlog
+
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import Cancelled, InternalError, reply_from_exception
 from zinfer.shared.transport import RequestContext

@@ -7,7 +7,8 @@ import re
 import socket
 
 import psutil
-from zinfer.shared.protocol import DeviceInfo
+
+from zinfer.shared.instances import DeviceInfo
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 

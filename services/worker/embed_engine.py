@@ -14,8 +14,10 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
+
 from zinfer.services.worker.backends.base import EmbeddingBackend
 from zinfer.services.worker.compute import Engine, Job
+from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import QueueFull, TooLarge
 
@@ -45,7 +47,7 @@ class EmbeddingEngine(Engine):
         self.max_tokens = max(1, max_batch_tokens)
         self.wait_s = max(0.0, wait_ms) / 1000
         self.queue: deque[_Work] = deque()
-        self.stats = p.InstanceStats()
+        self.stats = instances.InstanceStats()
 
     def submit(self, job: Job) -> None:
         if len(self.queue) >= self.max_queue:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from zinfer.shared.errors import Cancelled, InvalidRequest
 
 CONVERTER_VERSION = 1  # part of the cache key: a converter change converts again

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 
 import msgspec
+
 from zinfer.services.worker import checks, files
 from zinfer.services.worker.compute import ComputeLoop, Job
-from zinfer.shared import engines
+from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
@@ -18,6 +19,7 @@ from zinfer.shared.errors import (
     TooLarge,
     Unavailable,
     ZinferError,
+    reply_from_exception,
 )
 
 
@@ -27,17 +29,11 @@ def utf8_over(text: str, limit: int) -> bool:
     return n > limit or (n * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
 
 
-def base_report(load: p.LoadInstance, state: p.InstanceState) -> p.InstanceReport:
+def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instances.InstanceReport:
     """What a launch says of its instance before any process has reported on it."""
-    spec = load.spec
-    return p.InstanceReport(
-        model_uid=load.model_uid, replica=load.replica, incarnation=load.incarnation,
-        model_name=(load.llm or load.embedding).model_name, model_type=load.model_type,
-        model_format=spec.model_format if spec else "", quantization=load.quantization or "",
-        model_size_in_billions=spec.model_size_in_billions if spec else None,
-        model_ability=list(load.llm.model_ability) if load.llm else ["embed"],
-        context_length=(load.options.n_ctx or load.llm.context_length) if load.llm else load.embedding.max_tokens,
-        state=state, memory=load.memory_estimate)
+    status = instances.ReplicaStatus(state=state, memory=load.memory_estimate)
+    return instances.InstanceReport(model_uid=load.model_uid, replica=load.replica, incarnation=load.incarnation,
+                            info=p.instance_info(load), status=status)
 
 
 class Instance:
@@ -163,13 +159,15 @@ class Instance:
 
         self.loop.call(release)
 
-    def report(self) -> p.InstanceReport:
+    def report(self) -> instances.InstanceReport:
         engine = self.engine
-        return msgspec.structs.replace(
-            base_report(self.spec, self.state), error=self.error.message if self.error else "",
-            error_code=self.error.code if self.error else "", error_field=self.error.field if self.error else None,
-            progress=self.progress, stage=self.stage, queue_depth=engine.depth() if engine else 0,
-            inflight=self.inflight(), stats=msgspec.structs.replace(engine.stats) if engine else None)
+        report = base_report(self.spec, self.state)
+        report.status = instances.ReplicaStatus(
+            state=self.state, error=reply_from_exception(self.error) if self.error else None,
+            progress=self.progress, stage=self.stage, memory=self.spec.memory_estimate,
+            queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
+            stats=msgspec.structs.replace(engine.stats) if engine else None)
+        return report
 
     def inflight(self) -> int:
         engine = self.engine

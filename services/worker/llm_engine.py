@@ -15,19 +15,22 @@ from collections import deque
 from collections.abc import Callable
 
 import numpy as np
+
 from zinfer.services.worker import prompts
 from zinfer.services.worker.backends.base import Detokenizer, LLMBackend, Sampling
 from zinfer.services.worker.compute import Engine, Job
 from zinfer.services.worker.output import Generation, merge_stops
+from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
 from zinfer.shared.models import LLMFamily
+from zinfer.shared.payloads import ChatMessage, GenerateConfig, ResponseFormat
 
 DEFAULT_MAX_TOKENS = 1024
 EMBED_TEXTS_PER_STEP = 16
 
 
-def grammar_of(response_format: p.ResponseFormat | None) -> str | None:
+def grammar_of(response_format: ResponseFormat | None) -> str | None:
     """The GBNF grammar a response_format asks for: any JSON object, or JSON matching a schema."""
     if response_format is None or response_format.type == "text":
         return None
@@ -77,7 +80,7 @@ class LLMEngine(Engine):
         self.running: dict[int, _Running] = {}
         self.embeds: deque[_EmbedWork] = deque()
         self._ids = itertools.count()
-        self.stats = p.InstanceStats()
+        self.stats = instances.InstanceStats()
 
     # ------------------------------------------------------------------ from the I/O thread
 
@@ -204,7 +207,7 @@ class LLMEngine(Engine):
             seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
             self.backend.add(seq_id, prompt_ids, seeded)
 
-    def sampling(self, cfg: p.GenerateConfig, prompt_tokens: int, stop_ids=(), chat: bool = False) -> Sampling:
+    def sampling(self, cfg: GenerateConfig, prompt_tokens: int, stop_ids=(), chat: bool = False) -> Sampling:
         ctx_len = self.backend.context_length
         if prompt_tokens >= ctx_len:
             raise TooLarge(f"the prompt has {prompt_tokens} tokens; context_length is {ctx_len}", field="prompt")
@@ -233,7 +236,7 @@ class LLMEngine(Engine):
                         logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos,
                         grammar=grammar_of(cfg.response_format))
 
-    def chat_prompt(self, messages: list[p.ChatMessage], cancelled=None) -> tuple[str, list[str], list[int]]:
+    def chat_prompt(self, messages: list[ChatMessage], cancelled=None) -> tuple[str, list[str], list[int]]:
         family = self.family
         style = family.prompt_style if not isinstance(family.prompt_style, str) else None
         stops = merge_stops(family.stop)

@@ -16,6 +16,18 @@ from collections.abc import Callable
 from zinfer.services.worker.backends.base import TokenLogprob
 from zinfer.services.worker.compute import Job
 from zinfer.shared import protocol as p
+from zinfer.shared.payloads import (
+    ChatChoice,
+    ChatCompletionMessage,
+    ChatDeltaChoice,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    GenerateConfig,
+    TopLogprob,
+    Usage,
+)
+from zinfer.shared.payloads import TokenLogprob as ChatTokenLogprob
 
 DEFAULT_STREAM_INTERVAL_MS = 10.0  # tokens produced within this window travel as one chunk
 
@@ -31,8 +43,8 @@ def merge_stops(*groups) -> list[str]:
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
-    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
 
 
@@ -87,12 +99,12 @@ class _Logprobs:
         if not self.tokens:
             return None
         if self.chat:
-            out = p.ChatLogprobs(content=[
-                p.TokenLogprob(token=t, logprob=v, bytes=list(t.encode()), top_logprobs=[
-                    p.TopLogprob(token=a, logprob=b, bytes=list(a.encode())) for a, b in top])
+            out = ChatLogprobs(content=[
+                ChatTokenLogprob(token=t, logprob=v, bytes=list(t.encode()), top_logprobs=[
+                    TopLogprob(token=a, logprob=b, bytes=list(a.encode())) for a, b in top])
                 for t, v, top in zip(self.tokens, self.values, self.tops, strict=True)])
         else:
-            out = p.CompletionLogprobs(tokens=self.tokens, token_logprobs=list(self.values),
+            out = CompletionLogprobs(tokens=self.tokens, token_logprobs=list(self.values),
                                        top_logprobs=[{**dict(top), t: v} for t, v, top in
                                                      zip(self.tokens, self.values, self.tops, strict=True)],
                                        text_offset=self.offsets)
@@ -119,7 +131,7 @@ class Generation:
     """The reply side of one generate or chat request, with its `n` choices."""
 
     def __init__(self, job: Job, model_uid: str, chat: bool, prompt_tokens: int, stops: list[str],
-                 config: p.GenerateConfig, echo: str = "", token_text: Callable[[int], str] | None = None):
+                 config: GenerateConfig, echo: str = "", token_text: Callable[[int], str] | None = None):
         self.job = job
         self.model_uid = model_uid
         self.chat = chat
@@ -140,7 +152,7 @@ class Generation:
                 c.logprobs = _Logprobs(chat, token_text, len(echo))
         if chat and self.stream:  # the role comes first, at once (as OpenAI and Xinference send it)
             job.partial(p.ChatCompletionChunk(id=self.id, created=self.created, model=model_uid, choices=[
-                p.ChatDeltaChoice(index=c.index, delta=p.ChatCompletionMessage(role="assistant", content=""))
+                ChatDeltaChoice(index=c.index, delta=ChatCompletionMessage(role="assistant", content=""))
                 for c in self.choices]))
 
     def add(self, index: int, text: str, tokens: list[int], finish: str | None, lp: TokenLogprob | None) -> bool:
@@ -173,19 +185,19 @@ class Generation:
                 c.pending, c.last_sent, c.sent_first = "", now, True
         return finish is not None
 
-    def _usage(self) -> p.Usage:
+    def _usage(self) -> Usage:
         return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
 
     def _whole(self) -> p.Msg:
         if self.chat:
             return p.ChatCompletion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
-                                    choices=[p.ChatChoice(index=c.index, finish_reason=c.finish,
-                                                          message=p.ChatCompletionMessage(role="assistant",
+                                    choices=[ChatChoice(index=c.index, finish_reason=c.finish,
+                                                          message=ChatCompletionMessage(role="assistant",
                                                                                           content="".join(c.parts)),
                                                           logprobs=c.logprobs.take() if c.logprobs else None)
                                              for c in self.choices])
         return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
-                            choices=[p.CompletionChoice(text="".join(c.parts), index=c.index, finish_reason=c.finish,
+                            choices=[CompletionChoice(text="".join(c.parts), index=c.index, finish_reason=c.finish,
                                                         logprobs=c.logprobs.take() if c.logprobs else None)
                                      for c in self.choices])
 
@@ -194,9 +206,9 @@ class Generation:
         logprobs = c.logprobs.take() if c.logprobs else None
         if self.chat:
             return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_uid, usage=used,
-                                         choices=[p.ChatDeltaChoice(
-                                             index=c.index, delta=p.ChatCompletionMessage(role=None, content=c.pending),
+                                         choices=[ChatDeltaChoice(
+                                             index=c.index, delta=ChatCompletionMessage(role=None, content=c.pending),
                                              logprobs=logprobs, finish_reason=finish)])
         return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=used,
-                            choices=[p.CompletionChoice(text=c.pending, index=c.index, logprobs=logprobs,
+                            choices=[CompletionChoice(text=c.pending, index=c.index, logprobs=logprobs,
                                                         finish_reason=finish)])

@@ -5,10 +5,11 @@ code, so the forked children start clean."""
 
 import torch  # noqa: F401
 import transformers  # noqa: F401
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
 import zinfer.services.worker.child  # noqa: F401
 import zinfer.services.worker.embed_engine  # noqa: F401
 import zinfer.services.worker.llm_engine  # noqa: F401
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 from zinfer.services.worker.backends import sentence_backend, transformers_backend  # noqa: F401
 
 try:  # llama-cpp-python: absent where it failed to build; the ggufv2 launch says so then

@@ -8,9 +8,10 @@ from functools import lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from zinfer.shared.errors import Cancelled, InvalidRequest
 from zinfer.shared.models import PromptStyle
-from zinfer.shared.protocol import ChatMessage
+from zinfer.shared.payloads import ChatMessage
 
 
 @lru_cache(maxsize=32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import structlog
+
 from zinfer.services.worker import files
 from zinfer.services.worker.device import DeviceProbe
 from zinfer.services.worker.supervisor import Supervisor

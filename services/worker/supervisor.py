@@ -30,11 +30,20 @@ from pathlib import Path
 import msgspec
 import psutil
 import structlog
+
 from zinfer.services.worker import child
 from zinfer.services.worker.instance import base_report
+from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
-from zinfer.shared.errors import Cancelled, Conflict, InternalError, ZinferError, error_class
+from zinfer.shared.errors import (
+    Cancelled,
+    Conflict,
+    InternalError,
+    ZinferError,
+    error_from_reply,
+    reply_from_exception,
+)
 from zinfer.shared.logs import log_name
 
 log = structlog.get_logger()
@@ -42,7 +51,7 @@ log = structlog.get_logger()
 PRELOAD = ["zinfer.services.worker.preload"]
 MAX_BACKOFF_S = 30.0
 
-_report_decoder = msgspec.msgpack.Decoder(p.InstanceReport)
+_report_decoder = msgspec.msgpack.Decoder(instances.InstanceReport)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -92,14 +101,14 @@ def last_frame(fault_text: str) -> str:
 class Replica:
     """One instance replica as the supervisor sees it: its launch, its current process, its history."""
 
-    def __init__(self, load: p.LoadInstance, state: p.InstanceState, cause: str = ""):
+    def __init__(self, load: p.LoadInstance, state: instances.InstanceState, cause: str = ""):
         self.load = load
-        self.state: p.InstanceState = state
+        self.state: instances.InstanceState = state
         self.cause = cause  # why it last restarted
         self.error: ZinferError | None = None
         self.process: multiprocessing.Process | None = None
         self.conn = None
-        self.report: p.InstanceReport | None = None  # the process's last report
+        self.report: instances.InstanceReport | None = None  # the process's last report
         self.crashes: deque[float] = deque()  # restart times within the window
         self.restarts = 0
         self.was_ready = bool(cause)  # a restore counts as having served: a crash while reloading restarts it
@@ -241,7 +250,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ reports
 
-    def reports(self) -> tuple[list[p.InstanceReport], int]:
+    def reports(self) -> tuple[list[instances.InstanceReport], int]:
         """Every replica's report, and the memory they hold (bytes) for the device's free pool."""
         out, used = [], 0
         with self.lock:
@@ -256,17 +265,15 @@ class Supervisor:
                 except psutil.Error:
                     memory = 0
             elif pid:
-                memory = report.memory
+                memory = report.status.memory
             if pid and r.state in ("launching", "restarting"):
                 memory = max(memory, r.load.memory_estimate)  # what it will hold once loaded
             used += memory
-            error = r.error
-            out.append(msgspec.structs.replace(
-                report, incarnation=r.load.incarnation, state=r.state, pid=pid, memory=memory,
-                restarts=r.restarts, cause=r.cause,
-                error=error.message if error else (report.error if r.state == "failed" else ""),
-                error_code=error.code if error else (report.error_code if r.state == "failed" else ""),
-                error_field=error.field if error else (report.error_field if r.state == "failed" else None)))
+            # The supervisor's word on the life of the process; the process's on its engine.
+            error = reply_from_exception(r.error) if r.error else report.status.error if r.state == "failed" else None
+            status = msgspec.structs.replace(report.status, state=r.state, pid=pid, memory=memory,
+                                             restarts=r.restarts, cause=r.cause, error=error)
+            out.append(msgspec.structs.replace(report, incarnation=r.load.incarnation, status=status))
         return out, used
 
     # ------------------------------------------------------------------ the watch thread
@@ -314,13 +321,14 @@ class Supervisor:
             r.report = report
             if r.state in ("terminating", "failed"):
                 return
-            if report.state == "ready" and r.state != "ready":
+            if report.status.state == "ready" and r.state != "ready":
                 r.state, r.was_ready = "ready", True
                 r.settled.set()
                 log.info("instance_ready", model_uid=r.load.model_uid, replica=r.load.replica,
                          restarts=r.restarts)
-            elif report.state == "failed":
-                r.fail(error_class(report.error_code or "internal")(report.error, report.error_field))
+            elif report.status.state == "failed":
+                failure = report.status.error
+                r.fail(error_from_reply(failure) if failure else InternalError("the instance failed without a cause"))
         self.on_change()
 
     def _exited(self, r: Replica) -> None:

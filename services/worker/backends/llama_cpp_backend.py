@@ -26,6 +26,7 @@ import random
 import threading
 
 import numpy as np
+
 from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
 from zinfer.shared.errors import InvalidRequest
 

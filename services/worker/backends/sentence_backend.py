@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from zinfer.services.worker.backends.base import EmbeddingBackend
 
 # Batches up to sentence-transformers' default batch_size run as one forward pass here (encode() would run them

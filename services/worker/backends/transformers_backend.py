@@ -17,6 +17,7 @@ import inspect
 import random
 
 import numpy as np
+
 from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
 from zinfer.shared.errors import InvalidRequest
 

@@ -1,0 +1,192 @@
+"""The scheduler's book: what it knows of each launched model and its replicas, the launch file that keeps the
+desired state across its own restarts, and the view `zinfer list` shows. Pure state, no I/O but the file."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from zinfer.shared import instances
+from zinfer.shared import protocol as p
+from zinfer.shared.atomic import write_atomic
+from zinfer.shared.errors import ZinferError, reply_from_exception, storage_error
+from zinfer.shared.message import ErrorCode
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Replica:
+    worker_id: str
+    index: int
+    load: p.LoadInstance | None = None  # what loads it (None only for an instance adopted from a worker's report)
+    status: instances.ReplicaStatus = field(default_factory=instances.ReplicaStatus)  # its worker's last word, or ours
+    restores: int = 0  # loads the scheduler sent again (its worker restarted, or it moved)
+    needs_load: bool = False  # desired but not held by its worker: the reconciler loads it
+    loading: bool = False  # a LoadInstance is on its way
+    lost_since: float | None = None  # when its worker was lost (moved elsewhere after worker_return_s)
+    next_try: float = 0.0  # a failed restore is tried again from then
+
+    @property
+    def state(self) -> instances.InstanceState:
+        return self.status.state
+
+    def restart(self, why: str) -> None:
+        """Desired, not held: `restarting` with the cause until the reconciler has it loaded again."""
+        if self.load is None:
+            self.fail(f"{why}; its launch was not recorded, so it cannot be loaded again (terminate and launch it)")
+            return
+        self.status = instances.ReplicaStatus(state="restarting", cause=why, memory=self.status.memory,
+                                      restarts=self.status.restarts, stats=self.status.stats)
+        self.needs_load = True
+
+    def fail(self, why: str, code: ErrorCode = "unavailable", field: str | None = None) -> None:
+        self.status = msgspec.structs.replace(self.status, state="failed",
+                                              error=p.Error(code=code, message=why, field=field))
+        self.needs_load = False
+
+
+class Pins(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A launch's placement constraints, kept to place a replica again when its worker does not come back."""
+
+    n_gpu: int | str | None = "auto"
+    gpu_idx: list[int] | None = None
+    devices: list[str] | None = None
+    worker_ip: list[str] | None = None
+
+
+@dataclass
+class Model:
+    uid: str
+    info: instances.InstanceInfo
+    replicas: list[Replica] = field(default_factory=list)
+    terminating: bool = False
+    error: p.Error | None = None  # a launch that failed: the model stays failed until terminated
+    incarnation: int = 0
+    pins: Pins = field(default_factory=Pins)
+
+    @property
+    def state(self) -> instances.InstanceState:
+        states = {r.state for r in self.replicas}
+        if self.terminating:
+            return "terminating"
+        if "failed" in states or self.error:
+            return "failed"
+        if "launching" in states or not states:
+            return "launching"
+        if "restarting" in states:
+            return "restarting"
+        return "ready" if states == {"ready"} else "launching"
+
+    def launch_failed(self, exc: ZinferError) -> None:
+        self.error = reply_from_exception(exc)
+
+
+@dataclass
+class WorkerState:
+    info: instances.DeviceInfo
+    last_seen: float
+    reserved: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.info.free_memory - sum(self.reserved.values())
+
+
+class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the scheduler remembers of a launch across its own restarts (placement and a launch's failure)."""
+
+    uid: str
+    info: instances.InstanceInfo
+    replicas: list[tuple[str, int]] = []  # (worker id, replica index)
+    error: p.Error | None = None
+    incarnation: int = 0
+    loads: list[p.LoadInstance] = []  # each replica's load, in the order of `replicas`
+    pins: Pins = msgspec.field(default_factory=Pins)
+
+    @classmethod
+    def of(cls, m: Model) -> LaunchRecord:
+        return cls(uid=m.uid, info=m.info, replicas=[(r.worker_id, r.index) for r in m.replicas], error=m.error,
+                   incarnation=m.incarnation, loads=[r.load for r in m.replicas if r.load is not None], pins=m.pins)
+
+    def model(self) -> Model:
+        loads = {load.replica: load for load in self.loads}
+        return Model(uid=self.uid, info=self.info, error=self.error, incarnation=self.incarnation, pins=self.pins,
+                     replicas=[Replica(worker_id=wid, index=index, load=loads.get(index))
+                               for wid, index in self.replicas])
+
+
+# Before 2026-12 a record kept the model's fields and its error flat; read such files as they are.
+_FLAT_INFO = {"model_name": "model_name", "model_type": "model_type", "model_format": "model_format",
+              "size": "model_size_in_billions", "quantization": "quantization"}
+
+
+def _upgrade(record: dict) -> dict:
+    if "info" in record or not isinstance(record, dict):
+        return record
+    record = dict(record)
+    record["info"] = {new: record.pop(old) for old, new in _FLAT_INFO.items() if old in record}
+    message, code, field_ = record.pop("error", ""), record.pop("error_code", ""), record.pop("error_field", None)
+    if message:
+        record["error"] = {"op": "Error", "code": code or "internal", "message": message, "field": field_}
+    return record
+
+
+class LaunchBook:
+    """<home>/scheduler/launched.json: the launched uids, written atomically at each launch and terminate, so that
+    a restarted scheduler never forgets an acknowledged launch: what the workers still hold is `ready` again,
+    what no worker holds any more is `failed` with the reason (instead of vanishing)."""
+
+    def __init__(self, home: Path):
+        self.path = home / "scheduler" / "launched.json"
+        self.lock = threading.Lock()
+
+    def load(self) -> list[LaunchRecord]:
+        try:
+            raw = msgspec.json.decode(self.path.read_bytes())
+            return msgspec.convert([_upgrade(r) for r in raw], list[LaunchRecord])
+        except FileNotFoundError:
+            return []
+        except (OSError, TypeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("launch_book_unreadable", path=str(self.path), error=str(exc))
+            return []
+
+    def save(self, records: list[LaunchRecord]) -> None:
+        with self.lock:
+            try:
+                write_atomic(self.path, msgspec.json.encode(records))
+            except OSError as exc:
+                raise storage_error("record the launch in", self.path, exc) from None
+
+
+def view(m: Model, workers: dict[str, WorkerState]) -> instances.InstanceView:
+    """A model and its replicas as `zinfer list` shows them: sums over replicas, the first failure, where each runs."""
+    replicas = m.replicas
+    failed = next((r.status.error for r in replicas if r.state == "failed" and r.status.error), None)
+    where = {wid: w.info for wid, w in workers.items()}
+    return instances.InstanceView(
+        model_uid=m.uid, info=m.info, replica=len(replicas), state=m.state, error=m.error or failed,
+        devices=[r.worker_id for r in replicas],
+        hosts=[where[r.worker_id].host if r.worker_id in where else "?" for r in replicas],
+        address=[f"{(where[r.worker_id].address or where[r.worker_id].host) if r.worker_id in where else '?'}"
+                 f"/{p.worker_service(r.worker_id)}" for r in replicas],
+        progress=sum(r.status.progress for r in replicas) / max(1, len(replicas)),
+        stage=next((r.status.stage for r in replicas if r.state in ("launching", "restarting") and r.status.stage), ""),
+        memory=sum(r.status.memory for r in replicas), queue_depth=sum(r.status.queue_depth for r in replicas),
+        inflight=sum(r.status.inflight for r in replicas), stats=sum_stats(r.status.stats for r in replicas),
+        pids=[r.status.pid for r in replicas], restarts=sum(r.status.restarts + r.restores for r in replicas),
+        restart_cause=next((r.status.cause for r in replicas if r.state == "restarting" and r.status.cause),
+                           next((r.status.cause for r in replicas if r.status.cause), "")))
+
+
+def sum_stats(parts) -> instances.InstanceStats:
+    total = instances.InstanceStats()
+    for part in parts:
+        if part is not None:
+            for name in instances.InstanceStats.__struct_fields__:
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+    return total
