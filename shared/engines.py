@@ -1,6 +1,6 @@
 """Every engine zinfer runs, in one place: its name (Xinference's) and aliases, the model type and formats it
-runs, the launch options only it reads with their defaults, how its files are checked before it sees them, and
-where the instance process finds the function that loads it.
+runs, the launch options only it reads with their defaults, how its files are checked before it sees them, how
+its memory is estimated, and where the instance process finds the function that loads it.
 
 Read by placement (which engine runs a launch, which options it may take), by the scheduler's launch checks and
 by the instance process (services/worker/instance.py), which imports `loader` only there: this module imports
@@ -26,20 +26,23 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     options: dict[str, Any] = {}  # EngineOptions fields only this engine reads -> default (None: worked out)
     generates: bool = False  # continuous_batching applies
     files: Literal["hf_folder", "gguf"]  # how the files are checked before the engine opens them
+    memory: Literal["checkpoint", "gguf", "embedding"]  # how one instance's memory is estimated (shared/sizing.py)
     loader: str  # "module:function" that builds (backend, engine) in the instance process
 
 
 ENGINES: tuple[EngineInfo, ...] = (
     EngineInfo(name="transformers", model_type="LLM", formats=("pytorch",), generates=True, files="hf_folder",
-               options={"max_sequences": 64}, loader="zinfer.services.worker.backends.transformers_backend:load"),
+               memory="checkpoint", options={"max_sequences": 64},
+               loader="zinfer.services.worker.backends.transformers_backend:load"),
     EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="LLM", formats=("ggufv2", "ggmlv3"),
-               generates=True, files="gguf",
+               generates=True, files="gguf", memory="gguf",
                # n_ctx: the registration's context_length; n_threads: the instance_threads setting, else
                # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16
                options={"n_ctx": None, "n_threads": None, "n_parallel": None},
                loader="zinfer.services.worker.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
-               files="hf_folder", options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
+               files="hf_folder", memory="embedding",
+               options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.backends.sentence_backend:load"),
 )
 

@@ -249,7 +249,7 @@ class Generate(Msg, kw_only=True):
 
 class Chat(Msg, kw_only=True):
     model_uid: str
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     config: GenerateConfig = msgspec.field(default_factory=GenerateConfig)
 
 

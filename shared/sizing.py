@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zinfer.shared import engines
 from zinfer.shared.models import EmbeddingFamily, LLMSpec, size_in_billions
 
 OVERHEAD = 1.2  # activations, KV cache, allocator slack
@@ -28,25 +29,38 @@ def _checkpoint_bytes_per_param(path: Path) -> float:
     return 4.0 if "32" in dtype else 2.0
 
 
+def _checkpoint(spec: LLMSpec, quantization: str | None, device_kind: str, path: str | None) -> int:
+    """transformers: the checkpoint's weights converted to the dtype it runs in (float32 on the CPU)."""
+    target = 4.0 if device_kind == "cpu" else {"4-bit": 0.55, "8-bit": 1.05}.get(quantization, 2.0)
+    if path:
+        return int(weights_bytes(Path(path)) * target / _checkpoint_bytes_per_param(Path(path)) * OVERHEAD)
+    return int(size_in_billions(spec.model_size_in_billions) * 1e9 * target * OVERHEAD)
+
+
+def _gguf(spec: LLMSpec, quantization: str | None, device_kind: str, path: str | None) -> int:
+    """llama.cpp: the file as it is (mapped), else the parameters at the quantization's bytes per weight."""
+    if path:
+        return int(Path(path).stat().st_size * OVERHEAD)
+    q = (quantization or "").lower()
+    per = next((v for k, v in _GGUF_BYTES.items() if q.startswith(k)), 2.0)
+    return int(size_in_billions(spec.model_size_in_billions) * 1e9 * per * OVERHEAD)
+
+
+def _embedding(family: EmbeddingFamily, device_kind: str, path: str | None) -> int:
+    """sentence-transformers: its weights (fp16 on a GPU); 512 MiB before its files are seen."""
+    if path:
+        factor = 0.5 if device_kind == "cuda" else 1.0
+        return int(weights_bytes(Path(path)) * factor * OVERHEAD)
+    return 512 * 2**20
+
+
+SIZERS = {"checkpoint": _checkpoint, "gguf": _gguf, "embedding": _embedding}  # EngineInfo.memory -> its rule
+
+
 def estimate_memory(spec: LLMSpec | None, quantization: str | None, embedding: EmbeddingFamily | None,
                     device_kind: str, path: str | None = None) -> int:
     """Bytes one instance will hold on a device of this kind ("cpu", "cuda"): from its local files at `path` (a
-    folder, or the gguf/ggml file), else from its parameters."""
+    folder, or the gguf/ggml file), else from its parameters; by the rule of the engine that runs it."""
     if embedding is not None:
-        if path:
-            factor = 0.5 if device_kind == "cuda" else 1.0  # fp16 on a GPU
-            return int(weights_bytes(Path(path)) * factor * OVERHEAD)
-        return 512 * 2**20
-    if path:
-        if spec.model_format != "pytorch":
-            return int(Path(path).stat().st_size * OVERHEAD)
-        stored = _checkpoint_bytes_per_param(Path(path))
-        target = 4.0 if device_kind == "cpu" else {"4-bit": 0.55, "8-bit": 1.05}.get(quantization, 2.0)
-        return int(weights_bytes(Path(path)) * target / stored * OVERHEAD)
-    params = size_in_billions(spec.model_size_in_billions) * 1e9
-    if spec.model_format == "pytorch":
-        per = 4.0 if device_kind == "cpu" else {"4-bit": 0.55, "8-bit": 1.05}.get(quantization, 2.0)
-    else:
-        q = (quantization or "").lower()
-        per = next((v for k, v in _GGUF_BYTES.items() if q.startswith(k)), 2.0)
-    return int(params * per * OVERHEAD)
+        return SIZERS[engines.for_model("embedding", None).memory](embedding, device_kind, path)
+    return SIZERS[engines.for_model("LLM", spec.model_format).memory](spec, quantization, device_kind, path)

@@ -7,7 +7,7 @@ import typing
 import msgspec
 import pytest
 
-from zinfer.shared import engines
+from zinfer.shared import engines, models
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.models import ModelFormat
@@ -56,3 +56,14 @@ def test_names_aliases_and_the_options_a_launch_may_give():
     engines.check_options(p.EngineOptions(max_sequences=8, continuous_batching=False), transformers)
     assert engines.option(transformers, p.EngineOptions(), "max_sequences") == 64
     assert engines.option(transformers, p.EngineOptions(max_sequences=8), "max_sequences") == 8
+
+
+def test_every_engine_has_a_memory_rule():
+    from zinfer.shared import sizing
+
+    assert {e.memory for e in engines.ENGINES} <= set(sizing.SIZERS)
+    spec = msgspec.convert({"model_format": "ggufv2", "model_size_in_billions": 1, "quantizations": ["Q4_0"],
+                            "model_id": "x/y"}, models.LLMSpec)
+    assert sizing.estimate_memory(spec, "Q4_0", None, "cpu") == int(1e9 * 0.6 * sizing.OVERHEAD)
+    pt = msgspec.structs.replace(spec, model_format="pytorch")
+    assert sizing.estimate_memory(pt, "none", None, "cpu") == int(1e9 * 4.0 * sizing.OVERHEAD)  # float32

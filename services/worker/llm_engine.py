@@ -174,8 +174,6 @@ class LLMEngine(Engine):
             if "chat" not in family.model_ability:
                 raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
                                      "use generate", field="model_uid")
-            if not msg.messages:
-                raise InvalidRequest("messages must not be empty", field="messages")
             prompt, stops, stop_ids = self.chat_prompt(msg.messages, lambda: job.cancelled)
             stops = merge_stops(msg.config.stop, stops)
         else:
@@ -213,14 +211,10 @@ class LLMEngine(Engine):
             raise TooLarge(f"the prompt has {prompt_tokens} tokens; context_length is {ctx_len}", field="prompt")
         max_tokens = cfg.max_tokens if cfg.max_tokens is not None else min(DEFAULT_MAX_TOKENS,
                                                                             ctx_len - prompt_tokens)
-        if max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}", field="max_tokens")
         if prompt_tokens + max_tokens > ctx_len:
             raise TooLarge(f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
                            f"{prompt_tokens + max_tokens} > context_length {ctx_len}", field="max_tokens")
         temperature = 1.0 if cfg.temperature is None else cfg.temperature
-        if temperature < 0:
-            raise InvalidRequest("temperature must be >= 0", field="temperature")
         if cfg.min_tokens is not None and cfg.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens {cfg.min_tokens} is more than max_tokens {max_tokens}",
                                  field="min_tokens")

@@ -1,0 +1,183 @@
+"""The generation engine's loop without a model: admission, the queue limit, stop words, n choices, streaming
+and cancellation, on a scripted backend whose every token is known. The real engines are checked against their
+libraries in test_inference.py; this checks the engine around them."""
+
+from __future__ import annotations
+
+import pytest
+
+from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut
+from zinfer.services.worker.compute import Job
+from zinfer.services.worker.llm_engine import LLMEngine
+from zinfer.shared import protocol as p
+from zinfer.shared import wire
+from zinfer.shared.errors import QueueFull
+from zinfer.shared.models import parse_llm
+from zinfer.shared.payloads import GenerateConfig
+from zinfer.shared.transport import RequestContext
+
+SCRIPT = "abcdefghij"  # what every sequence says, one character a token
+
+
+class Detok:
+    def push(self, token_ids: list[int]) -> str:
+        return "".join(map(chr, token_ids))
+
+    def flush(self) -> str:
+        return ""
+
+
+class ScriptedBackend(LLMBackend):
+    """Characters are tokens; each sequence says SCRIPT from its start, to max_tokens ("length")."""
+
+    engine = "scripted"
+    context_length = 64
+
+    def __init__(self, max_sequences: int):
+        self.max_sequences = max_sequences
+        self.seqs: dict[int, tuple[int, Sampling]] = {}
+        self.removed: list[int] = []
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def token_text(self, token_id: int) -> str:
+        return chr(token_id)
+
+    def detokenizer(self) -> Detok:
+        return Detok()
+
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+        assert len(self.seqs) < self.max_sequences, "the engine admitted more than the backend holds"
+        self.seqs[seq_id] = (0, sampling)
+
+    def step(self) -> list[StepOut]:
+        out = []
+        for seq_id, (done, sampling) in list(self.seqs.items()):
+            token = ord(SCRIPT[done % len(SCRIPT)])
+            finish = "length" if done + 1 >= sampling.max_tokens else None
+            self.seqs[seq_id] = (done + 1, sampling)
+            if finish:
+                del self.seqs[seq_id]
+            out.append(StepOut(seq_id, [token], finish))
+        return out
+
+    def remove(self, seq_id: int) -> None:
+        self.removed.append(seq_id)
+        self.seqs.pop(seq_id, None)
+
+    def active(self) -> int:
+        return len(self.seqs)
+
+
+class Replies:
+    """Stands where the I/O thread would: what each request was sent, decoded, in order."""
+
+    def __init__(self):
+        self.sent: dict[bytes, list[tuple[bool, p.Msg]]] = {}
+
+    def send(self, frames: list) -> None:
+        command, _client, req_id, body = frames[:4]
+        self.sent.setdefault(req_id, []).append((command == wire.REPLY, p.decode_reply(body)))
+
+    def job(self, req_id: bytes, msg: p.Msg) -> Job:
+        return Job(msg, RequestContext(self, b"client", req_id, p.parse_caller(b"user alice")))
+
+    def final(self, req_id: bytes) -> p.Msg:
+        (last_final, last), *_ = reversed(self.sent[req_id])
+        assert last_final and sum(final for final, _ in self.sent[req_id]) == 1
+        return last
+
+
+FAMILY = parse_llm({"model_name": "scripted", "model_lang": ["en"], "model_ability": ["generate"],
+                    "context_length": 64, "model_specs": [{"model_format": "pytorch", "model_size_in_billions": 1,
+                                                           "quantizations": ["none"], "model_id": "x/y"}]})
+
+
+def engine(max_sequences: int = 1, max_queue: int = 8) -> tuple[LLMEngine, ScriptedBackend]:
+    backend = ScriptedBackend(max_sequences)
+    return LLMEngine("m", FAMILY, backend, wake=lambda: None, max_queue=max_queue), backend
+
+
+def generate(max_tokens: int, **config) -> p.Generate:
+    return p.Generate(model_uid="m", prompt="hi", config=GenerateConfig(max_tokens=max_tokens, **config))
+
+
+def run(e: LLMEngine, limit: int = 100) -> int:
+    steps = 0
+    while e.has_work():
+        e.step()
+        steps += 1
+        assert steps < limit, "the engine never finished"
+    return steps
+
+
+def test_requests_beyond_the_backends_sequences_wait_their_turn():
+    e, _ = engine(max_sequences=1)
+    out = Replies()
+    e.submit(out.job(b"1", generate(3)))
+    e.submit(out.job(b"2", generate(2)))
+    e.step()
+    assert (e.inflight(), e.depth()) == (1, 1)  # the second waits for the only sequence
+    steps = run(e)
+    assert steps == 4  # 3 - 1 tokens of the first after the first step, then 2 of the second: one at a time
+    for req_id, text in ((b"1", "abc"), (b"2", "ab")):
+        reply = out.final(req_id)
+        assert isinstance(reply, p.Completion) and reply.choices[0].text == text
+        assert reply.choices[0].finish_reason == "length"
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2, len(text))
+    assert (e.stats.requests, e.stats.tokens_in, e.stats.tokens_out) == (2, 4, 5)
+
+
+def test_a_full_queue_refuses_at_once():
+    e, _ = engine(max_queue=2)
+    out = Replies()
+    e.submit(out.job(b"1", generate(2)))
+    e.submit(out.job(b"2", generate(2)))
+    with pytest.raises(QueueFull, match="holds 2 requests"):
+        e.submit(out.job(b"3", generate(2)))
+
+
+def test_a_stop_word_cuts_the_text_and_frees_the_sequence():
+    e, backend = engine()
+    out = Replies()
+    e.submit(out.job(b"1", generate(8, stop=["de"])))
+    run(e)
+    reply = out.final(b"1")
+    assert reply.choices[0].text == "abc" and reply.choices[0].finish_reason == "stop"
+    assert backend.removed == [0] and backend.active() == 0
+
+
+def test_n_choices_decode_side_by_side():
+    e, _ = engine(max_sequences=4)
+    out = Replies()
+    e.submit(out.job(b"1", generate(2, n=3)))
+    assert run(e) == 2
+    reply = out.final(b"1")
+    assert [c.text for c in reply.choices] == ["ab"] * 3 and [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == 6
+
+
+def test_a_stream_sends_each_token_then_one_final_reply():
+    e, _ = engine()
+    out = Replies()
+    e.submit(out.job(b"1", generate(3, stream=True, stream_interval_ms=0)))
+    run(e)
+    texts = [msg.choices[0].text for final, msg in out.sent[b"1"] if msg.choices]
+    assert "".join(texts) == "abc" and len(texts) == 3
+    assert out.final(b"1").choices[0].finish_reason == "length"
+
+
+def test_a_cancelled_request_gives_its_sequence_to_the_next():
+    e, backend = engine(max_sequences=1)
+    out = Replies()
+    first, second = out.job(b"1", generate(50)), out.job(b"2", generate(2))
+    e.submit(first)
+    e.submit(second)
+    e.step()
+    first.ctx.cancelled = True  # the client went away (a CANCEL frame, on the I/O thread)
+    run(e)
+    cancelled = out.final(b"1")
+    assert isinstance(cancelled, p.Error) and cancelled.code == "cancelled"
+    assert out.final(b"2").choices[0].text == "ab"
+    assert backend.removed == [0] and (e.stats.cancelled, e.stats.requests) == (1, 2)
