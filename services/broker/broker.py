@@ -30,6 +30,7 @@ import structlog
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from zinfer.services.broker.roster import Known, Roster
 from zinfer.shared import keys, wire
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
@@ -41,18 +42,6 @@ log = structlog.get_logger()
 DRAIN = 2000  # messages handled per poll wake-up
 ZAP_DOMAIN = "zinfer"
 MODEL_PREFIX = p.model_target("").encode()  # peers may bind model uids only, never a service's name
-
-
-class Known:
-    """An accepted key: what the roster says of it, and the caller stamp its requests carry."""
-
-    __slots__ = ("name", "role", "stamp", "entry")
-
-    def __init__(self, entry: keys.RosterKey):
-        self.entry = entry
-        self.name = entry.name
-        self.role = entry.role
-        self.stamp = p.caller_stamp(entry.role, entry.name)
 
 
 class Peer:
@@ -79,14 +68,11 @@ class Broker:
         self.peers: dict[bytes, Peer] = {}
         self.routes: dict[bytes, list[Peer]] = {}
         self.pending: dict[tuple[bytes, bytes], Peer] = {}
-        self.known: dict[str, Known] = {}
-        self._roster_stamp: tuple | None = None
-        self._refresh_roster()
+        self.roster = Roster(self.home)
         # ZAP: the handshake of every connection asks `callback` (in the authenticator's thread).
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve_callback(ZAP_DOMAIN, self)
-        self.refused = 0
+        self.auth.configure_curve_callback(ZAP_DOMAIN, self.roster)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises, so we can cancel
@@ -134,42 +120,9 @@ class Broker:
 
     # ------------------------------------------------------------------ keys
 
-    def callback(self, domain: str, client_key: bytes) -> bool:
-        """ZAP (in the authenticator's thread): is this public key (z85) allowed to connect? A key created a
-        moment ago is let in at once: an unknown key makes the roster be read again if its file changed."""
-        public = client_key.decode("ascii", "replace")
-        allowed = public in self.known or (self._refresh_roster() and public in self.known)
-        if not allowed:
-            self.refused += 1
-            if self.refused <= 10 or self.refused % 1000 == 0:
-                log.warning("key_refused", public_key=client_key[:8].decode("ascii", "replace") + "...",
-                            refused=self.refused)
-        return allowed
-
-    def _refresh_roster(self) -> bool:
-        """Re-read the roster if its file changed; True when the key table was replaced. Safe from any thread:
-        it only swaps `known` (peers are pruned by the broker's own thread, in _tick)."""
-        path = keys.roster_path(self.home)
-        try:
-            st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if stamp == self._roster_stamp:
-            return False
-        try:
-            roster = keys.read_roster(self.home)
-        except Exception as exc:  # a damaged roster keeps the last good one
-            log.error("roster_unreadable", error=str(exc))
-            return False
-        self._roster_stamp = stamp
-        self.known = {public: Known(entry) for public, entry in roster.active().items()}
-        log.info("roster_loaded", keys=len(self.known))
-        return True
-
     def _prune_revoked(self) -> None:
         for peer in list(self.peers.values()):
-            if peer.public_key not in self.known:
+            if peer.public_key not in self.roster.known:
                 self._send(peer.identity, wire.DISCONNECT_FRAMES)
                 self._remove(peer, "its key was revoked")
 
@@ -197,7 +150,7 @@ class Broker:
                 head = None
             if head is not None:
                 self.now = time.monotonic()
-                known = self.known
+                known = self.roster.known
                 for i in range(DRAIN):
                     if i:
                         try:
@@ -506,7 +459,7 @@ class Broker:
 
     def _tick(self) -> None:
         now = self.now
-        self._refresh_roster()
+        self.roster.refresh()
         self._prune_revoked()  # always: the authenticator thread may have been the one to see the change
         dead_after = self.settings.liveness_s
         for peer in list(self.peers.values()):
