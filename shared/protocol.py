@@ -345,6 +345,7 @@ class BrokerStatusReply(Msg, kw_only=True):
     pending: int = 0
     parked: int = 0  # requests waiting for a target nobody serves yet
     pid: int = 0
+    caller: str = ""  # who asked, as the broker stamps it ("<role> <principal>"): the gateway's /v1/whoami
 
 
 class Completion(Msg, kw_only=True):

@@ -292,11 +292,11 @@ class Broker:
         if len(frames) < 5:
             raise ValueError("short REQUEST")
         target, req_id = frames[2], frames[3]
-        if target == p.BROKER_TARGET:
-            self._send_raw(wire.broker_reply(sender, req_id, self.status()))
-            return
         origin = self.peers.get(sender)
         caller = origin.caller if origin is not None else key.stamp
+        if target == p.BROKER_TARGET:
+            self._send_raw(wire.broker_reply(sender, req_id, self.status(caller)))
+            return
         while True:
             peers = self.routes.get(target)
             if not peers:
@@ -481,8 +481,9 @@ class Broker:
             if not queue:
                 del self.waiting[target]
 
-    def status(self) -> p.BrokerStatusReply:
+    def status(self, caller: bytes = b"") -> p.BrokerStatusReply:
         return p.BrokerStatusReply(
+            caller=caller.decode(errors="replace"),
             endpoint=self.endpoint,
             peers=[p.PeerView(service=peer.service.decode(errors="replace"),
                               uids=sorted(u.decode(errors="replace") for u in peer.uids),

@@ -20,6 +20,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from zinfer.services.gateway import ui
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
 from zinfer.shared import compat, keys
@@ -58,6 +59,8 @@ def error_response(exc: ZinferError) -> JSONResponse:
     status = STATUS.get(exc.code, 500)
     body = {"error": {"message": str(exc), "type": OPENAI_TYPE.get(status, "server_error"), "param": exc.field,
                       "code": exc.code}, "detail": str(exc)}
+    if exc.problems:  # every field at fault (a definition can have several), for forms to show each by its field
+        body["error"]["problems"] = [{"field": f.field, "message": f.message} for f in exc.problems]
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -483,4 +486,5 @@ def create_app(settings: Settings) -> FastPath:
     async def unregister(request: Request, model_type: str, model_name: str):
         return await gw.unregister(request, model_type, model_name)
 
+    ui.install(app, gw)  # the web UI at /, and the endpoints only it needs
     return FastPath(app, gw)

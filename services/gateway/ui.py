@@ -1,0 +1,78 @@
+"""The web UI: plain HTML, CSS and JavaScript modules from the package (services/gateway/ui/), served at `/` by
+the gateway, and the two read-only endpoints it needs besides the public API (who the key is, the cluster).
+
+The page is one more client of the HTTP API: it signs in with an API key (kept in the browser's session
+storage, sent as `Authorization: Bearer`), and every call it makes is one a script could make. Its files are
+read once at start; a file that is missing from the install answers with a page that says so (never a blank
+page). Every response of the UI carries a Content-Security-Policy that allows scripts, styles and connections
+to this origin only: no inline script, no eval, nothing from elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from zinfer.services.registry import catalog
+from zinfer.shared import protocol as p
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-cache"}
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+         ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+
+
+def load_files(folder: Path = UI_DIR) -> dict[str, bytes]:
+    """The UI's files by name (no sub-folders: a request names one of these, never a path)."""
+    if not folder.is_dir():
+        return {}
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and f.suffix in TYPES}
+
+
+def asset(files: dict[str, bytes], name: str) -> Response:
+    body = files.get(name)
+    if body is None:
+        missing = "index.html" if name == "index.html" else name
+        text = (f"zinfer's web UI file {missing!r} is not in this install ({UI_DIR}). The HTTP API works "
+                "without it; reinstall zinfer to get the UI back.")
+        return Response(text, status_code=404 if name != "index.html" else 500, headers=HEADERS,
+                        media_type="text/plain; charset=utf-8")
+    return Response(body, headers=HEADERS, media_type=TYPES[Path(name).suffix])
+
+
+def install(app: FastAPI, gateway) -> None:
+    files = load_files()
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return asset(files, "index.html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def ui_file(name: str):
+        return asset(files, name)
+
+    @app.get("/v1/whoami")
+    async def whoami(request: Request):
+        """The key this request is made with, as the mesh knows it: {"name", "role"} (user or admin)."""
+        status = await gateway.call(request, p.BROKER_TARGET, p.Ping())
+        caller = p.parse_caller(status.caller.encode())
+        return JSONResponse({"name": caller.principal, "role": caller.role})
+
+    @app.get("/v1/prompt_styles")
+    async def prompt_styles():
+        """The built-in prompt styles a registration may name (`prompt_style`), with their templates. They ship
+        with the package (configs/prompt_styles.json), the same on every host, so the gateway reads its own."""
+        return JSONResponse([msgspec.to_builtins(style) for style in catalog.prompt_styles().values()])
+
+    @app.get("/v1/cluster/workers")
+    async def workers(request: Request):
+        """Every worker the scheduler hears from: its device, host, address, free and total memory (bytes)."""
+        reply = await gateway.call(request, p.SCHEDULER, p.SchedulerStatus())
+        return JSONResponse({"workers": [msgspec.to_builtins(w) for w in reply.workers],
+                             "instances": reply.instances})

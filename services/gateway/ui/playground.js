@@ -1,0 +1,204 @@
+// Try a running model: chat (streamed, with a system prompt, sampling settings, history and a stop button that
+// cancels the generation), generate, and embeddings (dimensions, and the cosine similarity of two texts).
+
+import { api, session } from "./api.js";
+import { el, message } from "./dom.js";
+
+const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings" };
+
+function canDo(m, tab) {
+  const abilities = m.model_ability || [];
+  if (tab === "embed") return m.model_type === "embedding" || abilities.includes("embed");
+  if (tab === "chat") return m.model_type === "LLM" && abilities.includes("chat");
+  return m.model_type === "LLM";
+}
+
+// One streamed completion: calls onText with each piece of text; resolves with why it ended.
+async function stream(path, body, signal, onText) {
+  const headers = { "Content-Type": "application/json" };
+  if (session.key) headers.Authorization = `Bearer ${session.key}`;
+  const response = await fetch(path, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }), signal });
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    throw new Error(data.error?.message || `HTTP ${response.status}`);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end).trim();
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data:")) continue;
+      const data = event.slice(5).trim();
+      if (data === "[DONE]") return finish;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const choice of chunk.choices || []) {
+        const piece = choice.delta ? choice.delta.content : choice.text;
+        if (piece) onText(piece);
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+    }
+  }
+  return finish;
+}
+
+function settings(prefix) {
+  const temperature = el("input", { id: `${prefix}-temperature`, type: "number", min: 0, max: 2, step: 0.1, value: 0.7 });
+  const maxTokens = el("input", { id: `${prefix}-max-tokens`, type: "number", min: 1, value: 256 });
+  const stop = el("input", { id: `${prefix}-stop`, type: "text", placeholder: "comma-separated" });
+  const node = el("div", { class: "grid" },
+    el("div", {}, el("label", { for: `${prefix}-temperature` }, "Temperature"), temperature),
+    el("div", {}, el("label", { for: `${prefix}-max-tokens` }, "Max tokens"), maxTokens),
+    el("div", {}, el("label", { for: `${prefix}-stop` }, "Stop words"), stop));
+  node.values = () => {
+    const out = { temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) };
+    const words = stop.value.split(",").map((s) => s.trim()).filter(Boolean);
+    if (words.length) out.stop = words;
+    return out;
+  };
+  return node;
+}
+
+function modelSelect(models, tab, wanted) {
+  const usable = models.filter((m) => m.state === "ready" && canDo(m, tab));
+  return el("select", { id: `${tab}-model` }, usable.length ? usable.map((m) => el("option", { value: m.id,
+    selected: m.id === wanted }, m.id)) : el("option", { value: "" }, "no running model can do this"));
+}
+
+function chat(panel, models, wanted) {
+  const model = modelSelect(models, "chat", wanted);
+  const system = el("textarea", { id: "chat-system", rows: 2, placeholder: "You are a helpful assistant." });
+  const knobs = settings("chat");
+  const log = el("div", { id: "chat-log", class: "chat-log", role: "log", "aria-live": "polite" });
+  const input = el("textarea", { id: "chat-input", rows: 3, required: true });
+  const send = el("button", { type: "submit" }, "Send");
+  const stop = el("button", { type: "button", class: "danger", disabled: true }, "Stop");
+  const clear = el("button", { type: "button", class: "secondary" }, "Clear the history");
+  const status = message("error");
+  const history = [];
+  let controller = null;
+  const form = el("form", {}, el("label", { for: "chat-input" }, "Message"), input,
+                  el("div", { class: "actions" }, send, stop, clear));
+  panel.replaceChildren(el("div", { class: "grid" }, el("div", {}, el("label", { for: "chat-model" }, "Model"), model)),
+    el("label", { for: "chat-system" }, "System prompt"), system, knobs, log, status, form);
+  stop.addEventListener("click", () => controller?.abort());
+  clear.addEventListener("click", () => { history.length = 0; log.replaceChildren(); });
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); } });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = input.value.trim();
+    if (!text || !model.value) return;
+    status.textContent = "";
+    input.value = "";
+    history.push({ role: "user", content: text });
+    log.append(el("div", { class: "turn user" }, el("span", { class: "who" }, "You"), el("p", {}, text)));
+    const answer = el("p", { class: "answer" });
+    const note = el("span", { class: "note" });
+    log.append(el("div", { class: "turn assistant" }, el("span", { class: "who" }, model.value), answer, note));
+    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...history];
+    controller = new AbortController();
+    send.disabled = true;
+    stop.disabled = false;
+    try {
+      const finish = await stream("/v1/chat/completions", { model: model.value, messages, ...knobs.values() },
+                                  controller.signal, (piece) => { answer.append(piece); log.scrollTop = log.scrollHeight; });
+      note.textContent = finish === "length" ? "(max tokens reached)" : "";
+    } catch (error) {
+      if (error.name === "AbortError") note.textContent = "(stopped)";
+      else status.textContent = error.message;
+    } finally {
+      history.push({ role: "assistant", content: answer.textContent });
+      controller = null;
+      send.disabled = false;
+      stop.disabled = true;
+      note.closest(".turn").setAttribute("data-done", "true");
+    }
+  });
+}
+
+function generate(panel, models, wanted) {
+  const model = modelSelect(models, "generate", wanted);
+  const prompt = el("textarea", { id: "generate-prompt", rows: 4 });
+  const knobs = settings("generate");
+  const output = el("pre", { id: "generate-output", class: "output", "aria-live": "polite" });
+  const status = message("error");
+  const run = el("button", { type: "submit" }, "Generate");
+  const stop = el("button", { type: "button", class: "danger", disabled: true }, "Stop");
+  let controller = null;
+  const form = el("form", {}, el("div", { class: "grid" }, el("div", {}, el("label", { for: "generate-model" }, "Model"), model)),
+    el("label", { for: "generate-prompt" }, "Prompt"), prompt, knobs, el("div", { class: "actions" }, run, stop));
+  panel.replaceChildren(form, status, output);
+  stop.addEventListener("click", () => controller?.abort());
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!model.value) return;
+    status.textContent = "";
+    output.textContent = "";
+    controller = new AbortController();
+    run.disabled = true;
+    stop.disabled = false;
+    try {
+      await stream("/v1/completions", { model: model.value, prompt: prompt.value, ...knobs.values() },
+                   controller.signal, (piece) => output.append(piece));
+    } catch (error) {
+      if (error.name !== "AbortError") status.textContent = error.message;
+    } finally {
+      controller = null;
+      run.disabled = false;
+      stop.disabled = true;
+    }
+  });
+}
+
+function embed(panel, models, wanted) {
+  const model = modelSelect(models, "embed", wanted);
+  const a = el("textarea", { id: "embed-a", rows: 2 });
+  const b = el("textarea", { id: "embed-b", rows: 2 });
+  const result = el("dl", { id: "embed-result", class: "facts card", hidden: true });
+  const status = message("error");
+  const form = el("form", {}, el("div", { class: "grid" }, el("div", {}, el("label", { for: "embed-model" }, "Model"), model)),
+    el("label", { for: "embed-a" }, "First text"), a, el("label", { for: "embed-b" }, "Second text"), b,
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Embed")));
+  panel.replaceChildren(form, status, result);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    status.textContent = "";
+    try {
+      const { data, usage } = await api("/v1/embeddings", { method: "POST", body: { model: model.value, input: [a.value, b.value] } });
+      const [x, y] = data.map((d) => d.embedding);
+      const dot = x.reduce((s, v, i) => s + v * y[i], 0);
+      const norm = (v) => Math.sqrt(v.reduce((s, t) => s + t * t, 0));
+      const cosine = dot / (norm(x) * norm(y));
+      result.hidden = false;
+      result.replaceChildren(el("dt", {}, "Dimensions"), el("dd", { id: "embed-dimensions" }, x.length),
+        el("dt", {}, "Cosine similarity"), el("dd", { id: "embed-similarity" }, cosine.toFixed(4)),
+        el("dt", {}, "Tokens"), el("dd", {}, usage?.prompt_tokens ?? ""),
+        el("dt", {}, "First values"), el("dd", {}, x.slice(0, 6).map((v) => v.toFixed(4)).join(", ") + " …"));
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  });
+}
+
+export function playground(main, params) {
+  const tab = TABS[params.get("tab")] ? params.get("tab") : null;
+  const wanted = params.get("model");
+  const panel = el("div", { id: "playground-panel", role: "tabpanel" });
+  const status = message("error");
+  main.replaceChildren(el("h1", {}, "Playground"), status);
+  api("/v1/models").then(({ data }) => {
+    const model = data.find((m) => m.id === wanted);
+    const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed" : "generate") : "chat");
+    const query = wanted ? `&model=${encodeURIComponent(wanted)}` : "";
+    main.append(el("nav", { class: "tabs", "aria-label": "Playgrounds" }, Object.entries(TABS).map(([key, label]) =>
+      el("a", { href: `#/playground?tab=${key}${query}`, "aria-current": key === chosen ? "page" : null }, label))), panel);
+    ({ chat, generate, embed })[chosen](panel, data, wanted);
+  }).catch((error) => { status.textContent = error.message; });
+}
