@@ -1,4 +1,4 @@
-"""generate, chat, embed."""
+"""generate, chat, embed, rerank."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json
-from zinfer.shared.handles import EmbeddingHandle
+from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_json, print_table
+from zinfer.shared.handles import EmbeddingHandle, RerankHandle
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens to generate (also --max_tokens).")]
@@ -38,7 +38,7 @@ def generate(
     """Complete a prompt; without one, asks for prompts until an empty line or Ctrl-D."""
     with make_client(endpoint, timeout) as client:
         model = client.get_model(model_uid)
-        if isinstance(model, EmbeddingHandle):  # before asking for a prompt
+        if isinstance(model, EmbeddingHandle | RerankHandle):  # before asking for a prompt
             raise model.not_llm("generate")
         prompts = [prompt] if prompt is not None else None
         while True:
@@ -79,7 +79,7 @@ def chat(
     """Chat: one MESSAGE answered, or an interactive chat that keeps the history (an empty line or Ctrl-D ends it)."""
     with make_client(endpoint, timeout) as client:
         model = client.get_model(model_uid)
-        if isinstance(model, EmbeddingHandle):
+        if isinstance(model, EmbeddingHandle | RerankHandle):
             raise model.not_llm("chat")
         abilities = client.describe_model(model_uid)["model_ability"]
         if "chat" not in abilities:  # say so before asking for a message
@@ -140,6 +140,29 @@ def embed(
     console.print(f"usage: {result['usage']}", highlight=False)
 
 
+def rerank(
+    model_uid: Uid,
+    query: Annotated[str, typer.Option("--query", "-q", help="What the documents are ranked against.")],
+    documents: Annotated[list[str], typer.Argument(help="The documents to rank.")],
+    top_n: Annotated[int | None, typer.Option("--top-n", help="Keep the best N.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The full rerank response.")] = False,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Rank documents by relevance to a query, best first: score, index and text of each."""
+    if not documents:
+        fail("give at least one DOCUMENT")
+    with make_client(endpoint, timeout) as client:
+        result = client.get_model(model_uid).rerank(documents, query, top_n=top_n, return_documents=as_json,
+                                                    return_len=as_json)
+    if as_json:
+        print_json(result)
+        return
+    rows = [[f"{item['relevance_score']:.6f}", item["index"], documents[item["index"]][:70]]
+            for item in result["results"]]
+    print_table(["Score", "Index", "Document"], rows)
+
+
 def install(app: typer.Typer) -> None:
-    for fn in (generate, chat, embed):
+    for fn in (generate, chat, embed, rerank):
         command(app, fn)

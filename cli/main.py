@@ -10,7 +10,7 @@ import typer
 from zinfer.cli import common, dev, infer_cmds, keys_cmds, mesh, model_cmds, ops_cmds, registry_cmds
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
-                  help="zinfer: register your own models, launch them on GPUs or the CPU, generate and embed.")
+                  help="zinfer: register your own models, launch them on GPUs or the CPU, generate, embed and rerank.")
 
 
 def _version() -> str:

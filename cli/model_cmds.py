@@ -72,7 +72,8 @@ def launch(
     gpu_idx: Annotated[list[str] | None, typer.Option(
         "--gpu-idx", help="Pin to these GPUs: 0,1 or repeated.")] = None,
     model_engine: Annotated[str | None, typer.Option(
-        "--model-engine", "-en", help="transformers or llama.cpp (LLM), sentence_transformers (embedding).")] = None,
+        "--model-engine", "-en",
+        help="transformers or llama.cpp (LLM), sentence_transformers (embedding, rerank).")] = None,
     worker_ip: Annotated[list[str] | None, typer.Option(
         "--worker-ip", "--host", help="Launch on the workers of this host (its name or address; repeatable).")] = None,
     trust_remote_code: Annotated[bool | None, typer.Option(

@@ -9,7 +9,7 @@ import typer
 
 from zinfer.cli.common import Endpoint, Timeout, command, make_client, print_json, print_table, read_text
 
-ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM or embedding.")]
+ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM, embedding or rerank.")]
 
 
 def register(
@@ -45,6 +45,11 @@ def registrations(
         rows = [[i["model_type"], i["model_name"], i["dimensions"], i["max_tokens"], ", ".join(i["model_lang"]),
                  "yes" if i["is_builtin"] else "no"] for i in items]
         print_table(["Type", "Name", "Dimensions", "Max tokens", "Languages", "Built-in"], rows)
+        return
+    if model_type == "rerank":
+        rows = [[i["model_type"], i["model_name"], i.get("rerank_type") or "", i.get("max_tokens") or "",
+                 ", ".join(i["model_lang"]), "yes" if i["is_builtin"] else "no"] for i in items]
+        print_table(["Type", "Name", "Rerank type", "Max tokens", "Languages", "Built-in"], rows)
         return
     rows = [[i["model_type"], i["model_name"], ", ".join(i["model_lang"]), ", ".join(i["model_format"]),
              ", ".join(i["model_ability"]), i["model_family"] or "", i["context_length"] or "",

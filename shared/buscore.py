@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import uuid
 from typing import Any
 
 import msgspec
@@ -183,3 +184,16 @@ def embedding_result(uid: str, reply: p.Embedding, vectors: np.ndarray, encoding
         data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(vectors.tolist())]
     return {"object": "list", "model": uid, "data": data,
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}}
+
+
+def rerank_result(reply: p.RerankResult, documents: list[str], return_documents: bool = False,
+                  return_len: bool = False) -> dict:
+    """Xinference's rerank response (Cohere's shape, which Jina's clients read too): results best first, each
+    with its document's text when asked; meta.tokens when return_len; Jina's model and usage besides."""
+    results = [{"index": item.index, "relevance_score": item.relevance_score,
+                "document": {"text": documents[item.index]} if return_documents else None}
+               for item in reply.results]
+    tokens = {"input_tokens": reply.input_tokens, "output_tokens": reply.input_tokens} if return_len else None
+    return {"id": str(uuid.uuid4()), "model": reply.model, "results": results,
+            "meta": {"api_version": None, "billed_units": None, "tokens": tokens, "warnings": None},
+            "usage": {"prompt_tokens": reply.input_tokens, "total_tokens": reply.input_tokens}}

@@ -36,7 +36,7 @@ from zinfer.shared.buscore import (
 )
 from zinfer.shared.config import Settings, load_settings
 from zinfer.shared.errors import RequestTimeout, Unavailable
-from zinfer.shared.handles import EmbeddingHandle, LLMHandle
+from zinfer.shared.handles import EmbeddingHandle, LLMHandle, RerankHandle
 from zinfer.shared.transport import send_frames
 
 __all__ = ["Client", "as_plain"]
@@ -326,9 +326,9 @@ class Client:
         self.call(p.SCHEDULER, p.TerminateModel(model_uid=model_uid), timeout)
 
     def get_model(self, model_uid: str) -> ModelHandle:
-        """A handle for inference: LLMHandle (generate, chat, create_embedding) or EmbeddingHandle."""
+        """A handle for inference: LLMHandle (generate, chat, create_embedding), EmbeddingHandle or RerankHandle."""
         view = self.describe_model(model_uid)
-        cls = EmbeddingHandle if view["model_type"] == "embedding" else LLMHandle
+        cls = {"embedding": EmbeddingHandle, "rerank": RerankHandle}.get(view["model_type"], LLMHandle)
         return cls(self, model_uid)
 
 

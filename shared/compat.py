@@ -215,3 +215,62 @@ def embeddings_body(body: dict) -> EmbeddingsBody:
     if isinstance(typed.input, str):
         typed.input = [typed.input]
     return typed
+
+
+class TextObject(msgspec.Struct, forbid_unknown_fields=True):
+    """A document (or query) as Cohere's and Jina's clients may send it: {"text": ...}."""
+
+    text: str
+
+
+class RerankBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Xinference's rerank request (its client's fields), which takes Cohere's and Jina's where they match:
+    documents as strings or {"text": ...} objects, top_n, return_documents."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    query: str | TextObject
+    documents: Annotated[list[str | TextObject], msgspec.Meta(min_length=1)]
+    top_n: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    return_documents: bool | None = None
+    return_len: bool | None = None
+    max_chunks_per_doc: int | None = None
+    kwargs: str | dict[str, Any] | None = None  # xinference-client sends its extra keywords as a JSON string
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def message(self) -> p.Rerank:
+        query = self.query if isinstance(self.query, str) else self.query.text
+        return p.Rerank(model_uid=self.model, query=query, documents=self.texts, top_n=self.top_n)
+
+
+def rerank_body(body: dict) -> RerankBody:
+    """A rerank request body, typed; InvalidRequest names the field at fault."""
+    try:
+        typed = msgspec.convert(body, RerankBody)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, RerankBody)
+        if problem.field == "documents" and "length" in problem.message:
+            raise InvalidRequest("documents must list at least one document", field="documents") from None
+        if re.fullmatch(r"documents\[\d+\]", problem.field or "") and problem.message.startswith("Expected"):
+            got = problem.message.rpartition("got ")[2] or "something else"
+            raise InvalidRequest(f"{problem.field}: a document is a string (or {{\"text\": ...}}), not {got}",
+                                 field=problem.field) from None
+        raise InvalidRequest(str(problem), field=problem.field or None) from None
+    if typed.max_chunks_per_doc is not None:
+        raise InvalidRequest("max_chunks_per_doc is not supported (documents are scored whole, truncated at the "
+                             "model's max_tokens); leave it out", field="max_chunks_per_doc")
+    extra = typed.kwargs
+    if isinstance(extra, str):
+        try:
+            extra = msgspec.json.decode(extra) if extra.strip() else {}
+        except msgspec.DecodeError:
+            raise InvalidRequest("kwargs is not valid JSON", field="kwargs") from None
+    if extra:
+        names = sorted(extra) if isinstance(extra, dict) else [repr(extra)]
+        raise InvalidRequest(f"kwargs: zinfer's rerank takes no extra arguments ({', '.join(names)})",
+                             field="kwargs")
+    typed.return_documents = bool(typed.return_documents)
+    typed.return_len = bool(typed.return_len)
+    return typed

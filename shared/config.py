@@ -36,6 +36,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # request's texts together) in UTF-8 bytes, and the texts of one embed request.
     max_prompt_bytes: int = 4 * 2**20
     max_embed_items: int = 2048
+    max_rerank_documents: int = 1000
     # Requests one model instance holds (waiting or running) before new ones get "unavailable" at once.
     instance_queue: int = 256
     # Seconds a chat template may take to render before the request is refused.
@@ -131,10 +132,10 @@ def load_settings(**overrides) -> Settings:
         raise ConfigError("settings: heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
     if settings.max_message_mb < 1 or settings.park_max_requests < 0 or settings.park_max_mb < 0:
         raise ConfigError("settings: max_message_mb must be >= 1; park_max_requests and park_max_mb >= 0")
-    if min(settings.max_prompt_bytes, settings.max_embed_items, settings.instance_queue) < 1 \
-            or settings.template_timeout_s <= 0:
-        raise ConfigError("settings: max_prompt_bytes, max_embed_items, instance_queue and template_timeout_s "
-                          "must be > 0")
+    if min(settings.max_prompt_bytes, settings.max_embed_items, settings.max_rerank_documents,
+           settings.instance_queue) < 1 or settings.template_timeout_s <= 0:
+        raise ConfigError("settings: max_prompt_bytes, max_embed_items, max_rerank_documents, instance_queue and "
+                          "template_timeout_s must be > 0")
     if not settings.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"endpoint {settings.endpoint!r}: expected tcp://host:port or ipc:///path")
     return settings

@@ -21,12 +21,12 @@ from zinfer.shared.errors import InvalidRequest
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str  # Xinference's model_engine name
     aliases: tuple[str, ...] = ()  # other spellings a launch may use (lower case)
-    model_type: Literal["LLM", "embedding"]
-    formats: tuple[str, ...] = ()  # the model_format values it runs (an embedding registration has none)
+    model_type: Literal["LLM", "embedding", "rerank"]
+    formats: tuple[str, ...] = ()  # the model_format values it runs (embedding and rerank: pytorch only)
     options: dict[str, Any] = {}  # EngineOptions fields only this engine reads -> default (None: worked out)
     generates: bool = False  # continuous_batching applies
     files: Literal["hf_folder", "gguf"]  # how the files are checked before the engine opens them
-    memory: Literal["checkpoint", "gguf", "embedding"]  # how one instance's memory is estimated (shared/sizing.py)
+    memory: Literal["checkpoint", "gguf", "folder"]  # how one instance's memory is estimated (shared/sizing.py)
     loader: str  # "module:function" that builds (backend, engine) in the instance process
 
 
@@ -41,16 +41,23 @@ ENGINES: tuple[EngineInfo, ...] = (
                options={"n_ctx": None, "n_threads": None, "n_parallel": None},
                loader="zinfer.services.worker.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
-               files="hf_folder", memory="embedding",
+               files="hf_folder", memory="folder",
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.backends.sentence_backend:load"),
+    # Xinference names its rerank engine sentence_transformers too: CrossEncoder for the `normal` type. One step
+    # scores at most max_batch_size query-document pairs and max_batch_tokens padded tokens.
+    EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="rerank",
+               files="hf_folder", memory="folder",
+               options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
+               loader="zinfer.services.worker.backends.cross_encoder_backend:load"),
 )
 
-_BY_NAME = {alias: e for e in ENGINES for alias in (e.name, *e.aliases)}
 
-
-def by_name(model_engine: str) -> EngineInfo | None:
-    return _BY_NAME.get(model_engine.strip().lower())
+def by_name(model_engine: str, model_type: str | None = None) -> EngineInfo | None:
+    """The engine of this name (or alias) that runs this model type (any type when None)."""
+    name = model_engine.strip().lower()
+    return next((e for e in ENGINES if name in (e.name, *e.aliases)
+                 and (model_type is None or e.model_type == model_type)), None)
 
 
 def for_model(model_type: str, model_format: str | None) -> EngineInfo:
@@ -66,8 +73,8 @@ def formats_of(model_engine: str | None, model_type: str) -> tuple[str, ...] | N
     one of another model type."""
     if model_engine is None:
         return None
-    engine = by_name(model_engine)
-    if engine is None or engine.model_type != model_type:
+    engine = by_name(model_engine, model_type)
+    if engine is None:
         valid = " or ".join(e.name for e in ENGINES if e.model_type == model_type)
         raise InvalidRequest(f"model_engine {model_engine!r}: zinfer runs {valid} for {model_type} models",
                              field="model_engine")
@@ -77,7 +84,7 @@ def formats_of(model_engine: str | None, model_type: str) -> tuple[str, ...] | N
 def check_options(options, engine: EngineInfo) -> None:
     """Refuse an option the chosen engine would not read (n_ctx for transformers), by name."""
     for other in ENGINES:
-        if other is engine:
+        if other is engine or other.name == engine.name:
             continue
         for name in other.options:
             if name not in engine.options and getattr(options, name) is not None:

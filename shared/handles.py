@@ -1,4 +1,4 @@
-"""Model handles returned by Client.get_model: generate, chat and create_embedding (Xinference's calls)."""
+"""Model handles returned by Client.get_model: generate, chat, create_embedding and rerank (Xinference's calls)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from zinfer.shared import compat
 from zinfer.shared import protocol as p
-from zinfer.shared.buscore import as_plain, embedding_array, embedding_result, not_serving
+from zinfer.shared.buscore import as_plain, embedding_array, embedding_result, not_serving, rerank_result
 from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
 from zinfer.shared.payloads import GenerateConfig
 
@@ -50,30 +50,74 @@ class _Handle:
         except ZinferError as exc:
             raise self._explain(exc) from None
 
-    def create_embedding(self, input: str | list[str], timeout: float | None = None) -> dict:
-        texts = [input] if isinstance(input, str) else list(input)
-        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
-        return embedding_result(self.model_uid, reply, embedding_array(reply, frames))
+    def rerank(self, *args, **_kwargs) -> dict:
+        raise InvalidRequest(f"model {self.model_uid!r} is not a rerank model: it cannot rerank; launch one with "
+                             "--model-type rerank", field="model_uid")
 
-    def embed_array(self, input: str | list[str], timeout: float | None = None) -> np.ndarray:
+    def create_embedding(self, input: str | list[str], timeout: float | None = None, *,
+                         dimensions: int | None = None, encoding_format: str = "float") -> dict:
+        """OpenAI's embeddings response; `dimensions` cuts unit-length vectors to fewer (renormalised);
+        encoding_format "base64" gives each vector as the base64 of its float32 bytes."""
+        if encoding_format not in ("float", "base64"):
+            raise InvalidRequest(f"encoding_format {encoding_format!r} must be float or base64",
+                                 field="encoding_format")
+        texts = [input] if isinstance(input, str) else list(input)
+        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts, dimensions=dimensions), timeout)
+        return embedding_result(self.model_uid, reply, embedding_array(reply, frames), encoding_format)
+
+    def embed_array(self, input: str | list[str], timeout: float | None = None, *,
+                    dimensions: int | None = None) -> np.ndarray:
         """Embeddings as one float32 array (rows x dimensions), without building Python lists."""
         texts = [input] if isinstance(input, str) else list(input)
-        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts), timeout)
+        reply, frames = self._call(p.Embed(model_uid=self.model_uid, input=texts, dimensions=dimensions), timeout)
         return embedding_array(reply, frames)
 
 
-class EmbeddingHandle(_Handle):
-    """An embedding model: create_embedding only. generate and chat say so (typed), instead of failing inside."""
+class _NotLLM(_Handle):
+    """A model that cannot generate or chat: those calls (and the calls of other model types) say what it is and
+    what to use instead (typed), instead of failing inside."""
+
+    kind = ""  # "an embedding", "a rerank"
+    use = ""  # the call to use instead
 
     def not_llm(self, call: str) -> InvalidRequest:
-        return InvalidRequest(f"model {self.model_uid!r} is an embedding model: it cannot {call}; use "
-                              "create_embedding (zinfer embed), or launch an LLM", field="model_uid")
+        return InvalidRequest(f"model {self.model_uid!r} is {self.kind} model: it cannot {call}; use {self.use}",
+                              field="model_uid")
 
-    def generate(self, prompt: str, generate_config: dict | None = None, **_kwargs):
+    def generate(self, *args, **_kwargs):
         raise self.not_llm("generate")
 
     def chat(self, *args, **_kwargs):
         raise self.not_llm("chat")
+
+
+class EmbeddingHandle(_NotLLM):
+    """An embedding model: create_embedding only."""
+
+    kind, use = "an embedding", "create_embedding (zinfer embed), or launch an LLM"
+
+    def rerank(self, *args, **_kwargs):
+        raise self.not_llm("rerank")
+
+
+class RerankHandle(_NotLLM):
+    """A rerank model: rerank only (Xinference's RerankModelHandle)."""
+
+    kind, use = "a rerank", "rerank (zinfer rerank)"
+
+    def rerank(self, documents: list[str], query: str, top_n: int | None = None, return_documents: bool = False,
+               return_len: bool = False, timeout: float | None = None, **kwargs) -> dict:
+        """The documents' relevance to the query, best first: {id, results: [{index, relevance_score,
+        document}], meta}; `top_n` keeps the best n."""
+        body = compat.rerank_body({"model": self.model_uid, "query": query, "documents": documents, "top_n": top_n,
+                                   "return_documents": return_documents, "return_len": return_len, **kwargs})
+        reply, _ = self._call(body.message(), timeout)
+        return rerank_result(reply, body.texts, body.return_documents, body.return_len)
+
+    def create_embedding(self, *args, **_kwargs):
+        raise self.not_llm("embed")
+
+    embed_array = create_embedding
 
 
 class LLMHandle(_Handle):

@@ -1,7 +1,8 @@
-"""Model definition schema: Xinference's custom-model JSON (LLM v1 and v2, embedding) as msgspec Structs.
+"""Model definition schema: Xinference's custom-model JSON (LLM v1 and v2, embedding, rerank in its flat and its
+version 2 form) as msgspec Structs.
 
-The same Structs validate a user's JSON file and travel on the bus. `parse_definition` turns user JSON into
-the internal form (`LLMFamily` / `EmbeddingFamily`), collecting every problem as a `FieldProblem` that names
+The same Structs validate a user's JSON file and travel on the bus. `parse_as` turns user JSON into the internal
+form (`LLMFamily` / `EmbeddingFamily` / `RerankFamily`), collecting every problem as a `FieldProblem` that names
 the field; `definition_to_json` gives a definition back in the version it was registered with.
 """
 
@@ -22,7 +23,12 @@ NAME_RE = re.compile(NAME_PATTERN)
 SIZE_RE = re.compile(r"\A\d+(_\d+)?\Z")
 QUANTIZATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-ModelType = Literal["LLM", "embedding"]
+ModelType = Literal["LLM", "embedding", "rerank"]
+MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding", "rerank")
+# Xinference's rerank types: `normal` runs on sentence-transformers' CrossEncoder; `unknown` is decided from the
+# tokenizer when the model loads; the LLM-based ones (FlagEmbedding's LLM rerankers) zinfer does not run yet.
+RerankType = Literal["normal", "LLM-based", "LLM-based layerwise", "unknown"]
+RERANK_TYPES_SERVED = ("normal", "unknown")
 ModelFormat = Literal["pytorch", "ggmlv3", "ggufv2"]
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonEmptyStrList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
@@ -123,7 +129,48 @@ class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     model_description: str | None = None
 
 
-Definition = LLMFamily | EmbeddingFamily
+class RerankSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """One way to obtain a rerank model's weights (a version 2 spec; the flat form has one, implied)."""
+
+    model_format: Literal["pytorch"] = "pytorch"
+    model_id: str | None = None
+    model_uri: str | None = None
+    quantization: Literal["none"] = "none"
+    model_revision: str | None = None
+    model_hub: str | None = None
+
+
+class _RerankCommon(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    model_name: str
+    type: RerankType = "unknown"
+    language: list[str]
+    max_tokens: PositiveInt | None = None
+    model_description: str | None = None
+
+
+class RerankFamilyV1(_RerankCommon, kw_only=True):
+    """Xinference's older, flat custom rerank JSON: the weights' place at the top level."""
+
+    version: Literal[1] = 1
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_revision: str | None = None
+    model_hub: str | None = None
+
+
+class RerankFamily(_RerankCommon, kw_only=True):
+    """A rerank definition: the internal form and Xinference's version 2 JSON (`model_specs`)."""
+
+    version: Literal[1, 2] = 2
+    model_specs: Annotated[list[RerankSpec], Meta(min_length=1)]
+
+    @property
+    def spec(self) -> RerankSpec:
+        """The spec zinfer runs: the first (Xinference lists a hub's mirror after it)."""
+        return self.model_specs[0]
+
+
+Definition = LLMFamily | EmbeddingFamily | RerankFamily
 
 
 class FieldProblem(msgspec.Struct, frozen=True):
@@ -295,6 +342,28 @@ def parse_embedding(obj: dict) -> EmbeddingFamily:
     return _convert(obj, EmbeddingFamily)
 
 
+def parse_rerank(obj: dict) -> RerankFamily:
+    """A rerank definition in either of Xinference's forms: version 2 with model_specs, or the flat one."""
+    version = obj.get("version", 2 if "model_specs" in obj else 1)
+    if version == 2:
+        return _convert(obj, RerankFamily)
+    if version != 1:
+        raise DefinitionError([FieldProblem("version", f"{version!r} is not supported; expected 1 or 2")])
+    flat = _convert(obj, RerankFamilyV1)
+    spec = RerankSpec(model_id=flat.model_id, model_uri=flat.model_uri, model_revision=flat.model_revision,
+                      model_hub=flat.model_hub)
+    common = {f: getattr(flat, f) for f in _RerankCommon.__struct_fields__}
+    return RerankFamily(**common, version=1, model_specs=[spec])
+
+
+PARSERS = {"LLM": parse_llm, "embedding": parse_embedding, "rerank": parse_rerank}
+
+
+def parse_as(model_type: str, obj: dict) -> Definition:
+    """The internal form of a definition of this model type (one of MODEL_TYPES)."""
+    return PARSERS[model_type](obj)
+
+
 def shape_problems(definition: Definition) -> list[FieldProblem]:
     """Rules that types alone cannot state, that need no knowledge of the registry or the disk."""
     problems: list[FieldProblem] = []
@@ -304,6 +373,12 @@ def shape_problems(definition: Definition) -> list[FieldProblem]:
     if isinstance(definition, EmbeddingFamily):
         if not definition.model_uri and not definition.model_id:
             problems.append(FieldProblem("model_id", "required when model_uri is not given"))
+        return problems
+    if isinstance(definition, RerankFamily):
+        for i, spec in enumerate(definition.model_specs):
+            if not spec.model_uri and not spec.model_id:
+                at = "model_id" if definition.version == 1 else f"model_specs[{i}].model_id"
+                problems.append(FieldProblem(at, "required when model_uri is not given"))
         return problems
     if len(set(definition.model_ability)) != len(definition.model_ability):
         problems.append(FieldProblem("model_ability", "lists an ability twice"))
@@ -358,6 +433,20 @@ def definition_to_json(definition: Definition) -> dict[str, Any]:
     """The definition as the user's JSON object, in the version it was registered with."""
     if isinstance(definition, EmbeddingFamily):
         return msgspec.to_builtins(definition)
+    if isinstance(definition, RerankFamily):
+        out = msgspec.to_builtins(definition)
+        if definition.version == 1:  # the flat form it came in
+            spec = out.pop("model_specs")[0]
+            spec.pop("model_format", None)
+            spec.pop("quantization", None)
+            out.update(spec)
+        else:
+            for spec in out["model_specs"]:
+                spec.setdefault("model_format", "pytorch")
+                spec.setdefault("quantization", "none")
+        out.setdefault("type", definition.type)
+        out["version"] = definition.version
+        return out
     out = msgspec.to_builtins(definition)
     out.pop("v2_extras", None)
     out.pop("v2_spec_extras", None)

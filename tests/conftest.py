@@ -51,6 +51,19 @@ def embedding_definition(models: dict[str, Path], name: str = "custom-bge-base-e
     return d
 
 
+def rerank_definition(models: dict[str, Path], name: str = "custom-reranker", flat: bool = False, **extra) -> dict:
+    """A custom rerank model on the tiny cross-encoder: Xinference's version 2 JSON, or its older flat form."""
+    if flat:
+        d = {"model_name": name, "type": "normal", "language": ["en"], "model_id": "zinfer/tiny-reranker",
+             "model_uri": f"file://{models['rerank']}"}
+    else:
+        d = {"version": 2, "model_name": name, "type": "normal", "language": ["en"], "max_tokens": 512,
+             "model_specs": [{"model_format": "pytorch", "model_id": "zinfer/tiny-reranker",
+                              "model_uri": f"file://{models['rerank']}", "quantization": "none"}]}
+    d.update(extra)
+    return d
+
+
 @pytest.fixture
 def mesh(tmp_path) -> Mesh:
     """A fresh mesh (broker, registry, scheduler, one CPU worker) for a test that may break things."""
@@ -69,6 +82,7 @@ LAUNCHES: dict[str, dict] = {
     "hf-long": dict(model_name="long-context", model_format="pytorch"),
     "gg-long": dict(model_name="long-context", model_format="ggufv2"),
     "emb": dict(model_name="custom-bge-base-en", model_type="embedding"),
+    "rr": dict(model_name="custom-reranker", model_type="rerank"),
 }
 
 
@@ -76,8 +90,8 @@ LAUNCHES: dict[str, dict] = {
 def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launches, *, gateway: bool = False,
                 llm: dict | None = None):
     """The one builder of a module's served mesh: its own home and broker, the tiny models registered
-    (custom-llama-2, long-context with 8192 tokens, custom-bge-base-en) and `launches` launched: uids of
-    LAUNCHES, or (uid, launch arguments) pairs. `llm` adds fields to custom-llama-2's definition."""
+    (custom-llama-2, long-context with 8192 tokens, custom-bge-base-en, custom-reranker) and `launches`
+    launched: uids of LAUNCHES, or (uid, launch arguments) pairs. `llm` adds fields to custom-llama-2's definition."""
     root = tmp_path_factory.mktemp(name)
     m = Mesh(root / "home", root)
     try:
@@ -88,6 +102,7 @@ def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launc
         c.register_model("LLM", llm_definition(tiny_models, **(llm or {})))
         c.register_model("LLM", llm_definition(tiny_models, "long-context", context_length=8192))
         c.register_model("embedding", embedding_definition(tiny_models))
+        c.register_model("rerank", rerank_definition(tiny_models))
         for launch in launches:
             uid, args = (launch, LAUNCHES[launch]) if isinstance(launch, str) else launch
             c.launch_model(model_uid=uid, **args)

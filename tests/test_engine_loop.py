@@ -181,3 +181,75 @@ def test_a_cancelled_request_gives_its_sequence_to_the_next():
     assert isinstance(cancelled, p.Error) and cancelled.code == "cancelled"
     assert out.final(b"2").choices[0].text == "ab"
     assert backend.removed == [0] and (e.stats.cancelled, e.stats.requests) == (1, 2)
+
+
+# ---------------------------------------------------------------- rerank and embedding engines (scripted backend)
+
+
+class ScoringBackend:
+    """Scores a (query, document) pair by the document's length (ties on purpose), embeds a text as a fixed
+    unit vector; records each batch it is given."""
+
+    dimensions = 4
+    max_tokens = 16
+    normalized = True
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def token_counts(self, items) -> list[int]:
+        return [min(self.max_tokens, 2 + len(item[1] if isinstance(item, tuple) else item)) for item in items]
+
+    def encode(self, items):
+        import numpy as np
+
+        self.batches.append(len(items))
+        if items and isinstance(items[0], tuple):
+            return np.asarray([float(len(d)) for _, d in items], dtype=np.float32)
+        return np.tile(np.asarray([0.5, 0.5, 0.5, 0.5], dtype=np.float32), (len(items), 1))
+
+
+def test_rerank_engine_batches_requests_orders_as_xinference_and_cuts_to_top_n():
+    import numpy as np
+
+    from zinfer.services.worker.rerank_engine import RerankEngine
+
+    out, backend = Replies(), ScoringBackend()
+    eng = RerankEngine("rr", backend, wake=lambda: None, max_queue=8, max_batch_size=5, max_batch_tokens=1000)
+    documents = ["aaa", "a", "aaaa", "aa", "aaa", "a"]
+    eng.submit(out.job(b"1", p.Rerank(model_uid="rr", query="q", documents=documents)))
+    eng.submit(out.job(b"2", p.Rerank(model_uid="rr", query="q", documents=["bb", "b"], top_n=1)))
+    while eng.has_work():
+        eng.step()
+    assert backend.batches == [5, 3]  # at most max_batch_size pairs a step; request 1's rest with request 2's
+    first = out.final(b"1")
+    scores = np.asarray([float(len(d)) for d in documents], dtype=np.float32)
+    assert [r.index for r in first.results] == list(np.argsort(scores)[::-1])  # ties as numpy orders them
+    assert first.input_tokens == sum(2 + len(d) for d in documents)
+    second = out.final(b"2")
+    assert [(r.index, r.relevance_score) for r in second.results] == [(0, 2.0)]
+
+
+def test_embedding_engine_cuts_dimensions_and_refuses_more_than_it_makes():
+    import numpy as np
+
+    from zinfer.services.worker.embed_engine import EmbeddingEngine
+    from zinfer.shared.errors import InvalidRequest
+
+    out, backend = Replies(), ScoringBackend()
+    eng = EmbeddingEngine("emb", backend, wake=lambda: None, max_queue=8)
+    eng.submit(out.job(b"1", p.Embed(model_uid="emb", input=["x", "y"], dimensions=2)))
+    with pytest.raises(InvalidRequest, match="at most 4") as info:
+        eng.submit(out.job(b"2", p.Embed(model_uid="emb", input=["x"], dimensions=5)))
+    assert info.value.field == "dimensions"
+    backend.normalized = False
+    with pytest.raises(InvalidRequest, match="not normalised"):
+        eng.submit(out.job(b"3", p.Embed(model_uid="emb", input=["x"], dimensions=2)))
+    while eng.has_work():
+        eng.step()
+    reply = out.final(b"1")
+    assert (reply.rows, reply.dimensions) == (2, 2)
+    from zinfer.services.worker.embed_engine import cut
+
+    np.testing.assert_allclose(cut(np.asarray([[3.0, 4.0, 1.0], [0.0, 0.0, 1.0]], np.float32), 2),
+                               [[0.6, 0.8], [0.0, 0.0]])  # renormalised; an all-zero cut stays zero

@@ -22,14 +22,17 @@ def test_every_engine_option_has_exactly_one_engine():
             owners.setdefault(name, []).append(engine.name)
     fields = set(p.EngineOptions.__struct_fields__)
     assert set(owners) | GENERIC == fields and not set(owners) & GENERIC
-    assert all(len(names) == 1 for names in owners.values()), owners
+    # one engine name each (sentence_transformers runs embedding and rerank models, with the same options)
+    assert all(len(set(names)) == 1 for names in owners.values()), owners
 
 
 def test_every_format_and_type_has_an_engine_whose_loader_exists():
     for fmt in typing.get_args(ModelFormat):
         assert fmt in engines.for_model("LLM", fmt).formats
     assert engines.for_model("embedding", None).name == "sentence_transformers"
-    names = [e.name for e in engines.ENGINES]
+    assert engines.for_model("rerank", None).loader.endswith("cross_encoder_backend:load")
+    assert {e.model_type for e in engines.ENGINES} == set(models.MODEL_TYPES)
+    names = [(e.name, e.model_type) for e in engines.ENGINES]
     assert len(set(names)) == len(names)
     for engine in engines.ENGINES:
         assert callable(engines.loader(engine)), engine.loader
@@ -42,6 +45,8 @@ def test_names_aliases_and_the_options_a_launch_may_give():
     assert engines.by_name(" LLAMA_CPP ") is engines.by_name("llama.cpp")
     assert engines.formats_of("llamacpp", "LLM") == ("ggufv2", "ggmlv3")
     assert engines.formats_of(None, "LLM") is None and engines.formats_of("sentence-transformers", "embedding") is None
+    assert engines.by_name("sentence_transformers", "rerank").model_type == "rerank"
+    assert engines.formats_of("sentence_transformers", "rerank") is None
     with pytest.raises(InvalidRequest, match="zinfer runs transformers or llama.cpp for LLM models") as err:
         engines.formats_of("vllm", "LLM")
     assert err.value.field == "model_engine"

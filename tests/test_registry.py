@@ -294,10 +294,12 @@ def test_invalid_embedding_definitions(reg_mesh, definition, field):
 
 
 def test_bad_model_type_and_duplicates(reg_mesh, tiny_models):
-    with pytest.raises(InvalidRequest, match="model_type"):
+    with pytest.raises(InvalidRequest, match="this is an LLM definition .* --model-type LLM"):
         reg_mesh.client.register_model("rerank", llm_definition(tiny_models))
     with pytest.raises(InvalidRequest, match="model_type"):
-        reg_mesh.client.list_model_registrations("rerank")
+        reg_mesh.client.register_model("image", llm_definition(tiny_models))
+    with pytest.raises(InvalidRequest, match="model_type"):
+        reg_mesh.client.list_model_registrations("image")
     reg_mesh.client.register_model("LLM", llm_definition(tiny_models, "dup"))
     try:
         with pytest.raises(InvalidRequest, match="already registered"):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_models):
-    with served_mesh(tmp_path_factory, tiny_models, "ui", ["emb", "hf-long"], gateway=True) as m:
+    with served_mesh(tmp_path_factory, tiny_models, "ui", ["emb", "hf-long", "rr"], gateway=True) as m:
         m.client.register_model("LLM", llm_definition(tiny_models, "xss-model", model_description=XSS))
         m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
@@ -258,6 +258,33 @@ def test_an_admin_registers_edits_launches_tries_and_removes_a_model(page, site,
     page.get_by_role("button", name="Unregister").click()
     expect(page.get_by_role("heading", name="Models")).to_be_visible()
     assert "ui-llama" not in {r["model_name"] for r in site.client.list_model_registrations("LLM")}
+    assert page.errors == [], page.errors
+
+
+def test_rerank_registrations_and_the_rerank_playground(page, site, shots):
+    from playwright.sync_api import expect
+
+    sign_in(page, site, site.user_api_key)
+    page.goto(site.gateway_url + "/#/models?type=rerank")
+    expect(page.get_by_role("link", name="custom-reranker")).to_be_visible()
+    expect(page.get_by_role("link", name="bge-reranker-base")).to_be_visible()
+    page.get_by_role("link", name="custom-reranker").click()
+    expect(page.locator(".facts")).to_contain_text("normal")
+    page.screenshot(path=shots / "registration-rerank.png", full_page=True)
+    documents = ["Foxes jump over lazy dogs.", "The blue whale is the largest animal.", "Octopuses have three hearts."]
+    page.goto(site.gateway_url + "/#/playground?tab=rerank&model=rr")
+    page.get_by_label("Query").fill("What is the largest animal?")
+    page.get_by_label("Documents").fill("\n".join(documents))
+    page.get_by_label("Top n").fill("2")
+    page.get_by_role("button", name="Rerank").click()
+    rows = page.locator("#rerank-result tbody tr")
+    expect(rows).to_have_count(2)
+    expected = site.client.get_model("rr").rerank(documents, "What is the largest animal?", top_n=2)["results"]
+    for i, want in enumerate(expected):
+        cells = rows.nth(i).locator("td")
+        expect(cells.nth(1)).to_have_text(f"{want['relevance_score']:.6f}")
+        expect(cells.nth(3)).to_have_text(documents[want["index"]])
+    page.screenshot(path=shots / "playground-rerank.png", full_page=True)
     assert page.errors == [], page.errors
 
 

@@ -32,6 +32,7 @@ from zinfer.shared.buscore import (
     embedding_result,
     launch_done,
     not_serving,
+    rerank_result,
     view_plain,
 )
 from zinfer.shared.config import Settings
@@ -215,15 +216,27 @@ class Gateway:
         typed = compat.embeddings_body(body)
         uid, texts, encoding = typed.model, typed.input, typed.encoding_format
         try:
-            reply, buffers = await conn.call(target, p.Embed(model_uid=uid, input=texts), self.timeout)
+            reply, buffers = await conn.call(target, p.Embed(model_uid=uid, input=texts, dimensions=typed.dimensions),
+                                             self.timeout)
         except ZinferError as exc:
             raise await self.explain(conn, uid, exc) from None
-        if typed.dimensions not in (None, reply.dimensions):
-            raise InvalidRequest(f"dimensions: model {uid!r} makes {reply.dimensions}-dimensional embeddings",
-                                 field="dimensions")
         self.metrics.tokens(uid, Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
                                          total_tokens=reply.prompt_tokens))
         return json_response(embedding_result(uid, reply, embedding_array(reply, buffers), encoding))
+
+    async def rerank(self, request: Request) -> Response:
+        """Xinference's POST /v1/rerank (Cohere's and Jina's fields where they match; /v2/rerank too)."""
+        conn = self.connection(request)
+        body = await body_of(request)
+        target = await self.model_target(conn, body.get("model"))
+        typed = compat.rerank_body(body)
+        try:
+            reply, _ = await conn.call(target, typed.message(), self.timeout)
+        except ZinferError as exc:
+            raise await self.explain(conn, typed.model, exc) from None
+        self.metrics.tokens(typed.model, Usage(prompt_tokens=reply.input_tokens, completion_tokens=0,
+                                               total_tokens=reply.input_tokens))
+        return json_response(rerank_result(reply, typed.texts, typed.return_documents, typed.return_len))
 
     # ------------------------------------------------------------------ models (OpenAI list, Xinference REST)
 
@@ -361,7 +374,8 @@ class FastPath:
         self.gateway = gateway
         self.routes = {"/v1/completions": lambda r: gateway.completions(r, chat=False),
                        "/v1/chat/completions": lambda r: gateway.completions(r, chat=True),
-                       "/v1/embeddings": gateway.embeddings}
+                       "/v1/embeddings": gateway.embeddings, "/v1/rerank": gateway.rerank,
+                       "/v2/rerank": gateway.rerank}
 
     async def __call__(self, scope, receive, send):
         handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
@@ -453,6 +467,11 @@ def create_app(settings: Settings) -> FastPath:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await gw.embeddings(request)
+
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")  # Cohere's v2 path for the same call
+    async def rerank(request: Request):
+        return await gw.rerank(request)
 
     @app.get("/v1/models")
     async def list_models(request: Request):

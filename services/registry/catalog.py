@@ -8,7 +8,15 @@ from functools import lru_cache
 import msgspec
 
 from zinfer.shared.config import CONFIG_DIR
-from zinfer.shared.models import EmbeddingFamily, LLMFamily, PromptStyle, parse_embedding, parse_llm
+from zinfer.shared.models import (
+    EmbeddingFamily,
+    LLMFamily,
+    PromptStyle,
+    RerankFamily,
+    parse_embedding,
+    parse_llm,
+    parse_rerank,
+)
 
 
 @lru_cache(maxsize=1)
@@ -29,8 +37,14 @@ def builtin_embeddings() -> dict[str, EmbeddingFamily]:
     return {d["model_name"]: parse_embedding(d) for d in raw}
 
 
+@lru_cache(maxsize=1)
+def builtin_reranks() -> dict[str, RerankFamily]:
+    raw = json.loads((CONFIG_DIR / "builtin_rerank.json").read_text())
+    return {d["model_name"]: parse_rerank(d) for d in raw}
+
+
 def builtins(model_type: str) -> dict:
-    return builtin_llms() if model_type == "LLM" else builtin_embeddings()
+    return {"LLM": builtin_llms, "embedding": builtin_embeddings, "rerank": builtin_reranks}[model_type]()
 
 
 def resolve_prompt_style(family: LLMFamily) -> PromptStyle | None:

@@ -19,10 +19,10 @@ from zinfer.shared.models import (
     EmbeddingFamily,
     FieldProblem,
     LLMFamily,
+    RerankFamily,
     decode_json_object,
     definition_to_json,
-    parse_embedding,
-    parse_llm,
+    parse_as,
     shape_problems,
 )
 from zinfer.shared.transport import ServiceRuntime
@@ -33,7 +33,7 @@ log = structlog.get_logger()
 def parse_persisted(model_type: str):
     def parse(raw: bytes) -> Definition:
         obj = decode_json_object(raw)
-        definition = parse_llm(obj) if model_type == "LLM" else parse_embedding(obj)
+        definition = parse_as(model_type, obj)
         problems = shape_problems(definition)
         if problems:
             raise DefinitionError(problems)
@@ -54,6 +54,10 @@ def summary(model_type: str, d: Definition, is_builtin: bool) -> p.RegistrationS
     if isinstance(d, EmbeddingFamily):
         return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                      model_lang=list(d.language), dimensions=d.dimensions, max_tokens=d.max_tokens)
+    if isinstance(d, RerankFamily):
+        return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
+                                     model_format=["pytorch"], model_ability=["rerank"], model_lang=list(d.language),
+                                     max_tokens=d.max_tokens, rerank_type=d.type)
     formats = list(dict.fromkeys(s.model_format for s in d.model_specs))
     return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                  model_format=formats, model_ability=list(d.model_ability),
@@ -155,6 +159,8 @@ class Registry:
             # Self-contained for the workers: the family's prompt style and chat template resolved here.
             reply.llm = msgspec.structs.replace(definition, prompt_style=catalog.resolve_prompt_style(definition),
                                                 chat_template=catalog.family_chat_template(definition))
+        elif msg.resolved and isinstance(definition, RerankFamily):
+            reply.rerank = definition
         elif msg.resolved:
             reply.embedding = definition
         return reply

@@ -7,20 +7,21 @@ from collections.abc import Callable
 
 from zinfer.services.registry import catalog
 from zinfer.shared.models import (
+    MODEL_TYPES,
     Definition,
     DefinitionError,
     EmbeddingFamily,
     FieldProblem,
     LLMFamily,
+    RerankFamily,
     decode_json_object,
-    parse_embedding,
-    parse_llm,
+    parse_as,
     shape_problems,
     spec_file_name,
     uri_to_path,
 )
 
-MODEL_TYPES = ("LLM", "embedding")
+__all__ = ["MODEL_TYPES", "already_registered", "check_model_type", "validate"]
 
 
 def check_model_type(model_type: str) -> None:
@@ -59,16 +60,23 @@ class _Remote:
         return f"{path} does not exist on the registry's host{elsewhere}"
 
 
-def _local_paths(family: LLMFamily | EmbeddingFamily) -> list[tuple[str, str, bool, list[str]]]:
+def _uri_field(family: Definition, i: int) -> str:
+    """Where spec i's model_uri sits in the user's JSON."""
+    if isinstance(family, EmbeddingFamily) or (isinstance(family, RerankFamily) and family.version == 1):
+        return "model_uri"
+    return f"model_specs[{i}].model_uri"
+
+
+def _local_paths(family: Definition) -> list[tuple[str, str, bool, list[str]]]:
     """(field, path, wants a file, the template's file names) of each model_uri that names a local path."""
     out = []
-    specs = family.model_specs if isinstance(family, LLMFamily) else [family]
+    specs = [family] if isinstance(family, EmbeddingFamily) else family.model_specs
     for i, spec in enumerate(specs):
         uri = spec.model_uri
         path = uri_to_path(uri) if uri else None
         if path is None:
             continue
-        field = f"model_specs[{i}].model_uri" if isinstance(family, LLMFamily) else "model_uri"
+        field = _uri_field(family, i)
         fmt = getattr(spec, "model_format", "pytorch")
         template = getattr(spec, "model_file_name_template", None)
         names = [spec_file_name(template, q) for q in spec.quantizations] if fmt != "pytorch" and template else []
@@ -76,7 +84,7 @@ def _local_paths(family: LLMFamily | EmbeddingFamily) -> list[tuple[str, str, bo
     return out
 
 
-def _remote_paths(family: LLMFamily | EmbeddingFamily, where: Where | None) -> _Remote:
+def _remote_paths(family: Definition, where: Where | None) -> _Remote:
     remote = _Remote(where)
     for _field, path, want_file, names in _local_paths(family):
         if os.path.exists(path):
@@ -143,19 +151,29 @@ def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
     return problems
 
 
+def looks_like(obj: dict) -> tuple[str, str] | None:
+    """(the model type a definition's own fields show, which fields), or None when they leave it open: only
+    the fields one type has count (an LLM's model_ability, an embedding's dimensions, a rerank's language)."""
+    if "dimensions" in obj:
+        return "embedding", "dimensions"
+    if "model_ability" in obj or "model_lang" in obj:
+        return "LLM", "model_ability" if "model_ability" in obj else "model_lang"
+    if "language" in obj and "type" in obj:
+        return "rerank", "language and type, and no dimensions"
+    return None
+
+
 def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], where: Where | None = None
              ) -> Definition:
     """Parse and check a user's definition; `taken` holds the custom names registered for this type; `where`
     finds the model_uri paths this host lacks on the workers' hosts."""
     check_model_type(model_type)
     obj = decode_json_object(model_json)
-    other = "embedding" if model_type == "LLM" else "LLM"
-    if ("model_specs" in obj) != (model_type == "LLM") and ("dimensions" in obj) != (model_type == "embedding"):
-        raise DefinitionError([FieldProblem("model_type", f"this is an {other} definition ("
-                                            + ("it has dimensions and no model_specs" if other == "embedding"
-                                               else "it has model_specs and no dimensions")
-                                            + f"); register it with --model-type {other}")])
-    definition = parse_llm(obj) if model_type == "LLM" else parse_embedding(obj)
+    looks = looks_like(obj)
+    if looks is not None and looks[0] != model_type:
+        raise DefinitionError([FieldProblem("model_type", f"this is an {looks[0]} definition (it has {looks[1]}); "
+                                            f"register it with --model-type {looks[0]}")])
+    definition = parse_as(model_type, obj)
     problems = shape_problems(definition)
     name = definition.model_name
     if name in catalog.builtins(model_type):
@@ -167,6 +185,9 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], w
         problems += _llm_problems(definition, remote)
     elif isinstance(definition, EmbeddingFamily):
         problems += _uri_problems(definition.model_uri, False, "model_uri", remote)
+    else:
+        for i, spec in enumerate(definition.model_specs):
+            problems += _uri_problems(spec.model_uri, False, _uri_field(definition, i), remote)
     if problems:
         raise DefinitionError(problems)
     return definition

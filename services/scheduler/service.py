@@ -37,8 +37,11 @@ from zinfer.shared.errors import (
     error_class,
 )
 from zinfer.shared.models import (
+    MODEL_TYPES,
+    RERANK_TYPES_SERVED,
     EmbeddingFamily,
     LLMFamily,
+    RerankFamily,
     check_name,
 )
 from zinfer.shared.transport import ServiceRuntime
@@ -228,7 +231,8 @@ class Scheduler:
         lost = r.worker_id
         try:
             found = self._ask_workers(p.ProbeFiles(model_type=load.model_type, spec=load.spec,
-                                                   quantization=load.quantization, embedding=load.embedding),
+                                                   quantization=load.quantization, embedding=load.embedding,
+                                                   rerank=load.rerank),
                                       10.0, "probe")
             with self.lock:
                 slots = self._slots(found)
@@ -262,19 +266,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ launch
 
-    def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily:
+    def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily | RerankFamily:
         """The definition to launch, typed and complete (the registry resolves its prompt style and template)."""
         reply = self.bus.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name,
                                                             resolved=True))
-        family = reply.llm if model_type == "LLM" else reply.embedding
+        family = {"LLM": reply.llm, "embedding": reply.embedding, "rerank": reply.rerank}[model_type]
         if family is None:
             raise InvalidRequest(f"the registry has no launchable {model_type} definition of {model_name!r}",
                                  field="model_name")
         return family
 
     def launch(self, msg: p.LaunchModel, ctx) -> p.Launched:
-        if msg.model_type not in ("LLM", "embedding"):
-            raise InvalidRequest(f"model_type {msg.model_type!r} must be LLM or embedding", field="model_type")
+        if msg.model_type not in MODEL_TYPES:
+            raise InvalidRequest(f"model_type {msg.model_type!r} must be one of {', '.join(MODEL_TYPES)}",
+                                 field="model_type")
         if msg.replica < 1:
             raise InvalidRequest(f"replica must be >= 1, got {msg.replica}", field="replica")
         uid = msg.model_uid or msg.model_name
@@ -298,11 +303,18 @@ class Scheduler:
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
-                raise InvalidRequest("embedding models take no model_format or quantization", field="model_format")
-            probe = p.ProbeFiles(model_type="embedding", embedding=family)
-            base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=family, options=options,
-                                  incarnation=incarnation)
-            engines.check_options(options, engines.for_model("embedding", None))
+                raise InvalidRequest(f"{msg.model_type} models run in model_format pytorch with quantization "
+                                     "none", field="model_format" if msg.model_format not in (None, "pytorch")
+                                     else "quantization")
+            folder = {msg.model_type: family}
+            if isinstance(family, RerankFamily) and family.type not in RERANK_TYPES_SERVED:
+                raise InvalidRequest(f"type {family.type!r}: zinfer runs rerank models of type normal (on "
+                                     "sentence-transformers' CrossEncoder), or unknown when the model turns out "
+                                     f"normal; {family.type} rerankers are not supported yet", field="type")
+            probe = p.ProbeFiles(model_type=msg.model_type, **folder)
+            base = p.LoadInstance(model_uid=uid, model_type=msg.model_type, options=options,
+                                  incarnation=incarnation, **folder)
+            engines.check_options(options, engines.for_model(msg.model_type, None))
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "

@@ -60,7 +60,8 @@ class InstanceProcess:
             p.Generate: self.instance.submit,
             p.Chat: self.instance.submit,
             p.Embed: self.instance.submit,
-        }, inline={p.Ping}, deferred={p.Generate, p.Chat, p.Embed}, max_workers=1)
+            p.Rerank: self.instance.submit,
+        }, inline={p.Ping}, deferred={p.Generate, p.Chat, p.Embed, p.Rerank}, max_workers=1)
         self._send_lock = threading.Lock()
         self.done = False
 

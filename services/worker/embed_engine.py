@@ -19,17 +19,39 @@ from zinfer.services.worker.backends.base import EmbeddingBackend
 from zinfer.services.worker.compute import Engine, Job
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import QueueFull, TooLarge
+from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
+
+
+def check_dimensions(uid: str, wanted: int | None, full: int, normalized: bool) -> None:
+    """Refuse a request's `dimensions` this model cannot give: more than it makes, or fewer when its vectors are
+    not unit length (cutting them would change what their distances mean)."""
+    if wanted is None or wanted == full:
+        return
+    if wanted > full:
+        raise InvalidRequest(f"dimensions: model {uid!r} makes {full}-dimensional embeddings; ask for at most "
+                             f"{full}", field="dimensions")
+    if not normalized:
+        raise InvalidRequest(f"dimensions: model {uid!r} makes {full}-dimensional embeddings that are not "
+                             "normalised, so they cannot be cut to fewer; leave dimensions out", field="dimensions")
+
+
+def cut(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """The first `dimensions` of each row, renormalised to unit length (OpenAI's `dimensions`)."""
+    if dimensions is None or dimensions >= vectors.shape[1]:
+        return vectors
+    part = vectors[:, :dimensions]
+    norms = np.linalg.norm(part, axis=1, keepdims=True)
+    return np.ascontiguousarray(part / np.where(norms == 0, 1, norms), dtype=np.float32)
 
 
 class _Work:
-    """One embed request on its way: how far its batches have got, and the vectors so far."""
+    """One request on its way: how far its batches have got, and the results so far."""
 
     __slots__ = ("job", "texts", "next", "parts", "tokens")
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, texts: list):
         self.job = job
-        self.texts: list[str] = job.msg.input
+        self.texts = texts  # texts to embed, or (query, document) pairs to score
         self.next = 0
         self.parts: list[np.ndarray] = []
         self.tokens = 0
@@ -50,11 +72,17 @@ class EmbeddingEngine(Engine):
         self.stats = instances.InstanceStats()
 
     def submit(self, job: Job) -> None:
+        texts = self._texts(job.msg)
         if len(self.queue) >= self.max_queue:
             raise QueueFull(f"{self.name} has {len(self.queue)} requests queued (its limit: request_limits, or "
                             "the instance_queue setting); try again")
-        self.queue.append(_Work(job))
+        self.queue.append(_Work(job, texts))
         self.wake()
+
+    def _texts(self, msg: p.Embed) -> list:
+        """What one request has the backend encode (checked here, before it queues)."""
+        check_dimensions(self.uid, msg.dimensions, self.backend.dimensions, self.backend.normalized)
+        return msg.input
 
     def depth(self) -> int:
         return len(self.queue)
@@ -148,6 +176,7 @@ class EmbeddingEngine(Engine):
             return
         vectors = np.ascontiguousarray(work.parts[0] if len(work.parts) == 1 else np.vstack(work.parts),
                                        dtype=np.float32)
+        vectors = cut(vectors, work.job.msg.dimensions)
         reply = p.Embedding(model=self.uid, rows=vectors.shape[0],
                             dimensions=vectors.shape[1], prompt_tokens=work.tokens)
         work.job.reply(reply, [memoryview(vectors).cast("B")])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError
-from zinfer.shared.models import EmbeddingFamily, LLMSpec, spec_file_name, uri_to_path
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankSpec, spec_file_name, uri_to_path
 from zinfer.shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
 
@@ -150,7 +150,8 @@ def local_llm_path(spec: LLMSpec, quantization: str) -> str | None:
     return path
 
 
-def local_embedding_path(family: EmbeddingFamily) -> str | None:
+def local_folder_path(family: EmbeddingFamily | RerankSpec) -> str | None:
+    """The folder an embedding model's (or a rerank spec's) model_uri names on this host; None: from the Hub."""
     if not family.model_uri:
         return None
     path = uri_to_path(family.model_uri)
@@ -171,8 +172,9 @@ def resolve_llm_files(spec: LLMSpec, quantization: str, fetch: Fetch | None = No
                      fetch)
 
 
-def resolve_embedding_files(family: EmbeddingFamily, fetch: Fetch | None = None) -> str:
-    return local_embedding_path(family) or _from_hub(family.model_id, family.model_revision, fetch=fetch)
+def resolve_folder_files(family: EmbeddingFamily | RerankSpec, fetch: Fetch | None = None) -> str:
+    """An embedding model's or a rerank spec's folder: its model_uri here, else from the Hub."""
+    return local_folder_path(family) or _from_hub(family.model_id, family.model_revision, fetch=fetch)
 
 
 def weights_summary(path: str) -> tuple[int, int]:
@@ -197,11 +199,13 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     parameter count when they would come from the Hub at load)."""
     try:
         if msg.model_type == "embedding":
-            path = local_embedding_path(msg.embedding)
+            path = local_folder_path(msg.embedding)
+        elif msg.model_type == "rerank":
+            path = local_folder_path(msg.rerank.spec)
         else:
             path = local_llm_path(msg.spec, msg.quantization or "")
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
-    need = estimate_memory(msg.spec, msg.quantization, msg.embedding, device_kind, path)
+    need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank, device_kind, path)
     return p.FileProbe(ok=True, path=path or "", size=weights_bytes(Path(path)) if path else 0, memory=need,
                        host=_host())

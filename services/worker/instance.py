@@ -36,6 +36,10 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
                             info=p.instance_info(load), status=status)
 
 
+# The requests each model type serves (an LLM embeds only with the embed ability: its engine checks that).
+REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed), "embedding": (p.Embed,), "rerank": (p.Rerank,)}
+
+
 class Instance:
     """The model of one instance process (services/worker/child.py): its backend and engine, on that process's
     compute loop."""
@@ -61,7 +65,7 @@ class Instance:
 
     @property
     def model_name(self) -> str:
-        return (self.spec.llm or self.spec.embedding).model_name
+        return (self.spec.llm or self.spec.embedding or self.spec.rerank).model_name
 
     # ------------------------------------------------------------------ lifecycle (a pool thread)
 
@@ -119,7 +123,9 @@ class Instance:
         engine_info = engines.for_model(load.model_type, load.spec.model_format if load.spec else None)
         self._step(0.05, "finding files")
         if load.model_type == "embedding":
-            path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
+            path = files.resolve_folder_files(load.embedding, self._fetch(load.embedding.model_id))
+        elif load.model_type == "rerank":
+            path = files.resolve_folder_files(load.rerank.spec, self._fetch(load.rerank.spec.model_id))
         else:
             path = files.resolve_llm_files(load.spec, load.quantization, self._fetch(load.spec.model_id))
             if load.spec.model_format == "ggmlv3":
@@ -183,6 +189,11 @@ class Instance:
         if self.state != "ready" or self.engine is None:
             detail = f": {self.error.message}" if self.error else ""
             raise InstanceNotReady(f"model {self.uid!r} is {self.state}{detail}", field="model_uid")
+        model_type = self.spec.model_type
+        if not isinstance(msg, REQUESTS_OF[model_type]):
+            verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank"}[type(msg)]
+            raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AEL' else 'a'} {model_type} "
+                                 f"model: it cannot {verb}", field="model_uid")
         limit = self.settings.max_prompt_bytes
         if isinstance(msg, p.Embed):
             if not msg.input:
@@ -192,6 +203,16 @@ class Instance:
                                "request (max_embed_items)", field="input")
             if utf8_over("".join(msg.input), limit):
                 raise TooLarge(f"input is over {limit:,} bytes in all (max_prompt_bytes)", field="input")
+        elif isinstance(msg, p.Rerank):
+            if not msg.documents:
+                raise InvalidRequest("documents must not be empty", field="documents")
+            if len(msg.documents) > self.settings.max_rerank_documents:
+                raise TooLarge(f"documents has {len(msg.documents)} entries; at most "
+                               f"{self.settings.max_rerank_documents} per request (max_rerank_documents)",
+                               field="documents")
+            if utf8_over(msg.query + "".join(msg.documents), limit):
+                raise TooLarge(f"query and documents are over {limit:,} bytes in all (max_prompt_bytes)",
+                               field="documents")
         elif isinstance(msg, p.Chat):
             if utf8_over("".join(m.content for m in msg.messages), limit):
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")

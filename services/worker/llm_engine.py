@@ -278,5 +278,11 @@ class LLMEngine(Engine):
             return
         self.embeds.popleft()
         vectors = np.ascontiguousarray(np.vstack(work.parts), dtype=np.float32)
+        if work.job.msg.dimensions not in (None, vectors.shape[1]):  # llama.cpp's vectors are not unit length
+            self.stats.failures += 1
+            work.job.fail(InvalidRequest(f"dimensions: model {self.uid!r} makes {vectors.shape[1]}-dimensional "
+                                         "embeddings that cannot be cut to fewer; leave dimensions out",
+                                         field="dimensions"))
+            return
         work.job.reply(p.Embedding(model=self.uid, rows=vectors.shape[0], dimensions=vectors.shape[1],
                                    prompt_tokens=work.tokens), [memoryview(vectors).cast("B")])

@@ -4,7 +4,8 @@
 import { api, session } from "./api.js";
 import { el, list, message, table } from "./dom.js";
 
-export const TYPES = ["LLM", "embedding"];
+export const TYPES = ["LLM", "embedding"];  // the types the register form builds
+const LISTED = [...TYPES, "rerank"];  // rerank registrations are listed, viewed and launched; registered as JSON
 const path = (type, name) => `${encodeURIComponent(type)}/${encodeURIComponent(name)}`;
 
 function select(id, options, selected) {
@@ -13,8 +14,8 @@ function select(id, options, selected) {
 }
 
 export function models(main, params) {
-  const type = TYPES.includes(params.get("type")) ? params.get("type") : "LLM";
-  const typeSelect = select("model-type", TYPES.map((t) => [t, t]), type);
+  const type = LISTED.includes(params.get("type")) ? params.get("type") : "LLM";
+  const typeSelect = select("model-type", LISTED.map((t) => [t, t]), type);
   const search = el("input", { id: "model-search", type: "search", placeholder: "name, family, language" });
   const format = select("model-format", [["", "any"], ["pytorch", "pytorch"], ["ggufv2", "ggufv2"],
                                          ["ggmlv3", "ggmlv3"]], "");
@@ -46,11 +47,11 @@ export function models(main, params) {
     const rows = shown.map((r) => el("tr", {},
       el("td", {}, el("a", { href: `#/models/${path(type, r.model_name)}` }, r.model_name)),
       el("td", {}, r.is_builtin ? "built-in" : "custom"),
-      el("td", {}, type === "LLM" ? list(r.model_format) : `${r.dimensions}`),
+      el("td", {}, type === "LLM" ? list(r.model_format) : type === "rerank" ? r.rerank_type ?? "" : `${r.dimensions}`),
       el("td", {}, list(r.model_ability)),
       el("td", { class: "num" }, type === "LLM" ? r.context_length ?? "" : r.max_tokens ?? ""),
       el("td", {}, list(r.model_lang))));
-    body.replaceChildren(table(["Name", "Kind", type === "LLM" ? "Formats" : "Dimensions", "Abilities",
+    body.replaceChildren(table(["Name", "Kind", { LLM: "Formats", rerank: "Rerank type" }[type] ?? "Dimensions", "Abilities",
                                 type === "LLM" ? "Context" : "Max tokens", "Languages"], rows,
                                "No registration matches."));
   }
@@ -84,6 +85,10 @@ export function registration(main, type, name) {
          ["Context length", definition.context_length],
          ["Prompt style", typeof definition.prompt_style === "object" && definition.prompt_style
            ? definition.prompt_style.style_name : definition.prompt_style]]
+      : type === "rerank"
+      ? [["Kind", builtin ? "built-in" : "custom"], ["Rerank type", definition.type],
+         ["Max tokens", definition.max_tokens], ["Languages", list(definition.language)],
+         ...(definition.model_specs || [definition]).flatMap((s) => [["model_id", s.model_id], ["model_uri", s.model_uri]])]
       : [["Kind", builtin ? "built-in" : "custom"], ["Dimensions", definition.dimensions],
          ["Max tokens", definition.max_tokens], ["Languages", list(definition.language)],
          ["model_id", definition.model_id], ["model_uri", definition.model_uri]];
@@ -91,8 +96,9 @@ export function registration(main, type, name) {
     if (session.admin) {
       actions.append(el("a", { class: "button", href: `#/launch/${path(type, name)}` }, "Launch"));
       if (!builtin) {
-        actions.append(el("a", { class: "button secondary", href: `#/register?type=${type}&edit=${encodeURIComponent(name)}` },
-                          "Edit"),
+        actions.append(TYPES.includes(type)
+          ? el("a", { class: "button secondary", href: `#/register?type=${type}&edit=${encodeURIComponent(name)}` }, "Edit")
+          : "",
           el("button", { type: "button", class: "danger", onclick: async () => {
             if (!confirm(`Unregister ${name}?`)) return;
             try {

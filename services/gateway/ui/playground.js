@@ -1,13 +1,15 @@
 // Try a running model: chat (streamed, with a system prompt, sampling settings, history and a stop button that
-// cancels the generation), generate, and embeddings (dimensions, and the cosine similarity of two texts).
+// cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
+// (documents ordered by their relevance to a query, with their scores).
 
 import { api, session } from "./api.js";
-import { el, message } from "./dom.js";
+import { el, message, table } from "./dom.js";
 
-const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings" };
+const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank" };
 
 function canDo(m, tab) {
   const abilities = m.model_ability || [];
+  if (tab === "rerank") return m.model_type === "rerank";
   if (tab === "embed") return m.model_type === "embedding" || abilities.includes("embed");
   if (tab === "chat") return m.model_type === "LLM" && abilities.includes("chat");
   return m.model_type === "LLM";
@@ -187,6 +189,39 @@ function embed(panel, models, wanted) {
   });
 }
 
+function rerank(panel, models, wanted) {
+  const model = modelSelect(models, "rerank", wanted);
+  const query = el("input", { id: "rerank-query", type: "text", placeholder: "What the documents are ranked against" });
+  const documents = el("textarea", { id: "rerank-documents", rows: 6, placeholder: "One document per line" });
+  const topN = el("input", { id: "rerank-top-n", type: "number", min: 1, placeholder: "all" });
+  const result = el("div", { id: "rerank-result" });
+  const status = message("error");
+  const form = el("form", {}, el("div", { class: "grid" },
+      el("div", {}, el("label", { for: "rerank-model" }, "Model"), model),
+      el("div", {}, el("label", { for: "rerank-top-n" }, "Top n"), topN)),
+    el("label", { for: "rerank-query" }, "Query"), query,
+    el("label", { for: "rerank-documents" }, "Documents"), documents,
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Rerank")));
+  panel.replaceChildren(form, status, result);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    status.textContent = "";
+    const docs = documents.value.split("\n").map((d) => d.trim()).filter(Boolean);
+    try {
+      const body = { model: model.value, query: query.value, documents: docs, return_documents: true, return_len: true };
+      if (topN.value) body.top_n = Number(topN.value);
+      const data = await api("/v1/rerank", { method: "POST", body });
+      const rows = data.results.map((r, rank) => el("tr", {}, el("td", { class: "num" }, rank + 1),
+        el("td", { class: "num" }, r.relevance_score.toFixed(6)), el("td", { class: "num" }, r.index),
+        el("td", {}, r.document?.text ?? "")));
+      result.replaceChildren(table(["Rank", "Score", "Index", "Document"], rows, "No documents."),
+        el("p", { class: "hint" }, `${data.meta?.tokens?.input_tokens ?? ""} tokens`));
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  });
+}
+
 export function playground(main, params) {
   const tab = TABS[params.get("tab")] ? params.get("tab") : null;
   const wanted = params.get("model");
@@ -195,10 +230,11 @@ export function playground(main, params) {
   main.replaceChildren(el("h1", {}, "Playground"), status);
   api("/v1/models").then(({ data }) => {
     const model = data.find((m) => m.id === wanted);
-    const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed" : "generate") : "chat");
+    const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed"
+      : canDo(model, "rerank") ? "rerank" : "generate") : "chat");
     const query = wanted ? `&model=${encodeURIComponent(wanted)}` : "";
     main.append(el("nav", { class: "tabs", "aria-label": "Playgrounds" }, Object.entries(TABS).map(([key, label]) =>
       el("a", { href: `#/playground?tab=${key}${query}`, "aria-current": key === chosen ? "page" : null }, label))), panel);
-    ({ chat, generate, embed })[chosen](panel, data, wanted);
+    ({ chat, generate, embed, rerank })[chosen](panel, data, wanted);
   }).catch((error) => { status.textContent = error.message; });
 }

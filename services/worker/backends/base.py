@@ -120,8 +120,11 @@ class LLMBackend(ABC):
 
 
 class EmbeddingBackend(ABC):
+    """sentence-transformers' models (SentenceTransformer, CrossEncoder): `model` on `device`; `torch` the module."""
+
     dimensions: int
     max_tokens: int
+    normalized: bool = False  # its vectors are unit length: a request may ask for fewer dimensions
 
     @abstractmethod
     def token_counts(self, texts: list[str]) -> list[int]: ...
@@ -129,5 +132,15 @@ class EmbeddingBackend(ABC):
     @abstractmethod
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
-    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
-        return None
+    def close(self) -> None:
+        """Free the model (and, on a GPU, the memory torch caches for it)."""
+        model = getattr(self, "model", None)
+        if model is None:
+            return
+        self.model = None
+        del model
+        if getattr(self, "device", "cpu").startswith("cuda"):
+            import gc
+
+            gc.collect()
+            self.torch.cuda.empty_cache()

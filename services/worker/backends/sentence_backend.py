@@ -23,6 +23,9 @@ class SentenceTransformersBackend(EmbeddingBackend):
             self.model.half()
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimensions = int(dim())
+        # Unit-length vectors (the model ends in a Normalize module): a request may take fewer dimensions, cut
+        # and renormalised, and cosine similarity keeps its meaning.
+        self.normalized = any(type(module).__name__ == "Normalize" for module in self.model)
         self.max_tokens = max_tokens
         self.tokenizer = self.model.tokenizer
         self._counter = self._rust_counter()
@@ -122,14 +125,6 @@ class SentenceTransformersBackend(EmbeddingBackend):
             if self.model.truncate_dim:
                 out = out[:, :self.model.truncate_dim]
             return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
-
-    def close(self) -> None:
-        del self.model
-        if self.device.startswith("cuda"):
-            import gc
-
-            gc.collect()
-            self.torch.cuda.empty_cache()
 
 
 def load(instance, engine, path: str, trust: bool, limit: int):
