@@ -191,9 +191,13 @@ def up(
     gpus: Annotated[int | None, typer.Option("--gpus", help="GPU workers to start (default: all found).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu/--no-cpu", help="Start a CPU worker.")] = True,
     http: Annotated[bool, typer.Option("--http/--no-http", help="Start the HTTP gateway.")] = True,
+    restore: Annotated[bool, typer.Option(
+        "--restore/--no-restore", help="Load the instances launched before (after `zinfer down`, a reboot or a "
+        "crash) again; --no-restore brings them back idle-unloaded, to load on their first request.")] = True,
 ) -> None:
     """Start broker, registry, scheduler, one worker per device and the HTTP gateway; Ctrl-C or `zinfer down`
-    stops them all. Services log to <home>/logs (`zinfer logs`)."""
+    stops them all, and the next `zinfer up` loads what was launched again. Services log to <home>/logs
+    (`zinfer logs`)."""
     settings = _settings(endpoint, home)
     home_path = settings.home_path
     running = runfile.read(home_path)
@@ -209,6 +213,7 @@ def up(
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
     # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
     env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0",
+               **({} if restore else {"ZINFER_RESTORE": "false"}),
                ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
     plan = [["broker"], ["registry"], ["scheduler"]]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zinfer.cli.common import Endpoint, Timeout, command, console, make_client, print_json, print_table
+from zinfer.shared import durations
 
 Uid = Annotated[str, typer.Option("--model-uid", "-u", help="The launched model's uid.")]
 
@@ -85,6 +87,12 @@ def launch(
     engine_arg: Annotated[list[str] | None, typer.Option(
         "--engine-arg", help="KEY=VALUE passed to the engine (e.g. max_batch_size=64).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it is ready.")] = True,
+    keep_alive: Annotated[str | None, typer.Option(
+        "--keep-alive", help="Unload it after this long idle: 5m, 1h30m, seconds, 0 (after each reply), -1 (never; "
+        "the default unless the keep_alive setting says otherwise). Its next request loads it again.")] = None,
+    restore: Annotated[bool, typer.Option(
+        "--restore/--no-restore",
+        help="Load it again when the mesh starts (else it comes back idle-unloaded).")] = True,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
@@ -100,7 +108,8 @@ def launch(
             model_name=model_name, model_type=model_type, model_format=model_format,
             model_size_in_billions=size_in_billions, quantization=quantization, model_uid=model_uid,
             replica=replica, n_gpu=None if n_gpu.lower() == "none" else n_gpu, gpu_idx=_ids(gpu_idx),
-            devices=device, model_engine=model_engine, worker_ip=_ids(worker_ip), wait=False, **options)
+            devices=device, model_engine=model_engine, worker_ip=_ids(worker_ip), wait=False, keep_alive=keep_alive,
+            restore=restore, **options)
         if wait:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
                           TimeElapsedColumn(), console=console, transient=True,
@@ -132,10 +141,22 @@ def list_models(
              m["state"] + (f" ({m['error']['message']})" if m["error"] else f" ({m['stage']})" if m["stage"] else "")
              + (f"; restarted {m['restarts']}x, last: {m.get('restart_cause', '')}" if m.get("restarts") else
                 f"; {m['restart_cause']}" if m["state"] == "restarting" and m.get("restart_cause") else ""),
-             m["queue_depth"],
+             m["queue_depth"], _expiry(m),
              ", ".join(dict.fromkeys(m["hosts"]))] for m in models.values()]
     print_table(["UID", "Name", "Type", "Format", "Size (B)", "Quantization", "Devices", "State", "Queue",
-                 "Hosts"], rows)
+                 "Expires", "Hosts"], rows)
+
+
+def _expiry(m: dict) -> str:
+    """When an instance is unloaded if it stays idle (keep_alive), or since when it is."""
+    if m.get("unloaded_at"):
+        return "unloaded " + time.strftime("%H:%M:%S", time.localtime(m["unloaded_at"]))
+    if m.get("keep_alive") is None:
+        return "never"
+    if m.get("expires_at") is None:
+        return f"{durations.show(m['keep_alive'])} after idle"
+    left = m["expires_at"] - time.time()
+    return f"in {durations.show(max(0.0, round(left)))}" if left > 0 else "now"
 
 
 def describe(model_uid: Uid, endpoint: Endpoint = None, timeout: Timeout = None) -> None:

@@ -1,4 +1,4 @@
-"""register, registrations, unregister (Xinference's verbs and flags)."""
+"""register, registrations, registration, unregister (Xinference's verbs and flags)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from zinfer.cli.common import Endpoint, Timeout, command, make_client, print_json, print_table, read_text
+from zinfer.cli.common import Endpoint, Timeout, command, fail, make_client, print_json, print_table, read_text
+from zinfer.shared.errors import NotFound
+from zinfer.shared.models import MODEL_TYPES
 
 ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM, embedding or rerank.")]
 
@@ -57,6 +59,25 @@ def registrations(
     print_table(["Type", "Name", "Languages", "Formats", "Abilities", "Family", "Context", "Built-in"], rows)
 
 
+def registration(
+    model_name: Annotated[str, typer.Argument(help="The model's name.")],
+    model_type: Annotated[str | None, typer.Option(
+        "--model-type", "-t", help="LLM, embedding or rerank (default: whichever has the name).")] = None,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """One registration's JSON, as it was registered: edit it and `zinfer register --force` it back."""
+    with make_client(endpoint, timeout) as client:
+        for kind in [model_type] if model_type else list(MODEL_TYPES):
+            try:
+                definition = client.get_model_registration(kind, model_name)
+            except NotFound:
+                continue
+            print_json(definition)
+            return
+    fail(f"model_name: no {model_type or 'LLM, embedding or rerank'} model named {model_name!r} is registered")
+
+
 def unregister(
     model_type: ModelType = "LLM",
     model_name: Annotated[str, typer.Option("--model-name", "-n", help="The custom model's name.")] = ...,
@@ -71,5 +92,5 @@ def unregister(
 
 
 def install(app: typer.Typer) -> None:
-    for fn in (register, registrations, unregister):
+    for fn in (register, registrations, registration, unregister):
         command(app, fn)

@@ -144,7 +144,7 @@ class MonitorState:
 def launch_done(uid: str, view: instances.InstanceView, expired: bool, timeout: float) -> bool:
     """While waiting for a launch: True once ready; a failed launch raises its own error (type and field);
     still loading past the deadline raises RequestTimeout; else False (ask again)."""
-    if view.state == "ready":
+    if view.state in ("ready", "idle-unloaded"):  # idle-unloaded: loaded, and unloaded again since (keep_alive)
         return True
     if view.state == "failed":
         error = view.error or p.Error(code="internal", message="no cause was given")
@@ -166,6 +166,23 @@ def not_serving(uid: str, exc: ZinferError, view: instances.InstanceView | None,
         return NotFound(f"no launched model has uid {uid!r}", field=field)
     detail = f": {view.error.message}" if view.error else ""
     return InstanceNotReady(f"model {uid!r} is {view.state}{detail}", field=field)
+
+
+# Loads on request one request may cause: more than one only when its instance is unloaded again before the
+# request gets through (keep_alive 0, with other requests in between).
+WAKES = 3
+
+
+def could_be_unloaded(exc: ZinferError) -> bool:
+    """An error a request gets when its instance is not loaded: nothing serves its uid, the instance is not
+    ready, or it was unloaded while the request waited (worth asking the scheduler about its state)."""
+    return isinstance(exc, NoRoute | InstanceNotReady | Unavailable)
+
+
+def wakeable(view: instances.InstanceView | None) -> bool:
+    """An instance a request loads on request: unloaded (idle for its keep_alive, made room for another, not
+    restored at start, or a load on request that failed), or loading on request now (then it waits too)."""
+    return view is not None and (view.unloaded_at > 0 or view.loading_on_request)
 
 
 def embedding_array(reply: p.Embedding, buffers: list) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from zinfer.shared import durations
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.models import closest_name, problem_from_validation
@@ -26,7 +27,7 @@ _IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
                "enable_virtual_env": (None, False), "virtual_env_packages": (None, []),
                "virtual_env_find_links": (None, []), "envs": (None, {}), "wait_ready": (True, False)}
 _LAUNCH_FIELDS = ("model_name", "model_type", "model_format", "model_size_in_billions", "quantization", "model_uid",
-                  "replica", "n_gpu", "gpu_idx", "devices", "model_engine", "worker_ip")
+                  "replica", "n_gpu", "gpu_idx", "devices", "model_engine", "worker_ip", "keep_alive", "restore")
 _ENGINE_OPTIONS = p.EngineOptions.__struct_fields__
 
 
@@ -98,6 +99,9 @@ def launch_request(model_name: str, **kwargs: Any) -> p.LaunchModel:
         fields["model_size_in_billions"] = int(size) if size.isdigit() else size.replace(".", "_")
     elif isinstance(size, float):
         fields["model_size_in_billions"] = int(size) if size.is_integer() else str(size).replace(".", "_")
+    if "keep_alive" in fields:
+        seconds = durations.parse(fields["keep_alive"])
+        fields["keep_alive"] = durations.FOREVER if seconds is None else seconds
     n_gpu = fields.get("n_gpu")
     if isinstance(n_gpu, str) and n_gpu.isdigit():
         fields["n_gpu"] = int(n_gpu)

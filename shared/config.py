@@ -65,6 +65,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Seconds the scheduler waits for a lost worker to come back before it loads that worker's instances on
     # another worker that can hold them.
     worker_return_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # Model lifecycle (docs/usage.md, "Lifecycle"). keep_alive: how long an instance stays loaded once idle when
+    # its launch does not say (Ollama's OLLAMA_KEEP_ALIVE: "5m", seconds, 0, or negative for ever).
+    keep_alive: str = "-1"
+    # roles whose requests may carry their own keep_alive, and whose request may load a registration by its name
+    keep_alive_roles: list[str] = msgspec.field(default_factory=lambda: ["admin"])
+    load_on_request_roles: list[str] = msgspec.field(default_factory=lambda: ["admin"])
+    max_loaded_per_device: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: no cap; else the LRU idle one makes room
+    restore: bool = True  # launched instances are loaded again when the mesh starts (`zinfer up --no-restore`)
 
     @property
     def max_message_bytes(self) -> int:
@@ -136,6 +144,13 @@ def load_settings(**overrides) -> Settings:
            settings.instance_queue) < 1 or settings.template_timeout_s <= 0:
         raise ConfigError("settings: max_prompt_bytes, max_embed_items, max_rerank_documents, instance_queue and "
                           "template_timeout_s must be > 0")
+    from zinfer.shared import durations
+    from zinfer.shared.errors import InvalidRequest
+
+    try:
+        durations.parse(settings.keep_alive, "keep_alive")
+    except InvalidRequest as exc:
+        raise ConfigError(f"settings: {exc}") from None
     if not settings.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"endpoint {settings.endpoint!r}: expected tcp://host:port or ipc:///path")
     return settings

@@ -9,7 +9,16 @@ import numpy as np
 
 from zinfer.shared import compat
 from zinfer.shared import protocol as p
-from zinfer.shared.buscore import as_plain, embedding_array, embedding_result, not_serving, rerank_result
+from zinfer.shared.buscore import (
+    WAKES,
+    as_plain,
+    could_be_unloaded,
+    embedding_array,
+    embedding_result,
+    not_serving,
+    rerank_result,
+    wakeable,
+)
 from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
 from zinfer.shared.payloads import GenerateConfig
 
@@ -32,23 +41,44 @@ class _Handle:
     def _target(self) -> bytes:
         return p.model_target(self.model_uid).encode()
 
+    def _view(self):
+        try:
+            return self.client.call(p.SCHEDULER, p.DescribeModel(model_uid=self.model_uid)).model
+        except NotFound:
+            return None
+
     def _explain(self, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid: say why (its state and error, from the scheduler) instead."""
         if not isinstance(exc, NoRoute):
             return exc
         try:
-            view = self.client.call(p.SCHEDULER, p.DescribeModel(model_uid=self.model_uid)).model
-        except NotFound:
-            view = None
+            view = self._view()
         except ZinferError:
             return exc
         return not_serving(self.model_uid, exc, view, "model_uid")
 
-    def _call(self, msg: p.Msg, timeout: float | None):
+    def _woke(self, exc: ZinferError) -> bool:
+        """The request found its instance unloaded (idle for its keep_alive, or made room for another): load it
+        on request, wait until it is ready (a load that fails raises its typed error), and say so."""
+        if not could_be_unloaded(exc):
+            return False
         try:
-            return self.client.call_with_buffers(self._target(), msg, timeout)
-        except ZinferError as exc:
-            raise self._explain(exc) from None
+            view = self._view()
+        except ZinferError:
+            return False
+        if not wakeable(view):
+            return False
+        self.client.call(p.SCHEDULER, p.WakeModel(model_uid=self.model_uid))
+        self.client.wait_model(self.model_uid, self.client.settings.launch_timeout)
+        return True
+
+    def _call(self, msg: p.Msg, timeout: float | None):
+        for attempt in range(WAKES + 1):  # an unloaded instance: loaded on request, then the request again
+            try:
+                return self.client.call_with_buffers(self._target(), msg, timeout)
+            except ZinferError as exc:
+                if attempt == WAKES or not self._woke(exc):
+                    raise self._explain(exc) from None
 
     def rerank(self, *args, **_kwargs) -> dict:
         raise InvalidRequest(f"model {self.model_uid!r} is not a rerank model: it cannot rerank; launch one with "
@@ -127,14 +157,19 @@ class LLMHandle(_Handle):
         return as_plain(self._call(msg, timeout)[0])
 
     def _chunks(self, msg: p.Msg, timeout: float | None) -> Iterator[dict]:
-        chunks = self.client.stream(self._target(), msg, timeout)
-        try:
-            for chunk in chunks:
-                yield as_plain(chunk)
-        except ZinferError as exc:
-            raise self._explain(exc) from None
-        finally:
-            chunks.close()  # leaving early cancels the generation on the worker
+        for attempt in range(WAKES + 1):
+            chunks = self.client.stream(self._target(), msg, timeout)
+            started = False
+            try:
+                for chunk in chunks:
+                    started = True
+                    yield as_plain(chunk)
+                return
+            except ZinferError as exc:
+                if started or attempt == WAKES or not self._woke(exc):  # an unloaded one: loaded, then once more
+                    raise self._explain(exc) from None
+            finally:
+                chunks.close()  # leaving early cancels the generation on the worker
 
     def generate(self, prompt: str, generate_config: dict | None = None,
                  timeout: float | None = None) -> dict | Iterator[dict]:

@@ -24,11 +24,13 @@ class DeviceInfo(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0
 
 
-# An instance replica's life: launching (its first load), ready, restarting (its process died, or its worker
-# restarted, and a new process is loading it again), failed (for good, until terminated), terminating.
+# An instance replica's life: launching (its first load, or a load on request), ready, restarting (its process
+# died, or its worker restarted, and a new process is loading it again), failed (for good, until terminated),
+# terminating, idle-unloaded (idle for its keep_alive, or made room for another: its memory is free, it stays
+# launched, and its next request loads it again).
 
 
-InstanceState = Literal["launching", "ready", "restarting", "failed", "terminating"]
+InstanceState = Literal["launching", "ready", "restarting", "failed", "terminating", "idle-unloaded"]
 
 
 class InstanceStats(Struct, kw_only=True, omit_defaults=True):
@@ -68,6 +70,7 @@ class ReplicaStatus(Struct, kw_only=True, omit_defaults=True):
     pid: int = 0  # its process (0 while none runs)
     restarts: int = 0  # times its process was started again (after a crash, a kill, or its worker's restart)
     cause: str = ""  # why it last restarted: the signal or exit code, and the last native frame
+    last_active: float = 0.0  # wall-clock time (s) its process last took a request (0: none yet)
 
 
 class InstanceReport(Struct, kw_only=True, omit_defaults=True):
@@ -100,3 +103,13 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     pids: list[int] = []  # the process of each replica (0 while none runs)
     restarts: int = 0  # restarts of its replicas' processes since the launch
     restart_cause: str = ""  # why the last one restarted
+    # Lifecycle (wall-clock seconds): how long it stays loaded once idle (None: for ever), when that runs out
+    # (None: never, or not loaded), when it last took a request, when it was unloaded (0: it is not), how many
+    # times it was loaded (its launch, then each load on request), and whether a load on request is under way.
+    keep_alive: float | None = None
+    expires_at: float | None = None
+    last_active: float = 0.0
+    unloaded_at: float = 0.0
+    loads: int = 0
+    loading_on_request: bool = False
+    restore: bool = True  # loaded again when the mesh starts (else it comes back idle-unloaded)

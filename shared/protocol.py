@@ -158,6 +158,28 @@ class LaunchModel(Msg, kw_only=True):
     engine_kwargs: dict[str, EngineValue] = {}
     model_engine: str | None = None  # Xinference's name for the engine; checked against the format
     worker_ip: list[str] | None = None  # pin to workers on these hosts (address or host name)
+    # Seconds it stays loaded once idle (shared/durations.py): 0 unloads it after each reply, -1 never; None:
+    # the keep_alive setting.
+    keep_alive: float | None = None
+    restore: bool = True  # loaded again when the mesh starts; False: it comes back idle-unloaded
+
+
+class WakeModel(Msg, kw_only=True):
+    """Load on request: an idle-unloaded instance (any caller that may send it requests), or a registration with
+    no running instance, by name (callers whose role the load_on_request_roles setting names), with the options
+    of its last launch. The reply comes at once; the caller waits for `ready` as after a launch. Concurrent
+    wakes share one load."""
+
+    model_uid: str | None = None
+    model_name: str | None = None
+
+
+class KeepAlive(Msg, kw_only=True):
+    """A request's keep_alive, as Ollama's requests carry it: how long this instance stays loaded once idle from
+    now on (-1: for ever). For the roles the keep_alive_roles setting names."""
+
+    model_uid: str
+    keep_alive: float
 
 
 class ListModels(Msg, kw_only=True):
@@ -278,7 +300,8 @@ class Rerank(Msg, kw_only=True):
 
 Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
-    | LaunchModel | ListModels | DescribeModel | TerminateModel | InstancesOf | SchedulerStatus | WorkerReport
+    | LaunchModel | WakeModel | KeepAlive | ListModels | DescribeModel | TerminateModel | InstancesOf
+    | SchedulerStatus | WorkerReport
     | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank
 )
 
@@ -452,6 +475,8 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     UnregisterModel: (Ok,),
     RegistryStatus: (RegistryStatusReply,),
     LaunchModel: (Launched,),
+    WakeModel: (Launched,),
+    KeepAlive: (Ok,),
     ListModels: (ModelList,),
     DescribeModel: (ModelDescription,),
     TerminateModel: (Ok,),
@@ -482,6 +507,8 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     UnregisterModel: ADMINS,
     RegistryStatus: ANYONE,
     LaunchModel: ADMINS,
+    WakeModel: ANYONE,  # by name: the scheduler checks load_on_request_roles
+    KeepAlive: ANYONE,  # the scheduler checks keep_alive_roles
     ListModels: ANYONE,
     DescribeModel: ANYONE,
     TerminateModel: ADMINS,

@@ -42,6 +42,7 @@ log = structlog.get_logger()
 DRAIN = 2000  # messages handled per poll wake-up
 ZAP_DOMAIN = "zinfer"
 MODEL_PREFIX = p.model_target("").encode()  # peers may bind model uids only, never a service's name
+LEFT_MAX = 4096  # model uids remembered as left on purpose (see Broker.left)
 
 
 class Peer:
@@ -67,6 +68,10 @@ class Broker:
         self.ctx = zmq.Context.instance()
         self.peers: dict[bytes, Peer] = {}
         self.routes: dict[bytes, list[Peer]] = {}
+        # Model uids whose only peer said goodbye (an instance unloaded or terminated, not one that crashed): a
+        # request for one is answered no_route at once, not after unroutable_grace, so that a client loads an
+        # idle-unloaded instance on request without waiting 2 s first. Oldest forgotten past LEFT_MAX.
+        self.left: dict[bytes, None] = {}
         self.pending: dict[tuple[bytes, bytes], Peer] = {}
         self.roster = Roster(self.home)
         # ZAP: the handshake of every connection asks `callback` (in the authenticator's thread).
@@ -299,6 +304,11 @@ class Broker:
             return
         while True:
             peers = self.routes.get(target)
+            if not peers and target in self.left:
+                name = target.decode(errors="replace")
+                self._reply_error(sender, req_id, "no_route", f"nothing serves {name!r} (its instance was unloaded "
+                                  "or terminated)")
+                return
             if not peers:
                 self._park(target, sender, frames, key)
                 return
@@ -411,10 +421,16 @@ class Broker:
         peer = self.peers.get(sender)
         if peer is not None:
             self._remove(peer, "disconnected")
+            for uid in peer.uids:  # it left on purpose: its uids are not coming back by themselves
+                if uid not in self.routes:
+                    self.left[uid] = None
+            while len(self.left) > LEFT_MAX:
+                del self.left[next(iter(self.left))]
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _route(self, peer: Peer, target: bytes) -> None:
+        self.left.pop(target, None)
         if target != peer.service:
             peer.uids.add(target)
         peers = self.routes.setdefault(target, [])

@@ -23,17 +23,20 @@ from fastapi.responses import JSONResponse, Response
 from zinfer.services.gateway import ui
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
-from zinfer.shared import compat, keys
+from zinfer.shared import compat, durations, keys
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
     LAUNCH_POLL_S,
+    WAKES,
     as_plain,
+    could_be_unloaded,
     embedding_array,
     embedding_result,
     launch_done,
     not_serving,
     rerank_result,
     view_plain,
+    wakeable,
 )
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
@@ -121,16 +124,60 @@ class Gateway:
         raise Unauthenticated("an API key is required (Authorization: Bearer zk-...); `zinfer keys create NAME` "
                               "makes one")
 
-    async def model_target(self, conn: Connection, uid: Any) -> str:
-        """The bus target of a model uid; an unknown uid is a 404 at once (not after the broker's grace period)."""
+    async def model_target(self, conn: Connection, body: dict) -> tuple[str, str]:
+        """(uid, bus target) of the request's `model`: a launched uid; else a registered model's name, loaded on
+        request (for the roles load_on_request_roles names; the scheduler checks), which the request waits for.
+        Neither: a 404 at once (not after the broker's grace period). A `keep_alive` in the body (Ollama's) is
+        taken off it and applied (for the roles keep_alive_roles names)."""
+        uid = body.get("model")
         if not isinstance(uid, str) or not uid:
             raise InvalidRequest("model is required (a launched model's uid)", field="model")
         if uid not in self._uids or time.monotonic() - self._uids_at > 5:
             reply, _ = await conn.call(p.SCHEDULER, p.ListModels(), self.timeout)
             self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
             if uid not in self._uids:
-                raise NotFound(f"no launched model has uid {uid!r}", field="model")
-        return p.model_target(uid)
+                reply, _ = await conn.call(p.SCHEDULER, p.WakeModel(model_name=uid), self.settings.launch_timeout)
+                uid = body["model"] = reply.model_uid
+                await self.wait_ready(conn, uid)
+                self._uids.add(uid)
+        if "keep_alive" in body:
+            seconds = durations.parse(body.pop("keep_alive"))
+            await conn.call(p.SCHEDULER, p.KeepAlive(model_uid=uid, keep_alive=durations.FOREVER if seconds is None
+                                                     else seconds), self.timeout)
+        return uid, p.model_target(uid)
+
+    async def wait_ready(self, conn: Connection, uid: str) -> None:
+        """Wait for a launch or a load on request; a failed one raises its typed error."""
+        deadline = time.monotonic() + self.settings.launch_timeout
+        while True:
+            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
+            if launch_done(uid, view, time.monotonic() > deadline, self.settings.launch_timeout):
+                return
+            await asyncio.sleep(LAUNCH_POLL_S)
+
+    async def woke(self, conn: Connection, uid: str, exc: ZinferError) -> bool:
+        """The request found its instance unloaded: load it on request and wait (as the Python client does)."""
+        if not could_be_unloaded(exc):
+            return False
+        try:
+            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
+        except ZinferError:
+            return False
+        if not wakeable(view):
+            return False
+        await conn.call(p.SCHEDULER, p.WakeModel(model_uid=uid), self.timeout)
+        await self.wait_ready(conn, uid)
+        return True
+
+    async def ask(self, conn: Connection, target: str, uid: str, msg: p.Msg):
+        """(reply, buffers) of one request; an unloaded instance is loaded on request first."""
+        for attempt in range(WAKES + 1):
+            try:
+                return await conn.call(target, msg, self.timeout)
+            except ZinferError as exc:
+                if attempt == WAKES or not await self.woke(conn, uid, exc):
+                    raise await self.explain(conn, uid, exc) from None
+        raise AssertionError("unreachable")
 
     async def explain(self, conn: Connection, uid: str, exc: ZinferError) -> ZinferError:
         """Nobody serves the uid right now: say why (its state), as the Python client does."""
@@ -149,8 +196,8 @@ class Gateway:
     async def completions(self, request: Request, chat: bool) -> Response:
         conn = self.connection(request)
         body = await body_of(request)
-        uid = body.pop("model", None)
-        target = await self.model_target(conn, uid)
+        uid, target = await self.model_target(conn, body)
+        body.pop("model")
         if chat:
             messages = compat.chat_messages(body.pop("messages", None))
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -167,20 +214,21 @@ class Gateway:
             config = compat.generate_config(body)
             msg = p.Generate(model_uid=uid, prompt=prompt, config=config)
         if not config.stream:
-            try:
-                reply, _ = await conn.call(target, msg, self.timeout)
-            except ZinferError as exc:
-                raise await self.explain(conn, uid, exc) from None
+            reply, _ = await self.ask(conn, target, uid, msg)
             self.metrics.tokens(uid, reply.usage)
             return json_response(plain(reply))
-        chunks = conn.stream(target, msg, self.timeout)
-        try:
-            first = await chunks.__anext__()  # errors before the first chunk get their own HTTP status
-        except StopAsyncIteration:
-            first = None
-        except ZinferError as exc:
-            await chunks.aclose()
-            raise await self.explain(conn, uid, exc) from None
+        for attempt in range(WAKES + 1):
+            chunks = conn.stream(target, msg, self.timeout)
+            try:
+                first = await chunks.__anext__()  # errors before the first chunk get their own HTTP status
+                break
+            except StopAsyncIteration:
+                first = None
+                break
+            except ZinferError as exc:
+                await chunks.aclose()
+                if attempt == WAKES or not await self.woke(conn, uid, exc):
+                    raise await self.explain(conn, uid, exc) from None
         return EventStream(self._sse(uid, first, chunks, include_usage))
 
     async def _sse(self, uid: str, first, chunks, include_usage: bool):
@@ -212,14 +260,11 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         conn = self.connection(request)
         body = await body_of(request)
-        target = await self.model_target(conn, body.get("model"))  # an unknown uid: 404 before the body's checks
+        uid, target = await self.model_target(conn, body)  # an unknown uid: 404 before the body's checks
         typed = compat.embeddings_body(body)
-        uid, texts, encoding = typed.model, typed.input, typed.encoding_format
-        try:
-            reply, buffers = await conn.call(target, p.Embed(model_uid=uid, input=texts, dimensions=typed.dimensions),
-                                             self.timeout)
-        except ZinferError as exc:
-            raise await self.explain(conn, uid, exc) from None
+        texts, encoding = typed.input, typed.encoding_format
+        reply, buffers = await self.ask(conn, target, uid, p.Embed(model_uid=uid, input=texts,
+                                                                   dimensions=typed.dimensions))
         self.metrics.tokens(uid, Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=0,
                                          total_tokens=reply.prompt_tokens))
         return json_response(embedding_result(uid, reply, embedding_array(reply, buffers), encoding))
@@ -228,12 +273,9 @@ class Gateway:
         """Xinference's POST /v1/rerank (Cohere's and Jina's fields where they match; /v2/rerank too)."""
         conn = self.connection(request)
         body = await body_of(request)
-        target = await self.model_target(conn, body.get("model"))
+        uid, target = await self.model_target(conn, body)
         typed = compat.rerank_body(body)
-        try:
-            reply, _ = await conn.call(target, typed.message(), self.timeout)
-        except ZinferError as exc:
-            raise await self.explain(conn, typed.model, exc) from None
+        reply, _ = await self.ask(conn, target, uid, typed.message())
         self.metrics.tokens(typed.model, Usage(prompt_tokens=reply.input_tokens, completion_tokens=0,
                                                total_tokens=reply.input_tokens))
         return json_response(rerank_result(reply, typed.texts, typed.return_documents, typed.return_len))
@@ -264,12 +306,8 @@ class Gateway:
         conn = self.connection(request)
         reply, _ = await conn.call(p.SCHEDULER, msg, self.timeout)
         uid = reply.model_uid
-        deadline = time.monotonic() + self.settings.launch_timeout
-        while wait:
-            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
-            if launch_done(uid, view, time.monotonic() > deadline, self.settings.launch_timeout):
-                break
-            await asyncio.sleep(LAUNCH_POLL_S)
+        if wait:
+            await self.wait_ready(conn, uid)
         self._uids.add(uid)
         return json_response({"model_uid": uid})
 

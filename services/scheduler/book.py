@@ -68,6 +68,34 @@ class Model:
     error: p.Error | None = None  # a launch that failed: the model stays failed until terminated
     incarnation: int = 0
     pins: Pins = field(default_factory=Pins)
+    # Lifecycle: seconds it stays loaded once idle (None: for ever); restored when the mesh starts; wall-clock
+    # times of its last request and of its unload (0: loaded); loads so far; a load on request under way; taken
+    # from the launch book at the scheduler's start and not yet seen held by a worker.
+    keep_alive: float | None = None
+    restore: bool = True
+    last_active: float = 0.0
+    unloaded_at: float = 0.0
+    loads: int = 1
+    waking: bool = False
+    from_book: bool = False
+
+    @property
+    def unloaded(self) -> bool:
+        return self.unloaded_at > 0
+
+    @property
+    def idle(self) -> bool:
+        """No replica has work (running or queued), as their last reports say."""
+        return not any(r.status.inflight or r.status.queue_depth for r in self.replicas)
+
+    def active_at(self) -> float:
+        """When it last took a request (or was loaded): what keep_alive and the LRU cap count from."""
+        return max([self.last_active, *(r.status.last_active for r in self.replicas)])
+
+    def expires_at(self) -> float | None:
+        if self.keep_alive is None or self.unloaded or self.state != "ready":
+            return None
+        return self.active_at() + self.keep_alive
 
     @property
     def state(self) -> instances.InstanceState:
@@ -76,6 +104,8 @@ class Model:
             return "terminating"
         if "failed" in states or self.error:
             return "failed"
+        if self.unloaded:
+            return "idle-unloaded"
         if "launching" in states or not states:
             return "launching"
         if "restarting" in states:
@@ -107,17 +137,26 @@ class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     incarnation: int = 0
     loads: list[p.LoadInstance] = []  # each replica's load, in the order of `replicas`
     pins: Pins = msgspec.field(default_factory=Pins)
+    keep_alive: float | None = None
+    restore: bool = True
+    last_active: float = 0.0
+    unloaded_at: float = 0.0
+    times_loaded: int = 1
 
     @classmethod
     def of(cls, m: Model) -> LaunchRecord:
         return cls(uid=m.uid, info=m.info, replicas=[(r.worker_id, r.index) for r in m.replicas], error=m.error,
-                   incarnation=m.incarnation, loads=[r.load for r in m.replicas if r.load is not None], pins=m.pins)
+                   incarnation=m.incarnation, loads=[r.load for r in m.replicas if r.load is not None], pins=m.pins,
+                   keep_alive=m.keep_alive, restore=m.restore, last_active=m.active_at(),
+                   unloaded_at=m.unloaded_at, times_loaded=m.loads)
 
     def model(self) -> Model:
         loads = {load.replica: load for load in self.loads}
         return Model(uid=self.uid, info=self.info, error=self.error, incarnation=self.incarnation, pins=self.pins,
                      replicas=[Replica(worker_id=wid, index=index, load=loads.get(index))
-                               for wid, index in self.replicas])
+                               for wid, index in self.replicas],
+                     keep_alive=self.keep_alive, restore=self.restore, last_active=self.last_active,
+                     unloaded_at=self.unloaded_at, loads=self.times_loaded, from_book=True)
 
 
 # Before 2026-12 a record kept the model's fields and its error flat; read such files as they are.
@@ -180,7 +219,9 @@ def view(m: Model, workers: dict[str, WorkerState]) -> instances.InstanceView:
         inflight=sum(r.status.inflight for r in replicas), stats=sum_stats(r.status.stats for r in replicas),
         pids=[r.status.pid for r in replicas], restarts=sum(r.status.restarts + r.restores for r in replicas),
         restart_cause=next((r.status.cause for r in replicas if r.state == "restarting" and r.status.cause),
-                           next((r.status.cause for r in replicas if r.status.cause), "")))
+                           next((r.status.cause for r in replicas if r.status.cause), "")),
+        keep_alive=m.keep_alive, expires_at=m.expires_at(), last_active=m.active_at(), unloaded_at=m.unloaded_at,
+        loads=m.loads, loading_on_request=m.waking, restore=m.restore)
 
 
 def sum_stats(parts) -> instances.InstanceStats:
@@ -190,3 +231,30 @@ def sum_stats(parts) -> instances.InstanceStats:
             for name in instances.InstanceStats.__struct_fields__:
                 setattr(total, name, getattr(total, name) + getattr(part, name))
     return total
+
+
+class LastLaunches:
+    """<home>/scheduler/last_launch.json: each model name's last launch request, so that a load on request by
+    name (or the web UI) uses the options it was last launched with. Written atomically at each launch."""
+
+    def __init__(self, home: Path):
+        self.path = home / "scheduler" / "last_launch.json"
+        self.lock = threading.Lock()
+        try:
+            self.launches = msgspec.json.decode(self.path.read_bytes(), type=dict[str, p.LaunchModel])
+        except FileNotFoundError:
+            self.launches = {}
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("last_launch_unreadable", path=str(self.path), error=str(exc))
+            self.launches = {}
+
+    def get(self, model_name: str) -> p.LaunchModel | None:
+        return self.launches.get(model_name)
+
+    def put(self, msg: p.LaunchModel) -> None:
+        with self.lock:
+            self.launches[msg.model_name] = msg
+            try:
+                write_atomic(self.path, msgspec.json.encode(self.launches))
+            except OSError as exc:
+                log.error("last_launch_write_failed", path=str(self.path), error=str(exc))

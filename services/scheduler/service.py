@@ -20,7 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import structlog
 
-from zinfer.services.scheduler.book import LaunchBook, LaunchRecord, Model, Pins, Replica, WorkerState, view
+from zinfer.services.scheduler.book import (
+    LastLaunches,
+    LaunchBook,
+    LaunchRecord,
+    Model,
+    Pins,
+    Replica,
+    WorkerState,
+    view,
+)
+from zinfer.services.scheduler.lifecycle import Lifecycle
 from zinfer.services.scheduler.placement import Slot, match_spec, place
 from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
@@ -49,7 +59,7 @@ from zinfer.shared.transport import ServiceRuntime
 log = structlog.get_logger()
 
 
-class Scheduler:
+class Scheduler(Lifecycle):
     def __init__(self, settings: Settings):
         self.settings = settings
         self.lock = threading.RLock()
@@ -61,6 +71,7 @@ class Scheduler:
         self.terminated: dict[str, float] = {}
         self.started = time.monotonic()
         self.book = LaunchBook(settings.home_path)
+        self.last_launch = LastLaunches(settings.home_path)
         self.wake_reconciler = threading.Event()
         for record in self.book.load():
             self.models[record.uid] = record.model()
@@ -76,6 +87,8 @@ class Scheduler:
             p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
             p.WorkerReport: self.on_report,
             p.LaunchModel: self.launch,
+            p.WakeModel: self.wake,
+            p.KeepAlive: self.keep_alive,
             p.ListModels: self.list_models,
             p.DescribeModel: self.describe,
             p.TerminateModel: self.terminate,
@@ -84,7 +97,7 @@ class Scheduler:
             p.SchedulerStatus: self.status,
         }
 
-    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
+    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus, p.KeepAlive}
 
     # ------------------------------------------------------------------ workers
 
@@ -112,13 +125,14 @@ class Scheduler:
                     self.models[inst.model_uid] = model
                 replica = next((r for r in model.replicas if r.index == inst.replica), None)
                 if (inst.incarnation != model.incarnation or model.terminating
+                        or (model.unloaded and not model.waking)
                         or (replica is not None and replica.worker_id != wid)):
                     # An older launch of this uid, or a replica that has moved on: never the current one.
                     stale.append(p.UnloadInstance(model_uid=inst.model_uid, incarnation=inst.incarnation,
                                                   replica=inst.replica))
                     continue
                 held.add((inst.model_uid, inst.replica))
-                model.info = inst.info
+                model.info, model.from_book = inst.info, False
                 if replica is None:
                     replica = Replica(worker_id=wid, index=inst.replica)
                     model.replicas.append(replica)
@@ -127,14 +141,14 @@ class Scheduler:
                     status.cause = replica.status.cause
                 replica.status, replica.needs_load, replica.lost_since = status, False, None
             for model in self.models.values():
-                if model.terminating or model.error:
+                if model.terminating or model.error or model.unloaded:
                     continue
                 for r in model.replicas:
                     if (r.worker_id == wid and (model.uid, r.index) not in held and r.state != "failed"
                             and not r.loading and (model.uid, r.index) not in state.reserved):
                         why = f"worker {wid} restarted" if restarted or r.state in ("ready", "launching") \
                             else r.status.cause or f"worker {wid} does not hold it"
-                        r.restart(why)
+                        self.lost_from_book(model, r, why)
         for unload in stale:
             threading.Thread(target=self._unload_stale, args=(wid, unload), daemon=True).start()
         if any(r.needs_load for m in self.models.values() for r in m.replicas):
@@ -151,6 +165,10 @@ class Scheduler:
     def expire_workers(self) -> None:
         while self.running:
             time.sleep(self.settings.heartbeat_interval)
+            try:
+                self.expire_idle()
+            except Exception:  # never the end of this loop
+                log.exception("expire_idle_failed")
             now = time.monotonic()
             with self.lock:
                 for wid, state in list(self.workers.items()):
@@ -159,7 +177,8 @@ class Scheduler:
                         why = f"worker {wid} stopped reporting (nothing for {self.settings.liveness_s:g}s)"
                         for model in self.models.values():
                             for r in model.replicas:
-                                if r.worker_id == wid and r.state != "failed" and not model.terminating:
+                                if r.worker_id == wid and r.state not in ("failed", "idle-unloaded") \
+                                        and not model.terminating:
                                     r.restart(why)
                                     r.lost_since = now
                         log.warning("worker_lost", worker=wid)
@@ -167,8 +186,10 @@ class Scheduler:
                     for model in self.models.values():
                         for r in model.replicas:
                             if (r.worker_id not in self.workers and r.state in ("launching", "ready")
-                                    and not model.terminating and not model.error and not r.loading):
-                                r.restart(f"worker {r.worker_id} has not reported since the scheduler restarted")
+                                    and not model.terminating and not model.error and not r.loading
+                                    and not model.unloaded):
+                                self.lost_from_book(model, r, f"worker {r.worker_id} has not reported since the "
+                                                              "scheduler restarted")
                                 r.lost_since = now
 
     # ------------------------------------------------------------------ desired state
@@ -184,7 +205,7 @@ class Scheduler:
             todo: list[tuple[Model, Replica, str]] = []
             with self.lock:
                 for model in self.models.values():
-                    if model.terminating or model.error:
+                    if model.terminating or model.error or model.unloaded:
                         continue
                     for r in model.replicas:
                         if not r.needs_load or r.loading or now < r.next_try or r.load is None:
@@ -223,6 +244,7 @@ class Scheduler:
             r.loading = False
             if r.state == "restarting" and model.incarnation == load.incarnation:
                 r.status.state, r.status.progress, r.needs_load = "ready", 1.0, False
+                model.last_active = time.time()
         log.info("restored_instance", model_uid=model.uid, replica=r.index, worker=wid)
 
     def _move(self, model: Model, r: Replica) -> None:
@@ -287,6 +309,7 @@ class Scheduler:
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
         options = self._engine_options(msg)
+        keep_alive = self.resolve_keep_alive(msg.keep_alive)
         formats = engines.formats_of(msg.model_engine, msg.model_type)
         if formats is not None and msg.model_format is not None and msg.model_type == "LLM" \
                 and msg.model_format not in formats:
@@ -332,7 +355,8 @@ class Scheduler:
             need = {wid: found[wid].memory for wid in chosen}
             model = Model(uid=uid, info=p.instance_info(base), incarnation=incarnation,
                           pins=Pins(n_gpu=msg.n_gpu, gpu_idx=msg.gpu_idx, devices=msg.devices,
-                                    worker_ip=msg.worker_ip))
+                                    worker_ip=msg.worker_ip),
+                          keep_alive=keep_alive, restore=msg.restore, last_active=time.time())
             loads = []
             for index, wid in enumerate(chosen):
                 self.workers[wid].reserved[(uid, index)] = need[wid]
@@ -349,6 +373,17 @@ class Scheduler:
                 for wid in chosen:
                     self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items() if k[0] != uid}
             raise
+        self.last_launch.put(msg)
+        for wid in dict.fromkeys(chosen):  # at max_loaded_per_device: the LRU idle instance there makes room
+            try:
+                self.make_room(wid, uid)
+            except ZinferError:
+                with self.lock:
+                    self.models.pop(uid, None)
+                    for w in chosen:
+                        self.workers[w].reserved = {k: v for k, v in self.workers[w].reserved.items() if k[0] != uid}
+                self._record_quietly()
+                raise
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
@@ -436,6 +471,7 @@ class Scheduler:
                 for r in model.replicas:
                     if r.state == "launching":
                         r.status.state, r.status.progress = "ready", 1.0
+                model.last_active = time.time()  # keep_alive counts from when it is ready
                 log.info("launched", model_uid=model.uid)
                 return
             first = errors[0]

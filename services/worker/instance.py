@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import msgspec
 
@@ -58,6 +59,7 @@ class Instance:
         self.state = "launching"
         self.error: ZinferError | None = None
         self.progress = 0.0
+        self.last_active = 0.0
         self.backend = None
         self.engine = None
         self.cancelled = threading.Event()  # set by close(): a launch in progress stops at its next step
@@ -172,7 +174,7 @@ class Instance:
             state=self.state, error=reply_from_exception(self.error) if self.error else None,
             progress=self.progress, stage=self.stage, memory=self.spec.memory_estimate,
             queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
-            stats=msgspec.structs.replace(engine.stats) if engine else None)
+            stats=msgspec.structs.replace(engine.stats) if engine else None, last_active=self.last_active)
         return report
 
     def inflight(self) -> int:
@@ -189,6 +191,7 @@ class Instance:
         if self.state != "ready" or self.engine is None:
             detail = f": {self.error.message}" if self.error else ""
             raise InstanceNotReady(f"model {self.uid!r} is {self.state}{detail}", field="model_uid")
+        self.last_active = time.time()  # what keep_alive counts from (the scheduler reads it in reports)
         model_type = self.spec.model_type
         if not isinstance(msg, REQUESTS_OF[model_type]):
             verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank"}[type(msg)]

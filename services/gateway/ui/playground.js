@@ -69,7 +69,7 @@ function settings(prefix) {
 }
 
 function modelSelect(models, tab, wanted) {
-  const usable = models.filter((m) => m.state === "ready" && canDo(m, tab));
+  const usable = models.filter((m) => (m.state === "ready" || m.state === "idle-unloaded") && canDo(m, tab));
   return el("select", { id: `${tab}-model` }, usable.length ? usable.map((m) => el("option", { value: m.id,
     selected: m.id === wanted }, m.id)) : el("option", { value: "" }, "no running model can do this"));
 }

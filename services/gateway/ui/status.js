@@ -27,12 +27,22 @@ async function terminate(uid, status) {
   }
 }
 
+// When an idle instance is unloaded (its keep_alive), or since when it is; its next request loads it again.
+function expiry(m) {
+  const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+  if (m.unloaded_at) return `unloaded ${clock(m.unloaded_at)}`;
+  if (m.keep_alive === null || m.keep_alive === undefined) return "never";
+  if (!m.expires_at) return `${m.keep_alive}s after idle`;
+  const left = Math.round(m.expires_at - Date.now() / 1000);
+  return left > 0 ? `in ${left}s` : "now";
+}
+
 export function instances(main) {
   const status = message();
   const body = el("div", { id: "instances" }, el("p", { class: "empty" }, "Loading…"));
   main.replaceChildren(el("h1", {}, "Running models"), status, body);
   const headers = ["UID", "Model", "Type", "Format", "Size", "Quantization", "State", "Devices", "Hosts", "Queue",
-                   "Restarts", ""];
+                   "Restarts", "Expires", ""];
   async function refresh() {
     try {
       const { data } = await api("/v1/models");
@@ -40,9 +50,9 @@ export function instances(main) {
         el("td", {}, m.id), el("td", {}, m.model_name), el("td", {}, m.model_type), el("td", {}, m.model_format),
         el("td", {}, m.model_size_in_billions ?? ""), el("td", {}, m.quantization), stateCell(m),
         el("td", {}, list(m.devices)), el("td", {}, list([...new Set(m.hosts)])),
-        el("td", { class: "num" }, m.queue_depth), el("td", { class: "num" }, m.restarts),
+        el("td", { class: "num" }, m.queue_depth), el("td", { class: "num" }, m.restarts), el("td", {}, expiry(m)),
         el("td", { class: "row-actions" },
-          m.state === "ready" ? el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}` }, "Try") : null,
+          m.state === "ready" || m.state === "idle-unloaded" ? el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}` }, "Try") : null,
           session.admin ? el("button", { type: "button", class: "danger", "aria-label": `Terminate ${m.id}`,
                                          onclick: () => terminate(m.id, status).then(refresh) }, "Terminate") : null)));
       body.replaceChildren(table(headers, rows, "No model is running. Launch one from Models."));
