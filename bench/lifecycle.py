@@ -8,10 +8,10 @@ instance (the small 27M-parameter Llama as GGUF F32, 104 MB) and an embedding in
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
+import psutil
 from common import record, start_mesh, tiny_models
 
 from zinfer.shared.tinymodels import make_small_llama
@@ -19,20 +19,11 @@ from zinfer.shared.tinymodels import make_small_llama
 PROMPT = "Once upon a time"
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = argparse.ArgumentParser(description="request to an unloaded instance vs launch + request")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are printed)")
     args = ap.parse_args()
-    models = tiny_models()
-    small = make_small_llama(models["pytorch"].parent)
+    small = make_small_llama((models := tiny_models())["pytorch"].parent)
     mesh = start_mesh()
     cases = {
         "llama.cpp": (dict(model_name="bench-small", model_format="ggufv2", quantization="F32"),
@@ -64,7 +55,7 @@ def main() -> None:
                 ask(handle)  # served once; keep_alive 0 unloads it after the reply
                 pid = c.describe_model(uid)["pids"][0]
                 mesh.wait(lambda u=uid: c.describe_model(u)["state"] == "idle-unloaded", timeout=60)
-                mesh.wait(lambda p=pid: not p or not alive(p), timeout=60)  # gone, as after a real idle spell
+                mesh.wait(lambda p=pid: not psutil.pid_exists(p), timeout=60)  # gone, as after a real idle spell
                 start = time.perf_counter()  # the request to the unloaded instance: loaded, then answered
                 ask(handle)
                 results[name]["on_request"].append(time.perf_counter() - start)

@@ -150,8 +150,6 @@ def rerank(
     timeout: Timeout = None,
 ) -> None:
     """Rank documents by relevance to a query, best first: score, index and text of each."""
-    if not documents:
-        fail("give at least one DOCUMENT")
     with make_client(endpoint, timeout) as client:
         result = client.get_model(model_uid).rerank(documents, query, top_n=top_n, return_documents=as_json,
                                                     return_len=as_json)

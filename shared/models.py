@@ -149,13 +149,13 @@ class _RerankCommon(Struct, forbid_unknown_fields=True, kw_only=True, omit_defau
 
 
 class RerankFamilyV1(_RerankCommon, kw_only=True):
-    """Xinference's older, flat custom rerank JSON: the weights' place at the top level."""
+    """Xinference's older, flat custom rerank JSON: the weights' place (a RerankSpec's fields but the format and
+    quantization) at the top level; parse_rerank takes those apart."""
 
     version: Literal[1] = 1
-    model_id: str | None = None
-    model_uri: str | None = None
-    model_revision: str | None = None
-    model_hub: str | None = None
+
+
+_FLAT_SPEC = ("model_id", "model_uri", "model_revision", "model_hub")
 
 
 class RerankFamily(_RerankCommon, kw_only=True):
@@ -349,9 +349,8 @@ def parse_rerank(obj: dict) -> RerankFamily:
         return _convert(obj, RerankFamily)
     if version != 1:
         raise DefinitionError([FieldProblem("version", f"{version!r} is not supported; expected 1 or 2")])
-    flat = _convert(obj, RerankFamilyV1)
-    spec = RerankSpec(model_id=flat.model_id, model_uri=flat.model_uri, model_revision=flat.model_revision,
-                      model_hub=flat.model_hub)
+    flat = _convert({k: v for k, v in obj.items() if k not in _FLAT_SPEC}, RerankFamilyV1)
+    spec = _convert({k: v for k, v in obj.items() if k in _FLAT_SPEC}, RerankSpec)
     common = {f: getattr(flat, f) for f in _RerankCommon.__struct_fields__}
     return RerankFamily(**common, version=1, model_specs=[spec])
 

@@ -24,6 +24,8 @@ from zinfer.shared.payloads import (
     ChatDeltaChoice,
     ChatMessage,
     CompletionChoice,
+    EngineOptions,  # noqa: F401 - part of this module's vocabulary (p.EngineOptions)
+    EngineValue,
     GenerateConfig,
     Usage,
 )
@@ -115,33 +117,6 @@ class UnregisterModel(Msg, kw_only=True):
 
 class RegistryStatus(Msg, kw_only=True):
     pass
-
-
-EngineValue = str | int | float | bool | None
-
-
-class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """The launch options an engine takes (Xinference passes them as extra launch keyword arguments). Unknown
-    names are refused; none of them loads code. `trust_remote_code` is honoured only for models an operator
-    lists in the `trust_remote_code_models` setting."""
-
-    trust_remote_code: bool | None = None
-    # requests one instance holds (queued and running) before it answers queue_full (Xinference's
-    # request_limits; default: the worker's instance_queue setting)
-    request_limits: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
-    # generation: decode concurrent requests together (default on; off runs them one at a time, in order)
-    continuous_batching: bool | None = None
-    # transformers: sequences decoded together (default 64)
-    max_sequences: Annotated[int, Meta(ge=1, le=4096)] | None = None
-    # llama.cpp: context window of each sequence (default: the registration's context_length), CPU threads,
-    # and sequences decoded together (default: what 512 MiB of KV cache holds, <= 16)
-    n_ctx: Annotated[int, Meta(ge=16, le=1 << 20)] | None = None
-    n_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
-    n_parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
-    # embeddings: texts and padded tokens per batch, and how long a batch may wait for more requests
-    batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] | None = None
-    max_batch_size: Annotated[int, Meta(ge=1, le=65536)] | None = None
-    max_batch_tokens: Annotated[int, Meta(ge=1)] | None = None
 
 
 class LaunchModel(Msg, kw_only=True):

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 
@@ -84,14 +85,6 @@ def life(tmp_path_factory, tiny_models):
         yield m
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_keep_alive_unloads_an_idle_instance_and_its_next_request_loads_it_again(life):
     c = life.client
     c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="ka2",
@@ -99,10 +92,10 @@ def test_keep_alive_unloads_an_idle_instance_and_its_next_request_loads_it_again
     first = c.get_model("ka2").generate(PROMPT, GREEDY)["choices"][0]["text"]
     view = c.describe_model("ka2")
     pid, loads = view["pids"][0], view["loads"]
-    assert view["keep_alive"] == 2.0 and view["expires_at"] is not None and pid_alive(pid)
+    assert view["keep_alive"] == 2.0 and view["expires_at"] is not None and psutil.pid_exists(pid)
     unloaded = life.wait(lambda: (v := c.describe_model("ka2"))["state"] == "idle-unloaded" and v, timeout=30)
     assert unloaded["memory"] == 0 and unloaded["pids"] == [0] and unloaded["unloaded_at"] > 0
-    life.wait(lambda: not pid_alive(pid), timeout=30)  # its process is gone, and its memory with it
+    life.wait(lambda: not psutil.pid_exists(pid), timeout=30)  # its process is gone, and its memory with it
     assert "ka2" in c.list_models()  # still launched
     again = c.get_model("ka2").generate(PROMPT, GREEDY)["choices"][0]["text"]
     assert again == first

@@ -115,6 +115,19 @@ class Lifecycle:
             self.unload(victim, f"made room on {worker_id} for {coming} (max_loaded_per_device "
                                 f"{self.settings.max_loaded_per_device}; least recently used)")
 
+    def make_room_for_launch(self, uid: str, chosen: list[str]) -> None:
+        """A launch placed on these workers: room under the cap on each, else the launch is undone (raises)."""
+        try:
+            for wid in dict.fromkeys(chosen):
+                self.make_room(wid, uid)
+        except ZinferError:
+            with self.lock:
+                self.models.pop(uid, None)
+                for w in chosen:
+                    self.workers[w].reserved = {k: v for k, v in self.workers[w].reserved.items() if k[0] != uid}
+            self._record_quietly()
+            raise
+
     # ------------------------------------------------------------------ load on request
 
     def wake(self, msg: p.WakeModel, ctx) -> p.Launched:

@@ -374,16 +374,7 @@ class Scheduler(Lifecycle):
                     self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items() if k[0] != uid}
             raise
         self.last_launch.put(msg)
-        for wid in dict.fromkeys(chosen):  # at max_loaded_per_device: the LRU idle instance there makes room
-            try:
-                self.make_room(wid, uid)
-            except ZinferError:
-                with self.lock:
-                    self.models.pop(uid, None)
-                    for w in chosen:
-                        self.workers[w].reserved = {k: v for k, v in self.workers[w].reserved.items() if k[0] != uid}
-                self._record_quietly()
-                raise
+        self.make_room_for_launch(uid, chosen)
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
