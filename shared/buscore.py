@@ -24,6 +24,7 @@ from zinfer.shared.errors import (
     InstanceNotReady,
     NoRoute,
     NotFound,
+    QueueFull,
     RequestTimeout,
     TooLarge,
     Unauthenticated,
@@ -176,7 +177,9 @@ WAKES = 3
 def could_be_unloaded(exc: ZinferError) -> bool:
     """An error a request gets when its instance is not loaded: nothing serves its uid, the instance is not
     ready, or it was unloaded while the request waited (worth asking the scheduler about its state)."""
-    return isinstance(exc, NoRoute | InstanceNotReady | Unavailable)
+    # A full queue is Unavailable too, but says the instance is loaded and busy: no scheduler call for it, which
+    # would add a round trip to every refusal exactly when the mesh is overloaded.
+    return isinstance(exc, NoRoute | InstanceNotReady | Unavailable) and not isinstance(exc, QueueFull)
 
 
 def wakeable(view: instances.InstanceView | None) -> bool:

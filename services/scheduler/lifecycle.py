@@ -140,13 +140,14 @@ class Lifecycle:
             model = self.models.get(msg.model_name) or min(named, key=lambda m: m.state != "ready", default=None)
         if model is not None:
             return self._wake_uid(model.uid)
+        # The options it was last launched with (its format, engine, devices, keep_alive...), under its name. A
+        # name that is no registration is a 404 for everyone, before the role decides about loading one.
+        launch = self.last_launch.get(msg.model_name) or p.LaunchModel(model_name=msg.model_name,
+                                                                        model_type=self._type_of(msg.model_name))
         if ctx.caller.role not in self.settings.load_on_request_roles:
             raise Forbidden(f"model {msg.model_name!r} is not running, and loading a registered model by its name "
                             f"is for the roles {self.settings.load_on_request_roles} (load_on_request_roles), not "
                             f"{ctx.caller.role}", field="model")
-        # The options it was last launched with (its format, engine, devices, keep_alive...), under its name.
-        launch = self.last_launch.get(msg.model_name) or p.LaunchModel(model_name=msg.model_name,
-                                                                        model_type=self._type_of(msg.model_name))
         launch = msgspec.structs.replace(launch, model_uid=msg.model_name)  # requests name it so from now on
         log.info("loading_on_request", model_name=msg.model_name, model_uid=launch.model_uid, caller=str(ctx.caller))
         try:

@@ -97,7 +97,8 @@ class Scheduler(Lifecycle):
             p.SchedulerStatus: self.status,
         }
 
-    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus, p.KeepAlive}
+    # KeepAlive is not among them: it writes the launch book (an fsync), which must not hold up the I/O thread.
+    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
 
     # ------------------------------------------------------------------ workers
 
