@@ -19,7 +19,7 @@ from zinfer.shared import durations
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.models import closest_name, problem_from_validation
-from zinfer.shared.payloads import ChatMessage, GenerateConfig
+from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, Tool, ToolCall
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
 _IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
@@ -129,9 +129,10 @@ _SIZE_RE = re.compile(r"\A\d+(?:[._]\d+)?\Z")
 # OpenAI request fields that zinfer takes at their default values only (anything else is refused by name).
 # "user" is informational (any value); max_completion_tokens is OpenAI's newer name for max_tokens.
 _GENERATION_IGNORED_AT = {"best_of": (1, None), "logit_bias": (None, {}), "suffix": (None, ""), "user": None,
-                          "tools": (None, []), "tool_choice": (None, "none", "auto"),
-                          "parallel_tool_calls": (None, True, False), "chat_template_kwargs": (None, {}),
                           "max_completion_tokens": None}
+# A chat's fields beside the sampling settings (chat_options takes them); a generate refuses them by name.
+CHAT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "enable_thinking",
+               "add_generation_prompt", "functions", "function_call")
 _GENERATION_FIELDS = GenerateConfig.__struct_fields__
 
 
@@ -142,6 +143,9 @@ def generate_config(values: dict | None) -> GenerateConfig:
         if name in _GENERATION_FIELDS:
             if value is not None:
                 fields[name] = value
+        elif name in CHAT_FIELDS:
+            if value is not None:
+                raise InvalidRequest(f"{name} is for chat, not generate (completions)", field=name)
         elif name in _GENERATION_IGNORED_AT:
             allowed = _GENERATION_IGNORED_AT[name]
             if name == "max_completion_tokens" and value is not None:
@@ -169,6 +173,10 @@ class _Message(msgspec.Struct, forbid_unknown_fields=True):
     role: Annotated[str, msgspec.Meta(min_length=1)]
     content: str | list[_Part] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name; taken as reasoning_content
 
 
 class _Chat(msgspec.Struct):
@@ -195,8 +203,114 @@ def chat_messages(messages: Any) -> list[ChatMessage]:
                     raise InvalidRequest(f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are "
                                          f"supported, not {part.type!r}", field=where)
             content = "\n".join(part.text for part in content)
-        out.append(ChatMessage(role=m.role, content=content or "", name=m.name))
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequest(f"messages[{i}]: a tool message needs tool_call_id (the id of the call it "
+                                 "answers)", field=f"messages[{i}].tool_call_id")
+        for j, call in enumerate(m.tool_calls or ()):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not call.function.name:
+                raise InvalidRequest(f"{where}.function.name is required", field=f"{where}.function.name")
+            if call.function.arguments is None:
+                call.function.arguments = "{}"
+            if call.id is None:
+                call.id = f"call_{i}_{j}"
+            call.index = None
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequest(f"messages[{i}]: only assistant messages carry tool_calls",
+                                 field=f"messages[{i}].tool_calls")
+        out.append(ChatMessage(role=m.role, content="" if content is None and not m.tool_calls else content,
+                               name=m.name, tool_calls=m.tool_calls or None, tool_call_id=m.tool_call_id,
+                               reasoning_content=m.reasoning_content or m.reasoning))
     return out
+
+
+def _schema_problem(schema: Any) -> str | None:
+    """What makes `schema` no JSON schema, or None."""
+    if not isinstance(schema, dict):
+        return f"must be a JSON schema (an object), not {type(schema).__name__}"
+    try:
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+    except ImportError:  # the schema is still checked when its grammar compiles
+        return None
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        return f"is not a valid JSON schema: {exc.message}"
+    return None
+
+
+def chat_options(body: dict) -> ChatOptions:
+    """A chat request's tools, tool_choice, parallel_tool_calls, chat_template_kwargs (and Xinference's
+    enable_thinking), taken off `body`; InvalidRequest names the field at fault."""
+    fields: dict[str, Any] = {}
+    tools = body.pop("tools", None)
+    if body.pop("functions", None) is not None or body.pop("function_call", None) is not None:
+        raise InvalidRequest("functions / function_call are OpenAI's old names: send tools and tool_choice",
+                             field="functions")
+    if tools is not None and tools != []:
+        if not isinstance(tools, list):
+            raise InvalidRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}",
+                                 field="tools")
+        try:
+            typed = msgspec.convert(tools, list[Tool])
+        except msgspec.ValidationError as exc:
+            problem = problem_from_validation(exc, Tool)
+            where = re.sub(r"\A\[(\d+)\]", r"tools[\1]", problem.field or "") or "tools"
+            where = where if where.startswith("tools") else f"tools.{where}"
+            raise InvalidRequest(f"{where}: {problem.message} (a tool is {{\"type\": \"function\", \"function\": "
+                                 "{\"name\", \"description\", \"parameters\"}})", field=where) from None
+        names = [t.function.name for t in typed]
+        for i, tool in enumerate(typed):
+            problem = _schema_problem(tool.function.parameters) if tool.function.parameters is not None else None
+            if problem:
+                where = f"tools[{i}].function.parameters"
+                raise InvalidRequest(f"{where} {problem}", field=where)
+            if names.index(tool.function.name) != i:
+                raise InvalidRequest(f"tools[{i}]: a second tool named {tool.function.name!r}",
+                                     field=f"tools[{i}].function.name")
+        fields["tools"] = typed
+    choice = body.pop("tool_choice", None)
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("tool_choice must be none, auto, required or {\"type\": \"function\", "
+                                 "\"function\": {\"name\": ...}}", field="tool_choice")
+        fields["tool_choice"], fields["tool_choice_named"] = name, True
+    elif choice is not None:
+        if choice not in ("none", "auto", "required"):
+            raise InvalidRequest(f"tool_choice {choice!r} must be none, auto, required or a function object",
+                                 field="tool_choice")
+        fields["tool_choice"] = choice
+    if fields.get("tool_choice") not in (None, "none", "auto") and "tools" not in fields:
+        raise InvalidRequest(f"tool_choice {choice!r} needs tools", field="tool_choice")
+    if fields.get("tool_choice_named") and fields["tool_choice"] not in [t.function.name for t in fields["tools"]]:
+        raise InvalidRequest(f"tool_choice names {fields['tool_choice']!r}, which is not among tools "
+                             f"{[t.function.name for t in fields['tools']]}", field="tool_choice")
+    parallel = body.pop("parallel_tool_calls", None)
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise InvalidRequest("parallel_tool_calls must be true or false", field="parallel_tool_calls")
+        fields["parallel_tool_calls"] = parallel
+    kwargs = body.pop("chat_template_kwargs", None)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidRequest("chat_template_kwargs must be an object", field="chat_template_kwargs")
+    kwargs = dict(kwargs or {})
+    thinking = body.pop("enable_thinking", None)  # Xinference's spelling
+    if thinking is not None:
+        if not isinstance(thinking, bool):
+            raise InvalidRequest("enable_thinking must be true or false", field="enable_thinking")
+        kwargs.setdefault("enable_thinking", thinking)
+    reserved = {"messages", "tools", "add_generation_prompt", "documents"} & set(kwargs)
+    if reserved:
+        name = sorted(reserved)[0]
+        raise InvalidRequest(f"chat_template_kwargs may not set {name!r} (it is the request's own)",
+                             field="chat_template_kwargs")
+    fields["chat_template_kwargs"] = kwargs
+    add = body.pop("add_generation_prompt", None)
+    if add is not None:
+        fields["add_generation_prompt"] = bool(add)
+    return ChatOptions(**fields)
 
 
 class EmbeddingsBody(msgspec.Struct, forbid_unknown_fields=True):

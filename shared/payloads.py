@@ -3,6 +3,7 @@ usage out. Plain structs; shared/protocol.py wraps them in its request and reply
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
@@ -44,18 +45,94 @@ class GenerateConfig(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     ignore_eos: bool = False  # go on past end tokens (to max_tokens or a stop word)
     response_format: ResponseFormat | None = None
     stream_options: StreamOptions | None = None
+    # Constrained decoding as vLLM and Xinference spell it (one of these, or response_format, at a time): JSON
+    # matching a schema, a regular expression, one of a list of strings, a grammar (GBNF or Lark).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    guided_grammar: str | None = None
+
+
+class FunctionDef(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\A[A-Za-z0-9_.:-]+\Z")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (checked when the request is parsed)
+    strict: bool | None = None
+
+
+class Tool(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """OpenAI's tool: a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionCall(Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(Struct, kw_only=True, omit_defaults=True):
+    """A call the model made (message.tool_calls), or a piece of one in a stream (with its index)."""
+
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+    index: int | None = None
+
+
+class ChatOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """What a chat request asks of the template and the answer's shape, beside the sampling settings."""
+
+    tools: list[Tool] | None = None
+    # "auto" (parse calls), "none" (no calls), "required" (at least one call), or a function's name.
+    tool_choice: str = "auto"
+    tool_choice_named: bool = False  # tool_choice names a function
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] = {}
+    add_generation_prompt: bool = True
 
 
 class ChatMessage(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     role: str
-    content: str
+    content: str | None = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant's earlier reasoning (templates may show or drop it)
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as transformers' apply_chat_template sees it: arguments as objects where they parse."""
+        out: dict[str, Any] = {"role": self.role}
+        if self.content is not None:
+            out["content"] = self.content
+        for name in ("name", "tool_call_id", "reasoning_content"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                arguments: Any = call.function.arguments
+                try:
+                    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+                except ValueError:
+                    pass
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            out["tool_calls"] = calls
+        return out
 
 
-class Usage(Struct, kw_only=True):
+class CompletionTokensDetails(Struct, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class Usage(Struct, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(Struct, kw_only=True):
@@ -96,6 +173,10 @@ class CompletionChoice(Struct, kw_only=True):
 class ChatCompletionMessage(Struct, kw_only=True, omit_defaults=True):
     role: str | None = "assistant"
     content: str | None = None
+    # the reasoning text between the model's reasoning tags, under both names clients read
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Struct, kw_only=True):

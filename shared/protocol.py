@@ -23,6 +23,7 @@ from zinfer.shared.payloads import (
     ChatChoice,
     ChatDeltaChoice,
     ChatMessage,
+    ChatOptions,
     CompletionChoice,
     EngineOptions,  # noqa: F401 - part of this module's vocabulary (p.EngineOptions)
     EngineValue,
@@ -254,6 +255,16 @@ class Chat(Msg, kw_only=True):
     model_uid: str
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     config: GenerateConfig = msgspec.field(default_factory=GenerateConfig)
+    options: ChatOptions = msgspec.field(default_factory=ChatOptions)
+
+
+class RenderChat(Msg, kw_only=True):
+    """The prompt a chat would get (the model's template with these messages and tools) and its token ids,
+    without generating: for people debugging templates."""
+
+    model_uid: str
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    options: ChatOptions = msgspec.field(default_factory=ChatOptions)
 
 
 class Embed(Msg, kw_only=True):
@@ -277,7 +288,7 @@ Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
     | LaunchModel | WakeModel | KeepAlive | ListModels | DescribeModel | TerminateModel | InstancesOf
     | SchedulerStatus | WorkerReport
-    | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank
+    | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank | RenderChat
 )
 
 # ---------------------------------------------------------------- replies
@@ -393,6 +404,13 @@ class ChatCompletionChunk(Msg, kw_only=True):
     usage: Usage | None = None
 
 
+class RenderedChat(Msg, kw_only=True):
+    model: str
+    prompt: str
+    token_ids: list[int]
+    template_source: str  # where the template came from: registration, family, prompt_style, model
+
+
 class PathsFound(Msg, kw_only=True):
     """For FindPaths: each path found -> the hosts that have it (a folder as a folder, a file as a file), and
     the hosts that were asked."""
@@ -438,7 +456,7 @@ class RerankResult(Msg, kw_only=True):
 Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
-    | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound
+    | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound | RenderedChat
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -466,6 +484,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Chat: (ChatCompletion, ChatCompletionChunk),
     Embed: (Embedding,),
     Rerank: (RerankResult,),
+    RenderChat: (RenderedChat,),
 }
 
 # Which roles may send each request; services check it (with the broker's caller stamp) before any handler
@@ -498,6 +517,7 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     Chat: ANYONE,
     Embed: ANYONE,
     Rerank: ANYONE,
+    RenderChat: ANYONE,
 }
 
 # ---------------------------------------------------------------- codec

@@ -114,7 +114,7 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
     f16 = quantization == "F16"
 
     w = gguf.GGUFWriter(str(out_file), "llama")
-    w.add_name("tiny-llama")
+    w.add_name(hf_dir.name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -128,20 +128,28 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
 
     vocab = tok_json["model"]["vocab"]
     added = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
+    special = {t["content"] for t in tok_json.get("added_tokens", []) if t.get("special", True)}
     by_id = {i: t for t, i in {**vocab, **added}.items()}
     tokens = [by_id[i] for i in range(len(by_id))]
-    types = [gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens]
+    # Special added tokens are control tokens; other added ones (<tool_call>, <think>) are user-defined text, which
+    # llama.cpp matches whole and prints, as transformers does.
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.USER_DEFINED if t in added
+             else gguf.TokenType.NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(cfg["bos_token_id"])
+    if cfg.get("bos_token_id") is not None:
+        w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+    if cfg.get("pad_token_id") is not None:
+        w.add_pad_token_id(cfg["pad_token_id"])
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(tok_cfg.get("chat_template") or CHAT_TEMPLATE)
+    jinja = hf_dir / "chat_template.jinja"
+    w.add_chat_template(jinja.read_text() if jinja.exists() else tok_cfg.get("chat_template") or CHAT_TEMPLATE)
     for name, data in tensors.items():
         w.add_tensor(name, data.astype(np.float16) if f16 and data.ndim > 1 else data)
     w.write_header_to_file()
@@ -219,6 +227,23 @@ def minilm_source() -> Path:
     return Path(get_model_path())
 
 
+def make_tool_llama(root: Path, force: bool = False) -> dict[str, Path]:
+    """root/tool-llama (the tiny tool-calling model of shared/tinytools.py, trained here) and its GGUF,
+    root/tool-gguf/tool-llama.F32.gguf."""
+    from zinfer.shared.tinytools import build_tool_llama
+
+    hf_dir, gguf_dir = root / "tool-llama", root / "tool-gguf"
+    if force or not (hf_dir / "model.safetensors").exists():
+        build_tool_llama(hf_dir)
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    target = gguf_dir / "tool-llama.F32.gguf"
+    if force or not target.exists():
+        tmp = target.with_suffix(".tmp")
+        convert_to_gguf(hf_dir, tmp, "F32")
+        tmp.rename(target)
+    return {"tools_pytorch": hf_dir, "tools_gguf": target}
+
+
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, root/tiny-reranker
     (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
@@ -240,6 +265,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     reranker = root / "tiny-reranker"
     if force or not (reranker / "model.safetensors").exists():
         build_tiny_reranker(reranker)
-    return {"rerank": reranker,
+    tools = make_tool_llama(root, force)
+    return {"rerank": reranker, **tools,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

@@ -61,7 +61,8 @@ class InstanceProcess:
             p.Chat: self.instance.submit,
             p.Embed: self.instance.submit,
             p.Rerank: self.instance.submit,
-        }, inline={p.Ping}, deferred={p.Generate, p.Chat, p.Embed, p.Rerank}, max_workers=1)
+            p.RenderChat: self.instance.submit,
+        }, inline={p.Ping}, deferred={p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat}, max_workers=1)
         self._send_lock = threading.Lock()
         self.done = False
 

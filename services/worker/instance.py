@@ -38,7 +38,7 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
 
 
 # The requests each model type serves (an LLM embeds only with the embed ability: its engine checks that).
-REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed), "embedding": (p.Embed,), "rerank": (p.Rerank,)}
+REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed, p.RenderChat), "embedding": (p.Embed,), "rerank": (p.Rerank,)}
 
 
 class Instance:
@@ -194,7 +194,8 @@ class Instance:
         self.last_active = time.time()  # what keep_alive counts from (the scheduler reads it in reports)
         model_type = self.spec.model_type
         if not isinstance(msg, REQUESTS_OF[model_type]):
-            verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank"}[type(msg)]
+            verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank",
+                    p.RenderChat: "render a chat"}[type(msg)]
             raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AEL' else 'a'} {model_type} "
                                  f"model: it cannot {verb}", field="model_uid")
         limit = self.settings.max_prompt_bytes
@@ -216,8 +217,9 @@ class Instance:
             if utf8_over(msg.query + "".join(msg.documents), limit):
                 raise TooLarge(f"query and documents are over {limit:,} bytes in all (max_prompt_bytes)",
                                field="documents")
-        elif isinstance(msg, p.Chat):
-            if utf8_over("".join(m.content for m in msg.messages), limit):
+        elif isinstance(msg, p.Chat | p.RenderChat):
+            if utf8_over("".join(m.content or "" for m in msg.messages) + msgspec.json.encode(
+                    msg.options.tools or []).decode(), limit):
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")
         elif utf8_over(msg.prompt, limit):
             raise TooLarge(f"the prompt is over {limit:,} bytes (max_prompt_bytes)", field="prompt")

@@ -10,44 +10,42 @@ here too, a few texts per step.
 from __future__ import annotations
 
 import itertools
-import json
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
-from zinfer.services.worker import prompts
+from zinfer.services.worker import prompts, toolcalls
+from zinfer.services.worker.answer import AnswerSplitter
 from zinfer.services.worker.backends.base import Detokenizer, LLMBackend, Sampling
 from zinfer.services.worker.compute import Engine, Job
+from zinfer.services.worker.grammar import Constraint, constraint_of, tool_constraint
 from zinfer.services.worker.output import Generation, merge_stops
+from zinfer.services.worker.toolcalls import ToolParser
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
 from zinfer.shared.models import LLMFamily
-from zinfer.shared.payloads import ChatMessage, GenerateConfig, ResponseFormat
+from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig
 
 DEFAULT_MAX_TOKENS = 1024
 EMBED_TEXTS_PER_STEP = 16
 
 
-def grammar_of(response_format: ResponseFormat | None) -> str | None:
-    """The GBNF grammar a response_format asks for: any JSON object, or JSON matching a schema."""
-    if response_format is None or response_format.type == "text":
-        return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+class ChatPlan(NamedTuple):
+    """What a chat request becomes before decoding: its prompt, where the template came from, its stops, and how
+    its answer is taken apart (tool parser, reasoning tags) and constrained."""
 
-    if response_format.type == "json_object" and response_format.schema is None:
-        return JSON_GBNF
-    schema = response_format.schema
-    if schema is None and response_format.json_schema is not None:
-        schema = response_format.json_schema.get("schema", response_format.json_schema)
-    if not isinstance(schema, dict):
-        raise InvalidRequest("response_format: json_schema needs a schema (an object)", field="response_format")
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises plain errors on schemas it cannot turn into a grammar
-        raise InvalidRequest(f"response_format: the schema cannot become a grammar: {exc}",
-                             field="response_format") from None
+    prompt: str
+    source: str
+    stops: list[str]
+    stop_ids: list[int]
+    parser: ToolParser | None = None
+    tags: tuple[str, str] | None = None
+    opened: bool = False  # the prompt ends inside the reasoning tags (the template opened them)
+    constraint: Constraint | None = None
 
 
 class _Running:
@@ -157,6 +155,13 @@ class LLMEngine(Engine):
             if isinstance(job.msg, p.Embed):
                 self.embeds.append(_EmbedWork(job))
                 continue
+            if isinstance(job.msg, p.RenderChat):
+                try:
+                    job.reply(self.render(job.msg, lambda j=job: j.cancelled))
+                except Exception as exc:  # a refusal of this request (typed)
+                    self.stats.failures += 1
+                    job.fail(exc)
+                continue
             try:
                 self._start(job)
             except Exception as exc:  # a refusal of this request (typed), never of the engine
@@ -170,12 +175,13 @@ class LLMEngine(Engine):
 
     def _start(self, job: Job) -> None:
         msg, family = job.msg, self.family
+        plan = None
         if isinstance(msg, p.Chat):
             if "chat" not in family.model_ability:
                 raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
                                      "use generate", field="model_uid")
-            prompt, stops, stop_ids = self.chat_prompt(msg.messages, lambda: job.cancelled)
-            stops = merge_stops(msg.config.stop, stops)
+            plan = self.plan(msg.messages, msg.options, msg.config, lambda: job.cancelled)
+            prompt, stops, stop_ids = plan.prompt, merge_stops(msg.config.stop, plan.stops), plan.stop_ids
         else:
             if "generate" not in family.model_ability and "chat" not in family.model_ability:
                 raise InvalidRequest(f"model {self.uid!r} cannot generate (abilities {family.model_ability})",
@@ -191,18 +197,25 @@ class LLMEngine(Engine):
         if cfg.echo and cfg.logprobs not in (None, False):
             raise InvalidRequest("echo with logprobs (logprobs of the prompt) is not supported", field="echo")
         prompt_ids = self.backend.tokenize(prompt)
+        constraint = plan.constraint if plan is not None else constraint_of(cfg)
         sampling = self.sampling(cfg, len(prompt_ids), stop_ids, chat=isinstance(msg, p.Chat))
         refused = self.backend.unsupported(sampling)
         if refused is not None:
             raise InvalidRequest(f"{refused} is not supported by the {self.backend.engine} engine (model {self.uid!r})",
                                  field=refused)
+        matchers = [self.backend.grammars.matcher(constraint) for _ in range(cfg.n)] if constraint else None
         self.stats.tokens_in += len(prompt_ids)
+        splitter = None
+        if plan is not None and (plan.parser is not None or plan.tags is not None):
+            splitter = lambda: AnswerSplitter(plan.tags, plan.parser, plan.opened)  # noqa: E731
         gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(prompt_ids), stops, cfg,
-                         echo=prompt if cfg.echo else "", token_text=self.backend.token_text)
+                         echo=prompt if cfg.echo else "", token_text=self.backend.token_text, splitter=splitter)
         for index in range(cfg.n):
             seq_id = next(self._ids)
             self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
             seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
+            if matchers:
+                seeded = seeded._replace(matcher=matchers[index])
             self.backend.add(seq_id, prompt_ids, seeded)
 
     def sampling(self, cfg: GenerateConfig, prompt_tokens: int, stop_ids=(), chat: bool = False) -> Sampling:
@@ -227,25 +240,93 @@ class LLMEngine(Engine):
         return Sampling(max_tokens, temperature, cfg.top_p, cfg.top_k, cfg.seed,
                         tuple(dict.fromkeys([*(cfg.stop_token_ids or ()), *stop_ids])), cfg.repetition_penalty,
                         presence_penalty=cfg.presence_penalty or 0.0, frequency_penalty=cfg.frequency_penalty or 0.0,
-                        logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos,
-                        grammar=grammar_of(cfg.response_format))
+                        logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos)
 
-    def chat_prompt(self, messages: list[ChatMessage], cancelled=None) -> tuple[str, list[str], list[int]]:
+    def template(self, tools: bool) -> tuple[str | None, str]:
+        """(the Jinja template a chat renders with, where it came from), by precedence: the registration's (or
+        its built-in family's, which the registry resolved into it), a prompt style, the model's own files
+        (chat_template.jinja / tokenizer_config.json, the named `tool_use` template when tools are passed;
+        GGUF metadata)."""
         family = self.family
-        style = family.prompt_style if not isinstance(family.prompt_style, str) else None
+        if family.chat_template:
+            return family.chat_template, "registration"
+        if family.prompt_style is not None and not isinstance(family.prompt_style, str):
+            return None, "prompt_style"
+        own = self.backend.chat_template
+        if isinstance(own, dict):
+            own = own.get("tool_use") if tools and "tool_use" in own else own.get("default")
+        if own:
+            return own, "model"
+        raise InvalidRequest(f"model {self.uid!r} has no chat template: its registration gives no chat_template "
+                             "or prompt_style and its files have none; register it with chat_template",
+                             field="chat_template")
+
+    def tool_parser(self) -> ToolParser | None:
+        """The registration's tool_parser, else the format its template writes calls in (None: neither)."""
+        if not hasattr(self, "_tool_parser"):
+            name = self.family.v2_extras.get("tool_parser")
+            parser = toolcalls.lookup(name) if name else None
+            if parser is None:
+                own = self.backend.chat_template
+                texts = [self.family.chat_template or ""]
+                texts += list(own.values()) if isinstance(own, dict) else [own or ""]
+                parser = next((found for t in texts if (found := toolcalls.detect(t)) is not None), None)
+            self._tool_parser = parser
+        return self._tool_parser
+
+    def reasoning_tags(self) -> tuple[str, str] | None:
+        extras = self.family.v2_extras
+        start, end = extras.get("reasoning_start_tag"), extras.get("reasoning_end_tag")
+        return (start, end) if start and end else None
+
+    def plan(self, messages: list[ChatMessage], options: ChatOptions, cfg: GenerateConfig | None = None,
+             cancelled=None) -> ChatPlan:
+        family = self.family
         stops = merge_stops(family.stop)
         stop_ids = list(family.stop_token_ids or [])
-        template = family.chat_template or (None if style is not None else self.backend.chat_template)
+        tools = options.tools or None
+        template, source = self.template(bool(tools))
         if template:
-            prompt = prompts.render_chat_template(template, messages, self.backend.bos_token, self.backend.eos_token,
-                                                  self.template_timeout_s, cancelled)
-        elif style is not None:
+            tool_dicts = [msgspec.to_builtins(t) for t in tools] if tools else None
+            prompt = prompts.render_chat_template(
+                template, messages, self.backend.bos_token, self.backend.eos_token, self.template_timeout_s,
+                cancelled, tools=tool_dicts, add_generation_prompt=options.add_generation_prompt,
+                extra={**self.backend.template_vars, **options.chat_template_kwargs})
+        else:
+            if tools:
+                raise InvalidRequest(f"model {self.uid!r} lays chats out with a prompt style, which has no place for "
+                                     "tools; register it with a chat_template that shows them", field="tools")
+            style = family.prompt_style
             prompt = prompts.render_prompt_style(style, messages)
             stops = merge_stops(stops, style.stop)
             stop_ids += list(style.stop_token_ids or [])
-        else:
-            raise InvalidRequest(f"model {self.uid!r} has no chat template or prompt style", field="model_uid")
-        return prompt, stops, stop_ids
+        parser = None
+        constraint = constraint_of(cfg) if cfg is not None else None
+        if tools and options.tool_choice != "none":
+            parser = self.tool_parser()
+            if parser is None:
+                raise InvalidRequest(
+                    f"model {self.uid!r} cannot take tools: its registration names no tool_parser and its chat "
+                    f"template writes no call format zinfer knows ({', '.join(toolcalls.NAMES)})", field="tools")
+            if options.tool_choice != "auto":
+                if constraint is not None:
+                    raise InvalidRequest(f"tool_choice {options.tool_choice!r} and {constraint.field} both constrain "
+                                         "the answer: ask for one", field="tool_choice")
+                chosen = [t for t in tools if t.function.name == options.tool_choice] if options.tool_choice_named \
+                    else tools
+                parallel = options.parallel_tool_calls and not options.tool_choice_named
+                constraint = tool_constraint(parser.grammar(chosen, parallel))
+        tags = self.reasoning_tags()
+        opened = bool(tags) and prompt.rstrip().endswith(tags[0])
+        return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint)
+
+    def render(self, msg: p.RenderChat, cancelled=None) -> p.RenderedChat:
+        if "chat" not in self.family.model_ability:
+            raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {self.family.model_ability})",
+                                 field="model_uid")
+        plan = self.plan(msg.messages, msg.options, None, cancelled)
+        return p.RenderedChat(model=self.uid, prompt=plan.prompt, token_ids=self.backend.tokenize(plan.prompt),
+                              template_source=plan.source)
 
     def _embed_step(self) -> None:
         work = self.embeds[0]

@@ -13,8 +13,10 @@ import time
 import uuid
 from collections.abc import Callable
 
+from zinfer.services.worker.answer import AnswerSplitter
 from zinfer.services.worker.backends.base import TokenLogprob
 from zinfer.services.worker.compute import Job
+from zinfer.services.worker.toolcalls import Call
 from zinfer.shared import protocol as p
 from zinfer.shared.payloads import (
     ChatChoice,
@@ -23,7 +25,10 @@ from zinfer.shared.payloads import (
     ChatLogprobs,
     CompletionChoice,
     CompletionLogprobs,
+    CompletionTokensDetails,
+    FunctionCall,
     GenerateConfig,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -112,14 +117,23 @@ class _Logprobs:
         return out
 
 
-class _Choice:
-    __slots__ = ("index", "cutter", "parts", "pending", "tokens", "finish", "last_sent", "sent_first", "logprobs")
+ARGUMENT_PIECE = 32  # a streamed call's arguments go in pieces of this many characters, as OpenAI streams them
 
-    def __init__(self, index: int, stops: list[str]):
+
+class _Choice:
+    __slots__ = ("index", "cutter", "parts", "pending", "tokens", "finish", "last_sent", "sent_first", "logprobs",
+                 "splitter", "reasoning", "pending_reasoning", "calls", "reasoning_tokens")
+
+    def __init__(self, index: int, stops: list[str], splitter: AnswerSplitter | None = None):
         self.index = index
         self.cutter = StopCutter(stops)
+        self.splitter = splitter  # reasoning and tool calls taken out of the text (chat with tags or tools)
         self.parts: list[str] = []  # the whole text, when not streaming
+        self.reasoning: list[str] = []
+        self.calls: list[Call] = []
+        self.reasoning_tokens = 0
         self.pending = ""
+        self.pending_reasoning = ""
         self.tokens = 0
         self.finish: str | None = None
         self.last_sent = 0.0
@@ -131,7 +145,8 @@ class Generation:
     """The reply side of one generate or chat request, with its `n` choices."""
 
     def __init__(self, job: Job, model_uid: str, chat: bool, prompt_tokens: int, stops: list[str],
-                 config: GenerateConfig, echo: str = "", token_text: Callable[[int], str] | None = None):
+                 config: GenerateConfig, echo: str = "", token_text: Callable[[int], str] | None = None,
+                 splitter: Callable[[], AnswerSplitter] | None = None):
         self.job = job
         self.model_uid = model_uid
         self.chat = chat
@@ -141,7 +156,8 @@ class Generation:
         self.interval_s = ms / 1000
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
         self.created = int(time.time())
-        self.choices = [_Choice(i, stops) for i in range(config.n)]
+        self.choices = [_Choice(i, stops, splitter() if splitter else None) for i in range(config.n)]
+        self.reasons = splitter is not None and any(c.splitter.tags for c in self.choices)
         self.open = config.n
         wants_logprobs = config.logprobs is not None and config.logprobs is not False
         for c in self.choices:
@@ -165,36 +181,77 @@ class Generation:
         c.tokens += len(tokens)
         if c.logprobs is not None and lp is not None:
             c.logprobs.add(tokens[0], lp)
+        reasoning, calls = "", []
+        if c.splitter is not None:
+            if c.splitter.in_reasoning:
+                c.reasoning_tokens += len(tokens)
+            pieces = c.splitter.push(out, finish is not None)
+            out, reasoning, calls = pieces.content, pieces.reasoning, pieces.calls
+            c.calls += calls
         if finish is not None:
-            c.finish = finish
+            c.finish = "tool_calls" if c.calls and finish == "stop" else finish
             self.open -= 1
         if not self.stream:
             c.parts.append(out)
+            c.reasoning.append(reasoning)
             if not self.open:
                 self.job.reply(self._whole())
             return finish is not None
         c.pending += out
+        c.pending_reasoning += reasoning
+        if calls:
+            self._send_calls(c, calls)
         now = time.monotonic()
         if finish is not None or not c.sent_first or now - c.last_sent >= self.interval_s:
-            if c.pending or finish is not None or not c.sent_first:
-                chunk = self._chunk(c, finish)
+            if c.pending or c.pending_reasoning or finish is not None or not c.sent_first:
+                chunk = self._chunk(c, c.finish if finish is not None else None)
                 if self.open:
                     self.job.partial(chunk)
                 else:
                     self.job.reply(chunk)  # the last choice's last chunk ends the stream, with the usage
-                c.pending, c.last_sent, c.sent_first = "", now, True
+                c.pending, c.pending_reasoning, c.last_sent, c.sent_first = "", "", now, True
         return finish is not None
 
+    def _send_calls(self, c: _Choice, calls: list[Call]) -> None:
+        """Each call as OpenAI streams it: its index, id and name first, then its arguments in pieces (text that
+        came before it goes first)."""
+        if c.pending or c.pending_reasoning:
+            self.job.partial(self._chunk(c, None))
+            c.pending, c.pending_reasoning, c.sent_first = "", "", True
+        first = len(c.calls) - len(calls)
+        for k, call in enumerate(calls, start=first):
+            self.job.partial(self._delta(c, ToolCall(index=k, id=call.id, type="function",
+                                                     function=FunctionCall(name=call.name, arguments=""))))
+            args = call.arguments
+            for at in range(0, len(args), ARGUMENT_PIECE):
+                self.job.partial(self._delta(c, ToolCall(index=k, function=FunctionCall(
+                    arguments=args[at:at + ARGUMENT_PIECE]))))
+
+    def _delta(self, c: _Choice, call: ToolCall) -> p.Msg:
+        return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_uid, choices=[
+            ChatDeltaChoice(index=c.index, delta=ChatCompletionMessage(role=None, tool_calls=[call]))])
+
     def _usage(self) -> Usage:
-        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+        used = usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+        if self.reasons:
+            used.completion_tokens_details = CompletionTokensDetails(
+                reasoning_tokens=sum(c.reasoning_tokens for c in self.choices))
+        return used
+
+    def _message(self, c: _Choice) -> ChatCompletionMessage:
+        content = "".join(c.parts)
+        reasoning = "".join(c.reasoning) or None
+        calls = [ToolCall(id=call.id, type="function", function=FunctionCall(name=call.name,
+                                                                             arguments=call.arguments))
+                 for call in c.calls] or None
+        return ChatCompletionMessage(role="assistant", content=content if content or not calls else None,
+                                     reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls)
 
     def _whole(self) -> p.Msg:
         if self.chat:
             return p.ChatCompletion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
-                                    choices=[ChatChoice(index=c.index, finish_reason=c.finish,
-                                                          message=ChatCompletionMessage(role="assistant",
-                                                                                          content="".join(c.parts)),
-                                                          logprobs=c.logprobs.take() if c.logprobs else None)
+                                    choices=[ChatChoice(index=c.index, finish_reason=c.finish, message=self._message(c),
+                                                        logprobs=c.logprobs.take() if c.logprobs else None)
                                              for c in self.choices])
         return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=self._usage(),
                             choices=[CompletionChoice(text="".join(c.parts), index=c.index, finish_reason=c.finish,
@@ -205,10 +262,12 @@ class Generation:
         used = self._usage() if not self.open else None
         logprobs = c.logprobs.take() if c.logprobs else None
         if self.chat:
+            reasoning = c.pending_reasoning or None
+            delta = ChatCompletionMessage(role=None, content=c.pending if c.pending or not reasoning else None,
+                                          reasoning_content=reasoning, reasoning=reasoning)
             return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_uid, usage=used,
-                                         choices=[ChatDeltaChoice(
-                                             index=c.index, delta=ChatCompletionMessage(role=None, content=c.pending),
-                                             logprobs=logprobs, finish_reason=finish)])
+                                         choices=[ChatDeltaChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                                                  finish_reason=finish)])
         return p.Completion(id=self.id, created=self.created, model=self.model_uid, usage=used,
                             choices=[CompletionChoice(text=c.pending, index=c.index, logprobs=logprobs,
                                                         finish_reason=finish)])

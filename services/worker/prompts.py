@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from datetime import datetime
 from functools import lru_cache
 
 import jinja2
+import jinja2.ext
+import jinja2.utils
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from zinfer.shared.errors import Cancelled, InvalidRequest
@@ -14,15 +20,89 @@ from zinfer.shared.models import PromptStyle
 from zinfer.shared.payloads import ChatMessage
 
 
+class _GenerationTag(Extension):
+    """transformers' {% generation %}...{% endgeneration %} (it marks assistant tokens for training masks):
+    rendered as its body, so templates that use it render here as there."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: json.dumps with non-ASCII kept (Jinja's own escapes HTML and sorts keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
+    """A chat template compiled in the environment transformers' apply_chat_template uses (sandboxed, immutable,
+    trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception and strftime_now)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _Namespace
     return env.from_string(template)
+
+
+class _TemplateDict:
+    """dict() in a template, without the class itself (as transformers gives it)."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """namespace() that refuses underscore names (no way to CPython's internals), as transformers' does."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a template may not store {name!r} on a namespace")
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_messages(messages: list[ChatMessage] | list[dict]) -> list[dict]:
+    """Messages as transformers hands them to a template: keys whose value is None dropped, an earlier answer's
+    reasoning under `reasoning_content` and `thinking` both."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in (m if isinstance(m, dict) else m.as_template_dict()).items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
 
 
 class _TemplateStopped(Exception):
@@ -50,14 +130,32 @@ def _limited(render, timeout_s: float, cancelled):
         sys.setprofile(previous)
 
 
-def render_chat_template(template: str, messages: list[ChatMessage], bos_token: str = "", eos_token: str = "",
-                         timeout_s: float = 1.0, cancelled=None) -> str:
-    """The chat as one prompt through a Jinja chat template (sandboxed, time-limited, cancellable)."""
-    context = {"messages": [{"role": m.role, "content": m.content} for m in messages],
-               "add_generation_prompt": True, "bos_token": bos_token, "eos_token": eos_token}
+MAX_RENDERED_CHARS = 8 << 20  # a prompt is far smaller; a template that writes more is stopped
+
+
+def _render(compiled: jinja2.Template, context: dict) -> str:
+    out, size = [], 0
+    for piece in compiled.generate(**context):
+        size += len(piece)
+        if size > MAX_RENDERED_CHARS:
+            raise jinja2.exceptions.TemplateError(f"the rendered prompt grew past {MAX_RENDERED_CHARS:,} characters")
+        out.append(piece)
+    return "".join(out)
+
+
+def render_chat_template(template: str, messages: list[ChatMessage] | list[dict], bos_token: str = "",
+                         eos_token: str = "", timeout_s: float = 1.0, cancelled=None, *, tools: list | None = None,
+                         add_generation_prompt: bool = True, extra: dict | None = None) -> str:
+    """The chat as one prompt through a Jinja chat template, as transformers' apply_chat_template renders it
+    (messages as dicts with their tool_calls, tool_call_id and name; tools as OpenAI's function objects;
+    `extra`: the tokenizer's special tokens and the request's chat_template_kwargs). Sandboxed, time-limited,
+    size-limited and cancellable; any failure is an InvalidRequest naming `messages`."""
+    context = {"bos_token": bos_token, "eos_token": eos_token, **(extra or {}),
+               "messages": template_messages(messages),
+               "tools": tools or None, "documents": None, "add_generation_prompt": add_generation_prompt}
     try:
         compiled = _compile(template)
-        return _limited(lambda: compiled.render(**context), timeout_s, cancelled)
+        return _limited(lambda: _render(compiled, context), timeout_s, cancelled)
     except _TemplateStopped:
         if cancelled is not None and cancelled():
             raise Cancelled("cancelled while rendering the chat template") from None
@@ -65,8 +163,8 @@ def render_chat_template(template: str, messages: list[ChatMessage], bos_token: 
                              field="messages") from None
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"chat_template could not render these messages: {exc}", field="messages") from None
-    except RecursionError:
-        raise InvalidRequest("chat_template could not render these messages: it recursed too deeply",
+    except (RecursionError, MemoryError):
+        raise InvalidRequest("chat_template could not render these messages: it recursed or grew too far",
                              field="messages") from None
     except Exception as exc:  # a template is user code: any failure is a refusal of these messages
         raise InvalidRequest(f"chat_template could not render these messages: {type(exc).__name__}: {exc}",
@@ -81,11 +179,11 @@ def _turns(style: PromptStyle, messages: list[ChatMessage]) -> tuple[str, list[t
         if m.role == "system":
             if i != 0:
                 raise InvalidRequest("a system message may only come first", field=f"messages[{i}].role")
-            system = _with_system(style, m.content)
+            system = _with_system(style, m.content or "")
             continue
         if m.role not in roles:
             raise InvalidRequest(f"role {m.role!r} must be system, user or assistant", field=f"messages[{i}].role")
-        turns.append((roles[m.role], m.content))
+        turns.append((roles[m.role], m.content or ""))
     if not turns or turns[-1][0] != roles["user"]:
         raise InvalidRequest("the last message must be the user's", field="messages")
     turns.append((roles["assistant"], ""))

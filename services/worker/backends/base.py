@@ -9,7 +9,7 @@ engine around it turns tokens into text, stop words and replies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class Sampling(NamedTuple):
     logprobs: int | None = None  # how many top alternatives each token's logprob comes with; None: no logprobs
     min_tokens: int = 0  # end tokens are held off until this many tokens
     ignore_eos: bool = False  # end-of-generation tokens do not end it (max_tokens and stop tokens still do)
-    grammar: str | None = None  # GBNF the output must follow (llama.cpp)
+    matcher: Any = None  # the sequence's grammar.Matcher: the output must follow its grammar
 
 
 class TokenLogprob(NamedTuple):
@@ -76,9 +76,12 @@ class Detokenizer(Protocol):
 class LLMBackend(ABC):
     engine: str  # Xinference's name for it: "transformers", "llama.cpp"
     context_length: int
-    chat_template: str | None = None  # the model's own (tokenizer / GGUF metadata)
+    chat_template: str | dict[str, str] | None = None  # the model's own (tokenizer files / GGUF metadata)
     bos_token: str = ""
     eos_token: str = ""
+    # what a chat template sees besides the messages (the tokenizer's special tokens, as transformers passes them)
+    template_vars: dict = {}
+    grammars: Any = None  # its grammar.Grammars: the vocabulary for constrained decoding, compiled grammars
     max_sequences: int = 1  # sequences one step decodes together
 
     def unsupported(self, sampling: Sampling) -> str | None:

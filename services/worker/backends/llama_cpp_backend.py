@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
-from zinfer.shared.errors import InvalidRequest
+from zinfer.services.worker.grammar import Grammars, llama_tokenizer
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
 KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
@@ -89,7 +89,7 @@ def _model_defaults(use_extra_bufts: bool):
 
 def plain_greedy(s: Sampling) -> bool:
     """Greedy with nothing that changes the logits first: the argmax is the token (no sampler chain needed)."""
-    return (s.temperature == 0 and s.grammar is None and s.repetition_penalty in (None, 1.0)
+    return (s.temperature == 0 and s.matcher is None and s.repetition_penalty in (None, 1.0)
             and not s.frequency_penalty and not s.presence_penalty)
 
 
@@ -167,6 +167,7 @@ class LlamaCppBackend(LLMBackend):
         is_eog = llama_cpp.llama_vocab_is_eog
         self._eog = np.array([t for t in range(self.n_vocab) if is_eog(self.vocab, t)], dtype=np.int64)
         self._eog_set = frozenset(self._eog.tolist())
+        self.grammars = Grammars(lambda: llama_tokenizer(llama_cpp, self.vocab, self._eog.tolist()), self.n_vocab)
 
     def default_parallel(self, context_length: int) -> int:
         """Sequences decoded together by default: as many as KV_BUDGET of f16 KV cache holds (at most 16)."""
@@ -219,13 +220,6 @@ class LlamaCppBackend(LLMBackend):
         add(chain, lib.llama_sampler_init_penalties(
             self.n_vocab, 64, 1.0 if s.repetition_penalty is None else s.repetition_penalty, s.frequency_penalty,
             s.presence_penalty))
-        if s.grammar is not None:  # before the choice, as create_completion places it
-            grammar = lib.llama_sampler_init_grammar(self.vocab, s.grammar.encode(), b"root")
-            if not grammar:
-                lib.llama_sampler_free(chain)
-                raise InvalidRequest("response_format: llama.cpp could not build a grammar from it",
-                                     field="response_format")
-            add(chain, grammar)
         if s.temperature == 0:
             add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -282,6 +276,10 @@ class LlamaCppBackend(LLMBackend):
         best = None  # the argmax of every row, computed once for the plain greedy sequences
         eog = self._eog_set
         outs: list[StepOut] = []
+        constrained = [seq for seq in self._seqs.values() if seq.out_index >= 0 and seq.sampling.matcher is not None]
+        masks = dict(zip((seq.id for seq in constrained), self.grammars.masks([seq.sampling.matcher for seq in
+                                                                                constrained]), strict=True)) \
+            if constrained else {}
         for seq in list(self._seqs.values()):
             if seq.out_index < 0:
                 continue
@@ -289,12 +287,15 @@ class LlamaCppBackend(LLMBackend):
                 seq.pos += 1  # the token just decoded is in the cache now
             s = seq.sampling
             lp = None
-            if s.logprobs is not None or seq.generated < s.min_tokens:
+            mask = masks.get(seq.id)
+            if s.logprobs is not None or seq.generated < s.min_tokens or mask is not None:
                 row = logits[seq.out_row]
                 if s.logprobs is not None:  # of the model's own distribution, before anything is held off
                     lp = log_softmax(row)
                 if seq.generated < s.min_tokens:
                     row[self._eog] = -np.inf  # in place: the sampler reads the context's logits
+                if mask is not None:
+                    row[~mask] = -np.inf
                 token = int(row.argmax()) if seq.sampler is None else None
             elif seq.sampler is None:
                 if best is None:
@@ -312,6 +313,8 @@ class LlamaCppBackend(LLMBackend):
             seq.generated += 1
             seq.last = token
             finish = "length" if seq.generated >= seq.max_tokens else None
+            if s.matcher is not None and s.matcher.consume(token):  # the grammar is complete: nothing may follow
+                finish = "stop"
             outs.append(StepOut(seq.id, [token], finish, token_logprob(lp, token, s.logprobs) if lp is not None
                                 else None))
             if finish:

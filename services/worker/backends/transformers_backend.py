@@ -19,6 +19,7 @@ import random
 import numpy as np
 
 from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
+from zinfer.services.worker.grammar import Grammars, hf_tokenizer
 from zinfer.shared.errors import InvalidRequest
 
 
@@ -119,8 +120,15 @@ class TransformersBackend(LLMBackend):
         self.chat_template = getattr(self.tokenizer, "chat_template", None)
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
+        self.template_vars = dict(self.tokenizer.special_tokens_map)
+        # Every end: generation_config.json's eos_token_id (one id or a list), and the tokenizer's EOS.
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ends = list(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ends.append(self.tokenizer.eos_token_id)
+        self.eos_ids = tuple(dict.fromkeys(ends))
+        n_vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.grammars = Grammars(lambda: hf_tokenizer(self.tokenizer, n_vocab, list(self.eos_ids)), n_vocab)
         self.max_sequences = max(1, max_sequences)
         # generate() computes the prefill's logits for the last position only; do the same (same numbers).
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -139,11 +147,6 @@ class TransformersBackend(LLMBackend):
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
-
-    def unsupported(self, sampling: Sampling) -> str | None:
-        if sampling.grammar is not None:
-            return "response_format"
-        return None
 
     def active(self) -> int:
         return len(self._new) + len(self._rows)
@@ -187,7 +190,8 @@ class TransformersBackend(LLMBackend):
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
         seq.length = len(seq.prompt)
-        result = self._advance(seq, out.logits[:, -1, :])
+        mask = self.grammars.masks([seq.sampling.matcher])[0] if seq.sampling.matcher is not None else None
+        result = self._advance(seq, out.logits[:, -1, :], mask)
         if result.finish is None:
             self._merge(seq, out.past_key_values)
         return [result]
@@ -203,9 +207,12 @@ class TransformersBackend(LLMBackend):
         self._cache, self._mask = out.past_key_values, mask
         logits = out.logits[:, -1, :]
         results, keep = [], []
+        constrained = [i for i, seq in enumerate(rows) if seq.sampling.matcher is not None]
+        masks = dict(zip(constrained, self.grammars.masks([rows[i].sampling.matcher for i in constrained]),
+                         strict=True)) if constrained else {}
         for i, seq in enumerate(rows):
             seq.length += 1
-            result = self._advance(seq, logits[i:i + 1])
+            result = self._advance(seq, logits[i:i + 1], masks.get(i))
             results.append(result)
             if result.finish is None:
                 keep.append(i)
@@ -213,11 +220,14 @@ class TransformersBackend(LLMBackend):
             self._keep_rows(keep)
         return results
 
-    def _advance(self, seq: _Seq, logits) -> StepOut:
-        """Pick the next token of one sequence from its logits row (1, vocab)."""
+    def _advance(self, seq: _Seq, logits, mask=None) -> StepOut:
+        """Pick the next token of one sequence from its logits row (1, vocab); `mask`: the tokens its grammar
+        allows (booleans), or None."""
         torch = self.torch
         s = seq.sampling
         logprobs = torch.log_softmax(logits.float(), dim=-1)[0].cpu().numpy() if s.logprobs is not None else None
+        if mask is not None:
+            logits = logits.masked_fill(~torch.from_numpy(mask).to(logits.device), -float("inf"))
         if seq.generated < s.min_tokens and seq.eos:  # as generate(min_new_tokens=...): no end token yet
             logits = logits.clone()
             logits[:, seq.eos] = -float("inf")
@@ -241,6 +251,8 @@ class TransformersBackend(LLMBackend):
                 del seq.recent[0]
         lp = token_logprob(logprobs, token, s.logprobs) if logprobs is not None else None
         if token in seq.stop_ids:  # as generate(): the end token counts, and decodes to nothing (special)
+            return StepOut(seq.id, [token], "stop", lp)
+        if s.matcher is not None and s.matcher.consume(token):  # the grammar is complete: nothing may follow
             return StepOut(seq.id, [token], "stop", lp)
         return StepOut(seq.id, [token], "length" if seq.generated >= s.max_tokens else None, lp)
 
