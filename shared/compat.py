@@ -244,6 +244,7 @@ def chat_options(body: dict) -> ChatOptions:
     """A chat request's tools, tool_choice, parallel_tool_calls, chat_template_kwargs (and Xinference's
     enable_thinking), taken off `body`; InvalidRequest names the field at fault."""
     fields: dict[str, Any] = {}
+    names: list[str] = []
     tools = body.pop("tools", None)
     if body.pop("functions", None) is not None or body.pop("function_call", None) is not None:
         raise InvalidRequest("functions / function_call are OpenAI's old names: send tools and tool_choice",
@@ -269,7 +270,7 @@ def chat_options(body: dict) -> ChatOptions:
             if names.index(tool.function.name) != i:
                 raise InvalidRequest(f"tools[{i}]: a second tool named {tool.function.name!r}",
                                      field=f"tools[{i}].function.name")
-        fields["tools"] = typed
+        fields["tools"] = tools
     choice = body.pop("tool_choice", None)
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
@@ -284,9 +285,9 @@ def chat_options(body: dict) -> ChatOptions:
         fields["tool_choice"] = choice
     if fields.get("tool_choice") not in (None, "none", "auto") and "tools" not in fields:
         raise InvalidRequest(f"tool_choice {choice!r} needs tools", field="tool_choice")
-    if fields.get("tool_choice_named") and fields["tool_choice"] not in [t.function.name for t in fields["tools"]]:
-        raise InvalidRequest(f"tool_choice names {fields['tool_choice']!r}, which is not among tools "
-                             f"{[t.function.name for t in fields['tools']]}", field="tool_choice")
+    if fields.get("tool_choice_named") and fields["tool_choice"] not in names:
+        raise InvalidRequest(f"tool_choice names {fields['tool_choice']!r}, which is not among tools {names}",
+                             field="tool_choice")
     parallel = body.pop("parallel_tool_calls", None)
     if parallel is not None:
         if not isinstance(parallel, bool):

@@ -176,10 +176,30 @@ class LLMHandle(_Handle):
         cfg = _config(generate_config)
         return self._run(p.Generate(model_uid=self.model_uid, prompt=prompt, config=cfg), cfg.stream, timeout)
 
-    def chat(self, messages: list[dict] | str | None = None, generate_config: dict | None = None,
-             timeout: float | None = None, *, prompt: str | None = None, system_prompt: str | None = None,
+    def chat(self, messages: list[dict] | str | None = None, tools: list[dict] | None = None,
+             generate_config: dict | None = None, timeout: float | None = None, *, tool_choice=None,
+             parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+             enable_thinking: bool | None = None, prompt: str | None = None, system_prompt: str | None = None,
              chat_history: list[dict] | None = None) -> dict | Iterator[dict]:
-        """chat(messages=[{role, content}, ...]); the older chat(prompt, system_prompt, chat_history) too."""
+        """chat(messages=[{role, content}, ...], tools=[...], generate_config={...}) as xinference-client's; the
+        answer's message carries tool_calls and reasoning_content where the model gave them. The older
+        chat(prompt, system_prompt, chat_history) works too. Chat fields may also come inside generate_config."""
+        if isinstance(tools, dict) and generate_config is None:  # chat(messages, {"max_tokens": ...}): the old order
+            tools, generate_config = None, tools
+        msg = self._chat(messages, tools, generate_config, tool_choice, parallel_tool_calls, chat_template_kwargs,
+                         enable_thinking, prompt, system_prompt, chat_history)
+        return self._run(msg, msg.config.stream, timeout)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, *, chat_template_kwargs:
+                    dict | None = None, enable_thinking: bool | None = None, timeout: float | None = None) -> dict:
+        """The prompt the model's template makes of these messages and tools, and its token ids, without
+        generating: {model, prompt, token_ids, template_source}."""
+        msg = self._chat(messages, tools, None, None, None, chat_template_kwargs, enable_thinking, None, None, None)
+        return as_plain(self._call(p.RenderChat(model_uid=self.model_uid, messages=msg.messages,
+                                                options=msg.options), timeout)[0])
+
+    def _chat(self, messages, tools, generate_config, tool_choice, parallel_tool_calls, chat_template_kwargs,
+              enable_thinking, prompt, system_prompt, chat_history) -> p.Chat:
         if isinstance(messages, str):
             prompt, messages = messages, None
         if messages is None:
@@ -188,6 +208,12 @@ class LLMHandle(_Handle):
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                 list(chat_history or []) + [{"role": "user", "content": prompt}]
         msgs = compat.chat_messages(messages)
-        cfg = _config(generate_config)
-        return self._run(p.Chat(model_uid=self.model_uid, messages=msgs, config=cfg), cfg.stream, timeout)
+        fields = dict(generate_config or {})
+        for name, value in (("tools", tools), ("tool_choice", tool_choice), ("parallel_tool_calls",
+                            parallel_tool_calls), ("chat_template_kwargs", chat_template_kwargs),
+                            ("enable_thinking", enable_thinking)):
+            if value is not None:
+                fields[name] = value
+        options = compat.chat_options(fields)
+        return p.Chat(model_uid=self.model_uid, messages=msgs, config=_config(fields), options=options)
 

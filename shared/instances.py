@@ -41,6 +41,7 @@ class InstanceStats(Struct, kw_only=True, omit_defaults=True):
     cancelled: int = 0
     tokens_in: int = 0  # prompt tokens (generation) or input tokens (embeddings)
     tokens_out: int = 0  # generated tokens
+    grammars_compiled: int = 0  # constrained decoding: grammars compiled (a schema seen before compiles nothing)
 
 
 class InstanceInfo(Struct, kw_only=True, omit_defaults=True):

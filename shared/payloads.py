@@ -84,13 +84,20 @@ class ToolCall(Struct, kw_only=True, omit_defaults=True):
 class ChatOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """What a chat request asks of the template and the answer's shape, beside the sampling settings."""
 
-    tools: list[Tool] | None = None
+    # the tools as the client wrote them (their keys in its order, which a template's tojson keeps); each was
+    # checked as a Tool
+    tools: list[dict[str, Any]] | None = None
     # "auto" (parse calls), "none" (no calls), "required" (at least one call), or a function's name.
     tool_choice: str = "auto"
     tool_choice_named: bool = False  # tool_choice names a function
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] = {}
     add_generation_prompt: bool = True
+
+    def typed_tools(self) -> list[Tool]:
+        import msgspec
+
+        return msgspec.convert(self.tools or [], list[Tool])
 
 
 class ChatMessage(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -45,8 +45,9 @@ Call one by writing a JSON object with its name and arguments within <tool_call>
 {% if not loop.first or message.content %}
 
 {% endif %}
+{% set args = call.function.arguments %}
 <tool_call>
-{"name": "{{ call.function.name }}", "arguments": {% if call.function.arguments is string %}{{ call.function.arguments }}{% else %}{{ call.function.arguments | tojson }}{% endif %}}
+{"name": "{{ call.function.name }}", "arguments": {{ args if args is string else args | tojson }}}
 </tool_call>
 {%- endfor %}
 <|im_end|>
@@ -216,5 +217,6 @@ def registration(name: str, folder: Path) -> dict:
 def gguf_registration(name: str, gguf_file: Path) -> dict:
     out = registration(name, gguf_file)
     out["model_specs"] = [{"model_format": "ggufv2", "model_size_in_billions": "0_01", "quantization": "F32",
-                           "model_uri": str(gguf_file.parent), "model_file_name_template": "tool-llama.{quantization}.gguf"}]
+                           "model_uri": str(gguf_file.parent),
+                           "model_file_name_template": "tool-llama.{quantization}.gguf"}]
     return out

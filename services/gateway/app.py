@@ -20,7 +20,8 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from zinfer.services.gateway import ui
+from zinfer.services.gateway import agents, ui
+from zinfer.services.gateway.asgi import EventStream, FastPath, Measure
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
 from zinfer.shared import compat, durations, keys
@@ -89,6 +90,14 @@ async def body_of(request: Request) -> dict:
     return body
 
 
+def chat_request(uid: str, body: dict) -> p.Chat:
+    """An OpenAI / Xinference chat body (its model taken off) -> Chat: messages, tools and the template's
+    options, and the sampling settings."""
+    messages = compat.chat_messages(body.pop("messages", None))
+    options = compat.chat_options(body)
+    return p.Chat(model_uid=uid, messages=messages, config=compat.generate_config(body), options=options)
+
+
 def required(body: dict, name: str, kind: type | tuple) -> Any:
     value = body.get(name)
     if value is None:
@@ -114,6 +123,8 @@ class Gateway:
 
     def connection(self, request: Request) -> Connection:
         header = request.headers.get("authorization")
+        if not header and request.headers.get("x-api-key"):  # Anthropic's clients send the key this way
+            header = f"Bearer {request.headers['x-api-key']}"
         if header:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -198,11 +209,9 @@ class Gateway:
         body = await body_of(request)
         uid, target = await self.model_target(conn, body)
         body.pop("model")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:
-            messages = compat.chat_messages(body.pop("messages", None))
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            config = compat.generate_config(body)
-            msg: p.Msg = p.Chat(model_uid=uid, messages=messages, config=config)
+            msg: p.Msg = chat_request(uid, body)
         else:
             prompt = required(body, "prompt", (str, list))
             body.pop("prompt")
@@ -210,26 +219,39 @@ class Gateway:
                 if len(prompt) != 1 or not isinstance(prompt[0], str):
                     raise InvalidRequest("prompt must be one string (or a list of one string)", field="prompt")
                 prompt = prompt[0]
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            config = compat.generate_config(body)
-            msg = p.Generate(model_uid=uid, prompt=prompt, config=config)
-        if not config.stream:
+            msg = p.Generate(model_uid=uid, prompt=prompt, config=compat.generate_config(body))
+        if not msg.config.stream:
             reply, _ = await self.ask(conn, target, uid, msg)
             self.metrics.tokens(uid, reply.usage)
             return json_response(plain(reply))
+        first, chunks = await self.open_stream(conn, target, uid, msg)
+        return EventStream(self._sse(uid, first, chunks, include_usage))
+
+    async def open_stream(self, conn: Connection, target: str, uid: str, msg: p.Msg):
+        """(first chunk, the rest) of a stream; errors before the first chunk raise (their own HTTP status), an
+        unloaded instance is loaded on request first."""
         for attempt in range(WAKES + 1):
             chunks = conn.stream(target, msg, self.timeout)
             try:
-                first = await chunks.__anext__()  # errors before the first chunk get their own HTTP status
-                break
+                return await chunks.__anext__(), chunks
             except StopAsyncIteration:
-                first = None
-                break
+                return None, chunks
             except ZinferError as exc:
                 await chunks.aclose()
                 if attempt == WAKES or not await self.woke(conn, uid, exc):
                     raise await self.explain(conn, uid, exc) from None
-        return EventStream(self._sse(uid, first, chunks, include_usage))
+        raise AssertionError("unreachable")
+
+    async def render_chat(self, request: Request) -> Response:
+        """POST /v1/chat/render: the prompt a chat request's messages and tools make, and its token ids."""
+        conn = self.connection(request)
+        body = await body_of(request)
+        uid, target = await self.model_target(conn, body)
+        body.pop("model")
+        messages = compat.chat_messages(body.pop("messages", None))
+        options = compat.chat_options(body)
+        reply, _ = await self.ask(conn, target, uid, p.RenderChat(model_uid=uid, messages=messages, options=options))
+        return json_response(plain(reply))
 
     async def _sse(self, uid: str, first, chunks, include_usage: bool):
         usage = None
@@ -358,104 +380,6 @@ class Gateway:
         return Response(self.metrics.render(reply.models), media_type=self.metrics.content_type)
 
 
-class EventStream(Response):
-    """Server-sent events from an async iterator of ready-made `data: ...` frames. Starlette's StreamingResponse
-    runs each stream in an anyio task group to notice a disconnect (a quarter of the gateway's time on short
-    streams); here one asyncio task waits for the disconnect and cancels the stream, whose iterator then closes
-    (which cancels the generation on the worker)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events):
-        self.events = events
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        streaming = asyncio.current_task()
-        gone = False
-
-        async def watch():
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            streaming.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                if gone:  # the watcher's cancel lands at the next wait, but queued chunks need none and uvicorn's
-                    return  # send() drops them silently once the client is gone: stop here, not when they run out
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-        except OSError:  # the connection closed under a send
-            pass
-        finally:
-            watcher.cancel()
-            await self.events.aclose()
-
-
-class FastPath:
-    """The inference routes (POST completions, chat completions, embeddings) straight to their handlers, in front
-    of FastAPI: its stack of about ten ASGI layers (several wrapping every chunk's send) cost ~0.3 ms a request
-    here, on the path where every millisecond shows. Same handlers, same errors, same metrics; FastAPI still
-    declares these routes (OpenAPI) and serves everything else."""
-
-    def __init__(self, app, gateway: Gateway):
-        self.app = app
-        self.gateway = gateway
-        self.routes = {"/v1/completions": lambda r: gateway.completions(r, chat=False),
-                       "/v1/chat/completions": lambda r: gateway.completions(r, chat=True),
-                       "/v1/embeddings": gateway.embeddings, "/v1/rerank": gateway.rerank,
-                       "/v2/rerank": gateway.rerank}
-
-    async def __call__(self, scope, receive, send):
-        handler = self.routes.get(scope.get("path")) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        metrics = self.gateway.metrics
-        try:
-            response = await handler(Request(scope, receive))
-        except ZinferError as exc:
-            metrics.error(exc)
-            response = error_response(exc)
-        except Exception:
-            log.exception("request_failed", route=scope["path"])
-            response = JSONResponse({"error": {"message": "internal error", "type": "server_error", "param": None,
-                                               "code": "internal"}, "detail": "internal error"}, status_code=500)
-        metrics.request(scope["path"], "POST", response.status_code, time.perf_counter() - start)
-        await response(scope, receive, send)
-
-
-class Measure:
-    """Requests by route and status, and time to the response's first byte (a plain ASGI middleware: Starlette's
-    BaseHTTPMiddleware costs a task group per request)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-
-        async def measured_send(message):
-            if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
-                self.metrics.request(route, scope["method"], message["status"], time.perf_counter() - start)
-            await send(message)
-
-        await self.app(scope, receive, measured_send)
-
-
 def create_app(settings: Settings) -> FastPath:
     gw = Gateway(settings)
 
@@ -502,6 +426,18 @@ def create_app(settings: Settings) -> FastPath:
     async def chat_completions(request: Request):
         return await gw.completions(request, chat=True)
 
+    @app.post("/v1/chat/render")
+    async def chat_render(request: Request):
+        return await gw.render_chat(request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await agents.responses(gw, request)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await agents.messages(gw, request)
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await gw.embeddings(request)
@@ -544,4 +480,9 @@ def create_app(settings: Settings) -> FastPath:
         return await gw.unregister(request, model_type, model_name)
 
     ui.install(app, gw)  # the web UI at /, and the endpoints only it needs
-    return FastPath(app, gw)
+    return FastPath(app, gw, {
+        "/v1/completions": lambda r: gw.completions(r, chat=False),
+        "/v1/chat/completions": lambda r: gw.completions(r, chat=True),
+        "/v1/embeddings": gw.embeddings, "/v1/rerank": gw.rerank, "/v2/rerank": gw.rerank,
+        "/v1/responses": lambda r: agents.responses(gw, r), "/v1/messages": lambda r: agents.messages(gw, r)},
+        error_response)

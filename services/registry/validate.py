@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -97,6 +98,43 @@ def _remote_paths(family: Definition, where: Where | None) -> _Remote:
     return remote
 
 
+def files_template(path: str) -> bool:
+    """Whether model files on this host carry a chat template: a folder's chat_template.jinja (or named templates
+    beside it) or tokenizer_config.json's chat_template; a GGUF file's tokenizer.chat_template."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "chat_template.jinja")) or \
+                os.path.isdir(os.path.join(path, "additional_chat_templates")):
+            return True
+        config = os.path.join(path, "tokenizer_config.json")
+        try:
+            with open(config, "rb") as f:
+                return bool(json.loads(f.read(MAX_CONFIG_BYTES)).get("chat_template"))
+        except (OSError, ValueError, AttributeError):
+            return False
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
+        return field is not None
+    except Exception:  # not a GGUF file we can read: launch decides
+        return False
+
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _may_have_template(spec) -> bool:
+    """A spec whose files have a template, or whose files are not here to look at (a Hub id, another host's
+    path): the launch checks those."""
+    folder = uri_to_path(spec.model_uri) if spec.model_uri else None
+    if folder is None or not os.path.exists(folder):
+        return True
+    if spec.model_format != "pytorch" and os.path.isdir(folder) and spec.model_file_name_template:
+        return any(files_template(os.path.join(folder, spec_file_name(spec.model_file_name_template, q)))
+                   for q in spec.quantizations)
+    return files_template(folder)
+
+
 def _uri_problems(uri: str | None, want_file: bool, field: str, remote: _Remote) -> list[FieldProblem]:
     if uri is None:
         return []
@@ -123,10 +161,12 @@ def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
             "prompt_style", f"{family.prompt_style!r} is not a built-in prompt style; use one of "
             f"{sorted(catalog.prompt_styles())} or an object"))
     elif "chat" in family.model_ability and not problems:
-        if catalog.resolve_prompt_style(family) is None and catalog.family_chat_template(family) is None:
+        if catalog.resolve_prompt_style(family) is None and catalog.family_chat_template(family) is None \
+                and not any(_may_have_template(spec) for spec in family.model_specs):
             problems.append(FieldProblem(
-                "prompt_style", "a model with the \"chat\" ability needs a prompt_style or chat_template "
-                "(given, or inherited from a built-in model_family)"))
+                "chat_template", "a model with the \"chat\" ability needs a chat template: give chat_template or "
+                "prompt_style, inherit one from a built-in model_family, or point model_uri at files that have one "
+                "(chat_template.jinja, tokenizer_config.json's chat_template, GGUF's tokenizer.chat_template)"))
     for i, spec in enumerate(family.model_specs):
         field = f"model_specs[{i}].model_uri"
         folder = uri_to_path(spec.model_uri) if spec.model_uri else None

@@ -99,9 +99,10 @@ class Matcher:
 class Grammars:
     """A backend's vocabulary for llguidance and its compiled grammars."""
 
-    def __init__(self, make_tokenizer, n_vocab: int):
+    def __init__(self, make_tokenizer, n_vocab: int, single_token=None):
         self._make_tokenizer = make_tokenizer
         self.n_vocab = n_vocab
+        self._single_token = single_token  # text -> the one token id it is in this vocabulary, or None
         self._tokenizer = None
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
         self.compiles = 0
@@ -112,6 +113,14 @@ class Grammars:
         if self._tokenizer is None:
             self._tokenizer = self._make_tokenizer()
         return self._tokenizer
+
+    def lit(self, text: str) -> str:
+        """A tag in a Lark grammar: the model's own token for it where llguidance holds that token special (a
+        grammar cannot spell a special token out of text), else the quoted text."""
+        token = self._single_token(text) if self._single_token else None
+        if token is not None and self.tokenizer.is_special_token(token):
+            return f"<[{token}]>"
+        return json.dumps(text)
 
     def matcher(self, c: Constraint) -> Matcher:
         """A fresh matcher for the constraint; InvalidRequest naming its field if it cannot compile."""

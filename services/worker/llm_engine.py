@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
-import msgspec
 import numpy as np
 
 from zinfer.services.worker import prompts, toolcalls
@@ -79,6 +78,8 @@ class LLMEngine(Engine):
         self.embeds: deque[_EmbedWork] = deque()
         self._ids = itertools.count()
         self.stats = instances.InstanceStats()
+        if "chat" in family.model_ability:
+            self.template(False)  # a chat model with no template anywhere is refused at launch, naming chat_template
 
     # ------------------------------------------------------------------ from the I/O thread
 
@@ -204,6 +205,8 @@ class LLMEngine(Engine):
             raise InvalidRequest(f"{refused} is not supported by the {self.backend.engine} engine (model {self.uid!r})",
                                  field=refused)
         matchers = [self.backend.grammars.matcher(constraint) for _ in range(cfg.n)] if constraint else None
+        if constraint:
+            self.stats.grammars_compiled = self.backend.grammars.compiles
         self.stats.tokens_in += len(prompt_ids)
         splitter = None
         if plan is not None and (plan.parser is not None or plan.tags is not None):
@@ -287,10 +290,9 @@ class LLMEngine(Engine):
         tools = options.tools or None
         template, source = self.template(bool(tools))
         if template:
-            tool_dicts = [msgspec.to_builtins(t) for t in tools] if tools else None
             prompt = prompts.render_chat_template(
                 template, messages, self.backend.bos_token, self.backend.eos_token, self.template_timeout_s,
-                cancelled, tools=tool_dicts, add_generation_prompt=options.add_generation_prompt,
+                cancelled, tools=tools, add_generation_prompt=options.add_generation_prompt,
                 extra={**self.backend.template_vars, **options.chat_template_kwargs})
         else:
             if tools:
@@ -312,10 +314,11 @@ class LLMEngine(Engine):
                 if constraint is not None:
                     raise InvalidRequest(f"tool_choice {options.tool_choice!r} and {constraint.field} both constrain "
                                          "the answer: ask for one", field="tool_choice")
-                chosen = [t for t in tools if t.function.name == options.tool_choice] if options.tool_choice_named \
-                    else tools
+                typed = options.typed_tools()
+                chosen = [t for t in typed if t.function.name == options.tool_choice] if options.tool_choice_named \
+                    else typed
                 parallel = options.parallel_tool_calls and not options.tool_choice_named
-                constraint = tool_constraint(parser.grammar(chosen, parallel))
+                constraint = tool_constraint(parser.grammar(chosen, parallel, self.backend.grammars.lit))
         tags = self.reasoning_tags()
         opened = bool(tags) and prompt.rstrip().endswith(tags[0])
         return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint)

@@ -91,8 +91,9 @@ class ToolParser:
         """(content, calls) of a finished answer; no calls -> (text, [])."""
         raise NotImplementedError
 
-    def grammar(self, tools: list[Tool], parallel: bool) -> str:
-        """A Lark grammar (llguidance's dialect) for one call (or several, if parallel) to one of `tools`."""
+    def grammar(self, tools: list[Tool], parallel: bool, lit=json.dumps) -> str:
+        """A Lark grammar (llguidance's dialect) for one call (or several, if parallel) to one of `tools`;
+        `lit(tag)` spells a tag (a quoted string, or the model's own token for it where that is special)."""
         raise NotImplementedError
 
 
@@ -121,10 +122,10 @@ class Hermes(ToolParser):
             calls += parsed
         return text[:first].rstrip() if calls else text, calls
 
-    def grammar(self, tools: list[Tool], parallel: bool) -> str:
+    def grammar(self, tools: list[Tool], parallel: bool, lit=json.dumps) -> str:
         repeat = "+" if parallel else ""
         return (f'start: (call "\\n"?){repeat}\n'
-                f'call: "<tool_call>" "\\n" body "\\n" "</tool_call>"\n'
+                f'call: {lit("<tool_call>")} "\\n" body "\\n" {lit("</tool_call>")}\n'
                 f"body: {_lark_json(_call_schema(tools))}\n")
 
 
@@ -151,7 +152,7 @@ class Llama3Json(ToolParser):
             return text, []
         return "", calls
 
-    def grammar(self, tools: list[Tool], parallel: bool) -> str:
+    def grammar(self, tools: list[Tool], parallel: bool, lit=json.dumps) -> str:
         more = ' ("; " call)*' if parallel else ""
         return f"start: call{more}\ncall: {_lark_json(_call_schema(tools, 'parameters'))}\n"
 
@@ -185,9 +186,9 @@ class Mistral(ToolParser):
             return text, []
         return text[:first].rstrip(), calls
 
-    def grammar(self, tools: list[Tool], parallel: bool) -> str:
+    def grammar(self, tools: list[Tool], parallel: bool, lit=json.dumps) -> str:
         more = ' (", " call)*' if parallel else ""
-        return f'start: "[TOOL_CALLS]" "[" call{more} "]"\ncall: {_lark_json(_call_schema(tools))}\n'
+        return f'start: {lit("[TOOL_CALLS]")} "[" call{more} "]"\ncall: {_lark_json(_call_schema(tools))}\n'
 
 
 class Pythonic(ToolParser):
@@ -226,7 +227,7 @@ class Pythonic(ToolParser):
                 return text, []
         return "", calls
 
-    def grammar(self, tools: list[Tool], parallel: bool) -> str:
+    def grammar(self, tools: list[Tool], parallel: bool, lit=json.dumps) -> str:
         # Arguments as Python literals of JSON's kinds, named by the tool's parameters (values not typed).
         lines = []
         for i, tool in enumerate(tools):

@@ -167,7 +167,12 @@ class LlamaCppBackend(LLMBackend):
         is_eog = llama_cpp.llama_vocab_is_eog
         self._eog = np.array([t for t in range(self.n_vocab) if is_eog(self.vocab, t)], dtype=np.int64)
         self._eog_set = frozenset(self._eog.tolist())
-        self.grammars = Grammars(lambda: llama_tokenizer(llama_cpp, self.vocab, self._eog.tolist()), self.n_vocab)
+        self.grammars = Grammars(lambda: llama_tokenizer(llama_cpp, self.vocab, self._eog.tolist()), self.n_vocab,
+                                 self._single_token)
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 else None
 
     def default_parallel(self, context_length: int) -> int:
         """Sequences decoded together by default: as many as KV_BUDGET of f16 KV cache holds (at most 16)."""

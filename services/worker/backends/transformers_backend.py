@@ -128,7 +128,9 @@ class TransformersBackend(LLMBackend):
             ends.append(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(dict.fromkeys(ends))
         n_vocab = self.model.get_output_embeddings().weight.shape[0]
-        self.grammars = Grammars(lambda: hf_tokenizer(self.tokenizer, n_vocab, list(self.eos_ids)), n_vocab)
+        added = self.tokenizer.get_added_vocab()
+        self.grammars = Grammars(lambda: hf_tokenizer(self.tokenizer, n_vocab, list(self.eos_ids)), n_vocab,
+                                 added.get)
         self.max_sequences = max(1, max_sequences)
         # generate() computes the prefill's logits for the last position only; do the same (same numbers).
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
