@@ -51,10 +51,16 @@ def close_connection(sock: zmq.Socket, monitor: zmq.Socket) -> None:
     sock.close(linger=0)
 
 
+# Fields OpenAI leaves out when they have nothing to say (a message's reasoning and tool calls, usage details).
+ABSENT_WHEN_NONE = frozenset({"reasoning_content", "reasoning", "tool_calls", "completion_tokens_details"})
+
+
 def as_plain(obj: Any) -> Any:
-    """A reply struct as plain dicts and lists with every field present (what Xinference's client returns)."""
+    """A reply struct as plain dicts and lists with every field present (what Xinference's client returns), but
+    for those of ABSENT_WHEN_NONE when they are None."""
     if isinstance(obj, msgspec.Struct):
-        return {f: as_plain(getattr(obj, f)) for f in obj.__struct_fields__ if f != "op"}
+        return {f: as_plain(v) for f in obj.__struct_fields__ if f != "op" and
+                ((v := getattr(obj, f)) is not None or f not in ABSENT_WHEN_NONE)}
     if isinstance(obj, list | tuple):
         return [as_plain(v) for v in obj]
     if isinstance(obj, dict):

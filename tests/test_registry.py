@@ -248,7 +248,10 @@ INVALID_LLM = [
     ("unknown family", _llm(model_family="llama-9"), "model_family"),
     ("unknown prompt style", _llm(prompt_style="FANCY"), "prompt_style"),
     ("prompt style object missing name", _llm(prompt_style={"roles": ["u", "a"]}), "prompt_style.style_name"),
-    ("chat without style or template", _llm(model_ability=["chat"]), "prompt_style"),
+    # a folder here without a template (/usr has none); a Hub id alone is checked at launch
+    ("chat without style or template", _llm(model_ability=["chat"], model_specs=[_spec(model_id=None,
+                                                                                     model_uri="/usr")]),
+     "chat_template"),
     ("stop_token_ids not ints", _llm(stop_token_ids=["x"]), "stop_token_ids[0]"),
     ("v2 spec with quantizations", _llm(version=2, model_specs=[_spec()]), "model_specs[0]"),
     ("not an object", [1, 2], ""),

@@ -107,14 +107,6 @@ def test_presence_and_frequency_penalties_on_transformers_follow_openai(rq, tiny
     assert text(served) != text(rq.client.get_model("hf").generate(PROMPT, {"max_tokens": 40, **GREEDY}))
 
 
-def test_engines_refuse_what_they_cannot_do_by_field_and_engine(rq):
-    hf = rq.client.get_model("hf")
-    for field, value in (("response_format", {"type": "json_object"}),):
-        with pytest.raises(InvalidRequest, match=f"{field} is not supported by the transformers engine") as err:
-            hf.generate(PROMPT, {"max_tokens": 4, field: value})
-        assert err.value.field == field
-
-
 # ---------------------------------------------------------------- n
 
 
@@ -237,23 +229,79 @@ def test_ignore_eos_runs_to_max_tokens_as_the_raw_engines_do(rq, raw_hf, raw_lla
 # ---------------------------------------------------------------- response_format
 
 
-def test_json_response_formats_equal_llama_cpp_with_its_grammar(rq, raw_llama):
-    from llama_cpp import LlamaGrammar
-    from llama_cpp.llama_grammar import JSON_GBNF
+SCHEMA = {"type": "object", "properties": {"animal": {"type": "string", "maxLength": 12},
+                                          "legs": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["animal", "legs"], "additionalProperties": False}
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _matcher(lltok, schema: dict):
+    import llguidance
+
+    return llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps({**schema, "x-guidance": JSON_STYLE})))
+
+
+def _allowed(matcher, n_vocab: int):
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    return bits[:n_vocab].astype(bool)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # llguidance calls llama_token_get_attr
+def test_json_schema_on_llama_cpp_equals_its_own_loop_with_llguidance(rq, raw_llama):
+    """Served: llguidance's masks inside zinfer's batch. Raw: llama-cpp-python's own generate() with a logits
+    processor that applies llguidance's masks (the library, called here directly)."""
+    import llguidance.llamacpp
+    import numpy as np
 
     model = rq.client.get_model("gg")
-    served = model.generate(PROMPT, {"max_tokens": 30, "response_format": {"type": "json_object"}, **GREEDY})
-    raw_text, _ = raw_llama_loop(raw_llama, PROMPT, 30, grammar=LlamaGrammar.from_string(JSON_GBNF, verbose=False))
-    assert text(served) == raw_text and text(served).lstrip().startswith("{")
-    schema = {"type": "object", "properties": {"animal": {"type": "string"}, "legs": {"type": "integer"}},
-              "required": ["animal", "legs"]}
-    served = model.generate(PROMPT, {"max_tokens": 60, **GREEDY, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "animal", "schema": schema}}})
-    raw_text, _ = raw_llama_loop(raw_llama, PROMPT, 60,
-                                 grammar=LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False))
-    assert text(served) == raw_text and text(served).lstrip().startswith('{ "animal"')
+    for schema in ({"type": "object"}, SCHEMA):
+        rf = {"type": "json_object"} if schema == {"type": "object"} else \
+            {"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}}
+        served = model.generate(PROMPT, {"max_tokens": 60, "response_format": rf, **GREEDY})
+        matcher = _matcher(llguidance.llamacpp.lltokenizer_from_vocab(raw_llama._model.vocab), schema)
+        seen = []
+
+        def processor(ids, logits, matcher=matcher, seen=seen):
+            if len(ids) > len(seen) and seen:  # the token chosen last time
+                matcher.consume_token(int(ids[-1]))
+            seen[:] = list(ids)
+            logits[~_allowed(matcher, logits.shape[0])] = -np.inf
+            return logits
+
+        raw_text, _ = raw_llama_loop(raw_llama, PROMPT, 60, logits_processor=[processor])
+        assert text(served) == raw_text
+        json.loads(text(served))
+    assert json.loads(text(served)).keys() == {"animal", "legs"}
     with pytest.raises(InvalidRequest, match="response_format"):
         model.generate(PROMPT, {"response_format": {"type": "xml"}})
+
+
+def test_json_schema_on_transformers_equals_a_raw_loop_with_llguidance(rq, tiny_models):
+    import llguidance.hf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["pytorch"]))
+    raw = AutoModelForCausalLM.from_pretrained(str(tiny_models["pytorch"])).eval()
+    matcher = _matcher(llguidance.hf.from_tokenizer(tok, n_vocab=raw.config.vocab_size), SCHEMA)
+    ids = tok(PROMPT).input_ids
+    out = []
+    with torch.no_grad():
+        while len(out) < 60 and not matcher.is_stopped():
+            logits = raw(torch.tensor([ids + out])).logits[0, -1].float()
+            logits[~torch.from_numpy(_allowed(matcher, logits.shape[0]))] = -float("inf")
+            out.append(int(torch.argmax(logits)))
+            if out[-1] == tok.eos_token_id:
+                out.pop()
+                break
+            matcher.consume_token(out[-1])
+    served = rq.client.get_model("hf").generate(PROMPT, {"max_tokens": 60, **GREEDY, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA}}})
+    assert text(served) == tok.decode(out, skip_special_tokens=True)
+    assert set(json.loads(text(served))) == {"animal", "legs"}
 
 
 # ---------------------------------------------------------------- chat content
