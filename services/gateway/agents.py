@@ -18,7 +18,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response
 
-from zinfer.services.gateway.asgi import EventStream
+from zinfer.services.gateway.asgi import EventStream, body_of
 from zinfer.shared import compat
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, ZinferError
@@ -195,8 +195,6 @@ def _response_obj(rid: str, body: dict, uid: str, msg: p.Chat, output: list, sta
 
 
 async def responses(gw, request: Request) -> Response:
-    from zinfer.services.gateway.app import body_of
-
     body = await body_of(request)
     uid, msg, answer = await _run(gw, request, body, _responses_chat)
     rid = f"resp_{uuid.uuid4().hex}"
@@ -378,8 +376,6 @@ def _messages_chat(body: dict) -> dict:
 
 
 async def messages(gw, request: Request) -> Response:
-    from zinfer.services.gateway.app import body_of
-
     body = await body_of(request)
     uid, msg, answer = await _run(gw, request, body, _messages_chat)
     mid = f"msg_{uuid.uuid4().hex}"

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from zinfer.services.gateway import agents, ui
-from zinfer.services.gateway.asgi import EventStream, FastPath, Measure
+from zinfer.services.gateway.asgi import EventStream, FastPath, Measure, body_of
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
 from zinfer.shared import compat, durations, keys
@@ -57,7 +57,6 @@ OPENAI_TYPE = {400: "invalid_request_error", 404: "invalid_request_error", 409: 
                429: "rate_limit_error"}
 log = structlog.get_logger()
 _json = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder()
 
 
 def error_response(exc: ZinferError) -> JSONResponse:
@@ -77,17 +76,6 @@ def json_response(obj: Any) -> Response:
 def plain(msg: p.Msg) -> dict:
     """A reply struct as OpenAI's JSON object: every field present, no internal tag."""
     return as_plain(msg)
-
-
-async def body_of(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = _decoder.decode(raw) if raw else {}
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
 
 
 def chat_request(uid: str, body: dict) -> p.Chat:

@@ -6,14 +6,27 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from zinfer.services.gateway.metrics import Metrics
-from zinfer.shared.errors import ZinferError
+from zinfer.shared.errors import InvalidRequest, ZinferError
 
 log = structlog.get_logger()
+_decoder = msgspec.json.Decoder()
+
+
+async def body_of(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = _decoder.decode(raw) if raw else {}
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
 
 
 class EventStream(Response):
