@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated
 
@@ -65,6 +66,76 @@ def generate(
                 typer.echo(result["choices"][0]["text"])
 
 
+def _tools(path: str | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except (OSError, ValueError) as exc:
+        fail(f"tools: cannot read {path}: {exc}")
+    return tools if isinstance(tools, list) else [tools]
+
+
+def _tool_choice(value: str | None):
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    return {"type": "function", "function": {"name": value}}
+
+
+def _show_answer(result, stream: bool) -> dict:
+    """Print an answer: reasoning apart (dim, under "Thinking"), the text, then any tool calls as JSON. Returns the
+    assistant message for the history."""
+    reasoning, content, calls = "", "", {}
+    if not stream:
+        message = result["choices"][0]["message"]
+        reasoning, content = message.get("reasoning_content") or "", message.get("content") or ""
+        calls = {i: c for i, c in enumerate(message.get("tool_calls") or [])}
+        if reasoning:
+            console.print(f"[dim]Thinking: {reasoning}[/dim]", highlight=False)
+        sys.stdout.write(content)
+    else:
+        thinking = False
+        for chunk in result:
+            if not chunk["choices"]:
+                continue
+            delta = chunk["choices"][0]["delta"]
+            if delta.get("reasoning_content"):
+                if not thinking:
+                    console.print("[dim]Thinking: [/dim]", end="", highlight=False)
+                    thinking = True
+                reasoning += delta["reasoning_content"]
+                console.print(f"[dim]{delta['reasoning_content']}[/dim]", end="", highlight=False, markup=True)
+            if delta.get("content"):
+                if thinking:
+                    sys.stdout.write("\n")
+                    thinking = False
+                content += delta["content"]
+                sys.stdout.write(delta["content"])
+                sys.stdout.flush()
+            for piece in delta.get("tool_calls") or []:
+                call = calls.setdefault(piece["index"], {"id": None, "type": "function",
+                                                         "function": {"name": None, "arguments": ""}})
+                call["id"] = piece.get("id") or call["id"]
+                call["function"]["name"] = piece["function"].get("name") or call["function"]["name"]
+                call["function"]["arguments"] += piece["function"].get("arguments") or ""
+    for call in calls.values():
+        sys.stdout.write(("\n" if content else "") + "Tool call: ")
+        print_json({"id": call["id"], "name": call["function"]["name"],
+                    "arguments": _parsed(call["function"]["arguments"])})
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = list(calls.values())
+    return message
+
+
+def _parsed(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
 def chat(
     model_uid: Uid,
     message: Annotated[str | None, typer.Argument(
@@ -73,10 +144,20 @@ def chat(
     stream: Stream = True,
     temperature: Temperature = None,
     system_prompt: Annotated[str | None, typer.Option("--system-prompt")] = None,
+    tools: Annotated[str | None, typer.Option(
+        "--tools", help="A JSON file of OpenAI tools (a list of {type: function, function: {...}}).")] = None,
+    tool_choice: Annotated[str | None, typer.Option(
+        "--tool-choice", help="auto, none, required, or a function's name.")] = None,
+    thinking: Annotated[bool | None, typer.Option(
+        "--think/--no-think", help="enable_thinking for templates that have it (Qwen 3 and others).")] = None,
+    render: Annotated[bool, typer.Option(
+        "--render", help="Print the prompt the template makes and its token ids; generate nothing.")] = False,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
-    """Chat: one MESSAGE answered, or an interactive chat that keeps the history (an empty line or Ctrl-D ends it)."""
+    """Chat: one MESSAGE answered, or an interactive chat that keeps the history (an empty line or Ctrl-D ends it).
+    Reasoning is shown apart (dim), tool calls as JSON."""
+    tool_list = _tools(tools)
     with make_client(endpoint, timeout) as client:
         model = client.get_model(model_uid)
         if isinstance(model, EmbeddingHandle | RerankHandle):
@@ -101,21 +182,15 @@ def chat(
                 if not text.strip():
                     return
             history.append({"role": "user", "content": text})
-            result = model.chat(messages=history, generate_config=_config(max_tokens, stream, temperature))
+            if render:
+                print_json(model.render_chat(history, tool_list, enable_thinking=thinking))
+                return
+            result = model.chat(messages=history, tools=tool_list, tool_choice=_tool_choice(tool_choice),
+                                enable_thinking=thinking, generate_config=_config(max_tokens, stream, temperature))
             if pending is None:
                 sys.stdout.write("Assistant: ")
-            if stream:
-                answer = ""
-                for chunk in result:
-                    piece = chunk["choices"][0]["delta"].get("content") or ""
-                    answer += piece
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            else:
-                answer = result["choices"][0]["message"]["content"]
-                sys.stdout.write(answer)
+            history.append(_show_answer(result, stream))
             sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": answer})
 
 
 def embed(

@@ -290,3 +290,25 @@ def test_a_template_that_raises_is_a_400_naming_messages(gw):
             {"role": "user", "content": "y"}]}).status_code == 200
     finally:
         gw.client.terminate_model("raising")
+
+
+def test_the_cli_shows_reasoning_apart_and_tool_calls_as_json(gw, tmp_path):
+    from tests.test_dropin import cli
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(tt.TOOLS))
+    for stream in ("--stream", "--no-stream"):
+        out = cli(gw, "chat", "-u", "tg", tt.WEATHER_Q, "--tools", str(tools), "--temperature", "0", stream)
+        assert out.returncode == 0, out.stderr
+        assert "<tool_call>" not in out.stdout
+        call = json.loads(out.stdout[out.stdout.index("Tool call: ") + len("Tool call: "):])
+        assert call["name"] == "get_weather" and call["arguments"] == {"city": "Paris"}
+        out = cli(gw, "chat", "-u", "tt", tt.THINK_Q, "--temperature", "0", stream)
+        assert out.stdout.startswith(f"Thinking: {tt.THINK_R}") and out.stdout.rstrip().endswith(tt.THINK_A)
+        assert "<think>" not in out.stdout
+    out = cli(gw, "chat", "-u", "tt", tt.THINK_Q, "--no-think", "--render")
+    rendered = json.loads(out.stdout)
+    assert rendered["prompt"].endswith("<think>\n\n</think>\n\n") and len(rendered["token_ids"]) == prompt_tokens(
+        gw, [{"role": "user", "content": tt.THINK_Q}], enable_thinking=False)
+    bad = cli(gw, "chat", "-u", "tt", "hi", "--tools", str(tmp_path / "missing.json"))
+    assert bad.returncode != 0 and "tools" in bad.stderr
