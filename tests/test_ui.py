@@ -13,7 +13,7 @@ import requests
 
 from tests.conftest import llm_definition, served_mesh
 from zinfer.services.gateway import ui
-from zinfer.shared import keys
+from zinfer.shared import keys, tinytools
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 XSS = "<img src=x onerror=alert(1)>"
@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 def site(tmp_path_factory, tiny_models):
     with served_mesh(tmp_path_factory, tiny_models, "ui", ["emb", "hf-long", "rr"], gateway=True) as m:
         m.client.register_model("LLM", llm_definition(tiny_models, "xss-model", model_description=XSS))
+        m.client.register_model("LLM", tinytools.registration("tool-llama", tiny_models["tools_pytorch"]))
+        m.client.launch_model(model_name="tool-llama", model_uid="tools", model_format="pytorch")
         m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
@@ -326,3 +328,39 @@ def test_a_definition_loaded_from_a_file_fills_the_form(page, site, tiny_models,
     expect(page.get_by_role("heading", name="from-file")).to_be_visible()
     assert site.client.get_model_registration("embedding", "from-file")["dimensions"] == 384
     site.client.unregister_model("embedding", "from-file")
+
+
+def test_the_chat_playground_shows_reasoning_and_tool_calls(page, site, shots):
+    import json
+
+    from playwright.sync_api import expect
+
+    sign_in(page, site, site.admin_api_key)
+    page.goto(site.gateway_url + "/#/playground?model=tools")
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill("60")
+    page.get_by_label("Message").fill(tinytools.THINK_Q)
+    page.get_by_role("button", name="Send").click()
+    turn = page.locator(".turn.assistant[data-done]")
+    expect(turn).to_have_count(1, timeout=60_000)
+    expect(turn.locator(".reasoning-text")).to_have_text(tinytools.THINK_R)
+    expect(turn.locator(".answer")).to_have_text(tinytools.THINK_A)
+    turn.locator(".reasoning summary").click()  # collapsible: open it again to show it
+    page.screenshot(path=shots / "chat-reasoning.png", full_page=True)
+
+    page.get_by_role("button", name="Clear the history").click()
+    page.locator("summary", has_text="Tools and thinking").click()
+    page.get_by_label("Tools (JSON)").fill(json.dumps(tinytools.TOOLS))
+    page.get_by_label("Message").fill(tinytools.WEATHER_Q)
+    page.get_by_role("button", name="Send").click()
+    expect(turn).to_have_count(1, timeout=60_000)
+    expect(turn.locator(".tool-name")).to_have_text("Tool call: get_weather")
+    assert json.loads(turn.locator(".tool-call pre").text_content()) == {"city": "Paris"}
+    expect(turn.locator(".answer")).to_be_empty()
+    page.screenshot(path=shots / "chat-tool-call.png", full_page=True)
+
+    page.get_by_label("Tools (JSON)").fill("[{not json")
+    page.get_by_label("Message").fill("again")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("alert")).to_contain_text("Tools: not valid JSON")
+    assert page.errors == [], page.errors

@@ -15,8 +15,9 @@ function canDo(m, tab) {
   return m.model_type === "LLM";
 }
 
-// One streamed completion: calls onText with each piece of text; resolves with why it ended.
-async function stream(path, body, signal, onText) {
+// One streamed completion: calls onText with each piece of text (and onDelta, when given, with each chat delta:
+// reasoning_content, tool_calls); resolves with why it ended.
+async function stream(path, body, signal, onText, onDelta) {
   const headers = { "Content-Type": "application/json" };
   if (session.key) headers.Authorization = `Bearer ${session.key}`;
   const response = await fetch(path, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }), signal });
@@ -44,6 +45,7 @@ async function stream(path, body, signal, onText) {
       for (const choice of chunk.choices || []) {
         const piece = choice.delta ? choice.delta.content : choice.text;
         if (piece) onText(piece);
+        if (choice.delta && onDelta) onDelta(choice.delta);
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }
@@ -74,10 +76,26 @@ function modelSelect(models, tab, wanted) {
     selected: m.id === wanted }, m.id)) : el("option", { value: "" }, "no running model can do this"));
 }
 
+// Tools pasted as JSON (OpenAI's list of {type: "function", function: {...}}), or nothing.
+function parseTools(text) {
+  if (!text.trim()) return null;
+  const tools = JSON.parse(text);
+  return Array.isArray(tools) ? tools : [tools];
+}
+
 function chat(panel, models, wanted) {
   const model = modelSelect(models, "chat", wanted);
   const system = el("textarea", { id: "chat-system", rows: 2, placeholder: "You are a helpful assistant." });
   const knobs = settings("chat");
+  const tools = el("textarea", { id: "chat-tools", rows: 4, spellcheck: "false",
+    placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]' });
+  const toolChoice = el("select", { id: "chat-tool-choice" }, ["auto", "none", "required"].map((c) => el("option", { value: c }, c)));
+  const thinking = el("select", { id: "chat-thinking" }, el("option", { value: "" }, "the template's default"),
+    el("option", { value: "true" }, "on"), el("option", { value: "false" }, "off"));
+  const extras = el("details", { class: "chat-extras" }, el("summary", {}, "Tools and thinking"),
+    el("label", { for: "chat-tools" }, "Tools (JSON)"), tools,
+    el("div", { class: "grid" }, el("div", {}, el("label", { for: "chat-tool-choice" }, "Tool choice"), toolChoice),
+      el("div", {}, el("label", { for: "chat-thinking" }, "Thinking (enable_thinking)"), thinking)));
   const log = el("div", { id: "chat-log", class: "chat-log", role: "log", "aria-live": "polite" });
   const input = el("textarea", { id: "chat-input", rows: 3, required: true });
   const send = el("button", { type: "submit" }, "Send");
@@ -89,7 +107,7 @@ function chat(panel, models, wanted) {
   const form = el("form", {}, el("label", { for: "chat-input" }, "Message"), input,
                   el("div", { class: "actions" }, send, stop, clear));
   panel.replaceChildren(el("div", { class: "grid" }, el("div", {}, el("label", { for: "chat-model" }, "Model"), model)),
-    el("label", { for: "chat-system" }, "System prompt"), system, knobs, log, status, form);
+    el("label", { for: "chat-system" }, "System prompt"), system, knobs, extras, log, status, form);
   stop.addEventListener("click", () => controller?.abort());
   clear.addEventListener("click", () => { history.length = 0; log.replaceChildren(); });
   input.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); } });
@@ -98,25 +116,59 @@ function chat(panel, models, wanted) {
     const text = input.value.trim();
     if (!text || !model.value) return;
     status.textContent = "";
+    let toolList;
+    try {
+      toolList = parseTools(tools.value);
+    } catch (error) {
+      status.textContent = `Tools: not valid JSON (${error.message})`;
+      return;
+    }
     input.value = "";
     history.push({ role: "user", content: text });
     log.append(el("div", { class: "turn user" }, el("span", { class: "who" }, "You"), el("p", {}, text)));
+    const reasoningText = el("p", { class: "reasoning-text" });
+    const reasoning = el("details", { class: "reasoning", open: true, hidden: true }, el("summary", {}, "Thinking"), reasoningText);
     const answer = el("p", { class: "answer" });
+    const calls = el("div", { class: "tool-calls" });
     const note = el("span", { class: "note" });
-    log.append(el("div", { class: "turn assistant" }, el("span", { class: "who" }, model.value), answer, note));
+    log.append(el("div", { class: "turn assistant" }, el("span", { class: "who" }, model.value), reasoning, answer, calls, note));
     const messages = [...(system.value.trim() ? [{ role: "system", content: system.value.trim() }] : []), ...history];
+    const body = { model: model.value, messages, ...knobs.values() };
+    if (toolList) Object.assign(body, { tools: toolList, tool_choice: toolChoice.value });
+    if (thinking.value) body.chat_template_kwargs = { enable_thinking: thinking.value === "true" };
+    const pending = [];
+    const onDelta = (delta) => {
+      if (delta.reasoning_content) {
+        reasoning.hidden = false;
+        reasoningText.append(delta.reasoning_content);
+      }
+      for (const piece of delta.tool_calls || []) {
+        const call = pending[piece.index] ||= { id: piece.id, type: "function", function: { name: piece.function.name, arguments: "" } };
+        call.function.arguments += piece.function.arguments || "";
+      }
+      log.scrollTop = log.scrollHeight;
+    };
     controller = new AbortController();
     send.disabled = true;
     stop.disabled = false;
     try {
-      const finish = await stream("/v1/chat/completions", { model: model.value, messages, ...knobs.values() },
-                                  controller.signal, (piece) => { answer.append(piece); log.scrollTop = log.scrollHeight; });
+      const finish = await stream("/v1/chat/completions", body, controller.signal,
+                                  (piece) => { if (answer.textContent || piece.trim()) reasoning.open = false; answer.append(piece); log.scrollTop = log.scrollHeight; },
+                                  onDelta);
       note.textContent = finish === "length" ? "(max tokens reached)" : "";
     } catch (error) {
       if (error.name === "AbortError") note.textContent = "(stopped)";
       else status.textContent = error.message;
     } finally {
-      history.push({ role: "assistant", content: answer.textContent });
+      for (const call of pending.filter(Boolean)) {
+        let args = call.function.arguments;
+        try { args = JSON.parse(args); } catch { /* shown as it came */ }
+        calls.append(el("div", { class: "tool-call" }, el("span", { class: "tool-name" }, `Tool call: ${call.function.name}`),
+          el("pre", {}, JSON.stringify(args, null, 2))));
+      }
+      const said = { role: "assistant", content: answer.textContent || null };
+      if (pending.length) said.tool_calls = pending.filter(Boolean);
+      history.push(said);
       controller = null;
       send.disabled = false;
       stop.disabled = true;
