@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import heapq
 import os
 import random
 import threading
@@ -89,7 +90,7 @@ def _model_defaults(use_extra_bufts: bool):
 
 def plain_greedy(s: Sampling) -> bool:
     """Greedy with nothing that changes the logits first: the argmax is the token (no sampler chain needed)."""
-    return (s.temperature == 0 and s.matcher is None and s.repetition_penalty in (None, 1.0)
+    return (s.temperature == 0 and s.repetition_penalty in (None, 1.0)
             and not s.frequency_penalty and not s.presence_penalty)
 
 
@@ -159,7 +160,7 @@ class LlamaCppBackend(LLMBackend):
         self.chat_template = meta.get("tokenizer.chat_template")
         self.bos_token = self._token_text(self.model.token_bos())
         self.eos_token = self._token_text(self.model.token_eos())
-        self._free_slots = list(range(self.max_sequences - 1, -1, -1))
+        self._free_slots = list(range(self.max_sequences))  # a heap: the lowest free slot first
         self._seqs: dict[int, _Seq] = {}
         self._embedder = None
         # End-of-generation token ids, as a set (is a token one?) and an array (min_tokens holds them off):
@@ -240,8 +241,11 @@ class LlamaCppBackend(LLMBackend):
         if not self._free_slots:
             raise RuntimeError("no free sequence slot")
         sampler = None if plain_greedy(sampling) else self._sampler(sampling)
-        seq = _Seq(seq_id, self._free_slots.pop(), list(prompt_ids), sampler, sampling)
+        seq = _Seq(seq_id, heapq.heappop(self._free_slots), list(prompt_ids), sampler, sampling)
         self._seqs[seq_id] = seq
+        # The batch goes to llama_decode in slot order: with the sequences' slots descending, llama.cpp split it
+        # into one micro-batch per sequence (16 streams decoded at 0.15x their speed in ascending order).
+        self._seqs = dict(sorted(self._seqs.items(), key=lambda item: item[1].slot))
 
     def active(self) -> int:
         return len(self._seqs)
@@ -252,7 +256,7 @@ class LlamaCppBackend(LLMBackend):
             self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
             if seq.sampler is not None:
                 self.lib.llama_sampler_free(seq.sampler)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
 
     def step(self) -> list[StepOut]:
         lib = self.lib
