@@ -25,7 +25,7 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
     """Every python and bash block of docs/usage.md, in order, against a mesh with its HTTP gateway: the Python
     client, the OpenAI SDK and curl examples cannot rot."""
     for name, target in (("custom-llama-2", "model.json"), ("custom-bge", "embedding.json"),
-                         ("custom-reranker", "reranker.json")):
+                         ("custom-reranker", "reranker.json"), ("tool-llama", "tools.json")):
         text = (REPO / "examples" / f"{name}.json").read_text().replace("{MODELS}", str(tiny_models["pytorch"].parent))
         (tmp_path / target).write_text(text)
     mesh.start_gateway()
@@ -59,6 +59,8 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
     assert "ready" in printed and "length 16" in printed and "(3, 384)" in printed and "usage:" in printed
     assert '"object":"text_completion"' in printed and "data: [DONE]" in printed  # curl: JSON, then SSE
     assert "'relevance_score'" in printed and '"relevance_score"' in printed  # rerank: Python, then curl
+    assert "tool_calls get_weather {'city': 'Paris'}" in printed and "It is sunny and 22 C in Paris." in printed
+    assert "Two plus two makes four. -> The answer is 4." in printed
     namespace["client"].close()
 
 
