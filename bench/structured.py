@@ -41,7 +41,7 @@ def tokens_per_s(handles, n: int, constrained: bool) -> float:
 def splitter_us_per_token(tokens: list[str]) -> tuple[float, float]:
     """(µs per token through the answer splitter with a Hermes parser and reasoning tags, µs without)."""
     from zinfer.services.worker.answer import AnswerSplitter
-    from zinfer.services.worker.toolcalls import lookup
+    from zinfer.shared.toolcalls import lookup
 
     def run(split: bool) -> float:
         best = float("inf")

@@ -274,3 +274,13 @@ def test_no_template_anywhere_is_refused_at_launch_naming_chat_template(base):
     with pytest.raises(InvalidRequest) as err:
         engine(Backend(None, tok))
     assert err.value.field == "chat_template"
+
+
+def test_generation_stops_at_every_end_the_files_name(base):
+    """generation_config.json's eos_token_id list and the tokenizer's EOS all end a sequence (transformers)."""
+    from zinfer.services.worker.backends.transformers_backend import TransformersBackend
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    backend = TransformersBackend(str(base), "cpu", "none", 2048)
+    ends = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert set(backend.eos_ids) == ends and tok.eos_token_id in backend.eos_ids

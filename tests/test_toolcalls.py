@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from zinfer.services.worker import toolcalls
 from zinfer.services.worker.answer import AnswerSplitter
+from zinfer.shared import toolcalls
 
 HERMES, LLAMA, MISTRAL, PYTHONIC = (toolcalls.lookup(n) for n in ("hermes", "llama3_json", "mistral", "pythonic"))
 W = '{"name": "get_weather", "arguments": {"city": "Paris"}}'

@@ -54,6 +54,10 @@ def oai(m) -> openai.OpenAI:
 
 
 def prompt_tokens(m, messages, tools=None, **kwargs) -> int:
+    return len(token_ids(m, messages, tools, **kwargs))
+
+
+def token_ids(m, messages, tools=None, **kwargs) -> list[int]:
     """What transformers' own apply_chat_template makes of these messages (arguments as objects, as zinfer hands
     them to templates)."""
     plain = []
@@ -63,8 +67,8 @@ def prompt_tokens(m, messages, tools=None, **kwargs) -> int:
             msg["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(
                 c["function"]["arguments"])}} for c in msg["tool_calls"]]
         plain.append(msg)
-    return len(m.tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=True,
-                                         return_dict=False, **kwargs))
+    return list(m.tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False, **kwargs))
 
 
 def post(m, path: str, body: dict) -> requests.Response:
@@ -245,11 +249,24 @@ def test_openai_responses_give_a_function_call_item(gw, uid):
 @pytest.mark.parametrize("uid", ENGINES)
 def test_render_gives_the_prompt_and_its_tokens(gw, uid):
     out = post(gw, "/v1/chat/render", {"model": uid, "messages": AFTER_CALL, "tools": tt.TOOLS}).json()
-    want = prompt_tokens(gw, AFTER_CALL, tt.TOOLS)
-    assert len(out["token_ids"]) == want and out["template_source"] == "model"
+    assert out["token_ids"] == token_ids(gw, AFTER_CALL, tt.TOOLS)  # llama.cpp's GGUF tokenizes as transformers
+    assert out["template_source"] == "model"
     assert out["prompt"].endswith("<|im_start|>assistant\n") and "<tool_response>" in out["prompt"]
     via_client = gw.client.get_model(uid).render_chat(AFTER_CALL, tt.TOOLS)
     assert via_client["prompt"] == out["prompt"] and via_client["token_ids"] == out["token_ids"]
+
+
+def test_an_unknown_tool_parser_is_refused_at_registration_with_the_valid_names(gw, tiny_models):
+    from zinfer.shared.errors import InvalidRequest
+
+    definition = tt.registration("bad-parser", tiny_models["tools_pytorch"])
+    definition["tool_parser"] = "glm9"
+    with pytest.raises(InvalidRequest, match="hermes") as err:
+        gw.client.register_model("LLM", definition)
+    assert err.value.field == "tool_parser"
+    definition["tool_parser"] = "qwen"  # Xinference's name for the Hermes format
+    gw.client.register_model("LLM", {**definition, "model_name": "qwen-parser"})
+    gw.client.unregister_model("LLM", "qwen-parser")
 
 
 BAD = [

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 
 from zinfer.services.registry import catalog
+from zinfer.shared import toolcalls
 from zinfer.shared.models import (
     MODEL_TYPES,
     Definition,
@@ -167,6 +168,11 @@ def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
                 "chat_template", "a model with the \"chat\" ability needs a chat template: give chat_template or "
                 "prompt_style, inherit one from a built-in model_family, or point model_uri at files that have one "
                 "(chat_template.jinja, tokenizer_config.json's chat_template, GGUF's tokenizer.chat_template)"))
+    parser = family.v2_extras.get("tool_parser")
+    if parser is not None and toolcalls.lookup(parser) is None:
+        problems.append(FieldProblem("tool_parser", f"{parser!r} is not a tool-call format zinfer knows; use one of "
+                                     f"{list(toolcalls.NAMES)} (or Xinference's names for them: "
+                                     f"{sorted(set(toolcalls.PARSERS) - set(toolcalls.NAMES))})"))
     for i, spec in enumerate(family.model_specs):
         field = f"model_specs[{i}].model_uri"
         folder = uri_to_path(spec.model_uri) if spec.model_uri else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zinfer.services.worker.toolcalls import Call, ToolParser
+from zinfer.shared.toolcalls import Call, ToolParser
 
 
 def _hold(text: str, markers: tuple[str, ...]) -> int:

@@ -16,18 +16,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from zinfer.services.worker import prompts, toolcalls
+from zinfer.services.worker import prompts
 from zinfer.services.worker.answer import AnswerSplitter
 from zinfer.services.worker.backends.base import Detokenizer, LLMBackend, Sampling
 from zinfer.services.worker.compute import Engine, Job
 from zinfer.services.worker.grammar import Constraint, constraint_of, tool_constraint
 from zinfer.services.worker.output import Generation, merge_stops
-from zinfer.services.worker.toolcalls import ToolParser
-from zinfer.shared import instances
+from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
 from zinfer.shared.models import LLMFamily
 from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig
+from zinfer.shared.toolcalls import ToolParser
 
 DEFAULT_MAX_TOKENS = 1024
 EMBED_TEXTS_PER_STEP = 16

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from zinfer.services.worker.answer import AnswerSplitter
 from zinfer.services.worker.backends.base import TokenLogprob
 from zinfer.services.worker.compute import Job
-from zinfer.services.worker.toolcalls import Call
 from zinfer.shared import protocol as p
 from zinfer.shared.payloads import (
     ChatChoice,
@@ -33,6 +32,7 @@ from zinfer.shared.payloads import (
     Usage,
 )
 from zinfer.shared.payloads import TokenLogprob as ChatTokenLogprob
+from zinfer.shared.toolcalls import Call
 
 DEFAULT_STREAM_INTERVAL_MS = 10.0  # tokens produced within this window travel as one chunk
 
