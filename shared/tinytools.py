@@ -78,7 +78,8 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "required": ["city"]}}}
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "The local time in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                   "required": ["city"]}}}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
 WEATHER_Q = "What is the weather in Paris?"

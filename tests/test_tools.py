@@ -191,7 +191,8 @@ def test_json_schema_output_validates_on_a_random_model(gw, uid):
     oai(gw).chat.completions.create(**body)
     assert gw.client.describe_model(uid)["stats"]["grammars_compiled"] == before  # the same schema: cached
     for field, value, check in (("guided_regex", "[0-9]{3}-[a-z]{2}", r"\d{3}-[a-z]{2}"),
-                                ("guided_choice", ["whale", "octopus"], None)):
+                                ("guided_choice", ["whale", "octopus"], None),
+                                ("guided_grammar", 'root ::= "yes" | "no" | "maybe"', r"yes|no|maybe")):
         out = post(gw, "/v1/chat/completions", {"model": uid, "messages": [{"role": "user", "content": "Hi"}],
                                                 "temperature": 0, "max_tokens": 20, field: value}).json()
         text = out["choices"][0]["message"]["content"]
