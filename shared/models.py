@@ -20,6 +20,8 @@ MAX_NAME_LENGTH = 256
 # \A...\Z, not ^...$: "$" also matches before a final newline, which let "name\n" through.
 NAME_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_-]*\Z"
 NAME_RE = re.compile(NAME_PATTERN)
+# Model names may also hold dots (Xinference's own template names "custom-qwen-2.5"); never "/" or a leading dot.
+MODEL_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 SIZE_RE = re.compile(r"\A\d+(_\d+)?\Z")
 QUANTIZATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -74,7 +76,7 @@ class LLMSpecV2(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=
     model_file_name_split_template: str | None = None
     quantization_parts: dict[str, list[str]] | None = None
     model_revision: str | None = None
-    model_hub: str = "huggingface"
+    model_hub: str | None = "huggingface"
     activated_size_in_billions: int | str | None = None
 
 
@@ -96,15 +98,29 @@ class LLMFamilyV1(_LLMCommon, kw_only=True):
     model_specs: Annotated[list[LLMSpec], Meta(min_length=1)]
 
 
+class VirtualEnv(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Xinference's per-model virtualenv: zinfer runs every model in its own environment, so one that asks for
+    packages is refused (shape_problems); the pip settings are kept as given."""
+
+    packages: list[str] = []
+    inherit_pip_config: bool | None = None
+    index_url: str | None = None
+    extra_index_url: str | list[str] | None = None
+    find_links: str | list[str] | None = None
+    trusted_host: str | list[str] | None = None
+    no_build_isolation: bool | None = None
+
+
 class LLMFamilyV2(_LLMCommon, kw_only=True):
     version: Literal[2]
     model_specs: Annotated[list[LLMSpecV2], Meta(min_length=1)]
     architectures: list[str] | None = None
     reasoning_start_tag: str | None = None
     reasoning_end_tag: str | None = None
-    cache_config: dict[str, Any] | None = None
-    virtualenv: dict[str, Any] | None = None
+    cache_config: dict[str, Any] | str | None = None
+    virtualenv: VirtualEnv | None = None
     tool_parser: str | None = None
+    is_builtin: bool | None = None
 
 
 class LLMFamily(_LLMCommon, kw_only=True):
@@ -116,8 +132,22 @@ class LLMFamily(_LLMCommon, kw_only=True):
     v2_spec_extras: list[dict[str, Any]] = []
 
 
+class EmbeddingSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A version 2 embedding spec (Xinference's current JSON): where the weights are."""
+
+    model_format: Literal["pytorch"] = "pytorch"
+    model_hub: str | None = None
+    model_id: str | None = None
+    model_uri: str | None = None
+    model_revision: str | None = None
+    quantization: Literal["none"] = "none"
+
+
 class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    version: Literal[1] = 1
+    """An embedding definition: Xinference's flat form (version 1) or its current one (version 2, `model_specs`;
+    the first spec's place is copied to the flat fields, which the rest of zinfer reads)."""
+
+    version: Literal[1, 2] = 1
     model_name: str
     dimensions: PositiveInt
     max_tokens: PositiveInt
@@ -127,6 +157,10 @@ class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     model_revision: str | None = None
     model_hub: str | None = None
     model_description: str | None = None
+    model_specs: list[EmbeddingSpec] | None = None
+    cache_config: dict[str, Any] | str | None = None
+    virtualenv: VirtualEnv | None = None
+    is_builtin: bool | None = None
 
 
 class RerankSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -146,6 +180,9 @@ class _RerankCommon(Struct, forbid_unknown_fields=True, kw_only=True, omit_defau
     language: list[str]
     max_tokens: PositiveInt | None = None
     model_description: str | None = None
+    cache_config: dict[str, Any] | str | None = None
+    virtualenv: VirtualEnv | None = None
+    is_builtin: bool | None = None
 
 
 class RerankFamilyV1(_RerankCommon, kw_only=True):
@@ -265,9 +302,9 @@ def check_name(name: str, field: str = "model_name") -> FieldProblem | None:
         return FieldProblem(field, "must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         return FieldProblem(field, f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} allowed")
-    if not NAME_RE.fullmatch(name):
+    if not MODEL_NAME_RE.fullmatch(name):
         return FieldProblem(
-            field, f"{name!r} must start with a letter or digit and contain only letters, digits, '_' and '-'"
+            field, f"{name!r} must start with a letter or digit and contain only letters, digits, '_', '-' and '.'"
         )
     return None
 
@@ -327,8 +364,9 @@ def parse_llm(obj: dict) -> LLMFamily:
                                 if k in ("model_file_name_split_template", "quantization_parts",
                                          "activated_size_in_billions") and v is not None})
         common = {f: getattr(v2, f) for f in _LLMCommon.__struct_fields__}
-        extras = {f: getattr(v2, f) for f in ("architectures", "reasoning_start_tag", "reasoning_end_tag",
-                                               "cache_config", "virtualenv", "tool_parser")
+        extras = {f: msgspec.to_builtins(getattr(v2, f))
+                  for f in ("architectures", "reasoning_start_tag", "reasoning_end_tag", "cache_config", "virtualenv",
+                            "tool_parser", "is_builtin")
                   if getattr(v2, f) is not None}
         return LLMFamily(**common, version=2, model_specs=specs, v2_extras=extras, v2_spec_extras=spec_extras)
     if version != 1:
@@ -339,7 +377,18 @@ def parse_llm(obj: dict) -> LLMFamily:
 
 
 def parse_embedding(obj: dict) -> EmbeddingFamily:
-    return _convert(obj, EmbeddingFamily)
+    family = _convert(obj, EmbeddingFamily)
+    if family.version == 2 or family.model_specs is not None:
+        if not family.model_specs:
+            raise DefinitionError([FieldProblem("model_specs", "version 2 needs model_specs: a non-empty list")])
+        flat = [f for f in _FLAT_SPEC if getattr(family, f) is not None]
+        if flat:
+            raise DefinitionError([FieldProblem(flat[0], "version 2 gives it in model_specs, not at the top")])
+        family.version = 2
+        spec = family.model_specs[0]  # the one zinfer runs (a hub's mirror comes after it)
+        for f in _FLAT_SPEC:
+            setattr(family, f, getattr(spec, f))
+    return family
 
 
 def parse_rerank(obj: dict) -> RerankFamily:
@@ -363,12 +412,46 @@ def parse_as(model_type: str, obj: dict) -> Definition:
     return PARSERS[model_type](obj)
 
 
+HUBS = ("huggingface",)
+
+
+def _common_problems(definition: Definition) -> list[FieldProblem]:
+    """virtualenv, is_builtin and model_hub, the same on every type."""
+    problems = []
+    if isinstance(definition, LLMFamily):
+        env, builtin = definition.v2_extras.get("virtualenv"), definition.v2_extras.get("is_builtin")
+        hubs = [(f"model_specs[{i}].model_hub", s.model_hub) for i, s in enumerate(definition.model_specs)]
+    else:
+        env = msgspec.to_builtins(definition.virtualenv) if definition.virtualenv is not None else None
+        builtin = definition.is_builtin
+        specs = definition.model_specs or []
+        if definition.version == 2:
+            hubs = [(f"model_specs[{i}].model_hub", s.model_hub) for i, s in enumerate(specs)]
+        else:  # the flat forms: the place is at the top
+            hubs = [("model_hub", specs[0].model_hub if isinstance(definition, RerankFamily) else
+                     definition.model_hub)]
+    if env and env.get("packages"):
+        problems.append(FieldProblem("virtualenv.packages", f"{env['packages']}: zinfer does not install packages "
+                                     "per model; install them into zinfer's environment on every worker host "
+                                     "(pip install ...), then register with an empty packages list"))
+    if builtin:
+        problems.append(FieldProblem("is_builtin", "true is for the models zinfer ships; a registration is a "
+                                     "custom model: leave it out or false"))
+    for field, hub in hubs:
+        if hub is not None and hub.lower() not in HUBS:
+            problems.append(FieldProblem(field, f"{hub!r}: zinfer downloads from the Hugging Face Hub only "
+                                         "(model_hub \"huggingface\"; HF_ENDPOINT names a mirror); give model_uri "
+                                         "for files you have"))
+    return problems
+
+
 def shape_problems(definition: Definition) -> list[FieldProblem]:
     """Rules that types alone cannot state, that need no knowledge of the registry or the disk."""
     problems: list[FieldProblem] = []
     name_problem = check_name(definition.model_name)
     if name_problem:
         problems.append(name_problem)
+    problems += _common_problems(definition)
     if isinstance(definition, EmbeddingFamily):
         if not definition.model_uri and not definition.model_id:
             problems.append(FieldProblem("model_id", "required when model_uri is not given"))
@@ -431,7 +514,15 @@ def spec_file_name(template: str, quantization: str) -> str:
 def definition_to_json(definition: Definition) -> dict[str, Any]:
     """The definition as the user's JSON object, in the version it was registered with."""
     if isinstance(definition, EmbeddingFamily):
-        return msgspec.to_builtins(definition)
+        out = msgspec.to_builtins(definition)
+        if definition.version == 2:  # the place is in model_specs, as it came
+            for f in _FLAT_SPEC:
+                out.pop(f, None)
+            for spec in out["model_specs"]:
+                spec.setdefault("model_format", "pytorch")
+                spec.setdefault("quantization", "none")
+            out["version"] = 2
+        return out
     if isinstance(definition, RerankFamily):
         out = msgspec.to_builtins(definition)
         if definition.version == 1:  # the flat form it came in

@@ -245,7 +245,12 @@ INVALID_LLM = [
     ("http uri", _llm(model_specs=[_spec(model_uri="https://example.com/x")]), "model_specs[0].model_uri"),
     ("missing uri", _llm(model_specs=[_spec(model_uri="file:///nonexistent/zinfer/model")]),
      "model_specs[0].model_uri"),
-    ("unknown family", _llm(model_family="llama-9"), "model_family"),
+    ("virtualenv with packages", _llm(version=2, model_specs=[_spec(quantizations=None, quantization="none")],
+                                      virtualenv={"packages": ["flash-attn"]}), "virtualenv.packages"),
+    ("is_builtin true", _llm(version=2, model_specs=[_spec(quantizations=None, quantization="none")],
+                             is_builtin=True), "is_builtin"),
+    ("unknown hub", _llm(version=2, model_specs=[_spec(quantizations=None, quantization="none",
+                                                       model_hub="modelscope")]), "model_specs[0].model_hub"),
     ("unknown prompt style", _llm(prompt_style="FANCY"), "prompt_style"),
     ("prompt style object missing name", _llm(prompt_style={"roles": ["u", "a"]}), "prompt_style.style_name"),
     # a folder here without a template (/usr has none); a Hub id alone is checked at launch

@@ -153,10 +153,8 @@ def _uri_problems(uri: str | None, want_file: bool, field: str, remote: _Remote)
 
 def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
     problems = []
-    if family.model_family != "other" and family.model_family not in catalog.builtin_llms():
-        problems.append(FieldProblem(
-            "model_family", f"{family.model_family!r} is not a built-in family; use one of "
-            f"{sorted(catalog.builtin_llms())} or \"other\""))
+    # model_family: a built-in family's name inherits its template, stops and abilities; any other name is the
+    # person's own family (Xinference's current page asks for one, e.g. "my-custom-qwen-2.5").
     if isinstance(family.prompt_style, str) and family.prompt_style not in catalog.prompt_styles():
         problems.append(FieldProblem(
             "prompt_style", f"{family.prompt_style!r} is not a built-in prompt style; use one of "
@@ -230,7 +228,8 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], w
     if isinstance(definition, LLMFamily):
         problems += _llm_problems(definition, remote)
     elif isinstance(definition, EmbeddingFamily):
-        problems += _uri_problems(definition.model_uri, False, "model_uri", remote)
+        field = "model_specs[0].model_uri" if definition.version == 2 else "model_uri"
+        problems += _uri_problems(definition.model_uri, False, field, remote)
     else:
         for i, spec in enumerate(definition.model_specs):
             problems += _uri_problems(spec.model_uri, False, _uri_field(definition, i), remote)
