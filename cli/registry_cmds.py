@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -15,15 +16,37 @@ ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM, embeddi
 
 
 def register(
-    model_type: ModelType = "LLM",
-    file: Annotated[Path, typer.Option("--file", "-f", help="The model definition (JSON).")] = ...,
+    model_type: Annotated[str | None, typer.Option("--model-type", "-t", help="LLM, embedding or rerank (with "
+                                                   "--from-path: read from the files when left out).")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="The model definition (JSON).")] = None,
+    from_path: Annotated[str | None, typer.Option(
+        "--from-path", help="Fill the definition in from a model folder or GGUF file (config, tokenizer, template, "
+        "headers; never the weights) and register it.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="With --from-path: the model_name.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --from-path: print the definition, register "
+                                          "nothing.")] = False,
     persist: Annotated[bool, typer.Option("--persist", "-p", help="Keep it across restarts.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a custom model of the same name (none of its "
                                         "instances may be running).")] = False,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
-    """Register a custom model from a JSON definition."""
+    """Register a custom model from a JSON definition (--file), or from the model's own files (--from-path)."""
+    if (file is None) == (from_path is None):
+        fail("give --file (a JSON definition) or --from-path (a model folder or GGUF file), one of them")
+    if from_path is not None:
+        from zinfer.shared.fromfiles import registration_from_path
+
+        model_type, definition = registration_from_path(from_path, model_type, name)
+        print_json(definition)
+        if dry_run:
+            return
+        with make_client(endpoint, timeout) as client:
+            client.register_model(model_type=model_type, model=json.dumps(definition), persist=persist, force=force)
+        typer.echo(f"registered {model_type} model {definition['model_name']} from {from_path}"
+                   + (" (persisted)" if persist else ""), err=True)
+        return
+    model_type = model_type or "LLM"
     text = read_text(file, "--file")
     with make_client(endpoint, timeout) as client:
         client.register_model(model_type=model_type, model=text, persist=persist, force=force)

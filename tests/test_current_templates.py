@@ -119,3 +119,68 @@ def test_bad_variants_are_refused_naming_the_field(xm, kind, label, change, fiel
     out = cli(xm, "register", "--model-type", kind, "--file", str(path))
     assert out.returncode != 0 and field in out.stderr, out.stderr
     assert template["model_name"] not in {r["model_name"] for r in xm.client.list_model_registrations(kind)}
+
+
+FROM_PATH = [("tiny-llama", "pytorch", "LLM"), ("gguf/tiny-llama.F32.gguf", "gguf", "LLM"),
+             ("tool-llama", "tools_pytorch", "LLM"), ("minilm", "embedding", "embedding"),
+             ("tiny-reranker", "rerank", "rerank")]
+
+
+@pytest.mark.parametrize("rel,key,kind", FROM_PATH, ids=[f[0] for f in FROM_PATH])
+def test_register_from_path_fills_a_definition_that_registers_and_launches_unchanged(xm, tiny_models, rel, key,
+                                                                                      kind):
+    from transformers import AutoConfig
+
+    path = tiny_models[key]
+    name = f"fp-{key.replace('_', '-')}"
+    out = cli(xm, "register", "--from-path", str(path), "--name", name)
+    assert out.returncode == 0, out.stderr
+    definition = json.loads(out.stdout)
+    assert definition["model_name"] == name and definition["version"] == 2
+    try:
+        assert holds(xm.client.get_model_registration(kind, name), definition)  # registered as printed
+        spec = definition["model_specs"][0]
+        if kind == "LLM" and key != "gguf":
+            config = AutoConfig.from_pretrained(str(path))
+            assert definition["context_length"] == config.max_position_embeddings
+            import safetensors
+
+            with safetensors.safe_open(str(path / "model.safetensors"), "np") as f:
+                params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                             else int(__import__("numpy").prod(f.get_slice(k).get_shape())) for k in f.keys())
+            assert abs(float(spec["model_size_in_billions"].replace("_", ".")) - params / 1e9) / (params / 1e9) < 0.05
+            assert "chat" in definition["model_ability"]
+            if key == "tools_pytorch":
+                assert {"tools", "reasoning"} <= set(definition["model_ability"])
+                assert definition["reasoning_start_tag"] == "<think>"
+                assert definition["stop_token_ids"] == json.loads((path / "generation_config.json").read_text())[
+                    "eos_token_id"]
+        if key == "gguf":
+            assert spec["model_format"] == "ggufv2" and spec["quantization"] == "F32"
+            assert spec["model_file_name_template"] == "tiny-llama.{quantization}.gguf"
+        if kind == "embedding":
+            assert definition["dimensions"] == 384 and definition["max_tokens"] == 256
+        launch = {"model_format": spec["model_format"]} if kind == "LLM" else {}
+        uid = xm.client.launch_model(model_name=name, model_type=kind, model_uid=f"u-{name}", **launch)
+        _serve_one(xm, kind, uid) if kind != "embedding" else None
+        if kind == "embedding":
+            assert len(xm.client.get_model(uid).create_embedding("hi")["data"][0]["embedding"]) == 384
+        xm.client.terminate_model(uid)
+    finally:
+        xm.client.unregister_model(kind, name)
+
+
+def holds(got, want) -> bool:
+    """`got` has every field of `want` with its value (defaults it adds are fine)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(holds(got.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(holds, got, want))
+    return got == want
+
+
+def test_register_from_a_path_with_no_model_says_so(xm, tmp_path):
+    out = cli(xm, "register", "--from-path", str(tmp_path))
+    assert out.returncode != 0 and "model_path" in out.stderr and "holds no model" in out.stderr
+    out = cli(xm, "register", "--from-path", str(tmp_path / "nothing-here"))
+    assert out.returncode != 0 and "does not exist" in out.stderr
