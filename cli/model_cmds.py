@@ -65,6 +65,9 @@ def launch(
     ctx: typer.Context,
     model_name: Annotated[str, typer.Option("--model-name", "-n", help="A registered model's name.")],
     model_type: Annotated[str, typer.Option("--model-type", "-t")] = "LLM",
+    model_path: Annotated[str | None, typer.Option(
+        "--model-path", help="Launch the files of this folder or .gguf file (on the worker's host) as the model "
+        "NAME: its template, stops and abilities; no registration of their own.")] = None,
     model_format: Annotated[str | None, typer.Option("--model-format", "-f")] = None,
     size_in_billions: Annotated[str | None, typer.Option("--size-in-billions", "-s")] = None,
     quantization: Annotated[str | None, typer.Option("--quantization", "-q")] = None,
@@ -109,7 +112,7 @@ def launch(
             model_size_in_billions=size_in_billions, quantization=quantization, model_uid=model_uid,
             replica=replica, n_gpu=None if n_gpu.lower() == "none" else n_gpu, gpu_idx=_ids(gpu_idx),
             devices=device, model_engine=model_engine, worker_ip=_ids(worker_ip), wait=False, keep_alive=keep_alive,
-            restore=restore, **options)
+            restore=restore, model_path=model_path, **options)
         if wait:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
                           TimeElapsedColumn(), console=console, transient=True,

@@ -23,11 +23,12 @@ from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, Too
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
 _IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
-               "replica_config": (None,), "model_path": (None,), "enable_thinking": (None,),
+               "replica_config": (None,), "enable_thinking": (None,),
                "enable_virtual_env": (None, False), "virtual_env_packages": (None, []),
                "virtual_env_find_links": (None, []), "envs": (None, {}), "wait_ready": (True, False)}
 _LAUNCH_FIELDS = ("model_name", "model_type", "model_format", "model_size_in_billions", "quantization", "model_uid",
-                  "replica", "n_gpu", "gpu_idx", "devices", "model_engine", "worker_ip", "keep_alive", "restore")
+                  "replica", "n_gpu", "gpu_idx", "devices", "model_engine", "worker_ip", "keep_alive", "restore",
+                  "model_path")
 _ENGINE_OPTIONS = p.EngineOptions.__struct_fields__
 
 

@@ -55,6 +55,7 @@ class InstanceInfo(Struct, kw_only=True, omit_defaults=True):
     quantization: str = ""
     model_ability: list[str] = []
     context_length: int = 0
+    model_path: str = ""  # launched from a folder or file without a registration of its own (model_path)
 
 
 class ReplicaStatus(Struct, kw_only=True, omit_defaults=True):

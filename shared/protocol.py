@@ -138,6 +138,9 @@ class LaunchModel(Msg, kw_only=True):
     # the keep_alive setting.
     keep_alive: float | None = None
     restore: bool = True  # loaded again when the mesh starts; False: it comes back idle-unloaded
+    # Xinference's launch by path: the named model's template, stops and abilities, its weights from this folder
+    # or .gguf file on the worker's host (no registration of its own)
+    model_path: str | None = None
 
 
 class WakeModel(Msg, kw_only=True):
@@ -204,6 +207,8 @@ class LoadInstance(Msg, kw_only=True):
     rerank: RerankFamily | None = None
     memory_estimate: int = 0
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
+    model_path: str = ""  # launched by path (LaunchModel.model_path): shown in the instance's view
+
 
 
 def instance_info(load: LoadInstance) -> InstanceInfo:
@@ -212,13 +217,15 @@ def instance_info(load: LoadInstance) -> InstanceInfo:
     if load.rerank is not None:  # rerank models: pytorch, no quantization
         return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
                             quantization="none", model_ability=["rerank"],
-                            context_length=load.rerank.max_tokens or 0)
+                            context_length=load.rerank.max_tokens or 0, model_path=load.model_path)
     if llm is None:  # embedding models: one format, no quantization
         return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type, model_format="pytorch",
-                            quantization="none", model_ability=["embed"], context_length=load.embedding.max_tokens)
+                            quantization="none", model_ability=["embed"], context_length=load.embedding.max_tokens,
+                            model_path=load.model_path)
     return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
                         model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",
-                        model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length)
+                        model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length,
+                        model_path=load.model_path)
 
 
 class UnloadInstance(Msg, kw_only=True):

@@ -184,3 +184,39 @@ def test_register_from_a_path_with_no_model_says_so(xm, tmp_path):
     assert out.returncode != 0 and "model_path" in out.stderr and "holds no model" in out.stderr
     out = cli(xm, "register", "--from-path", str(tmp_path / "nothing-here"))
     assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_launch_a_folder_or_gguf_file_as_a_named_model_without_registering(xm, tiny_models):
+    out = cli(xm, "launch", "--model-path", str(tiny_models["pytorch"]), "-n", "llama-2-chat", "--model-engine",
+              "transformers", "--model-uid", "by-path")
+    assert out.returncode == 0, out.stderr
+    try:
+        view = xm.client.describe_model("by-path")
+        assert view["model_path"] == str(tiny_models["pytorch"]) and view["model_name"] == "llama-2-chat"
+        model = xm.client.get_model("by-path")
+        rendered = model.render_chat([{"role": "user", "content": "Hi"}])
+        assert rendered["template_source"] == "prompt_style" and "[INST]" in rendered["prompt"]  # llama-2-chat's
+        assert model.chat([{"role": "user", "content": "Hi"}], {"max_tokens": 3})["usage"]["completion_tokens"] == 3
+    finally:
+        xm.client.terminate_model("by-path")
+    client = RESTfulClient(xm.gateway_url, api_key=xm.admin_api_key)  # model_path in the REST launch
+    gguf = tiny_models["gguf"]
+    uid = client.launch_model(model_name="llama-2-chat", model_path=str(gguf), model_uid="by-gguf")
+    try:
+        view = xm.client.describe_model(uid)
+        assert view["model_format"] == "ggufv2" and view["model_path"] == str(gguf)
+        assert xm.client.get_model(uid).generate("Hi", {"max_tokens": 2})["usage"]["completion_tokens"] == 2
+    finally:
+        xm.client.terminate_model(uid)
+
+
+def test_launch_by_path_refuses_a_missing_path_and_an_unknown_name(xm, tmp_path, tiny_models):
+    from zinfer.shared.errors import InvalidRequest, NotFound
+
+    with pytest.raises(InvalidRequest) as err:
+        xm.client.launch_model(model_name="llama-2-chat", model_path=str(tmp_path / "nothing"), model_uid="x1")
+    assert err.value.field == "model_path"
+    with pytest.raises(NotFound) as err:
+        xm.client.launch_model(model_name="no-such-model", model_path=str(tiny_models["pytorch"]), model_uid="x2")
+    assert err.value.field == "model_name"
+    assert "x1" not in xm.client.list_models() and "x2" not in xm.client.list_models()

@@ -5,11 +5,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
-from zinfer.shared.models import LLMFamily, LLMSpec, size_in_billions
+import msgspec
+
+from zinfer.shared.models import (
+    QUANTIZATION_RE,
+    EmbeddingFamily,
+    LLMFamily,
+    LLMSpec,
+    RerankFamily,
+    RerankSpec,
+    size_in_billions,
+)
 
 
 def spec_label(spec: LLMSpec) -> str:
     return f"{spec.model_format} {spec.model_size_in_billions}B [{', '.join(spec.quantizations)}]"
+
+
+def with_path(family, path: str):
+    """The named model's definition (its template, stops, abilities) with its weights at `path` instead, on the
+    worker's host: Xinference's launch by model_path. A .gguf file runs on llama.cpp, a folder on transformers
+    (LLMs), sentence-transformers (embedding, rerank)."""
+    if not path.startswith("/"):
+        raise InvalidRequest(f"model_path {path!r} must be an absolute path (on the worker's host)", field="model_path")
+    path = path.rstrip("/") or "/"
+    if isinstance(family, EmbeddingFamily):
+        return msgspec.structs.replace(family, model_uri=path, model_id=None, model_specs=None, version=1)
+    if isinstance(family, RerankFamily):
+        return msgspec.structs.replace(family, model_specs=[RerankSpec(model_uri=path)])
+    size = family.model_specs[0].model_size_in_billions
+    if path.endswith(".gguf"):
+        folder, name = path.rsplit("/", 1)
+        quant = name[:-len(".gguf")]
+        if not QUANTIZATION_RE.fullmatch(quant):
+            raise InvalidRequest(f"model_path: the file name {name!r} must be letters, digits, '_', '.' and '-'",
+                                 field="model_path")
+        spec = LLMSpec(model_format="ggufv2", model_size_in_billions=size, quantizations=[quant],
+                       model_uri=folder or "/", model_file_name_template="{quantization}.gguf")
+    else:
+        spec = LLMSpec(model_format="pytorch", model_size_in_billions=size, quantizations=["none", "4-bit", "8-bit"],
+                       model_uri=path)
+    return msgspec.structs.replace(family, model_specs=[spec], v2_spec_extras=[])
 
 
 def match_spec(family: LLMFamily, model_format: str | None, size: int | str | None,

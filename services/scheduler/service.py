@@ -31,7 +31,7 @@ from zinfer.services.scheduler.book import (
     view,
 )
 from zinfer.services.scheduler.lifecycle import Lifecycle
-from zinfer.services.scheduler.placement import Slot, match_spec, place
+from zinfer.services.scheduler.placement import Slot, match_spec, place, with_path
 from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
 from zinfer.shared.compat import engine_options
@@ -317,13 +317,15 @@ class Scheduler(Lifecycle):
             raise InvalidRequest(f"model_engine {msg.model_engine!r} does not run model_format {msg.model_format!r} "
                                  f"(it runs {', '.join(formats)})", field="model_engine")
         family = self._registration(msg.model_type, msg.model_name)
+        if msg.model_path is not None:
+            family = with_path(family, msg.model_path)
         incarnation = time.time_ns()  # this launch's own number, unique across scheduler restarts
         if isinstance(family, LLMFamily):
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
                                      None if msg.model_type == "embedding" else formats)
             probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant)
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
-                                  options=options, incarnation=incarnation)
+                                  options=options, incarnation=incarnation, model_path=msg.model_path or "")
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
         else:
             if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
@@ -337,7 +339,7 @@ class Scheduler(Lifecycle):
                                      f"normal; {family.type} rerankers are not supported yet", field="type")
             probe = p.ProbeFiles(model_type=msg.model_type, **folder)
             base = p.LoadInstance(model_uid=uid, model_type=msg.model_type, options=options,
-                                  incarnation=incarnation, **folder)
+                                  incarnation=incarnation, model_path=msg.model_path or "", **folder)
             engines.check_options(options, engines.for_model(msg.model_type, None))
         with self.lock:
             if uid in self.models:
@@ -345,6 +347,10 @@ class Scheduler(Lifecycle):
                                "or pass another model_uid", field="model_uid")
         # Files first (each worker looks on its own host, and sizes the instance from what it finds), then memory.
         found = self._probe(probe)
+        for reply in found.values() if msg.model_path is not None else ():  # said of the path the caller gave
+            if not reply.ok and (reply.field or "").endswith("model_uri"):
+                reply.field, reply.problem = "model_path", reply.problem.replace("model_uri", "model_path")
+                reply.code = "invalid"  # the caller's path is the request's fault: a 400, not a missing model
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
