@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
 import msgspec
 
+from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
 from zinfer.shared.models import (
     QUANTIZATION_RE,
     EmbeddingFamily,
