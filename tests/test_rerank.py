@@ -321,3 +321,4 @@ def test_embedding_base64_through_the_client_and_the_gateway(rr):
     oai = openai.OpenAI(base_url=f"{rr.gateway_url}/v1", api_key=rr.admin_api_key, max_retries=0, timeout=60)
     got = oai.embeddings.create(model="emb", input="whales", dimensions=32).data[0].embedding
     np.testing.assert_allclose(np.asarray(got, dtype=np.float32), floats, atol=1e-6)
+

@@ -439,3 +439,19 @@ def test_logged_exceptions_carry_no_local_variables():
     events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     thread_line = next(e for e in events if e["event"] == "from_thread")
     assert thread_line["service"] == "probe" and thread_line["pid"] > 0
+
+
+def test_a_rerank_model_the_operator_trusts_launches_with_trust_remote_code(secure, tiny_models):
+    """Issue 32: the worker read `(msg.llm or msg.embedding).model_name` before loading, an AttributeError (an
+    internal error) for every rerank launch the scheduler let through with trust_remote_code."""
+    from tests.conftest import rerank_definition
+
+    c = secure.client
+    c.register_model("rerank", rerank_definition(tiny_models, "trusted-code"))
+    try:
+        uid = c.launch_model(model_name="trusted-code", model_type="rerank", model_uid="rr-trusted",
+                             trust_remote_code=True)
+        assert len(c.get_model(uid).rerank(["a whale", "a fox"], "whales")["results"]) == 2
+        c.terminate_model(uid)
+    finally:
+        c.unregister_model("rerank", "trusted-code")

@@ -187,9 +187,14 @@ def test_json_schema_output_validates_on_a_random_model(gw, uid):
         else:
             text = oai(gw).chat.completions.create(**body).choices[0].message.content
         jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
-    before = gw.client.describe_model(uid)["stats"]["grammars_compiled"]
+    # The counters come with the instance's reports, a moment after each request: wait until they show the schema
+    # compiled (once), then until they show the next request too.
+    stats = lambda: gw.client.describe_model(uid)["stats"]  # noqa: E731
+    gw.wait(lambda: stats().get("grammars_compiled") == 1, timeout=30)
+    requests_before = stats()["requests"]
     oai(gw).chat.completions.create(**body)
-    assert gw.client.describe_model(uid)["stats"]["grammars_compiled"] == before  # the same schema: cached
+    gw.wait(lambda: stats()["requests"] > requests_before, timeout=30)
+    assert stats()["grammars_compiled"] == 1  # the same schema again: nothing compiled
     for field, value, check in (("guided_regex", "[0-9]{3}-[a-z]{2}", r"\d{3}-[a-z]{2}"),
                                 ("guided_choice", ["whale", "octopus"], None),
                                 ("guided_grammar", 'root ::= "yes" | "no" | "maybe"', r"yes|no|maybe")):

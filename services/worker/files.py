@@ -8,6 +8,7 @@ single-file model_uri must be the file of the quantization asked for, and their 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError
+from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
 from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankSpec, spec_file_name, uri_to_path
 from zinfer.shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
@@ -102,11 +103,25 @@ def _from_hub(model_id: str, revision: str | None, filename: str | None = None, 
     except EntryNotFoundError:
         raise NotFound(f"model_file_name_template: repository {model_id!r} has no file {filename!r}",
                        field="model_file_name_template") from None
-    except Exception as exc:  # offline and not cached, the network: not available on this host now
-        offline = constants.HF_HUB_OFFLINE
-        hint = " (HF_HUB_OFFLINE is set: only cached files can be used)" if offline else ""
-        raise NotFound(f"model_id {what!r} is not in the Hugging Face cache of host {_host()} and could not be "
-                       f"downloaded from {constants.ENDPOINT}{hint}: {type(exc).__name__}", field="model_id") from None
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:  # this host's disk, not the model: say so, not "not found"
+            raise storage_error("download into the Hugging Face cache at", constants.HF_HUB_CACHE, exc,
+                                field="model_id") from None
+        raise _unavailable(model_id, what, exc) from None
+    except Exception as exc:
+        raise _unavailable(model_id, what, exc) from None
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
+
+
+def _unavailable(model_id: str, what: str, exc: Exception) -> NotFound:
+    """Offline and not cached, or the network: not available on this host now."""
+    from huggingface_hub import constants
+
+    hint = " (HF_HUB_OFFLINE is set: only cached files can be used)" if constants.HF_HUB_OFFLINE else ""
+    return NotFound(f"model_id {what!r} is not in the Hugging Face cache of host {_host()} and could not be "
+                    f"downloaded from {constants.ENDPOINT}{hint}: {type(exc).__name__}", field="model_id")
 
 
 def _host() -> str:

@@ -49,11 +49,10 @@ class Worker:
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
-        if msg.options.trust_remote_code and (msg.llm or msg.embedding).model_name \
-                not in self.settings.trust_remote_code_models:
-            raise Forbidden(f"trust_remote_code: model {(msg.llm or msg.embedding).model_name!r} may not run its "
-                            "own code on this worker (not in its trust_remote_code_models setting)",
-                            field="trust_remote_code")
+        name = p.instance_info(msg).model_name  # an LLM's, an embedding's or a rerank model's
+        if msg.options.trust_remote_code and name not in self.settings.trust_remote_code_models:
+            raise Forbidden(f"trust_remote_code: model {name!r} may not run its own code on this worker (not in its "
+                            "trust_remote_code_models setting)", field="trust_remote_code")
         log.info("instance_loading", model_uid=msg.model_uid, replica=msg.replica, incarnation=msg.incarnation)
         try:
             self.instances.launch(msg)
