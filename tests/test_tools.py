@@ -153,8 +153,9 @@ def test_enable_thinking_false_renders_the_closed_block(gw, uid):
     assert xin["choices"][0]["message"]["content"] == tt.THINK_A
 
 
-def test_tool_choice_none_leaves_the_text_alone(gw):
-    out = oai(gw).chat.completions.create(model="tt", messages=WEATHER, tools=tt.TOOLS, tool_choice="none",
+@pytest.mark.parametrize("uid", ENGINES)
+def test_tool_choice_none_leaves_the_text_alone(gw, uid):
+    out = oai(gw).chat.completions.create(model=uid, messages=WEATHER, tools=tt.TOOLS, tool_choice="none",
                                           temperature=0, max_tokens=60)
     assert out.choices[0].message.tool_calls is None
     assert out.choices[0].message.content == tt.WEATHER_CALL and out.choices[0].finish_reason == "stop"
