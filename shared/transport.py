@@ -72,9 +72,10 @@ class RequestContext:
     """What a handler knows of its request besides the message: who asked, and whether it was cancelled.
 
     `cancelled` is a plain flag: the I/O thread sets it (CANCEL from the broker, shutdown), the thread doing the
-    work polls it between steps."""
+    work polls it between steps; `why` is the answer a request stopped for another reason than its client gets
+    (the service stopping: Unavailable, which a client retries, not Cancelled)."""
 
-    __slots__ = ("client_id", "req_id", "caller", "cancelled", "_runtime")
+    __slots__ = ("client_id", "req_id", "caller", "cancelled", "why", "_runtime")
 
     def __init__(self, runtime: ServiceRuntime, client_id: bytes, req_id: bytes, caller: p.Caller):
         self._runtime = runtime
@@ -82,6 +83,7 @@ class RequestContext:
         self.req_id = req_id
         self.caller = caller
         self.cancelled = False
+        self.why: Exception | None = None
 
     def send(self, msg: p.Msg, buffers=(), final: bool = False) -> None:
         """A reply chunk (final=False) or the final reply; callable from any thread."""
@@ -296,6 +298,9 @@ class ServiceRuntime:
     def _shutdown(self) -> None:
         self._fail_calls(f"{self.service} is stopping")
         for ctx in list(self.active.values()):
+            # Not the client's doing: an instance unloaded (keep_alive) or terminated while a request waited. The
+            # client is told Unavailable, and loads it on request and sends again where it may.
+            ctx.why = Unavailable(f"{self.service} stopped before it answered; send the request again")
             ctx.cancelled = True
         self.pool.shutdown(wait=True, cancel_futures=True)
         while True:  # flush replies produced while the pool wound down

@@ -53,8 +53,9 @@ class Job:
         self.ctx.send(reply_from_exception(exc), final=True)
 
     def drop_cancelled(self) -> None:
-        """The client gave up: the final reply only closes the request's books (nobody reads it)."""
-        self.fail(Cancelled("cancelled by the client"))
+        """The client gave up (the final reply only closes the request's books: nobody reads it), or the service is
+        stopping (the reply says so, and the client may send the request again)."""
+        self.fail(self.ctx.why or Cancelled("cancelled by the client"))
 
 
 class Engine(ABC):
