@@ -225,6 +225,14 @@ def chat_messages(messages: Any) -> list[ChatMessage]:
     return out
 
 
+def chat_request(uid: str, body: dict) -> p.Chat:
+    """A chat as OpenAI's and Xinference's bodies (and the client's keywords) give it, its model taken off ->
+    Chat: messages, tools and the template's options, and the sampling settings. Takes the fields off `body`."""
+    messages = chat_messages(body.pop("messages", None))
+    options = chat_options(body)
+    return p.Chat(model_uid=uid, messages=messages, config=generate_config(body), options=options)
+
+
 def _schema_problem(schema: Any) -> str | None:
     """What makes `schema` no JSON schema, or None."""
     if not isinstance(schema, dict):

@@ -207,13 +207,11 @@ class LLMHandle(_Handle):
                 raise InvalidRequest("chat needs messages (or a prompt)", field="messages")
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                 list(chat_history or []) + [{"role": "user", "content": prompt}]
-        msgs = compat.chat_messages(messages)
-        fields = dict(generate_config or {})
+        fields = {**(generate_config or {}), "messages": messages}
         for name, value in (("tools", tools), ("tool_choice", tool_choice), ("parallel_tool_calls",
                             parallel_tool_calls), ("chat_template_kwargs", chat_template_kwargs),
                             ("enable_thinking", enable_thinking)):
             if value is not None:
                 fields[name] = value
-        options = compat.chat_options(fields)
-        return p.Chat(model_uid=self.model_uid, messages=msgs, config=_config(fields), options=options)
+        return compat.chat_request(self.model_uid, fields)
 

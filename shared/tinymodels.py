@@ -188,13 +188,18 @@ def make_small_llama(root: Path, force: bool = False) -> dict[str, Path]:
     hf_dir, gguf_dir = root / "small-llama", root / "small-gguf"
     if force or not (hf_dir / "model.safetensors").exists():
         build_tiny_llama(hf_dir, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1536, init_std=0.05)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    target = gguf_dir / "small-llama.F32.gguf"
+    target = _gguf_of(hf_dir, gguf_dir / "small-llama.F32.gguf", force)
+    return {"small_pytorch": hf_dir, "small_gguf_dir": gguf_dir, "small_gguf": target}
+
+
+def _gguf_of(hf_dir: Path, target: Path, force: bool, quantization: str = "F32") -> Path:
+    """The GGUF twin of the model in hf_dir at `target`, written (through a temporary name) unless it is there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     if force or not target.exists():
         tmp = target.with_suffix(".tmp")
-        convert_to_gguf(hf_dir, tmp, "F32")
+        convert_to_gguf(hf_dir, tmp, quantization)
         tmp.rename(target)
-    return {"small_pytorch": hf_dir, "small_gguf_dir": gguf_dir, "small_gguf": target}
+    return target
 
 
 def build_tiny_reranker(out_dir: Path, hidden: int = 32, layers: int = 2, seed: int = 0,
@@ -235,13 +240,7 @@ def make_tool_llama(root: Path, force: bool = False) -> dict[str, Path]:
     hf_dir, gguf_dir = root / "tool-llama", root / "tool-gguf"
     if force or not (hf_dir / "model.safetensors").exists():
         build_tool_llama(hf_dir)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    target = gguf_dir / "tool-llama.F32.gguf"
-    if force or not target.exists():
-        tmp = target.with_suffix(".tmp")
-        convert_to_gguf(hf_dir, tmp, "F32")
-        tmp.rename(target)
-    return {"tools_pytorch": hf_dir, "tools_gguf": target}
+    return {"tools_pytorch": hf_dir, "tools_gguf": _gguf_of(hf_dir, gguf_dir / "tool-llama.F32.gguf", force)}
 
 
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
@@ -252,13 +251,8 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
         build_tiny_llama(hf_dir)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
     for q in GGUF_QUANTIZATIONS:
-        target = gguf_dir / GGUF_FILE_TEMPLATE.format(quantization=q)
-        if force or not target.exists():
-            tmp = target.with_suffix(".tmp")
-            convert_to_gguf(hf_dir, tmp, q)
-            tmp.rename(target)
+        _gguf_of(hf_dir, gguf_dir / GGUF_FILE_TEMPLATE.format(quantization=q), force, q)
     write_legacy_models(hf_dir, root / "ggml", root / "gguf-spm", force)
     if force or not (minilm / "model.safetensors").exists():
         shutil.copytree(minilm_source(), minilm, dirs_exist_ok=True)

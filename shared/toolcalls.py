@@ -85,7 +85,8 @@ class ToolParser:
     ends: tuple[str, ...] = ()
 
     def detect(self, template: str) -> bool:
-        return False
+        """Whether a chat template writes calls this way (by default: it writes a call's opening tag)."""
+        return any(start in template for start in self.starts)
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """(content, calls) of a finished answer; no calls -> (text, [])."""
@@ -105,9 +106,6 @@ class Hermes(ToolParser):
     starts = ("<tool_call>",)
     ends = ("</tool_call>",)
     _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
-
-    def detect(self, template: str) -> bool:
-        return "<tool_call>" in template
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         first = text.find("<tool_call>")
@@ -163,9 +161,6 @@ class Mistral(ToolParser):
     name = "mistral"
     starts = ("[TOOL_CALLS]",)
     _newer = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.:-]+)\s*\[ARGS\]")
-
-    def detect(self, template: str) -> bool:
-        return "[TOOL_CALLS]" in template
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         first = text.find("[TOOL_CALLS]")

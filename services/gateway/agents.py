@@ -50,15 +50,8 @@ async def _run(gw, request: Request, body: dict, build):
     fields."""
     conn = gw.connection(request)
     uid, target = await gw.model_target(conn, body)
-    chat = build(body)
-    messages = compat.chat_messages(chat.pop("messages"))
-    options = compat.chat_options(chat)
-    msg = p.Chat(model_uid=uid, messages=messages, config=compat.generate_config(chat), options=options)
-    if not msg.config.stream:
-        reply, _ = await gw.ask(conn, target, uid, msg)
-        gw.metrics.tokens(uid, reply.usage)
-        return uid, msg, reply
-    return uid, msg, await gw.open_stream(conn, target, uid, msg)
+    msg = compat.chat_request(uid, build(body))
+    return uid, msg, await gw.answer(conn, target, uid, msg)
 
 
 async def _deltas(first, chunks):
@@ -269,20 +262,16 @@ async def _response_events(rid, body, uid, msg, first, chunks):
     try:
         async for reasoning, content, call, why, used in _deltas(first, chunks):
             usage, finish = used or usage, why or finish
-            if reasoning:
-                if open_item is None or open_item["type"] != "reasoning":
-                    for e in close() + opening("reasoning"):
+            for kind, text, name, extra in (("reasoning", reasoning, "response.reasoning_text.delta", {}),
+                                            ("message", content, "response.output_text.delta", {"logprobs": []})):
+                if not text:
+                    continue
+                if open_item is None or open_item["type"] != kind:
+                    for e in close() + opening(kind):
                         yield e
-                open_item["content"][0]["text"] += reasoning
-                yield event("response.reasoning_text.delta", item_id=open_item["id"], output_index=len(output),
-                            content_index=0, delta=reasoning)
-            if content:
-                if open_item is None or open_item["type"] != "message":
-                    for e in close() + opening("message"):
-                        yield e
-                open_item["content"][0]["text"] += content
-                yield event("response.output_text.delta", item_id=open_item["id"], output_index=len(output),
-                            content_index=0, delta=content, logprobs=[])
+                open_item["content"][0]["text"] += text
+                yield event(name, item_id=open_item["id"], output_index=len(output), content_index=0, delta=text,
+                            **extra)
             if call is not None:
                 if call.id is not None:  # a new call: id and name first
                     for e in close() + opening("call", call):

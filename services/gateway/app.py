@@ -78,14 +78,6 @@ def plain(msg: p.Msg) -> dict:
     return as_plain(msg)
 
 
-def chat_request(uid: str, body: dict) -> p.Chat:
-    """An OpenAI / Xinference chat body (its model taken off) -> Chat: messages, tools and the template's
-    options, and the sampling settings."""
-    messages = compat.chat_messages(body.pop("messages", None))
-    options = compat.chat_options(body)
-    return p.Chat(model_uid=uid, messages=messages, config=compat.generate_config(body), options=options)
-
-
 def required(body: dict, name: str, kind: type | tuple) -> Any:
     value = body.get(name)
     if value is None:
@@ -199,7 +191,7 @@ class Gateway:
         body.pop("model")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:
-            msg: p.Msg = chat_request(uid, body)
+            msg: p.Msg = compat.chat_request(uid, body)
         else:
             prompt = required(body, "prompt", (str, list))
             body.pop("prompt")
@@ -208,12 +200,18 @@ class Gateway:
                     raise InvalidRequest("prompt must be one string (or a list of one string)", field="prompt")
                 prompt = prompt[0]
             msg = p.Generate(model_uid=uid, prompt=prompt, config=compat.generate_config(body))
+        answer = await self.answer(conn, target, uid, msg)
         if not msg.config.stream:
-            reply, _ = await self.ask(conn, target, uid, msg)
-            self.metrics.tokens(uid, reply.usage)
-            return json_response(plain(reply))
-        first, chunks = await self.open_stream(conn, target, uid, msg)
-        return EventStream(self._sse(uid, first, chunks, include_usage))
+            return json_response(plain(answer))
+        return EventStream(self._sse(uid, *answer, include_usage))
+
+    async def answer(self, conn: Connection, target: str, uid: str, msg: p.Generate | p.Chat):
+        """The reply of a generation (counted in the metrics), or, streamed, (first chunk, the rest)."""
+        if msg.config.stream:
+            return await self.open_stream(conn, target, uid, msg)
+        reply, _ = await self.ask(conn, target, uid, msg)
+        self.metrics.tokens(uid, reply.usage)
+        return reply
 
     async def open_stream(self, conn: Connection, target: str, uid: str, msg: p.Msg):
         """(first chunk, the rest) of a stream; errors before the first chunk raise (their own HTTP status), an
@@ -236,9 +234,9 @@ class Gateway:
         body = await body_of(request)
         uid, target = await self.model_target(conn, body)
         body.pop("model")
-        messages = compat.chat_messages(body.pop("messages", None))
-        options = compat.chat_options(body)
-        reply, _ = await self.ask(conn, target, uid, p.RenderChat(model_uid=uid, messages=messages, options=options))
+        chat = compat.chat_request(uid, body)
+        reply, _ = await self.ask(conn, target, uid, p.RenderChat(model_uid=uid, messages=chat.messages,
+                                                                  options=chat.options))
         return json_response(plain(reply))
 
     async def _sse(self, uid: str, first, chunks, include_usage: bool):

@@ -40,7 +40,6 @@ class AnswerSplitter:
         # "start": nothing seen yet (reasoning may open); "reasoning"; "content"
         self.state = "reasoning" if (reasoning_tags and opened) else ("start" if reasoning_tags else "content")
         self.buffer = ""
-        self.reasoning_open = self.state == "reasoning"
         self.lead = True  # whitespace at the start of a reasoning or content segment is dropped
         self.trailing = ""  # reasoning's whitespace, held until more reasoning follows
         self.call_text = ""  # a possible call, held

@@ -80,6 +80,7 @@ class LLMEngine(Engine):
         self.stats = instances.InstanceStats()
         if "chat" in family.model_ability:
             self.template(False)  # a chat model with no template anywhere is refused at launch, naming chat_template
+        self.tool_parser = self._find_tool_parser()
 
     # ------------------------------------------------------------------ from the I/O thread
 
@@ -156,15 +157,11 @@ class LLMEngine(Engine):
             if isinstance(job.msg, p.Embed):
                 self.embeds.append(_EmbedWork(job))
                 continue
-            if isinstance(job.msg, p.RenderChat):
-                try:
-                    job.reply(self.render(job.msg, lambda j=job: j.cancelled))
-                except Exception as exc:  # a refusal of this request (typed)
-                    self.stats.failures += 1
-                    job.fail(exc)
-                continue
             try:
-                self._start(job)
+                if isinstance(job.msg, p.RenderChat):
+                    job.reply(self.render(job.msg, lambda j=job: j.cancelled))
+                else:
+                    self._start(job)
             except Exception as exc:  # a refusal of this request (typed), never of the engine
                 self.stats.failures += 1
                 job.fail(exc)
@@ -178,9 +175,6 @@ class LLMEngine(Engine):
         msg, family = job.msg, self.family
         plan = None
         if isinstance(msg, p.Chat):
-            if "chat" not in family.model_ability:
-                raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
-                                     "use generate", field="model_uid")
             plan = self.plan(msg.messages, msg.options, msg.config, lambda: job.cancelled)
             prompt, stops, stop_ids = plan.prompt, merge_stops(msg.config.stop, plan.stops), plan.stop_ids
         else:
@@ -264,18 +258,14 @@ class LLMEngine(Engine):
                              "or prompt_style and its files have none; register it with chat_template",
                              field="chat_template")
 
-    def tool_parser(self) -> ToolParser | None:
+    def _find_tool_parser(self) -> ToolParser | None:
         """The registration's tool_parser, else the format its template writes calls in (None: neither)."""
-        if not hasattr(self, "_tool_parser"):
-            name = self.family.v2_extras.get("tool_parser")
-            parser = toolcalls.lookup(name) if name else None
-            if parser is None:
-                own = self.backend.chat_template
-                texts = [self.family.chat_template or ""]
-                texts += list(own.values()) if isinstance(own, dict) else [own or ""]
-                parser = next((found for t in texts if (found := toolcalls.detect(t)) is not None), None)
-            self._tool_parser = parser
-        return self._tool_parser
+        name = self.family.v2_extras.get("tool_parser")
+        if name:
+            return toolcalls.lookup(name)
+        own = self.backend.chat_template
+        texts = [self.family.chat_template or ""] + (list(own.values()) if isinstance(own, dict) else [own or ""])
+        return next((found for t in texts if (found := toolcalls.detect(t)) is not None), None)
 
     def reasoning_tags(self) -> tuple[str, str] | None:
         extras = self.family.v2_extras
@@ -285,6 +275,9 @@ class LLMEngine(Engine):
     def plan(self, messages: list[ChatMessage], options: ChatOptions, cfg: GenerateConfig | None = None,
              cancelled=None) -> ChatPlan:
         family = self.family
+        if "chat" not in family.model_ability:
+            raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
+                                 "use generate", field="model_uid")
         stops = merge_stops(family.stop)
         stop_ids = list(family.stop_token_ids or [])
         tools = options.tools or None
@@ -305,7 +298,7 @@ class LLMEngine(Engine):
         parser = None
         constraint = constraint_of(cfg) if cfg is not None else None
         if tools and options.tool_choice != "none":
-            parser = self.tool_parser()
+            parser = self.tool_parser
             if parser is None:
                 raise InvalidRequest(
                     f"model {self.uid!r} cannot take tools: its registration names no tool_parser and its chat "
@@ -324,9 +317,6 @@ class LLMEngine(Engine):
         return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint)
 
     def render(self, msg: p.RenderChat, cancelled=None) -> p.RenderedChat:
-        if "chat" not in self.family.model_ability:
-            raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {self.family.model_ability})",
-                                 field="model_uid")
         plan = self.plan(msg.messages, msg.options, None, cancelled)
         return p.RenderedChat(model=self.uid, prompt=plan.prompt, token_ids=self.backend.tokenize(plan.prompt),
                               template_source=plan.source)
