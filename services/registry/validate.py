@@ -15,11 +15,13 @@ from zinfer.shared.models import (
     EmbeddingFamily,
     FieldProblem,
     LLMFamily,
+    LLMSpec,
     RerankFamily,
     decode_json_object,
     parse_as,
     shape_problems,
     spec_file_name,
+    spec_file_names,
     uri_to_path,
 )
 
@@ -72,7 +74,7 @@ def _uri_field(family: Definition, i: int) -> str:
 def _local_paths(family: Definition) -> list[tuple[str, str, bool, list[str]]]:
     """(field, path, wants a file, the template's file names) of each model_uri that names a local path."""
     out = []
-    specs = [family] if isinstance(family, EmbeddingFamily) else family.model_specs
+    specs = [family.spec.as_llm_spec()] if isinstance(family, EmbeddingFamily) else family.model_specs
     for i, spec in enumerate(specs):
         uri = spec.model_uri
         path = uri_to_path(uri) if uri else None
@@ -81,7 +83,8 @@ def _local_paths(family: Definition) -> list[tuple[str, str, bool, list[str]]]:
         field = _uri_field(family, i)
         fmt = getattr(spec, "model_format", "pytorch")
         template = getattr(spec, "model_file_name_template", None)
-        names = [spec_file_name(template, q) for q in spec.quantizations] if fmt != "pytorch" and template else []
+        names = [n for q in spec.quantizations for n in spec_file_names(spec, q)] \
+            if fmt != "pytorch" and template else []
         out.append((field, path, fmt != "pytorch", names))
     return out
 
@@ -172,27 +175,42 @@ def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
                                      f"{list(toolcalls.NAMES)} (or Xinference's names for them: "
                                      f"{sorted(set(toolcalls.PARSERS) - set(toolcalls.NAMES))})"))
     for i, spec in enumerate(family.model_specs):
-        field = f"model_specs[{i}].model_uri"
-        folder = uri_to_path(spec.model_uri) if spec.model_uri else None
-        if folder and not os.path.exists(folder) and spec.model_format != "pytorch" and \
-                spec.model_file_name_template and not remote.found.get(folder):
-            # Not here: a file on some worker's host, or a folder there with every quantization's file.
-            names = [spec_file_name(spec.model_file_name_template, q) for q in spec.quantizations]
-            if all(remote.found.get(os.path.join(folder, n)) for n in names):
-                continue
-            problems.append(FieldProblem(field, remote.missing(folder)))
-            continue
-        if spec.model_format != "pytorch" and folder and os.path.isdir(folder) and spec.model_file_name_template:
-            # A folder works when it holds the file of every quantization (the template picks one at launch).
-            missing = [q for q in spec.quantizations if not os.path.isfile(
-                os.path.join(folder, spec_file_name(spec.model_file_name_template, q)))]
-            if missing:
-                problems.append(FieldProblem(field, f"{folder} is a folder without "
-                    f"{spec_file_name(spec.model_file_name_template, missing[0])}; a {spec.model_format} "
-                    "model_uri names the model file (or a folder holding one file per quantization)"))
-            continue
-        problems += _uri_problems(spec.model_uri, spec.model_format != "pytorch", field, remote)
+        problems += _spec_file_problems(spec, f"model_specs[{i}]", remote)
     return problems
+
+
+def _spec_file_problems(spec: LLMSpec, at: str, remote: _Remote) -> list[FieldProblem]:
+    """A spec's model_uri: a pytorch folder; a gguf/ggml file, or a folder with every quantization's files (every
+    part of a split one); here, or on a worker's host."""
+    field = f"{at}.model_uri"
+    folder = uri_to_path(spec.model_uri) if spec.model_uri else None
+    if spec.model_format == "pytorch" or not folder or not spec.model_file_name_template:
+        return _uri_problems(spec.model_uri, spec.model_format != "pytorch", field, remote)
+    names = {q: spec_file_names(spec, q) for q in spec.quantizations}
+    if not os.path.exists(folder) and not remote.found.get(folder):
+        # Not here: a file on some worker's host, or a folder there with every quantization's files.
+        if all(remote.found.get(os.path.join(folder, n)) for files in names.values() for n in files):
+            return []
+        return [FieldProblem(field, remote.missing(folder))]
+    if os.path.isfile(folder):  # one file: the first part of a split model has the rest beside it
+        split = next((files for files in names.values() if len(files) > 1 and files[0] == os.path.basename(folder)),
+                     None)
+        missing = [n for n in split or () if not os.path.isfile(os.path.join(os.path.dirname(folder), n))]
+        if missing:
+            return [FieldProblem(f"{at}.quantization_parts", f"{missing[0]} is not beside {folder}")]
+        return _uri_problems(spec.model_uri, True, field, remote)
+    if os.path.isdir(folder):
+        # A folder works when it holds the files of every quantization (the template picks one at launch).
+        for files in names.values():
+            missing = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
+            if missing and len(files) > 1:
+                return [FieldProblem(f"{at}.quantization_parts", f"{folder} lacks {missing[0]} (part "
+                                     f"{files.index(missing[0]) + 1} of {len(files)})")]
+            if missing:
+                return [FieldProblem(field, f"{folder} is a folder without {missing[0]}; a {spec.model_format} "
+                                     "model_uri names the model file (or a folder holding one file per quantization)")]
+        return []
+    return _uri_problems(spec.model_uri, True, field, remote)
 
 
 def looks_like(obj: dict) -> tuple[str, str] | None:
@@ -228,8 +246,11 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], w
     if isinstance(definition, LLMFamily):
         problems += _llm_problems(definition, remote)
     elif isinstance(definition, EmbeddingFamily):
-        field = "model_specs[0].model_uri" if definition.version == 2 else "model_uri"
-        problems += _uri_problems(definition.model_uri, False, field, remote)
+        if definition.spec.model_format != "pytorch":
+            problems += _spec_file_problems(definition.spec.as_llm_spec(), "model_specs[0]", remote)
+        else:
+            field = "model_specs[0].model_uri" if definition.version == 2 else "model_uri"
+            problems += _uri_problems(definition.model_uri, False, field, remote)
     else:
         for i, spec in enumerate(definition.model_specs):
             problems += _uri_problems(spec.model_uri, False, _uri_field(definition, i), remote)

@@ -10,6 +10,7 @@ from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
 from zinfer.shared.models import (
     QUANTIZATION_RE,
     EmbeddingFamily,
+    EmbeddingSpec,
     LLMFamily,
     LLMSpec,
     RerankFamily,
@@ -22,6 +23,15 @@ def spec_label(spec: LLMSpec) -> str:
     return f"{spec.model_format} {spec.model_size_in_billions}B [{', '.join(spec.quantizations)}]"
 
 
+def _file_quantization(name: str) -> str:
+    """A .gguf file named by a launch's model_path, as the quantization of a one-file spec."""
+    quant = name[:-len(".gguf")]
+    if not QUANTIZATION_RE.fullmatch(quant):
+        raise InvalidRequest(f"model_path: the file name {name!r} must be letters, digits, '_', '.' and '-'",
+                             field="model_path")
+    return quant
+
+
 def with_path(family, path: str):
     """The named model's definition (its template, stops, abilities) with its weights at `path` instead, on the
     worker's host: Xinference's launch by model_path. A .gguf file runs on llama.cpp, a folder on transformers
@@ -30,22 +40,44 @@ def with_path(family, path: str):
         raise InvalidRequest(f"model_path {path!r} must be an absolute path (on the worker's host)", field="model_path")
     path = path.rstrip("/") or "/"
     if isinstance(family, EmbeddingFamily):
+        if path.endswith(".gguf"):  # a GGUF embedding model, on llama.cpp
+            folder, name = path.rsplit("/", 1)
+            spec = EmbeddingSpec(model_format="ggufv2", model_uri=folder or "/", quantization=_file_quantization(name),
+                                 model_file_name_template="{quantization}.gguf")
+            return msgspec.structs.replace(family, model_uri=spec.model_uri, model_id=None, model_specs=[spec],
+                                           version=2)
         return msgspec.structs.replace(family, model_uri=path, model_id=None, model_specs=None, version=1)
     if isinstance(family, RerankFamily):
         return msgspec.structs.replace(family, model_specs=[RerankSpec(model_uri=path)])
     size = family.model_specs[0].model_size_in_billions
     if path.endswith(".gguf"):
         folder, name = path.rsplit("/", 1)
-        quant = name[:-len(".gguf")]
-        if not QUANTIZATION_RE.fullmatch(quant):
-            raise InvalidRequest(f"model_path: the file name {name!r} must be letters, digits, '_', '.' and '-'",
-                                 field="model_path")
-        spec = LLMSpec(model_format="ggufv2", model_size_in_billions=size, quantizations=[quant],
+        spec = LLMSpec(model_format="ggufv2", model_size_in_billions=size, quantizations=[_file_quantization(name)],
                        model_uri=folder or "/", model_file_name_template="{quantization}.gguf")
     else:
         spec = LLMSpec(model_format="pytorch", model_size_in_billions=size, quantizations=["none", "4-bit", "8-bit"],
                        model_uri=path)
     return msgspec.structs.replace(family, model_specs=[spec], v2_spec_extras=[])
+
+
+def choose_embedding(family: EmbeddingFamily, model_format: str | None, quantization: str | None,
+                     formats: tuple[str, ...] | None) -> EmbeddingFamily:
+    """The embedding definition with the spec that fits the asked format, quantization and engine first (the one
+    that runs), its place in the flat fields."""
+    specs = family.model_specs or [family.spec]
+    for spec in specs:
+        if (model_format and spec.model_format != model_format) or (formats and spec.model_format not in formats) \
+                or (quantization and spec.quantization != quantization):
+            continue
+        if spec is specs[0]:
+            return family
+        return msgspec.structs.replace(family, model_specs=[spec, *(s for s in specs if s is not spec)],
+                                       model_id=spec.model_id, model_uri=spec.model_uri,
+                                       model_revision=spec.model_revision, model_hub=spec.model_hub)
+    have = ", ".join(f"{s.model_format}/{s.quantization}" for s in specs)
+    asked = "/".join(x for x in (model_format, quantization) if x) or f"an engine running {', '.join(formats or ())}"
+    field = "quantization" if quantization and not model_format else "model_format"
+    raise NotFound(f"embedding model {family.model_name!r} has no spec for {asked} (it has {have})", field=field)
 
 
 def match_spec(family: LLMFamily, model_format: str | None, size: int | str | None,

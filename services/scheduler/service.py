@@ -31,7 +31,7 @@ from zinfer.services.scheduler.book import (
     view,
 )
 from zinfer.services.scheduler.lifecycle import Lifecycle
-from zinfer.services.scheduler.placement import Slot, match_spec, place, with_path
+from zinfer.services.scheduler.placement import Slot, choose_embedding, match_spec, place, with_path
 from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
 from zinfer.shared.compat import engine_options
@@ -328,7 +328,9 @@ class Scheduler(Lifecycle):
                                   options=options, incarnation=incarnation, model_path=msg.model_path or "")
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
         else:
-            if msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
+            if isinstance(family, EmbeddingFamily):
+                family = choose_embedding(family, msg.model_format, msg.quantization, formats)
+            elif msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
                 raise InvalidRequest(f"{msg.model_type} models run in model_format pytorch with quantization "
                                      "none", field="model_format" if msg.model_format not in (None, "pytorch")
                                      else "quantization")
@@ -340,7 +342,8 @@ class Scheduler(Lifecycle):
             probe = p.ProbeFiles(model_type=msg.model_type, **folder)
             base = p.LoadInstance(model_uid=uid, model_type=msg.model_type, options=options,
                                   incarnation=incarnation, model_path=msg.model_path or "", **folder)
-            engines.check_options(options, engines.for_model(msg.model_type, None))
+            engines.check_options(options, engines.for_model(msg.model_type,
+                                                              engines.model_format(msg.model_type, family)))
         with self.lock:
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "

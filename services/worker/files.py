@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
-from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankSpec, spec_file_name, uri_to_path
+from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankSpec, spec_file_name, spec_file_names, uri_to_path
 from zinfer.shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
 
@@ -143,14 +143,15 @@ def local_llm_path(spec: LLMSpec, quantization: str) -> str | None:
                            else f"model_uri {path} is not a directory", field="model_uri")
         return path
     template = spec.model_file_name_template or ""
+    names = spec_file_names(spec, quantization)
     if os.path.isdir(path):
-        file = os.path.join(path, spec_file_name(template, quantization))
-        if not os.path.isfile(file):
-            raise NotFound(f"model file {file} (quantization {quantization}) does not exist on host {_host()}",
-                           field="model_uri")
-        return file
+        _check_parts(path, names, quantization)
+        return os.path.join(path, names[0])
     if not os.path.isfile(path):
         raise NotFound(f"model_uri {path} does not exist on host {_host()}", field="model_uri")
+    if len(names) > 1 and os.path.basename(path) == names[0]:  # the first part of a split model: the rest beside it
+        _check_parts(os.path.dirname(path), names, quantization)
+        return path
     # One file: it must be the file of the quantization asked for, else the model loaded and the model listed differ.
     name = os.path.basename(path)
     named = [q for q in spec.quantizations if spec_file_name(template, q) == name]
@@ -163,6 +164,16 @@ def local_llm_path(spec: LLMSpec, quantization: str) -> str | None:
                              f"{spec.quantizations}: the quantization of what would load is unknown; point "
                              "model_uri at a folder, or give the spec one quantization", field="model_uri")
     return path
+
+
+def _check_parts(folder: str, names: list[str], quantization: str) -> None:
+    """Every file of the quantization in `folder`; the first missing one is named."""
+    for i, name in enumerate(names):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            what = f"part {i + 1} of {len(names)}, " if len(names) > 1 else ""
+            raise NotFound(f"model file {file} ({what}quantization {quantization}) does not exist on host "
+                           f"{_host()}", field="quantization_parts" if len(names) > 1 else "model_uri")
 
 
 def local_folder_path(family: EmbeddingFamily | RerankSpec) -> str | None:
@@ -183,8 +194,24 @@ def resolve_llm_files(spec: LLMSpec, quantization: str, fetch: Fetch | None = No
         return local
     if spec.model_format == "pytorch":
         return _from_hub(spec.model_id, spec.model_revision, fetch=fetch)
-    return _from_hub(spec.model_id, spec.model_revision, spec_file_name(spec.model_file_name_template, quantization),
-                     fetch)
+    names = spec_file_names(spec, quantization)
+    paths = [_from_hub(spec.model_id, spec.model_revision, name, fetch) for name in names]
+    return paths[0]  # a split model's parts land side by side in the snapshot; llama.cpp opens the first
+
+
+def resolve_embedding_files(family: EmbeddingFamily, fetch: Fetch | None = None) -> str:
+    """An embedding model's files: a sentence-transformers folder, or a GGUF file (its first part, if split)."""
+    spec = family.spec
+    if spec.model_format == "pytorch":
+        return resolve_folder_files(family, fetch)
+    return resolve_llm_files(spec.as_llm_spec(), spec.quantization, fetch)
+
+
+def local_embedding_path(family: EmbeddingFamily) -> str | None:
+    spec = family.spec
+    if spec.model_format == "pytorch":
+        return local_folder_path(family)
+    return local_llm_path(spec.as_llm_spec(), spec.quantization)
 
 
 def resolve_folder_files(family: EmbeddingFamily | RerankSpec, fetch: Fetch | None = None) -> str:
@@ -214,7 +241,7 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     parameter count when they would come from the Hub at load)."""
     try:
         if msg.model_type == "embedding":
-            path = local_folder_path(msg.embedding)
+            path = local_embedding_path(msg.embedding)
         elif msg.model_type == "rerank":
             path = local_folder_path(msg.rerank.spec)
         else:

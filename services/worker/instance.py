@@ -122,10 +122,10 @@ class Instance:
         load = self.spec
         limit = load.options.request_limits or self.settings.instance_queue
         trust = self.trust_remote_code()
-        engine_info = engines.for_model(load.model_type, load.spec.model_format if load.spec else None)
+        engine_info = engines.of_load(load)
         self._step(0.05, "finding files")
         if load.model_type == "embedding":
-            path = files.resolve_folder_files(load.embedding, self._fetch(load.embedding.model_id))
+            path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
         elif load.model_type == "rerank":
             path = files.resolve_folder_files(load.rerank.spec, self._fetch(load.rerank.spec.model_id))
         else:
