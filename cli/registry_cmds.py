@@ -22,28 +22,36 @@ def register(
     from_path: Annotated[str | None, typer.Option(
         "--from-path", help="Fill the definition in from a model folder or GGUF file (config, tokenizer, template, "
         "headers; never the weights) and register it.")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="With --from-path: the model_name.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --from-path: print the definition, register "
-                                          "nothing.")] = False,
+    from_hub: Annotated[str | None, typer.Option(
+        "--from-hub", help="Fill the definition in from a Hugging Face repository id, fetching only its config, "
+        "tokenizer and template files (HF_ENDPOINT and HF_TOKEN as for downloads).")] = None,
+    revision: Annotated[str | None, typer.Option("--model-revision", help="With --from-hub: a branch, tag or "
+                                                 "commit.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="With --from-path or --from-hub: the model_name.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --from-path or --from-hub: print the definition, "
+                                          "register nothing.")] = False,
     persist: Annotated[bool, typer.Option("--persist", "-p", help="Keep it across restarts.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a custom model of the same name (none of its "
                                         "instances may be running).")] = False,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
-    """Register a custom model from a JSON definition (--file), or from the model's own files (--from-path)."""
-    if (file is None) == (from_path is None):
-        fail("give --file (a JSON definition) or --from-path (a model folder or GGUF file), one of them")
-    if from_path is not None:
-        from zinfer.shared.fromfiles import registration_from_path
+    """Register a custom model from a JSON definition (--file), or from the model's own files (--from-path, or
+    --from-hub)."""
+    if sum(x is not None for x in (file, from_path, from_hub)) != 1:
+        fail("give one of --file (a JSON definition), --from-path (a model folder or GGUF file) or --from-hub (a "
+             "Hugging Face repository id)")
+    if from_path is not None or from_hub is not None:
+        from zinfer.shared import fromfiles
 
-        model_type, definition = registration_from_path(from_path, model_type, name)
+        model_type, definition = fromfiles.registration_from_path(from_path, model_type, name) if from_path \
+            else fromfiles.registration_from_hub(from_hub, model_type, name, revision)
         print_json(definition)
         if dry_run:
             return
         with make_client(endpoint, timeout) as client:
             client.register_model(model_type=model_type, model=json.dumps(definition), persist=persist, force=force)
-        typer.echo(f"registered {model_type} model {definition['model_name']} from {from_path}"
+        typer.echo(f"registered {model_type} model {definition['model_name']} from {from_path or from_hub}"
                    + (" (persisted)" if persist else ""), err=True)
         return
     model_type = model_type or "LLM"

@@ -109,7 +109,8 @@ def _languages(folder: Path) -> list[str]:
     return langs or ["en"]
 
 
-def _from_folder(folder: Path, model_type: str | None, name: str | None) -> tuple[str, dict]:
+def _from_folder(folder: Path, model_type: str | None, name: str | None, params: int | None = None
+                 ) -> tuple[str, dict]:
     config = _json(folder / "config.json")
     if not config and not (folder / "modules.json").is_file():
         raise InvalidRequest(f"model_path: {folder} holds no model (no config.json, no .gguf file)", field="model_path")
@@ -142,7 +143,7 @@ def _from_folder(folder: Path, model_type: str | None, name: str | None) -> tupl
     qcfg = config.get("quantization_config") or {}
     quantization = "4-bit" if qcfg.get("load_in_4bit") or qcfg.get("bits") == 4 else \
         "8-bit" if qcfg.get("load_in_8bit") or qcfg.get("bits") == 8 else "none"
-    params = _safetensors_params(folder)
+    params = _safetensors_params(folder) if params is None else params
     text_cfg = config.get("text_config") or config
     out = {**common, "model_lang": _languages(folder), "model_ability": abilities, "model_family": "other",
            "context_length": text_cfg.get("max_position_embeddings") or config.get("max_seq_len") or 2048,
@@ -159,9 +160,9 @@ def _from_folder(folder: Path, model_type: str | None, name: str | None) -> tupl
 def _from_gguf(file: Path, model_type: str | None, name: str | None) -> tuple[str, dict]:
     import gguf
 
-    if model_type not in (None, "LLM"):
-        raise InvalidRequest(f"model_type: a GGUF file registers as an LLM here, not {model_type!r}",
-                             field="model_type")
+    if model_type not in (None, "LLM", "embedding"):
+        raise InvalidRequest(f"model_type: a GGUF file registers as an LLM or an embedding model, not "
+                             f"{model_type!r}", field="model_type")
     try:
         reader = gguf.GGUFReader(str(file))
     except Exception as exc:  # not a GGUF file
@@ -186,10 +187,20 @@ def _from_gguf(file: Path, model_type: str | None, name: str | None) -> tuple[st
             at:at + len(quant)]
     else:  # the quantization is not in the name: the name is the quantization
         template, quantization = "{quantization}.gguf", file.name[:-5]
+    base = template.replace("{quantization}", "").removesuffix(".gguf").strip("._-")
+    pooling = field(f"{arch}.pooling_type")
+    if model_type == "embedding" or (model_type is None and pooling not in (None, 0, 4) and
+                                     field(f"{arch}.attention.causal") is False):
+        # An encoder with a pooling of its own (BERT-style): an embedding model on llama.cpp.
+        return "embedding", {
+            "version": 2, "model_name": _name(Path(base or file.name), name),
+            "dimensions": int(field(f"{arch}.embedding_length") or 0), "language": ["en"],
+            "max_tokens": int(field(f"{arch}.context_length") or 512),
+            "model_specs": [{"model_format": "ggufv2", "quantization": quantization,
+                             "model_uri": f"file://{file.parent}", "model_file_name_template": template}]}
     chat = field("tokenizer.chat_template") or ""
     tokens = set(field("tokenizer.ggml.tokens") or [])
     abilities, extra = _llm_abilities(chat, tokens)
-    base = template.replace("{quantization}", "").removesuffix(".gguf").strip("._-")
     out = {"version": 2, "model_name": _name(Path(base or file.name), name), "model_lang": ["en"],
            "model_ability": abilities,
            "model_family": "other", "context_length": field(f"{arch}.context_length") or 2048,
@@ -213,3 +224,40 @@ def registration_from_path(path: str, model_type: str | None = None, name: str |
                                  "file", field="model_path")
         return _from_gguf(p, model_type, name)
     return _from_folder(p, model_type, name)
+
+
+# What --from-hub fetches: configuration, tokenizer and template files and the model card; never weights.
+HUB_FILES = ["*.json", "*.jinja", "README.md"]
+
+
+def registration_from_hub(repo_id: str, model_type: str | None = None, name: str | None = None,
+                          revision: str | None = None) -> tuple[str, dict]:
+    """(model type, version 2 JSON) for a Hugging Face repository, from its small files only (HUB_FILES, into the
+    Hugging Face cache; HF_ENDPOINT and HF_TOKEN as for downloads) and its safetensors headers (the Hub's
+    metadata, by byte ranges); its specs name the repository (model_id, model_hub, model_revision), not a path."""
+    from huggingface_hub import get_safetensors_metadata, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise InvalidRequest(f"model_id {repo_id!r}: no such repository on the Hub (or it is private: set HF_TOKEN)",
+                             field="model_id") from None
+    except RevisionNotFoundError:
+        raise InvalidRequest(f"model_revision {revision!r}: {repo_id!r} has no such revision",
+                             field="model_revision") from None
+    except Exception as exc:
+        raise InvalidRequest(f"model_id {repo_id!r}: its files could not be fetched ({type(exc).__name__}: {exc})",
+                             field="model_id") from None
+    if not (folder / "config.json").is_file() and not (folder / "modules.json").is_file():
+        raise InvalidRequest(f"model_id {repo_id!r} has no config.json (a GGUF-only repository, or not a model): "
+                             "download its file and use --from-path", field="model_id")
+    try:
+        params = sum(get_safetensors_metadata(repo_id, revision=revision).parameter_count.values())
+    except Exception:  # no safetensors weights, or the Hub does not answer ranges: the size is left to the person
+        params = 0
+    kind, out = _from_folder(folder, model_type, name or repo_id.rsplit("/", 1)[-1], params)
+    for spec in out["model_specs"]:
+        spec.pop("model_uri", None)
+        spec.update(model_id=repo_id, model_hub="huggingface", model_revision=revision)
+    return kind, out

@@ -111,13 +111,16 @@ class HubServer:
 
             def _file(self, repo: Repo, rel: str) -> None:
                 data = repo.files[rel].read_bytes()
-                start = 0
+                start, end = 0, len(data)
                 ranged = self.headers.get("Range", "")
                 if ranged.startswith("bytes="):
-                    start = int(ranged[len("bytes="):].split("-")[0] or 0)
-                body = data[start:]
-                self.send_response(206 if start else 200)
+                    first, _, last = ranged[len("bytes="):].partition("-")
+                    start, end = int(first or 0), min(len(data), int(last) + 1) if last else len(data)
+                body = data[start:end]
+                self.send_response(206 if ranged else 200)
                 self.send_header("Content-Length", str(len(body)))
+                if ranged:
+                    self.send_header("Content-Range", f"bytes {start}-{max(start, end - 1)}/{len(data)}")
                 self.send_header("ETag", f'"{repo.etags[rel]}"')
                 self.send_header("X-Linked-Etag", f'"{repo.etags[rel]}"')
                 self.send_header("X-Linked-Size", str(len(data)))

@@ -123,7 +123,8 @@ def test_bad_variants_are_refused_naming_the_field(xm, kind, label, change, fiel
 
 FROM_PATH = [("tiny-llama", "pytorch", "LLM"), ("gguf/tiny-llama.F32.gguf", "gguf", "LLM"),
              ("tool-llama", "tools_pytorch", "LLM"), ("minilm", "embedding", "embedding"),
-             ("tiny-reranker", "rerank", "rerank")]
+             ("tiny-reranker", "rerank", "rerank"),
+             ("embed-gguf/tiny-embedder.F32.gguf", "embedding_gguf", "embedding")]
 
 
 @pytest.mark.parametrize("rel,key,kind", FROM_PATH, ids=[f[0] for f in FROM_PATH])
@@ -158,13 +159,19 @@ def test_register_from_path_fills_a_definition_that_registers_and_launches_uncha
         if key == "gguf":
             assert spec["model_format"] == "ggufv2" and spec["quantization"] == "F32"
             assert spec["model_file_name_template"] == "tiny-llama.{quantization}.gguf"
+        dims = 64 if key == "embedding_gguf" else 384  # the tiny BERT's GGUF (llama.cpp), or MiniLM
+        if key == "embedding_gguf":
+            assert spec["model_format"] == "ggufv2" and definition["max_tokens"] == 512
+            assert spec["model_file_name_template"] == "tiny-embedder.{quantization}.gguf"
+        elif kind == "embedding":
+            assert definition["max_tokens"] == 256
         if kind == "embedding":
-            assert definition["dimensions"] == 384 and definition["max_tokens"] == 256
+            assert definition["dimensions"] == dims
         launch = {"model_format": spec["model_format"]} if kind == "LLM" else {}
         uid = xm.client.launch_model(model_name=name, model_type=kind, model_uid=f"u-{name}", **launch)
         _serve_one(xm, kind, uid) if kind != "embedding" else None
         if kind == "embedding":
-            assert len(xm.client.get_model(uid).create_embedding("hi")["data"][0]["embedding"]) == 384
+            assert len(xm.client.get_model(uid).create_embedding("hi")["data"][0]["embedding"]) == dims
         xm.client.terminate_model(uid)
     finally:
         xm.client.unregister_model(kind, name)

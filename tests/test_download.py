@@ -8,6 +8,7 @@ launched from their local folders.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,36 @@ def test_terminate_stops_a_download(hub_mesh):
     m.hub.bytes_per_s = None
     c.launch_model(model_name="hub-llama-large", model_format="pytorch", model_uid="slow")
     assert _greedy(m, "slow")
+
+
+def test_register_from_hub_reads_only_small_files_and_fills_what_from_path_fills(tmp_path, tiny_models):
+    """`zinfer register --from-hub ID --dry-run`: the repository's config, tokenizer and template files and its
+    safetensors header (a byte range), never the weights; the same fields as --from-path on the same folder, the
+    place being the repository."""
+    import json
+
+    from zinfer.shared.fromfiles import registration_from_path
+
+    folder = tiny_models["tools_pytorch"]
+    with HubServer({"zinfer/tool-llama": folder}) as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+        run = [sys.executable, "-m", "zinfer", "register", "--dry-run", "--from-hub"]
+        out = subprocess.run([*run, "zinfer/tool-llama"], capture_output=True, text=True, cwd=REPO, env=env,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        missing = subprocess.run([*run, "zinfer/no-such-repo"], capture_output=True, text=True, cwd=REPO, env=env,
+                                 timeout=120)
+        header_reads = hub.served("model.safetensors")
+    assert missing.returncode != 0 and "model_id" in missing.stderr and "no such repository" in missing.stderr
+    got = json.loads(out.stdout)
+    _, want = registration_from_path(str(folder), name="tool-llama")
+    place = want["model_specs"][0].pop("model_uri")
+    assert place == f"file://{folder}"
+    spec = got["model_specs"][0]
+    assert spec.pop("model_id") == "zinfer/tool-llama" and spec.pop("model_hub") == "huggingface"
+    spec.pop("model_revision")
+    assert got == want  # abilities, reasoning tags, context length, size from the header, stop ids
+    downloaded = {p.name for p in (tmp_path / "hf").rglob("*") if p.is_file() and "snapshots" in p.parts}
+    assert "config.json" in downloaded and "tokenizer.json" in downloaded and "model.safetensors" not in downloaded
+    assert header_reads  # the size came from the header on the Hub (by range: the weights are not in the cache)

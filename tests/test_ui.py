@@ -330,6 +330,51 @@ def test_a_definition_loaded_from_a_file_fills_the_form(page, site, tiny_models,
     site.client.unregister_model("embedding", "from-file")
 
 
+def test_the_register_page_fills_the_form_from_a_path(page, site, tiny_models, shots):
+    from playwright.sync_api import expect
+
+    from zinfer.shared.fromfiles import registration_from_path
+
+    sign_in(page, site, site.admin_api_key)
+    page.goto(site.gateway_url + "/#/register?type=LLM")
+    page.get_by_label("A model folder or .gguf file").fill(str(tiny_models["tools_pytorch"]))
+    page.get_by_role("button", name="Fill in", exact=True).click()
+    _, expected = registration_from_path(str(tiny_models["tools_pytorch"]))
+    expect(page.get_by_label("Model name")).to_have_value("tool-llama")
+    expect(page.get_by_label("Context length")).to_have_value(str(expected["context_length"]))
+    checked = page.locator("input[name=ability]:checked").evaluate_all("boxes => boxes.map(b => b.value)")
+    assert sorted(checked) == sorted(expected["model_ability"]) and "tools" in checked
+    expect(page.locator("#spec-0-model_uri")).to_have_value(f"file://{tiny_models['tools_pytorch']}")
+    page.screenshot(path=shots / "register-filled.png", full_page=True)
+    # An embedding folder switches the page to the embedding form, filled
+    page.get_by_label("A model folder or .gguf file").fill(str(tiny_models["embedder"]))
+    page.get_by_role("button", name="Fill in", exact=True).click()
+    expect(page.get_by_label("Dimensions")).to_have_value("64")
+    page.get_by_label("Model name").fill("filled-embedder")
+    page.get_by_role("button", name="Register", exact=True).click()
+    expect(page.get_by_role("heading", name="filled-embedder")).to_be_visible()
+    assert site.client.get_model_registration("embedding", "filled-embedder")["dimensions"] == 64
+    site.client.unregister_model("embedding", "filled-embedder")
+    # A path with no model: the error beside the box, nothing filled
+    page.goto(site.gateway_url + "/#/register?type=LLM")
+    page.get_by_label("A model folder or .gguf file").fill("/nonexistent/model")
+    page.get_by_role("button", name="Fill in", exact=True).click()
+    expect(page.locator("#fill-source-error")).to_contain_text("does not exist")
+    assert not page.errors, page.errors
+
+
+def test_filling_from_files_needs_an_admin_key(site, tiny_models):
+    url = site.gateway_url + "/v1/registration_from_files"
+    body = {"model_path": str(tiny_models["embedding"])}
+    user = requests.post(url, json=body, headers={"Authorization": f"Bearer {site.user_api_key}"}, timeout=30)
+    assert user.status_code == 403
+    admin = requests.post(url, json=body, headers={"Authorization": f"Bearer {site.admin_api_key}"}, timeout=30)
+    assert admin.status_code == 200 and admin.json()["model_type"] == "embedding"
+    both = requests.post(url, json={**body, "model_id": "x/y"}, timeout=30,
+                         headers={"Authorization": f"Bearer {site.admin_api_key}"})
+    assert both.status_code == 400 and "model_path" in both.text
+
+
 def test_the_chat_playground_shows_reasoning_and_tool_calls(page, site, shots):
     import json
 

@@ -1,5 +1,6 @@
 """The web UI: plain HTML, CSS and JavaScript modules from the package (services/gateway/ui/), served at `/` by
-the gateway, and the two read-only endpoints it needs besides the public API (who the key is, the cluster).
+the gateway, and the endpoints it needs besides the public API (who the key is, the cluster, a registration filled in
+from files).
 
 The page is one more client of the HTTP API: it signs in with an API key (kept in the browser's session
 storage, sent as `Authorization: Bearer`), and every call it makes is one a script could make. Its files are
@@ -10,14 +11,19 @@ to this origin only: no inline script, no eval, nothing from elsewhere.
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from pathlib import Path
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from zinfer.services.gateway.asgi import body_of
 from zinfer.services.registry import catalog
+from zinfer.shared import fromfiles
 from zinfer.shared import protocol as p
+from zinfer.shared.errors import Forbidden, InvalidRequest
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -69,6 +75,30 @@ def install(app: FastAPI, gateway) -> None:
         """The built-in prompt styles a registration may name (`prompt_style`), with their templates. They ship
         with the package (configs/prompt_styles.json), the same on every host, so the gateway reads its own."""
         return JSONResponse([msgspec.to_builtins(style) for style in catalog.prompt_styles().values()])
+
+    @app.post("/v1/registration_from_files")
+    async def registration_from_files(request: Request):
+        """A registration filled in from model files (admin keys: it reads this host's disk, or the Hub): body
+        {"model_path"} (a folder or .gguf file on the gateway's host) or {"model_id", "model_revision"} (a Hub
+        repository: its config and tokenizer files only), with optional "model_type" and "model_name". Answers
+        {"model_type", "model"}: Xinference's version 2 JSON, for the person to review before registering."""
+        status = await gateway.call(request, p.BROKER_TARGET, p.Ping())
+        if p.parse_caller(status.caller.encode()).role != "admin":
+            raise Forbidden("filling a registration in from files needs an admin key", field="authorization")
+        body = await body_of(request)
+        path, repo = body.get("model_path"), body.get("model_id")
+        has_path, has_repo = isinstance(path, str) and bool(path.strip()), isinstance(repo, str) and bool(repo.strip())
+        if has_path == has_repo:
+            raise InvalidRequest("give model_path (a model folder or GGUF file) or model_id (a Hub repository), "
+                                 "one of them", field="model_path")
+        model_type, name = body.get("model_type") or None, body.get("model_name") or None
+        if has_path:
+            work = partial(fromfiles.registration_from_path, path.strip(), model_type, name)
+        else:
+            work = partial(fromfiles.registration_from_hub, repo.strip(), model_type, name,
+                           body.get("model_revision") or None)
+        kind, model = await asyncio.to_thread(work)
+        return JSONResponse({"model_type": kind, "model": model})
 
     @app.get("/v1/cluster/workers")
     async def workers(request: Request):

@@ -61,13 +61,23 @@ export function register(main, params) {
   const jsonError = el("span", { class: "field-error", id: "definition-json-error" });
   const persist = el("input", { id: "persist", type: "checkbox", checked: true });
   const file = el("input", { id: "definition-file", type: "file", accept: "application/json,.json" });
+  const source = text("fill-source", "", { autocomplete: "off", spellcheck: "false",
+    placeholder: "/models/qwen2.5-0.5b-instruct  or  Qwen/Qwen2.5-0.5B-Instruct" });
+  const fillError = el("span", { class: "field-error", id: "fill-source-error", "data-error-for": "fill-source" });
+  const fillBox = editing ? null : el("section", { class: "card fill-from", "aria-labelledby": "fill-title" },
+    el("h2", { id: "fill-title" }, "Fill in from a path or Hub id"),
+    el("label", { for: "fill-source" }, "A model folder or .gguf file on the gateway's host, or a Hugging Face repository id"),
+    el("div", { class: "inline" }, source,
+      el("button", { type: "button", class: "secondary", id: "fill-from-files" }, "Fill in")),
+    fillError,
+    el("p", { class: "hint" }, "Reads the config, tokenizer and template files only (never the weights). Review the fields, then register."));
   main.replaceChildren(
     el("p", {}, el("a", { href: `#/models?type=${type}` }, "← Models")),
     el("h1", {}, editing ? `Edit ${editing}` : `Register a custom ${type === "LLM" ? "LLM" : "embedding model"}`),
     editing ? el("p", { class: "hint" }, "Saving replaces the registration in place (refused while an instance of it runs).")
       : el("p", { class: "type-switch" }, "Type: ", TYPES.map((t, i) => [i ? " · " : "",
           t === type ? el("strong", { "aria-current": "page" }, t) : el("a", { href: `#/register?type=${t}` }, t)])),
-    status, el("div", { class: "two-columns" }, form,
+    fillBox, status, el("div", { class: "two-columns" }, form,
       el("section", { class: "json-view", "aria-labelledby": "json-title" },
         el("h2", { id: "json-title" }, "JSON"),
         el("label", { for: "definition-json" }, "The definition (edit, or paste one)"), json, jsonError,
@@ -155,9 +165,10 @@ export function register(main, params) {
   function fill(d) {
     inputs.model_name.value = d.model_name ?? "";
     if (type !== "LLM") {
+      const place = d.model_specs?.[0] || d;  // version 2 keeps the place in its first spec
       inputs.dimensions.value = d.dimensions ?? ""; inputs.max_tokens.value = d.max_tokens ?? "";
       inputs.language.value = (d.language || []).join(", ");
-      inputs.model_id.value = d.model_id ?? ""; inputs.model_uri.value = d.model_uri ?? "";
+      inputs.model_id.value = place.model_id ?? ""; inputs.model_uri.value = place.model_uri ?? "";
       return;
     }
     inputs.model_description.value = d.model_description ?? "";
@@ -195,6 +206,39 @@ export function register(main, params) {
     json.value = await file.files[0].text();
     applyJson();
   });
+
+  // Filled in from files: the form shows the fields, and the JSON (sent as it is unless a field is edited) keeps
+  // every field the files gave, Xinference's version 2 form included.
+  function showFilled(model) {
+    fill(model);
+    json.value = JSON.stringify(model, null, 2);
+    jsonEdited = true;
+  }
+  async function fillFromFiles() {
+    fillError.textContent = "";
+    source.removeAttribute("aria-invalid");
+    const value = source.value.trim();
+    if (!value) { fillError.textContent = "Give a path or a Hub id."; return; }
+    const body = value.startsWith("/") || value.startsWith("~") ? { model_path: value } : { model_id: value };
+    try {
+      const { model_type: kind, model } = await api("/v1/registration_from_files", { method: "POST", body });
+      if (kind === type) { showFilled(model); return; }
+      if (!TYPES.includes(kind)) {
+        fillError.textContent = `This is a ${kind} model: register its JSON with zinfer register --model-type ${kind}.`;
+        json.value = JSON.stringify(model, null, 2); jsonEdited = true;
+        return;
+      }
+      sessionStorage.setItem("zinfer-filled", JSON.stringify(model));
+      location.hash = `#/register?type=${kind}`;
+    } catch (error) {
+      fillError.textContent = error.message;
+      source.setAttribute("aria-invalid", "true");
+    }
+  }
+  if (fillBox) {
+    document.getElementById("fill-from-files").addEventListener("click", fillFromFiles);
+    source.addEventListener("keydown", (event) => { if (event.key === "Enter") { event.preventDefault(); fillFromFiles(); } });
+  }
 
   function showErrors(error) {
     const problems = error.problems?.length ? error.problems : [{ field: error.field, message: error.message }];
@@ -234,5 +278,10 @@ export function register(main, params) {
     }).catch((error) => { status.textContent = error.message; });
   } else {
     update();
+    const filled = sessionStorage.getItem("zinfer-filled");
+    if (filled) {
+      sessionStorage.removeItem("zinfer-filled");
+      showFilled(JSON.parse(filled));
+    }
   }
 }
