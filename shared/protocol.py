@@ -244,6 +244,7 @@ class ProbeFiles(Msg, kw_only=True):
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
     rerank: RerankFamily | None = None
+    read_context: bool = False  # a launch by model_path: say the files' context length (FileProbe.context_length)
 
 
 class FindPaths(Msg, kw_only=True):
@@ -440,6 +441,7 @@ class FileProbe(Msg, kw_only=True):
     code: str = ""
     field: str | None = None
     host: str = ""
+    context_length: int = 0  # with ProbeFiles.read_context: config.json's or the GGUF's (0: they do not say)
 
 
 class Embedding(Msg, kw_only=True):

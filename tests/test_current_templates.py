@@ -200,6 +200,7 @@ def test_launch_a_folder_or_gguf_file_as_a_named_model_without_registering(xm, t
     try:
         view = xm.client.describe_model("by-path")
         assert view["model_path"] == str(tiny_models["pytorch"]) and view["model_name"] == "llama-2-chat"
+        assert view["context_length"] == 2048  # config.json's, not llama-2-chat's 4096
         model = xm.client.get_model("by-path")
         rendered = model.render_chat([{"role": "user", "content": "Hi"}])
         assert rendered["template_source"] == "prompt_style" and "[INST]" in rendered["prompt"]  # llama-2-chat's
@@ -212,6 +213,7 @@ def test_launch_a_folder_or_gguf_file_as_a_named_model_without_registering(xm, t
     try:
         view = xm.client.describe_model(uid)
         assert view["model_format"] == "ggufv2" and view["model_path"] == str(gguf)
+        assert view["context_length"] == 2048  # the GGUF metadata's
         assert xm.client.get_model(uid).generate("Hi", {"max_tokens": 2})["usage"]["completion_tokens"] == 2
     finally:
         xm.client.terminate_model(uid)

@@ -323,7 +323,8 @@ class Scheduler(Lifecycle):
         if isinstance(family, LLMFamily):
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
                                      None if msg.model_type == "embedding" else formats)
-            probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant)
+            probe = p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant,
+                                 read_context=msg.model_path is not None)
             base = p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                   options=options, incarnation=incarnation, model_path=msg.model_path or "")
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
@@ -363,6 +364,8 @@ class Scheduler(Lifecycle):
                 raise Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
             chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
             need = {wid: found[wid].memory for wid in chosen}
+            if base.llm is not None and found[chosen[0]].context_length:  # by path: the files' context length
+                base.llm = msgspec.structs.replace(base.llm, context_length=found[chosen[0]].context_length)
             model = Model(uid=uid, info=p.instance_info(base), incarnation=incarnation,
                           pins=Pins(n_gpu=msg.n_gpu, gpu_idx=msg.gpu_idx, devices=msg.devices,
                                     worker_ip=msg.worker_ip),

@@ -249,5 +249,27 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
     need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank, device_kind, path)
+    context = files_context_length(path) if msg.read_context and path and msg.model_type == "LLM" else 0
     return p.FileProbe(ok=True, path=path or "", size=weights_bytes(Path(path)) if path else 0, memory=need,
-                       host=_host())
+                       host=_host(), context_length=context)
+
+
+def files_context_length(path: str) -> int:
+    """The context length a model's own files give: config.json's max_position_embeddings (its text_config's for a
+    multimodal model) in a folder, {arch}.context_length in a GGUF file's metadata; 0 when they say nothing."""
+    try:
+        if os.path.isdir(path):
+            import json
+
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                config = json.loads(f.read(16 << 20))
+            text = config.get("text_config") or config
+            return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 0)
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.context_length")
+        return int(field.contents()) if field is not None else 0
+    except Exception:  # unreadable or unusual files: the named model's context length stands
+        return 0
