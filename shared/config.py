@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Models whose own Python code (transformers' auto_map, trust_remote_code) may run in a worker. Operators
     # list them here; a launch request can never switch it on.
     trust_remote_code_models: list[str] = []
+    # Hubs besides the Hugging Face Hub that a registration's model_hub may name: name -> the endpoint of a server
+    # that speaks the Hugging Face Hub's API (a mirror, a company hub). The workers download from it.
+    hub_endpoints: dict[str, str] = {}
     # The client's key file; empty: <home>/keys/clients/admin.key_secret, else user.key_secret.
     client_key: str = ""
     # Request limits, checked on arrival before any tokenizing: a prompt (or a chat's text, or an embed
@@ -108,6 +111,11 @@ def _from_env(environ) -> dict:
         value: object = raw
         if getattr(field.type, "__origin__", None) is list:
             value = [item.strip() for item in raw.split(",") if item.strip()]
+        elif getattr(field.type, "__origin__", None) is dict:  # name=value,name=value
+            pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(f"{var}={raw!r}: expected name=value pairs, comma-separated")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
         try:
             values[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError as exc:

@@ -442,8 +442,9 @@ def parse_as(model_type: str, obj: dict) -> Definition:
 HUBS = ("huggingface",)
 
 
-def _common_problems(definition: Definition) -> list[FieldProblem]:
-    """virtualenv, is_builtin and model_hub, the same on every type."""
+def _common_problems(definition: Definition, hubs_allowed: tuple[str, ...] = ()) -> list[FieldProblem]:
+    """virtualenv, is_builtin and model_hub, the same on every type; `hubs_allowed`: the other hubs the
+    hub_endpoints setting names."""
     problems = []
     if isinstance(definition, LLMFamily):
         env, builtin = definition.v2_extras.get("virtualenv"), definition.v2_extras.get("is_builtin")
@@ -464,21 +465,23 @@ def _common_problems(definition: Definition) -> list[FieldProblem]:
     if builtin:
         problems.append(FieldProblem("is_builtin", "true is for the models zinfer ships; a registration is a "
                                      "custom model: leave it out or false"))
+    allowed = {*HUBS, *(h.lower() for h in hubs_allowed)}
     for field, hub in hubs:
-        if hub is not None and hub.lower() not in HUBS:
-            problems.append(FieldProblem(field, f"{hub!r}: zinfer downloads from the Hugging Face Hub only "
-                                         "(model_hub \"huggingface\"; HF_ENDPOINT names a mirror); give model_uri "
-                                         "for files you have"))
+        if hub is not None and hub.lower() not in allowed:
+            problems.append(FieldProblem(field, f"{hub!r}: zinfer downloads from the Hugging Face Hub (model_hub "
+                                         "\"huggingface\"; HF_ENDPOINT names a mirror) and from the hubs the "
+                                         "hub_endpoints setting names (Hub-compatible endpoints); give model_uri for "
+                                         "files you have"))
     return problems
 
 
-def shape_problems(definition: Definition) -> list[FieldProblem]:
+def shape_problems(definition: Definition, hubs_allowed: tuple[str, ...] = ()) -> list[FieldProblem]:
     """Rules that types alone cannot state, that need no knowledge of the registry or the disk."""
     problems: list[FieldProblem] = []
     name_problem = check_name(definition.model_name)
     if name_problem:
         problems.append(name_problem)
-    problems += _common_problems(definition)
+    problems += _common_problems(definition, hubs_allowed)
     if isinstance(definition, EmbeddingFamily):
         if not definition.model_uri and not definition.model_id:
             problems.append(FieldProblem("model_id", "required when model_uri is not given"))

@@ -21,6 +21,7 @@ from tests.conftest import embedding_definition, llm_definition
 from tests.hubserver import HubServer
 from tests.mesh import REPO, Mesh
 from zinfer.shared.errors import NotFound
+from zinfer.shared.tinymodels import SPLIT_PARTS, SPLIT_TEMPLATE
 
 PROMPT = "What is the largest animal in the world?"
 TOKEN = "hf_zinfer_test_token"
@@ -41,12 +42,16 @@ def hub_mesh(tmp_path, tiny_models):
     (large / "extra.bin").write_bytes(bytes(4 << 20))
     repos = {"zinfer/tiny-llama": tiny_models["pytorch"], "zinfer/tiny-llama-gguf": tiny_models["gguf_dir"],
              "sentence-transformers/all-MiniLM-L6-v2": tiny_models["embedding"], "zinfer/tiny-llama-large": large}
-    with HubServer(repos) as hub:
+    # A second, Hub-compatible server that registrations name as model_hub "company" (the hub_endpoints setting):
+    # the tiny Llama's GGUF in three parts.
+    with HubServer(repos) as hub, HubServer({"acme/tiny-split": tiny_models["gguf_split_dir"]}) as company:
         m = Mesh(tmp_path / "home", tmp_path)
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             m.env.pop(name, None)
         m.env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_TOKEN=TOKEN,
-                     HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5")
+                     HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5",
+                     ZINFER_HUB_ENDPOINTS=f"company={company.url}")
+        m.company = company
         try:
             m.start_all()
             c = m.client
@@ -110,6 +115,20 @@ def test_model_id_launches_download_with_progress_then_run_offline(hub_mesh):
     assert _greedy(m, "hub-pt") == _greedy(m, "local-pt")
     assert _greedy(m, "hub-gguf") == _greedy(m, "local-gguf")
     assert np.allclose(_vector(m, "hub-emb"), _vector(m, "local-emb"), atol=1e-6)
+    # Another hub (model_hub "company", its endpoint in hub_endpoints): a split GGUF, every part downloaded.
+    c.register_model("LLM", {
+        "version": 2, "model_name": "company-split", "model_lang": ["en"], "model_ability": ["generate"],
+        "context_length": 2048, "model_specs": [{
+            "model_format": "ggufv2", "model_size_in_billions": 1, "quantization": "F32", "model_hub": "company",
+            "model_id": "acme/tiny-split", "model_file_name_template": "tiny-llama.{quantization}.gguf",
+            "model_file_name_split_template": SPLIT_TEMPLATE,
+            "quantization_parts": {"F32": [f"0000{i}-of-00003" for i in (1, 2, 3)]}}]})
+    c.launch_model(model_name="company-split", model_uid="company-split")
+    assert _greedy(m, "company-split") == _greedy(m, "local-gguf")
+    parts = {path.rsplit("/", 1)[-1] for method, path, _ in m.company.served("/acme/tiny-split/resolve/")
+             if method == "GET"}
+    assert parts == set(SPLIT_PARTS) and not m.hub.served("/acme/")
+    c.terminate_model("company-split")
     # A repository the Hub does not have: NotFound naming model_id.
     bad = _hub_only(llm_definition({"pytorch": "/x", "gguf_dir": "/x"}, "no-such-repo"))
     bad["model_specs"][0]["model_id"] = "zinfer/no-such-repo"

@@ -30,11 +30,11 @@ from zinfer.shared.transport import ServiceRuntime
 log = structlog.get_logger()
 
 
-def parse_persisted(model_type: str):
+def parse_persisted(model_type: str, hubs_allowed: tuple[str, ...] = ()):
     def parse(raw: bytes) -> Definition:
         obj = decode_json_object(raw)
         definition = parse_as(model_type, obj)
-        problems = shape_problems(definition)
+        problems = shape_problems(definition, hubs_allowed)
         if problems:
             raise DefinitionError(problems)
         return definition
@@ -68,13 +68,14 @@ def summary(model_type: str, d: Definition, is_builtin: bool) -> p.RegistrationS
 class Registry:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.hubs = tuple(settings.hub_endpoints)  # model_hub names besides huggingface
         self.store = DefinitionStore(settings.home_path)
         self.lock = threading.Lock()
         self.custom: dict[str, dict[str, Definition]] = {}
         self.persisted: dict[str, set[str]] = {}
         self.corrupt: list[p.CorruptFile] = []
         for model_type in MODEL_TYPES:
-            found, bad = self.store.load_all(model_type, parse_persisted(model_type))
+            found, bad = self.store.load_all(model_type, parse_persisted(model_type, self.hubs))
             self.custom[model_type] = found
             self.persisted[model_type] = set(found)
             self.corrupt += bad
@@ -98,7 +99,7 @@ class Registry:
         self._check_type(msg.model_type)
         taken = set(self.custom[msg.model_type])
         definition = validate(msg.model_type, msg.model, taken - {_name_of(msg.model)} if msg.force else taken,
-                              self._where)
+                              self._where, self.hubs)
         name = definition.model_name
         replaced = msg.force and name in taken
         if replaced:

@@ -225,8 +225,8 @@ def looks_like(obj: dict) -> tuple[str, str] | None:
     return None
 
 
-def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], where: Where | None = None
-             ) -> Definition:
+def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], where: Where | None = None,
+             hubs_allowed: tuple[str, ...] = ()) -> Definition:
     """Parse and check a user's definition; `taken` holds the custom names registered for this type; `where`
     finds the model_uri paths this host lacks on the workers' hosts."""
     check_model_type(model_type)
@@ -236,7 +236,7 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], w
         raise DefinitionError([FieldProblem("model_type", f"this is an {looks[0]} definition (it has {looks[1]}); "
                                             f"register it with --model-type {looks[0]}")])
     definition = parse_as(model_type, obj)
-    problems = shape_problems(definition)
+    problems = shape_problems(definition, hubs_allowed)
     name = definition.model_name
     if name in catalog.builtins(model_type):
         problems.append(FieldProblem("model_name", f"{name!r} is a built-in {model_type} model name"))

@@ -26,9 +26,19 @@ class Fetch:
     polled as they do (a terminate during the launch stops the download at the next block)."""
 
     def __init__(self, progress: Callable[[int, int], None] = lambda done, total: None,
-                 cancelled: Callable[[], bool] = lambda: False):
+                 cancelled: Callable[[], bool] = lambda: False, endpoints: dict[str, str] | None = None):
         self.progress = progress
         self.cancelled = cancelled
+        self.endpoints = {k.lower(): v for k, v in (endpoints or {}).items()}  # the hub_endpoints setting
+
+    def endpoint(self, hub: str | None) -> str | None:
+        """The endpoint of a spec's model_hub: None for the Hugging Face Hub (HF_ENDPOINT applies)."""
+        if hub is None or hub.lower() == "huggingface":
+            return None
+        if hub.lower() not in self.endpoints:
+            raise InvalidRequest(f"model_hub {hub!r}: this worker's hub_endpoints setting does not name it",
+                                 field="model_hub")
+        return self.endpoints[hub.lower()]
 
 
 def _bar_class(fetch: Fetch, total: int):
@@ -59,9 +69,11 @@ def _bar_class(fetch: Fetch, total: int):
     return Bar
 
 
-def _from_hub(model_id: str, revision: str | None, filename: str | None = None, fetch: Fetch | None = None) -> str:
+def _from_hub(model_id: str, revision: str | None, filename: str | None = None, fetch: Fetch | None = None,
+              hub: str | None = None) -> str:
     """The files of a Hub repository (the whole snapshot, or one file) in the standard Hugging Face cache,
-    downloaded now unless they are there. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as in huggingface_hub."""
+    downloaded now unless they are there. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE work as in huggingface_hub;
+    another `hub` downloads from its endpoint in the hub_endpoints setting."""
     from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -71,12 +83,13 @@ def _from_hub(model_id: str, revision: str | None, filename: str | None = None, 
     )
 
     fetch = fetch or Fetch()
+    endpoint = fetch.endpoint(hub)
     # huggingface_hub writes (and reports) a download in blocks of DOWNLOAD_CHUNK_SIZE, 10 MiB: 1 MiB blocks make
     # the progress finer and a terminate stop within a MiB, at no measurable cost to the transfer.
     constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, 1 << 20)
     what = f"{model_id}/{filename}" if filename else model_id
-    get = (lambda **kw: hf_hub_download(model_id, filename, revision=revision, **kw)) if filename else \
-        (lambda **kw: snapshot_download(model_id, revision=revision, **kw))
+    get = (lambda **kw: hf_hub_download(model_id, filename, revision=revision, endpoint=endpoint, **kw)) \
+        if filename else (lambda **kw: snapshot_download(model_id, revision=revision, endpoint=endpoint, **kw))
     try:
         total = 0
         if not constants.HF_HUB_OFFLINE:
@@ -193,9 +206,9 @@ def resolve_llm_files(spec: LLMSpec, quantization: str, fetch: Fetch | None = No
     if local is not None:
         return local
     if spec.model_format == "pytorch":
-        return _from_hub(spec.model_id, spec.model_revision, fetch=fetch)
+        return _from_hub(spec.model_id, spec.model_revision, fetch=fetch, hub=spec.model_hub)
     names = spec_file_names(spec, quantization)
-    paths = [_from_hub(spec.model_id, spec.model_revision, name, fetch) for name in names]
+    paths = [_from_hub(spec.model_id, spec.model_revision, name, fetch, spec.model_hub) for name in names]
     return paths[0]  # a split model's parts land side by side in the snapshot; llama.cpp opens the first
 
 
@@ -216,7 +229,8 @@ def local_embedding_path(family: EmbeddingFamily) -> str | None:
 
 def resolve_folder_files(family: EmbeddingFamily | RerankSpec, fetch: Fetch | None = None) -> str:
     """An embedding model's or a rerank spec's folder: its model_uri here, else from the Hub."""
-    return local_folder_path(family) or _from_hub(family.model_id, family.model_revision, fetch=fetch)
+    return local_folder_path(family) or _from_hub(family.model_id, family.model_revision, fetch=fetch,
+                                                  hub=family.model_hub)
 
 
 def weights_summary(path: str) -> tuple[int, int]:

@@ -99,7 +99,8 @@ class Instance:
 
     def _fetch(self, what: str) -> files.Fetch:
         """Downloads of this launch: their progress between 0.05 and 0.25, stopped by a terminate."""
-        return files.Fetch(self._byte_progress(0.05, 0.2, f"downloading {what}"), self.cancelled.is_set)
+        return files.Fetch(self._byte_progress(0.05, 0.2, f"downloading {what}"), self.cancelled.is_set,
+                           self.settings.hub_endpoints)
 
     def _convert_ggml(self, path: str, context_length: int) -> str:
         """A GGML v3 file's GGUF in <home>/cache/gguf-from-ggml (converted now, or by an earlier launch)."""
