@@ -229,3 +229,28 @@ def test_launch_by_path_refuses_a_missing_path_and_an_unknown_name(xm, tmp_path,
         xm.client.launch_model(model_name="no-such-model", model_path=str(tiny_models["pytorch"]), model_uid="x2")
     assert err.value.field == "model_name"
     assert "x1" not in xm.client.list_models() and "x2" not in xm.client.list_models()
+
+
+def test_a_registration_naming_a_built_in_family_chats_in_its_format(xm, tiny_models):
+    """Today's families are listed, and a model registered under one (giving no template, stops or tags of its own)
+    chats with the family's template and splits its reasoning at the family's tags."""
+    listed = {r["model_name"] for r in xm.client.list_model_registrations("LLM")}
+    assert {"qwen2.5-instruct", "qwen3", "llama-3.1-instruct", "llama-3.3-instruct", "mistral-instruct-v0.3",
+            "gemma-3-it", "deepseek-r1-distill-qwen", "deepseek-r1-distill-llama", "phi-4"} <= listed
+    definition = {"version": 2, "model_name": "my-r1", "model_family": "deepseek-r1-distill-qwen",
+                  "model_lang": ["en"], "model_ability": ["chat", "reasoning"], "context_length": 2048,
+                  "model_specs": [{"model_format": "pytorch", "model_size_in_billions": 1, "quantization": "none",
+                                   "model_uri": f"file://{tiny_models['pytorch']}"}]}
+    xm.client.register_model("LLM", definition)
+    try:
+        xm.client.launch_model(model_name="my-r1", model_uid="my-r1")
+        model = xm.client.get_model("my-r1")
+        rendered = model.render_chat([{"role": "user", "content": "Hi"}])
+        assert rendered["template_source"] == "registration" and rendered["prompt"].endswith("<｜Assistant｜><think>\n")
+        out = model.chat([{"role": "user", "content": "Hi"}], {"max_tokens": 6, "temperature": 0})
+        message = out["choices"][0]["message"]
+        # the answer opened inside <think>: the tiny model's words (no </think>) are all reasoning
+        assert message["reasoning_content"] and not message["content"]
+    finally:
+        xm.client.terminate_model("my-r1")
+        xm.client.unregister_model("LLM", "my-r1")

@@ -25,10 +25,37 @@ def prompt_styles() -> dict[str, PromptStyle]:
     return {name: msgspec.convert(style, PromptStyle) for name, style in raw.items()}
 
 
+# Built-in families whose chat template is another family's file in configs/templates/ (else <model_name>.jinja).
+SHARED_TEMPLATES = {"llama-3.2-instruct": "llama-3.1-instruct", "llama-3.3-instruct": "llama-3.1-instruct",
+                    "deepseek-r1-distill-llama": "deepseek-r1-distill-qwen"}
+
+
 @lru_cache(maxsize=1)
 def builtin_llms() -> dict[str, LLMFamily]:
+    """The built-in LLM families (configs/builtin_llm.json); a family without a chat_template there takes
+    configs/templates/<its name>.jinja when there is one (kept apart: templates read better as files)."""
     raw = json.loads((CONFIG_DIR / "builtin_llm.json").read_text())
+    for d in raw:
+        file = CONFIG_DIR / "templates" / f"{SHARED_TEMPLATES.get(d['model_name'], d['model_name'])}.jinja"
+        if not d.get("chat_template") and file.is_file():
+            d["chat_template"] = file.read_text()
     return {d["model_name"]: parse_llm(d) for d in raw}
+
+
+INHERITED = ("tool_parser", "reasoning_start_tag", "reasoning_end_tag")  # v2 fields a family passes on
+
+
+def resolved(family: LLMFamily) -> LLMFamily:
+    """An LLM definition made self-contained for the workers: what it leaves out of its built-in model_family's
+    chat template (or prompt style), stops, stop ids, tool parser and reasoning tags, taken from that family."""
+    parent = builtin_llms().get(family.model_family) if family.model_family != family.model_name else None
+    changes: dict = {"prompt_style": resolve_prompt_style(family), "chat_template": family_chat_template(family)}
+    if parent is not None:
+        if family.stop is None and family.stop_token_ids is None:
+            changes.update(stop=parent.stop, stop_token_ids=parent.stop_token_ids)
+        extras = {k: v for k, v in parent.v2_extras.items() if k in INHERITED}
+        changes["v2_extras"] = {**extras, **family.v2_extras}
+    return msgspec.structs.replace(family, **changes)
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import msgspec
 import structlog
 
 from zinfer.services.registry import catalog
@@ -158,8 +157,7 @@ class Registry:
                                definition=definition_to_json(definition))
         if msg.resolved and isinstance(definition, LLMFamily):
             # Self-contained for the workers: the family's prompt style and chat template resolved here.
-            reply.llm = msgspec.structs.replace(definition, prompt_style=catalog.resolve_prompt_style(definition),
-                                                chat_template=catalog.family_chat_template(definition))
+            reply.llm = catalog.resolved(definition)
         elif msg.resolved and isinstance(definition, RerankFamily):
             reply.rerank = definition
         elif msg.resolved:
