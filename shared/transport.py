@@ -200,10 +200,14 @@ class ServiceRuntime:
         return reply
 
     def _fail_calls(self, why: str) -> None:
-        calls, self._calls = self._calls, {}
-        for pending in calls.values():
-            pending.error = Unavailable(why)
-            pending.event.set()
+        """Fail every call waiting now. The dict is emptied in place, never replaced: a call registering meanwhile
+        lands in the one dict its reply is looked up in, and its request goes out on the new connection (a
+        replaced dict once kept such a call from its reply, and it waited out its whole timeout)."""
+        for req_id in list(self._calls):
+            pending = self._calls.pop(req_id, None)
+            if pending is not None:
+                pending.error = Unavailable(why)
+                pending.event.set()
 
     # ------------------------------------------------------------------ loop
 

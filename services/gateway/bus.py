@@ -236,8 +236,12 @@ class Bus:
             conn.close()
         conn = self.connections[key.public] = Connection(self.ctx, self.settings, key)
         while len(self.connections) > self.max_connections:
-            _, oldest = self.connections.popitem(last=False)
-            oldest.close()
+            # The least recently used connection with nothing in flight: closing one with requests would fail
+            # them (another caller's), so while every other one is busy the cap waits for the next call.
+            idle = next((k for k, c in self.connections.items() if c is not conn and not c.waiters), None)
+            if idle is None:
+                break
+            self.connections.pop(idle).close()
         return conn
 
     def close(self) -> None:

@@ -112,10 +112,21 @@ class Registry:
             elif name in self.persisted[msg.model_type]:  # replaced by one that lives in memory only
                 self.store.delete(msg.model_type, name)
                 self.persisted[msg.model_type].discard(name)
-            self.custom[msg.model_type][name] = definition
+            self._publish(msg.model_type, name, definition)
         log.info("model_registered", model_type=msg.model_type, model_name=name, persist=msg.persist,
                  replaced=replaced)
         return p.Ok(message=f"{'replaced' if replaced else 'registered'} {msg.model_type} {name}")
+
+    def _publish(self, model_type: str, name: str, definition: Definition | None) -> None:
+        """Add, replace or (None) remove a custom definition, holding self.lock. The dict is copied and swapped,
+        never changed in place: `list` and `get` answer on the I/O thread without the lock, each from the one
+        dict it read (changed in place by a pool thread, a listing once raised "dictionary changed size")."""
+        custom = dict(self.custom[model_type])
+        if definition is None:
+            custom.pop(name, None)
+        else:
+            custom[name] = definition
+        self.custom[model_type] = custom
 
     def _where(self, dirs: list[str], files: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         """Which workers' hosts have these paths (a model_uri this host lacks may be on a worker host)."""
@@ -175,7 +186,7 @@ class Registry:
             if msg.model_name in self.persisted[msg.model_type]:
                 self.store.delete(msg.model_type, msg.model_name)
                 self.persisted[msg.model_type].discard(msg.model_name)
-            self.custom[msg.model_type].pop(msg.model_name, None)
+            self._publish(msg.model_type, msg.model_name, None)
         log.info("model_unregistered", model_type=msg.model_type, model_name=msg.model_name)
         return p.Ok(message=f"unregistered {msg.model_type} {msg.model_name}")
 
