@@ -30,9 +30,9 @@ import zmq.utils.z85
 from zinfer.shared.atomic import write_atomic
 from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
 from zinfer.shared.models import NAME_PATTERN, NAME_RE
+from zinfer.shared.protocol import ADMIN, USER, Role
 
-Role = Literal["admin", "user", "service"]
-CLIENT_ROLES = ("admin", "user")
+CLIENT_ROLES = (ADMIN, USER)
 KeyName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]
 Z85Key = Annotated[str, msgspec.Meta(min_length=40, max_length=40)]
 

@@ -11,7 +11,8 @@ it: the broker writes it. Services check it against ALLOWED_ROLES before a handl
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NamedTuple
+import typing
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta, Struct
@@ -38,8 +39,9 @@ SCHEDULER = "scheduler"
 
 # ---------------------------------------------------------------- callers and roles
 
-USER, ADMIN, SERVICE = "user", "admin", "service"
-ROLES = (USER, ADMIN, SERVICE)
+Role = Literal["user", "admin", "service"]  # what a key may do: the one definition (keys.py's files carry one)
+ROLES: tuple[str, ...] = typing.get_args(Role)
+USER, ADMIN, SERVICE = ROLES
 
 
 class Caller(NamedTuple):

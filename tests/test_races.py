@@ -114,3 +114,21 @@ def test_the_gateway_never_closes_a_connection_under_its_requests(tmp_path):
     kept, evicted = asyncio.run(scenario())
     assert kept, "the busy connection was closed under its request"
     assert evicted, "idle connections beyond the cap stay open"
+
+
+def test_metrics_show_every_state_an_instance_can_be_in():
+    """The gateway's instance-state gauge once listed a hand copy of four states: an instance restarting or
+    unloaded for its keep_alive showed no state at all."""
+    import typing
+
+    from zinfer.services.gateway.metrics import Metrics
+    from zinfer.shared import instances
+
+    states = typing.get_args(instances.InstanceState)
+    views = [instances.InstanceView(model_uid=f"m-{state}", state=state, info=instances.InstanceInfo(
+        model_name="m", model_type="LLM", model_format="pytorch", quantization="none", model_ability=["chat"],
+        context_length=8)) for state in states]
+    text = Metrics().render(views).decode()
+    for state in states:
+        assert f'zinfer_instance_state{{model_name="m",model_type="LLM",model_uid="m-{state}",state="{state}"}} 1.0' \
+            in text, state

@@ -8,6 +8,8 @@ in and out, since it was loaded).
 
 from __future__ import annotations
 
+import typing
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -15,7 +17,7 @@ from zinfer.shared import instances
 from zinfer.shared.errors import ZinferError
 from zinfer.shared.payloads import Usage
 
-STATES = ("launching", "ready", "failed", "terminating")
+STATES = typing.get_args(instances.InstanceState)  # every state an instance can be in, from its one definition
 
 
 class Metrics:
