@@ -110,3 +110,44 @@ def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launc
         yield m
     finally:
         m.stop()
+
+
+# ---------------------------------------------------------------- layers
+# Every test is in one layer, picked by what it starts (`pytest -m unit`, `-m mesh`, `-m browser`,
+# `-m packaging`; the README's command runs them all): unit tests run in this process only; mesh tests start
+# the broker, services and workers as processes (a fixture or the test itself builds a Mesh); browser tests
+# drive Chromium; packaging tests build the wheel or lint the tree.
+LAYERS = ("unit", "mesh", "browser", "packaging")
+PACKAGING_MODULES = {"test_packaging", "test_lint"}
+_STARTS_PROCESSES = ("Mesh(", "served_mesh(", "subprocess.", "cli(", "HubServer(", "Hosts(", "_zinfer(", "Popen(",
+                     ".start(")
+
+
+def _starts_processes(func) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    return any(marker in source for marker in _STARTS_PROCESSES)
+
+
+def pytest_configure(config):
+    for layer in LAYERS:
+        config.addinivalue_line("markers", f"{layer}: the {layer} layer of the suite (tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
+        if module in PACKAGING_MODULES:
+            layer = "packaging"
+        elif "browser" in item.fixturenames:
+            layer = "browser"
+        elif _starts_processes(item.function) or any(_starts_processes(d.func) for d in defs):
+            layer = "mesh"
+        else:
+            layer = "unit"
+        item.add_marker(getattr(pytest.mark, layer))
