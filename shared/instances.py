@@ -115,3 +115,23 @@ class InstanceView(Struct, kw_only=True, omit_defaults=True):
     loads: int = 0
     loading_on_request: bool = False
     restore: bool = True  # loaded again when the mesh starts (else it comes back idle-unloaded)
+
+
+def info_of(load) -> InstanceInfo:
+    """What a launch's instance is (a protocol.LoadInstance): the scheduler's book and the worker's reports both
+    take it from here."""
+    spec, llm = load.spec, load.llm
+    if load.rerank is not None:  # rerank models: pytorch, no quantization
+        return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
+                            quantization="none", model_ability=["rerank"],
+                            context_length=load.rerank.max_tokens or 0, model_path=load.model_path)
+    if llm is None:  # embedding models: the spec the launch chose (a sentence-transformers folder, or GGUF)
+        chosen = load.embedding.spec
+        return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type,
+                            model_format=chosen.model_format, quantization=chosen.quantization,
+                            model_ability=["embed"], context_length=load.embedding.max_tokens,
+                            model_path=load.model_path)
+    return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
+                        model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",
+                        model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length,
+                        model_path=load.model_path)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 from msgspec import Meta, Struct
 
-from zinfer.shared.instances import DeviceInfo, InstanceInfo, InstanceReport, InstanceView
+from zinfer.shared.instances import DeviceInfo, InstanceReport, InstanceView
 from zinfer.shared.message import Error, Msg
 from zinfer.shared.models import EmbeddingFamily, LLMFamily, LLMSpec, ModelType, RerankFamily
 from zinfer.shared.payloads import (
@@ -211,25 +211,6 @@ class LoadInstance(Msg, kw_only=True):
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
     model_path: str = ""  # launched by path (LaunchModel.model_path): shown in the instance's view
 
-
-
-def instance_info(load: LoadInstance) -> InstanceInfo:
-    """What a launch's instance is: the scheduler's book and the worker's reports both take it from here."""
-    spec, llm = load.spec, load.llm
-    if load.rerank is not None:  # rerank models: pytorch, no quantization
-        return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
-                            quantization="none", model_ability=["rerank"],
-                            context_length=load.rerank.max_tokens or 0, model_path=load.model_path)
-    if llm is None:  # embedding models: the spec the launch chose (a sentence-transformers folder, or GGUF)
-        chosen = load.embedding.spec
-        return InstanceInfo(model_name=load.embedding.model_name, model_type=load.model_type,
-                            model_format=chosen.model_format, quantization=chosen.quantization,
-                            model_ability=["embed"], context_length=load.embedding.max_tokens,
-                            model_path=load.model_path)
-    return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
-                        model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",
-                        model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length,
-                        model_path=load.model_path)
 
 
 class UnloadInstance(Msg, kw_only=True):
@@ -507,30 +488,11 @@ ANYONE = frozenset(ROLES)
 ADMINS = frozenset({ADMIN})
 SERVICES = frozenset({SERVICE})
 ALLOWED_ROLES: dict[type, frozenset[str]] = {
-    Ping: ANYONE,
-    RegisterModel: ADMINS,
-    ListRegistrations: ANYONE,
-    GetRegistration: ANYONE,
-    UnregisterModel: ADMINS,
-    RegistryStatus: ANYONE,
-    LaunchModel: ADMINS,
-    WakeModel: ANYONE,  # by name: the scheduler checks load_on_request_roles
-    KeepAlive: ANYONE,  # the scheduler checks keep_alive_roles
-    ListModels: ANYONE,
-    DescribeModel: ANYONE,
-    TerminateModel: ADMINS,
-    InstancesOf: ANYONE,
-    SchedulerStatus: ANYONE,
-    WorkerReport: SERVICES,
-    LoadInstance: SERVICES,
-    UnloadInstance: SERVICES,
-    ProbeFiles: SERVICES,
-    FindPaths: SERVICES,
-    Generate: ANYONE,
-    Chat: ANYONE,
-    Embed: ANYONE,
-    Rerank: ANYONE,
-    RenderChat: ANYONE,
+    **dict.fromkeys((RegisterModel, UnregisterModel, LaunchModel, TerminateModel), ADMINS),
+    **dict.fromkeys((WorkerReport, LoadInstance, UnloadInstance, ProbeFiles, FindPaths), SERVICES),
+    # WakeModel: the scheduler also checks load_on_request_roles; KeepAlive: keep_alive_roles
+    **dict.fromkeys((Ping, ListRegistrations, GetRegistration, RegistryStatus, WakeModel, KeepAlive, ListModels,
+                     DescribeModel, InstancesOf, SchedulerStatus, Generate, Chat, Embed, Rerank, RenderChat), ANYONE),
 }
 
 # ---------------------------------------------------------------- codec

@@ -27,7 +27,7 @@ def _worker(wid: str, host: str) -> WorkerState:
 
 
 def test_a_launch_and_an_instance_report_agree_on_what_the_model_is():
-    assert p.instance_info(_load()) == INFO
+    assert instances.info_of(_load()) == INFO
 
 
 def test_restart_keeps_memory_and_counters_and_clears_the_rest():

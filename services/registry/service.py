@@ -22,8 +22,8 @@ from zinfer.shared.models import (
     decode_json_object,
     definition_to_json,
     parse_as,
-    shape_problems,
 )
+from zinfer.shared.shape import shape_problems
 from zinfer.shared.transport import ServiceRuntime
 
 log = structlog.get_logger()

@@ -19,11 +19,11 @@ from zinfer.shared.models import (
     RerankFamily,
     decode_json_object,
     parse_as,
-    shape_problems,
     spec_file_name,
     spec_file_names,
     uri_to_path,
 )
+from zinfer.shared.shape import shape_problems
 
 __all__ = ["MODEL_TYPES", "already_registered", "check_model_type", "validate"]
 

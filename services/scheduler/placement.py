@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge, ZinferError
+from zinfer.shared.errors import Forbidden, InvalidRequest, NotFound, TooLarge, ZinferError
 from zinfer.shared.models import (
     QUANTIZATION_RE,
     EmbeddingFamily,
@@ -21,6 +21,31 @@ from zinfer.shared.models import (
 
 def spec_label(spec: LLMSpec) -> str:
     return f"{spec.model_format} {spec.model_size_in_billions}B [{', '.join(spec.quantizations)}]"
+
+
+def slots_of(workers: dict, found: dict) -> list[Slot]:
+    """Placement candidates: the live workers (the book's WorkerState by id) that answered a file probe
+    (FileProbe by worker id); one whose host lacks the files carries the error it gave."""
+    from zinfer.shared.errors import error_class
+
+    return [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
+                 tuple(h for h in (w.info.host, w.info.address) if h),
+                 None if found[wid].ok else error_class(found[wid].code or "not_found")(
+                     found[wid].problem, found[wid].field))
+            for wid, w in workers.items() if wid in found]
+
+
+def launch_options(msg, trusted: list[str]):
+    """A LaunchModel's engine options, typed (unknown names refused), under the operator's code policy (the
+    trust_remote_code_models setting)."""
+    from zinfer.shared.compat import engine_options
+
+    options = engine_options(msg.engine_kwargs)
+    if options.trust_remote_code and msg.model_name not in trusted:
+        raise Forbidden(f"trust_remote_code: model {msg.model_name!r} may not run its own code here; an "
+                        "operator allows it per model with trust_remote_code_models in the settings file",
+                        field="trust_remote_code")
+    return options
 
 
 def _file_quantization(name: str) -> str:

@@ -31,20 +31,24 @@ from zinfer.services.scheduler.book import (
     view,
 )
 from zinfer.services.scheduler.lifecycle import Lifecycle
-from zinfer.services.scheduler.placement import Slot, choose_embedding, match_spec, place, with_path
+from zinfer.services.scheduler.placement import (
+    choose_embedding,
+    launch_options,
+    match_spec,
+    place,
+    slots_of,
+    with_path,
+)
 from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
-from zinfer.shared.compat import engine_options
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
     Conflict,
-    Forbidden,
     InvalidRequest,
     NotFound,
     TooLarge,
     Unavailable,
     ZinferError,
-    error_class,
 )
 from zinfer.shared.models import (
     MODEL_TYPES,
@@ -258,7 +262,7 @@ class Scheduler(Lifecycle):
                                                    rerank=load.rerank),
                                       10.0, "probe")
             with self.lock:
-                slots = self._slots(found)
+                slots = slots_of(self.workers, found)
                 if not slots:
                     raise Unavailable("no other worker can take it now")
                 pins = model.pins
@@ -309,7 +313,7 @@ class Scheduler(Lifecycle):
         problem = check_name(uid, "model_uid")
         if problem:
             raise InvalidRequest(problem.message, field="model_uid")
-        options = self._engine_options(msg)
+        options = launch_options(msg, self.settings.trust_remote_code_models)
         keep_alive = self.resolve_keep_alive(msg.keep_alive)
         formats = engines.formats_of(msg.model_engine, msg.model_type)
         if formats is not None and msg.model_format is not None and msg.model_type == "LLM" \
@@ -359,14 +363,14 @@ class Scheduler(Lifecycle):
             if uid in self.models:
                 raise Conflict(f"model uid {uid!r} is already in use ({self.models[uid].state}); terminate it "
                                "or pass another model_uid", field="model_uid")
-            slots = self._slots(found)
+            slots = slots_of(self.workers, found)
             if not slots:
                 raise Unavailable("no worker answered (they are restarting, or too busy to answer in 10 s)")
             chosen = place(slots, msg.replica, msg.n_gpu, msg.gpu_idx, msg.devices, msg.worker_ip)
             need = {wid: found[wid].memory for wid in chosen}
             if base.llm is not None and found[chosen[0]].context_length:  # by path: the files' context length
                 base.llm = msgspec.structs.replace(base.llm, context_length=found[chosen[0]].context_length)
-            model = Model(uid=uid, info=p.instance_info(base), incarnation=incarnation,
+            model = Model(uid=uid, info=instances.info_of(base), incarnation=incarnation,
                           pins=Pins(n_gpu=msg.n_gpu, gpu_idx=msg.gpu_idx, devices=msg.devices,
                                     worker_ip=msg.worker_ip),
                           keep_alive=keep_alive, restore=msg.restore, last_active=time.time())
@@ -391,14 +395,6 @@ class Scheduler(Lifecycle):
         log.info("launching", model_uid=uid, workers=chosen, need=need)
         threading.Thread(target=self._load_all, args=(model, loads), daemon=True).start()
         return p.Launched(model_uid=uid)
-
-    def _slots(self, found: dict[str, p.FileProbe]) -> list[Slot]:
-        """Placement candidates: the live workers that answered a file probe (call with self.lock held)."""
-        return [Slot(w.info.worker_id, w.info.device, w.free, found[wid].memory,
-                     tuple(h for h in (w.info.host, w.info.address) if h),
-                     None if found[wid].ok else error_class(found[wid].code or "not_found")(
-                         found[wid].problem, found[wid].field))
-                for wid, w in self.workers.items() if wid in found]
 
     def _ask_workers(self, msg: p.Msg, timeout: float, what: str) -> dict[str, p.Msg]:
         """Send msg to every worker (16 at a time); their replies by worker id. A worker that cannot answer now
@@ -438,15 +434,6 @@ class Scheduler(Lifecycle):
                 found.setdefault(path, []).extend(h for h in where if h not in found.get(path, []))
             hosts += [h for h in reply.hosts if h not in hosts]
         return p.PathsFound(found=found, hosts=hosts)
-
-    def _engine_options(self, msg: p.LaunchModel) -> p.EngineOptions:
-        """The launch's engine options, typed (unknown names refused), under the operator's code policy."""
-        options = engine_options(msg.engine_kwargs)
-        if options.trust_remote_code and msg.model_name not in self.settings.trust_remote_code_models:
-            raise Forbidden(f"trust_remote_code: model {msg.model_name!r} may not run its own code here; an "
-                            "operator allows it per model with trust_remote_code_models in the settings file",
-                            field="trust_remote_code")
-        return options
 
     def _load_all(self, model: Model, loads: list[tuple[str, p.LoadInstance]]) -> None:
         errors: list[ZinferError] = []

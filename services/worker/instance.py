@@ -34,7 +34,7 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
     """What a launch says of its instance before any process has reported on it."""
     status = instances.ReplicaStatus(state=state, memory=load.memory_estimate)
     return instances.InstanceReport(model_uid=load.model_uid, replica=load.replica, incarnation=load.incarnation,
-                            info=p.instance_info(load), status=status)
+                            info=instances.info_of(load), status=status)
 
 
 # The requests each model type serves (an LLM embeds only with the embed ability: its engine checks that).

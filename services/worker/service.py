@@ -16,6 +16,7 @@ import structlog
 from zinfer.services.worker import files
 from zinfer.services.worker.device import DeviceProbe
 from zinfer.services.worker.supervisor import Supervisor
+from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import Forbidden, NotFound, ZinferError
@@ -49,7 +50,7 @@ class Worker:
 
     def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
-        name = p.instance_info(msg).model_name  # an LLM's, an embedding's or a rerank model's
+        name = instances.info_of(msg).model_name  # an LLM's, an embedding's or a rerank model's
         if msg.options.trust_remote_code and name not in self.settings.trust_remote_code_models:
             raise Forbidden(f"trust_remote_code: model {name!r} may not run its own code on this worker (not in its "
                             "trust_remote_code_models setting)", field="trust_remote_code")
