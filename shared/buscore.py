@@ -194,6 +194,77 @@ def wakeable(view: instances.InstanceView | None) -> bool:
     return view is not None and (view.unloaded_at > 0 or view.loading_on_request)
 
 
+# The steps of recover(), which its driver performs: ask the scheduler for the model's view (the result sent back:
+# the InstanceView, or the error the call raised, thrown in), load it on request, wait until it is ready.
+DESCRIBE, WAKE, WAIT = "describe", "wake", "wait"
+_FAILED = object()
+
+
+def recover(uid: str, exc: ZinferError, attempt: int, field: str):
+    """The one wake -> wait -> retry -> explain policy for a request to model `uid` that failed with `exc` on its
+    `attempt`-th try (0-based), without I/O: a generator of steps (DESCRIBE, WAKE, WAIT) that the sync client and
+    the gateway each perform (drive() and the gateway's own loop), returning None to send the request again (its
+    instance was unloaded and has been loaded on request) or the error to raise (NoRoute explained by the
+    instance's state). A started stream passes attempt=WAKES: never retried, only explained."""
+    view: Any = None
+    described = False
+    if attempt < WAKES and could_be_unloaded(exc):
+        view, described = (yield from _describe()), True
+        if view is not _FAILED and wakeable(view):
+            yield WAKE
+            yield WAIT
+            return None
+    if not isinstance(exc, NoRoute):
+        return exc
+    if not described:
+        view = yield from _describe()
+    return exc if view is _FAILED else not_serving(uid, exc, view, field)
+
+
+def _describe():
+    try:
+        return (yield DESCRIBE)
+    except NotFound:  # no such uid: said by not_serving
+        return None
+    except ZinferError:  # the scheduler cannot say now: the request's own error stands
+        return _FAILED
+
+
+def drive(steps, perform) -> ZinferError | None:
+    """Run recover()'s steps with `perform(step)` (blocking); its result. An error of DESCRIBE goes back into the
+    policy; one of WAKE or WAIT (the load on request failed) is the request's error."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = perform(step)
+            except ZinferError as exc:
+                if step != DESCRIBE:
+                    raise
+                step = steps.throw(exc)
+                continue
+            step = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+async def adrive(steps, perform) -> ZinferError | None:
+    """drive() for an asyncio caller (the gateway): `perform(step)` is a coroutine function."""
+    try:
+        step = next(steps)
+        while True:
+            try:
+                result = await perform(step)
+            except ZinferError as exc:
+                if step != DESCRIBE:
+                    raise
+                step = steps.throw(exc)
+                continue
+            step = steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
 def embedding_array(reply: p.Embedding, buffers: list) -> np.ndarray:
     """The float32 rows an Embedding reply carries in its buffer (zero-copy)."""
     frame = buffers[0]

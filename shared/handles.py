@@ -10,16 +10,17 @@ import numpy as np
 from zinfer.shared import compat
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
+    DESCRIBE,
+    WAKE,
     WAKES,
     as_plain,
-    could_be_unloaded,
+    drive,
     embedding_array,
     embedding_result,
-    not_serving,
+    recover,
     rerank_result,
-    wakeable,
 )
-from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, ZinferError
+from zinfer.shared.errors import InvalidRequest, ZinferError
 from zinfer.shared.payloads import GenerateConfig
 
 if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
@@ -41,44 +42,27 @@ class _Handle:
     def _target(self) -> bytes:
         return p.model_target(self.model_uid).encode()
 
-    def _view(self):
-        try:
+    def _perform(self, step: str):
+        """One step of the bus core's recover() policy, on this client."""
+        if step == DESCRIBE:
             return self.client.call(p.SCHEDULER, p.DescribeModel(model_uid=self.model_uid)).model
-        except NotFound:
-            return None
+        if step == WAKE:
+            return self.client.call(p.SCHEDULER, p.WakeModel(model_uid=self.model_uid))
+        return self.client.wait_model(self.model_uid, self.client.settings.launch_timeout)
 
-    def _explain(self, exc: ZinferError) -> ZinferError:
-        """Nobody serves the uid: say why (its state and error, from the scheduler) instead."""
-        if not isinstance(exc, NoRoute):
-            return exc
-        try:
-            view = self._view()
-        except ZinferError:
-            return exc
-        return not_serving(self.model_uid, exc, view, "model_uid")
-
-    def _woke(self, exc: ZinferError) -> bool:
-        """The request found its instance unloaded (idle for its keep_alive, or made room for another): load it
-        on request, wait until it is ready (a load that fails raises its typed error), and say so."""
-        if not could_be_unloaded(exc):
-            return False
-        try:
-            view = self._view()
-        except ZinferError:
-            return False
-        if not wakeable(view):
-            return False
-        self.client.call(p.SCHEDULER, p.WakeModel(model_uid=self.model_uid))
-        self.client.wait_model(self.model_uid, self.client.settings.launch_timeout)
-        return True
+    def _recover(self, exc: ZinferError, attempt: int) -> None:
+        """Returns when the request should go again (its unloaded instance was loaded on request); else raises
+        the error, explained."""
+        error = drive(recover(self.model_uid, exc, attempt, "model_uid"), self._perform)
+        if error is not None:
+            raise error from None
 
     def _call(self, msg: p.Msg, timeout: float | None):
         for attempt in range(WAKES + 1):  # an unloaded instance: loaded on request, then the request again
             try:
                 return self.client.call_with_buffers(self._target(), msg, timeout)
             except ZinferError as exc:
-                if attempt == WAKES or not self._woke(exc):
-                    raise self._explain(exc) from None
+                self._recover(exc, attempt)
 
     def rerank(self, *args, **_kwargs) -> dict:
         raise InvalidRequest(f"model {self.model_uid!r} is not a rerank model: it cannot rerank; launch one with "
@@ -166,8 +150,7 @@ class LLMHandle(_Handle):
                     yield as_plain(chunk)
                 return
             except ZinferError as exc:
-                if started or attempt == WAKES or not self._woke(exc):  # an unloaded one: loaded, then once more
-                    raise self._explain(exc) from None
+                self._recover(exc, WAKES if started else attempt)  # a stream that had begun is not sent again
             finally:
                 chunks.close()  # leaving early cancels the generation on the worker
 

@@ -158,3 +158,50 @@ def test_no_import_circles():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+# ---------------------------------------------------------------- the wake -> wait -> retry -> explain policy
+
+def _view(**kw) -> instances.InstanceView:
+    return instances.InstanceView(model_uid="m", info=instances.InstanceInfo(model_name="m", model_type="LLM"), **kw)
+
+
+def _walk(exc, attempt, answers: dict):
+    """recover()'s steps under a scripted scheduler: answers[step] is the result, or an error to raise."""
+    from zinfer.shared.errors import ZinferError
+
+    taken = []
+
+    def perform(step):
+        taken.append(step)
+        answer = answers.get(step)
+        if isinstance(answer, ZinferError):
+            raise answer
+        return answer
+
+    return buscore.drive(buscore.recover("m", exc, attempt, "model_uid"), perform), taken
+
+
+def test_the_recover_policy_wakes_an_unloaded_instance_and_explains_the_rest():
+    from zinfer.shared.errors import InvalidRequest, NoRoute, NotFound, QueueFull, Unavailable
+
+    unloaded = _view(state="idle-unloaded", unloaded_at=5.0)
+    result, taken = _walk(NoRoute("nobody"), 0, {buscore.DESCRIBE: unloaded})
+    assert result is None and taken == [buscore.DESCRIBE, buscore.WAKE, buscore.WAIT]  # loaded: send it again
+    # the last attempt: no more loads, the state explained
+    result, taken = _walk(NoRoute("nobody"), buscore.WAKES, {buscore.DESCRIBE: _view(state="failed")})
+    assert taken == [buscore.DESCRIBE] and "is failed" in str(result) and result.field == "model_uid"
+    # no such uid
+    result, taken = _walk(NoRoute("nobody"), 0, {buscore.DESCRIBE: NotFound("no")})
+    assert isinstance(result, NotFound) and "no launched model has uid 'm'" in str(result)
+    # the scheduler cannot say: the request's own error stands, asked once
+    own = NoRoute("nobody")
+    result, taken = _walk(own, 0, {buscore.DESCRIBE: Unavailable("busy")})
+    assert result is own and taken == [buscore.DESCRIBE]
+    # loaded and ready but it refused: no scheduler round trip at all
+    for exc in (InvalidRequest("bad", field="x"), QueueFull("full")):
+        result, taken = _walk(exc, 0, {})
+        assert result is exc and taken == []
+    # a load on request that fails is the request's error
+    with pytest.raises(Unavailable, match="no room"):
+        _walk(NoRoute("nobody"), 0, {buscore.DESCRIBE: unloaded, buscore.WAKE: Unavailable("no room")})

@@ -27,23 +27,22 @@ from zinfer.services.gateway.metrics import Metrics
 from zinfer.shared import compat, durations, keys
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
+    DESCRIBE,
     LAUNCH_POLL_S,
+    WAKE,
     WAKES,
+    adrive,
     as_plain,
-    could_be_unloaded,
     embedding_array,
     embedding_result,
     launch_done,
-    not_serving,
+    recover,
     rerank_result,
     view_plain,
-    wakeable,
 )
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
     InvalidRequest,
-    NoRoute,
-    NotFound,
     Unauthenticated,
     ZinferError,
 )
@@ -146,19 +145,19 @@ class Gateway:
                 return
             await asyncio.sleep(LAUNCH_POLL_S)
 
-    async def woke(self, conn: Connection, uid: str, exc: ZinferError) -> bool:
-        """The request found its instance unloaded: load it on request and wait (as the Python client does)."""
-        if not could_be_unloaded(exc):
-            return False
-        try:
-            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
-        except ZinferError:
-            return False
-        if not wakeable(view):
-            return False
-        await conn.call(p.SCHEDULER, p.WakeModel(model_uid=uid), self.timeout)
-        await self.wait_ready(conn, uid)
-        return True
+    async def recover(self, conn: Connection, uid: str, exc: ZinferError, attempt: int) -> None:
+        """The bus core's recover() policy (as the Python client drives it): returns when the request should go
+        again (its unloaded instance was loaded on request), else raises the error, explained."""
+        async def perform(step: str):
+            if step == DESCRIBE:
+                return (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
+            if step == WAKE:
+                return await conn.call(p.SCHEDULER, p.WakeModel(model_uid=uid), self.timeout)
+            return await self.wait_ready(conn, uid)
+
+        error = await adrive(recover(uid, exc, attempt, "model"), perform)
+        if error is not None:
+            raise error from None
 
     async def ask(self, conn: Connection, target: str, uid: str, msg: p.Msg):
         """(reply, buffers) of one request; an unloaded instance is loaded on request first."""
@@ -166,21 +165,8 @@ class Gateway:
             try:
                 return await conn.call(target, msg, self.timeout)
             except ZinferError as exc:
-                if attempt == WAKES or not await self.woke(conn, uid, exc):
-                    raise await self.explain(conn, uid, exc) from None
+                await self.recover(conn, uid, exc, attempt)
         raise AssertionError("unreachable")
-
-    async def explain(self, conn: Connection, uid: str, exc: ZinferError) -> ZinferError:
-        """Nobody serves the uid right now: say why (its state), as the Python client does."""
-        if not isinstance(exc, NoRoute):
-            return exc
-        try:
-            view = (await conn.call(p.SCHEDULER, p.DescribeModel(model_uid=uid), self.timeout))[0].model
-        except NotFound:
-            view = None
-        except ZinferError:
-            return exc
-        return not_serving(uid, exc, view, "model")
 
     # ------------------------------------------------------------------ inference
 
@@ -224,8 +210,7 @@ class Gateway:
                 return None, chunks
             except ZinferError as exc:
                 await chunks.aclose()
-                if attempt == WAKES or not await self.woke(conn, uid, exc):
-                    raise await self.explain(conn, uid, exc) from None
+                await self.recover(conn, uid, exc, attempt)
         raise AssertionError("unreachable")
 
     async def render_chat(self, request: Request) -> Response:
