@@ -257,7 +257,9 @@ def test_health_ready_and_metrics(gw):
                    'zinfer_gateway_tokens_total{direction="out",model="gg"}', "zinfer_http_request_seconds_bucket",
                    'zinfer_http_errors_total{type="not_found"}'):
         assert needle in text, needle
-    assert requests.get(f"{gw.gateway_url}/openapi.json", timeout=30).json()["info"]["title"] == "zinfer gateway"
+    schema = requests.get(f"{gw.gateway_url}/openapi.json", timeout=30).json()
+    assert schema["info"]["title"] == "zinfer gateway"
+    assert {"/v1/chat/completions", "/v1/embeddings", "/v2/rerank", "/v1/messages"} <= set(schema["paths"])
 
 
 def test_without_gateway_auth_anonymous_callers_are_users_only(tmp_path, tiny_models):

@@ -351,6 +351,13 @@ class Gateway:
         return Response(self.metrics.render(reply.models), media_type=self.metrics.content_type)
 
 
+def _endpoint(handler):
+    """A FastAPI endpoint for a handler that takes the request (FastAPI reads the parameter's annotation)."""
+    async def endpoint(request: Request):
+        return await handler(request)
+    return endpoint
+
+
 def create_app(settings: Settings) -> FastPath:
     gw = Gateway(settings)
 
@@ -389,34 +396,20 @@ def create_app(settings: Settings) -> FastPath:
         """Whether requests need an API key (Xinference's client asks this first)."""
         return {"auth": settings.gateway_auth}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await gw.completions(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await gw.completions(request, chat=True)
+    # The inference routes: one table, declared to FastAPI (OpenAPI) and served by FastPath in front of it.
+    inference = {
+        "/v1/completions": lambda r: gw.completions(r, chat=False),
+        "/v1/chat/completions": lambda r: gw.completions(r, chat=True),
+        "/v1/responses": lambda r: agents.responses(gw, r), "/v1/messages": lambda r: agents.messages(gw, r),
+        "/v1/embeddings": gw.embeddings, "/v1/rerank": gw.rerank,
+        "/v2/rerank": gw.rerank,  # Cohere's v2 path for the same call
+    }
+    for path, handler in inference.items():
+        app.add_api_route(path, _endpoint(handler), methods=["POST"], name=path.strip("/").replace("/", "_"))
 
     @app.post("/v1/chat/render")
     async def chat_render(request: Request):
         return await gw.render_chat(request)
-
-    @app.post("/v1/responses")
-    async def responses(request: Request):
-        return await agents.responses(gw, request)
-
-    @app.post("/v1/messages")
-    async def messages(request: Request):
-        return await agents.messages(gw, request)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        return await gw.embeddings(request)
-
-    @app.post("/v1/rerank")
-    @app.post("/v2/rerank")  # Cohere's v2 path for the same call
-    async def rerank(request: Request):
-        return await gw.rerank(request)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -451,9 +444,4 @@ def create_app(settings: Settings) -> FastPath:
         return await gw.unregister(request, model_type, model_name)
 
     ui.install(app, gw)  # the web UI at /, and the endpoints only it needs
-    return FastPath(app, gw, {
-        "/v1/completions": lambda r: gw.completions(r, chat=False),
-        "/v1/chat/completions": lambda r: gw.completions(r, chat=True),
-        "/v1/embeddings": gw.embeddings, "/v1/rerank": gw.rerank, "/v2/rerank": gw.rerank,
-        "/v1/responses": lambda r: agents.responses(gw, r), "/v1/messages": lambda r: agents.messages(gw, r)},
-        error_response)
+    return FastPath(app, gw, inference, error_response)
