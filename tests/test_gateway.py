@@ -249,6 +249,8 @@ def test_health_ready_and_metrics(gw):
     assert ready["ready"] and ready["registry"] and ready["scheduler"] and ready["workers"] == ["worker/cpu"]
     assert requests.get(f"{gw.gateway_url}/metrics", timeout=30).status_code == 401
     oai(gw).completions.create(model="gg", prompt="hi", max_tokens=3, temperature=0)
+    with pytest.raises(openai.NotFoundError):  # counted by its type, whatever ran before this test
+        oai(gw).completions.create(model="no-such-model", prompt="hi", max_tokens=3)
     text = requests.get(f"{gw.gateway_url}/metrics", headers={"Authorization": f"Bearer {gw.admin_api_key}"},
                         timeout=30).text
     for needle in ('zinfer_http_requests_total{method="POST",route="/v1/completions",status="200"}',
