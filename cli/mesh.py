@@ -185,6 +185,104 @@ def _tail(path: Path, lines: int = 8) -> str:
         return ""
 
 
+class ProcessGroup:
+    """The processes of `zinfer up`: started in order and written to the run file (`zinfer down` reads it),
+    restarted when one dies (at most once every 2 s each), stopped together (SIGTERM in reverse order, SIGKILL
+    after 10 s)."""
+
+    def __init__(self, env: dict, home: Path, me: runfile.UpRecord):
+        self.env, self.home, self.me = env, home, me
+        self.children: list[tuple[list[str], subprocess.Popen]] = []
+        self.restarted: dict[int, float] = {}
+        self.stopping = False
+
+    def stop_soon(self, *_signal) -> None:
+        self.stopping = True
+
+    def start(self, args: list[str]) -> subprocess.Popen:
+        proc = _spawn(args, self.env, self.home)
+        self.children.append((args, proc))
+        self._record()
+        return proc
+
+    def _record(self) -> None:
+        self.me.children = [runfile.Child(args=a, pid=c.pid, started=runfile.started_at(c.pid))
+                            for a, c in self.children]
+        runfile.write(self.home, self.me)
+
+    def check_started(self) -> None:
+        """Fail `zinfer up` (with the process's last output) if one exited while the mesh was starting."""
+        for args, proc in self.children:
+            if proc.poll() is not None:
+                fail(f"`zinfer {' '.join(args)}` exited with code {proc.returncode} while starting:\n"
+                     f"{_tail(_out_file(self.home, args))}")
+
+    def keep_whole(self) -> None:
+        """Start again a process that exited (the mesh stays whole), showing why it ended."""
+        for i, (args, proc) in enumerate(self.children):
+            if proc.poll() is None or self.stopping or time.monotonic() - self.restarted.get(i, 0) <= 2:
+                continue
+            console.print(f"[yellow]`zinfer {' '.join(args)}` exited ({proc.returncode}); restarting[/]",
+                          highlight=False)
+            tail = _tail(_out_file(self.home, args))
+            if tail:
+                console.print(tail, highlight=False, markup=False)
+            self.restarted[i] = time.monotonic()
+            self.children[i] = (args, _spawn(args, self.env, self.home))
+            self._record()
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        runfile.remove(self.home, os.getpid())
+
+
+def _preflight(settings: Settings, http: bool) -> None:
+    """Refuse to start beside a running mesh, on a taken endpoint or gateway port: before anything starts, a
+    second mesh must never join or disturb the first."""
+    home_path = settings.home_path
+    running = runfile.read(home_path)
+    if running is not None and runfile.alive(running.pid, running.started):
+        fail(f"a mesh is already running from {home_path} (zinfer up, pid {running.pid}, at {running.endpoint}); "
+             "stop it with `zinfer down`, or use another --home")
+    holder = endpoint_holder(settings.endpoint)
+    if holder is not None:
+        fail(f"{settings.endpoint} is in use by {holder}; stop that mesh first (`zinfer down`, or Ctrl-C to its "
+             "`zinfer up`) or choose another endpoint with -e")
+    holder = endpoint_holder(f"tcp://{settings.gateway_host}:{settings.gateway_port}") if http else None
+    if holder is not None:
+        fail(f"the gateway's {settings.gateway_host}:{settings.gateway_port} is in use by {holder}; choose "
+             "another with ZINFER_GATEWAY_PORT, or start without it (--no-http)")
+
+
+def _wait_for_broker(client, broker: subprocess.Popen, settings: Settings, args: list[str]) -> None:
+    """Until the broker answers (it is bound); it exits at once if the port is taken."""
+    deadline = time.monotonic() + 30
+    while True:
+        if broker.poll() is not None:
+            home = settings.home_path
+            fail(f"the broker could not start on {settings.endpoint}:\n"
+                 f"{_tail(_out_file(home, args)) or _tail(log_folder(home) / 'broker.log')}")
+        try:
+            answered = client.broker_status(timeout=0.5)["pid"]
+        except ZinferError:
+            if time.monotonic() > deadline:
+                fail(f"the broker did not come up on {settings.endpoint}")
+            time.sleep(0.1)
+            continue
+        if answered != broker.pid:  # someone else's broker took the endpoint meanwhile
+            fail(f"{settings.endpoint} is answered by another broker (pid {answered}); not starting")
+        return
+
+
 def up(
     endpoint: Endpoint = None,
     home: Home = None,
@@ -200,14 +298,7 @@ def up(
     (`zinfer logs`)."""
     settings = _settings(endpoint, home)
     home_path = settings.home_path
-    running = runfile.read(home_path)
-    if running is not None and runfile.alive(running.pid, running.started):
-        fail(f"a mesh is already running from {home_path} (zinfer up, pid {running.pid}, at {running.endpoint}); "
-             "stop it with `zinfer down`, or use another --home")
-    holder = endpoint_holder(settings.endpoint)
-    if holder is not None:  # before anything starts: a second mesh must never join or disturb the first
-        fail(f"{settings.endpoint} is in use by {holder}; stop that mesh first (`zinfer down`, or Ctrl-C to its "
-             "`zinfer up`) or choose another endpoint with -e")
+    _preflight(settings, http)
     created = keys.init_keys(settings.home_path).created
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
@@ -216,98 +307,39 @@ def up(
                **({} if restore else {"ZINFER_RESTORE": "false"}),
                ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
-    plan = [["broker"], ["registry"], ["scheduler"]]
-    plan += [["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)]
-    if cpu:
-        plan.append(["worker", "--device", "cpu"])
+    plan = [["registry"], ["scheduler"], *(["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)),
+            *([["worker", "--device", "cpu"]] if cpu else []), *([["gateway"]] if http else [])]
     gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
-    if http:
-        holder = endpoint_holder(f"tcp://{settings.gateway_host}:{settings.gateway_port}")
-        if holder is not None:
-            fail(f"the gateway's {settings.gateway_host}:{settings.gateway_port} is in use by {holder}; choose "
-                 "another with ZINFER_GATEWAY_PORT, or start without it (--no-http)")
-        plan.append(["gateway"])
-    children: list[tuple[list[str], subprocess.Popen]] = []
-    stopping = False
-    me = runfile.UpRecord(pid=os.getpid(), started=runfile.started_at(os.getpid()), endpoint=settings.endpoint,
-                          gateway=gateway_url if http else "")
-
-    def record() -> None:
-        me.children = [runfile.Child(args=a, pid=c.pid, started=runfile.started_at(c.pid)) for a, c in children]
-        runfile.write(home_path, me)
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    group = ProcessGroup(env, home_path, runfile.UpRecord(
+        pid=os.getpid(), started=runfile.started_at(os.getpid()), endpoint=settings.endpoint,
+        gateway=gateway_url if http else ""))
+    signal.signal(signal.SIGTERM, group.stop_soon)
+    signal.signal(signal.SIGINT, group.stop_soon)
     try:
-        broker_proc = _spawn(plan[0], env, home_path)
-        children.append((plan[0], broker_proc))
-        record()
         client = make_client(settings.endpoint, timeout=2.0)
-        deadline = time.monotonic() + 30
-        while True:  # the broker answers once it is bound; it exits at once if the port is taken
-            if broker_proc.poll() is not None:
-                fail(f"the broker could not start on {settings.endpoint}:\n"
-                     f"{_tail(_out_file(home_path, plan[0])) or _tail(log_folder(home_path) / 'broker.log')}")
-            try:
-                answered = client.broker_status(timeout=0.5)["pid"]
-                if answered != broker_proc.pid:  # someone else's broker took the endpoint meanwhile
-                    fail(f"{settings.endpoint} is answered by another broker (pid {answered}); not starting")
-                break
-            except ZinferError:
-                if time.monotonic() > deadline:
-                    fail(f"the broker did not come up on {settings.endpoint}")
-                time.sleep(0.1)
-        for args in plan[1:]:
-            children.append((args, _spawn(args, env, home_path)))
-        record()
+        _wait_for_broker(client, group.start(["broker"]), settings, ["broker"])
+        started = time.monotonic()
+        for args in plan:
+            group.start(args)
         want = {"registry", "scheduler"} | {f"worker/{a[2]}" for a in plan if a[0] == "worker"}
-        while not stopping:
+        while not group.stopping:
             services = {peer["service"] for peer in client.broker_status(timeout=2)["peers"]}
             if want <= services and (not http or _answers(f"{gateway_url}/health")):
                 break
-            for args, proc in children:
-                if proc.poll() is not None:
-                    fail(f"`zinfer {' '.join(args)}` exited with code {proc.returncode} while starting:\n"
-                         f"{_tail(_out_file(home_path, args))}")
-            if time.monotonic() > deadline + 60:
+            group.check_started()
+            if time.monotonic() > started + 90:
                 fail(f"still waiting for {sorted(want - services)} after 90s")
             time.sleep(0.1)
         web = f"; HTTP (OpenAI, Xinference) at {gateway_url}/v1" if http else ""
         console.print(f"[bold green]zinfer is up[/] at {settings.endpoint}{web} (home {home_path}); "
-                      f"{len(children)} processes: {', '.join(' '.join(a) for a, _ in children)}. "
+                      f"{len(group.children)} processes: {', '.join(' '.join(a) for a, _ in group.children)}. "
                       "Logs: `zinfer logs -f`. Stop: Ctrl-C or `zinfer down`.", highlight=False)
-        restarts: dict[int, float] = {}
-        while not stopping:
+        while not group.stopping:
             time.sleep(0.2)
-            for i, (args, proc) in enumerate(children):
-                if proc.poll() is not None and not stopping:
-                    # Keep the mesh whole: a crashed process is restarted (at most once every 2 s).
-                    if time.monotonic() - restarts.get(i, 0) > 2:
-                        console.print(f"[yellow]`zinfer {' '.join(args)}` exited ({proc.returncode}); "
-                                      "restarting[/]", highlight=False)
-                        tail = _tail(_out_file(home_path, args))
-                        if tail:
-                            console.print(tail, highlight=False, markup=False)
-                        restarts[i] = time.monotonic()
-                        children[i] = (args, _spawn(args, env, home_path))
-                        record()
+            group.keep_whole()
     finally:
-        for _, proc in reversed(children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, proc in children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        runfile.remove(home_path, os.getpid())
-        if stopping:
+        group.stop()
+        if group.stopping:
             console.print("zinfer stopped")
 
 
