@@ -149,6 +149,20 @@ def test_zinfer_up_then_status(tmp_path):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{env['ZINFER_GATEWAY_PORT']}/ready", timeout=10) as ready:
             assert b'"ready":true' in ready.read()  # the gateway came up with the rest
+        # A process that dies is started again, and the run file names the new one.
+        from zinfer.cli import runfile
+
+        first = next(c.pid for c in runfile.read(tmp_path).children if c.args == ["registry"])
+        os.kill(first, 9)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pids = [c.pid for c in (runfile.read(tmp_path) or runfile.UpRecord(pid=0, started=0, endpoint="")).children
+                    if c.args == ["registry"]]
+            if pids and pids[0] != first and "registry" in _zinfer("status", env=env).stdout:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the registry was not started again")
     finally:
         up.send_signal(2)  # Ctrl-C stops every child
         up.wait(timeout=30)
