@@ -139,7 +139,8 @@ def list_models(
     if as_json:
         print_json(models)
         return
-    rows = [[m["model_uid"], m["model_name"], m["model_type"], m["model_format"],
+    rows = [[m["model_uid"], m["model_name"] + (f" (from {m['model_path']})" if m.get("model_path") else ""),
+             m["model_type"], m["model_format"],
              m["model_size_in_billions"] or "", m["quantization"], ", ".join(m["devices"]),
              m["state"] + (f" ({m['error']['message']})" if m["error"] else f" ({m['stage']})" if m["stage"] else "")
              + (f"; restarted {m['restarts']}x, last: {m.get('restart_cause', '')}" if m.get("restarts") else

@@ -201,6 +201,8 @@ def test_launch_a_folder_or_gguf_file_as_a_named_model_without_registering(xm, t
         view = xm.client.describe_model("by-path")
         assert view["model_path"] == str(tiny_models["pytorch"]) and view["model_name"] == "llama-2-chat"
         assert view["context_length"] == 2048  # config.json's, not llama-2-chat's 4096
+        listed = cli(xm, "list")
+        assert f"llama-2-chat (from {tiny_models['pytorch']})" in listed.stdout.replace("\n", ""), listed.stdout
         model = xm.client.get_model("by-path")
         rendered = model.render_chat([{"role": "user", "content": "Hi"}])
         assert rendered["template_source"] == "prompt_style" and "[INST]" in rendered["prompt"]  # llama-2-chat's

@@ -363,6 +363,21 @@ def test_the_register_page_fills_the_form_from_a_path(page, site, tiny_models, s
     assert not page.errors, page.errors
 
 
+def test_running_models_show_the_path_a_model_was_launched_from(page, site, tiny_models, shots):
+    from playwright.sync_api import expect
+
+    path = str(tiny_models["embedding"])
+    site.client.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_path=path,
+                             model_uid="by-path")
+    try:
+        sign_in(page, site, site.admin_api_key)
+        row = page.locator('tr[data-uid="by-path"]')
+        expect(row.locator(".model-path")).to_have_text(f"from {path}")
+        page.screenshot(path=shots / "running-by-path.png", full_page=True)
+    finally:
+        site.client.terminate_model("by-path")
+
+
 def test_filling_from_files_needs_an_admin_key(site, tiny_models):
     url = site.gateway_url + "/v1/registration_from_files"
     body = {"model_path": str(tiny_models["embedding"])}

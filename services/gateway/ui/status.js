@@ -47,7 +47,9 @@ export function instances(main) {
     try {
       const { data } = await api("/v1/models");
       const rows = data.map((m) => el("tr", { "data-uid": m.id },
-        el("td", {}, m.id), el("td", {}, m.model_name), el("td", {}, m.model_type), el("td", {}, m.model_format),
+        el("td", {}, m.id),
+        el("td", {}, m.model_name, m.model_path ? el("div", { class: "hint model-path" }, `from ${m.model_path}`) : null),
+        el("td", {}, m.model_type), el("td", {}, m.model_format),
         el("td", {}, m.model_size_in_billions ?? ""), el("td", {}, m.quantization), stateCell(m),
         el("td", {}, list(m.devices)), el("td", {}, list([...new Set(m.hosts)])),
         el("td", { class: "num" }, m.queue_depth), el("td", { class: "num" }, m.restarts), el("td", {}, expiry(m)),
