@@ -72,7 +72,7 @@ def test_the_launch_file_round_trips(tmp_path):
     book = LaunchBook(tmp_path)
     m = Model(uid="e", info=INFO, incarnation=7, replicas=[Replica(worker_id="cpu", index=0, load=_load())])
     m.launch_failed(InvalidRequest("bad", field="model_uri"))
-    book.save([LaunchRecord.of(m)])
+    book.save([LaunchRecord.of(m)], 1)
     (back,) = [r.model() for r in book.load()]
     assert (back.uid, back.info, back.error, back.incarnation) == ("e", INFO, m.error, 7)
     assert [(r.worker_id, r.index, r.load) for r in back.replicas] == [("cpu", 0, _load())]

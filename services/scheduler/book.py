@@ -183,6 +183,7 @@ class LaunchBook:
     def __init__(self, home: Path):
         self.path = home / "scheduler" / "launched.json"
         self.lock = threading.Lock()
+        self.written = 0  # the sequence number of the snapshot on disk
 
     def load(self) -> list[LaunchRecord]:
         try:
@@ -194,12 +195,18 @@ class LaunchBook:
             log.error("launch_book_unreadable", path=str(self.path), error=str(exc))
             return []
 
-    def save(self, records: list[LaunchRecord]) -> None:
+    def save(self, records: list[LaunchRecord], seq: int) -> None:
+        """Write a snapshot taken as number `seq` (numbered in the order they were taken, under the scheduler's
+        lock), unless a later one is on disk already: snapshots written out of order never put an older state
+        last."""
         with self.lock:
+            if seq <= self.written:
+                return
             try:
                 write_atomic(self.path, msgspec.json.encode(records))
             except OSError as exc:
                 raise storage_error("record the launch in", self.path, exc) from None
+            self.written = seq
 
 
 def view(m: Model, workers: dict[str, WorkerState]) -> instances.InstanceView:

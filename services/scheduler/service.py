@@ -13,6 +13,7 @@ the current one: such leftovers are unloaded.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,7 @@ class Scheduler(Lifecycle):
         self.terminated: dict[str, float] = {}
         self.started = time.monotonic()
         self.book = LaunchBook(settings.home_path)
+        self._snapshots = itertools.count(1)  # the launch book's snapshots, numbered as they are taken
         self.last_launch = LastLaunches(settings.home_path)
         self.wake_reconciler = threading.Event()
         for record in self.book.load():
@@ -84,7 +86,8 @@ class Scheduler(Lifecycle):
         """Write the launch book from the current models (call without holding self.lock)."""
         with self.lock:
             records = [LaunchRecord.of(m) for m in self.models.values()]
-        self.book.save(records)
+            seq = next(self._snapshots)
+        self.book.save(records, seq)
 
     def handlers(self) -> dict:
         return {
