@@ -204,7 +204,8 @@ class Lifecycle:
             except ZinferError as exc:
                 errors.append(exc)
             finally:
-                r.loading = False
+                with self.lock:  # the reconciler reads it under the lock
+                    r.loading = False
 
         threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in replicas]
         for t in threads:

@@ -449,7 +449,8 @@ class Scheduler(Lifecycle):
                     replica.fail(exc.message, exc.code, exc.field)
                 errors.append(exc)
             finally:
-                replica.loading = False
+                with self.lock:  # the reconciler reads it under the lock
+                    replica.loading = False
 
         threads = [threading.Thread(target=load_one, args=(wid, load, model.replicas[i]), daemon=True)
                    for i, (wid, load) in enumerate(loads)]
