@@ -29,6 +29,7 @@ class Replica:
     needs_load: bool = False  # desired but not held by its worker: the reconciler loads it
     loading: bool = False  # a LoadInstance is on its way
     lost_since: float | None = None  # when its worker was lost (moved elsewhere after worker_return_s)
+    lost_cause: str = ""  # why it is restarting, kept while moves to another worker fail
     next_try: float = 0.0  # a failed restore is tried again from then
 
     @property
@@ -125,6 +126,13 @@ class WorkerState:
     @property
     def free(self) -> int:
         return self.info.free_memory - sum(self.reserved.values())
+
+
+def release(workers: dict[str, WorkerState], wids, uid: str) -> None:
+    """Drop every memory reservation a model holds on these workers (call with the scheduler's lock held)."""
+    for wid in wids:
+        if wid in workers:
+            workers[wid].reserved = {k: v for k, v in workers[wid].reserved.items() if k[0] != uid}
 
 
 class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -15,10 +15,10 @@ import time
 import msgspec
 import structlog
 
-from zinfer.services.scheduler.book import Model, Replica
+from zinfer.services.scheduler.book import Model, Replica, release
 from zinfer.shared import durations, instances
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Forbidden, InvalidRequest, NotFound, Unavailable, ZinferError
+from zinfer.shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable, ZinferError
 from zinfer.shared.models import MODEL_TYPES
 
 log = structlog.get_logger()
@@ -123,8 +123,7 @@ class Lifecycle:
         except ZinferError:
             with self.lock:
                 self.models.pop(uid, None)
-                for w in chosen:
-                    self.workers[w].reserved = {k: v for k, v in self.workers[w].reserved.items() if k[0] != uid}
+                release(self.workers, chosen, uid)
             self._record_quietly()
             raise
 
@@ -153,7 +152,7 @@ class Lifecycle:
         try:
             return self.launch(launch, ctx)
         except ZinferError as exc:
-            if exc.code == "conflict" and launch.model_uid in self.models:
+            if isinstance(exc, Conflict) and launch.model_uid in self.models:
                 return self._wake_uid(launch.model_uid)  # another request launched it meanwhile
             raise
 

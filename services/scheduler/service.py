@@ -29,6 +29,7 @@ from zinfer.services.scheduler.book import (
     Pins,
     Replica,
     WorkerState,
+    release,
     view,
 )
 from zinfer.services.scheduler.lifecycle import Lifecycle
@@ -44,9 +45,11 @@ from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import (
+    Cancelled,
     Conflict,
     InvalidRequest,
     NotFound,
+    RequestTimeout,
     TooLarge,
     Unavailable,
     ZinferError,
@@ -242,7 +245,7 @@ class Scheduler(Lifecycle):
                 r.loading = False
                 if model.incarnation != load.incarnation or model.terminating:
                     return
-                if exc.code in ("unavailable", "no_route", "timeout", "queue_full", "cancelled"):
+                if isinstance(exc, Unavailable | RequestTimeout | Cancelled):  # the worker could not now: again later
                     r.next_try = time.monotonic() + max(2.0, self.settings.liveness_s)
                     log.warning("restore_failed", model_uid=model.uid, worker=wid, error=str(exc))
                 else:
@@ -273,7 +276,7 @@ class Scheduler(Lifecycle):
                 if model.terminating or model.incarnation != load.incarnation:
                     r.loading = False
                     return
-                r.worker_id, r.lost_since = wid, None
+                r.worker_id, r.lost_since, r.lost_cause = wid, None, ""
                 r.load = msgspec.structs.replace(load, memory_estimate=found[wid].memory)
                 r.status.cause = f"{r.status.cause}; moved from {lost} to {wid}"
                 self.workers[wid].reserved[(model.uid, r.index)] = found[wid].memory
@@ -282,8 +285,8 @@ class Scheduler(Lifecycle):
             with self.lock:
                 r.loading = False
                 r.next_try = time.monotonic() + max(5.0, self.settings.worker_return_s / 4)
-                before = r.status.cause.split("; no other")[0]
-                r.status.cause = f"{before}; no other worker can take it yet: {exc.message}"
+                r.lost_cause = r.lost_cause or r.status.cause  # why it is restarting, before any failed move
+                r.status.cause = f"{r.lost_cause}; no other worker can take it yet: {exc.message}"
             log.warning("move_failed", model_uid=model.uid, replica=r.index, error=str(exc))
             return
         log.info("moving_instance", model_uid=model.uid, replica=r.index, from_worker=lost, to_worker=wid)
@@ -390,8 +393,7 @@ class Scheduler(Lifecycle):
         except ZinferError:
             with self.lock:
                 self.models.pop(uid, None)
-                for wid in chosen:
-                    self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items() if k[0] != uid}
+                release(self.workers, chosen, uid)
             raise
         self.last_launch.put(msg)
         self.make_room_for_launch(uid, chosen)
@@ -525,10 +527,7 @@ class Scheduler(Lifecycle):
         with self.lock:
             self.models.pop(msg.model_uid, None)
             self.terminated[msg.model_uid] = time.monotonic()
-            for wid in workers:
-                if wid in self.workers:
-                    self.workers[wid].reserved = {k: v for k, v in self.workers[wid].reserved.items()
-                                                  if k[0] != msg.model_uid}
+            release(self.workers, workers, msg.model_uid)
         self._record()
         log.info("terminated", model_uid=msg.model_uid)
         return p.Ok(message=f"terminated {msg.model_uid}")
