@@ -1,10 +1,11 @@
-"""The worker's compute thread: every model instance's engine takes turns, one bounded step per turn.
+"""An instance process's compute loop: its engine steps, one bounded step at a time.
 
-A step is one embedding batch (capped by items and tokens; a huge request is split over many turns) or one
-decode step for the sequences a generation engine holds. Round-robin between the engines that have work, so
-one instance's big request never starves another on the same worker (a 20,000-text embed used to hold a
-neighbour's one-sentence embed for 51.6 s). It runs on the process's main thread: PyTorch's CPU kernels are
-10-25% slower from a secondary thread (MiniLM: 8.3 vs 6.9 ms per sentence, 363 vs 322 ms per 256).
+A step is one embedding batch (capped by items and tokens; a huge request is split over many steps) or one
+decode step for the sequences a generation engine holds, so a request that arrives during a huge one waits one
+step, not the whole request (a 20,000-text embed once held a one-sentence embed for 51.6 s). The loop takes
+engines round-robin; an instance process holds one (each replica has its own process since issue 20). It runs
+on the process's main thread: PyTorch's CPU kernels are 10-25% slower from a secondary thread (MiniLM: 8.3 vs
+6.9 ms per sentence, 363 vs 322 ms per 256).
 
 Requests reach an engine from the I/O thread through its bounded queue (`Engine.submit`); replies go back
 through the runtime's send (an inproc socket to the I/O thread). No thread per request, none per stream.

@@ -2,7 +2,7 @@
 
 While a batch encodes, new requests queue; the next step takes what is queued, up to `max_batch_size` texts
 and `max_batch_tokens` padded tokens (the longest text x the texts), so one step stays bounded: a request of
-20,000 texts is split into many batches, and other instances on the worker get their turns between them.
+20,000 texts is split into many batches, and requests that arrive meanwhile are served between them.
 With `batch_wait_ms` a batch waits that long for stragglers. Each request gets its own rows back in order; one
 that fails (a text over the model's max_tokens, or texts that break the encoder) fails alone.
 """

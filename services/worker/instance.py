@@ -69,7 +69,7 @@ class Instance:
     def model_name(self) -> str:
         return (self.spec.llm or self.spec.embedding or self.spec.rerank).model_name
 
-    # ------------------------------------------------------------------ lifecycle (a pool thread)
+    # ------------------------------------------------------------------ lifecycle (the process's main thread)
 
     def _step(self, progress: float, stage: str) -> None:
         self.progress, self.stage = progress, stage

@@ -98,7 +98,7 @@ def last_frame(fault_text: str) -> str:
     return ""
 
 
-class Replica:
+class ReplicaProcess:
     """One instance replica as the supervisor sees it: its launch, its current process, its history."""
 
     def __init__(self, load: p.LoadInstance, state: instances.InstanceState, cause: str = ""):
@@ -133,7 +133,7 @@ class Supervisor:
         self.worker_id = worker_id
         self.device = device  # the torch device inside the instance processes ("cpu", "cuda:0")
         self.on_change = on_change
-        self.replicas: dict[tuple[str, int], Replica] = {}
+        self.replicas: dict[tuple[str, int], ReplicaProcess] = {}
         self.lock = threading.RLock()
         self.spawn_lock = threading.Lock()
         self.running = True
@@ -165,7 +165,7 @@ class Supervisor:
         else:
             if old is not None:  # an older launch of this uid: it goes first, whatever it was doing
                 self.stop([old])
-            replica = Replica(load, state, load.restore_cause)
+            replica = ReplicaProcess(load, state, load.restore_cause)
             with self.lock:
                 if (load.model_uid, load.replica) in self.replicas:
                     raise Conflict(f"model {load.model_uid!r} replica {load.replica} is already on {self.worker_id}")
@@ -178,7 +178,7 @@ class Supervisor:
         if replica.state == "terminating":
             raise Cancelled(f"the launch of {load.model_uid!r} was cancelled (terminated)")
 
-    def _spawn(self, replica: Replica) -> None:
+    def _spawn(self, replica: ReplicaProcess) -> None:
         load = replica.load
         service = p.instance_service(self.worker_id, load.model_uid, load.replica)
         replica.fault_path = self.faults / f"{log_name(service)}.txt"
@@ -211,13 +211,13 @@ class Supervisor:
 
     # ------------------------------------------------------------------ terminate (a pool thread)
 
-    def find(self, uid: str, incarnation: int = 0, replica: int | None = None) -> list[Replica]:
+    def find(self, uid: str, incarnation: int = 0, replica: int | None = None) -> list[ReplicaProcess]:
         with self.lock:
             return [r for r in self.replicas.values() if r.load.model_uid == uid
                     and (not incarnation or r.load.incarnation == incarnation)
                     and (replica is None or r.load.replica == replica)]
 
-    def stop(self, replicas: list[Replica]) -> None:
+    def stop(self, replicas: list[ReplicaProcess]) -> None:
         """SIGTERM each replica's process, SIGKILL after the grace period; returns once none is left."""
         with self.lock:
             for r in replicas:
@@ -305,7 +305,7 @@ class Supervisor:
                     self._exited(r)
             self._timers()
 
-    def _read(self, r: Replica) -> None:
+    def _read(self, r: ReplicaProcess) -> None:
         try:
             raw = r.conn.recv_bytes()
         except (EOFError, OSError):
@@ -331,7 +331,7 @@ class Supervisor:
                 r.fail(error_from_reply(failure) if failure else InternalError("the instance failed without a cause"))
         self.on_change()
 
-    def _exited(self, r: Replica) -> None:
+    def _exited(self, r: ReplicaProcess) -> None:
         process = r.process
         process.join(timeout=1)
         code = process.exitcode
