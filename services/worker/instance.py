@@ -47,7 +47,7 @@ class Instance:
 
     def __init__(self, load: p.LoadInstance, device: str, settings: Settings, loop: ComputeLoop,
                  on_change=lambda: None, threads: int | None = None):
-        self.spec = load
+        self.launch = load  # what it loads: the scheduler's LoadInstance (the model, its spec, the options)
         self.on_change = on_change  # the worker reports at once (the launch progress a client shows)
         self.stage = ""
         self.settings = settings
@@ -67,7 +67,7 @@ class Instance:
 
     @property
     def model_name(self) -> str:
-        return (self.spec.llm or self.spec.embedding or self.spec.rerank).model_name
+        return (self.launch.llm or self.launch.embedding or self.launch.rerank).model_name
 
     # ------------------------------------------------------------------ lifecycle (the process's main thread)
 
@@ -114,13 +114,13 @@ class Instance:
     def trust_remote_code(self) -> bool:
         """This worker's own settings decide whether a model's code may run here (never the request)."""
         trusted = self.model_name in self.settings.trust_remote_code_models
-        if self.spec.options.trust_remote_code and not trusted:
+        if self.launch.options.trust_remote_code and not trusted:
             raise Forbidden(f"trust_remote_code: model {self.model_name!r} may not run its own code on this worker "
                             "(not in its trust_remote_code_models setting)", field="trust_remote_code")
         return trusted
 
     def load(self) -> None:
-        load = self.spec
+        load = self.launch
         limit = load.options.request_limits or self.settings.instance_queue
         trust = self.trust_remote_code()
         engine_info = engines.of_load(load)
@@ -170,10 +170,10 @@ class Instance:
 
     def report(self) -> instances.InstanceReport:
         engine = self.engine
-        report = base_report(self.spec, self.state)
+        report = base_report(self.launch, self.state)
         report.status = instances.ReplicaStatus(
             state=self.state, error=reply_from_exception(self.error) if self.error else None,
-            progress=self.progress, stage=self.stage, memory=self.spec.memory_estimate,
+            progress=self.progress, stage=self.stage, memory=self.launch.memory_estimate,
             queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
             stats=msgspec.structs.replace(engine.stats) if engine else None, last_active=self.last_active)
         return report
@@ -193,7 +193,7 @@ class Instance:
             detail = f": {self.error.message}" if self.error else ""
             raise InstanceNotReady(f"model {self.uid!r} is {self.state}{detail}", field="model_uid")
         self.last_active = time.time()  # what keep_alive counts from (the scheduler reads it in reports)
-        model_type = self.spec.model_type
+        model_type = self.launch.model_type
         if not isinstance(msg, REQUESTS_OF[model_type]):
             verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank",
                     p.RenderChat: "render a chat"}[type(msg)]

@@ -97,7 +97,7 @@ def load(instance, engine, path: str, trust: bool, limit: int):
     from zinfer.services.worker.rerank_engine import RerankEngine
     from zinfer.shared.engines import option
 
-    family, opts = instance.spec.rerank, instance.spec.options
+    family, opts = instance.launch.rerank, instance.launch.options
     kind = detect_type(path) if family.type == "unknown" else family.type
     if kind != "normal":
         raise InvalidRequest(f"type {kind!r}" + (" (told by its tokenizer; the registration says unknown)"

@@ -378,7 +378,7 @@ def load(instance, engine, path: str, trust: bool, limit: int):
     llama.cpp runs no model code, so `trust` changes nothing here."""
     from zinfer.services.worker.llm_engine import LLMEngine
 
-    spec, opts = instance.spec, instance.spec.options
+    spec, opts = instance.launch, instance.launch.options
     batching = opts.continuous_batching is not False
     backend = LlamaCppBackend(path, instance.device, opts.n_ctx or spec.llm.context_length,
                               n_threads=opts.n_threads or instance.threads or None,

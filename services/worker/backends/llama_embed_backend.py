@@ -135,7 +135,7 @@ def load(instance, engine, path: str, trust: bool, limit: int):
     from zinfer.services.worker.embed_engine import EmbeddingEngine
     from zinfer.shared.engines import option
 
-    family, opts = instance.spec.embedding, instance.spec.options
+    family, opts = instance.launch.embedding, instance.launch.options
     batch_tokens, batch_size = option(engine, opts, "max_batch_tokens"), option(engine, opts, "max_batch_size")
     backend = LlamaCppEmbeddingBackend(path, instance.device, family.max_tokens, batch_tokens, batch_size,
                                        n_threads=opts.n_threads or instance.threads or None)

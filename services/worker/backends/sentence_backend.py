@@ -134,7 +134,7 @@ def load(instance, engine, path: str, trust: bool, limit: int):
     from zinfer.shared.engines import option
     from zinfer.shared.errors import InvalidRequest
 
-    family, opts = instance.spec.embedding, instance.spec.options
+    family, opts = instance.launch.embedding, instance.launch.options
     backend = SentenceTransformersBackend(path, instance.device, family.max_tokens, trust)
     if backend.dimensions != family.dimensions:
         backend.close()

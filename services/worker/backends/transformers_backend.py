@@ -362,7 +362,7 @@ def load(instance, engine, path: str, trust: bool, limit: int):
     from zinfer.services.worker.llm_engine import LLMEngine
     from zinfer.shared.engines import option
 
-    spec, opts = instance.spec, instance.spec.options
+    spec, opts = instance.launch, instance.launch.options
     batching = opts.continuous_batching is not False
     backend = TransformersBackend(path, instance.device, spec.quantization, spec.llm.context_length,
                                   trust_remote_code=trust,
