@@ -73,52 +73,63 @@ def shape_problems(definition: Definition, hubs_allowed: tuple[str, ...] = ()) -
     if name_problem:
         problems.append(name_problem)
     problems += _common_problems(definition, hubs_allowed)
-    if isinstance(definition, EmbeddingFamily):
-        if not definition.model_uri and not definition.model_id:
-            problems.append(FieldProblem("model_id", "required when model_uri is not given"))
-        for i, spec in enumerate(definition.model_specs or ()):
-            at = f"model_specs[{i}]"
-            if spec.model_format == "pytorch":
-                if spec.quantization != "none":
-                    problems.append(FieldProblem(f"{at}.quantization", "must be 'none' for pytorch"))
-                continue
-            if not QUANTIZATION_RE.fullmatch(spec.quantization) or spec.quantization == "none":
-                problems.append(FieldProblem(f"{at}.quantization", f"{spec.quantization!r}: a {spec.model_format} "
-                                             "spec names its file's quantization (letters, digits, '_', '.', '-')"))
-            problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
-                                       spec.model_file_name_split_template, spec.quantization_parts,
-                                       [spec.quantization])
-        return problems
-    if isinstance(definition, RerankFamily):
-        for i, spec in enumerate(definition.model_specs):
-            if not spec.model_uri and not spec.model_id:
-                at = "model_id" if definition.version == 1 else f"model_specs[{i}].model_id"
-                problems.append(FieldProblem(at, "required when model_uri is not given"))
-        return problems
+    by_type = {EmbeddingFamily: _embedding_problems, RerankFamily: _rerank_problems, LLMFamily: _llm_problems}
+    return problems + by_type[type(definition)](definition)
+
+
+def _embedding_problems(definition: EmbeddingFamily) -> list[FieldProblem]:
+    problems = []
+    if not definition.model_uri and not definition.model_id:
+        problems.append(FieldProblem("model_id", "required when model_uri is not given"))
+    for i, spec in enumerate(definition.model_specs or ()):
+        at = f"model_specs[{i}]"
+        if spec.model_format == "pytorch":
+            if spec.quantization != "none":
+                problems.append(FieldProblem(f"{at}.quantization", "must be 'none' for pytorch"))
+            continue
+        if not QUANTIZATION_RE.fullmatch(spec.quantization) or spec.quantization == "none":
+            problems.append(FieldProblem(f"{at}.quantization", f"{spec.quantization!r}: a {spec.model_format} "
+                                         "spec names its file's quantization (letters, digits, '_', '.', '-')"))
+        problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
+                                   spec.model_file_name_split_template, spec.quantization_parts, [spec.quantization])
+    return problems
+
+
+def _rerank_problems(definition: RerankFamily) -> list[FieldProblem]:
+    return [FieldProblem("model_id" if definition.version == 1 else f"model_specs[{i}].model_id",
+                         "required when model_uri is not given")
+            for i, spec in enumerate(definition.model_specs) if not spec.model_uri and not spec.model_id]
+
+
+def _llm_problems(definition: LLMFamily) -> list[FieldProblem]:
+    problems = []
     if len(set(definition.model_ability)) != len(definition.model_ability):
         problems.append(FieldProblem("model_ability", "lists an ability twice"))
     if not set(definition.model_ability) & set(SERVED_ABILITIES):
         problems.append(FieldProblem("model_ability", "must include at least one of generate, chat, embed"))
     for i, spec in enumerate(definition.model_specs):
-        at = f"model_specs[{i}]"
-        problems += _size_problems(spec.model_size_in_billions, f"{at}.model_size_in_billions")
-        if spec.model_format == "pytorch":
-            bad = [q for q in spec.quantizations if q not in ("4-bit", "8-bit", "none")]
-            if bad:
-                problems.append(FieldProblem(
-                    f"{at}.quantizations", f"{bad} not allowed for pytorch; use '4-bit', '8-bit' or 'none'"))
-        else:
-            problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
-                                       spec.model_file_name_split_template, spec.quantization_parts,
-                                       spec.quantizations)
-        bad_names = [q for q in spec.quantizations if not QUANTIZATION_RE.fullmatch(q)]
-        if bad_names:
-            problems.append(FieldProblem(f"{at}.quantizations", f"{bad_names[0]!r} must be letters, digits, "
-                                         "'_', '.' and '-', starting with a letter or digit (it names a file)"))
-        if len(set(spec.quantizations)) != len(spec.quantizations):
-            problems.append(FieldProblem(f"{at}.quantizations", "lists a quantization twice"))
-        if not spec.model_uri and not spec.model_id:
-            problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
+        problems += _llm_spec_problems(spec, f"model_specs[{i}]")
+    return problems
+
+
+def _llm_spec_problems(spec, at: str) -> list[FieldProblem]:
+    problems = _size_problems(spec.model_size_in_billions, f"{at}.model_size_in_billions")
+    if spec.model_format == "pytorch":
+        bad = [q for q in spec.quantizations if q not in ("4-bit", "8-bit", "none")]
+        if bad:
+            problems.append(FieldProblem(
+                f"{at}.quantizations", f"{bad} not allowed for pytorch; use '4-bit', '8-bit' or 'none'"))
+    else:
+        problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
+                                   spec.model_file_name_split_template, spec.quantization_parts, spec.quantizations)
+    bad_names = [q for q in spec.quantizations if not QUANTIZATION_RE.fullmatch(q)]
+    if bad_names:
+        problems.append(FieldProblem(f"{at}.quantizations", f"{bad_names[0]!r} must be letters, digits, "
+                                     "'_', '.' and '-', starting with a letter or digit (it names a file)"))
+    if len(set(spec.quantizations)) != len(spec.quantizations):
+        problems.append(FieldProblem(f"{at}.quantizations", "lists a quantization twice"))
+    if not spec.model_uri and not spec.model_id:
+        problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
     return problems
 
 
