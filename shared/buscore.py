@@ -230,20 +230,26 @@ def _describe():
         return _FAILED
 
 
+def _feed(steps, step: str, result, error: ZinferError | None):
+    """Hand one step's outcome to recover()'s steps; the next step (StopIteration: the policy's answer). An error
+    of DESCRIBE goes back into the policy; one of WAKE or WAIT (the load on request failed) is the request's."""
+    if error is None:
+        return steps.send(result)
+    if step != DESCRIBE:
+        raise error
+    return steps.throw(error)
+
+
 def drive(steps, perform) -> ZinferError | None:
-    """Run recover()'s steps with `perform(step)` (blocking); its result. An error of DESCRIBE goes back into the
-    policy; one of WAKE or WAIT (the load on request failed) is the request's error."""
+    """Run recover()'s steps with `perform(step)` (blocking); its result."""
     try:
         step = next(steps)
         while True:
             try:
-                result = perform(step)
+                result, error = perform(step), None
             except ZinferError as exc:
-                if step != DESCRIBE:
-                    raise
-                step = steps.throw(exc)
-                continue
-            step = steps.send(result)
+                result, error = None, exc
+            step = _feed(steps, step, result, error)
     except StopIteration as done:
         return done.value
 
@@ -254,13 +260,10 @@ async def adrive(steps, perform) -> ZinferError | None:
         step = next(steps)
         while True:
             try:
-                result = await perform(step)
+                result, error = await perform(step), None
             except ZinferError as exc:
-                if step != DESCRIBE:
-                    raise
-                step = steps.throw(exc)
-                continue
-            step = steps.send(result)
+                result, error = None, exc
+            step = _feed(steps, step, result, error)
     except StopIteration as done:
         return done.value
 

@@ -11,7 +11,7 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from tests.test_templates import TALK, THINKING, TOOL_TURNS, Backend
+from tests.test_templates import TALK, THINKING, TOOL_TURNS, Backend, plain
 from zinfer.services.registry import catalog
 from zinfer.services.worker.llm_engine import LLMEngine
 from zinfer.shared import compat, toolcalls
@@ -39,11 +39,6 @@ def child(family: str, **extra) -> dict:
 def engine(family: str, tok) -> LLMEngine:
     resolved = catalog.resolved(parse_llm(child(family)))
     return LLMEngine("t", resolved, Backend(None, tok), lambda: None, 8)
-
-
-def plain(messages):
-    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
-        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
 
 
 def cases():

@@ -169,6 +169,12 @@ CASES = [
 SOURCES = ["registration", "chat_template.jinja", "tokenizer_config.json", "gguf"]
 
 
+def plain(messages):
+    """The messages as transformers takes them: tool calls' arguments as objects, not JSON text."""
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
 class Backend:
     """What LLMEngine reads of a loaded model to render a chat: its own template and special tokens."""
 
@@ -223,9 +229,7 @@ def test_templates_render_as_apply_chat_template(base, tmp_path, source, name, t
         eng = engine(Backend(tok.chat_template, tok))
     options = compat.chat_options({"tools": tools, "chat_template_kwargs": kwargs})
     plan = eng.plan(compat.chat_messages(messages), options)
-    plain = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(
-        c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
-    want = tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=False,
+    want = tok.apply_chat_template(plain(messages), tools=tools, add_generation_prompt=True, tokenize=False,
                                    chat_template=template, **kwargs)
     assert plan.prompt == want
     assert plan.source == ("registration" if source == "registration" else "model")

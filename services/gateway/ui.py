@@ -63,11 +63,15 @@ def install(app: FastAPI, gateway) -> None:
     async def ui_file(name: str):
         return asset(files, name)
 
+    async def caller_of(request: Request) -> p.Caller:
+        """Who the request's key is, as the broker stamps it (its answer to a Ping)."""
+        status = await gateway.call(request, p.BROKER_TARGET, p.Ping())
+        return p.parse_caller(status.caller.encode())
+
     @app.get("/v1/whoami")
     async def whoami(request: Request):
         """The key this request is made with, as the mesh knows it: {"name", "role"} (user or admin)."""
-        status = await gateway.call(request, p.BROKER_TARGET, p.Ping())
-        caller = p.parse_caller(status.caller.encode())
+        caller = await caller_of(request)
         return JSONResponse({"name": caller.principal, "role": caller.role})
 
     @app.get("/v1/prompt_styles")
@@ -82,8 +86,7 @@ def install(app: FastAPI, gateway) -> None:
         {"model_path"} (a folder or .gguf file on the gateway's host) or {"model_id", "model_revision"} (a Hub
         repository: its config and tokenizer files only), with optional "model_type" and "model_name". Answers
         {"model_type", "model"}: Xinference's version 2 JSON, for the person to review before registering."""
-        status = await gateway.call(request, p.BROKER_TARGET, p.Ping())
-        if p.parse_caller(status.caller.encode()).role != "admin":
+        if (await caller_of(request)).role != p.ADMIN:
             raise Forbidden("filling a registration in from files needs an admin key", field="authorization")
         body = await body_of(request)
         path, repo = body.get("model_path"), body.get("model_id")

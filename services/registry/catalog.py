@@ -48,7 +48,7 @@ INHERITED = ("tool_parser", "reasoning_start_tag", "reasoning_end_tag")  # v2 fi
 def resolved(family: LLMFamily) -> LLMFamily:
     """An LLM definition made self-contained for the workers: what it leaves out of its built-in model_family's
     chat template (or prompt style), stops, stop ids, tool parser and reasoning tags, taken from that family."""
-    parent = builtin_llms().get(family.model_family) if family.model_family != family.model_name else None
+    parent = builtin_llms().get(family.model_family)
     changes: dict = {"prompt_style": resolve_prompt_style(family), "chat_template": family_chat_template(family)}
     if parent is not None:
         if family.stop is None and family.stop_token_ids is None:

@@ -9,6 +9,7 @@ single-file model_uri must be the file of the quantization asked for, and their 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import threading
@@ -273,8 +274,6 @@ def files_context_length(path: str) -> int:
     multimodal model) in a folder, {arch}.context_length in a GGUF file's metadata; 0 when they say nothing."""
     try:
         if os.path.isdir(path):
-            import json
-
             with open(os.path.join(path, "config.json"), "rb") as f:
                 config = json.loads(f.read(16 << 20))
             text = config.get("text_config") or config

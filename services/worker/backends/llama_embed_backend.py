@@ -63,7 +63,9 @@ class LlamaCppEmbeddingBackend(EmbeddingBackend):
         self.batch = llama_cpp.llama_batch_init(self.batch_tokens, 0, 1)
         self._get_seq = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
             ("llama_get_embeddings_seq", llama_cpp.llama_cpp._lib))
-        self._tokens: dict[str, list[int]] = {}  # the last token_counts() call's tokens, which encode() then uses
+        # Tokens token_counts() made (the engine counts each request's texts before a step), which the step's
+        # encode() takes instead of tokenizing again; emptied by every encode().
+        self._tokens: dict[str, list[int]] = {}
 
     def _pooling_key(self) -> str:
         arch = self.model.metadata().get("general.architecture", "?")
@@ -74,8 +76,10 @@ class LlamaCppEmbeddingBackend(EmbeddingBackend):
         return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        tokens = {t: self._tokenize(t) for t in texts}
-        self._tokens = tokens
+        tokens = self._tokens
+        for text in texts:
+            if text not in tokens:
+                tokens[text] = self._tokenize(text)
         return [len(tokens[t]) for t in texts]
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -97,10 +101,7 @@ class LlamaCppEmbeddingBackend(EmbeddingBackend):
     def _decode(self, rows: list[list[int]], out: np.ndarray) -> None:
         lib, b = self.lib, self.batch
         n = 0
-        for seq, ids in enumerate(rows):
-            if len(ids) > self.batch_tokens:
-                raise InvalidRequest(f"a text has {len(ids)} tokens; this model takes at most {self.max_tokens}",
-                                     field="input")
+        for seq, ids in enumerate(rows):  # each text fits: the engine refused any over max_tokens <= batch_tokens
             for pos, token in enumerate(ids):
                 b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, True
                 b.seq_id[n][0] = seq
