@@ -7,6 +7,7 @@ import json
 import msgspec
 
 from zinfer.services.scheduler.book import LaunchBook, LaunchRecord, Model, Replica, WorkerState, view
+from zinfer.services.scheduler.machine import Phase
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
@@ -31,12 +32,12 @@ def test_a_launch_and_an_instance_report_agree_on_what_the_model_is():
 
 
 def test_restart_keeps_memory_and_counters_and_clears_the_rest():
-    r = Replica(worker_id="cpu", index=0, load=_load())
+    r = Replica(worker_id="cpu", index=0, load=_load(), phase=Phase.READY)
     stats = instances.InstanceStats(requests=3)
     r.status = instances.ReplicaStatus(state="ready", pid=42, memory=100, progress=1.0, inflight=2, restarts=1,
                                        stats=stats)
     r.restart("worker cpu restarted")
-    assert r.state == "restarting" and r.needs_load
+    assert r.state == "restarting" and r.phase is Phase.LOST
     assert (r.status.memory, r.status.restarts, r.status.stats) == (100, 1, stats)
     assert (r.status.pid, r.status.progress, r.status.inflight, r.status.cause) == (0, 0.0, 0, "worker cpu restarted")
 
@@ -44,7 +45,7 @@ def test_restart_keeps_memory_and_counters_and_clears_the_rest():
 def test_a_replica_without_its_launch_fails_instead_of_restarting():
     r = Replica(worker_id="cpu", index=0)  # adopted from a report: nothing to load it again with
     r.restart("worker cpu restarted")
-    assert r.state == "failed" and not r.needs_load
+    assert r.state == "failed" and r.phase is Phase.FAILED
     assert r.status.error.code == "unavailable" and "cannot be loaded again" in r.status.error.message
 
 
@@ -72,7 +73,7 @@ def test_the_launch_file_round_trips(tmp_path):
     book = LaunchBook(tmp_path)
     m = Model(uid="e", info=INFO, incarnation=7, replicas=[Replica(worker_id="cpu", index=0, load=_load())])
     m.launch_failed(InvalidRequest("bad", field="model_uri"))
-    book.save([LaunchRecord.of(m)], 1)
+    book.save([LaunchRecord.of(m)])
     (back,) = [r.model() for r in book.load()]
     assert (back.uid, back.info, back.error, back.incarnation) == ("e", INFO, m.error, 7)
     assert [(r.worker_id, r.index, r.load) for r in back.replicas] == [("cpu", 0, _load())]

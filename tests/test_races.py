@@ -132,25 +132,3 @@ def test_metrics_show_every_state_an_instance_can_be_in():
     for state in states:
         assert f'zinfer_instance_state{{model_name="m",model_type="LLM",model_uid="m-{state}",state="{state}"}} 1.0' \
             in text, state
-
-
-def test_an_older_snapshot_of_the_launch_book_is_never_written_last(tmp_path):
-    """Scheduler._record takes its snapshot under the lock and writes it after: a second record taken and written
-    in between must stay on disk (an older snapshot written last once forgot an acknowledged launch)."""
-    from zinfer.services.scheduler.book import Model, Replica
-    from zinfer.services.scheduler.service import Scheduler
-    from zinfer.shared import instances
-
-    scheduler = Scheduler(load_settings(home=str(tmp_path / "home")))
-    save = scheduler.book.save
-    info = instances.InstanceInfo(model_name="m", model_type="embedding")
-
-    def late_save(records, *rest):  # the first writer is overtaken: a launch records itself meanwhile
-        scheduler.book.save = save
-        scheduler.models["m"] = Model(uid="m", info=info, incarnation=1, replicas=[Replica(worker_id="cpu", index=0)])
-        scheduler._record()
-        save(records, *rest)
-
-    scheduler.book.save = late_save
-    scheduler._record()
-    assert [r.uid for r in scheduler.book.load()] == ["m"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from zinfer.services.scheduler.machine import Event, Phase, next_phase
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.atomic import write_atomic
@@ -25,30 +26,40 @@ class Replica:
     index: int
     load: p.LoadInstance | None = None  # what loads it (None only for an instance adopted from a worker's report)
     status: instances.ReplicaStatus = field(default_factory=instances.ReplicaStatus)  # its worker's last word, or ours
+    phase: Phase = Phase.READY  # where it is in its life (services/scheduler/machine.py); only the loop moves it
     restores: int = 0  # loads the scheduler sent again (its worker restarted, or it moved)
-    needs_load: bool = False  # desired but not held by its worker: the reconciler loads it
-    loading: bool = False  # a LoadInstance is on its way
     lost_since: float | None = None  # when its worker was lost (moved elsewhere after worker_return_s)
     lost_cause: str = ""  # why it is restarting, kept while moves to another worker fail
     next_try: float = 0.0  # a failed restore is tried again from then
+    before_terminate: Phase | None = None  # where a terminate that fails puts it back
 
     @property
     def state(self) -> instances.InstanceState:
         return self.status.state
 
-    def restart(self, why: str) -> None:
+    def move(self, event: Event) -> None:
+        """Take an event: the state machine's table says where it goes (IllegalMove when nowhere)."""
+        if event is Event.TERMINATE and self.phase is not Phase.TERMINATING:
+            self.before_terminate = self.phase
+        if event is Event.TERMINATE_FAILED and self.phase is Phase.TERMINATING:
+            self.phase = self.before_terminate or Phase.LOST
+            return
+        self.phase = next_phase(self.phase, event)
+
+    def restart(self, why: str, event: Event = Event.MISSING) -> None:
         """Desired, not held: `restarting` with the cause until the reconciler has it loaded again."""
         if self.load is None:
             self.fail(f"{why}; its launch was not recorded, so it cannot be loaded again (terminate and launch it)")
             return
+        self.move(event)
         self.status = instances.ReplicaStatus(state="restarting", cause=why, memory=self.status.memory,
-                                      restarts=self.status.restarts, stats=self.status.stats)
-        self.needs_load = True
+                                              restarts=self.status.restarts, stats=self.status.stats)
 
     def fail(self, why: str, code: ErrorCode = "unavailable", field: str | None = None) -> None:
+        if self.phase is not Phase.FAILED:
+            self.move(Event.FAILED)
         self.status = msgspec.structs.replace(self.status, state="failed",
                                               error=p.Error(code=code, message=why, field=field))
-        self.needs_load = False
 
 
 class Pins(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -65,24 +76,31 @@ class Model:
     uid: str
     info: instances.InstanceInfo
     replicas: list[Replica] = field(default_factory=list)
-    terminating: bool = False
     error: p.Error | None = None  # a launch that failed: the model stays failed until terminated
     incarnation: int = 0
     pins: Pins = field(default_factory=Pins)
     # Lifecycle: seconds it stays loaded once idle (None: for ever); restored when the mesh starts; wall-clock
-    # times of its last request and of its unload (0: loaded); loads so far; a load on request under way; taken
-    # from the launch book at the scheduler's start and not yet seen held by a worker.
+    # times of its last request and of its unload (0: loaded); loads so far.
     keep_alive: float | None = None
     restore: bool = True
     last_active: float = 0.0
     unloaded_at: float = 0.0
     loads: int = 1
-    waking: bool = False
-    from_book: bool = False
+
+    def _any(self, phase: Phase) -> bool:
+        return any(r.phase is phase for r in self.replicas)
 
     @property
     def unloaded(self) -> bool:
-        return self.unloaded_at > 0
+        return bool(self.replicas) and all(r.phase is Phase.UNLOADED for r in self.replicas)
+
+    @property
+    def waking(self) -> bool:
+        return self._any(Phase.WAKING)
+
+    @property
+    def terminating(self) -> bool:
+        return self._any(Phase.TERMINATING)
 
     @property
     def idle(self) -> bool:
@@ -129,7 +147,7 @@ class WorkerState:
 
 
 def release(workers: dict[str, WorkerState], wids, uid: str) -> None:
-    """Drop every memory reservation a model holds on these workers (call with the scheduler's lock held)."""
+    """Drop every memory reservation a model holds on these workers."""
     for wid in wids:
         if wid in workers:
             workers[wid].reserved = {k: v for k, v in workers[wid].reserved.items() if k[0] != uid}
@@ -159,12 +177,17 @@ class LaunchRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
                    unloaded_at=m.unloaded_at, times_loaded=m.loads)
 
     def model(self) -> Model:
+        """The model as the scheduler starts with it: RECORDED until its worker reports (failed and idle-unloaded
+        ones stay so)."""
         loads = {load.replica: load for load in self.loads}
+        phase = Phase.FAILED if self.error else Phase.UNLOADED if self.unloaded_at else Phase.RECORDED
+        state = {Phase.FAILED: "failed", Phase.UNLOADED: "idle-unloaded"}.get(phase, "launching")
         return Model(uid=self.uid, info=self.info, error=self.error, incarnation=self.incarnation, pins=self.pins,
-                     replicas=[Replica(worker_id=wid, index=index, load=loads.get(index))
+                     replicas=[Replica(worker_id=wid, index=index, load=loads.get(index), phase=phase,
+                                       status=instances.ReplicaStatus(state=state))
                                for wid, index in self.replicas],
                      keep_alive=self.keep_alive, restore=self.restore, last_active=self.last_active,
-                     unloaded_at=self.unloaded_at, loads=self.times_loaded, from_book=True)
+                     unloaded_at=self.unloaded_at, loads=self.times_loaded)
 
 
 # Before 2026-12 a record kept the model's fields and its error flat; read such files as they are.
@@ -190,8 +213,6 @@ class LaunchBook:
 
     def __init__(self, home: Path):
         self.path = home / "scheduler" / "launched.json"
-        self.lock = threading.Lock()
-        self.written = 0  # the sequence number of the snapshot on disk
 
     def load(self) -> list[LaunchRecord]:
         try:
@@ -203,18 +224,12 @@ class LaunchBook:
             log.error("launch_book_unreadable", path=str(self.path), error=str(exc))
             return []
 
-    def save(self, records: list[LaunchRecord], seq: int) -> None:
-        """Write a snapshot taken as number `seq` (numbered in the order they were taken, under the scheduler's
-        lock), unless a later one is on disk already: snapshots written out of order never put an older state
-        last."""
-        with self.lock:
-            if seq <= self.written:
-                return
-            try:
-                write_atomic(self.path, msgspec.json.encode(records))
-            except OSError as exc:
-                raise storage_error("record the launch in", self.path, exc) from None
-            self.written = seq
+    def save(self, records: list[LaunchRecord]) -> None:
+        """Write the launched models (only the scheduler's loop calls this, so snapshots land in order)."""
+        try:
+            write_atomic(self.path, msgspec.json.encode(records))
+        except OSError as exc:
+            raise storage_error("record the launch in", self.path, exc) from None
 
 
 def view(m: Model, workers: dict[str, WorkerState]) -> instances.InstanceView:
