@@ -96,13 +96,15 @@ class Core:
             try:
                 batch = [self.queue.get(timeout=max(0.0, next_tick - self.clock()))]
             except queue.Empty:
-                next_tick = self.clock() + self.settings.heartbeat_interval
-                batch = [ev.Tick()]
-            while len(batch) < 256:
+                batch = []
+            while 0 < len(batch) < 256:
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            if self.clock() >= next_tick:  # due even while events keep coming
+                next_tick = self.clock() + self.settings.heartbeat_interval
+                batch.append(ev.Tick())
             answers = [(event, *self._handle(event)) for event in batch]
             self._publish()
             for event, result, error in answers:  # after the views: a caller's next read sees its own change
