@@ -112,7 +112,7 @@ def main() -> None:
         one = sentences[7]
         # The instance's own call (its backend: one forward pass for a small batch, without encode()'s per-call
         # overhead), in this process: what the served figure minus this costs is the mesh's path alone.
-        from zinfer.services.worker.backends.sentence_backend import SentenceTransformersBackend
+        from zinfer.services.worker.instance.backends.sentence_backend import SentenceTransformersBackend
 
         direct = SentenceTransformersBackend(str(models["embedding"]), args.device, 256)
         raw_lat, served_lat, direct_lat = [], [], []

@@ -40,7 +40,7 @@ def tokens_per_s(handles, n: int, constrained: bool) -> float:
 
 def splitter_us_per_token(tokens: list[str]) -> tuple[float, float]:
     """(µs per token through the answer splitter with a Hermes parser and reasoning tags, µs without)."""
-    from zinfer.services.worker.answer import AnswerSplitter
+    from zinfer.services.worker.instance.answer import AnswerSplitter
     from zinfer.shared.toolcalls import lookup
 
     def run(split: bool) -> float:
@@ -58,7 +58,7 @@ def splitter_us_per_token(tokens: list[str]) -> tuple[float, float]:
 
 
 def render_ms() -> float:
-    from zinfer.services.worker.prompts import render_chat_template
+    from zinfer.services.worker.instance.prompts import render_chat_template
     from zinfer.shared import tinytools
 
     tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": f"Tool number {i}.",

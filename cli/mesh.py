@@ -94,7 +94,7 @@ def worker(
 ) -> None:
     """Run an inference worker for one device. On another host: `zinfer keys import BUNDLE`, then
     `zinfer worker -e tcp://BROKER:9997 --device cuda:0` (it keeps running when its shell exits)."""
-    from zinfer.services.worker.device import default_worker_id, parse_device
+    from zinfer.services.worker.host.device import default_worker_id, parse_device
 
     settings = load_settings(endpoint=endpoint, home=home, cpu_memory_budget_mb=memory_budget_mb)
     try:
@@ -112,7 +112,7 @@ def worker(
     # process dies (under `zinfer up`: <home>/logs/<service>.out), instead of only a broker's "disconnected".
     faulthandler.enable()
     die_with_parent()
-    from zinfer.services.worker.service import run_worker
+    from zinfer.services.worker.host.service import run_worker
 
     raise typer.Exit(run_worker(settings, device, worker_id))
 

@@ -54,7 +54,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     # llama.cpp's AMX kernels (see configs/default.toml: they crashed every quantized model on our VMs).
     llama_cpp_amx: bool = False
-    # Model instances: each replica runs in a process of its own (services/worker/supervisor.py).
+    # Model instances: each replica runs in a process of its own (services/worker/host/supervisor.py).
     # CPU threads of each instance's engine; 0: each engine's default (torch: the cores; llama.cpp: half of them to
     # decode, all to prefill).
     instance_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0

@@ -3,7 +3,7 @@ runs, the launch options only it reads with their defaults, how its files are ch
 its memory is estimated, and where the instance process finds the function that loads it.
 
 Read by placement (which engine runs a launch, which options it may take), by the scheduler's launch checks and
-by the instance process (services/worker/instance.py), which imports `loader` only there: this module imports
+by the instance process (services/worker/instance/instance.py), which imports `loader` only there: this module imports
 nothing heavy, so the scheduler never loads torch. Adding an engine is adding its module (a backend with a
 `load(instance, path, trust, limit)` function) and one entry here.
 """
@@ -33,29 +33,29 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
 ENGINES: tuple[EngineInfo, ...] = (
     EngineInfo(name="transformers", model_type="LLM", formats=("pytorch",), generates=True, files="hf_folder",
                memory="checkpoint", options={"max_sequences": 64},
-               loader="zinfer.services.worker.backends.transformers_backend:load"),
+               loader="zinfer.services.worker.instance.backends.transformers_backend:load"),
     EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="LLM", formats=("ggufv2", "ggmlv3"),
                generates=True, files="gguf", memory="gguf",
                # n_ctx: the registration's context_length; n_threads: the instance_threads setting, else
                # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16
                options={"n_ctx": None, "n_threads": None, "n_parallel": None},
-               loader="zinfer.services.worker.backends.llama_cpp_backend:load"),
+               loader="zinfer.services.worker.instance.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
                formats=("pytorch",), files="hf_folder", memory="folder",
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
-               loader="zinfer.services.worker.backends.sentence_backend:load"),
+               loader="zinfer.services.worker.instance.backends.sentence_backend:load"),
     # GGUF embedding models. On a CPU llama.cpp's cost is the tokens' arithmetic (32 texts in one decode cost what
     # they cost one by one) and an encoder attends across its whole step, so steps stay small: 16 texts, 512 tokens.
     EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="embedding", formats=("ggufv2",),
                files="gguf", memory="folder",
                options={"max_batch_size": 16, "max_batch_tokens": 512, "batch_wait_ms": 0.0, "n_threads": None},
-               loader="zinfer.services.worker.backends.llama_embed_backend:load"),
+               loader="zinfer.services.worker.instance.backends.llama_embed_backend:load"),
     # Xinference names its rerank engine sentence_transformers too: CrossEncoder for the `normal` type. One step
     # scores at most max_batch_size query-document pairs and max_batch_tokens padded tokens.
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="rerank",
                files="hf_folder", memory="folder",
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
-               loader="zinfer.services.worker.backends.cross_encoder_backend:load"),
+               loader="zinfer.services.worker.instance.backends.cross_encoder_backend:load"),
 )
 
 

@@ -1,6 +1,6 @@
 """Test tooling for `zinfer dev make-tiny-models` (not used by any service): the tiny Llama's weights as GGML v3
 ("ggjt" v3) files, the format of 2023's llama.cpp that the seeds' ggmlv3 specs name and that the worker converts to
-GGUF at launch (services/worker/ggml.py), and the same weights and vocabulary written directly as GGUF, which
+GGUF at launch (services/worker/instance/ggml.py), and the same weights and vocabulary written directly as GGUF, which
 the converted files must equal.
 
 GGML v3 files carry a LLaMA SentencePiece vocabulary (pieces with scores; <unk>, <s>, </s>, then the 256 byte

@@ -139,16 +139,16 @@ def test_requests_beyond_the_parallel_sequences_queue_visibly(bmesh):
 
 def _backend(engine: str, models, slots: int):
     if engine == "llama.cpp":
-        from zinfer.services.worker.backends.llama_cpp_backend import LlamaCppBackend
+        from zinfer.services.worker.instance.backends.llama_cpp_backend import LlamaCppBackend
 
         return LlamaCppBackend(str(models["gguf"]), "cpu", 512, n_parallel=slots)
-    from zinfer.services.worker.backends.transformers_backend import TransformersBackend
+    from zinfer.services.worker.instance.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(str(models["pytorch"]), "cpu", "none", 512, max_sequences=slots)
 
 
 def _greedy(tokens: int):
-    from zinfer.services.worker.backends.base import Sampling
+    from zinfer.services.worker.instance.backends.base import Sampling
 
     return Sampling(tokens, 0.0, None, None, None, (), None, ignore_eos=True)
 
@@ -201,7 +201,7 @@ def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_
     A sequence given llama.cpp's greedy sampler chain instead picks the same tokens as the argmax's lone run, and
     argmax sequences that join mid-way (their prompts prefilling while others decode) beside a sampled one equal
     their lone runs: each row of the step's logits is read for the right sequence."""
-    from zinfer.services.worker.backends.llama_cpp_backend import plain_greedy
+    from zinfer.services.worker.instance.backends.llama_cpp_backend import plain_greedy
 
     backend = _backend("llama.cpp", tiny_models, slots=4)
     try:
@@ -230,7 +230,7 @@ def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
     """The worker counts tokens (usage, and the max_tokens check) with a copy of the fast tokenizer: the same
     counts as the transformers call, and still whole after encode() has switched truncation and padding on in the
     tokenizer it shares (a text over the encoder's max_seq_length must count in full, to be refused)."""
-    from zinfer.services.worker.backends.sentence_backend import SentenceTransformersBackend
+    from zinfer.services.worker.instance.backends.sentence_backend import SentenceTransformersBackend
 
     backend = SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
     try:
@@ -250,7 +250,7 @@ def test_small_batches_skip_encode_and_give_its_vectors(tiny_models):
     vectors as encode(), for texts of every kind, one over max_seq_length included; bigger batches use encode()."""
     from sentence_transformers import SentenceTransformer
 
-    from zinfer.services.worker.backends import sentence_backend
+    from zinfer.services.worker.instance.backends import sentence_backend
 
     backend = sentence_backend.SentenceTransformersBackend(str(tiny_models["embedding"]), "cpu", 256)
     try:

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from zinfer.services.worker import checks
-from zinfer.services.worker.supervisor import describe_exit, last_frame
+from zinfer.services.worker.host.supervisor import describe_exit, last_frame
 from zinfer.shared.errors import InvalidRequest
 
 
@@ -84,8 +84,8 @@ Thread 0x00007f00aa (most recent call first):
   File "/x/shared/transport.py", line 310 in serve
 
 Current thread 0x00007f00bb (most recent call first):
-  File "/x/services/worker/backends/llama_cpp_backend.py", line 300 in step
-  File "/x/services/worker/llm_engine.py", line 120 in step
+  File "/x/services/worker/instance/backends/llama_cpp_backend.py", line 300 in step
+  File "/x/services/worker/instance/llm_batcher.py", line 120 in step
 """
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut
-from zinfer.services.worker.compute import Job
-from zinfer.services.worker.llm_engine import LLMEngine
+from zinfer.services.worker.instance.backends.base import LLMBackend, Sampling, StepOut
+from zinfer.services.worker.instance.compute import Job
+from zinfer.services.worker.instance.llm_batcher import LLMBatcher
 from zinfer.shared import protocol as p
 from zinfer.shared import wire
 from zinfer.shared.errors import QueueFull
@@ -94,16 +94,16 @@ FAMILY = parse_llm({"model_name": "scripted", "model_lang": ["en"], "model_abili
                                                            "quantizations": ["none"], "model_id": "x/y"}]})
 
 
-def engine(max_sequences: int = 1, max_queue: int = 8) -> tuple[LLMEngine, ScriptedBackend]:
+def engine(max_sequences: int = 1, max_queue: int = 8) -> tuple[LLMBatcher, ScriptedBackend]:
     backend = ScriptedBackend(max_sequences)
-    return LLMEngine("m", FAMILY, backend, wake=lambda: None, max_queue=max_queue), backend
+    return LLMBatcher("m", FAMILY, backend, wake=lambda: None, max_queue=max_queue), backend
 
 
 def generate(max_tokens: int, **config) -> p.Generate:
     return p.Generate(model_uid="m", prompt="hi", config=GenerateConfig(max_tokens=max_tokens, **config))
 
 
-def run(e: LLMEngine, limit: int = 100) -> int:
+def run(e: LLMBatcher, limit: int = 100) -> int:
     steps = 0
     while e.has_work():
         e.step()
@@ -212,10 +212,10 @@ class ScoringBackend:
 def test_rerank_engine_batches_requests_orders_as_xinference_and_cuts_to_top_n():
     import numpy as np
 
-    from zinfer.services.worker.rerank_engine import RerankEngine
+    from zinfer.services.worker.instance.rerank_batcher import RerankBatcher
 
     out, backend = Replies(), ScoringBackend()
-    eng = RerankEngine("rr", backend, wake=lambda: None, max_queue=8, max_batch_size=5, max_batch_tokens=1000)
+    eng = RerankBatcher("rr", backend, wake=lambda: None, max_queue=8, max_batch_size=5, max_batch_tokens=1000)
     documents = ["aaa", "a", "aaaa", "aa", "aaa", "a"]
     eng.submit(out.job(b"1", p.Rerank(model_uid="rr", query="q", documents=documents)))
     eng.submit(out.job(b"2", p.Rerank(model_uid="rr", query="q", documents=["bb", "b"], top_n=1)))
@@ -233,11 +233,11 @@ def test_rerank_engine_batches_requests_orders_as_xinference_and_cuts_to_top_n()
 def test_embedding_engine_cuts_dimensions_and_refuses_more_than_it_makes():
     import numpy as np
 
-    from zinfer.services.worker.embed_engine import EmbeddingEngine
+    from zinfer.services.worker.instance.embed_batcher import EmbeddingBatcher
     from zinfer.shared.errors import InvalidRequest
 
     out, backend = Replies(), ScoringBackend()
-    eng = EmbeddingEngine("emb", backend, wake=lambda: None, max_queue=8)
+    eng = EmbeddingBatcher("emb", backend, wake=lambda: None, max_queue=8)
     eng.submit(out.job(b"1", p.Embed(model_uid="emb", input=["x", "y"], dimensions=2)))
     with pytest.raises(InvalidRequest, match="at most 4") as info:
         eng.submit(out.job(b"2", p.Embed(model_uid="emb", input=["x"], dimensions=5)))
@@ -249,7 +249,7 @@ def test_embedding_engine_cuts_dimensions_and_refuses_more_than_it_makes():
         eng.step()
     reply = out.final(b"1")
     assert (reply.rows, reply.dimensions) == (2, 2)
-    from zinfer.services.worker.embed_engine import cut
+    from zinfer.services.worker.instance.embed_batcher import cut
 
     np.testing.assert_allclose(cut(np.asarray([[3.0, 4.0, 1.0], [0.0, 0.0, 1.0]], np.float32), 2),
                                [[0.6, 0.8], [0.0, 0.0]])  # renormalised; an all-zero cut stays zero

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.test_templates import TALK, THINKING, TOOL_TURNS, Backend, plain
 from zinfer.services.registry import catalog
-from zinfer.services.worker.llm_engine import LLMEngine
+from zinfer.services.worker.instance.llm_batcher import LLMBatcher
 from zinfer.shared import compat, toolcalls
 from zinfer.shared import tinytools as tt
 from zinfer.shared.models import parse_llm
@@ -36,9 +36,9 @@ def child(family: str, **extra) -> dict:
                              "model_uri": "file:///nowhere"}], **extra}
 
 
-def engine(family: str, tok) -> LLMEngine:
+def engine(family: str, tok) -> LLMBatcher:
     resolved = catalog.resolved(parse_llm(child(family)))
-    return LLMEngine("t", resolved, Backend(None, tok), lambda: None, 8)
+    return LLMBatcher("t", resolved, Backend(None, tok), lambda: None, 8)
 
 
 def cases():
@@ -97,7 +97,7 @@ def test_a_registration_naming_the_family_inherits_what_it_leaves_out(tok, famil
     assert (got.stop, got.stop_token_ids) == (parent.stop, parent.stop_token_ids)
     for key in catalog.INHERITED:
         assert got.v2_extras.get(key) == parent.v2_extras.get(key)
-    eng = LLMEngine("t", got, Backend(None, tok), lambda: None, 8)
+    eng = LLMBatcher("t", got, Backend(None, tok), lambda: None, 8)
     assert (eng.tool_parser is not None) == ("tools" in parent.model_ability)
     assert (eng.reasoning_tags() is not None) == ("reasoning" in parent.model_ability)
     # what the registration gives itself wins

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.mesh import REPO
-from zinfer.services.worker import ggml
+from zinfer.services.worker.instance import ggml
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.tinyggml import GGML_TEMPLATE, SPM_GGUF_TEMPLATE
 
@@ -143,8 +143,8 @@ _QUANTIZED_IN_A_CHILD = """
 import json, sys
 import numpy as np
 import llama_cpp.llama_cpp as low
-from zinfer.services.worker.backends.base import Sampling
-from zinfer.services.worker.backends.llama_cpp_backend import LlamaCppBackend
+from zinfer.services.worker.instance.backends.base import Sampling
+from zinfer.services.worker.instance.backends.llama_cpp_backend import LlamaCppBackend
 
 defaults = low.llama_model_default_params
 backend = LlamaCppBackend(sys.argv[1], "cpu", 256, n_parallel=2)

@@ -181,7 +181,7 @@ def test_a_native_crash_in_a_worker_leaves_its_stacks_in_the_log(mesh):
     assert mesh.procs["worker/cpu"].returncode == -signal.SIGSEGV
     log = (mesh.log_dir / "worker_cpu.log").read_text()
     assert "Fatal Python error: Segmentation fault" in log
-    assert "services/worker/service.py" in log and "in serve" in log  # the main thread's loop, where it was
+    assert "services/worker/host/service.py" in log and "in serve" in log  # the main thread's loop, where it was
     mesh.wait(lambda: not mesh.client.scheduler_status()["workers"] or None)  # and the mesh knows it is gone
 
 

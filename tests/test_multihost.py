@@ -408,7 +408,7 @@ def _proc_state(pid: int) -> str:
 
 
 def test_a_worker_is_named_by_its_host_when_the_broker_is_elsewhere():
-    from zinfer.services.worker.device import default_worker_id, is_local, local_address
+    from zinfer.services.worker.host.device import default_worker_id, is_local, local_address
 
     own = local_address("tcp://192.0.2.200:9997") or "127.0.0.1"  # this host's address towards that network
     for endpoint in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:9997", "tcp://0.0.0.0:9997", "tcp://localhost:1",

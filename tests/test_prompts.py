@@ -3,7 +3,7 @@
 import pytest
 
 from zinfer.services.registry import catalog
-from zinfer.services.worker.prompts import render_chat_template, render_prompt_style
+from zinfer.services.worker.instance.prompts import render_chat_template, render_prompt_style
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.payloads import ChatMessage
 

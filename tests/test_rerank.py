@@ -19,7 +19,7 @@ from xinference_client import RESTfulClient
 from tests.conftest import LAUNCHES, rerank_definition, served_mesh
 from tests.mesh import REPO
 from zinfer.services.registry.validate import validate
-from zinfer.services.worker.backends.cross_encoder_backend import detect_type
+from zinfer.services.worker.instance.backends.cross_encoder_backend import detect_type
 from zinfer.shared import compat, keys
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, TooLarge

@@ -2,7 +2,7 @@
 (the registration's chat_template, the folder's chat_template.jinja, tokenizer_config.json, GGUF metadata), table
 driven over templates in the layouts of today's families: ChatML, Llama 3.1 with tools (strftime_now, tojson with
 indent), Mistral (raise_exception on roles that do not alternate), Qwen 3 (namespace, reversed loops, enable_thinking)
-and Gemma (the model role, trim). The engine's own choice of template (LLMEngine.plan) is what renders here, on a
+and Gemma (the model role, trim). The engine's own choice of template (LLMBatcher.plan) is what renders here, on a
 stand-in backend that carries what a loaded model would: its template and special tokens."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from zinfer.services.worker.llm_engine import LLMEngine
-from zinfer.services.worker.prompts import render_chat_template
+from zinfer.services.worker.instance.llm_batcher import LLMBatcher
+from zinfer.services.worker.instance.prompts import render_chat_template
 from zinfer.shared import compat
 from zinfer.shared import tinytools as tt
 from zinfer.shared.errors import InvalidRequest
@@ -176,7 +176,7 @@ def plain(messages):
 
 
 class Backend:
-    """What LLMEngine reads of a loaded model to render a chat: its own template and special tokens."""
+    """What LLMBatcher reads of a loaded model to render a chat: its own template and special tokens."""
 
     def __init__(self, chat_template, tok, gguf_meta: bool = False):
         self.chat_template = chat_template
@@ -185,11 +185,11 @@ class Backend:
         self.grammars = None
 
 
-def engine(backend, chat_template: str | None = None) -> LLMEngine:
+def engine(backend, chat_template: str | None = None) -> LLMBatcher:
     definition = tt.registration("t", "/nowhere")
     if chat_template:
         definition["chat_template"] = chat_template
-    return LLMEngine("t", parse_llm(definition), backend, lambda: None, 8)
+    return LLMBatcher("t", parse_llm(definition), backend, lambda: None, 8)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_no_template_anywhere_is_refused_at_launch_naming_chat_template(base):
 
 def test_generation_stops_at_every_end_the_files_name(base):
     """generation_config.json's eos_token_id list and the tokenizer's EOS all end a sequence (transformers)."""
-    from zinfer.services.worker.backends.transformers_backend import TransformersBackend
+    from zinfer.services.worker.instance.backends.transformers_backend import TransformersBackend
 
     tok = AutoTokenizer.from_pretrained(str(base))
     backend = TransformersBackend(str(base), "cpu", "none", 2048)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from zinfer.services.worker.answer import AnswerSplitter
+from zinfer.services.worker.instance.answer import AnswerSplitter
 from zinfer.shared import toolcalls
 
 HERMES, LLAMA, MISTRAL, PYTHONIC = (toolcalls.lookup(n) for n in ("hermes", "llama3_json", "mistral", "pythonic"))

@@ -28,8 +28,15 @@ import threading
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, log_softmax, token_logprob
-from zinfer.services.worker.grammar import Grammars, llama_tokenizer
+from zinfer.services.worker.instance.backends.base import (
+    LLMBackend,
+    LoadContext,
+    Sampling,
+    StepOut,
+    log_softmax,
+    token_logprob,
+)
+from zinfer.services.worker.instance.grammar import Grammars, llama_tokenizer
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
 KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
@@ -373,16 +380,14 @@ class LlamaCppBackend(LLMBackend):
             self._embedder.close()
 
 
-def load(instance, engine, path: str, trust: bool, limit: int):
+def load(ctx: LoadContext):
     """The llama.cpp engine of an instance (shared/engines.py): the backend, and the generation engine on it.
-    llama.cpp runs no model code, so `trust` changes nothing here."""
-    from zinfer.services.worker.llm_engine import LLMEngine
+    llama.cpp runs no model code, so trust_remote_code changes nothing here."""
+    from zinfer.services.worker.instance.llm_batcher import LLMBatcher
 
-    spec, opts = instance.launch, instance.launch.options
+    spec, opts = ctx.launch, ctx.launch.options
     batching = opts.continuous_batching is not False
-    backend = LlamaCppBackend(path, instance.device, opts.n_ctx or spec.llm.context_length,
-                              n_threads=opts.n_threads or instance.threads or None,
-                              n_parallel=opts.n_parallel if batching else 1,
-                              amx=instance.settings.llama_cpp_amx)
-    return backend, LLMEngine(instance.uid, spec.llm, backend, instance.loop.wake, limit,
-                              instance.settings.template_timeout_s)
+    backend = LlamaCppBackend(ctx.path, ctx.device, opts.n_ctx or spec.llm.context_length,
+                              n_threads=opts.n_threads or ctx.threads or None,
+                              n_parallel=opts.n_parallel if batching else 1, amx=ctx.llama_cpp_amx)
+    return backend, LLMBatcher(ctx.uid, spec.llm, backend, ctx.wake, ctx.queue_limit, ctx.template_timeout_s)

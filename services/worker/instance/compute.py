@@ -1,13 +1,13 @@
-"""An instance process's compute loop: its engine steps, one bounded step at a time.
+"""An instance process's compute loop: its batcher steps, one bounded step at a time.
 
 A step is one embedding batch (capped by items and tokens; a huge request is split over many steps) or one
-decode step for the sequences a generation engine holds, so a request that arrives during a huge one waits one
+decode step for the sequences a generation batcher holds, so a request that arrives during a huge one waits one
 step, not the whole request (a 20,000-text embed once held a one-sentence embed for 51.6 s). The loop takes
-engines round-robin; an instance process holds one (each replica has its own process since issue 20). It runs
+batchers round-robin; an instance process holds one (each replica has its own process since issue 20). It runs
 on the process's main thread: PyTorch's CPU kernels are 10-25% slower from a secondary thread (MiniLM: 8.3 vs
 6.9 ms per sentence, 363 vs 322 ms per 256).
 
-Requests reach an engine from the I/O thread through its bounded queue (`Engine.submit`); replies go back
+Requests reach a batcher from the I/O thread through its bounded queue (`Batcher.submit`); replies go back
 through the runtime's send (an inproc socket to the I/O thread). No thread per request, none per stream.
 """
 
@@ -31,7 +31,7 @@ log = structlog.get_logger()
 
 
 class Job:
-    """One request an engine holds, from its arrival to its final reply."""
+    """One request a batcher holds, from its arrival to its final reply."""
 
     __slots__ = ("msg", "ctx", "received")
 
@@ -59,7 +59,7 @@ class Job:
         self.fail(self.ctx.why or Cancelled("cancelled by the client"))
 
 
-class Engine(ABC):
+class Batcher(ABC):
     """One model instance's work on the compute thread. submit() runs on the I/O thread; the rest on the loop."""
 
     name: str
@@ -77,7 +77,7 @@ class Engine(ABC):
 
     @abstractmethod
     def fail_all(self, error: Exception) -> None:
-        """Answer every request this engine holds with `error` (the instance is going away)."""
+        """Answer every request this batcher holds with `error` (the instance is going away)."""
 
     def wait_hint(self) -> float | None:
         """Seconds until queued work becomes ready (an embedding batch waiting for stragglers), else None."""
@@ -90,24 +90,24 @@ class Engine(ABC):
 
 class ComputeLoop:
     def __init__(self) -> None:
-        self._engines: tuple[Engine, ...] = ()
+        self._batchers: tuple[Batcher, ...] = ()
         self._wake = threading.Event()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: int | None = None
 
-    def add(self, engine: Engine) -> None:
-        self._engines = (*self._engines, engine)
+    def add(self, batcher: Batcher) -> None:
+        self._batchers = (*self._batchers, batcher)
         self.wake()
 
-    def remove(self, engine: Engine) -> None:
-        self._engines = tuple(e for e in self._engines if e is not engine)
+    def remove(self, batcher: Batcher) -> None:
+        self._batchers = tuple(e for e in self._batchers if e is not batcher)
 
     def wake(self) -> None:
         self._wake.set()
 
     def call(self, fn: Callable, *args) -> Any:
         """Run fn(*args) on the loop's thread between steps and return its result (at once when the loop is not
-        running, or when called from it): how an engine's model is freed without pulling it from under a step."""
+        running, or when called from it): how a batcher's model is freed without pulling it from under a step."""
         if self._thread is None or self._thread == threading.get_ident():
             return fn(*args)
         future: Future = Future()
@@ -129,26 +129,26 @@ class ComputeLoop:
                 future.set_exception(exc)
 
     def run(self, keep_going: Callable[[], bool]) -> None:
-        """The loop; returns once keep_going() is false and no engine has work."""
+        """The loop; returns once keep_going() is false and no batcher has work."""
         self._thread = threading.get_ident()
         try:
             while True:
                 self._run_calls()
                 busy = False
-                for engine in self._engines:  # one step each per round: round-robin by turns
-                    if not engine.has_work():
+                for batcher in self._batchers:  # one step each per round: round-robin by turns
+                    if not batcher.has_work():
                         continue
                     busy = True
                     try:
-                        engine.step()
-                    except Exception as exc:  # a bug in an engine fails its requests, never the worker
-                        log.error("engine_step_failed", engine=engine.name, exc_info=exc)
-                        engine.fail_all(InternalError(f"{engine.name}: {type(exc).__name__}: {exc}"))
+                        batcher.step()
+                    except Exception as exc:  # a bug in a batcher fails its requests, never the worker
+                        log.error("batcher_step_failed", batcher=batcher.name, exc_info=exc)
+                        batcher.fail_all(InternalError(f"{batcher.name}: {type(exc).__name__}: {exc}"))
                 if busy:
                     continue
                 if not keep_going():
                     return
-                hints = [h for e in self._engines if (h := e.wait_hint()) is not None]
+                hints = [h for e in self._batchers if (h := e.wait_hint()) is not None]
                 self._wake.wait(min([0.2, *hints]))
                 self._wake.clear()
         finally:

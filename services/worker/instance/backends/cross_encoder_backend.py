@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import EmbeddingBackend
+from zinfer.services.worker.instance.backends.base import EmbeddingBackend, LoadContext
 from zinfer.shared.errors import InvalidRequest
 
 PREDICT_BATCH = 32
@@ -91,20 +91,18 @@ class CrossEncoderBackend(EmbeddingBackend):
         return np.ascontiguousarray(scores, dtype=np.float32).reshape(len(pairs))
 
 
-def load(instance, engine, path: str, trust: bool, limit: int):
+def load(ctx: LoadContext):
     """The rerank engine of an instance (shared/engines.py): a CrossEncoder for a `normal` model (an `unknown`
     one is told by its tokenizer, as Xinference does), and the batching engine on it."""
-    from zinfer.services.worker.rerank_engine import RerankEngine
-    from zinfer.shared.engines import option
+    from zinfer.services.worker.instance.rerank_batcher import RerankBatcher
 
-    family, opts = instance.launch.rerank, instance.launch.options
-    kind = detect_type(path) if family.type == "unknown" else family.type
+    family = ctx.launch.rerank
+    kind = detect_type(ctx.path) if family.type == "unknown" else family.type
     if kind != "normal":
         raise InvalidRequest(f"type {kind!r}" + (" (told by its tokenizer; the registration says unknown)"
                                                  if family.type == "unknown" else "")
                              + ": zinfer runs rerank models of type normal only, on CrossEncoder", field="type")
-    backend = CrossEncoderBackend(path, instance.device, family.max_tokens, trust)
-    return backend, RerankEngine(instance.uid, backend, instance.loop.wake, limit,
-                                 max_batch_size=option(engine, opts, "max_batch_size"),
-                                 max_batch_tokens=option(engine, opts, "max_batch_tokens"),
-                                 wait_ms=option(engine, opts, "batch_wait_ms"))
+    backend = CrossEncoderBackend(ctx.path, ctx.device, family.max_tokens, ctx.trust_remote_code)
+    return backend, RerankBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit,
+                                  max_batch_size=ctx.option("max_batch_size"),
+                                  max_batch_tokens=ctx.option("max_batch_tokens"), wait_ms=ctx.option("batch_wait_ms"))

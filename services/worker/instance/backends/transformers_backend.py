@@ -18,8 +18,8 @@ import random
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import LLMBackend, Sampling, StepOut, token_logprob
-from zinfer.services.worker.grammar import Grammars, hf_tokenizer
+from zinfer.services.worker.instance.backends.base import LLMBackend, LoadContext, Sampling, StepOut, token_logprob
+from zinfer.services.worker.instance.grammar import Grammars, hf_tokenizer
 from zinfer.shared.errors import InvalidRequest
 
 
@@ -357,15 +357,13 @@ def _left_pad_mask(mask, width: int):
     return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
-def load(instance, engine, path: str, trust: bool, limit: int):
+def load(ctx: LoadContext):
     """The transformers engine of an instance (shared/engines.py): the backend, and the generation engine on it."""
-    from zinfer.services.worker.llm_engine import LLMEngine
-    from zinfer.shared.engines import option
+    from zinfer.services.worker.instance.llm_batcher import LLMBatcher
 
-    spec, opts = instance.launch, instance.launch.options
-    batching = opts.continuous_batching is not False
-    backend = TransformersBackend(path, instance.device, spec.quantization, spec.llm.context_length,
-                                  trust_remote_code=trust,
-                                  max_sequences=option(engine, opts, "max_sequences") if batching else 1)
-    return backend, LLMEngine(instance.uid, spec.llm, backend, instance.loop.wake, limit,
-                              instance.settings.template_timeout_s)
+    spec = ctx.launch
+    batching = spec.options.continuous_batching is not False
+    backend = TransformersBackend(ctx.path, ctx.device, spec.quantization, spec.llm.context_length,
+                                  trust_remote_code=ctx.trust_remote_code,
+                                  max_sequences=ctx.option("max_sequences") if batching else 1)
+    return backend, LLMBatcher(ctx.uid, spec.llm, backend, ctx.wake, ctx.queue_limit, ctx.template_timeout_s)

@@ -3,7 +3,7 @@ a pooling of their own) through llama-cpp-python's low-level API.
 
 One step embeds many texts in one llama_decode, each its own sequence (positions from 0), pooled as the file's
 metadata says (mean, CLS, last token) and normalised to unit length, as sentence-transformers' Normalize
-module and llama.cpp's server do. The batching across requests is the EmbeddingEngine's (embed_engine.py),
+module and llama.cpp's server do. The batching across requests is the EmbeddingBatcher's (embed_batcher.py),
 the same as for sentence-transformers.
 """
 
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import EmbeddingBackend
+from zinfer.services.worker.instance.backends.base import EmbeddingBackend, LoadContext
 from zinfer.shared.errors import InvalidRequest
 
 # Sequences one decode may hold (llama.cpp's own limit is 256): bigger requests take several steps.
@@ -130,20 +130,19 @@ class LlamaCppEmbeddingBackend(EmbeddingBackend):
                 held.close()
 
 
-def load(instance, engine, path: str, trust: bool, limit: int):
+def load(ctx: LoadContext):
     """The llama.cpp embedding engine of an instance (shared/engines.py): the backend, checked against the
     registration's dimensions, and the batching embedding engine on it. llama.cpp runs no model code."""
-    from zinfer.services.worker.embed_engine import EmbeddingEngine
-    from zinfer.shared.engines import option
+    from zinfer.services.worker.instance.embed_batcher import EmbeddingBatcher
 
-    family, opts = instance.launch.embedding, instance.launch.options
-    batch_tokens, batch_size = option(engine, opts, "max_batch_tokens"), option(engine, opts, "max_batch_size")
-    backend = LlamaCppEmbeddingBackend(path, instance.device, family.max_tokens, batch_tokens, batch_size,
-                                       n_threads=opts.n_threads or instance.threads or None)
+    family = ctx.launch.embedding
+    backend = LlamaCppEmbeddingBackend(ctx.path, ctx.device, family.max_tokens, ctx.option("max_batch_tokens"),
+                                       ctx.option("max_batch_size"),
+                                       n_threads=ctx.launch.options.n_threads or ctx.threads or None)
     if backend.dimensions != family.dimensions:
         backend.close()
-        raise InvalidRequest(f"the model at {path} makes {backend.dimensions}-dimensional embeddings; the "
+        raise InvalidRequest(f"the model at {ctx.path} makes {backend.dimensions}-dimensional embeddings; the "
                              f"registration says dimensions={family.dimensions}", field="dimensions")
-    return backend, EmbeddingEngine(instance.uid, backend, instance.loop.wake, limit,
-                                    max_batch_size=backend.max_sequences, max_batch_tokens=backend.batch_tokens,
-                                    wait_ms=option(engine, opts, "batch_wait_ms"))
+    return backend, EmbeddingBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit,
+                                     max_batch_size=backend.max_sequences, max_batch_tokens=backend.batch_tokens,
+                                     wait_ms=ctx.option("batch_wait_ms"))

@@ -31,8 +31,8 @@ import msgspec
 import psutil
 import structlog
 
-from zinfer.services.worker import child
-from zinfer.services.worker.instance import base_report
+from zinfer.services.worker.instance import child
+from zinfer.services.worker.instance.instance import base_report
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
@@ -48,7 +48,7 @@ from zinfer.shared.logs import log_name
 
 log = structlog.get_logger()
 
-PRELOAD = ["zinfer.services.worker.preload"]
+PRELOAD = ["zinfer.services.worker.host.preload"]
 MAX_BACKOFF_S = 30.0
 
 _report_decoder = msgspec.msgpack.Decoder(instances.InstanceReport)

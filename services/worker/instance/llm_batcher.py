@@ -2,7 +2,7 @@
 
 Each step: admit queued requests while the backend has room (render the chat prompt, time-limited;
 tokenize; check the context), run one backend step (one decode for every sequence held; prefill for new ones),
-turn each sequence's new tokens into text and replies (services/worker/output.py), and drop sequences that are
+turn each sequence's new tokens into text and replies (services/worker/instance/output.py), and drop sequences that are
 done, cut by a stop word, or cancelled by their client. Embed requests to an LLM with the `embed` ability run
 here too, a few texts per step.
 """
@@ -16,12 +16,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from zinfer.services.worker import prompts
-from zinfer.services.worker.answer import AnswerSplitter
-from zinfer.services.worker.backends.base import Detokenizer, LLMBackend, Sampling
-from zinfer.services.worker.compute import Engine, Job
-from zinfer.services.worker.grammar import Constraint, constraint_of, tool_constraint
-from zinfer.services.worker.output import Generation, merge_stops
+from zinfer.services.worker.instance import prompts
+from zinfer.services.worker.instance.answer import AnswerSplitter
+from zinfer.services.worker.instance.backends.base import Detokenizer, LLMBackend, Sampling
+from zinfer.services.worker.instance.compute import Batcher, Job
+from zinfer.services.worker.instance.grammar import Constraint, constraint_of, tool_constraint
+from zinfer.services.worker.instance.output import Generation, merge_stops
 from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
@@ -63,7 +63,7 @@ class _EmbedWork:
         self.job, self.next, self.parts, self.tokens = job, 0, [], 0
 
 
-class LLMEngine(Engine):
+class LLMBatcher(Batcher):
     def __init__(self, uid: str, family: LLMFamily, backend: LLMBackend, wake: Callable[[], None], max_queue: int,
                  template_timeout_s: float = 1.0):
         self.uid = uid
@@ -162,7 +162,7 @@ class LLMEngine(Engine):
                     job.reply(self.render(job.msg, lambda j=job: j.cancelled))
                 else:
                     self._start(job)
-            except Exception as exc:  # a refusal of this request (typed), never of the engine
+            except Exception as exc:  # a refusal of this request (typed), never of the batcher
                 self.stats.failures += 1
                 job.fail(exc)
 

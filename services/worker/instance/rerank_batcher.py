@@ -1,5 +1,5 @@
 """Rerank on the compute loop: each request's (query, document) pairs batch with other requests' pairs, as
-embeddings do (services/worker/embed_engine.py), up to `max_batch_size` pairs and `max_batch_tokens` padded
+embeddings do (services/worker/instance/embed_batcher.py), up to `max_batch_size` pairs and `max_batch_tokens` padded
 tokens a step. Pairs longer than the model's max_tokens are truncated by the model, as Xinference's are, so no
 pair is refused for its length. When a request's last pair is scored, its documents are ordered best first (ties
 as Xinference orders them: numpy's argsort, reversed) and cut to its top_n.
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from zinfer.services.worker.embed_engine import EmbeddingEngine, _Work
+from zinfer.services.worker.instance.embed_batcher import EmbeddingBatcher, _Work
 from zinfer.shared import protocol as p
 
 
-class RerankEngine(EmbeddingEngine):
+class RerankBatcher(EmbeddingBatcher):
     def _texts(self, msg: p.Rerank) -> list:
         return [(msg.query, document) for document in msg.documents]
 

@@ -1,17 +1,48 @@
-"""The interface the worker's engines call; each engine module implements it.
+"""The interface the instance's batchers call; each backend module (one per engine library) implements it, and
+its `load(ctx: LoadContext)` makes the backend and the batcher on it.
 
-Generation backends are stepped by the worker's compute loop: `add` a sequence (its prompt is prefilled on the
+Generation backends are stepped by the process's compute loop: `add` a sequence (its prompt is prefilled on the
 next step), `step` once to decode one more token for every sequence held, `remove` one that is done or
 cancelled. A backend decides each sequence's end (an end-of-generation or stop token, or max_tokens); the
-engine around it turns tokens into text, stop words and replies.
+batcher around it turns tokens into text, stop words and replies.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+
+from zinfer.shared import engines
+from zinfer.shared import protocol as p
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a backend's load() is given: the launch, the engine it runs on, the checked files, where it runs, and
+    what its batcher needs (the queue's limit, how it wakes the compute loop)."""
+
+    launch: p.LoadInstance
+    engine: engines.EngineInfo
+    path: str
+    device: str  # "cpu" or "cuda:N"
+    threads: int | None  # CPU threads for the engine (None: its default)
+    trust_remote_code: bool  # this worker's settings allow the model's own code
+    queue_limit: int  # requests its batcher holds at most
+    wake: Callable[[], None]  # a new request for the compute loop
+    template_timeout_s: float
+    llama_cpp_amx: bool = False
+
+    @property
+    def uid(self) -> str:
+        return self.launch.model_uid
+
+    def option(self, name: str):
+        """The launch's value for one of the engine's options, else the engine's default."""
+        return engines.option(self.engine, self.launch.options, name)
 
 
 class Sampling(NamedTuple):

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import EmbeddingBackend
-from zinfer.services.worker.compute import Engine, Job
+from zinfer.services.worker.instance.backends.base import EmbeddingBackend
+from zinfer.services.worker.instance.compute import Batcher, Job
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
@@ -57,7 +57,7 @@ class _Work:
         self.tokens = 0
 
 
-class EmbeddingEngine(Engine):
+class EmbeddingBatcher(Batcher):
     def __init__(self, uid: str, backend: EmbeddingBackend, wake: Callable[[], None], max_queue: int,
                  max_batch_size: int = 256, max_batch_tokens: int = 16384, wait_ms: float = 0.0):
         self.uid = uid
@@ -140,7 +140,7 @@ class EmbeddingEngine(Engine):
             work.next += take
             batch.append((work, take))
             if work.next < len(work.texts):
-                break  # the rest of a big request waits for this engine's next turn
+                break  # the rest of a big request waits for this batcher's next turn
             self.queue.popleft()
         if texts:
             self._encode(batch, texts)

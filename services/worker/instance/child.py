@@ -24,8 +24,8 @@ import threading
 import msgspec
 import structlog
 
-from zinfer.services.worker.compute import ComputeLoop
-from zinfer.services.worker.instance import Instance
+from zinfer.services.worker.instance.compute import ComputeLoop
+from zinfer.services.worker.instance.instance import Instance
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.logs import configure_logging

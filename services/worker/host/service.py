@@ -1,7 +1,7 @@
 """The worker process: the supervisor of one device's model instances, and their voice to the scheduler.
 
 It probes files and memory for the scheduler, starts one process per instance replica (services/worker/
-supervisor.py; each serves its requests itself, services/worker/child.py), restarts the ones that die, stops
+supervisor.py; each serves its requests itself, services/worker/instance/child.py), restarts the ones that die, stops
 them on terminate, and reports them every heartbeat interval and at once on a change. It runs no model itself:
 one model's crash never takes its neighbours down. Threads: the I/O thread (the service runtime), pool threads
 for loads and unloads (each waits for its processes), the supervisor's watch thread, one reporter thread.
@@ -14,8 +14,8 @@ import threading
 import structlog
 
 from zinfer.services.worker import files
-from zinfer.services.worker.device import DeviceProbe
-from zinfer.services.worker.supervisor import Supervisor
+from zinfer.services.worker.host.device import DeviceProbe
+from zinfer.services.worker.host.supervisor import Supervisor
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings

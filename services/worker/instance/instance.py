@@ -1,4 +1,4 @@
-"""One loaded model replica: its backend, its engine on the compute loop, its state and its request limits."""
+"""One loaded model replica: its backend, its batcher on the compute loop, its state and its request limits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 import msgspec
 
 from zinfer.services.worker import checks, files
-from zinfer.services.worker.compute import ComputeLoop, Job
+from zinfer.services.worker.instance.backends.base import LoadContext
+from zinfer.services.worker.instance.compute import ComputeLoop, Job
 from zinfer.shared import engines, instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
@@ -37,12 +38,12 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
                             info=instances.info_of(load), status=status)
 
 
-# The requests each model type serves (an LLM embeds only with the embed ability: its engine checks that).
+# The requests each model type serves (an LLM embeds only with the embed ability: its batcher checks that).
 REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed, p.RenderChat), "embedding": (p.Embed,), "rerank": (p.Rerank,)}
 
 
 class Instance:
-    """The model of one instance process (services/worker/child.py): its backend and engine, on that process's
+    """The model of one instance process (services/worker/instance/child.py): its backend and batcher, on that process's
     compute loop."""
 
     def __init__(self, load: p.LoadInstance, device: str, settings: Settings, loop: ComputeLoop,
@@ -61,7 +62,7 @@ class Instance:
         self.progress = 0.0
         self.last_active = 0.0
         self.backend = None
-        self.engine = None
+        self.batcher = None
         self.cancelled = threading.Event()  # set by close(): a launch in progress stops at its next step
         self._lock = threading.Lock()
 
@@ -104,7 +105,7 @@ class Instance:
 
     def _convert_ggml(self, path: str, context_length: int) -> str:
         """A GGML v3 file's GGUF in <home>/cache/gguf-from-ggml (converted now, or by an earlier launch)."""
-        from zinfer.services.worker import ggml
+        from zinfer.services.worker.instance import ggml
 
         self._step(0.25, "converting GGML v3 to GGUF")
         return str(ggml.cached_gguf(path, self.settings.home_path / "cache" / "gguf-from-ggml", context_length,
@@ -135,11 +136,14 @@ class Instance:
                 path = self._convert_ggml(path, load.llm.context_length)
         (checks.check_hf_folder if engine_info.files == "hf_folder" else checks.check_gguf)(path)
         self._loading(path)
-        backend, engine = engines.loader(engine_info)(self, engine_info, path, trust, limit)
-        with self._lock:  # close() either sees this engine, or we see its cancel: never neither
+        backend, batcher = engines.loader(engine_info)(LoadContext(
+            launch=load, engine=engine_info, path=path, device=self.device, threads=self.threads,
+            trust_remote_code=trust, queue_limit=limit, wake=self.loop.wake,
+            template_timeout_s=self.settings.template_timeout_s, llama_cpp_amx=self.settings.llama_cpp_amx))
+        with self._lock:  # close() either sees this batcher, or we see its cancel: never neither
             if not self.cancelled.is_set():
-                self.backend, self.engine = backend, engine
-                self.loop.add(engine)
+                self.backend, self.batcher = backend, batcher
+                self.loop.add(batcher)
                 self.progress, self.stage = 1.0, ""
                 self.state = "ready"
                 return
@@ -151,45 +155,45 @@ class Instance:
         self.error = exc if isinstance(exc, ZinferError) else ZinferError(f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        """Stop serving: refuse what the engine still holds, and free the model between two loop steps."""
+        """Stop serving: refuse what the batcher still holds, and free the model between two loop steps."""
         with self._lock:
             self.state = "terminating"
             self.cancelled.set()
-            engine, backend = self.engine, self.backend
-            self.engine = self.backend = None
-        if engine is not None:
-            self.loop.remove(engine)
+            batcher, backend = self.batcher, self.backend
+            self.batcher = self.backend = None
+        if batcher is not None:
+            self.loop.remove(batcher)
 
         def release():
-            if engine is not None:
-                engine.fail_all(Unavailable(f"model {self.uid!r} was terminated"))
+            if batcher is not None:
+                batcher.fail_all(Unavailable(f"model {self.uid!r} was terminated"))
             if backend is not None:
                 backend.close()
 
         self.loop.call(release)
 
     def report(self) -> instances.InstanceReport:
-        engine = self.engine
+        batcher = self.batcher
         report = base_report(self.launch, self.state)
         report.status = instances.ReplicaStatus(
             state=self.state, error=reply_from_exception(self.error) if self.error else None,
             progress=self.progress, stage=self.stage, memory=self.launch.memory_estimate,
-            queue_depth=engine.depth() if engine else 0, inflight=self.inflight(),
-            stats=msgspec.structs.replace(engine.stats) if engine else None, last_active=self.last_active)
+            queue_depth=batcher.depth() if batcher else 0, inflight=self.inflight(),
+            stats=msgspec.structs.replace(batcher.stats) if batcher else None, last_active=self.last_active)
         return report
 
     def inflight(self) -> int:
-        engine = self.engine
-        if engine is None:
+        batcher = self.batcher
+        if batcher is None:
             return 0
-        counter = getattr(engine, "inflight", None)
+        counter = getattr(batcher, "inflight", None)
         return counter() if counter is not None else 0
 
     # ------------------------------------------------------------------ requests (the I/O thread)
 
     def submit(self, msg, ctx) -> None:
-        """Check a request against the limits (cheap: no tokenizing here) and queue it on the engine."""
-        if self.state != "ready" or self.engine is None:
+        """Check a request against the limits (cheap: no tokenizing here) and queue it on the batcher."""
+        if self.state != "ready" or self.batcher is None:
             detail = f": {self.error.message}" if self.error else ""
             raise InstanceNotReady(f"model {self.uid!r} is {self.state}{detail}", field="model_uid")
         self.last_active = time.time()  # what keep_alive counts from (the scheduler reads it in reports)
@@ -224,4 +228,4 @@ class Instance:
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")
         elif utf8_over(msg.prompt, limit):
             raise TooLarge(f"the prompt is over {limit:,} bytes (max_prompt_bytes)", field="prompt")
-        self.engine.submit(Job(msg, ctx))
+        self.batcher.submit(Job(msg, ctx))

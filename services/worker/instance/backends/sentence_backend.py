@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zinfer.services.worker.backends.base import EmbeddingBackend
+from zinfer.services.worker.instance.backends.base import EmbeddingBackend, LoadContext
 
 # Batches up to sentence-transformers' default batch_size run as one forward pass here (encode() would run them
 # as one batch too); bigger ones go through encode(), which sorts texts by length into batches of 32.
@@ -127,20 +127,19 @@ class SentenceTransformersBackend(EmbeddingBackend):
             return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
 
-def load(instance, engine, path: str, trust: bool, limit: int):
+def load(ctx: LoadContext):
     """The sentence-transformers engine of an instance (shared/engines.py): the backend, checked against the
     registration's dimensions, and the batching embedding engine on it."""
-    from zinfer.services.worker.embed_engine import EmbeddingEngine
-    from zinfer.shared.engines import option
+    from zinfer.services.worker.instance.embed_batcher import EmbeddingBatcher
     from zinfer.shared.errors import InvalidRequest
 
-    family, opts = instance.launch.embedding, instance.launch.options
-    backend = SentenceTransformersBackend(path, instance.device, family.max_tokens, trust)
+    family = ctx.launch.embedding
+    backend = SentenceTransformersBackend(ctx.path, ctx.device, family.max_tokens, ctx.trust_remote_code)
     if backend.dimensions != family.dimensions:
         backend.close()
-        raise InvalidRequest(f"the model at {path} makes {backend.dimensions}-dimensional embeddings; the "
+        raise InvalidRequest(f"the model at {ctx.path} makes {backend.dimensions}-dimensional embeddings; the "
                              f"registration says dimensions={family.dimensions}", field="dimensions")
-    return backend, EmbeddingEngine(instance.uid, backend, instance.loop.wake, limit,
-                                    max_batch_size=option(engine, opts, "max_batch_size"),
-                                    max_batch_tokens=option(engine, opts, "max_batch_tokens"),
-                                    wait_ms=option(engine, opts, "batch_wait_ms"))
+    return backend, EmbeddingBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit,
+                                     max_batch_size=ctx.option("max_batch_size"),
+                                     max_batch_tokens=ctx.option("max_batch_tokens"),
+                                     wait_ms=ctx.option("batch_wait_ms"))

@@ -13,9 +13,9 @@ import time
 import uuid
 from collections.abc import Callable
 
-from zinfer.services.worker.answer import AnswerSplitter
-from zinfer.services.worker.backends.base import TokenLogprob
-from zinfer.services.worker.compute import Job
+from zinfer.services.worker.instance.answer import AnswerSplitter
+from zinfer.services.worker.instance.backends.base import TokenLogprob
+from zinfer.services.worker.instance.compute import Job
 from zinfer.shared import protocol as p
 from zinfer.shared.payloads import (
     ChatChoice,
