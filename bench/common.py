@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tests.mesh import Mesh  # noqa: E402
 
 MODELS = Path(os.environ.get("ZINFER_BENCH_MODELS", Path(tempfile.gettempdir()) / "zinfer-bench-models"))
+
+
+def arguments(rounds: int, *options: tuple[str, dict]) -> argparse.Namespace:
+    """A benchmark's command line: --rounds (how many times each case runs, the best or the median kept) and the
+    benchmark's own options as (flag, argparse keywords) pairs."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=rounds)
+    for flag, kwargs in options:
+        ap.add_argument(flag, **kwargs)
+    return ap.parse_args()
 
 
 def machine() -> str:

@@ -7,20 +7,15 @@ tiny BERT of the tests (where per-call overhead, not arithmetic, is the cost).
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from common import MODELS, record, start_mesh, timed, tiny_models
+from common import MODELS, arguments, record, start_mesh, timed, tiny_models
 from embed import ClientCrowd, latencies
 
 from zinfer.shared.tinymodels import convert_bert_to_gguf
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="minilm", choices=["minilm", "tiny"])
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = arguments(3, ("--model", {"default": "minilm", "choices": ["minilm", "tiny"]}))
     models = tiny_models()
     if args.model == "tiny":
         path, dims = models["embedding_gguf"], 64

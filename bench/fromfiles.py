@@ -7,20 +7,17 @@ which is what it avoids. Target: ≤ 1 s for a folder, the CLI included.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
-from common import MODELS, REPO, record, timed, tiny_models
+from common import MODELS, REPO, arguments, record, timed, tiny_models
 
 from zinfer.shared.fromfiles import registration_from_path
 from zinfer.shared.tinymodels import make_small_llama
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = arguments(3)
     models = tiny_models()
     small = make_small_llama(MODELS)
     cases = {"small Llama folder (104 MB)": (small["small_pytorch"], "LLM"),

@@ -11,10 +11,9 @@ the fork server's imports when it comes right after the worker started.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from common import record, start_mesh, tiny_models
+from common import arguments, record, start_mesh, tiny_models
 
 
 def raw_loads(models) -> dict[str, float]:
@@ -46,9 +45,7 @@ def raw_loads(models) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = arguments(3)
     models = tiny_models()
     raw = raw_loads(models)
     mesh = start_mesh()

@@ -8,13 +8,12 @@ each 1 x 20 documents, against raw predict of the same pairs one request at a ti
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import concurrently, record, start_mesh, tiny_models
+from common import arguments, concurrently, record, start_mesh, tiny_models
 
 from zinfer.shared.tinymodels import build_tiny_reranker
 
@@ -29,10 +28,7 @@ def median_ms(fn, n: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+    args = arguments(5, ("--device", {"default": "cpu", "choices": ["cpu", "cuda"]}))
     models = tiny_models()
     folder = Path(tempfile.mkdtemp(prefix="zinfer-bench-rerank-")) / "minilm-reranker"
     build_tiny_reranker(folder, source=models["embedding"])

@@ -37,15 +37,7 @@ def _tcp_holder(host: str, port: int) -> str | None:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 return None  # an address we cannot bind at all: let the broker's bind report it
-    pid = None
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                pid = conn.pid
-                break
-    except psutil.Error:
-        pass
-    return _describe(pid)
+    return _describe(_listener("tcp", lambda c: c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port))
 
 
 def _ipc_holder(path: str) -> str | None:
@@ -60,15 +52,15 @@ def _ipc_holder(path: str) -> str | None:
             s.connect(path)
         except OSError:
             return None  # a stale socket file: nobody accepts there
-    pid = None
+    return _describe(_listener("unix", lambda c: c.laddr == path and c.pid))
+
+
+def _listener(kind: str, match) -> int | None:
+    """The pid of the first connection of this kind that matches (None: none, or we may not see it)."""
     try:
-        for conn in psutil.net_connections(kind="unix"):
-            if conn.laddr == path and conn.pid:
-                pid = conn.pid
-                break
+        return next((conn.pid for conn in psutil.net_connections(kind=kind) if match(conn)), None)
     except psutil.Error:
-        pass
-    return _describe(pid)
+        return None
 
 
 def endpoint_holder(endpoint: str) -> str | None:

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.hub import hub_error
 from zinfer.shared.models import MODEL_NAME_RE
 
 MAX_JSON = 16 << 20
@@ -236,19 +237,13 @@ def registration_from_hub(repo_id: str, model_type: str | None = None, name: str
     Hugging Face cache; HF_ENDPOINT and HF_TOKEN as for downloads) and its safetensors headers (the Hub's
     metadata, by byte ranges); its specs name the repository (model_id, model_hub, model_revision), not a path."""
     from huggingface_hub import get_safetensors_metadata, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
-    except RepositoryNotFoundError:
-        raise InvalidRequest(f"model_id {repo_id!r}: no such repository on the Hub (or it is private: set HF_TOKEN)",
-                             field="model_id") from None
-    except RevisionNotFoundError:
-        raise InvalidRequest(f"model_revision {revision!r}: {repo_id!r} has no such revision",
-                             field="model_revision") from None
     except Exception as exc:
-        raise InvalidRequest(f"model_id {repo_id!r}: its files could not be fetched ({type(exc).__name__}: {exc})",
-                             field="model_id") from None
+        raise hub_error(exc, repo_id, revision) or InvalidRequest(
+            f"model_id {repo_id!r}: its files could not be fetched ({type(exc).__name__}: {exc})",
+            field="model_id") from None
     if not (folder / "config.json").is_file() and not (folder / "modules.json").is_file():
         raise InvalidRequest(f"model_id {repo_id!r} has no config.json (a GGUF-only repository, or not a model): "
                              "download its file and use --from-path", field="model_id")

@@ -324,9 +324,14 @@ def load_service_key(home: Path) -> KeyFile:
     if not path.exists():
         raise Unauthenticated(f"no service key at {path}: run `zinfer keys init` on the broker's host, or "
                         "`zinfer keys import BUNDLE` on another host")
+    return _secret_key(home, path)
+
+
+def _secret_key(home: Path, path: Path) -> KeyFile:
+    """A key file that must hold a secret key, with the broker's public key filled in from this home if absent."""
     key = read_key_file(path)
     if not key.secret:
-        raise Unauthenticated(f"{path} holds no secret key")
+        raise Unauthenticated(f"{path} holds no secret key (it is a public key file)")
     if not key.broker_key:
         key.broker_key = broker_public_key(home)
     return key
@@ -344,12 +349,7 @@ def load_client_key(home: Path, explicit: str | None = None) -> KeyFile:
     tried = client_key_candidates(home, explicit)
     for path in tried:
         if path.exists():
-            key = read_key_file(path)
-            if not key.secret:
-                raise Unauthenticated(f"{path} holds no secret key (it is a public key file)")
-            if not key.broker_key:
-                key.broker_key = broker_public_key(home)
-            return key
+            return _secret_key(home, path)
     where = " or ".join(str(p) for p in tried)
     raise Unauthenticated(f"no client key: tried {where}. Create keys with `zinfer keys init` (done by `zinfer up`), "
                     "or ask an admin for one (`zinfer keys create NAME --role user`) and set ZINFER_CLIENT_KEY "

@@ -370,31 +370,29 @@ class BrokerStatusReply(Msg, kw_only=True):
     caller: str = ""  # who asked, as the broker stamps it ("<role> <principal>"): the gateway's /v1/whoami
 
 
-class Completion(Msg, kw_only=True):
+class _Completions(Msg, kw_only=True):
+    """What OpenAI's completion replies share; each adds its `object` and its `choices`."""
+
     id: str
+    object: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class Completion(_Completions, kw_only=True):
     object: str = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
-class ChatCompletion(Msg, kw_only=True):
-    id: str
+class ChatCompletion(_Completions, kw_only=True):
     object: str = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
 
 
-class ChatCompletionChunk(Msg, kw_only=True):
-    id: str
+class ChatCompletionChunk(_Completions, kw_only=True):
     object: str = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatDeltaChoice]
-    usage: Usage | None = None
 
 
 class RenderedChat(Msg, kw_only=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -109,6 +110,15 @@ class _Call:
         self.error: Exception | None = None
 
 
+def handlers_of(service, requests) -> dict[type, Handler]:
+    """Each request type's handler: the service's method named after it (RegisterModel -> register_model)."""
+    return {t: getattr(service, re.sub(r"(?<!^)(?=[A-Z])", "_", t.__name__).lower()) for t in requests}
+
+
+def _pong(msg: p.Ping, ctx) -> p.Pong:
+    return p.Pong(payload=msg.payload)
+
+
 class ServiceRuntime:
     """Serve `handlers` (message type -> function) under `service` until stop() or SIGTERM/SIGINT.
 
@@ -120,8 +130,8 @@ class ServiceRuntime:
                  inline: set[type] = frozenset(), max_workers: int = 32, deferred: set[type] = frozenset()):
         self.service = service
         self.settings = settings
-        self.handlers = handlers
-        self.inline = set(inline)
+        self.handlers = {p.Ping: _pong, **handlers}  # every service answers pings the same way, at once
+        self.inline = {p.Ping, *inline}
         # Handlers that run inline and answer later from another thread (ctx.send(..., final=True)): the request
         # stays tracked (for CANCEL) until that final reply passes through here.
         self.deferred = set(deferred)

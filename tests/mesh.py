@@ -144,6 +144,30 @@ class Mesh:
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
+    def kill_during_a_call(self, victim: str, sleep: int) -> tuple[str, float]:
+        """A call to testpeer that sleeps `sleep` seconds, and `victim` SIGKILLed while the broker holds it: the
+        Unavailable error the caller got, and how soon after the kill it came."""
+        import threading
+
+        from zinfer.shared import protocol as p
+        from zinfer.shared.errors import Unavailable
+
+        client, result = self.new_client(timeout=30), {}
+
+        def call():
+            try:
+                client.call("testpeer", p.Ping(payload=f"sleep:{sleep}".encode()))
+            except Unavailable as exc:
+                result["error"], result["at"] = str(exc), time.monotonic()
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        self.wait(lambda: self.client.broker_status()["pending"] >= 1 or None)  # the request is at the peer
+        killed = time.monotonic()
+        self.kill(victim)
+        caller.join(timeout=10)
+        return result["error"], result["at"] - killed
+
     def stop(self) -> None:
         self.client.close()
         for proc in self.procs.values():

@@ -49,26 +49,9 @@ def test_streamed_reply_arrives_in_order_and_ends(bus):
 
 
 def test_killed_service_fails_its_inflight_requests_quickly(bus):
-    client = bus.new_client(timeout=30)
-    result = {}
-
-    def call():
-        start = time.monotonic()
-        try:
-            client.call("testpeer", p.Ping(payload=b"sleep:60"))
-        except Unavailable as exc:
-            result["error"], result["after"] = str(exc), time.monotonic() - start
-
-    import threading
-
-    t = threading.Thread(target=call)
-    t.start()
-    bus.wait(lambda: bus.client.broker_status()["pending"] >= 1 or None)  # the request is at the peer
-    started = time.monotonic()
-    bus.kill("testpeer")
-    t.join(timeout=10)
-    assert "testpeer" in result["error"] and "before answering" in result["error"]
-    assert time.monotonic() - started < bus.liveness  # within the liveness window (the socket closes at once)
+    error, after = bus.kill_during_a_call("testpeer", sleep=60)
+    assert "testpeer" in error and "before answering" in error
+    assert after < bus.liveness  # within the liveness window (the socket closes at once)
     # The broker and the other services carry on.
     assert isinstance(bus.client.call("registry", p.Ping()), p.Pong)
 

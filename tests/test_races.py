@@ -24,7 +24,7 @@ def test_listing_registrations_while_others_register_is_never_torn(tmp_path):
     def register_many():
         try:
             for i in range(300):
-                registry.register(p.RegisterModel(model_type="embedding", model=(
+                registry.register_model(p.RegisterModel(model_type="embedding", model=(
                     f'{{"model_name": "e{i}", "dimensions": 8, "max_tokens": 8, "language": ["en"], '
                     f'"model_id": "org/e{i}"}}')), None)
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -39,13 +39,13 @@ def test_listing_registrations_while_others_register_is_never_torn(tmp_path):
         writer.start()
         listings = 0
         while not done.is_set():
-            registry.list(p.ListRegistrations(model_type="embedding"), None)
+            registry.list_registrations(p.ListRegistrations(model_type="embedding"), None)
             listings += 1
         writer.join()
     finally:
         sys.setswitchinterval(switch)
     assert not errors, errors
-    names = {i.model_name for i in registry.list(p.ListRegistrations(model_type="embedding"), None).items}
+    names = {i.model_name for i in registry.list_registrations(p.ListRegistrations(model_type="embedding"), None).items}
     assert {f"e{i}" for i in range(300)} <= names and listings > 0
 
 

@@ -16,7 +16,6 @@ import pytest
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh
 from tests.test_mesh import start_peer
-from zinfer.shared import protocol as p
 from zinfer.shared.errors import (
     InstanceNotReady,
     InvalidRequest,
@@ -189,24 +188,9 @@ def test_a_dead_broker_fails_pending_calls_with_unavailable_soon(tmp_path):
         m.start_broker()
         start_peer(m)
         m.wait_services({"testpeer"})
-        client = m.new_client(timeout=30)
-        result = {}
-
-        def call():
-            start = time.monotonic()
-            try:
-                client.call("testpeer", p.Ping(payload=b"sleep:20"))
-            except Unavailable as exc:
-                result.update(error=str(exc), after=time.monotonic() - start)
-
-        t = threading.Thread(target=call)
-        t.start()
-        m.wait(lambda: m.client.broker_status()["pending"] >= 1 or None)
-        killed = time.monotonic()
-        m.kill("broker")
-        t.join(timeout=10)
-        assert "lost the connection to the broker" in result["error"]
-        assert time.monotonic() - killed < m.liveness  # within the liveness window
+        error, after = m.kill_during_a_call("broker", sleep=20)
+        assert "lost the connection to the broker" in error
+        assert after < m.liveness  # within the liveness window
     finally:
         m.stop()
 

@@ -286,9 +286,9 @@ class Gateway:
                 for m in reply.models]
         return json_response({"object": "list", "data": data})
 
-    async def describe(self, request: Request, uid: str) -> Response:
-        reply = await self.call(request, p.SCHEDULER, p.DescribeModel(model_uid=uid))
-        return json_response({"id": uid, **view_plain(reply.model)})
+    async def describe(self, request: Request, model_uid: str) -> Response:
+        reply = await self.call(request, p.SCHEDULER, p.DescribeModel(model_uid=model_uid))
+        return json_response({"id": model_uid, **view_plain(reply.model)})
 
     async def launch(self, request: Request) -> Response:
         body = await body_of(request)
@@ -304,9 +304,9 @@ class Gateway:
         self._uids.add(uid)
         return json_response({"model_uid": uid})
 
-    async def terminate(self, request: Request, uid: str) -> Response:
-        await self.call(request, p.SCHEDULER, p.TerminateModel(model_uid=uid), self.settings.launch_timeout)
-        self._uids.discard(uid)
+    async def terminate(self, request: Request, model_uid: str) -> Response:
+        await self.call(request, p.SCHEDULER, p.TerminateModel(model_uid=model_uid), self.settings.launch_timeout)
+        self._uids.discard(model_uid)
         return json_response({})
 
     async def register(self, request: Request, model_type: str) -> Response:
@@ -383,14 +383,6 @@ def create_app(settings: Settings) -> FastPath:
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
-        return await gw.ready()
-
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        return await gw.metrics_text(request)
-
     @app.get("/v1/cluster/auth")
     async def cluster_auth():
         """Whether requests need an API key (Xinference's client asks this first)."""
@@ -407,41 +399,18 @@ def create_app(settings: Settings) -> FastPath:
     for path, handler in inference.items():
         app.add_api_route(path, _endpoint(handler), methods=["POST"], name=path.strip("/").replace("/", "_"))
 
-    @app.post("/v1/chat/render")
-    async def chat_render(request: Request):
-        return await gw.render_chat(request)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        return await gw.list_models(request)
-
-    @app.post("/v1/models")
-    async def launch(request: Request):
-        return await gw.launch(request)
-
-    @app.get("/v1/models/{model_uid}")
-    async def describe(request: Request, model_uid: str):
-        return await gw.describe(request, model_uid)
-
-    @app.delete("/v1/models/{model_uid}")
-    async def terminate(request: Request, model_uid: str):
-        return await gw.terminate(request, model_uid)
-
-    @app.post("/v1/model_registrations/{model_type}")
-    async def register(request: Request, model_type: str):
-        return await gw.register(request, model_type)
-
-    @app.get("/v1/model_registrations/{model_type}")
-    async def registrations(request: Request, model_type: str):
-        return await gw.registrations(request, model_type)
-
-    @app.get("/v1/model_registrations/{model_type}/{model_name}")
-    async def registration(request: Request, model_type: str, model_name: str):
-        return await gw.registration(request, model_type, model_name)
-
-    @app.delete("/v1/model_registrations/{model_type}/{model_name}")
-    async def unregister(request: Request, model_type: str, model_name: str):
-        return await gw.unregister(request, model_type, model_name)
+    # The rest, on Xinference's paths: each served by the Gateway method named here (FastAPI reads the path
+    # parameters from its signature).
+    for method, path, handler in (
+            ("GET", "/ready", gw.ready), ("GET", "/metrics", gw.metrics_text),
+            ("POST", "/v1/chat/render", gw.render_chat),
+            ("GET", "/v1/models", gw.list_models), ("POST", "/v1/models", gw.launch),
+            ("GET", "/v1/models/{model_uid}", gw.describe), ("DELETE", "/v1/models/{model_uid}", gw.terminate),
+            ("POST", "/v1/model_registrations/{model_type}", gw.register),
+            ("GET", "/v1/model_registrations/{model_type}", gw.registrations),
+            ("GET", "/v1/model_registrations/{model_type}/{model_name}", gw.registration),
+            ("DELETE", "/v1/model_registrations/{model_type}/{model_name}", gw.unregister)):
+        app.add_api_route(path, handler, methods=[method], name=handler.__name__)
 
     ui.install(app, gw)  # the web UI at /, and the endpoints only it needs
     return FastPath(app, gw, inference, error_response)

@@ -24,7 +24,7 @@ from zinfer.shared.models import (
     parse_as,
 )
 from zinfer.shared.shape import shape_problems
-from zinfer.shared.transport import ServiceRuntime
+from zinfer.shared.transport import ServiceRuntime, handlers_of
 
 log = structlog.get_logger()
 
@@ -82,19 +82,13 @@ class Registry:
         self.bus: ServiceRuntime | None = None  # set by run_registry: calls go out as the registry
 
     def handlers(self) -> dict:
-        return {
-            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
-            p.RegisterModel: self.register,
-            p.ListRegistrations: self.list,
-            p.GetRegistration: self.get,
-            p.UnregisterModel: self.unregister,
-            p.RegistryStatus: self.status,
-        }
+        return handlers_of(self, (p.RegisterModel, p.ListRegistrations, p.GetRegistration, p.UnregisterModel,
+                                  p.RegistryStatus))
 
     # Everything but register and unregister (which may ask the scheduler) answers at once, in the I/O thread.
-    inline = {p.Ping, p.ListRegistrations, p.GetRegistration, p.RegistryStatus}
+    inline = {p.ListRegistrations, p.GetRegistration, p.RegistryStatus}
 
-    def register(self, msg: p.RegisterModel, ctx) -> p.Ok:
+    def register_model(self, msg: p.RegisterModel, ctx) -> p.Ok:
         self._check_type(msg.model_type)
         taken = set(self.custom[msg.model_type])
         definition = validate(msg.model_type, msg.model, taken - {_name_of(msg.model)} if msg.force else taken,
@@ -146,7 +140,7 @@ class Registry:
             raise Conflict(f"{model_name!r} has launched instances {reply.model_uids}; terminate them first, "
                            f"then {verb} it", field="model_name")
 
-    def list(self, msg: p.ListRegistrations, ctx) -> p.Registrations:
+    def list_registrations(self, msg: p.ListRegistrations, ctx) -> p.Registrations:
         self._check_type(msg.model_type)
         items = [summary(msg.model_type, d, True) for d in catalog.builtins(msg.model_type).values()]
         items += [summary(msg.model_type, d, False) for d in self.custom[msg.model_type].values()]
@@ -162,7 +156,7 @@ class Registry:
             raise NotFound(f"no {model_type} model named {model_name!r} is registered", field="model_name")
         return definition, False
 
-    def get(self, msg: p.GetRegistration, ctx) -> p.Registration:
+    def get_registration(self, msg: p.GetRegistration, ctx) -> p.Registration:
         definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
         reply = p.Registration(model_type=msg.model_type, is_builtin=is_builtin,
                                definition=definition_to_json(definition))
@@ -175,7 +169,7 @@ class Registry:
             reply.embedding = definition
         return reply
 
-    def unregister(self, msg: p.UnregisterModel, ctx) -> p.Ok:
+    def unregister_model(self, msg: p.UnregisterModel, ctx) -> p.Ok:
         _definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
         if is_builtin:
             raise InvalidRequest(f"{msg.model_name!r} is a built-in model and cannot be unregistered",
@@ -190,7 +184,7 @@ class Registry:
         log.info("model_unregistered", model_type=msg.model_type, model_name=msg.model_name)
         return p.Ok(message=f"unregistered {msg.model_type} {msg.model_name}")
 
-    def status(self, msg, ctx) -> p.RegistryStatusReply:
+    def registry_status(self, msg, ctx) -> p.RegistryStatusReply:
         return p.RegistryStatusReply(
             builtin={t: len(catalog.builtins(t)) for t in MODEL_TYPES},
             custom={t: len(v) for t, v in self.custom.items()},

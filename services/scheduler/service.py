@@ -35,7 +35,7 @@ from zinfer.shared.models import (
     RerankFamily,
     check_name,
 )
-from zinfer.shared.transport import ServiceRuntime
+from zinfer.shared.transport import ServiceRuntime, handlers_of
 
 log = structlog.get_logger()
 
@@ -48,24 +48,13 @@ class Scheduler:
         self.last_launch = LastLaunches(settings.home_path)
 
     def handlers(self) -> dict:
-        return {
-            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
-            p.WorkerReport: self.on_report,
-            p.LaunchModel: self.launch,
-            p.WakeModel: self.wake,
-            p.KeepAlive: self.keep_alive,
-            p.ListModels: self.list_models,
-            p.DescribeModel: self.describe,
-            p.TerminateModel: self.terminate,
-            p.InstancesOf: self.instances_of,
-            p.FindPaths: self.find_paths,
-            p.SchedulerStatus: self.status,
-        }
+        return handlers_of(self, (p.WorkerReport, p.LaunchModel, p.WakeModel, p.KeepAlive, p.ListModels,
+                                  p.DescribeModel, p.TerminateModel, p.InstancesOf, p.FindPaths, p.SchedulerStatus))
 
     # Reports are queued for the loop and reads come from its snapshot: neither waits, so they run inline.
-    inline = {p.Ping, p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
+    inline = {p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
 
-    def on_report(self, msg: p.WorkerReport, ctx) -> p.Ok:
+    def worker_report(self, msg: p.WorkerReport, ctx) -> p.Ok:
         ctx.require_service(p.worker_service(msg.device.worker_id), f"a report for worker {msg.device.worker_id!r}")
         self.core.post(ev.Report(msg))
         return p.Ok()
@@ -75,7 +64,7 @@ class Scheduler:
     def list_models(self, msg, ctx) -> p.ModelList:
         return p.ModelList(models=list(self.core.snapshot.views.values()))
 
-    def describe(self, msg: p.DescribeModel, ctx) -> p.ModelDescription:
+    def describe_model(self, msg: p.DescribeModel, ctx) -> p.ModelDescription:
         found = self.core.snapshot.views.get(msg.model_uid)
         if found is None:
             raise NotFound(f"no launched model has uid {msg.model_uid!r}", field="model_uid")
@@ -85,7 +74,7 @@ class Scheduler:
         return p.UidList(model_uids=[uid for uid, v in self.core.snapshot.views.items()
                                      if (v.info.model_name, v.info.model_type) == (msg.model_name, msg.model_type)])
 
-    def status(self, msg, ctx) -> p.SchedulerStatusReply:
+    def scheduler_status(self, msg, ctx) -> p.SchedulerStatusReply:
         snapshot = self.core.snapshot
         return p.SchedulerStatusReply(workers=list(snapshot.workers.values()), instances=len(snapshot.views))
 
@@ -101,7 +90,7 @@ class Scheduler:
                                  field="model_name")
         return family
 
-    def launch(self, msg: p.LaunchModel, ctx) -> p.Launched:
+    def launch_model(self, msg: p.LaunchModel, ctx) -> p.Launched:
         if msg.model_type not in MODEL_TYPES:
             raise InvalidRequest(f"model_type {msg.model_type!r} must be one of {', '.join(MODEL_TYPES)}",
                                  field="model_type")
@@ -180,7 +169,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ load on request, keep_alive
 
-    def wake(self, msg: p.WakeModel, ctx) -> p.Launched:
+    def wake_model(self, msg: p.WakeModel, ctx) -> p.Launched:
         if msg.model_uid:
             return self.core.ask(ev.Wake(msg.model_uid))
         if not msg.model_name:
@@ -201,7 +190,7 @@ class Scheduler:
         launch = msgspec.structs.replace(launch, model_uid=msg.model_name)  # requests name it so from now on
         log.info("loading_on_request", model_name=msg.model_name, model_uid=launch.model_uid, caller=str(ctx.caller))
         try:
-            return self.launch(launch, ctx)
+            return self.launch_model(launch, ctx)
         except Conflict:  # another request launched it meanwhile
             return self.core.ask(ev.Wake(launch.model_uid))
 
@@ -223,7 +212,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ terminate
 
-    def terminate(self, msg: p.TerminateModel, ctx) -> p.Ok:
+    def terminate_model(self, msg: p.TerminateModel, ctx) -> p.Ok:
         incarnation, holding, running = self.core.ask(ev.Terminate(msg.model_uid))
         unload = p.UnloadInstance(model_uid=msg.model_uid, incarnation=incarnation)
         error = None

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Cancelled, Forbidden, InvalidRequest, NotFound, ZinferError, storage_error
+from zinfer.shared.errors import Cancelled, InvalidRequest, NotFound, ZinferError, storage_error
+from zinfer.shared.hub import hub_error
 from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankSpec, spec_file_name, spec_file_names, uri_to_path
 from zinfer.shared.sizing import WEIGHT_SUFFIXES, estimate_memory, weights_bytes
 
@@ -105,18 +106,8 @@ def _from_hub(model_id: str, revision: str | None, filename: str | None = None, 
         return get(tqdm_class=_bar_class(fetch, total))
     except ZinferError:
         raise
-    except GatedRepoError:
-        raise Forbidden(f"model_id {model_id!r} is gated on {constants.ENDPOINT}: accept its terms there and set "
-                        "HF_TOKEN for the workers", field="model_id") from None
-    except RepositoryNotFoundError:
-        raise NotFound(f"model_id {model_id!r}: no such repository on {constants.ENDPOINT} (or it is private: set "
-                       "HF_TOKEN for the workers)", field="model_id") from None
-    except RevisionNotFoundError:
-        raise NotFound(f"model_revision {revision!r}: repository {model_id!r} has no such revision",
-                       field="model_revision") from None
-    except EntryNotFoundError:
-        raise NotFound(f"model_file_name_template: repository {model_id!r} has no file {filename!r}",
-                       field="model_file_name_template") from None
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise hub_error(exc, model_id, revision, filename, " for the workers") from None
     except OSError as exc:
         if exc.errno in STORAGE_ERRNOS:  # this host's disk, not the model: say so, not "not found"
             raise storage_error("download into the Hugging Face cache at", constants.HF_HUB_CACHE, exc,

@@ -20,7 +20,7 @@ from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import Forbidden, NotFound, ZinferError
-from zinfer.shared.transport import ServiceRuntime
+from zinfer.shared.transport import ServiceRuntime, handlers_of
 
 log = structlog.get_logger()
 
@@ -31,24 +31,17 @@ class Worker:
         self.worker_id = worker_id or device
         self.probe = DeviceProbe(device, settings.cpu_memory_budget_mb, settings.endpoint)
         self.report_now = threading.Event()
-        self.runtime = ServiceRuntime(p.worker_service(self.worker_id), settings, self.handlers(), inline={p.Ping},
-                                      max_workers=16)
+        self.runtime = ServiceRuntime(p.worker_service(self.worker_id), settings, self.handlers(), max_workers=16)
         self.runtime.on_reconnect = self.report_now.set
         self.instances = Supervisor(settings, self.worker_id, self.probe.torch_device, self.report_now.set)
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
     def handlers(self) -> dict:
-        return {
-            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
-            p.LoadInstance: self.load,
-            p.UnloadInstance: self.unload,
-            p.ProbeFiles: self.probe_files,
-            p.FindPaths: self.find_paths,
-        }
+        return handlers_of(self, (p.LoadInstance, p.UnloadInstance, p.ProbeFiles, p.FindPaths))
 
     # ------------------------------------------------------------------ instances (pool threads)
 
-    def load(self, msg: p.LoadInstance, ctx) -> p.Ok:
+    def load_instance(self, msg: p.LoadInstance, ctx) -> p.Ok:
         ctx.require_service(p.SCHEDULER, "LoadInstance")
         name = instances.info_of(msg).model_name  # an LLM's, an embedding's or a rerank model's
         if msg.options.trust_remote_code and name not in self.settings.trust_remote_code_models:
@@ -70,7 +63,7 @@ class Worker:
         ctx.require_service(p.SCHEDULER, "FindPaths")
         return files.find_paths(msg)
 
-    def unload(self, msg: p.UnloadInstance, ctx) -> p.Ok:
+    def unload_instance(self, msg: p.UnloadInstance, ctx) -> p.Ok:
         """Terminate the uid's replicas of that launch: their processes are gone when this answers."""
         ctx.require_service(p.SCHEDULER, "UnloadInstance")
         replicas = self.instances.find(msg.model_uid, msg.incarnation, msg.replica)

@@ -55,14 +55,9 @@ class InstanceProcess:
         self.loop = ComputeLoop()
         self.report_now = threading.Event()
         self.instance = Instance(load, device, settings, self.loop, self.report_now.set, threads=threads)
-        self.runtime = ServiceRuntime(service, settings, {
-            p.Ping: lambda msg, ctx: p.Pong(payload=msg.payload),
-            p.Generate: self.instance.submit,
-            p.Chat: self.instance.submit,
-            p.Embed: self.instance.submit,
-            p.Rerank: self.instance.submit,
-            p.RenderChat: self.instance.submit,
-        }, inline={p.Ping}, deferred={p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat}, max_workers=1)
+        requests = (p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat)  # queued on the batcher, answered later
+        self.runtime = ServiceRuntime(service, settings, dict.fromkeys(requests, self.instance.submit),
+                                      deferred=set(requests), max_workers=1)
         self._send_lock = threading.Lock()
         self.done = False
 
