@@ -76,15 +76,8 @@ _RESPONSES_TAKEN = {"model", "input", "instructions", "tools", "tool_choice", "p
                     "previous_response_id", "include", "truncation", "stream_options", "top_logprobs", "seed"}
 
 
-def _responses_chat(body: dict) -> dict:
-    """A Responses request -> chat fields (messages, tools, ... as /v1/chat/completions takes them)."""
-    unknown = sorted(set(body) - _RESPONSES_TAKEN)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}{compat.closest(unknown[0], tuple(_RESPONSES_TAKEN))}",
-                             field=unknown[0])
-    if body.get("previous_response_id"):
-        raise InvalidRequest("previous_response_id: zinfer's Responses API is stateless; send the whole "
-                             "conversation in input", field="previous_response_id")
+def _responses_messages(body: dict) -> list[dict]:
+    """A Responses request's instructions and input items as chat messages."""
     messages: list[dict] = []
     if body.get("instructions"):
         messages.append({"role": "system", "content": body["instructions"]})
@@ -98,43 +91,67 @@ def _responses_chat(body: dict) -> dict:
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be an object", field=where)
         kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "assistant", "system", "developer"):
-                raise InvalidRequest(f"{where}.role must be user, assistant, system or developer",
-                                     field=f"{where}.role")
-            text = _text_of(item.get("content"), f"{where}.content", ("input_text", "output_text", "text"))
-            messages.append({"role": "system" if role == "developer" else role, "content": text})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
-            last = messages[-1] if messages else None
-            if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
-                last["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            if not item.get("call_id"):
-                raise InvalidRequest(f"{where}.call_id is required", field=f"{where}.call_id")
-            output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item["call_id"],
-                             "content": output if isinstance(output, str) else json.dumps(output)})
-        elif kind == "reasoning":
-            continue  # earlier reasoning: templates drop it from the conversation
-        else:
+        if kind not in _INPUT_ITEMS:
             raise InvalidRequest(f"{where}.type {kind!r} is not supported (message, function_call, "
                                  "function_call_output, reasoning)", field=f"{where}.type")
-    chat: dict[str, Any] = {"messages": messages, "stream": bool(body.get("stream"))}
+        _INPUT_ITEMS[kind](item, where, messages)
+    return messages
+
+
+def _message_input(item: dict, where: str, messages: list[dict]) -> None:
+    role = item.get("role")
+    if role not in ("user", "assistant", "system", "developer"):
+        raise InvalidRequest(f"{where}.role must be user, assistant, system or developer", field=f"{where}.role")
+    text = _text_of(item.get("content"), f"{where}.content", ("input_text", "output_text", "text"))
+    messages.append({"role": "system" if role == "developer" else role, "content": text})
+
+
+def _call_input(item: dict, where: str, messages: list[dict]) -> None:
+    """A call the model made earlier: joins the assistant turn before it, if that turn made calls too."""
+    call = {"id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+    last = messages[-1] if messages else None
+    if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
+        last["tool_calls"].append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def _call_output_input(item: dict, where: str, messages: list[dict]) -> None:
+    if not item.get("call_id"):
+        raise InvalidRequest(f"{where}.call_id is required", field=f"{where}.call_id")
+    output = item.get("output")
+    messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                     "content": output if isinstance(output, str) else json.dumps(output)})
+
+
+# Each input item type's conversion; earlier reasoning is dropped (templates leave it out of the conversation).
+_INPUT_ITEMS = {"message": _message_input, "function_call": _call_input, "function_call_output": _call_output_input,
+                "reasoning": lambda item, where, messages: None}
+
+
+def _responses_tool(i: int, tool) -> dict:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        raise InvalidRequest(f"tools[{i}]: only function tools are supported", field=f"tools[{i}].type")
+    fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+    return {"type": "function", "function": fn}
+
+
+def _responses_chat(body: dict) -> dict:
+    """A Responses request -> chat fields (messages, tools, ... as /v1/chat/completions takes them)."""
+    unknown = sorted(set(body) - _RESPONSES_TAKEN)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}{compat.closest(unknown[0], tuple(_RESPONSES_TAKEN))}",
+                             field=unknown[0])
+    if body.get("previous_response_id"):
+        raise InvalidRequest("previous_response_id: zinfer's Responses API is stateless; send the whole "
+                             "conversation in input", field="previous_response_id")
+    chat: dict[str, Any] = {"messages": _responses_messages(body), "stream": bool(body.get("stream"))}
     tools = body.get("tools")
     if tools:
         if not isinstance(tools, list):
             raise InvalidRequest("tools must be a list", field="tools")
-        chat["tools"] = []
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, dict) or tool.get("type") != "function":
-                raise InvalidRequest(f"tools[{i}]: only function tools are supported", field=f"tools[{i}].type")
-            fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
-            chat["tools"].append({"type": "function", "function": fn})
+        chat["tools"] = [_responses_tool(i, tool) for i, tool in enumerate(tools)]
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         choice = {"type": "function", "function": {"name": choice.get("name")}}
@@ -205,6 +222,63 @@ async def responses(gw, request: Request) -> Response:
     return EventStream(_response_events(rid, body, uid, msg, *answer))
 
 
+class _Items:
+    """The output items of a streamed Responses reply (reasoning, message, function call), one open at a time,
+    each added, filled by deltas and done as OpenAI's stream does."""
+
+    def __init__(self, event):
+        self.event, self.output, self.open = event, [], None
+
+    def close(self) -> list[bytes]:
+        if self.open is None:
+            return []
+        item, self.open = self.open, None
+        index, event = len(self.output), self.event
+        self.output.append(item)
+        if item["type"] == "message":
+            out = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=item["content"][0]["text"], logprobs=[]),
+                   event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                         part=item["content"][0])]
+        elif item["type"] == "reasoning":
+            out = [event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=item["content"][0]["text"])]
+        else:
+            out = [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                         name=item["name"], arguments=item["arguments"])]
+        return out + [event("response.output_item.done", output_index=index, item=item)]
+
+    def opening(self, kind: str, call=None) -> list[bytes]:
+        out, index = self.close(), len(self.output)
+        self.open = {"reasoning": lambda: _reasoning_item(""), "message": lambda: _message_item(""),
+                     "call": lambda: _call_item(call.id, call.function.name, "")}[kind]()
+        out.append(self.event("response.output_item.added", output_index=index,
+                              item={**self.open, "status": "in_progress"}))
+        if kind == "message":
+            out.append(self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        return out
+
+    def feed(self, reasoning: str, content: str, call) -> list[bytes]:
+        out = []
+        for kind, text, name, extra in (("reasoning", reasoning, "response.reasoning_text.delta", {}),
+                                        ("message", content, "response.output_text.delta", {"logprobs": []})):
+            if text:
+                if self.open is None or self.open["type"] != kind:
+                    out += self.opening(kind)
+                self.open["content"][0]["text"] += text
+                out.append(self.event(name, item_id=self.open["id"], output_index=len(self.output),
+                                      content_index=0, delta=text, **extra))
+        if call is not None:
+            if call.id is not None:  # a new call: id and name first
+                out += self.opening("call", call)
+            if call.function.arguments:
+                self.open["arguments"] += call.function.arguments
+                out.append(self.event("response.function_call_arguments.delta", item_id=self.open["id"],
+                                      output_index=len(self.output), delta=call.function.arguments))
+        return out
+
+
 async def _response_events(rid, body, uid, msg, first, chunks):
     seq = 0
 
@@ -214,76 +288,18 @@ async def _response_events(rid, body, uid, msg, first, chunks):
         return b"event: " + kind.encode() + b"\ndata: " + _json.encode({"type": kind, "sequence_number": seq - 1,
                                                                          **fields}) + b"\n\n"
 
-    output: list[dict] = []
-    open_item: dict | None = None  # the reasoning, message or call being written
-    usage, finish = None, None
+    items, usage, finish = _Items(event), None, None
     yield event("response.created", response=_response_obj(rid, body, uid, msg, [], "in_progress", None))
     yield event("response.in_progress", response=_response_obj(rid, body, uid, msg, [], "in_progress", None))
-
-    def close():
-        nonlocal open_item
-        if open_item is None:
-            return []
-        item, open_item = open_item, None
-        index = len(output)
-        output.append(item)
-        out = []
-        if item["type"] == "message":
-            text = item["content"][0]["text"]
-            out += [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                          text=text, logprobs=[]),
-                    event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                          part=item["content"][0])]
-        elif item["type"] == "reasoning":
-            out.append(event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                             content_index=0, text=item["content"][0]["text"]))
-        else:
-            out.append(event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                             name=item["name"], arguments=item["arguments"]))
-        out.append(event("response.output_item.done", output_index=index, item=item))
-        return out
-
-    def opening(kind: str, call=None):
-        nonlocal open_item
-        index = len(output)
-        if kind == "reasoning":
-            open_item = _reasoning_item("")
-        elif kind == "message":
-            open_item = _message_item("")
-        else:
-            open_item = _call_item(call.id, call.function.name, "")
-        added = {**open_item, "status": "in_progress"}
-        out = [event("response.output_item.added", output_index=index, item=added)]
-        if kind == "message":
-            out.append(event("response.content_part.added", item_id=open_item["id"], output_index=index,
-                             content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
-        return out
-
     try:
         async for reasoning, content, call, why, used in _deltas(first, chunks):
             usage, finish = used or usage, why or finish
-            for kind, text, name, extra in (("reasoning", reasoning, "response.reasoning_text.delta", {}),
-                                            ("message", content, "response.output_text.delta", {"logprobs": []})):
-                if not text:
-                    continue
-                if open_item is None or open_item["type"] != kind:
-                    for e in close() + opening(kind):
-                        yield e
-                open_item["content"][0]["text"] += text
-                yield event(name, item_id=open_item["id"], output_index=len(output), content_index=0, delta=text,
-                            **extra)
-            if call is not None:
-                if call.id is not None:  # a new call: id and name first
-                    for e in close() + opening("call", call):
-                        yield e
-                if call.function.arguments:
-                    open_item["arguments"] += call.function.arguments
-                    yield event("response.function_call_arguments.delta", item_id=open_item["id"],
-                                output_index=len(output), delta=call.function.arguments)
-        for e in close():
+            for e in items.feed(reasoning, content, call):
+                yield e
+        for e in items.close():
             yield e
         status = "incomplete" if finish == "length" else "completed"
-        yield event(f"response.{status}", response=_response_obj(rid, body, uid, msg, output, status, usage))
+        yield event(f"response.{status}", response=_response_obj(rid, body, uid, msg, items.output, status, usage))
     except ZinferError as exc:
         yield event("error", code=exc.code, message=str(exc), param=exc.field)
 
@@ -293,6 +309,50 @@ async def _response_events(rid, body, uid, msg, first, chunks):
 _MESSAGES_TAKEN = {"model", "messages", "system", "max_tokens", "tools", "tool_choice", "stop_sequences",
                    "temperature", "top_p", "top_k", "stream", "thinking", "metadata", "service_tier"}
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def _messages_turn(where: str, turn, messages: list[dict]) -> None:
+    """One Messages turn as chat messages: its text, calls and thinking as one message, each tool result as a
+    tool message of its own."""
+    if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
+        raise InvalidRequest(f"{where}.role must be user or assistant", field=f"{where}.role")
+    role, content = turn["role"], turn.get("content")
+    if isinstance(content, str):
+        messages.append({"role": role, "content": content})
+        return
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content must be a string or a list of blocks", field=f"{where}.content")
+    texts, calls, thinking = [], [], None
+    for j, block in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "tool_use" and role == "assistant":
+            calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
+        elif kind == "tool_result" and role == "user":
+            if not block.get("tool_use_id"):
+                raise InvalidRequest(f"{at}.tool_use_id is required", field=f"{at}.tool_use_id")
+            messages.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                             "content": _text_of(block.get("content"), f"{at}.content", ("text",))})
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            thinking = block.get("thinking")
+        else:
+            raise InvalidRequest(f"{at}: a {kind!r} block is not supported in a {role} message", field=f"{at}.type")
+    if texts or calls:
+        messages.append({"role": role, "content": "\n".join(texts) if texts else None,
+                         **({"tool_calls": calls} if calls else {}),
+                         **({"reasoning_content": thinking} if thinking else {})})
+
+
+def _messages_tool_choice(choice, chat: dict) -> None:
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or (
+            {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else kind)
+        if choice.get("disable_parallel_tool_use"):
+            chat["parallel_tool_calls"] = False
 
 
 def _messages_chat(body: dict) -> dict:
@@ -310,50 +370,13 @@ def _messages_chat(body: dict) -> dict:
     if not isinstance(turns, list) or not turns:
         raise InvalidRequest("messages is required: a non-empty list of {role, content}", field="messages")
     for i, turn in enumerate(turns):
-        where = f"messages[{i}]"
-        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
-            raise InvalidRequest(f"{where}.role must be user or assistant", field=f"{where}.role")
-        content = turn.get("content")
-        if isinstance(content, str):
-            messages.append({"role": turn["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise InvalidRequest(f"{where}.content must be a string or a list of blocks", field=f"{where}.content")
-        texts, calls, thinking = [], [], None
-        for j, block in enumerate(content):
-            at = f"{where}.content[{j}]"
-            kind = block.get("type") if isinstance(block, dict) else None
-            if kind == "text":
-                texts.append(block.get("text") or "")
-            elif kind == "tool_use" and turn["role"] == "assistant":
-                calls.append({"id": block.get("id"), "type": "function", "function": {
-                    "name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
-            elif kind == "tool_result" and turn["role"] == "user":
-                if not block.get("tool_use_id"):
-                    raise InvalidRequest(f"{at}.tool_use_id is required", field=f"{at}.tool_use_id")
-                messages.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                                 "content": _text_of(block.get("content"), f"{at}.content", ("text",))})
-            elif kind in ("thinking", "redacted_thinking") and turn["role"] == "assistant":
-                thinking = block.get("thinking")
-            else:
-                raise InvalidRequest(f"{at}: a {kind!r} block is not supported in a {turn['role']} message",
-                                     field=f"{at}.type")
-        if texts or calls:
-            messages.append({"role": turn["role"], "content": "\n".join(texts) if texts else None,
-                             **({"tool_calls": calls} if calls else {}),
-                             **({"reasoning_content": thinking} if thinking else {})})
+        _messages_turn(f"messages[{i}]", turn, messages)
     chat: dict[str, Any] = {"messages": messages, "max_tokens": body["max_tokens"], "stream": bool(body.get("stream"))}
     if body.get("tools"):
         chat["tools"] = [{"type": "function", "function": {
             "name": t.get("name"), **({"description": t["description"]} if t.get("description") else {}),
             "parameters": t.get("input_schema")}} if isinstance(t, dict) else t for t in body["tools"]]
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        kind = choice.get("type")
-        chat["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or (
-            {"type": "function", "function": {"name": choice.get("name")}} if kind == "tool" else kind)
-        if choice.get("disable_parallel_tool_use"):
-            chat["parallel_tool_calls"] = False
+    _messages_tool_choice(body.get("tool_choice"), chat)
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
         chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] == "enabled"}
@@ -387,6 +410,44 @@ async def messages(gw, request: Request) -> Response:
     return EventStream(_message_events(mid, uid, *answer))
 
 
+class _Blocks:
+    """The content blocks of a streamed Messages reply, one open at a time, started and stopped as Anthropic's
+    stream does."""
+
+    def __init__(self, event):
+        self.event, self.index, self.kind = event, -1, None
+
+    def start(self, kind: str, block: dict, new: bool = False) -> list[bytes]:
+        """Open a block of this kind unless one is open already (`new`: always, as for each tool call)."""
+        if self.kind == kind and not new:
+            return []
+        out = self.stop()
+        self.index, self.kind = self.index + 1, kind
+        return out + [self.event("content_block_start", index=self.index, content_block=block)]
+
+    def delta(self, delta: dict) -> bytes:
+        return self.event("content_block_delta", index=self.index, delta=delta)
+
+    def stop(self) -> list[bytes]:
+        return [self.event("content_block_stop", index=self.index)] if self.kind is not None else []
+
+    def feed(self, reasoning: str, content: str, call) -> list[bytes]:
+        out = []
+        if reasoning:
+            out += self.start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            out.append(self.delta({"type": "thinking_delta", "thinking": reasoning}))
+        if content:
+            out += self.start("text", {"type": "text", "text": ""})
+            out.append(self.delta({"type": "text_delta", "text": content}))
+        if call is not None:
+            if call.id is not None:
+                out += self.start("tool_use", {"type": "tool_use", "id": call.id, "name": call.function.name,
+                                               "input": {}}, new=True)
+            if call.function.arguments:
+                out.append(self.delta({"type": "input_json_delta", "partial_json": call.function.arguments}))
+        return out
+
+
 async def _message_events(mid, uid, first, chunks):
     def event(kind: str, **fields) -> bytes:
         return b"event: " + kind.encode() + b"\ndata: " + _json.encode({"type": kind, **fields}) + b"\n\n"
@@ -394,38 +455,14 @@ async def _message_events(mid, uid, first, chunks):
     yield event("message_start", message={"id": mid, "type": "message", "role": "assistant", "model": uid,
                                           "content": [], "stop_reason": None, "stop_sequence": None,
                                           "usage": {"input_tokens": 0, "output_tokens": 0}})
-    index, kind = -1, None  # the block being written
-    usage, finish = None, None
-
-    def start(new_kind: str, block: dict):
-        nonlocal index, kind
-        out = [event("content_block_stop", index=index)] if kind is not None else []
-        index, kind = index + 1, new_kind
-        return out + [event("content_block_start", index=index, content_block=block)]
-
+    blocks, usage, finish = _Blocks(event), None, None
     try:
         async for reasoning, content, call, why, used in _deltas(first, chunks):
             usage, finish = used or usage, why or finish
-            if reasoning:
-                if kind != "thinking":
-                    for e in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
-                        yield e
-                yield event("content_block_delta", index=index, delta={"type": "thinking_delta", "thinking": reasoning})
-            if content:
-                if kind != "text":
-                    for e in start("text", {"type": "text", "text": ""}):
-                        yield e
-                yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": content})
-            if call is not None:
-                if call.id is not None:
-                    for e in start("tool_use", {"type": "tool_use", "id": call.id, "name": call.function.name,
-                                                "input": {}}):
-                        yield e
-                if call.function.arguments:
-                    yield event("content_block_delta", index=index, delta={
-                        "type": "input_json_delta", "partial_json": call.function.arguments})
-        if kind is not None:
-            yield event("content_block_stop", index=index)
+            for e in blocks.feed(reasoning, content, call):
+                yield e
+        for e in blocks.stop():
+            yield e
         yield event("message_delta", delta={"stop_reason": _STOP_REASON.get(finish or "stop", "end_turn"),
                                             "stop_sequence": None},
                     usage={"input_tokens": usage.prompt_tokens if usage else 0,
