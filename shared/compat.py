@@ -65,6 +65,22 @@ def _strings(value: Any, field: str) -> list[str] | None:
     return out
 
 
+def launch_size(size):
+    """A launch's model_size_in_billions as specs write it: 7, or "1_8" for 1.8 billion."""
+    if isinstance(size, str) and not _SIZE_RE.match(size.strip()):
+        raise InvalidRequest(f"model_size_in_billions {size!r} must be a number of billions (7, 1.8 or 1_8)",
+                             field="model_size_in_billions")
+    if isinstance(size, bool) or isinstance(size, int | float) and size <= 0:
+        raise InvalidRequest(f"model_size_in_billions {size!r} must be a positive number of billions",
+                             field="model_size_in_billions")
+    if isinstance(size, str):
+        size = size.strip()
+        return int(size) if size.isdigit() else size.replace(".", "_")
+    if isinstance(size, float):
+        return int(size) if size.is_integer() else str(size).replace(".", "_")
+    return size
+
+
 def launch_request(model_name: str, **kwargs: Any) -> p.LaunchModel:
     """Xinference's launch keywords -> LaunchModel; raises InvalidRequest naming the argument at fault."""
     fields: dict[str, Any] = {"model_name": model_name}
@@ -88,18 +104,8 @@ def launch_request(model_name: str, **kwargs: Any) -> p.LaunchModel:
     for name in ("devices", "worker_ip"):
         if name in fields:
             fields[name] = _strings(fields[name], name)
-    size = fields.get("model_size_in_billions")
-    if isinstance(size, str) and not _SIZE_RE.match(size.strip()):
-        raise InvalidRequest(f"model_size_in_billions {size!r} must be a number of billions (7, 1.8 or 1_8)",
-                             field="model_size_in_billions")
-    if isinstance(size, bool) or isinstance(size, int | float) and size <= 0:
-        raise InvalidRequest(f"model_size_in_billions {size!r} must be a positive number of billions",
-                             field="model_size_in_billions")
-    if isinstance(size, str):
-        size = size.strip()
-        fields["model_size_in_billions"] = int(size) if size.isdigit() else size.replace(".", "_")
-    elif isinstance(size, float):
-        fields["model_size_in_billions"] = int(size) if size.is_integer() else str(size).replace(".", "_")
+    if "model_size_in_billions" in fields:
+        fields["model_size_in_billions"] = launch_size(fields["model_size_in_billions"])
     if "keep_alive" in fields:
         seconds = durations.parse(fields["keep_alive"])
         fields["keep_alive"] = durations.FOREVER if seconds is None else seconds
@@ -249,6 +255,49 @@ def _schema_problem(schema: Any) -> str | None:
     return None
 
 
+def _tool_names(tools) -> list[str]:
+    """A request's tools checked (OpenAI's shape, a schema for each, no two with one name): their names."""
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}", field="tools")
+    try:
+        typed = msgspec.convert(tools, list[Tool])
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, Tool)
+        where = re.sub(r"\A\[(\d+)\]", r"tools[\1]", problem.field or "") or "tools"
+        where = where if where.startswith("tools") else f"tools.{where}"
+        raise InvalidRequest(f"{where}: {problem.message} (a tool is {{\"type\": \"function\", \"function\": "
+                             "{\"name\", \"description\", \"parameters\"}})", field=where) from None
+    names = [t.function.name for t in typed]
+    for i, tool in enumerate(typed):
+        problem = _schema_problem(tool.function.parameters) if tool.function.parameters is not None else None
+        if problem:
+            where = f"tools[{i}].function.parameters"
+            raise InvalidRequest(f"{where} {problem}", field=where)
+        if names.index(tool.function.name) != i:
+            raise InvalidRequest(f"tools[{i}]: a second tool named {tool.function.name!r}",
+                                 field=f"tools[{i}].function.name")
+    return names
+
+
+def _template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs (with Xinference's enable_thinking), taken off `body`; never the request's own names."""
+    kwargs = body.pop("chat_template_kwargs", None)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidRequest("chat_template_kwargs must be an object", field="chat_template_kwargs")
+    kwargs = dict(kwargs or {})
+    thinking = body.pop("enable_thinking", None)  # Xinference's spelling
+    if thinking is not None:
+        if not isinstance(thinking, bool):
+            raise InvalidRequest("enable_thinking must be true or false", field="enable_thinking")
+        kwargs.setdefault("enable_thinking", thinking)
+    reserved = {"messages", "tools", "add_generation_prompt", "documents"} & set(kwargs)
+    if reserved:
+        name = sorted(reserved)[0]
+        raise InvalidRequest(f"chat_template_kwargs may not set {name!r} (it is the request's own)",
+                             field="chat_template_kwargs")
+    return kwargs
+
+
 def chat_options(body: dict) -> ChatOptions:
     """A chat request's tools, tool_choice, parallel_tool_calls, chat_template_kwargs (and Xinference's
     enable_thinking), taken off `body`; InvalidRequest names the field at fault."""
@@ -259,26 +308,7 @@ def chat_options(body: dict) -> ChatOptions:
         raise InvalidRequest("functions / function_call are OpenAI's old names: send tools and tool_choice",
                              field="functions")
     if tools is not None and tools != []:
-        if not isinstance(tools, list):
-            raise InvalidRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}",
-                                 field="tools")
-        try:
-            typed = msgspec.convert(tools, list[Tool])
-        except msgspec.ValidationError as exc:
-            problem = problem_from_validation(exc, Tool)
-            where = re.sub(r"\A\[(\d+)\]", r"tools[\1]", problem.field or "") or "tools"
-            where = where if where.startswith("tools") else f"tools.{where}"
-            raise InvalidRequest(f"{where}: {problem.message} (a tool is {{\"type\": \"function\", \"function\": "
-                                 "{\"name\", \"description\", \"parameters\"}})", field=where) from None
-        names = [t.function.name for t in typed]
-        for i, tool in enumerate(typed):
-            problem = _schema_problem(tool.function.parameters) if tool.function.parameters is not None else None
-            if problem:
-                where = f"tools[{i}].function.parameters"
-                raise InvalidRequest(f"{where} {problem}", field=where)
-            if names.index(tool.function.name) != i:
-                raise InvalidRequest(f"tools[{i}]: a second tool named {tool.function.name!r}",
-                                     field=f"tools[{i}].function.name")
+        names = _tool_names(tools)
         fields["tools"] = tools
     choice = body.pop("tool_choice", None)
     if isinstance(choice, dict):
@@ -302,20 +332,7 @@ def chat_options(body: dict) -> ChatOptions:
         if not isinstance(parallel, bool):
             raise InvalidRequest("parallel_tool_calls must be true or false", field="parallel_tool_calls")
         fields["parallel_tool_calls"] = parallel
-    kwargs = body.pop("chat_template_kwargs", None)
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise InvalidRequest("chat_template_kwargs must be an object", field="chat_template_kwargs")
-    kwargs = dict(kwargs or {})
-    thinking = body.pop("enable_thinking", None)  # Xinference's spelling
-    if thinking is not None:
-        if not isinstance(thinking, bool):
-            raise InvalidRequest("enable_thinking must be true or false", field="enable_thinking")
-        kwargs.setdefault("enable_thinking", thinking)
-    reserved = {"messages", "tools", "add_generation_prompt", "documents"} & set(kwargs)
-    if reserved:
-        name = sorted(reserved)[0]
-        raise InvalidRequest(f"chat_template_kwargs may not set {name!r} (it is the request's own)",
-                             field="chat_template_kwargs")
+    kwargs = _template_kwargs(body)
     fields["chat_template_kwargs"] = kwargs
     add = body.pop("add_generation_prompt", None)
     if add is not None:

@@ -98,48 +98,60 @@ class AnswerSplitter:
             if not text and not last:
                 return
             self.lead = False
-        parser = self.parser
-        if parser is None:
+        if self.parser is None:
             out.content += text
             return
         if not self.content_started and not self.in_call:
-            if text and any(text.startswith(m) or m.startswith(text) for m in parser.whole_starts):
+            if text and any(text.startswith(m) or m.startswith(text) for m in self.parser.whole_starts):
                 self.whole = True
             self.content_started = bool(text)
         if self.whole:  # the whole answer may be one call: decided at the end
             self.call_text += text
             if last:
-                content, calls = parser.parse(self.call_text)
+                content, calls = self.parser.parse(self.call_text)
                 self._took(out, content, calls)
             return
-        text = self.call_text + text
+        rest: str | None = self.call_text + text
         self.call_text = ""
-        while text:
+        while rest:
             if not self.in_call:
-                at = min((i for i in (text.find(m) for m in parser.starts) if i >= 0), default=-1)
-                if at < 0:
-                    if self.calls and not text.strip() and not last:  # whitespace between calls: wait and see
-                        self.call_text = text
-                        return
-                    hold = 0 if last else _hold(text, parser.starts)
-                    if not (self.calls and not text[:len(text) - hold].strip()):
-                        out.content += text[:len(text) - hold]
-                    self.call_text = text[len(text) - hold:]
-                    return
-                if not (self.calls and not text[:at].strip()):
-                    out.content += text[:at]
-                text, self.in_call = text[at:], True
-            end = min((i + len(m) for m in parser.ends for i in [text.find(m)] if i >= 0), default=-1)
-            if end < 0 and not last:
-                self.call_text = text  # held until it closes (or the answer ends)
-                return
-            block, text = (text, "") if end < 0 else (text[:end], text[end:])
-            content, calls = parser.parse(block)
-            self.in_call = False
-            if calls:
-                self._took(out, content if content.strip() else "", calls)
-            else:
-                out.content += block
+                rest = self._before_call(out, rest, last)
+            if rest:
+                rest = self._call(out, rest, last)
+
+    def _before_call(self, out: Pieces, text: str, last: bool) -> str | None:
+        """Content up to the next call's start marker goes out; the text from the marker on is returned. None when
+        no call starts in it (the end that may begin a marker is held back)."""
+        at = min((i for i in (text.find(m) for m in self.parser.starts) if i >= 0), default=-1)
+        if at < 0:
+            if self.calls and not text.strip() and not last:  # whitespace between calls: wait and see
+                self.call_text = text
+                return None
+            hold = 0 if last else _hold(text, self.parser.starts)
+            if not (self.calls and not text[:len(text) - hold].strip()):
+                out.content += text[:len(text) - hold]
+            self.call_text = text[len(text) - hold:]
+            return None
+        if not (self.calls and not text[:at].strip()):
+            out.content += text[:at]
+        self.in_call = True
+        return text[at:]
+
+    def _call(self, out: Pieces, text: str, last: bool) -> str | None:
+        """A call from its start marker: parsed once its end marker (or the answer's end) comes, else held (None);
+        the text after it is returned."""
+        end = min((i + len(m) for m in self.parser.ends for i in [text.find(m)] if i >= 0), default=-1)
+        if end < 0 and not last:
+            self.call_text = text  # held until it closes (or the answer ends)
+            return None
+        block, rest = (text, "") if end < 0 else (text[:end], text[end:])
+        content, calls = self.parser.parse(block)
+        self.in_call = False
+        if calls:
+            self._took(out, content if content.strip() else "", calls)
+        else:
+            out.content += block
+        return rest
 
     def _took(self, out: Pieces, content: str, calls: list[Call]) -> None:
         out.content += content
