@@ -99,11 +99,9 @@ class Soak:
     def client_loop(self, index: int) -> None:
         rng = random.Random(index)
         client = self.mesh.new_client(timeout=30)
-        mine_registered: list[str] = []
-        mine_launched: str | None = None
-        n = 0
+        mine = {"registered": [], "launched": None, "index": index, "n": 0}  # this client's own names
         while not self.stop.is_set():
-            n += 1
+            mine["n"] += 1
             op = rng.choices(["generate", "stream", "embed", "register", "unregister", "launch", "terminate",
                               "heal"], weights=[5, 3, 5, 2, 1, 1, 1, 1])[0]
             if op == "generate":
@@ -111,44 +109,55 @@ class Soak:
             elif op == "stream":
                 self.outcome(op, generate, client, "hello", {"max_tokens": 24, "temperature": 0, "stream": True})
             elif op == "embed":
-                self.outcome(op, embed, client, [f"chaos {index} {n}", "the sea"])
-            elif op == "register":
-                name = f"chaos-{index}-{n}"
-                if self.outcome(op, client.register_model, "LLM", llm_definition(self.models, name), persist=True,
-                                timeout=30)[0]:
-                    with self.lock:
-                        self.registered.add(name)
-                    mine_registered.append(name)
-            elif op == "unregister" and mine_registered:
-                name = mine_registered.pop(0)
-                with self.lock:
-                    self.registered.discard(name)  # from here its fate is unknown until the answer
-                ok, answer = self.outcome(op, client.unregister_model, "LLM", name, timeout=30)
-                if ok:
-                    with self.lock:
-                        self.unregistered.add(name)
-                elif isinstance(answer, NotFound):  # it was acknowledged, and now it is not there
-                    with self.lock:
-                        self.lost_at_unregister.append(name)
-            elif op == "launch" and mine_launched is None:
-                uid = mine_launched = f"chaos-emb-{index}-{n}"
-                if self.outcome(op, client.launch_model, model_name="custom-bge-base-en", model_type="embedding",
-                                model_uid=uid, timeout=60)[0]:
-                    with self.lock:
-                        self.launched.add(uid)
-            elif op == "terminate" and mine_launched is not None:
-                uid = mine_launched
-                with self.lock:
-                    self.launched.discard(uid)
-                ok, answer = self.outcome(op, client.terminate_model, uid, timeout=60)
-                if ok:
-                    with self.lock:
-                        self.terminated.add(uid)
-                if ok or isinstance(answer, NotFound):  # gone (a launch that never took place is not there)
-                    mine_launched = None
+                self.outcome(op, embed, client, [f"chaos {index} {mine['n']}", "the sea"])
             elif op == "heal":
                 self.outcome(op, self.heal, client)
+            elif op in ("register", "unregister"):
+                self.registration_op(op, client, mine)
+            else:
+                self.launch_op(op, client, mine)
         client.close()
+
+    def registration_op(self, op: str, client, mine: dict) -> None:
+        """Register a model of this client's own, or unregister its oldest; the books say what was acknowledged."""
+        if op == "register":
+            name = f"chaos-{mine['index']}-{mine['n']}"
+            if self.outcome(op, client.register_model, "LLM", llm_definition(self.models, name), persist=True,
+                            timeout=30)[0]:
+                with self.lock:
+                    self.registered.add(name)
+                mine["registered"].append(name)
+            return
+        if not mine["registered"]:
+            return
+        name = mine["registered"].pop(0)
+        with self.lock:
+            self.registered.discard(name)  # from here its fate is unknown until the answer
+        ok, answer = self.outcome(op, client.unregister_model, "LLM", name, timeout=30)
+        with self.lock:
+            if ok:
+                self.unregistered.add(name)
+            elif isinstance(answer, NotFound):  # it was acknowledged, and now it is not there
+                self.lost_at_unregister.append(name)
+
+    def launch_op(self, op: str, client, mine: dict) -> None:
+        """Launch this client's one instance, or terminate it."""
+        if op == "launch" and mine["launched"] is None:
+            uid = mine["launched"] = f"chaos-emb-{mine['index']}-{mine['n']}"
+            if self.outcome(op, client.launch_model, model_name="custom-bge-base-en", model_type="embedding",
+                            model_uid=uid, timeout=60)[0]:
+                with self.lock:
+                    self.launched.add(uid)
+        elif op == "terminate" and mine["launched"] is not None:
+            uid = mine["launched"]
+            with self.lock:
+                self.launched.discard(uid)
+            ok, answer = self.outcome(op, client.terminate_model, uid, timeout=60)
+            if ok:
+                with self.lock:
+                    self.terminated.add(uid)
+            if ok or isinstance(answer, NotFound):  # gone (a launch that never took place is not there)
+                mine["launched"] = None
 
     def heal(self, client) -> None:
         """Relaunch a shared model that has failed (its worker died): terminate it, launch it under its uid."""

@@ -89,6 +89,20 @@ class GGMLFile:
         return InvalidRequest(f"GGML file {self.path} {what}", field="model_uri")
 
 
+def _check_magic(path: Path, magic: int, version: int) -> None:
+    """Only GGJT version 3 converts; anything else is refused saying what it is."""
+    if magic == 0x46554747:  # b"GGUF"
+        raise InvalidRequest(f"{path} is already GGUF: register it with model_format ggufv2", field="model_format")
+    if magic in (0x67676D66, 0x67676D6C):  # 'ggmf', 'ggml': before GGJT
+        raise InvalidRequest(f"{path} is an unversioned GGML/GGMF file (before GGJT v3); only GGJT v3 files convert: "
+                             "re-quantize it with a llama.cpp of mid-2023 or use its GGUF", field="model_uri")
+    if magic != GGJT_MAGIC:
+        raise InvalidRequest(f"{path} is not a GGML file (magic {magic:#010x})", field="model_uri")
+    if version != 3:
+        raise InvalidRequest(f"{path} is GGJT version {version}; only version 3 converts (its quantized blocks "
+                             "changed in v3)", field="model_uri")
+
+
 def read_header(path: str | os.PathLike) -> GGMLFile:
     """The header, vocabulary and tensor table of a GGML v3 file (the data stays on disk); every length and offset
     is checked against the file's size, so a truncated or foreign file is refused with what is wrong."""
@@ -106,17 +120,7 @@ def read_header(path: str | os.PathLike) -> GGMLFile:
         pos += n
         return chunk
 
-    magic, version = struct.unpack("<2I", take(8, "the header"))
-    if magic == 0x46554747:  # b"GGUF"
-        raise InvalidRequest(f"{path} is already GGUF: register it with model_format ggufv2", field="model_format")
-    if magic in (0x67676D66, 0x67676D6C):  # 'ggmf', 'ggml': before GGJT
-        raise InvalidRequest(f"{path} is an unversioned GGML/GGMF file (before GGJT v3); only GGJT v3 files convert: "
-                             "re-quantize it with a llama.cpp of mid-2023 or use its GGUF", field="model_uri")
-    if magic != GGJT_MAGIC:
-        raise InvalidRequest(f"{path} is not a GGML file (magic {magic:#010x})", field="model_uri")
-    if version != 3:
-        raise InvalidRequest(f"{path} is GGJT version {version}; only version 3 converts (its quantized blocks "
-                             "changed in v3)", field="model_uri")
+    _check_magic(path, *struct.unpack("<2I", take(8, "the header")))
     hp = struct.unpack("<7I", take(28, "the hyperparameters"))
     f = GGMLFile(path, *hp)
     if f.ftype not in FTYPES and f.ftype not in (10, 11, 12, 13, 14, 15, 16, 17, 18):

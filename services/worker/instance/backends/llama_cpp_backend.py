@@ -266,76 +266,86 @@ class LlamaCppBackend(LLMBackend):
             heapq.heappush(self._free_slots, seq.slot)
 
     def step(self) -> list[StepOut]:
-        lib = self.lib
+        n, rows = self._fill_batch()
+        if n == 0:
+            return []
+        self.batch.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed (code {rc})")
+        logits = self._logits(rows) if rows else None
+        constrained = [seq for seq in self._seqs.values() if seq.out_index >= 0 and seq.sampling.matcher is not None]
+        masks = dict(zip((seq.id for seq in constrained), self.grammars.masks([seq.sampling.matcher for seq in
+                                                                                constrained]), strict=True)) \
+            if constrained else {}
+        best: list[int] = []  # the argmax of every row, computed once for the plain greedy sequences
+
+        def argmax(row: int) -> int:
+            if not best:
+                best.extend(logits.argmax(axis=1).tolist())
+            return best[row]
+
+        outs: list[StepOut] = []
+        for seq in list(self._seqs.values()):
+            if seq.out_index < 0:
+                continue
+            if seq.last >= 0:
+                seq.pos += 1  # the token just decoded is in the cache now
+            token, lp = self._pick(seq, logits, masks.get(seq.id), argmax)
+            seq.out_index = -1
+            outs.append(self._emit(seq, token, lp))
+        return outs
+
+    def _fill_batch(self) -> tuple[int, int]:
+        """Running sequences first (one token each), then prompt chunks while the batch has room: (tokens in
+        the batch, rows of logits it gives)."""
         n = rows = 0
-        # Running sequences first (one token each), then prompt chunks while the batch has room.
         for seq in self._seqs.values():
             if seq.fed == len(seq.prompt):
                 n = self._put(n, seq.last, seq.pos, seq.slot, True)
                 seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
         for seq in self._seqs.values():
             if seq.fed < len(seq.prompt) and n < N_BATCH:
-                chunk = seq.prompt[seq.fed:seq.fed + N_BATCH - n]
-                for token in chunk:
+                for token in seq.prompt[seq.fed:seq.fed + N_BATCH - n]:
                     seq.fed += 1
                     n = self._put(n, token, seq.pos, seq.slot, seq.fed == len(seq.prompt))
                     seq.pos += 1
                 if seq.fed == len(seq.prompt):
                     seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
-        if n == 0:
-            return []
-        self.batch.n_tokens = n
-        rc = lib.llama_decode(self.ctx.ctx, self.batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed (code {rc})")
-        logits = self._logits(rows) if rows else None
-        best = None  # the argmax of every row, computed once for the plain greedy sequences
-        eog = self._eog_set
-        outs: list[StepOut] = []
-        constrained = [seq for seq in self._seqs.values() if seq.out_index >= 0 and seq.sampling.matcher is not None]
-        masks = dict(zip((seq.id for seq in constrained), self.grammars.masks([seq.sampling.matcher for seq in
-                                                                                constrained]), strict=True)) \
-            if constrained else {}
-        for seq in list(self._seqs.values()):
-            if seq.out_index < 0:
-                continue
-            if seq.last >= 0:
-                seq.pos += 1  # the token just decoded is in the cache now
-            s = seq.sampling
-            lp = None
-            mask = masks.get(seq.id)
-            if s.logprobs is not None or seq.generated < s.min_tokens or mask is not None:
-                row = logits[seq.out_row]
-                if s.logprobs is not None:  # of the model's own distribution, before anything is held off
-                    lp = log_softmax(row)
-                if seq.generated < s.min_tokens:
-                    row[self._eog] = -np.inf  # in place: the sampler reads the context's logits
-                if mask is not None:
-                    row[~mask] = -np.inf
-                token = int(row.argmax()) if seq.sampler is None else None
-            elif seq.sampler is None:
-                if best is None:
-                    best = logits.argmax(axis=1).tolist()
-                token = best[seq.out_row]
-            else:
-                token = None
-            if token is None:
-                token = lib.llama_sampler_sample(seq.sampler, self.ctx.ctx, seq.out_index)
-            seq.out_index = -1
-            if token in seq.stop_ids or (not s.ignore_eos and token in eog):
-                outs.append(StepOut(seq.id, [], "stop"))
-                self.remove(seq.id)
-                continue
-            seq.generated += 1
-            seq.last = token
-            finish = "length" if seq.generated >= seq.max_tokens else None
-            if s.matcher is not None and s.matcher.consume(token):  # the grammar is complete: nothing may follow
-                finish = "stop"
-            outs.append(StepOut(seq.id, [token], finish, token_logprob(lp, token, s.logprobs) if lp is not None
-                                else None))
-            if finish:
-                self.remove(seq.id)
-        return outs
+        return n, rows
+
+    def _pick(self, seq, logits, mask, argmax) -> tuple[int, np.ndarray | None]:
+        """A sequence's next token (and the log-probabilities it was drawn from, when asked for)."""
+        s, lp, token = seq.sampling, None, None
+        if s.logprobs is not None or seq.generated < s.min_tokens or mask is not None:
+            row = logits[seq.out_row]
+            if s.logprobs is not None:  # of the model's own distribution, before anything is held off
+                lp = log_softmax(row)
+            if seq.generated < s.min_tokens:
+                row[self._eog] = -np.inf  # in place: the sampler reads the context's logits
+            if mask is not None:
+                row[~mask] = -np.inf
+            token = int(row.argmax()) if seq.sampler is None else None
+        elif seq.sampler is None:
+            token = argmax(seq.out_row)
+        if token is None:
+            token = self.lib.llama_sampler_sample(seq.sampler, self.ctx.ctx, seq.out_index)
+        return token, lp
+
+    def _emit(self, seq, token: int, lp) -> StepOut:
+        """The token's outcome for its sequence: a stop (the token is not shown), or one more token, maybe its last."""
+        s = seq.sampling
+        if token in seq.stop_ids or (not s.ignore_eos and token in self._eog_set):
+            self.remove(seq.id)
+            return StepOut(seq.id, [], "stop")
+        seq.generated += 1
+        seq.last = token
+        finish = "length" if seq.generated >= seq.max_tokens else None
+        if s.matcher is not None and s.matcher.consume(token):  # the grammar is complete: nothing may follow
+            finish = "stop"
+        if finish:
+            self.remove(seq.id)
+        return StepOut(seq.id, [token], finish, token_logprob(lp, token, s.logprobs) if lp is not None else None)
 
     def _logits(self, rows: int) -> np.ndarray:
         """The last decode's output rows (in batch order, as llama.h lays them out: [rows, n_vocab])."""
