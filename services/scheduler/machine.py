@@ -10,7 +10,7 @@ a move the table does not allow is a bug, raised as IllegalMove.
                                     move│ move_failed  │moved      │  └─────────────────┘
                                     ▼   │              │           └── READY (unload)
                                     MOVING ────────────┘
-    any phase ──terminate──▶ TERMINATING ──terminate_failed──▶ LOST (the next report tells what is held)
+    any phase ──terminate──▶ TERMINATING ──terminate_failed──▶ back where it was
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (P.READY, E.WAKE_FAILED): P.UNLOADED,
     (P.FAILED, E.WAKE_FAILED): P.UNLOADED,
     **{(phase, E.TERMINATE): P.TERMINATING for phase in Phase},
-    (P.TERMINATING, E.TERMINATE_FAILED): P.LOST,
+    (P.TERMINATING, E.TERMINATE_FAILED): P.LOST,  # Replica.move puts it back where it was; LOST if unknown
 }
 
 LOADING = frozenset(_LOADING) | {P.MOVING}  # work for a worker is on its way: nothing else starts meanwhile
