@@ -21,6 +21,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import msgspec
@@ -34,7 +36,7 @@ from zinfer.services.scheduler.placement import place, slots_of
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
-from zinfer.shared.errors import Cancelled, RequestTimeout, Unavailable, ZinferError
+from zinfer.shared.errors import Cancelled, InternalError, RequestTimeout, Unavailable, ZinferError
 
 log = structlog.get_logger()
 
@@ -76,13 +78,16 @@ class Core:
         """From any thread: queue an event for the loop."""
         self.queue.put(event)
 
-    def ask(self, event: ev.Ev, timeout: float | None = None):
-        """From a handler thread: post an event and wait for the loop's answer (its exception raised here)."""
-        from concurrent.futures import Future
-
+    def ask(self, event: ev.Ev, timeout: float = 120.0):
+        """From a handler thread: post an event and wait for the loop's answer (its exception raised here). The
+        loop answers in milliseconds; no answer in `timeout` is a bug, said as one rather than a hang."""
         event.reply = Future()
         self.post(event)
-        return event.reply.result(timeout)
+        try:
+            return event.reply.result(timeout)
+        except FutureTimeout:
+            raise InternalError(f"the scheduler's loop did not answer {type(event).__name__} in {timeout:g} s") \
+                from None
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="scheduler-loop", daemon=True)
@@ -106,7 +111,10 @@ class Core:
                 next_tick = self.clock() + self.settings.heartbeat_interval
                 batch.append(ev.Tick())
             answers = [(event, *self._handle(event)) for event in batch]
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # a bug: the last views stay; never the end of the loop
+                log.exception("scheduler_publish_failed")
             for event, result, error in answers:  # after the views: a caller's next read sees its own change
                 if event.reply is not None:
                     if error is None:

@@ -8,6 +8,7 @@ when it changed what is launched); the handler thread that posted it waits on th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -104,16 +105,28 @@ class Sync(Ev):
 class Effects:
     """Calls to workers off the loop, each outcome posted back to the loop as the event `then` makes of it."""
 
-    def __init__(self, bus, post: Callable[[Ev], None], max_workers: int = 32):
+    def __init__(self, bus, post: Callable[[Ev], None], max_workers: int = 256):
+        # Many threads, mostly waiting: a call to a worker that has just died waits (parked at the broker) until
+        # it returns or the call times out, and must never hold up the loads behind it.
         self.bus = bus
         self.post = post
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="scheduler-effects")
+        self._inflight: set[tuple] = set()
+        self._lock = threading.Lock()
 
     def call(self, worker_id: str, msg: p.Msg, timeout: float,
              then: Callable[[ZinferError | None], Ev | None] | None = None) -> None:
-        self.pool.submit(self._call, worker_id, msg, timeout, then)
+        """Send msg to a worker; `then` makes the event its outcome posts. An unload already on its way to that
+        worker for the same replica is not sent twice (reports repeat a leftover every heartbeat)."""
+        key = (worker_id, msg.model_uid, msg.incarnation, msg.replica) if isinstance(msg, p.UnloadInstance) else None
+        if key is not None:
+            with self._lock:
+                if key in self._inflight:
+                    return
+                self._inflight.add(key)
+        self.pool.submit(self._call, worker_id, msg, timeout, then, key)
 
-    def _call(self, worker_id, msg, timeout, then) -> None:
+    def _call(self, worker_id, msg, timeout, then, key) -> None:
         error = None
         try:
             self.bus.call(p.worker_service(worker_id), msg, timeout=timeout)
@@ -121,6 +134,10 @@ class Effects:
             error = exc
             if then is None:
                 log.info("worker_call_failed", worker=worker_id, request=type(msg).__name__, error=str(exc))
+        finally:
+            if key is not None:
+                with self._lock:
+                    self._inflight.discard(key)
         event = then(error) if then is not None else None
         if event is not None:
             self.post(event)

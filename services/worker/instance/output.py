@@ -1,6 +1,6 @@
 """One generation's text on its way to the client: stop words, chunking, logprobs and the reply objects.
 
-The engine pushes each sequence's new text as decode steps produce it; this turns it into Xinference's (and
+The LLM batcher pushes each sequence's new text as decode steps produce it; this turns it into Xinference's (and
 OpenAI's) completion and chat objects. A request with `n` choices has one sequence per choice; each choice is
 cut at its first stop word (which is not returned; a possible stop prefix is held back until it is decided),
 carries its tokens' logprobs when asked, and streams in chunks: tokens produced within `stream_interval_ms` of
@@ -173,7 +173,7 @@ class Generation:
 
     def add(self, index: int, text: str, tokens: list[int], finish: str | None, lp: TokenLogprob | None) -> bool:
         """Choice `index` got new text from `tokens` (finish: why it ended, on its last step). True when that
-        choice is over (ended, or cut by a stop word): the engine then drops its sequence."""
+        choice is over (ended, or cut by a stop word): the batcher then drops its sequence."""
         c = self.choices[index]
         out, stopped = c.cutter.push(text, finish is not None)
         if stopped:
