@@ -1,6 +1,6 @@
-"""The generation engine's loop without a model: admission, the queue limit, stop words, n choices, streaming
-and cancellation, on a scripted backend whose every token is known. The real engines are checked against their
-libraries in test_inference.py; this checks the engine around them."""
+"""The batchers without a model: admission, the queue limit, stop words, n choices, streaming and cancellation,
+on a scripted backend whose every token is known. The real backends are checked against their libraries in
+test_inference.py; this checks the batcher around them."""
 
 from __future__ import annotations
 
