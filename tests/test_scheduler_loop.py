@@ -16,7 +16,7 @@ from zinfer.services.scheduler.machine import LOADING, TRANSITIONS, Event, Illeg
 from zinfer.shared import instances
 from zinfer.shared import protocol as p
 from zinfer.shared.config import load_settings
-from zinfer.shared.errors import Unavailable, ZinferError
+from zinfer.shared.errors import RequestTimeout, Unavailable, ZinferError
 from zinfer.shared.models import EmbeddingFamily
 
 pytestmark = pytest.mark.unit
@@ -268,3 +268,46 @@ def test_no_scheduler_state_is_written_off_the_loop(tmp_path, monkeypatch):
     core.ask(ev.Sync())
     assert writers == {core.owner}, "scheduler state was written off its loop thread"
     assert not core.models
+
+
+def test_a_launch_whose_worker_restarts_while_loading_is_loaded_again_and_the_lost_answer_ignored(tmp_path):
+    """The worker's process is replaced while a launch's LoadInstance is on its way (its answer may never come, or
+    come late as an error): the replica is loaded again on the new process, and the old load's answer changes
+    nothing (a 10-minute chaos soak once left two launches `launching` for a minute this way)."""
+    script = Script(tmp_path)
+    core = script.core
+    core.start()
+    script.report()
+    core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid="m"),
+                      base=p.LoadInstance(model_uid="m", model_type="embedding", embedding=FAMILY, incarnation=7),
+                      found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=None))
+    (lost,) = script.pending  # the launch's load, never answered by the old process
+    script.pending.clear()
+    script.pid += 1  # the worker restarted: it holds nothing
+    script.report()
+    assert core.models["m"].replicas[0].phase is Phase.RESTORING
+    assert core.snapshot.views["m"].state == "restarting"
+    script.deliver()  # the new process loads it
+    core.post(lost[2](Unavailable("worker cpu left before answering")))  # the old load's late answer
+    core.ask(ev.Sync())
+    r = core.models["m"].replicas[0]
+    assert r.phase is Phase.READY and r.state == "ready" and ("m", 0) in script.held
+
+
+def test_a_worker_that_says_ready_settles_a_launch_whose_answer_was_lost(tmp_path):
+    """The LoadInstance's reply is lost (the broker restarted meanwhile) but the worker reports the replica ready:
+    the launch is ready, and the reply's timeout, when it comes, does not fail it."""
+    script = Script(tmp_path)
+    core = script.core
+    core.start()
+    script.report()
+    core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid="m"),
+                      base=p.LoadInstance(model_uid="m", model_type="embedding", embedding=FAMILY, incarnation=7),
+                      found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=None))
+    (_worker, load, then) = script.pending.pop()
+    script.held[("m", 0)] = load  # the worker loaded it; its reply went to a broker that is gone
+    script.report()
+    assert core.models["m"].replicas[0].phase is Phase.READY
+    core.post(then(RequestTimeout("no answer in 600 s")))
+    core.ask(ev.Sync())
+    assert core.models["m"].replicas[0].phase is Phase.READY and core.snapshot.views["m"].state == "ready"

@@ -3,7 +3,6 @@ desired state across its own restarts, and the view `zinfer list` shows. Pure st
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ class Replica:
     lost_cause: str = ""  # why it is restarting, kept while moves to another worker fail
     next_try: float = 0.0  # a failed restore is tried again from then
     before_terminate: Phase | None = None  # where a terminate that fails puts it back
+    attempt: int = 0  # the number of the latest load sent: an outcome of an earlier one is stale
 
     @property
     def state(self) -> instances.InstanceState:
@@ -269,7 +269,6 @@ class LastLaunches:
 
     def __init__(self, home: Path):
         self.path = home / "scheduler" / "last_launch.json"
-        self.lock = threading.Lock()
         try:
             self.launches = msgspec.json.decode(self.path.read_bytes(), type=dict[str, p.LaunchModel])
         except FileNotFoundError:
@@ -282,9 +281,9 @@ class LastLaunches:
         return self.launches.get(model_name)
 
     def put(self, msg: p.LaunchModel) -> None:
-        with self.lock:
-            self.launches[msg.model_name] = msg
-            try:
-                write_atomic(self.path, msgspec.json.encode(self.launches))
-            except OSError as exc:
-                log.error("last_launch_write_failed", path=str(self.path), error=str(exc))
+        """(The scheduler's loop only.) Remember a launch that was placed."""
+        self.launches[msg.model_name] = msg
+        try:
+            write_atomic(self.path, msgspec.json.encode(self.launches))
+        except OSError as exc:
+            log.error("last_launch_write_failed", path=str(self.path), error=str(exc))

@@ -29,7 +29,7 @@ import msgspec
 import structlog
 
 from zinfer.services.scheduler import events as ev
-from zinfer.services.scheduler.book import LaunchBook, LaunchRecord, Model, Replica, WorkerState, view
+from zinfer.services.scheduler.book import LastLaunches, LaunchBook, LaunchRecord, Model, Replica, WorkerState, view
 from zinfer.services.scheduler.launches import Launches
 from zinfer.services.scheduler.machine import Event, Phase
 from zinfer.services.scheduler.placement import place, slots_of
@@ -41,6 +41,7 @@ from zinfer.shared.errors import Cancelled, InternalError, RequestTimeout, Unava
 log = structlog.get_logger()
 
 RETRYABLE = (Unavailable, RequestTimeout, Cancelled)  # a worker that could not load it now: again later
+LOADS = (Phase.LAUNCHING, Phase.WAKING, Phase.RESTORING)  # a LoadInstance is on its way
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Core:
         self.settings = settings
         self.effects = effects  # set before start() when the bus is known
         self.book = book or LaunchBook(settings.home_path)
+        self.last_launch = LastLaunches(settings.home_path)  # each name's last launch: what loads it by name
         self.workers: dict[str, WorkerState] = {}
         self.models: dict[str, Model] = {}
         self.terminated: dict[str, float] = {}  # uid -> when: a report sent before its unload must not adopt it
@@ -167,7 +169,10 @@ class Core:
                 continue
             for r in model.replicas:
                 key = (model.uid, r.index)
-                if (r.worker_id == wid and key not in held and r.phase in (Phase.READY, Phase.RECORDED)
+                if restarted and r.worker_id == wid and key not in held and r.phase in LOADS:
+                    state.reserved.pop(key, None)  # its load died with the worker's old process
+                    r.restart(f"worker {wid} restarted while loading it", Event.LOAD_LOST)
+                elif (r.worker_id == wid and key not in held and r.phase in (Phase.READY, Phase.RECORDED)
                         and key not in state.reserved):
                     why = f"worker {wid} restarted" if restarted or r.state in ("ready", "launching") \
                         else r.status.cause or f"worker {wid} does not hold it"
@@ -198,7 +203,9 @@ class Core:
         if not status.cause:
             status.cause = replica.status.cause
         replica.status, replica.lost_since = status, None
-        if status.state != "failed":
+        if status.state == "ready" and replica.phase in (Phase.LAUNCHING, Phase.WAKING, Phase.RESTORING):
+            self.launches.outcome(model, replica, None)  # loaded, whether or not its load's reply ever comes
+        elif status.state != "failed":
             replica.move(Event.HELD)
         elif replica.phase in (Phase.READY, Phase.RECORDED, Phase.LOST, Phase.MOVING):
             replica.move(Event.FAILED)  # its worker gave up on it
@@ -221,8 +228,8 @@ class Core:
                 why = f"worker {wid} stopped reporting (nothing for {self.settings.liveness_s:g}s)"
                 for model in self.models.values():
                     for r in model.replicas:
-                        if r.worker_id == wid and r.phase in (Phase.READY, Phase.LOST):
-                            r.restart(why, Event.WORKER_LOST)
+                        if r.worker_id == wid and r.phase in (Phase.READY, Phase.LOST, *LOADS):
+                            r.restart(why, Event.LOAD_LOST if r.phase in LOADS else Event.WORKER_LOST)
                             r.lost_since = now
                 log.warning("worker_lost", worker=wid)
         if now - self.started > self.settings.liveness_s:  # launches remembered from before a restart
@@ -264,16 +271,14 @@ class Core:
         self.effects.ask_all(list(self.workers), probe, 10.0, lambda found: ev.Probed(uid, incarnation, index, found))
 
     def send_restore(self, model: Model, r: Replica) -> None:
-        load = msgspec.structs.replace(r.load, restore_cause=r.status.cause or "restored")
         r.restores += 1
-        log.info("restoring_instance", model_uid=model.uid, replica=r.index, worker=r.worker_id,
-                 cause=load.restore_cause)
-        uid, incarnation, index = model.uid, model.incarnation, r.index
-        self.effects.call(r.worker_id, load, self.settings.launch_timeout,
-                          lambda error: ev.Loaded(uid, incarnation, index, error))
+        cause = r.status.cause or "restored"
+        log.info("restoring_instance", model_uid=model.uid, replica=r.index, worker=r.worker_id, cause=cause)
+        self.launches.send_load(model, r, cause)
 
     def restored(self, model: Model, r: Replica, error: ZinferError | None) -> None:
         """A restore's outcome: ready, again later (the worker could not now), or failed for good."""
+        r.attempt += 1  # answered: a later reply to the same load is stale
         if error is None:
             r.move(Event.LOADED)
             if r.state in ("restarting", "launching"):

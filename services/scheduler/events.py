@@ -51,12 +51,13 @@ class Place(Ev):
 
 @dataclass
 class Loaded(Ev):
-    """A LoadInstance's outcome (error None: loaded)."""
+    """A LoadInstance's outcome (error None: loaded); `attempt` says which load it answers."""
 
     uid: str
     incarnation: int
     index: int
     error: ZinferError | None = None
+    attempt: int = 0
 
 
 @dataclass
@@ -95,6 +96,13 @@ class Terminated(Ev):
     uid: str
     incarnation: int
     error: ZinferError | None = None
+
+
+@dataclass
+class LastLaunch(Ev):
+    """The options a model name was last launched with (None: never), for a load on request by its name."""
+
+    model_name: str
 
 
 @dataclass

@@ -26,7 +26,8 @@ class Launches:
 
     def dispatch(self) -> dict:
         return {ev.Place: self.place, ev.Wake: self.wake, ev.SetKeepAlive: self.set_keep_alive,
-                ev.Terminate: self.terminate, ev.Terminated: self.terminated}
+                ev.Terminate: self.terminate, ev.Terminated: self.terminated,
+                ev.LastLaunch: lambda e: self.core.last_launch.get(e.model_name)}
 
     def replica(self, uid: str, incarnation: int, index: int) -> tuple[Model | None, Replica | None]:
         """The replica an outcome is about, if its launch is still the current one."""
@@ -70,6 +71,7 @@ class Launches:
             del core.models[uid]
             release(core.workers, chosen, uid)
             raise
+        core.last_launch.put(msg)
         for victim, _why in victims:
             self.send_unloads(victim)
         log.info("launching", model_uid=uid, workers=chosen, need=need)
@@ -88,30 +90,36 @@ class Launches:
                                         "recently used)"))
         return victims
 
-    def send_load(self, model: Model, r: Replica) -> None:
-        uid, incarnation, index = model.uid, model.incarnation, r.index
+    def send_load(self, model: Model, r: Replica, restore_cause: str = "") -> None:
+        """Send the replica's LoadInstance to its worker; its outcome comes back as a Loaded of this attempt."""
+        r.attempt += 1
+        uid, incarnation, index, attempt = model.uid, model.incarnation, r.index, r.attempt
         if r.worker_id not in self.core.workers:
             self.core.post(ev.Loaded(uid, incarnation, index,
-                                     Unavailable(f"worker {r.worker_id}, which held it, is not running")))
+                                     Unavailable(f"worker {r.worker_id}, which held it, is not running"), attempt))
             return
-        self.core.effects.call(r.worker_id, msgspec.structs.replace(r.load, restore_cause=""),
-                               self.core.settings.launch_timeout, lambda error: ev.Loaded(uid, incarnation, index,
-                                                                                          error))
+        self.core.effects.call(r.worker_id, msgspec.structs.replace(r.load, restore_cause=restore_cause),
+                               self.core.settings.launch_timeout,
+                               lambda error: ev.Loaded(uid, incarnation, index, error, attempt))
 
     def on_loaded(self, e: ev.Loaded) -> None:
         model, r = self.replica(e.uid, e.incarnation, e.index)
-        if r is None:
-            return
+        if r is not None and e.attempt == r.attempt:  # else: the answer to a load given up on
+            self.outcome(model, r, e.error)
+
+    def outcome(self, model: Model, r: Replica, error: ZinferError | None) -> None:
+        """A load's outcome (its reply, or its worker's report that it is ready)."""
         if r.phase is Phase.RESTORING:
-            self.core.restored(model, r, e.error)
+            self.core.restored(model, r, error)
             return
         if r.phase not in (Phase.LAUNCHING, Phase.WAKING):
             return  # terminated meanwhile
         waking = r.phase is Phase.WAKING
+        r.attempt += 1  # answered: a later reply to the same load is stale
         if r.worker_id in self.core.workers:
             self.core.workers[r.worker_id].reserved.pop((model.uid, r.index), None)
-        if e.error is not None:
-            r.fail(e.error.message, e.error.code, e.error.field)
+        if error is not None:
+            r.fail(error.message, error.code, error.field)
         else:
             r.move(Event.LOADED)
             if r.state == "launching":

@@ -38,6 +38,7 @@ class Event(enum.Enum):
     MISSING = "missing"  # its worker reports without it
     WORKER_LOST = "worker_lost"  # its worker stopped reporting
     NOT_RESTORED = "not_restored"  # from the launch book, not to be loaded again (restore is off)
+    LOAD_LOST = "load_lost"  # its worker restarted or stopped reporting while a load was on its way: no answer comes
     RESTORE = "restore"  # the reconciler loads it on its worker
     RETRY_LATER = "retry_later"  # a restore the worker could not do now
     MOVE = "move"  # the reconciler looks for another worker
@@ -64,7 +65,8 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (P.RECORDED, E.FAILED): P.FAILED,
     (P.LOST, E.FAILED): P.FAILED,
     (P.MOVING, E.FAILED): P.FAILED,
-    # A report that holds it: the worker's word. While a load is on its way, the load's reply decides.
+    # A report that holds it: the worker's word. While a load is on its way, the load's reply decides (a report
+    # that says it is ready counts as that reply: `loaded`).
     (P.RECORDED, E.HELD): P.READY,
     (P.READY, E.HELD): P.READY,
     (P.LOST, E.HELD): P.READY,
@@ -80,6 +82,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (P.RECORDED, E.NOT_RESTORED): P.UNLOADED,
     (P.LOST, E.NOT_RESTORED): P.UNLOADED,
     (P.READY, E.NOT_RESTORED): P.UNLOADED,
+    **{(phase, E.LOAD_LOST): P.LOST for phase in _LOADING},
     (P.LOST, E.RESTORE): P.RESTORING,
     (P.RESTORING, E.RETRY_LATER): P.LOST,
     (P.LOST, E.MOVE): P.MOVING,

@@ -12,7 +12,6 @@ import msgspec
 import structlog
 
 from zinfer.services.scheduler import events as ev
-from zinfer.services.scheduler.book import LastLaunches
 from zinfer.services.scheduler.core import Core
 from zinfer.services.scheduler.lifecycle import resolve_keep_alive
 from zinfer.services.scheduler.placement import choose_embedding, launch_options, match_spec, with_path
@@ -45,7 +44,6 @@ class Scheduler:
         self.settings = settings
         self.core = Core(settings)
         self.bus: ServiceRuntime | None = None  # set by run_scheduler: calls go out as the scheduler
-        self.last_launch = LastLaunches(settings.home_path)
 
     def handlers(self) -> dict:
         return handlers_of(self, (p.WorkerReport, p.LaunchModel, p.WakeModel, p.KeepAlive, p.ListModels,
@@ -114,9 +112,7 @@ class Scheduler:
             if not reply.ok and (reply.field or "").endswith("model_uri"):
                 reply.field, reply.problem = "model_path", reply.problem.replace("model_uri", "model_path")
                 reply.code = "invalid"  # the caller's path is the request's fault: a 400, not a missing model
-        launched = self.core.ask(ev.Place(launch=msg, base=base, found=found, keep_alive=keep_alive))
-        self.last_launch.put(msg)
-        return launched
+        return self.core.ask(ev.Place(launch=msg, base=base, found=found, keep_alive=keep_alive))
 
     def _load_of(self, msg: p.LaunchModel, uid: str) -> tuple[p.ProbeFiles, p.LoadInstance]:
         """What to ask the workers about the files, and what to load: the registration with the launch's choices."""
@@ -181,7 +177,7 @@ class Scheduler:
             return self.core.ask(ev.Wake(found.model_uid))
         # The options it was last launched with (its format, engine, devices, keep_alive...), under its name. A
         # name that is no registration is a 404 for everyone, before the role decides about loading one.
-        launch = self.last_launch.get(msg.model_name) or p.LaunchModel(model_name=msg.model_name,
+        launch = self.core.ask(ev.LastLaunch(msg.model_name)) or p.LaunchModel(model_name=msg.model_name,
                                                                         model_type=self._type_of(msg.model_name))
         if ctx.caller.role not in self.settings.load_on_request_roles:
             raise Forbidden(f"model {msg.model_name!r} is not running, and loading a registered model by its name "
