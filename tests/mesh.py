@@ -50,8 +50,9 @@ class Mesh:
         self.user_key = keys.client_key_path(home, "user")
         self.client = self.new_client()
 
-    def new_client(self, timeout: float = 20.0, key=None) -> Client:
-        """A client of this mesh, with its admin key unless `key` (a key file) says otherwise."""
+    def new_client(self, timeout: float = 60.0, key=None) -> Client:
+        """A client of this mesh, with its admin key unless `key` (a key file) says otherwise. Its timeout is
+        generous: a busy machine (the suite beside CPU burners) must slow a test down, never fail it."""
         return Client(self.endpoint, timeout=timeout, key=key or self.admin_key)
 
     @property
