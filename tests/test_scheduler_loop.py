@@ -126,11 +126,15 @@ class Script:
         self.now += seconds
         self.core.ask(ev.Tick())
 
-    def launch(self, uid: str, keep_alive: float | None = None) -> None:
+    def place(self, uid: str, keep_alive: float | None = None) -> None:
+        """A launch placed on `cpu`; its load stays pending until deliver()."""
         base = p.LoadInstance(model_uid=uid, model_type="embedding", embedding=FAMILY, incarnation=int(self.now * 1e6))
+        self.core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid=uid),
+                               base=base, found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=keep_alive))
+
+    def launch(self, uid: str, keep_alive: float | None = None) -> None:
         try:
-            self.core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid=uid),
-                                   base=base, found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=keep_alive))
+            self.place(uid, keep_alive)
         except ZinferError:
             pass  # in use, or no worker: typed, and nothing changed
         self.deliver()
@@ -278,9 +282,7 @@ def test_a_launch_whose_worker_restarts_while_loading_is_loaded_again_and_the_lo
     core = script.core
     core.start()
     script.report()
-    core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid="m"),
-                      base=p.LoadInstance(model_uid="m", model_type="embedding", embedding=FAMILY, incarnation=7),
-                      found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=None))
+    script.place("m")
     (lost,) = script.pending  # the launch's load, never answered by the old process
     script.pending.clear()
     script.pid += 1  # the worker restarted: it holds nothing
@@ -301,9 +303,7 @@ def test_a_worker_that_says_ready_settles_a_launch_whose_answer_was_lost(tmp_pat
     core = script.core
     core.start()
     script.report()
-    core.ask(ev.Place(launch=p.LaunchModel(model_name="emb", model_type="embedding", model_uid="m"),
-                      base=p.LoadInstance(model_uid="m", model_type="embedding", embedding=FAMILY, incarnation=7),
-                      found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=None))
+    script.place("m")
     (_worker, load, then) = script.pending.pop()
     script.held[("m", 0)] = load  # the worker loaded it; its reply went to a broker that is gone
     script.report()

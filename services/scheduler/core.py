@@ -278,7 +278,6 @@ class Core:
 
     def restored(self, model: Model, r: Replica, error: ZinferError | None) -> None:
         """A restore's outcome: ready, again later (the worker could not now), or failed for good."""
-        r.attempt += 1  # answered: a later reply to the same load is stale
         if error is None:
             r.move(Event.LOADED)
             if r.state in ("restarting", "launching"):

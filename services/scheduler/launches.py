@@ -109,13 +109,13 @@ class Launches:
 
     def outcome(self, model: Model, r: Replica, error: ZinferError | None) -> None:
         """A load's outcome (its reply, or its worker's report that it is ready)."""
+        if r.phase not in (Phase.LAUNCHING, Phase.WAKING, Phase.RESTORING):
+            return  # terminated meanwhile
+        r.attempt += 1  # answered: a later reply to the same load is stale
         if r.phase is Phase.RESTORING:
             self.core.restored(model, r, error)
             return
-        if r.phase not in (Phase.LAUNCHING, Phase.WAKING):
-            return  # terminated meanwhile
         waking = r.phase is Phase.WAKING
-        r.attempt += 1  # answered: a later reply to the same load is stale
         if r.worker_id in self.core.workers:
             self.core.workers[r.worker_id].reserved.pop((model.uid, r.index), None)
         if error is not None:
