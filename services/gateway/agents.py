@@ -69,6 +69,27 @@ async def _deltas(first, chunks):
         await chunks.aclose()
 
 
+class _Parts:
+    """What the two streamed replies share: each chunk's pieces fed to the open part (`feed`), the last part
+    closed at the end (`close`); the reply's usage and finish reason kept for the closing events."""
+
+    usage = finish = None
+
+    def feed(self, reasoning: str, content: str, call) -> list[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> list[bytes]:
+        raise NotImplementedError
+
+    async def events(self, first, chunks):
+        async for reasoning, content, call, why, used in _deltas(first, chunks):
+            self.usage, self.finish = used or self.usage, why or self.finish
+            for e in self.feed(reasoning, content, call):
+                yield e
+        for e in self.close():
+            yield e
+
+
 # ---------------------------------------------------------------------------------------------- Responses API
 
 _RESPONSES_TAKEN = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "stream",
@@ -222,7 +243,7 @@ async def responses(gw, request: Request) -> Response:
     return EventStream(_response_events(rid, body, uid, msg, *answer))
 
 
-class _Items:
+class _Items(_Parts):
     """The output items of a streamed Responses reply (reasoning, message, function call), one open at a time,
     each added, filled by deltas and done as OpenAI's stream does."""
 
@@ -288,18 +309,15 @@ async def _response_events(rid, body, uid, msg, first, chunks):
         return b"event: " + kind.encode() + b"\ndata: " + _json.encode({"type": kind, "sequence_number": seq - 1,
                                                                          **fields}) + b"\n\n"
 
-    items, usage, finish = _Items(event), None, None
+    items = _Items(event)
     yield event("response.created", response=_response_obj(rid, body, uid, msg, [], "in_progress", None))
     yield event("response.in_progress", response=_response_obj(rid, body, uid, msg, [], "in_progress", None))
     try:
-        async for reasoning, content, call, why, used in _deltas(first, chunks):
-            usage, finish = used or usage, why or finish
-            for e in items.feed(reasoning, content, call):
-                yield e
-        for e in items.close():
+        async for e in items.events(first, chunks):
             yield e
-        status = "incomplete" if finish == "length" else "completed"
-        yield event(f"response.{status}", response=_response_obj(rid, body, uid, msg, items.output, status, usage))
+        status = "incomplete" if items.finish == "length" else "completed"
+        yield event(f"response.{status}",
+                    response=_response_obj(rid, body, uid, msg, items.output, status, items.usage))
     except ZinferError as exc:
         yield event("error", code=exc.code, message=str(exc), param=exc.field)
 
@@ -410,7 +428,7 @@ async def messages(gw, request: Request) -> Response:
     return EventStream(_message_events(mid, uid, *answer))
 
 
-class _Blocks:
+class _Blocks(_Parts):
     """The content blocks of a streamed Messages reply, one open at a time, started and stopped as Anthropic's
     stream does."""
 
@@ -421,14 +439,14 @@ class _Blocks:
         """Open a block of this kind unless one is open already (`new`: always, as for each tool call)."""
         if self.kind == kind and not new:
             return []
-        out = self.stop()
+        out = self.close()
         self.index, self.kind = self.index + 1, kind
         return out + [self.event("content_block_start", index=self.index, content_block=block)]
 
     def delta(self, delta: dict) -> bytes:
         return self.event("content_block_delta", index=self.index, delta=delta)
 
-    def stop(self) -> list[bytes]:
+    def close(self) -> list[bytes]:
         return [self.event("content_block_stop", index=self.index)] if self.kind is not None else []
 
     def feed(self, reasoning: str, content: str, call) -> list[bytes]:
@@ -455,15 +473,12 @@ async def _message_events(mid, uid, first, chunks):
     yield event("message_start", message={"id": mid, "type": "message", "role": "assistant", "model": uid,
                                           "content": [], "stop_reason": None, "stop_sequence": None,
                                           "usage": {"input_tokens": 0, "output_tokens": 0}})
-    blocks, usage, finish = _Blocks(event), None, None
+    blocks = _Blocks(event)
     try:
-        async for reasoning, content, call, why, used in _deltas(first, chunks):
-            usage, finish = used or usage, why or finish
-            for e in blocks.feed(reasoning, content, call):
-                yield e
-        for e in blocks.stop():
+        async for e in blocks.events(first, chunks):
             yield e
-        yield event("message_delta", delta={"stop_reason": _STOP_REASON.get(finish or "stop", "end_turn"),
+        usage = blocks.usage
+        yield event("message_delta", delta={"stop_reason": _STOP_REASON.get(blocks.finish or "stop", "end_turn"),
                                             "stop_sequence": None},
                     usage={"input_tokens": usage.prompt_tokens if usage else 0,
                            "output_tokens": usage.completion_tokens if usage else 0})
