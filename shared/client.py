@@ -325,6 +325,23 @@ class Client:
     def terminate_model(self, model_uid: str, timeout: float | None = None) -> None:
         self.call(p.SCHEDULER, p.TerminateModel(model_uid=model_uid), timeout)
 
+    # ------------------------------------------------------------------ LoRA adapters (vLLM's load_lora_adapter)
+
+    def load_lora(self, model_uid: str, lora_name: str, lora_path: str, lora_scale: float = 1.0,
+                  timeout: float | None = None) -> None:
+        """Load a LoRA adapter (a PEFT folder for transformers, a GGUF LoRA file for llama.cpp, on the worker's
+        host, or a Hub id) into a running LLM; requests name it with generate_config lora_name (admin keys)."""
+        lora = compat.lora_adapter({"lora_name": lora_name, "local_path": lora_path, "lora_scale": lora_scale})
+        self.call(p.SCHEDULER, p.LoadLora(model_uid=model_uid, lora=lora),
+                  timeout if timeout is not None else self.settings.launch_timeout)
+
+    def unload_lora(self, model_uid: str, lora_name: str, timeout: float | None = None) -> None:
+        self.call(p.SCHEDULER, p.UnloadLora(model_uid=model_uid, lora_name=lora_name), timeout)
+
+    def list_loras(self, model_uid: str, timeout: float | None = None) -> list[dict]:
+        """The model's adapters: lora_name, local_path, lora_scale."""
+        return self.describe_model(model_uid, timeout).get("loras", [])
+
     def get_model(self, model_uid: str) -> ModelHandle:
         """A handle for inference: LLMHandle (generate, chat, create_embedding), EmbeddingHandle or RerankHandle."""
         view = self.describe_model(model_uid)

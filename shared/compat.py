@@ -19,16 +19,15 @@ from zinfer.shared import durations
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.models import closest_name, problem_from_validation
-from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, Tool, ToolCall
+from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, LoraAdapter, Tool, ToolCall
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
-_IGNORED_AT = {"n_worker": (1, None), "peft_model_config": (None,),
-               "replica_config": (None,), "enable_thinking": (None,),
+_IGNORED_AT = {"n_worker": (1, None), "replica_config": (None,), "enable_thinking": (None,),
                "enable_virtual_env": (None, False), "virtual_env_packages": (None, []),
                "virtual_env_find_links": (None, []), "envs": (None, {}), "wait_ready": (True, False)}
 _LAUNCH_FIELDS = ("model_name", "model_type", "model_format", "model_size_in_billions", "quantization", "model_uid",
                   "replica", "n_gpu", "gpu_idx", "devices", "model_engine", "worker_ip", "keep_alive", "restore",
-                  "model_path")
+                  "model_path", "peft_model_config")
 _ENGINE_OPTIONS = p.EngineOptions.__struct_fields__
 
 
@@ -119,6 +118,15 @@ def launch_request(model_name: str, **kwargs: Any) -> p.LaunchModel:
     except msgspec.ValidationError as exc:
         problem = problem_from_validation(exc, p.LaunchModel)
         raise InvalidRequest(str(problem), field=problem.field or None) from None
+
+
+def lora_adapter(values: dict) -> LoraAdapter:
+    """One LoRA adapter (lora_name, local_path, lora_scale), checked; raises InvalidRequest naming the field."""
+    try:
+        return msgspec.convert(values, LoraAdapter)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, LoraAdapter)
+        raise InvalidRequest(str(problem), field=problem.field or "lora_name") from None
 
 
 def engine_options(kwargs: dict) -> p.EngineOptions:

@@ -11,6 +11,7 @@ from msgspec import Struct
 
 from zinfer.shared.message import Error
 from zinfer.shared.models import ModelType
+from zinfer.shared.payloads import LoraAdapter
 
 
 class DeviceInfo(Struct, kw_only=True, omit_defaults=True):
@@ -56,6 +57,7 @@ class InstanceInfo(Struct, kw_only=True, omit_defaults=True):
     model_ability: list[str] = []
     context_length: int = 0
     model_path: str = ""  # launched from a folder or file without a registration of its own (model_path)
+    loras: list[LoraAdapter] = []  # its LoRA adapters (at launch and loaded since), each request may name one
 
 
 class ReplicaStatus(Struct, kw_only=True, omit_defaults=True):
@@ -134,4 +136,4 @@ def info_of(load) -> InstanceInfo:
     return InstanceInfo(model_name=llm.model_name, model_type=load.model_type, model_format=spec.model_format,
                         model_size_in_billions=spec.model_size_in_billions, quantization=load.quantization or "",
                         model_ability=list(llm.model_ability), context_length=load.options.n_ctx or llm.context_length,
-                        model_path=load.model_path)
+                        model_path=load.model_path, loras=list(load.loras))

@@ -21,6 +21,10 @@ class StreamOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     include_usage: bool = False
 
 
+LORA_SCALE_MAX = 4.0  # an adapter's strength: 0 (off) to 4x what it was trained with
+LORA_NAME = r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z"  # no ':' (the OpenAI model field reads UID:ADAPTER)
+
+
 class GenerateConfig(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0)] | None = None
@@ -51,6 +55,10 @@ class GenerateConfig(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     guided_regex: str | None = None
     guided_choice: Annotated[list[str], Meta(min_length=1)] | None = None
     guided_grammar: str | None = None
+    # LoRA: the adapter of the model's that answers (Xinference's generate_config.lora_name; None: the base model),
+    # and its strength where the engine takes one per request (llama.cpp; default: the adapter's launch scale)
+    lora_name: str | None = None
+    lora_scale: Annotated[float, Meta(ge=0, le=LORA_SCALE_MAX)] | None = None
 
 
 class FunctionDef(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -227,3 +235,21 @@ class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] | None = None
     max_batch_size: Annotated[int, Meta(ge=1, le=65536)] | None = None
     max_batch_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
+class LoraAdapter(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One LoRA adapter of a launch (Xinference's lora_list entry): a PEFT folder (transformers) or a GGUF LoRA
+    file (llama.cpp) on the worker's host, or a Hub repository id, downloaded like a model."""
+
+    lora_name: Annotated[str, Meta(pattern=LORA_NAME)]
+    local_path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    # its strength (llama.cpp's --lora-scaled; Xinference's LoRA.lora_scale): requests may ask for another
+    lora_scale: Annotated[float, Meta(ge=0, le=LORA_SCALE_MAX)] = 1.0
+
+
+class PeftModelConfig(Struct, kw_only=True, omit_defaults=True):
+    """Xinference's peft_model_config: the adapters a launch loads (its image_lora_* keys are for image models)."""
+
+    lora_list: list[LoraAdapter] | None = None
+    image_lora_load_kwargs: dict[str, Any] | None = None
+    image_lora_fuse_kwargs: dict[str, Any] | None = None

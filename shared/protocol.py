@@ -29,6 +29,8 @@ from zinfer.shared.payloads import (
     EngineOptions,  # noqa: F401 - part of this module's vocabulary (p.EngineOptions)
     EngineValue,
     GenerateConfig,
+    LoraAdapter,
+    PeftModelConfig,
     Usage,
 )
 
@@ -90,7 +92,6 @@ def model_target(model_uid: str) -> str:
 
 class Ping(Msg, kw_only=True):
     """A no-op round trip (liveness checks, bus benchmark)."""
-
     payload: bytes = b""
 
 
@@ -143,6 +144,7 @@ class LaunchModel(Msg, kw_only=True):
     # Xinference's launch by path: the named model's template, stops and abilities, its weights from this folder
     # or .gguf file on the worker's host (no registration of its own)
     model_path: str | None = None
+    peft_model_config: PeftModelConfig | None = None  # LoRA adapters to load with it (CLI: --lora-modules)
 
 
 class WakeModel(Msg, kw_only=True):
@@ -193,7 +195,6 @@ class WorkerReport(Msg, kw_only=True):
 
 class LoadInstance(Msg, kw_only=True):
     """Scheduler -> worker: load one replica of a model. The reply comes when it is ready (or failed)."""
-
     model_uid: str
     replica: int = 0
     # Each launch of a uid has its own number: messages about an older launch never touch a newer one.
@@ -210,7 +211,20 @@ class LoadInstance(Msg, kw_only=True):
     memory_estimate: int = 0
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
     model_path: str = ""  # launched by path (LaunchModel.model_path): shown in the instance's view
+    loras: list[LoraAdapter] = []  # its LoRA adapters: at launch, and those loaded since (a restart keeps them)
 
+
+class LoadLora(Msg, kw_only=True):
+    """Admin -> scheduler -> each replica's instance: load a LoRA adapter into a running LLM (no relaunch); its
+    launch remembers it, so a restarted or restored instance comes back with it."""
+    model_uid: str
+    lora: LoraAdapter
+
+
+class UnloadLora(Msg, kw_only=True):
+    """Admin -> scheduler -> each replica: drop an adapter (requests naming it are refused from then on)."""
+    model_uid: str
+    lora_name: str
 
 
 class UnloadInstance(Msg, kw_only=True):
@@ -228,6 +242,7 @@ class ProbeFiles(Msg, kw_only=True):
     embedding: EmbeddingFamily | None = None
     rerank: RerankFamily | None = None
     read_context: bool = False  # a launch by model_path: say the files' context length (FileProbe.context_length)
+    loras: list[LoraAdapter] = []  # the launch's adapters: here, and fitting the model? (their size counts)
 
 
 class FindPaths(Msg, kw_only=True):
@@ -270,7 +285,6 @@ class Embed(Msg, kw_only=True):
 
 class Rerank(Msg, kw_only=True):
     """Score each document's relevance to the query; the reply lists them best first, cut to top_n."""
-
     model_uid: str
     query: str
     documents: list[str]
@@ -282,6 +296,7 @@ Request = (
     | LaunchModel | WakeModel | KeepAlive | ListModels | DescribeModel | TerminateModel | InstancesOf
     | SchedulerStatus | WorkerReport
     | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank | RenderChat
+    | LoadLora | UnloadLora
 )
 
 # ---------------------------------------------------------------- replies
@@ -477,6 +492,8 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Embed: (Embedding,),
     Rerank: (RerankResult,),
     RenderChat: (RenderedChat,),
+    LoadLora: (Ok,),
+    UnloadLora: (Ok,),
 }
 
 # Which roles may send each request; services check it (with the broker's caller stamp) before any handler
@@ -487,6 +504,7 @@ ADMINS = frozenset({ADMIN})
 SERVICES = frozenset({SERVICE})
 ALLOWED_ROLES: dict[type, frozenset[str]] = {
     **dict.fromkeys((RegisterModel, UnregisterModel, LaunchModel, TerminateModel), ADMINS),
+    **dict.fromkeys((LoadLora, UnloadLora), ADMINS | SERVICES),  # admin -> scheduler -> instances (from it only)
     **dict.fromkeys((WorkerReport, LoadInstance, UnloadInstance, ProbeFiles, FindPaths), SERVICES),
     # WakeModel: the scheduler also checks load_on_request_roles; KeepAlive: keep_alive_roles
     **dict.fromkeys((Ping, ListRegistrations, GetRegistration, RegistryStatus, WakeModel, KeepAlive, ListModels,

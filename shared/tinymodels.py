@@ -332,11 +332,76 @@ def make_tool_llama(root: Path, force: bool = False) -> dict[str, Path]:
     return {"tools_pytorch": hf_dir, "tools_gguf": _gguf_of(hf_dir, gguf_dir / "tool-llama.F32.gguf", force)}
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_LORA_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def build_lora_adapter(hf_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
+    """A PEFT LoRA adapter of the model in hf_dir with random weights (init_lora_weights=False, seeded), saved
+    with save_pretrained: an adapter that changes what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS,
+                                      init_lora_weights=False))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def convert_lora_to_gguf(adapter_dir: Path, hf_dir: Path, out_file: Path) -> Path:
+    """A PEFT LoRA adapter of the tiny Llama as a GGUF LoRA file that llama.cpp loads (general.type adapter),
+    laid out as llama.cpp's convert_lora_to_gguf.py lays it: each module's lora_a and lora_b beside its tensor's
+    GGUF name, lora_b rows of q and k in llama.cpp's rotary order (as the model's own q/k rows are)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    alpha = json.loads((adapter_dir / "adapter_config.json").read_text())["lora_alpha"]
+    w = gguf.GGUFWriter(str(out_file), "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for key, data in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
+        # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+        layer, _, rest = key.removeprefix("base_model.model.model.layers.").partition(".")
+        module, _, part = rest.rpartition(".lora_")
+        part = part.split(".")[0].lower()
+        data = data.astype(np.float32)
+        if part == "b" and module.endswith(("q_proj", "k_proj")):
+            data = _permute(data, cfg["num_attention_heads" if module.endswith("q_proj") else "num_key_value_heads"])
+        w.add_tensor(f"blk.{layer}.{_LORA_GGUF_NAMES[module]}.weight.lora_{part}", np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_file
+
+
+def make_lora_adapters(root: Path, hf_dir: Path, force: bool = False) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny Llama (seeds 1 and 2): root/lora/{a,b} (PEFT) and root/lora/{a,b}.gguf."""
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        folder, gguf_file = root / "lora" / name, root / "lora" / f"{name}.gguf"
+        if force or not (folder / "adapter_model.safetensors").exists():
+            build_lora_adapter(hf_dir, folder, seed)
+        if force or not gguf_file.exists():
+            convert_lora_to_gguf(folder, hf_dir, gguf_file.with_suffix(".tmp")).rename(gguf_file)
+        out[f"lora_{name}"], out[f"lora_{name}_gguf"] = folder, gguf_file
+    return out
+
+
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, root/tiny-reranker
     (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
     in root/gguf-spm; the F32 GGUF split in three parts (root/gguf-split); a tiny sentence-transformers BERT
-    (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf)."""
+    (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf); two LoRA adapters of the tiny
+    Llama (root/lora: PEFT folders a and b, and their GGUF LoRA files)."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -361,6 +426,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     if force or not embed_gguf.exists():
         embed_gguf.parent.mkdir(parents=True, exist_ok=True)
         convert_bert_to_gguf(embedder, embed_gguf.with_suffix(".tmp")).rename(embed_gguf)
-    return {"rerank": reranker, **tools, "gguf_split_dir": split, "embedder": embedder, "embedding_gguf": embed_gguf,
+    loras = make_lora_adapters(root, hf_dir, force)
+    return {"rerank": reranker, **tools, **loras, "gguf_split_dir": split, "embedder": embedder, "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

@@ -82,6 +82,17 @@ class SetKeepAlive(Ev):
 
 
 @dataclass
+class Adapters(Ev):
+    """A launch's LoRA adapters. With no change, the reply is (the (worker, index) of each replica, its adapters)
+    for a ready LLM (an error otherwise); with `add` or `drop`, that change to the adapters its replicas load
+    (a restart or a restore keeps them), applied to the loop's state and recorded."""
+
+    uid: str
+    add: p.LoraAdapter | None = None
+    drop: str | None = None
+
+
+@dataclass
 class Terminate(Ev):
     """Begin a terminate: its replicas become TERMINATING; the reply is (incarnation, the workers holding it,
     the workers running now)."""

@@ -15,7 +15,7 @@ from zinfer.services.scheduler.machine import Event, Phase
 from zinfer.services.scheduler.placement import place, slots_of
 from zinfer.shared import durations, instances
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Conflict, NotFound, Unavailable, ZinferError
+from zinfer.shared.errors import Conflict, InstanceNotReady, InvalidRequest, NotFound, Unavailable, ZinferError
 
 log = structlog.get_logger()
 
@@ -26,7 +26,7 @@ class Launches:
 
     def dispatch(self) -> dict:
         return {ev.Place: self.place, ev.Wake: self.wake, ev.SetKeepAlive: self.set_keep_alive,
-                ev.Terminate: self.terminate, ev.Terminated: self.terminated,
+                ev.Adapters: self.adapters, ev.Terminate: self.terminate, ev.Terminated: self.terminated,
                 ev.LastLaunch: lambda e: self.core.last_launch.get(e.model_name)}
 
     def replica(self, uid: str, incarnation: int, index: int) -> tuple[Model | None, Replica | None]:
@@ -205,6 +205,28 @@ class Launches:
         model.keep_alive, model.last_active = e.seconds, time.time()
         self.core.record_quietly()
         return model.keep_alive
+
+    def adapters(self, e: ev.Adapters):
+        model = self.core.models.get(e.uid)
+        if model is None:
+            raise NotFound(f"no launched model has uid {e.uid!r}", field="model_uid")
+        loras = list(next((r.load.loras for r in model.replicas if r.load is not None), model.info.loras))
+        if e.add is None and e.drop is None:
+            if model.info.model_type != "LLM":
+                raise InvalidRequest(f"model {e.uid!r} is a {model.info.model_type} model: LoRA adapters are for "
+                                     "LLMs", field="model_uid")
+            if model.state != "ready":
+                raise InstanceNotReady(f"model {e.uid!r} is {model.state}: adapters load into a ready instance",
+                                       field="model_uid")
+            return [(r.worker_id, r.index) for r in model.replicas], loras
+        loras = [x for x in loras if x.lora_name not in (e.drop, e.add and e.add.lora_name)]
+        loras += [e.add] if e.add is not None else []
+        model.info = msgspec.structs.replace(model.info, loras=loras)
+        for r in model.replicas:
+            if r.load is not None:
+                r.load = msgspec.structs.replace(r.load, loras=loras)
+        self.core.record_quietly()
+        return None
 
     # ------------------------------------------------------------------ terminate
 

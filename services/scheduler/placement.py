@@ -48,6 +48,17 @@ def launch_options(msg, trusted: list[str]):
     return options
 
 
+def launch_loras(msg) -> list:
+    """A LaunchModel's LoRA adapters (peft_model_config.lora_list), each name once."""
+    loras = (msg.peft_model_config.lora_list or []) if msg.peft_model_config is not None else []
+    names = [lora.lora_name for lora in loras]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InvalidRequest(f"peft_model_config: LoRA adapter name {twice[0]!r} is given twice",
+                             field="peft_model_config")
+    return list(loras)
+
+
 def _file_quantization(name: str) -> str:
     """A .gguf file named by a launch's model_path, as the quantization of a one-file spec."""
     quant = name[:-len(".gguf")]

@@ -14,7 +14,7 @@ import structlog
 from zinfer.services.scheduler import events as ev
 from zinfer.services.scheduler.core import Core
 from zinfer.services.scheduler.lifecycle import resolve_keep_alive
-from zinfer.services.scheduler.placement import choose_embedding, launch_options, match_spec, with_path
+from zinfer.services.scheduler.placement import choose_embedding, launch_loras, launch_options, match_spec, with_path
 from zinfer.shared import durations, engines
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
@@ -47,7 +47,8 @@ class Scheduler:
 
     def handlers(self) -> dict:
         return handlers_of(self, (p.WorkerReport, p.LaunchModel, p.WakeModel, p.KeepAlive, p.ListModels,
-                                  p.DescribeModel, p.TerminateModel, p.InstancesOf, p.FindPaths, p.SchedulerStatus))
+                                  p.DescribeModel, p.TerminateModel, p.InstancesOf, p.FindPaths, p.SchedulerStatus,
+                                  p.LoadLora, p.UnloadLora))
 
     # Reports are queued for the loop and reads come from its snapshot: neither waits, so they run inline.
     inline = {p.WorkerReport, p.ListModels, p.DescribeModel, p.InstancesOf, p.SchedulerStatus}
@@ -130,10 +131,14 @@ class Scheduler:
             spec, quant = match_spec(family, msg.model_format, msg.model_size_in_billions, msg.quantization,
                                      None if msg.model_type == "embedding" else formats)
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
-            by_path = msg.model_path is not None
-            return (p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant, read_context=by_path),
+            by_path, loras = msg.model_path is not None, launch_loras(msg)
+            return (p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant, read_context=by_path, loras=loras),
                     p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
-                                   options=options, incarnation=incarnation, model_path=msg.model_path or ""))
+                                   options=options, incarnation=incarnation, model_path=msg.model_path or "",
+                                   loras=loras))
+        if launch_loras(msg):
+            raise InvalidRequest(f"peft_model_config: LoRA adapters are for LLMs, not {msg.model_type} models",
+                                 field="peft_model_config")
         if isinstance(family, EmbeddingFamily):
             family = choose_embedding(family, msg.model_format, msg.quantization, formats)
         elif msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
@@ -205,6 +210,48 @@ class Scheduler:
                             f"(keep_alive_roles), not {ctx.caller.role}", field="keep_alive")
         seconds = self.core.ask(ev.SetKeepAlive(msg.model_uid, None if msg.keep_alive < 0 else msg.keep_alive))
         return p.Ok(message=f"{msg.model_uid} stays loaded {durations.show(seconds)} once idle")
+
+    # ------------------------------------------------------------------ LoRA adapters at run time
+
+    def load_lora(self, msg: p.LoadLora, ctx) -> p.Ok:
+        """Load an adapter into every replica (each checks it against its model); all or none: a replica that
+        refuses it has it unloaded from those that took it. Then the launch remembers it."""
+        targets = self._lora_targets(msg.model_uid, ctx, "LoadLora")
+        done = []
+        try:
+            for wid, index in targets:
+                self.bus.call(p.instance_service(wid, msg.model_uid, index), msg, timeout=self.settings.launch_timeout)
+                done.append((wid, index))
+        except ZinferError:
+            undo = p.UnloadLora(model_uid=msg.model_uid, lora_name=msg.lora.lora_name)
+            for wid, index in done:
+                try:
+                    self.bus.call(p.instance_service(wid, msg.model_uid, index), undo, timeout=30)
+                except ZinferError:
+                    pass  # its next restart comes back without it: the launch never recorded it
+            raise
+        self.core.ask(ev.Adapters(msg.model_uid, add=msg.lora))
+        log.info("lora_loaded", model_uid=msg.model_uid, lora_name=msg.lora.lora_name, caller=str(ctx.caller))
+        return p.Ok(message=f"loaded LoRA adapter {msg.lora.lora_name!r} into {msg.model_uid} ({len(done)} "
+                            f"replica{'s' if len(done) != 1 else ''})")
+
+    def unload_lora(self, msg: p.UnloadLora, ctx) -> p.Ok:
+        targets = self._lora_targets(msg.model_uid, ctx, "UnloadLora")
+        self.core.ask(ev.Adapters(msg.model_uid, drop=msg.lora_name))  # first: a restart from now on lacks it
+        for wid, index in targets:
+            try:
+                self.bus.call(p.instance_service(wid, msg.model_uid, index), msg, timeout=60)
+            except NotFound as exc:
+                if exc.field == "lora_name" and len(targets) == 1:
+                    raise
+        log.info("lora_unloaded", model_uid=msg.model_uid, lora_name=msg.lora_name, caller=str(ctx.caller))
+        return p.Ok(message=f"unloaded LoRA adapter {msg.lora_name!r} from {msg.model_uid}")
+
+    def _lora_targets(self, uid: str, ctx, what: str) -> list[tuple[str, int]]:
+        if ctx.caller.role != p.ADMIN:
+            raise Forbidden(f"{what} is for admin keys, not {ctx.caller.role}", field="model_uid")
+        targets, _loras = self.core.ask(ev.Adapters(uid))
+        return targets
 
     # ------------------------------------------------------------------ terminate
 

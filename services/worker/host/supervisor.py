@@ -319,6 +319,8 @@ class Supervisor:
             return
         with self.lock:
             r.report = report
+            if report.info.loras != r.load.loras:  # adapters loaded or unloaded at run time: a restart keeps them
+                r.load = msgspec.structs.replace(r.load, loras=report.info.loras)
             if r.state in ("terminating", "failed"):
                 return
             if report.status.state == "ready" and r.state != "ready":

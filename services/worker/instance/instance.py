@@ -7,7 +7,7 @@ import time
 
 import msgspec
 
-from zinfer.services.worker import checks, files
+from zinfer.services.worker import adapters, checks, files
 from zinfer.services.worker.instance.backends.base import LoadContext
 from zinfer.services.worker.instance.compute import ComputeLoop, Job
 from zinfer.shared import engines, instances
@@ -23,6 +23,7 @@ from zinfer.shared.errors import (
     ZinferError,
     reply_from_exception,
 )
+from zinfer.shared.payloads import LoraAdapter
 
 
 def utf8_over(text: str, limit: int) -> bool:
@@ -63,6 +64,7 @@ class Instance:
         self.last_active = 0.0
         self.backend = None
         self.batcher = None
+        self.files, self.adapter_format = "", ""  # the model's checked files, and the LoRA kind its engine takes
         self.cancelled = threading.Event()  # set by close(): a launch in progress stops at its next step
         self._lock = threading.Lock()
 
@@ -135,11 +137,19 @@ class Instance:
             if load.spec.model_format == "ggmlv3":
                 path = self._convert_ggml(path, load.llm.context_length)
         (checks.check_hf_folder if engine_info.files == "hf_folder" else checks.check_gguf)(path)
+        self.files, self.adapter_format = path, "pytorch" if engine_info.files == "hf_folder" else "ggufv2"
+        loras = [(lora, self._adapter_files(lora, "peft_model_config")) for lora in load.loras]
         self._loading(path)
         backend, batcher = engines.loader(engine_info)(LoadContext(
             launch=load, engine=engine_info, path=path, device=self.device, threads=self.threads,
             trust_remote_code=trust, queue_limit=limit, wake=self.loop.wake,
             template_timeout_s=self.settings.template_timeout_s, llama_cpp_amx=self.settings.llama_cpp_amx))
+        try:
+            for lora, lora_path in loras:
+                batcher.add_adapter(lora, lora_path)
+        except BaseException:
+            backend.close()
+            raise
         with self._lock:  # close() either sees this batcher, or we see its cancel: never neither
             if not self.cancelled.is_set():
                 self.backend, self.batcher = backend, batcher
@@ -149,6 +159,43 @@ class Instance:
                 return
         backend.close()  # terminated while the weights loaded: nobody holds this instance any more
         self._check_cancelled()
+
+    def _adapter_files(self, lora: LoraAdapter, field: str) -> str:
+        """A LoRA adapter's files on this host (downloaded if it names a Hub repository), checked to fit the
+        model's files."""
+        path = adapters.resolve(lora, field, self._fetch(lora.local_path))
+        adapters.check(lora, path, self.files, self.adapter_format, field)
+        return path
+
+    # ------------------------------------------------------------------ LoRA at run time (from the scheduler)
+
+    def load_lora(self, msg: p.LoadLora, ctx) -> p.Ok:
+        """Check the adapter here (off the compute loop), then load it between two steps; the next report
+        carries it, so the supervisor restarts this process with it."""
+        ctx.require_service(p.SCHEDULER, "LoadLora")
+        batcher = self._serving()
+        path = self._adapter_files(msg.lora, "lora_path")
+        self.loop.call(batcher.add_adapter, msg.lora, path)
+        self.launch = msgspec.structs.replace(self.launch, loras=[*self.launch.loras, msg.lora])
+        self.on_change()
+        return p.Ok(message=f"loaded LoRA adapter {msg.lora.lora_name} into {self.uid}")
+
+    def unload_lora(self, msg: p.UnloadLora, ctx) -> p.Ok:
+        ctx.require_service(p.SCHEDULER, "UnloadLora")
+        self.loop.call(self._serving().drop_adapter, msg.lora_name)
+        self.launch = msgspec.structs.replace(self.launch, loras=[x for x in self.launch.loras
+                                                                   if x.lora_name != msg.lora_name])
+        self.on_change()
+        return p.Ok(message=f"unloaded LoRA adapter {msg.lora_name} from {self.uid}")
+
+    def _serving(self):
+        batcher = self.batcher
+        if self.state != "ready" or batcher is None:
+            raise InstanceNotReady(f"model {self.uid!r} is {self.state}", field="model_uid")
+        if not hasattr(batcher, "add_adapter"):
+            raise InvalidRequest(f"model {self.uid!r} is {'an' if self.launch.model_type[0] in 'AEL' else 'a'} "
+                                 f"{self.launch.model_type} model: LoRA adapters are for LLMs", field="model_uid")
+        return batcher
 
     def fail(self, exc: BaseException) -> None:
         self.state = "failed"

@@ -24,9 +24,9 @@ from zinfer.services.worker.instance.grammar import Constraint, constraint_of, t
 from zinfer.services.worker.instance.output import Generation, merge_stops
 from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, QueueFull, TooLarge
 from zinfer.shared.models import LLMFamily
-from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig
+from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, LoraAdapter
 from zinfer.shared.toolcalls import ToolParser
 
 DEFAULT_MAX_TOKENS = 1024
@@ -225,6 +225,12 @@ class LLMBatcher(Batcher):
             raise TooLarge(f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
                            f"{prompt_tokens + max_tokens} > context_length {ctx_len}", field="max_tokens")
         temperature = 1.0 if cfg.temperature is None else cfg.temperature
+        if cfg.lora_name is not None and cfg.lora_name not in self.backend.adapters:
+            raise InvalidRequest(f"lora_name {cfg.lora_name!r}: model {self.uid!r} has no such LoRA adapter (loaded: "
+                                 f"{', '.join(sorted(self.backend.adapters)) or 'none'})", field="lora_name")
+        if cfg.lora_scale is not None and cfg.lora_name is None:
+            raise InvalidRequest("lora_scale is the strength of an adapter: name one with lora_name",
+                                 field="lora_scale")
         if cfg.min_tokens is not None and cfg.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens {cfg.min_tokens} is more than max_tokens {max_tokens}",
                                  field="min_tokens")
@@ -237,7 +243,37 @@ class LLMBatcher(Batcher):
         return Sampling(max_tokens, temperature, cfg.top_p, cfg.top_k, cfg.seed,
                         tuple(dict.fromkeys([*(cfg.stop_token_ids or ()), *stop_ids])), cfg.repetition_penalty,
                         presence_penalty=cfg.presence_penalty or 0.0, frequency_penalty=cfg.frequency_penalty or 0.0,
-                        logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos)
+                        logprobs=logprobs, min_tokens=cfg.min_tokens or 0, ignore_eos=cfg.ignore_eos,
+                        adapter=cfg.lora_name, adapter_scale=cfg.lora_scale)
+
+    # ------------------------------------------------------------------ LoRA adapters (on the compute loop)
+
+    def add_adapter(self, lora: LoraAdapter, path: str) -> None:
+        if lora.lora_name in self.backend.adapters:
+            raise Conflict(f"model {self.uid!r} has a LoRA adapter named {lora.lora_name!r} already; unload it "
+                           "first", field="lora_name")
+        self.backend.add_adapter(lora, path)
+
+    def drop_adapter(self, name: str) -> None:
+        """Unload an adapter; the requests that name it (running or queued) end with an error saying so."""
+        if name not in self.backend.adapters:
+            raise NotFound(f"model {self.uid!r} has no LoRA adapter named {name!r} (loaded: "
+                           f"{', '.join(sorted(self.backend.adapters)) or 'none'})", field="lora_name")
+        gone = InvalidRequest(f"lora_name {name!r}: the adapter was unloaded from model {self.uid!r}",
+                              field="lora_name")
+        failed = set()
+        for seq_id, run in list(self.running.items()):
+            if run.job.msg.config.lora_name == name:
+                self.backend.remove(seq_id)
+                del self.running[seq_id]
+                if run.job not in failed:
+                    failed.add(run.job)
+                    run.job.fail(gone)
+        for job in [j for j in self.queue if getattr(getattr(j.msg, "config", None), "lora_name", None) == name]:
+            self.queue.remove(job)
+            job.fail(gone)
+        self.stats.failures += len(failed)
+        self.backend.drop_adapter(name)
 
     def template(self, tools: bool) -> tuple[str | None, str]:
         """(the Jinja template a chat renders with, where it came from), by precedence: the registration's (or

@@ -10,14 +10,17 @@ batcher around it turns tokens into text, stop words and replies.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from zinfer.shared import engines
 from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.payloads import LoraAdapter
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Sampling(NamedTuple):
     min_tokens: int = 0  # end tokens are held off until this many tokens
     ignore_eos: bool = False  # end-of-generation tokens do not end it (max_tokens and stop tokens still do)
     matcher: Any = None  # the sequence's grammar.Matcher: the output must follow its grammar
+    adapter: str | None = None  # the LoRA adapter that decodes it (None: the base model)
+    adapter_scale: float | None = None  # its strength for this request (None: the adapter's launch scale)
 
 
 class TokenLogprob(NamedTuple):
@@ -148,6 +153,17 @@ class LLMBackend(ABC):
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         raise NotImplementedError
+
+    # LoRA adapters (on the compute loop, between steps): each sequence names its own (Sampling.adapter)
+    adapters: Mapping[str, LoraAdapter] = MappingProxyType({})  # loaded, by name (backends that take them own one)
+
+    def add_adapter(self, lora: LoraAdapter, path: str) -> None:
+        """Load an adapter whose files were checked against the model (services/worker/adapters.py)."""
+        raise InvalidRequest(f"the {self.engine} engine takes no LoRA adapters", field="peft_model_config")
+
+    def drop_adapter(self, name: str) -> None:
+        """Unload an adapter no sequence uses any more."""
+        raise KeyError(name)
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this
         return None

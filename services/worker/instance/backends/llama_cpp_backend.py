@@ -103,7 +103,7 @@ def plain_greedy(s: Sampling) -> bool:
 
 class _Seq:
     __slots__ = ("id", "slot", "prompt", "fed", "pos", "last", "generated", "sampler", "max_tokens", "stop_ids",
-                 "out_index", "out_row", "sampling")
+                 "out_index", "out_row", "sampling", "lora")
 
     def __init__(self, seq_id: int, slot: int, prompt: list[int], sampler, sampling: Sampling):
         self.id, self.slot, self.prompt, self.sampler, self.sampling = seq_id, slot, prompt, sampler, sampling
@@ -115,6 +115,7 @@ class _Seq:
         self.stop_ids = frozenset(sampling.stop_token_ids)
         self.out_index = -1  # its token's place in the current batch (-1: no logits this step)
         self.out_row = -1  # its row among the batch's outputs (llama_get_logits)
+        self.lora: tuple[str, float] | None = None  # (adapter, scale) it decodes with; None: the base model
 
 
 class LlamaCppBackend(LLMBackend):
@@ -168,6 +169,10 @@ class LlamaCppBackend(LLMBackend):
         self.bos_token = self._token_text(self.model.token_bos())
         self.eos_token = self._token_text(self.model.token_eos())
         self._free_slots = list(range(self.max_sequences))  # a heap: the lowest free slot first
+        self.adapters = {}
+        self._lora_ptrs: dict[str, int] = {}
+        self._applied: tuple[str, float] | None = None  # the adapter set on the context now
+        self._turn = 0  # which adapter set's sequences the next step decodes (they take turns)
         self._seqs: dict[int, _Seq] = {}
         self._embedder = None
         # End-of-generation token ids, as a set (is a token one?) and an array (min_tokens holds them off):
@@ -249,6 +254,9 @@ class LlamaCppBackend(LLMBackend):
             raise RuntimeError("no free sequence slot")
         sampler = None if plain_greedy(sampling) else self._sampler(sampling)
         seq = _Seq(seq_id, heapq.heappop(self._free_slots), list(prompt_ids), sampler, sampling)
+        if sampling.adapter is not None:
+            scale = sampling.adapter_scale
+            seq.lora = (sampling.adapter, self.adapters[sampling.adapter].lora_scale if scale is None else scale)
         self._seqs[seq_id] = seq
         # The batch goes to llama_decode in slot order: with the sequences' slots descending, llama.cpp split it
         # into one micro-batch per sequence (16 streams decoded at 0.15x their speed in ascending order).
@@ -266,7 +274,7 @@ class LlamaCppBackend(LLMBackend):
             heapq.heappush(self._free_slots, seq.slot)
 
     def step(self) -> list[StepOut]:
-        n, rows = self._fill_batch()
+        n, rows = self._fill_batch(self._next_group())
         if n == 0:
             return []
         self.batch.n_tokens = n
@@ -296,15 +304,55 @@ class LlamaCppBackend(LLMBackend):
             outs.append(self._emit(seq, token, lp))
         return outs
 
-    def _fill_batch(self) -> tuple[int, int]:
-        """Running sequences first (one token each), then prompt chunks while the batch has room: (tokens in
-        the batch, rows of logits it gives)."""
+    def _next_group(self) -> tuple[str, float] | None:
+        """The adapter set this step decodes, set on the context. llama.cpp applies adapters per context, so
+        sequences with different ones cannot share a decode: each set's sequences take a step in turn."""
+        if not self._lora_ptrs and self._applied is None:
+            return None
+        groups = sorted({seq.lora for seq in self._seqs.values()}, key=lambda g: ("", 0.0) if g is None else g)
+        if len(groups) > 1:
+            self._turn = (self._turn + 1) % len(groups)
+        group = groups[self._turn % len(groups)] if groups else None
+        if group != self._applied:
+            lib = self.lib
+            if group is None:
+                rc = lib.llama_set_adapters_lora(self.ctx.ctx, None, 0, None)
+            else:
+                rc = lib.llama_set_adapters_lora(self.ctx.ctx, (lib.llama_adapter_lora_p_ctypes * 1)(
+                    self._lora_ptrs[group[0]]), 1, (ctypes.c_float * 1)(group[1]))
+            if rc != 0:
+                raise RuntimeError(f"llama_set_adapters_lora failed (code {rc})")
+            self._applied = group
+        return group
+
+    def add_adapter(self, lora, path: str) -> None:
+        ptr = self.lib.llama_adapter_lora_init(self.model.model, path.encode("utf-8"))
+        if not ptr:
+            from zinfer.shared.errors import InvalidRequest
+
+            raise InvalidRequest(f"LoRA adapter {lora.lora_name!r}: llama.cpp could not load {path}",
+                                 field="peft_model_config")
+        self._lora_ptrs[lora.lora_name] = ptr
+        self.adapters[lora.lora_name] = lora
+
+    def drop_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        if self._applied is not None and self._applied[0] == name:
+            self.lib.llama_set_adapters_lora(self.ctx.ctx, None, 0, None)
+            self._applied = None
+        self.lib.llama_adapter_lora_free(self._lora_ptrs.pop(name))
+
+    def _fill_batch(self, group: tuple[str, float] | None) -> tuple[int, int]:
+        """The group's running sequences first (one token each), then its prompt chunks while the batch has room:
+        (tokens in the batch, rows of logits it gives)."""
         n = rows = 0
-        for seq in self._seqs.values():
+        seqs = [seq for seq in self._seqs.values() if seq.lora == group] if self._lora_ptrs else \
+            list(self._seqs.values())
+        for seq in seqs:
             if seq.fed == len(seq.prompt):
                 n = self._put(n, seq.last, seq.pos, seq.slot, True)
                 seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
-        for seq in self._seqs.values():
+        for seq in seqs:
             if seq.fed < len(seq.prompt) and n < N_BATCH:
                 for token in seq.prompt[seq.fed:seq.fed + N_BATCH - n]:
                     seq.fed += 1
@@ -383,6 +431,8 @@ class LlamaCppBackend(LLMBackend):
     def close(self) -> None:
         for seq_id in list(self._seqs):
             self.remove(seq_id)
+        for name in list(self.adapters):
+            self.drop_adapter(name)
         self.lib.llama_batch_free(self.batch)
         self.ctx.close()
         self.model.close()

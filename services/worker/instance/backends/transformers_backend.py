@@ -140,6 +140,7 @@ class TransformersBackend(LLMBackend):
         self._rows: list[_Seq] = []  # the batch, in cache row order
         self._cache = None
         self._mask = None  # (rows, cache length): 1 for real tokens, 0 for left padding
+        self.adapters = {}
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
@@ -190,7 +191,7 @@ class TransformersBackend(LLMBackend):
         torch = self.torch
         ids = torch.tensor([seq.prompt], device=self.device)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        out = self._forward([seq], input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
         seq.length = len(seq.prompt)
         mask = self.grammars.masks([seq.sampling.matcher])[0] if seq.sampling.matcher is not None else None
         result = self._advance(seq, out.logits[:, -1, :], mask)
@@ -204,8 +205,8 @@ class TransformersBackend(LLMBackend):
         input_ids = torch.tensor([[s.last] for s in rows], device=self.device)
         positions = torch.tensor([[s.length] for s in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{self._cache_kw: self._cache})
+        out = self._forward(rows, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{self._cache_kw: self._cache})
         self._cache, self._mask = out.past_key_values, mask
         logits = out.logits[:, -1, :]
         results, keep = [], []
@@ -221,6 +222,44 @@ class TransformersBackend(LLMBackend):
         if len(keep) != len(rows):
             self._keep_rows(keep)
         return results
+
+    def _forward(self, seqs: list[_Seq], **kwargs):
+        """One forward of these rows; with adapters loaded, each row through its own adapter or none (PEFT's
+        mixed-adapter batch: every LoRA layer adds each adapter's delta to its own rows only)."""
+        if self.adapters:
+            kwargs["adapter_names"] = [s.sampling.adapter or "__base__" for s in seqs]
+        return self.model(**kwargs)
+
+    def unsupported(self, sampling: Sampling) -> str | None:
+        return "lora_scale" if sampling.adapter_scale is not None else None
+
+    def add_adapter(self, lora, path: str) -> None:
+        from peft import PeftModel
+
+        name = lora.lora_name
+        if not self.adapters:
+            base = self.model
+            try:
+                self.model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
+            except Exception:
+                self.model = _without_lora(base)
+                raise
+        else:
+            try:
+                self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            except Exception:
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+                raise
+        self.model.eval()
+        self.adapters[name] = lora
+
+    def drop_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        if self.adapters:
+            self.model.delete_adapter(name)
+        else:  # the last one: back to the plain model (no LoRA layers, no per-step hooks)
+            self.model = self.model.unload()
 
     def _advance(self, seq: _Seq, logits, mask=None) -> StepOut:
         """Pick the next token of one sequence from its logits row (1, vocab); `mask`: the tokens its grammar
@@ -336,6 +375,17 @@ class TransformersBackend(LLMBackend):
 
             gc.collect()
             self.torch.cuda.empty_cache()
+
+
+def _without_lora(model):
+    """The model with any LoRA layers a failed PEFT load left in it replaced by the layers they wrapped."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
 
 
 def _left_pad(t, width: int):
