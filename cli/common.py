@@ -48,11 +48,16 @@ def set_debug(value: bool) -> None:
     DEBUG = DEBUG or value
 
 
+# Options that take two values (NAME PATH), as Xinference's click options do; typer's take one (NAME=PATH).
+PAIR_OPTIONS = ("--lora-modules", "-lm")
+
+
 class XCommand(TyperCommand):
     """A command that also takes Xinference's spellings of its options, rewritten before click parses them:
 
     - `--max_tokens 8` for `--max-tokens 8` (an underscore spelling of any option the command has);
     - `--stream false` / `--stream=true` for `--no-stream` / `--stream` (any on/off option);
+    - `--lora-modules NAME PATH` for `--lora-modules NAME=PATH` (PAIR_OPTIONS);
     - `--debug` anywhere on the line.
     """
 
@@ -78,6 +83,10 @@ class XCommand(TyperCommand):
                 break
             if arg == "--debug":
                 set_debug(True)
+                continue
+            if arg in PAIR_OPTIONS and arg in names and i + 1 < len(args):  # Xinference's `--lora-modules NAME PATH`
+                out += [arg, f"{args[i]}={args[i + 1]}"]
+                i += 2
                 continue
             if not arg.startswith("--"):
                 out.append(arg)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from zinfer.cli import common, dev, infer_cmds, keys_cmds, mesh, model_cmds, ops_cmds, registry_cmds
+from zinfer.cli import common, dev, infer_cmds, keys_cmds, lora_cmds, mesh, model_cmds, ops_cmds, registry_cmds
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help="zinfer: register your own models, launch them on GPUs or the CPU, generate, embed and rerank.")
@@ -42,6 +42,7 @@ registry_cmds.install(app)
 model_cmds.install(app)
 infer_cmds.install(app)
 app.add_typer(keys_cmds.app, name="keys")
+app.add_typer(lora_cmds.app, name="lora")
 app.add_typer(dev.app, name="dev")
 
 

@@ -54,6 +54,13 @@ def _extra_options(args: list[str]) -> dict:
     return out
 
 
+def _lora_module(pair: str) -> dict:
+    name, eq, path = pair.partition("=")
+    if not eq or not name or not path:
+        raise typer.BadParameter(f"{pair!r}: give NAME PATH (or NAME=PATH)", param_hint="--lora-modules")
+    return {"lora_name": name, "local_path": path}
+
+
 def _ids(values: list[str] | None) -> list[str] | None:
     """--gpu-idx 0,1 and --gpu-idx 0 --gpu-idx 1 alike -> ["0", "1"] (the client checks they are numbers)."""
     if not values:
@@ -96,6 +103,9 @@ def launch(
     restore: Annotated[bool, typer.Option(
         "--restore/--no-restore",
         help="Load it again when the mesh starts (else it comes back idle-unloaded).")] = True,
+    lora_modules: Annotated[list[str] | None, typer.Option(
+        "--lora-modules", "-lm", help="A LoRA adapter to load with it: NAME PATH or NAME=PATH (a PEFT folder, a GGUF "
+        "LoRA file or a Hub id; repeatable). Requests pick one with lora_name, or model NAME.")] = None,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
@@ -106,6 +116,8 @@ def launch(
     options = {**_extra_options(ctx.args), **_engine_kwargs(engine_arg)}
     if trust_remote_code is not None:
         options["trust_remote_code"] = trust_remote_code
+    if lora_modules:
+        options["peft_model_config"] = {"lora_list": [_lora_module(pair) for pair in lora_modules]}
     with make_client(endpoint, timeout) as client:
         uid = client.launch_model(
             model_name=model_name, model_type=model_type, model_format=model_format,
@@ -139,7 +151,8 @@ def list_models(
     if as_json:
         print_json(models)
         return
-    rows = [[m["model_uid"], m["model_name"] + (f" (from {m['model_path']})" if m.get("model_path") else ""),
+    rows = [[m["model_uid"], m["model_name"] + (f" (from {m['model_path']})" if m.get("model_path") else "")
+             + (f" + LoRA {', '.join(x['lora_name'] for x in m['loras'])}" if m.get("loras") else ""),
              m["model_type"], m["model_format"],
              m["model_size_in_billions"] or "", m["quantization"], ", ".join(m["devices"]),
              m["state"] + (f" ({m['error']['message']})" if m["error"] else f" ({m['stage']})" if m["stage"] else "")

@@ -427,6 +427,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
         embed_gguf.parent.mkdir(parents=True, exist_ok=True)
         convert_bert_to_gguf(embedder, embed_gguf.with_suffix(".tmp")).rename(embed_gguf)
     loras = make_lora_adapters(root, hf_dir, force)
-    return {"rerank": reranker, **tools, **loras, "gguf_split_dir": split, "embedder": embedder, "embedding_gguf": embed_gguf,
+    return {"rerank": reranker, **tools, **loras, "gguf_split_dir": split, "embedder": embedder,
+            "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

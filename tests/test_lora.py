@@ -157,3 +157,129 @@ def test_run_time_load_then_unload(lm, tiny_models, peft_out, llama_out, uid):
     with pytest.raises(NotFound):
         c.unload_lora(uid, "B2")
     assert [x["lora_name"] for x in c.list_loras(uid)] == ["A", "B"]
+
+
+# ---------------------------------------------------------------- through the gateway, the CLI, xinference-client
+
+
+def test_openai_model_field_names_an_adapter(lm, tiny_models, peft_out):
+    import openai
+    import requests
+
+    from tests.test_gateway import oai
+
+    client = oai(lm)
+    out = client.completions.create(model="hfl:A", prompt=PROMPTS[0], **GREEDY)
+    assert out.choices[0].text == peft_out["A"][PROMPTS[0]]
+    with pytest.raises(openai.BadRequestError) as err:  # A is an adapter of hfl and of ggl
+        client.completions.create(model="A", prompt=PROMPTS[0], **GREEDY)
+    assert "UID:A" in str(err.value)
+    headers = {"Authorization": f"Bearer {lm.admin_api_key}"}
+    reply = requests.post(f"{lm.gateway_url}/v1/load_lora_adapter", headers=headers, timeout=60,
+                          json={"model": "hfl", "lora_name": "only", "lora_path": str(tiny_models["lora_b"])})
+    assert reply.status_code == 200, reply.text
+    out = client.chat.completions.create(model="only", messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    expected = lm.client.get_model("hfl").chat([{"role": "user", "content": "hi"}], {**GREEDY, "lora_name": "B"})
+    assert out.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["only"].parent == "hfl" and listed["hfl:A"].parent == "hfl" and listed["ggl:A"].parent == "ggl"
+    reply = requests.post(f"{lm.gateway_url}/v1/unload_lora_adapter", headers=headers, timeout=60,
+                          json={"lora_name": "only"})
+    assert reply.status_code == 200, reply.text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="hfl:only", prompt=PROMPTS[0], **GREEDY)
+    assert "loaded: A, B" in str(err.value)
+
+
+def test_cli_lora_modules_and_lora_commands(lm, tiny_models, peft_out):
+    from tests.test_dropin import ok, refused
+
+    ok(lm, "launch", "-n", "custom-llama-2", "-f", "pytorch", "-u", "clil", "--lora-modules", "A",
+       str(tiny_models["lora_a"]), "-lm", "B", str(tiny_models["lora_b"]))
+    try:
+        assert "+ LoRA A, B" in ok(lm, "list").replace("\n", "")
+        assert served(lm, "clil", PROMPTS[2], "B") == peft_out["B"][PROMPTS[2]]
+        ok(lm, "lora", "unload", "clil", "A")
+        assert "B" in ok(lm, "lora", "list", "clil") and '"A"' not in ok(lm, "lora", "list", "clil", "--json")
+        assert "lora_name" in refused(lm, "lora", "unload", "clil", "A")
+        ok(lm, "lora", "load", "clil", "A", str(tiny_models["lora_a"]))
+        assert served(lm, "clil", PROMPTS[2], "A") == peft_out["A"][PROMPTS[2]]
+    finally:
+        ok(lm, "terminate", "-u", "clil")
+
+
+def test_xinference_client_peft_model_config(lm, tiny_models, peft_out):
+    from xinference_client import RESTfulClient
+
+    client = RESTfulClient(lm.gateway_url, api_key=lm.admin_api_key)
+    uid = client.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid="xl",
+                              peft_model_config={"lora_list": [{"lora_name": "A",
+                                                                 "local_path": str(tiny_models["lora_a"])}]})
+    try:
+        out = client.get_model(uid).generate(PROMPTS[3], generate_config={**GREEDY, "lora_name": "A"})
+        assert out["choices"][0]["text"] == peft_out["A"][PROMPTS[3]]
+    finally:
+        client.terminate_model(uid)
+
+
+def test_a_restarted_instance_keeps_adapters_loaded_at_run_time(lm, tiny_models, peft_out):
+    import os
+    import signal
+
+    c = lm.client
+    c.load_lora("hfl", "R", str(tiny_models["lora_b"]))
+    try:
+        view = lm.wait(lambda: (v := c.describe_model("hfl"))["state"] == "ready"
+                       and "R" in [x["lora_name"] for x in v["loras"]] and v)
+        os.kill(view["pids"][0], signal.SIGKILL)
+        lm.wait(lambda: (v := c.describe_model("hfl"))["restarts"] > view["restarts"] and v["state"] == "ready",
+                timeout=120)
+        assert served(lm, "hfl", PROMPTS[0], "R") == peft_out["B"][PROMPTS[0]]
+        assert served(lm, "hfl", PROMPTS[0], "A") == peft_out["A"][PROMPTS[0]]
+    finally:
+        c.unload_lora("hfl", "R")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(tmp_path_factory, tiny_models):
+    """An adapter of a Llama with another hidden size, and corrupt copies of A (PEFT and GGUF)."""
+    import shutil
+
+    from zinfer.shared.tinymodels import build_lora_adapter, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("bad-loras")
+    other = build_lora_adapter(build_tiny_llama(root / "wide-llama", hidden=96, heads=4, kv_heads=2),
+                               root / "wide-adapter", seed=3)
+    corrupt = root / "corrupt"
+    shutil.copytree(tiny_models["lora_a"], corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    corrupt_gguf = root / "corrupt.gguf"
+    corrupt_gguf.write_bytes(tiny_models["lora_a_gguf"].read_bytes()[:2000])
+    return {"other": other, "corrupt": corrupt, "corrupt_gguf": corrupt_gguf}
+
+
+@pytest.mark.parametrize("case", ["missing", "other", "kind"])
+def test_a_launch_with_a_bad_adapter_is_refused_and_nothing_launches(lm, tiny_models, bad_adapters, case):
+    path = {"missing": "/nonexistent/adapter", "other": str(bad_adapters["other"]),
+            "kind": str(tiny_models["lora_a_gguf"])}[case]
+    with pytest.raises((InvalidRequest, NotFound)) as err:
+        lm.client.launch_model(model_name="custom-llama-2", model_format="pytorch", model_uid=f"bad-{case}",
+                               peft_model_config={"lora_list": [{"lora_name": "X", "local_path": path}]})
+    assert err.value.field == "peft_model_config" and "'X'" in str(err.value)
+    assert f"bad-{case}" not in lm.client.list_models()
+
+
+@pytest.mark.parametrize(("uid", "case"), [("hfl", "corrupt"), ("hfl", "other"), ("ggl", "corrupt_gguf"),
+                                           ("ggl", "corrupt")])
+def test_a_bad_run_time_adapter_is_refused_and_the_others_keep_serving(lm, bad_adapters, peft_out, llama_out,
+                                                                        uid, case):
+    with pytest.raises(InvalidRequest) as err:
+        lm.client.load_lora(uid, "X", str(bad_adapters[case]))
+    assert err.value.field == "lora_path" and "'X'" in str(err.value)
+    expected = (peft_out if uid == "hfl" else llama_out)["A"][PROMPTS[0]]
+    assert served(lm, uid, PROMPTS[0], "A") == expected
+    assert [x["lora_name"] for x in lm.client.list_loras(uid)] == ["A", "B"]

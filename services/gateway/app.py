@@ -97,6 +97,35 @@ class Gateway:
         self.metrics = Metrics()
         self._uids: set[str] = set()
         self._uids_at = 0.0
+        self._loras: dict[str, list[str]] = {}  # each launched model's LoRA adapters, by uid
+
+    def _remember(self, models) -> None:
+        """The launched uids and their adapters (a request's `model` may name either), as of now."""
+        self._uids, self._uids_at = {m.model_uid for m in models}, time.monotonic()
+        self._loras = {m.model_uid: [x.lora_name for x in m.info.loras] for m in models if m.info.loras}
+
+    def _adapter_parent(self, name: str, body: dict) -> str | None:
+        """A `model` that names a LoRA adapter: `UID:ADAPTER`, or an ADAPTER name one launched model holds. Its
+        uid (the request goes there with lora_name set), or None when it names no adapter."""
+        uid, colon, adapter = name.rpartition(":")
+        if colon and uid in self._uids:
+            held = self._loras.get(uid, [])
+            if adapter not in held:
+                raise InvalidRequest(f"model {name!r}: {uid} has no LoRA adapter {adapter!r} (loaded: "
+                                     f"{', '.join(held) or 'none'})", field="model")
+        else:
+            holders = [u for u, held in self._loras.items() if name in held]
+            if not holders:
+                return None
+            if len(holders) > 1:
+                raise InvalidRequest(f"model {name!r}: LoRA adapter of {', '.join(sorted(holders))}; name one as "
+                                     f"UID:{name}", field="model")
+            uid, adapter = holders[0], name
+        if body.get("lora_name") not in (None, adapter):
+            raise InvalidRequest(f"lora_name {body['lora_name']!r} and model {name!r} name different adapters",
+                                 field="lora_name")
+        body["lora_name"] = adapter
+        return uid
 
     # ------------------------------------------------------------------ callers
 
@@ -122,9 +151,14 @@ class Gateway:
         uid = body.get("model")
         if not isinstance(uid, str) or not uid:
             raise InvalidRequest("model is required (a launched model's uid)", field="model")
-        if uid not in self._uids or time.monotonic() - self._uids_at > 5:
+        fresh = time.monotonic() - self._uids_at <= 5
+        if fresh and uid not in self._uids:
+            uid = self._adapter_parent(uid, body) or uid
+        if uid not in self._uids or not fresh:
             reply, _ = await conn.call(p.SCHEDULER, p.ListModels(), self.timeout)
-            self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
+            self._remember(reply.models)
+            if uid not in self._uids:
+                uid = self._adapter_parent(uid, body) or uid
             if uid not in self._uids:
                 reply, _ = await conn.call(p.SCHEDULER, p.WakeModel(model_name=uid), self.settings.launch_timeout)
                 uid = body["model"] = reply.model_uid
@@ -280,11 +314,50 @@ class Gateway:
         return reply
 
     async def list_models(self, request: Request) -> Response:
+        """Launched models, then their LoRA adapters as vLLM lists them (`parent`: the uid; `root`: the files),
+        under the name a request's `model` takes (UID:ADAPTER where two models hold one name)."""
         reply = await self.call(request, p.SCHEDULER, p.ListModels())
-        self._uids, self._uids_at = {m.model_uid for m in reply.models}, time.monotonic()
+        self._remember(reply.models)
         data = [{"id": m.model_uid, "object": "model", "created": 0, "owned_by": "zinfer", **view_plain(m)}
                 for m in reply.models]
+        names = [x.lora_name for m in reply.models for x in m.info.loras]
+        data += [{**base, "id": x.lora_name if names.count(x.lora_name) == 1 else f"{m.model_uid}:{x.lora_name}",
+                  "parent": m.model_uid, "root": x.local_path}
+                 for m, base in zip(reply.models, data, strict=False) for x in m.info.loras]
         return json_response({"object": "list", "data": data})
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's POST /v1/load_lora_adapter ({"lora_name", "lora_path"}), with `model`: the uid to load it into
+        (may be left out while one LLM is launched); `lora_scale` for llama.cpp."""
+        body = await body_of(request)
+        uid = await self._lora_uid(request, body, None)
+        lora = compat.lora_adapter({"lora_name": required(body, "lora_name", str),
+                                    "local_path": required(body, "lora_path", str),
+                                    **({"lora_scale": body["lora_scale"]} if "lora_scale" in body else {})})
+        reply = await self.call(request, p.SCHEDULER, p.LoadLora(model_uid=uid, lora=lora),
+                                self.settings.launch_timeout)
+        self._uids_at = 0.0
+        return Response(reply.message, media_type="text/plain")
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's POST /v1/unload_lora_adapter ({"lora_name"}; `model` where two models hold that name)."""
+        body = await body_of(request)
+        name = required(body, "lora_name", str)
+        uid = await self._lora_uid(request, body, name)
+        reply = await self.call(request, p.SCHEDULER, p.UnloadLora(model_uid=uid, lora_name=name))
+        self._uids_at = 0.0
+        return Response(reply.message, media_type="text/plain")
+
+    async def _lora_uid(self, request: Request, body: dict, adapter: str | None) -> str:
+        if body.get("model") is not None:
+            return required(body, "model", str)
+        models = (await self.call(request, p.SCHEDULER, p.ListModels())).models
+        fits = [m.model_uid for m in models if m.info.model_type == "LLM"
+                and (adapter is None or adapter in [x.lora_name for x in m.info.loras])]
+        if len(fits) != 1:
+            raise InvalidRequest(f"model: {len(fits)} launched LLMs {'hold that adapter' if adapter else 'run'}; "
+                                 "say which with model (its uid)", field="model")
+        return fits[0]
 
     async def describe(self, request: Request, model_uid: str) -> Response:
         reply = await self.call(request, p.SCHEDULER, p.DescribeModel(model_uid=model_uid))
@@ -404,6 +477,8 @@ def create_app(settings: Settings) -> FastPath:
     for method, path, handler in (
             ("GET", "/ready", gw.ready), ("GET", "/metrics", gw.metrics_text),
             ("POST", "/v1/chat/render", gw.render_chat),
+            ("POST", "/v1/load_lora_adapter", gw.load_lora_adapter),
+            ("POST", "/v1/unload_lora_adapter", gw.unload_lora_adapter),
             ("GET", "/v1/models", gw.list_models), ("POST", "/v1/models", gw.launch),
             ("GET", "/v1/models/{model_uid}", gw.describe), ("DELETE", "/v1/models/{model_uid}", gw.terminate),
             ("POST", "/v1/model_registrations/{model_type}", gw.register),
