@@ -122,7 +122,8 @@ class StreamCrowd:
     handshake with the broker (a millisecond or more each), which a client pays once per connection, not per
     request; the sockets stay connected between runs."""
 
-    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False):
+    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False,
+                 loras: list[str | None] | None = None):
         import zmq
 
         from zinfer.shared import protocol as p
@@ -131,9 +132,11 @@ class StreamCrowd:
 
         self.p, self.wire, self.zmq = p, wire, zmq
         self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
-        cfg = GenerateConfig(max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos)
+        loras = loras or [None] * len(prompts)  # the LoRA adapter each stream names (None: the base model)
         self.target = p.model_target(uid).encode()
-        self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=cfg)) for t in prompts]
+        self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=GenerateConfig(
+            max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos, lora_name=lora)))
+            for t, lora in zip(prompts, loras, strict=True)]
         self.runs = 0
         self.poller = zmq.Poller()
         for sock in self.socks:

@@ -14,7 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from zinfer.shared.errors import InvalidRequest, NotFound
+from zinfer.services.worker.files import _from_hub
+from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest, NotFound, ZinferError
 from zinfer.shared.payloads import LoraAdapter
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -43,12 +45,26 @@ def resolve(lora: LoraAdapter, field: str, fetch=None) -> str:
     path = local_path(lora, field)
     if path is not None:
         return path
-    from zinfer.services.worker.files import _from_hub
-
     try:
         return _from_hub(lora.local_path, None, fetch=fetch)
     except NotFound as exc:
         raise NotFound(f"LoRA adapter {lora.lora_name!r}: {exc.message}", field=field) from None
+
+
+def probed(msg: p.ProbeFiles, found: p.FileProbe) -> p.FileProbe:
+    """A worker's probe of a launch's files with its LoRA adapters': those on this host checked to fit the
+    model's files here, their size added to the memory it needs (one from the Hub is checked once downloaded,
+    at load). A bad adapter makes the probe a refusal naming it."""
+    if not msg.loras or not found.ok:
+        return found
+    try:
+        for lora in msg.loras:
+            path = local_path(lora, "peft_model_config")
+            if path is not None:
+                found.memory += check(lora, path, found.path or None, msg.spec.model_format, "peft_model_config")
+    except ZinferError as exc:
+        return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=found.host)
+    return found
 
 
 def size_of(path: str) -> int:

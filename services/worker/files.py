@@ -255,26 +255,9 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
     need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank, device_kind, path)
-    try:
-        need += _adapters_size(msg, path)
-    except ZinferError as exc:
-        return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
     context = files_context_length(path) if msg.read_context and path and msg.model_type == "LLM" else 0
     return p.FileProbe(ok=True, path=path or "", size=weights_bytes(Path(path)) if path else 0, memory=need,
                        host=_host(), context_length=context)
-
-
-def _adapters_size(msg: p.ProbeFiles, model_path: str | None) -> int:
-    """The bytes a launch's LoRA adapters add (those on this host, checked to fit the model's files here; one
-    from the Hub is checked once downloaded, at load)."""
-    from zinfer.services.worker import adapters
-
-    total = 0
-    for lora in msg.loras:
-        path = adapters.local_path(lora, "peft_model_config")
-        if path is not None:
-            total += adapters.check(lora, path, model_path, msg.spec.model_format, "peft_model_config")
-    return total
 
 
 def files_context_length(path: str) -> int:

@@ -10,7 +10,7 @@ const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: 
 function canDo(m, tab) {
   const abilities = m.model_ability || [];
   if (tab === "rerank") return m.model_type === "rerank";
-  if (tab === "embed") return m.model_type === "embedding" || abilities.includes("embed");
+  if (tab === "embed") return m.model_type === "embedding" || (abilities.includes("embed") && !m.parent);
   if (tab === "chat") return m.model_type === "LLM" && abilities.includes("chat");
   return m.model_type === "LLM";
 }
@@ -72,8 +72,10 @@ function settings(prefix) {
 
 function modelSelect(models, tab, wanted) {
   const usable = models.filter((m) => (m.state === "ready" || m.state === "idle-unloaded") && canDo(m, tab));
+  // A LoRA adapter is listed under its own name (the request's model), after its model: "A (LoRA of hf)".
   return el("select", { id: `${tab}-model` }, usable.length ? usable.map((m) => el("option", { value: m.id,
-    selected: m.id === wanted }, m.id)) : el("option", { value: "" }, "no running model can do this"));
+    selected: m.id === wanted }, m.parent ? `${m.id} (LoRA of ${m.parent})` : m.id))
+    : el("option", { value: "" }, "no running model can do this"));
 }
 
 // Tools pasted as JSON (OpenAI's list of {type: "function", function: {...}}), or nothing.

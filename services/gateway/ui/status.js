@@ -46,9 +46,10 @@ export function instances(main) {
   async function refresh() {
     try {
       const { data } = await api("/v1/models");
-      const rows = data.map((m) => el("tr", { "data-uid": m.id },
+      const rows = data.filter((m) => !m.parent).map((m) => el("tr", { "data-uid": m.id },
         el("td", {}, m.id),
-        el("td", {}, m.model_name, m.model_path ? el("div", { class: "hint model-path" }, `from ${m.model_path}`) : null),
+        el("td", {}, m.model_name, m.model_path ? el("div", { class: "hint model-path" }, `from ${m.model_path}`) : null,
+          m.loras?.length ? el("div", { class: "hint loras" }, `LoRA: ${m.loras.map((x) => x.lora_name).join(", ")}`) : null),
         el("td", {}, m.model_type), el("td", {}, m.model_format),
         el("td", {}, m.model_size_in_billions ?? ""), el("td", {}, m.quantization), stateCell(m),
         el("td", {}, list(m.devices)), el("td", {}, list([...new Set(m.hosts)])),

@@ -13,7 +13,7 @@ import threading
 
 import structlog
 
-from zinfer.services.worker import files
+from zinfer.services.worker import adapters, files
 from zinfer.services.worker.host.device import DeviceProbe
 from zinfer.services.worker.host.supervisor import Supervisor
 from zinfer.shared import instances
@@ -57,7 +57,7 @@ class Worker:
 
     def probe_files(self, msg: p.ProbeFiles, ctx) -> p.FileProbe:
         ctx.require_service(p.SCHEDULER, "ProbeFiles")
-        return files.probe(msg, "cuda" if self.probe.kind == "cuda" else "cpu")
+        return adapters.probed(msg, files.probe(msg, "cuda" if self.probe.kind == "cuda" else "cpu"))
 
     def find_paths(self, msg: p.FindPaths, ctx) -> p.PathsFound:
         ctx.require_service(p.SCHEDULER, "FindPaths")
