@@ -7,7 +7,7 @@ Each engine runs two instances of the small model: `plain` (no adapters: the eng
 streams on lora; the ratio the issue asks for is mixed over base-alone on the plain instance. Time to first
 token: one stream, alternately naming A and nothing, on the lora instance, the median of each.
 
-    .venv/bin/python bench/lora.py [--tokens 64] [--rounds 3]
+    .venv/bin/python bench/lora.py [--tokens 64] [--rounds 3] [--engine transformers|llama.cpp|both]
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def first_token_ms(mesh, uid, tokens, rounds) -> dict:
 
 
 def main() -> None:
-    args = arguments(3, ("--tokens", {"type": int, "default": 64}))
+    args = arguments(3, ("--tokens", {"type": int, "default": 64}),
+                     ("--engine", {"default": "both", "choices": ["transformers", "llama.cpp", "both"]}))
     small = make_small_llama(tiny_models()["pytorch"].parent)
     found = adapters(small)
     report: dict = {"tokens": args.tokens, "streams": len(PROMPTS), "model": "small-llama (hidden 512, 8 layers)"}
@@ -70,6 +71,8 @@ def main() -> None:
                                       "model_file_name_template": "small-llama.{quantization}.gguf",
                                       "model_uri": str(small["small_gguf_dir"])}]})
         for engine, fmt, suffix in (("transformers", "pytorch", ""), ("llama.cpp", "ggufv2", "_gguf")):
+            if args.engine not in ("both", engine):
+                continue
             loras = {"lora_list": [{"lora_name": n, "local_path": str(found[n + suffix])} for n in ("A", "B")]}
             c.launch_model(model_name="bench-small", model_format=fmt, model_uid="plain")
             c.launch_model(model_name="bench-small", model_format=fmt, model_uid="lora", peft_model_config=loras)

@@ -16,10 +16,14 @@ MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Most tokens
 Stream = Annotated[bool, typer.Option("--stream/--no-stream",
                                       help="Print tokens as they come (also --stream true|false).")]
 Temperature = Annotated[float | None, typer.Option("--temperature", help="0 for greedy decoding.")]
+LoraName = Annotated[str | None, typer.Option("--lora-name", help="The model's LoRA adapter that answers (also "
+                                              "--lora_name; `zinfer lora list UID` shows them).")]
 
 
-def _config(max_tokens, stream, temperature) -> dict:
+def _config(max_tokens, stream, temperature, lora_name=None) -> dict:
     cfg = {"stream": stream}
+    if lora_name is not None:
+        cfg["lora_name"] = lora_name
     if max_tokens is not None:
         cfg["max_tokens"] = max_tokens
     if temperature is not None:
@@ -33,6 +37,7 @@ def generate(
     max_tokens: MaxTokens = None,
     stream: Stream = True,
     temperature: Temperature = None,
+    lora_name: LoraName = None,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
@@ -56,7 +61,7 @@ def generate(
                 if not prompts:
                     return
                 text = prompts.pop()
-            result = model.generate(text, _config(max_tokens, stream, temperature))
+            result = model.generate(text, _config(max_tokens, stream, temperature, lora_name))
             if stream:
                 for chunk in result:
                     sys.stdout.write(chunk["choices"][0]["text"])
@@ -143,6 +148,7 @@ def chat(
     max_tokens: MaxTokens = None,
     stream: Stream = True,
     temperature: Temperature = None,
+    lora_name: LoraName = None,
     system_prompt: Annotated[str | None, typer.Option("--system-prompt")] = None,
     tools: Annotated[str | None, typer.Option(
         "--tools", help="A JSON file of OpenAI tools (a list of {type: function, function: {...}}).")] = None,
@@ -186,7 +192,8 @@ def chat(
                 print_json(model.render_chat(history, tool_list, enable_thinking=thinking))
                 return
             result = model.chat(messages=history, tools=tool_list, tool_choice=_tool_choice(tool_choice),
-                                enable_thinking=thinking, generate_config=_config(max_tokens, stream, temperature))
+                                enable_thinking=thinking, generate_config=_config(max_tokens, stream, temperature,
+                                                                                   lora_name))
             if pending is None:
                 sys.stdout.write("Assistant: ")
             history.append(_show_answer(result, stream))

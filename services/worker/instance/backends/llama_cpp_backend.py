@@ -40,6 +40,12 @@ from zinfer.services.worker.instance.grammar import Grammars, llama_tokenizer
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
 KV_BUDGET = 512 * 2**20  # what the default n_parallel lets the KV cache take
+TURN_STEPS = 16  # decode steps one adapter set takes before the next set's sequences get theirs
+
+
+def _order(group: tuple[str, float] | None) -> tuple[str, float]:
+    """An adapter set's place in the turns (the base model's first)."""
+    return ("", 0.0) if group is None else group
 
 
 class _Detokenizer:
@@ -172,7 +178,7 @@ class LlamaCppBackend(LLMBackend):
         self.adapters = {}
         self._lora_ptrs: dict[str, int] = {}
         self._applied: tuple[str, float] | None = None  # the adapter set on the context now
-        self._turn = 0  # which adapter set's sequences the next step decodes (they take turns)
+        self._turn = 0  # steps the applied adapter set has had in its current turn
         self._seqs: dict[int, _Seq] = {}
         self._embedder = None
         # End-of-generation token ids, as a set (is a token one?) and an array (min_tokens holds them off):
@@ -253,14 +259,38 @@ class LlamaCppBackend(LLMBackend):
         if not self._free_slots:
             raise RuntimeError("no free sequence slot")
         sampler = None if plain_greedy(sampling) else self._sampler(sampling)
-        seq = _Seq(seq_id, heapq.heappop(self._free_slots), list(prompt_ids), sampler, sampling)
+        lora = None
         if sampling.adapter is not None:
             scale = sampling.adapter_scale
-            seq.lora = (sampling.adapter, self.adapters[sampling.adapter].lora_scale if scale is None else scale)
+            lora = (sampling.adapter, self.adapters[sampling.adapter].lora_scale if scale is None else scale)
+        slot = self._slot_for(lora) if self._lora_ptrs else heapq.heappop(self._free_slots)
+        seq = _Seq(seq_id, slot, list(prompt_ids), sampler, sampling)
+        seq.lora = lora
         self._seqs[seq_id] = seq
         # The batch goes to llama_decode in slot order: with the sequences' slots descending, llama.cpp split it
         # into one micro-batch per sequence (16 streams decoded at 0.15x their speed in ascending order).
         self._seqs = dict(sorted(self._seqs.items(), key=lambda item: item[1].slot))
+
+    def _slot_for(self, lora: tuple[str, float] | None) -> int:
+        """A free slot for a sequence of this adapter set, keeping each set's slots in few runs of neighbours:
+        llama.cpp decodes a batch of sequences in one micro-batch only while their slots follow each other (16
+        streams of two adapters in alternate slots ran at 0.19x the speed of the same in two runs of 8). Each
+        adapter (the base model first) has a region of the slots, an equal share in the order they were loaded:
+        a sequence goes next to its set's own (upward first), else to the first free slot from its region's
+        start on (round the end)."""
+        free = set(self._free_slots)
+        mine = {seq.slot for seq in self._seqs.values() if seq.lora == lora}
+        beside = [s for s in free if s - 1 in mine or s + 1 in mine]
+        if beside:
+            slot = min(beside, key=lambda s: (s < min(mine), s))
+        else:
+            names = [None, *self.adapters]
+            n = self.max_sequences
+            origin = names.index(lora[0] if lora else None) * n // len(names)
+            slot = min(free, key=lambda s: (s - origin) % n)
+        self._free_slots.remove(slot)
+        heapq.heapify(self._free_slots)
+        return slot
 
     def active(self) -> int:
         return len(self._seqs)
@@ -306,13 +336,21 @@ class LlamaCppBackend(LLMBackend):
 
     def _next_group(self) -> tuple[str, float] | None:
         """The adapter set this step decodes, set on the context. llama.cpp applies adapters per context, so
-        sequences with different ones cannot share a decode: each set's sequences take a step in turn."""
+        sequences with different ones cannot share a decode: each set's sequences take TURN_STEPS steps in turn
+        (a change of set makes llama.cpp build its graph again: once per step, that ran 16 mixed streams at
+        0.17x the base's speed on the small model)."""
         if not self._lora_ptrs and self._applied is None:
             return None
-        groups = sorted({seq.lora for seq in self._seqs.values()}, key=lambda g: ("", 0.0) if g is None else g)
-        if len(groups) > 1:
-            self._turn = (self._turn + 1) % len(groups)
-        group = groups[self._turn % len(groups)] if groups else None
+        order = sorted({_order(seq.lora) for seq in self._seqs.values()})
+        if not order:
+            return self._applied
+        if _order(self._applied) in order and self._turn < TURN_STEPS:
+            self._turn += 1
+            return self._applied
+        now = _order(self._applied)
+        key = next((k for k in order if k > now), order[0])  # the next set after this one, round the circle
+        group = None if key == _order(None) else key
+        self._turn = 1
         if group != self._applied:
             lib = self.lib
             if group is None:

@@ -141,6 +141,8 @@ class TransformersBackend(LLMBackend):
         self._cache = None
         self._mask = None  # (rows, cache length): 1 for real tokens, 0 for left padding
         self.adapters = {}
+        self._hooks: list = []  # on each LoRA layer: the rows' adapter names (self._names) into its forward
+        self._names: list[str] = []
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
@@ -225,10 +227,25 @@ class TransformersBackend(LLMBackend):
 
     def _forward(self, seqs: list[_Seq], **kwargs):
         """One forward of these rows; with adapters loaded, each row through its own adapter or none (PEFT's
-        mixed-adapter batch: every LoRA layer adds each adapter's delta to its own rows only)."""
-        if self.adapters:
-            kwargs["adapter_names"] = [s.sampling.adapter or "__base__" for s in seqs]
-        return self.model(**kwargs)
+        mixed-adapter batch: every LoRA layer adds each adapter's delta to its own rows only). The rows' adapter
+        names reach the LoRA layers through hooks put on them once (PeftModel's forward puts them on and takes
+        them off each call, walking every module twice: 15% of a mixed step on the small model)."""
+        if not self.adapters:
+            return self.model(**kwargs)
+        self._names = [s.sampling.adapter or "__base__" for s in seqs]
+        return self.model.get_base_model()(**kwargs)
+
+    def _hook_lora_layers(self) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [m.register_forward_pre_hook(self._adapter_names, with_kwargs=True)
+                       for m in self.model.modules() if isinstance(m, LoraLayer)] if self.adapters else []
+
+    def _adapter_names(self, _module, args, kwargs):
+        kwargs["adapter_names"] = self._names
+        return args, kwargs
 
     def unsupported(self, sampling: Sampling) -> str | None:
         return "lora_scale" if sampling.adapter_scale is not None else None
@@ -253,6 +270,7 @@ class TransformersBackend(LLMBackend):
                 raise
         self.model.eval()
         self.adapters[name] = lora
+        self._hook_lora_layers()
 
     def drop_adapter(self, name: str) -> None:
         del self.adapters[name]
@@ -260,6 +278,7 @@ class TransformersBackend(LLMBackend):
             self.model.delete_adapter(name)
         else:  # the last one: back to the plain model (no LoRA layers, no per-step hooks)
             self.model = self.model.unload()
+        self._hook_lora_layers()
 
     def _advance(self, seq: _Seq, logits, mask=None) -> StepOut:
         """Pick the next token of one sequence from its logits row (1, vocab); `mask`: the tokens its grammar
