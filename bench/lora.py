@@ -5,7 +5,9 @@ engines; and what naming an adapter adds before a stream's first token.
 Each engine runs two instances of the small model: `plain` (no adapters: the engine's own fast path) and `lora`
 (adapters A and B loaded, rank 16 on every projection). Rows: 16 base streams on plain and on lora, 16 mixed
 streams on lora; the ratio the issue asks for is mixed over base-alone on the plain instance. Time to first
-token: one stream, alternately naming A and nothing, on the lora instance, the median of each.
+token: one stream, alternately naming A and nothing, on the lora instance, the median of each; and the raw
+engine's own first token with A and without (the adapter's arithmetic), so that what serving adds beyond the
+adapter's own cost shows.
 
     .venv/bin/python bench/lora.py [--tokens 64] [--rounds 3] [--engine transformers|llama.cpp|both]
 """
@@ -13,6 +15,7 @@ token: one stream, alternately naming A and nothing, on the lora instance, the m
 from __future__ import annotations
 
 import statistics
+import time
 
 from common import StreamCrowd, arguments, record, start_mesh, tiny_models
 
@@ -54,6 +57,48 @@ def first_token_ms(mesh, uid, tokens, rounds) -> dict:
             "adapter_adds_ms": round(named - base, 2)}
 
 
+def raw_first_token_ms(engine: str, small: dict, found: dict, rounds: int) -> dict:
+    """The raw engine's own time to the first token of one stream, with adapter A and without, in this process:
+    PEFT's forward over the prompt (A active) against the plain model's, and llama-cpp-python's
+    create_completion(max_tokens=1) with lora_path against without. The adapter's own arithmetic; what serving
+    adds beyond it is the served difference less this one."""
+    prompt = PROMPTS[0]
+    times: dict = {}
+    if engine == "transformers":
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(small["small_pytorch"])
+        ids = tok(prompt, return_tensors="pt").input_ids
+        plain = AutoModelForCausalLM.from_pretrained(small["small_pytorch"]).eval()
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small["small_pytorch"]),
+                                            found["A"]).eval()
+        for name, model in (("base", plain), ("A", adapted)):
+            runs = []
+            for _ in range(20 * rounds):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    model(input_ids=ids, logits_to_keep=1).logits.argmax()
+                runs.append((time.perf_counter() - start) * 1000)
+            times[name] = statistics.median(runs)
+    else:
+        from llama_cpp import Llama
+
+        for name, lora in (("base", None), ("A", str(found["A_gguf"]))):
+            llm = Llama(str(small["small_gguf"]), n_ctx=512, lora_path=lora, verbose=False)
+            runs = []
+            for _ in range(20 * rounds):
+                start = time.perf_counter()
+                llm.create_completion(prompt, max_tokens=1, temperature=0)
+                runs.append((time.perf_counter() - start) * 1000)
+                llm.reset()
+            llm.close()
+            times[name] = statistics.median(runs)
+    return {"raw_ttft_base_ms": round(times["base"], 2), "raw_ttft_adapter_ms": round(times["A"], 2),
+            "raw_adapter_adds_ms": round(times["A"] - times["base"], 2)}
+
+
 def main() -> None:
     args = arguments(3, ("--tokens", {"type": int, "default": 64}),
                      ("--engine", {"default": "both", "choices": ["transformers", "llama.cpp", "both"]}))
@@ -82,6 +127,8 @@ def main() -> None:
             row["ratio_mixed_vs_base_plain"] = round(row["mixed_lora"] / row["base_plain"], 3)
             row["ratio_mixed_vs_base_lora"] = round(row["mixed_lora"] / row["base_lora"], 3)
             row.update(first_token_ms(mesh, "lora", args.tokens, args.rounds))
+            row.update(raw_first_token_ms(engine, small, found, args.rounds))
+            row["served_adds_beyond_raw_ms"] = round(row["adapter_adds_ms"] - row["raw_adapter_adds_ms"], 2)
             report[engine] = row
             print(engine, row, flush=True)
             c.terminate_model("plain")

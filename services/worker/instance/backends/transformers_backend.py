@@ -143,6 +143,7 @@ class TransformersBackend(LLMBackend):
         self.adapters = {}
         self._hooks: list = []  # on each LoRA layer: the rows' adapter names (self._names) into its forward
         self._names: list[str] = []
+        self._uniform: list[str] | None = None  # the one adapter of every row of this forward ([]: none)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
@@ -232,7 +233,12 @@ class TransformersBackend(LLMBackend):
         them off each call, walking every module twice: 15% of a mixed step on the small model)."""
         if not self.adapters:
             return self.model(**kwargs)
-        self._names = [s.sampling.adapter or "__base__" for s in seqs]
+        names = [s.sampling.adapter for s in seqs]
+        # One adapter (or none) for every row, as in each prefill: PEFT's plain path for that adapter, as its own
+        # generate runs it (base + B(A(x)) * scale: no gather and scatter of rows, 3 ms less on the small model's
+        # first token); mixed rows: its mixed-batch path.
+        self._uniform = ([names[0]] if names[0] else []) if names.count(names[0]) == len(names) else None
+        self._names = [name or "__base__" for name in names]
         return self.model.get_base_model()(**kwargs)
 
     def _hook_lora_layers(self) -> None:
@@ -243,8 +249,11 @@ class TransformersBackend(LLMBackend):
         self._hooks = [m.register_forward_pre_hook(self._adapter_names, with_kwargs=True)
                        for m in self.model.modules() if isinstance(m, LoraLayer)] if self.adapters else []
 
-    def _adapter_names(self, _module, args, kwargs):
-        kwargs["adapter_names"] = self._names
+    def _adapter_names(self, module, args, kwargs):
+        if self._uniform is not None:
+            module._active_adapter = self._uniform  # what PEFT's set_adapter sets on each layer (no module walk)
+        else:
+            kwargs["adapter_names"] = self._names
         return args, kwargs
 
     def unsupported(self, sampling: Sampling) -> str | None:
