@@ -41,7 +41,8 @@ def hub_mesh(tmp_path, tiny_models):
     shutil.copytree(tiny_models["pytorch"], large)
     (large / "extra.bin").write_bytes(bytes(4 << 20))
     repos = {"zinfer/tiny-llama": tiny_models["pytorch"], "zinfer/tiny-llama-gguf": tiny_models["gguf_dir"],
-             "sentence-transformers/all-MiniLM-L6-v2": tiny_models["embedding"], "zinfer/tiny-llama-large": large}
+             "sentence-transformers/all-MiniLM-L6-v2": tiny_models["embedding"], "zinfer/tiny-llama-large": large,
+             "zinfer/tiny-lora-a": tiny_models["lora_a"]}
     # A second, Hub-compatible server that registrations name as model_hub "company" (the hub_endpoints setting):
     # the tiny Llama's GGUF in three parts.
     with HubServer(repos) as hub, HubServer({"acme/tiny-split": tiny_models["gguf_split_dir"]}) as company:
@@ -147,6 +148,22 @@ def test_model_id_launches_download_with_progress_then_run_offline(hub_mesh):
     c.launch_model(model_name="hub-minilm", model_type="embedding", model_uid="hub-emb")
     assert {uid: _greedy(m, uid) for uid in answers} == answers
     assert np.allclose(_vector(m, "hub-emb"), vector, atol=1e-6)
+
+
+def test_a_lora_adapter_named_by_hub_id_is_downloaded_at_load(hub_mesh, tiny_models):
+    c = hub_mesh.client
+    local = {"lora_list": [{"lora_name": "A", "local_path": str(tiny_models["lora_a"])}]}
+    hub = {"lora_list": [{"lora_name": "A", "local_path": "zinfer/tiny-lora-a"}]}
+    c.launch_model(model_name="local-llama", model_format="pytorch", model_uid="lora-local", peft_model_config=local)
+    c.launch_model(model_name="local-llama", model_format="pytorch", model_uid="lora-hub", peft_model_config=hub)
+    try:
+        assert hub_mesh.hub.served("adapter_model.safetensors")
+        cfg = {"max_tokens": 16, "temperature": 0, "ignore_eos": True, "lora_name": "A"}
+        texts = [c.get_model(uid).generate(PROMPT, cfg)["choices"][0]["text"] for uid in ("lora-local", "lora-hub")]
+        assert texts[0] == texts[1] != _greedy(hub_mesh, "lora-local")
+    finally:
+        c.terminate_model("lora-local")
+        c.terminate_model("lora-hub")
 
 
 def test_terminate_stops_a_download(hub_mesh):
