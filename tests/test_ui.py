@@ -424,3 +424,30 @@ def test_the_chat_playground_shows_reasoning_and_tool_calls(page, site, shots):
     page.get_by_role("button", name="Send").click()
     expect(page.get_by_role("alert")).to_contain_text("Tools: not valid JSON")
     assert page.errors == [], page.errors
+
+
+def test_lora_adapters_show_on_the_running_list_and_in_the_playground_menu(page, site, tiny_models, shots):
+    from playwright.sync_api import expect
+
+    site.client.load_lora("hf-long", "ui-lora", str(tiny_models["lora_a"]))
+    try:
+        sign_in(page, site, site.admin_api_key)
+        expect(page.locator('tr[data-uid="hf-long"] .loras')).to_have_text("LoRA: ui-lora")
+        expect(page.locator('tr[data-uid="ui-lora"]')).to_have_count(0)  # an adapter is no running model
+        page.screenshot(path=shots / "running-lora.png", full_page=True)
+        page.goto(site.gateway_url + "/#/playground?tab=chat&model=ui-lora")
+        expect(page.get_by_label("Model")).to_have_value("ui-lora")
+        expect(page.locator('option[value="ui-lora"]')).to_have_text("ui-lora (LoRA of hf-long)")
+        page.get_by_label("Temperature").fill("0")
+        page.get_by_label("Max tokens").fill("12")
+        page.get_by_label("Message").fill("Hello!")
+        page.get_by_role("button", name="Send").click()
+        turn = page.locator(".turn.assistant[data-done]")
+        expect(turn).to_have_count(1, timeout=60_000)
+        reply = site.client.get_model("hf-long").chat([{"role": "user", "content": "Hello!"}],
+                                                      {"temperature": 0, "max_tokens": 12, "lora_name": "ui-lora"})
+        expect(turn.locator(".answer")).to_have_text(reply["choices"][0]["message"]["content"])
+        page.screenshot(path=shots / "chat-lora.png", full_page=True)
+        assert not page.errors
+    finally:
+        site.client.unload_lora("hf-long", "ui-lora")
