@@ -67,6 +67,19 @@ def page(browser, site):
     context.close()
 
 
+def send_greedy(page, message: str):
+    """Send one chat message from the playground, greedy and 12 tokens at most; the answered turn."""
+    from playwright.sync_api import expect
+
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max tokens").fill("12")
+    page.get_by_label("Message").fill(message)
+    page.get_by_role("button", name="Send").click()
+    turn = page.locator(".turn.assistant[data-done]")
+    expect(turn).to_have_count(1, timeout=60_000)
+    return turn
+
+
 def sign_in(page, site, key: str) -> None:
     from playwright.sync_api import expect
 
@@ -221,12 +234,7 @@ def test_an_admin_registers_edits_launches_tries_and_removes_a_model(page, site,
     page.screenshot(path=shots / "launch.png", full_page=True)
 
     page.get_by_role("link", name="Try ui-llama").click()
-    page.get_by_label("Temperature").fill("0")
-    page.get_by_label("Max tokens").fill("12")
-    page.get_by_label("Message").fill("Hello!")
-    page.get_by_role("button", name="Send").click()
-    turn = page.locator(".turn.assistant[data-done]")
-    expect(turn).to_have_count(1, timeout=60_000)
+    turn = send_greedy(page, "Hello!")
     reply = site.client.get_model("ui-llama").chat([{"role": "user", "content": "Hello!"}],
                                                     {"temperature": 0, "max_tokens": 12})
     expect(turn.locator(".answer")).to_have_text(reply["choices"][0]["message"]["content"])  # as the client got it
@@ -438,12 +446,7 @@ def test_lora_adapters_show_on_the_running_list_and_in_the_playground_menu(page,
         page.goto(site.gateway_url + "/#/playground?tab=chat&model=ui-lora")
         expect(page.get_by_label("Model")).to_have_value("ui-lora")
         expect(page.locator('option[value="ui-lora"]')).to_have_text("ui-lora (LoRA of hf-long)")
-        page.get_by_label("Temperature").fill("0")
-        page.get_by_label("Max tokens").fill("12")
-        page.get_by_label("Message").fill("Hello!")
-        page.get_by_role("button", name="Send").click()
-        turn = page.locator(".turn.assistant[data-done]")
-        expect(turn).to_have_count(1, timeout=60_000)
+        turn = send_greedy(page, "Hello!")
         reply = site.client.get_model("hf-long").chat([{"role": "user", "content": "Hello!"}],
                                                       {"temperature": 0, "max_tokens": 12, "lora_name": "ui-lora"})
         expect(turn.locator(".answer")).to_have_text(reply["choices"][0]["message"]["content"])

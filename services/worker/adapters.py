@@ -110,34 +110,41 @@ def _check_peft(folder: Path, model: Path | None, refuse) -> None:
     weights = folder / PEFT_WEIGHTS
     if not weights.is_file():
         raise refuse(f"no {PEFT_WEIGHTS} in the folder (pickled .bin adapters are not loaded: they can run code)")
-    shapes = _safetensors_shapes([weights], refuse)
-    pairs: dict[str, dict[str, tuple]] = {}
-    for key, shape in shapes.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in key:
-                module = key.split(marker)[0].removeprefix(_PEFT_PREFIX)
-                pairs.setdefault(module, {})[part] = shape
+    pairs = _peft_pairs(_safetensors_shapes([weights], refuse))
     if not pairs:
         raise refuse(f"{PEFT_WEIGHTS} holds no lora_A / lora_B weights")
     base = _model_shapes(model, refuse) if model is not None else None
     rank = config.get("r") if not config.get("rank_pattern") else None
     for module, ab in sorted(pairs.items()):
-        a, b = ab.get("lora_A"), ab.get("lora_B")
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
-            raise refuse(f"{module}: lora_A and lora_B must both be matrices")
-        if a[0] != b[1]:
-            raise refuse(f"{module}: lora_A has rank {a[0]} but lora_B rank {b[1]}")
-        if rank is not None and a[0] != rank:
-            raise refuse(f"{module}: rank {a[0]}, but adapter_config.json says r={rank}")
-        if base is None:
-            continue
-        target = base.get(f"{module}.weight")
-        if target is None:
-            raise refuse(f"the model has no module {module!r} (an adapter for another architecture?)")
-        if len(target) != 2 or (target[1], target[0]) != (a[1], b[0]):
-            raise refuse(f"{module}: the adapter maps {a[1]} -> {b[0]} features, the model's weight is "
-                         f"{list(target)} (an adapter for another model size?)")
+        _check_peft_pair(module, ab.get("lora_A"), ab.get("lora_B"), rank, base, refuse)
+
+
+def _peft_pairs(shapes: dict[str, tuple]) -> dict[str, dict[str, tuple]]:
+    """{module: {"lora_A": shape, "lora_B": shape}} of a PEFT adapter's weights."""
+    pairs: dict[str, dict[str, tuple]] = {}
+    for key, shape in shapes.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                pairs.setdefault(key.split(marker)[0].removeprefix(_PEFT_PREFIX), {})[part] = shape
+    return pairs
+
+
+def _check_peft_pair(module: str, a, b, rank, base: dict | None, refuse) -> None:
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        raise refuse(f"{module}: lora_A and lora_B must both be matrices")
+    if a[0] != b[1]:
+        raise refuse(f"{module}: lora_A has rank {a[0]} but lora_B rank {b[1]}")
+    if rank is not None and a[0] != rank:
+        raise refuse(f"{module}: rank {a[0]}, but adapter_config.json says r={rank}")
+    if base is None:
+        return
+    target = base.get(f"{module}.weight")
+    if target is None:
+        raise refuse(f"the model has no module {module!r} (an adapter for another architecture?)")
+    if len(target) != 2 or (target[1], target[0]) != (a[1], b[0]):
+        raise refuse(f"{module}: the adapter maps {a[1]} -> {b[0]} features, the model's weight is "
+                     f"{list(target)} (an adapter for another model size?)")
 
 
 def _safetensors_shapes(files: list[Path], refuse) -> dict[str, tuple]:
