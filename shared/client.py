@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,13 @@ _monitor_ids = itertools.count()
 class _Connection:
     """One thread's DEALER to the broker, with a monitor that tells handshake failures and disconnects."""
 
-    __slots__ = ("sock", "monitor", "key", "endpoint", "state")
+    __slots__ = ("sock", "monitor", "key", "endpoint", "state", "waiting")
 
     def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, key: keys.KeyFile, endpoint: str):
         self.sock, self.monitor, self.key, self.endpoint = sock, monitor, key, endpoint
+        # The requests in flight on this socket (a stream left open while the thread makes another call): the
+        # messages that arrive for one while another is read wait here for it.
+        self.waiting: dict[bytes, deque] = {}
         self.state = MonitorState(
             refused=f"the broker at {endpoint} refused key {key.name!r} ({key.path}): it is unknown there or was "
                     "revoked; ask an admin for a key (`zinfer keys create NAME --role user`) and set "
@@ -156,9 +160,13 @@ class Client:
             send_frames(conn.sock, frames, zmq.NOBLOCK, copy=not buffers)
         except zmq.Again:
             raise Unavailable(f"the broker at {self.endpoint} is not reachable") from None
+        conn.waiting[req_id] = deque()
         return conn, req_id
 
     def _recv(self, conn: _Connection, req_id: bytes, timeout: float, what: str) -> tuple[bytes, Any, list]:
+        early = conn.waiting.get(req_id)
+        if early:
+            return read_reply(early.popleft())
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -173,7 +181,10 @@ class Client:
                                       f"the reply to {what}")
                 continue
             if len(frames) < 3 or frames[1] != req_id:
-                continue  # a late reply to an earlier, abandoned request
+                other = conn.waiting.get(frames[1]) if len(frames) >= 3 else None
+                if other is not None:  # for another request of this thread's, still open: kept for it
+                    other.append(frames)
+                continue  # else a late reply to an earlier, abandoned request
             return read_reply(frames)
 
     @staticmethod
@@ -207,8 +218,11 @@ class Client:
 
     def call_with_buffers(self, target, msg, timeout=None, buffers=()):
         conn, req_id = self._send(target, msg, buffers)
-        _cmd, reply, extra = self._recv(conn, req_id, self.timeout if timeout is None else timeout,
-                                        type(msg).__name__)
+        try:
+            _cmd, reply, extra = self._recv(conn, req_id, self.timeout if timeout is None else timeout,
+                                            type(msg).__name__)
+        finally:
+            conn.waiting.pop(req_id, None)
         return reply, extra
 
     def stream(self, target: str | bytes, msg: p.Msg, timeout: float | None = None) -> Iterator:
@@ -226,6 +240,7 @@ class Client:
                 if chunk is not None:
                     yield chunk
         finally:
+            conn.waiting.pop(req_id, None)
             if not done:
                 self._cancel(conn.sock, req_id)
 

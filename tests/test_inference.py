@@ -77,6 +77,17 @@ def test_raw_equality_llama_cpp(served, raw_llama):
         assert out["usage"]["prompt_tokens"] == raw["usage"]["prompt_tokens"]
 
 
+def test_a_call_while_a_stream_is_open_on_the_same_client_loses_no_chunk(served):
+    """One thread, one connection: the chunks that arrive while another call is read wait for the stream (they
+    were dropped, and the stream waited out its timeout for an end that had come)."""
+    model = served.client.get_model("hf")
+    whole = model.generate(PROMPT, {"max_tokens": 25, **GREEDY})["choices"][0]["text"]
+    stream = model.generate(PROMPT, {"max_tokens": 25, "stream": True, "stream_interval_ms": 0, **GREEDY})
+    first = next(stream)
+    assert "hf" in served.client.list_models()  # meanwhile the stream's other chunks arrive
+    assert first["choices"][0]["text"] + "".join(c["choices"][0]["text"] for c in stream) == whole
+
+
 @pytest.mark.parametrize("uid", ["hf", "gg"])
 def test_streaming_order_and_end(served, uid):
     model = served.client.get_model(uid)

@@ -18,9 +18,14 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def peft_config(models, gguf: bool = False) -> dict:
-    suffix = "_gguf" if gguf else ""
-    return {"lora_list": [{"lora_name": "A", "local_path": str(models[f"lora_a{suffix}"])},
-                          {"lora_name": "B", "local_path": str(models[f"lora_b{suffix}"])}]}
+    """Adapters A and B (PEFT) for hfl; their GGUF twins, named gA and gB, for ggl."""
+    suffix, prefix = ("_gguf", "g") if gguf else ("", "")
+    return {"lora_list": [{"lora_name": f"{prefix}A", "local_path": str(models[f"lora_a{suffix}"])},
+                          {"lora_name": f"{prefix}B", "local_path": str(models[f"lora_b{suffix}"])}]}
+
+
+def names(uid: str) -> list[str]:
+    return ["gA", "gB"] if uid == "ggl" else ["A", "B"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +93,8 @@ def llama_out(tiny_models):
 
 
 def served(m, uid: str, prompt: str, lora: str | None, **extra) -> str:
+    if uid == "ggl" and lora in ("A", "B"):
+        lora = "g" + lora
     cfg = {**GREEDY, **({"lora_name": lora} if lora else {}), **extra}
     return m.client.get_model(uid).generate(prompt, cfg)["choices"][0]["text"]
 
@@ -117,7 +124,7 @@ def test_mixed_concurrent_requests_each_get_their_own_adapter(lm, peft_out, llam
 def test_unknown_adapter_and_bad_scale_are_refused_by_name(lm):
     with pytest.raises(InvalidRequest) as err:
         served(lm, "hfl", "hello", "C")
-    assert err.value.field == "lora_name" and "A, B" in str(err.value)
+    assert err.value.field == "lora_name" and "(loaded: A, B)" in str(err.value)
     with pytest.raises(InvalidRequest) as err:
         served(lm, "ggl", "hello", "A", lora_scale=7)
     assert err.value.field == "lora_scale"
@@ -156,24 +163,46 @@ def test_run_time_load_then_unload(lm, tiny_models, peft_out, llama_out, uid):
     assert err.value.field == "lora_name"
     with pytest.raises(NotFound):
         c.unload_lora(uid, "B2")
-    assert [x["lora_name"] for x in c.list_loras(uid)] == ["A", "B"]
+    assert [x["lora_name"] for x in c.list_loras(uid)] == names(uid)
+
+
+def test_unloading_an_adapter_ends_the_requests_that_use_it_with_a_typed_error(lm, tiny_models, peft_out):
+    c = lm.client
+    c.load_lora("hfl", "gone", str(tiny_models["lora_a"]))
+    stream = c.get_model("hfl").generate("hello", {"max_tokens": 1900, "temperature": 0, "ignore_eos": True,
+                                                   "stream": True, "stream_interval_ms": 0, "lora_name": "gone"})
+    next(stream)  # running: 1,900 tokens take seconds
+    c.unload_lora("hfl", "gone")
+    with pytest.raises(InvalidRequest) as err:
+        for _ in stream:
+            pass
+    assert err.value.field == "lora_name" and "unloaded" in str(err.value)
+    assert served(lm, "hfl", PROMPTS[0], "A") == peft_out["A"][PROMPTS[0]]
 
 
 # ---------------------------------------------------------------- through the gateway, the CLI, xinference-client
 
 
-def test_openai_model_field_names_an_adapter(lm, tiny_models, peft_out):
+def test_openai_model_field_names_an_adapter(lm, tiny_models, peft_out, llama_out):
     import openai
     import requests
 
     from tests.test_gateway import oai
 
     client = oai(lm)
-    out = client.completions.create(model="hfl:A", prompt=PROMPTS[0], **GREEDY)
-    assert out.choices[0].text == peft_out["A"][PROMPTS[0]]
-    with pytest.raises(openai.BadRequestError) as err:  # A is an adapter of hfl and of ggl
-        client.completions.create(model="A", prompt=PROMPTS[0], **GREEDY)
-    assert "UID:A" in str(err.value)
+    assert client.completions.create(model="A", prompt=PROMPTS[0], **GREEDY).choices[0].text \
+        == peft_out["A"][PROMPTS[0]]
+    assert client.completions.create(model="hfl:B", prompt=PROMPTS[0], **GREEDY).choices[0].text \
+        == peft_out["B"][PROMPTS[0]]
+    for uid in ("hfl", "ggl"):  # one name, two models: the model field must say which
+        lm.client.load_lora(uid, "dup", str(tiny_models["lora_a_gguf" if uid == "ggl" else "lora_a"]))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="dup", prompt=PROMPTS[0], **GREEDY)
+    assert "UID:dup" in str(err.value)
+    assert client.completions.create(model="ggl:dup", prompt=PROMPTS[0], **GREEDY).choices[0].text \
+        == served(lm, "ggl", PROMPTS[0], "A")
+    for uid in ("hfl", "ggl"):
+        lm.client.unload_lora(uid, "dup")
     headers = {"Authorization": f"Bearer {lm.admin_api_key}"}
     reply = requests.post(f"{lm.gateway_url}/v1/load_lora_adapter", headers=headers, timeout=60,
                           json={"model": "hfl", "lora_name": "only", "lora_path": str(tiny_models["lora_b"])})
@@ -182,7 +211,8 @@ def test_openai_model_field_names_an_adapter(lm, tiny_models, peft_out):
     expected = lm.client.get_model("hfl").chat([{"role": "user", "content": "hi"}], {**GREEDY, "lora_name": "B"})
     assert out.choices[0].message.content == expected["choices"][0]["message"]["content"]
     listed = {m.id: m for m in client.models.list().data}
-    assert listed["only"].parent == "hfl" and listed["hfl:A"].parent == "hfl" and listed["ggl:A"].parent == "ggl"
+    assert listed["only"].parent == "hfl" and listed["A"].parent == "hfl" and listed["gA"].parent == "ggl"
+    assert listed["only"].root == str(tiny_models["lora_b"])
     reply = requests.post(f"{lm.gateway_url}/v1/unload_lora_adapter", headers=headers, timeout=60,
                           json={"lora_name": "only"})
     assert reply.status_code == 200, reply.text
@@ -282,4 +312,4 @@ def test_a_bad_run_time_adapter_is_refused_and_the_others_keep_serving(lm, bad_a
     assert err.value.field == "lora_path" and "'X'" in str(err.value)
     expected = (peft_out if uid == "hfl" else llama_out)["A"][PROMPTS[0]]
     assert served(lm, uid, PROMPTS[0], "A") == expected
-    assert [x["lora_name"] for x in lm.client.list_loras(uid)] == ["A", "B"]
+    assert [x["lora_name"] for x in lm.client.list_loras(uid)] == names(uid)
