@@ -388,8 +388,11 @@ class TransformersBackend(LLMBackend):
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         torch = self.torch
         enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        model = self.model
+        if self.adapters:  # embeddings come from the base model: no LoRA layer adds anything
+            self._uniform, model = [], self.model.get_base_model()
         with torch.inference_mode():
-            out = self.model(**enc, output_hidden_states=True)
+            out = model(**enc, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
