@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from zinfer.services.scheduler import events as ev
-from zinfer.services.scheduler.book import Model, Replica, WorkerState
+from zinfer.services.scheduler.book import LaunchBook, Model, Replica, WorkerState
 from zinfer.services.scheduler.core import Core
 from zinfer.services.scheduler.machine import LOADING, TRANSITIONS, Event, IllegalMove, Phase, next_phase
 from zinfer.shared import instances
@@ -311,3 +311,39 @@ def test_a_worker_that_says_ready_settles_a_launch_whose_answer_was_lost(tmp_pat
     core.post(then(RequestTimeout("no answer in 600 s")))
     core.ask(ev.Sync())
     assert core.models["m"].replicas[0].phase is Phase.READY and core.snapshot.views["m"].state == "ready"
+
+
+def test_adapters_loaded_at_run_time_become_part_of_the_launch_on_the_loop(tmp_path):
+    """A run-time LoRA load is recorded in every replica's load (what a restore or a move sends) and in the book;
+    an unload takes it out; only a ready LLM takes them."""
+    from zinfer.shared.models import LLMFamily, LLMSpec
+    from zinfer.shared.payloads import LoraAdapter
+
+    script = Script(tmp_path)
+    core = script.core
+    core.start()
+    script.report()
+    spec = LLMSpec(model_format="pytorch", model_size_in_billions=1, quantizations=["none"], model_id="x/llm")
+    family = LLMFamily(model_name="llm", model_lang=["en"], model_ability=["generate"], model_specs=[spec])
+    base = p.LoadInstance(model_uid="l", model_type="LLM", llm=family, spec=spec, quantization="none",
+                          incarnation=7)
+    core.ask(ev.Place(launch=p.LaunchModel(model_name="llm", model_uid="l"), base=base,
+                      found={"cpu": p.FileProbe(ok=True, memory=10)}, keep_alive=None))
+    with pytest.raises(ZinferError):  # still launching
+        core.ask(ev.Adapters("l"))
+    script.deliver()
+    script.report()
+    targets, loras = core.ask(ev.Adapters("l"))
+    assert targets == [("cpu", 0)] and loras == []
+    lora = LoraAdapter(lora_name="A", local_path="/a")
+    core.ask(ev.Adapters("l", add=lora))
+    assert core.models["l"].replicas[0].load.loras == [lora] and core.snapshot.views["l"].info.loras == [lora]
+    (record,) = LaunchBook(script.settings.home_path).load()  # written by the loop, in order
+    assert record.loads[0].loras == [lora]
+    core.ask(ev.Adapters("l", drop="A"))
+    assert core.models["l"].replicas[0].load.loras == []
+    script.place("e")
+    script.deliver()
+    script.report()
+    with pytest.raises(ZinferError):  # an embedding model takes no adapters
+        core.ask(ev.Adapters("e"))
