@@ -20,7 +20,8 @@ def make_tiny_models_cmd(
     small_llama: Annotated[bool, typer.Option(
         "--small-llama", help="Also a small random Llama (hidden 512, 8 layers, 104 MB F32) for benchmarks.")] = False,
 ) -> None:
-    """Build the tiny Llama (transformers, GGUF, GGML v3) and cross-encoder, and copy the MiniLM embedding model."""
+    """Build the tiny Llama (transformers, GGUF, GGML v3), two LoRA adapters of it (PEFT and GGUF) and the
+    cross-encoder, and copy the MiniLM embedding model."""
     from zinfer.shared.tinymodels import make_small_llama, make_tiny_models
 
     built = make_tiny_models(directory, force=force)
