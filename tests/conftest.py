@@ -140,6 +140,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if any(mark.name in LAYERS for mark in item.iter_markers()):
+            continue  # its module names its layer (test_scheduler_loop: core.start() is a thread, no process)
         module = item.module.__name__.rsplit(".", 1)[-1]
         defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
         if module in PACKAGING_MODULES:
