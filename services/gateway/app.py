@@ -104,23 +104,29 @@ class Gateway:
         self._uids, self._uids_at = {m.model_uid for m in models}, time.monotonic()
         self._loras = {m.model_uid: [x.lora_name for x in m.info.loras] for m in models if m.info.loras}
 
-    def _adapter_parent(self, name: str, body: dict) -> str | None:
-        """A `model` that names a LoRA adapter: `UID:ADAPTER`, or an ADAPTER name one launched model holds. Its
-        uid (the request goes there with lora_name set), or None when it names no adapter."""
+    def _adapter_of(self, name: str) -> tuple[str, str] | None:
+        """(uid, adapter) that a request's `model` names from what is known now: `UID:ADAPTER`, or an ADAPTER name
+        one launched model holds; None when it names no loaded adapter (two holders: a 400 asking for UID:)."""
         uid, colon, adapter = name.rpartition(":")
-        if colon and uid in self._uids:
-            held = self._loras.get(uid, [])
-            if adapter not in held:
+        if colon and adapter in self._loras.get(uid, []):
+            return uid, adapter
+        holders = [u for u, held in self._loras.items() if name in held]
+        if len(holders) > 1:
+            raise InvalidRequest(f"model {name!r}: LoRA adapter of {', '.join(sorted(holders))}; name one as "
+                                 f"UID:{name}", field="model")
+        return (holders[0], name) if holders else None
+
+    def _to_adapter(self, name: str, body: dict) -> str:
+        """The uid a `model` naming an adapter goes to, with lora_name set in the body; `name` itself when it
+        names none (a uid or a registration); a 400 for UID:ADAPTER of a model without that adapter."""
+        found = self._adapter_of(name)
+        if found is None:
+            uid, colon, adapter = name.rpartition(":")
+            if colon and uid in self._uids:
                 raise InvalidRequest(f"model {name!r}: {uid} has no LoRA adapter {adapter!r} (loaded: "
-                                     f"{', '.join(held) or 'none'})", field="model")
-        else:
-            holders = [u for u, held in self._loras.items() if name in held]
-            if not holders:
-                return None
-            if len(holders) > 1:
-                raise InvalidRequest(f"model {name!r}: LoRA adapter of {', '.join(sorted(holders))}; name one as "
-                                     f"UID:{name}", field="model")
-            uid, adapter = holders[0], name
+                                     f"{', '.join(self._loras.get(uid, [])) or 'none'})", field="model")
+            return name
+        uid, adapter = found
         if body.get("lora_name") not in (None, adapter):
             raise InvalidRequest(f"lora_name {body['lora_name']!r} and model {name!r} name different adapters",
                                  field="lora_name")
@@ -151,14 +157,11 @@ class Gateway:
         uid = body.get("model")
         if not isinstance(uid, str) or not uid:
             raise InvalidRequest("model is required (a launched model's uid)", field="model")
-        fresh = time.monotonic() - self._uids_at <= 5
-        if fresh and uid not in self._uids:
-            uid = self._adapter_parent(uid, body) or uid
-        if uid not in self._uids or not fresh:
+        if time.monotonic() - self._uids_at > 5 or (uid not in self._uids and self._adapter_of(uid) is None):
             reply, _ = await conn.call(p.SCHEDULER, p.ListModels(), self.timeout)
             self._remember(reply.models)
-            if uid not in self._uids:
-                uid = self._adapter_parent(uid, body) or uid
+        if uid not in self._uids:
+            uid = self._to_adapter(uid, body)
             if uid not in self._uids:
                 reply, _ = await conn.call(p.SCHEDULER, p.WakeModel(model_name=uid), self.settings.launch_timeout)
                 uid = body["model"] = reply.model_uid

@@ -216,7 +216,7 @@ class Scheduler:
     def load_lora(self, msg: p.LoadLora, ctx) -> p.Ok:
         """Load an adapter into every replica (each checks it against its model); all or none: a replica that
         refuses it has it unloaded from those that took it. Then the launch remembers it."""
-        targets = self._lora_targets(msg.model_uid, ctx, "LoadLora")
+        targets, _loras = self._lora_targets(msg.model_uid, ctx, "LoadLora")
         done = []
         try:
             for wid, index in targets:
@@ -236,22 +236,24 @@ class Scheduler:
                             f"replica{'s' if len(done) != 1 else ''})")
 
     def unload_lora(self, msg: p.UnloadLora, ctx) -> p.Ok:
-        targets = self._lora_targets(msg.model_uid, ctx, "UnloadLora")
+        targets, loras = self._lora_targets(msg.model_uid, ctx, "UnloadLora")
+        if msg.lora_name not in [x.lora_name for x in loras]:
+            raise NotFound(f"model {msg.model_uid!r} has no LoRA adapter named {msg.lora_name!r} (loaded: "
+                           f"{', '.join(x.lora_name for x in loras) or 'none'})", field="lora_name")
         self.core.ask(ev.Adapters(msg.model_uid, drop=msg.lora_name))  # first: a restart from now on lacks it
         for wid, index in targets:
             try:
                 self.bus.call(p.instance_service(wid, msg.model_uid, index), msg, timeout=60)
-            except NotFound as exc:
-                if exc.field == "lora_name" and len(targets) == 1:
-                    raise
+            except NotFound:
+                pass  # a replica that came back without it already
         log.info("lora_unloaded", model_uid=msg.model_uid, lora_name=msg.lora_name, caller=str(ctx.caller))
         return p.Ok(message=f"unloaded LoRA adapter {msg.lora_name!r} from {msg.model_uid}")
 
-    def _lora_targets(self, uid: str, ctx, what: str) -> list[tuple[str, int]]:
+    def _lora_targets(self, uid: str, ctx, what: str) -> tuple[list[tuple[str, int]], list]:
+        """(each replica's (worker, index), the launch's adapters) of a ready LLM, for an admin's call."""
         if ctx.caller.role != p.ADMIN:
             raise Forbidden(f"{what} is for admin keys, not {ctx.caller.role}", field="model_uid")
-        targets, _loras = self.core.ask(ev.Adapters(uid))
-        return targets
+        return self.core.ask(ev.Adapters(uid))
 
     # ------------------------------------------------------------------ terminate
 
