@@ -122,7 +122,7 @@ class StreamCrowd:
     handshake with the broker (a millisecond or more each), which a client pays once per connection, not per
     request; the sockets stay connected between runs."""
 
-    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int, ignore_eos: bool = False,
+    def __init__(self, mesh: Mesh, uid: str, prompts: list[str], max_tokens: int | list[int], ignore_eos: bool = False,
                  loras: list[str | None] | None = None):
         import zmq
 
@@ -134,9 +134,10 @@ class StreamCrowd:
         self.socks = [mesh.raw_socket(mesh.admin_key) for _ in prompts]
         loras = loras or [None] * len(prompts)  # the LoRA adapter each stream names (None: the base model)
         self.target = p.model_target(uid).encode()
+        counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         self.bodies = [p.encode(p.Generate(model_uid=uid, prompt=t, config=GenerateConfig(
-            max_tokens=max_tokens, temperature=0.0, stream=True, ignore_eos=ignore_eos, lora_name=lora)))
-            for t, lora in zip(prompts, loras, strict=True)]
+            max_tokens=count, temperature=0.0, stream=True, ignore_eos=ignore_eos, lora_name=lora)))
+            for t, lora, count in zip(prompts, loras, counts, strict=True)]
         self.runs = 0
         self.poller = zmq.Poller()
         for sock in self.socks:

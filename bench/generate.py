@@ -72,15 +72,17 @@ def raw_transformers(path, device, tokens, levels):
     return result
 
 
-def raw_llama_loop(path, prompts, tokens, device="cpu", ctx_per_seq=2048, repeat=3):
+def raw_llama_loop(path, prompts, tokens: int | list[int], device="cpu", ctx_per_seq=2048, repeat=3):
     """Raw llama.cpp through llama-cpp-python's low-level API, the best a server can do with it: every prompt a
     sequence of one context (its own ctx_per_seq cells, as the served backend), all prompts prefilled in one
     llama_decode, then one llama_decode per step for all sequences, greedy argmax, `tokens` each (EOS ignored).
     Threads, batch size and attention as the served backend (llama-cpp-python Llama's defaults). The Python
     between decodes is as lean as the served backend's (the batch's arrays fetched once, one argmax over a kept
     numpy view of the logits per step): on the tiny model a decode is ~45 us, and np.ctypeslib.as_array per
-    token alone would cost the baseline 3%. Best of `repeat` after a warm run; returns (tokens/s over all
-    sequences, ms to the first tokens)."""
+    token alone would cost the baseline 3%. `tokens` may give each sequence its own count: a sequence that has
+    its tokens leaves the batch and the others keep their sequence ids (as llama.cpp's server keeps a request in
+    its slot). Best of `repeat` after a warm run; returns (tokens/s over all sequences, ms to the first
+    tokens)."""
     import ctypes
     import os
 
@@ -112,13 +114,15 @@ def raw_llama_loop(path, prompts, tokens, device="cpu", ctx_per_seq=2048, repeat
         b_token[i], b_pos[i], b_nseq[i], b_logits[i] = token, pos, 1, logits
         b_seq[i][0] = seq
 
-    def argmax_rows():
+    lengths = tokens if isinstance(tokens, list) else [tokens] * n
+
+    def argmax_rows(rows):
         key = get_logits(ctx.ctx)
         view = views.get(key)
         if view is None:
             view = views[key] = np.frombuffer((ctypes.c_float * (n * n_vocab)).from_address(key),
                                               dtype=np.float32).reshape(n, n_vocab)
-        return view.argmax(axis=1).tolist()
+        return (view if rows == n else view[:rows]).argmax(axis=1).tolist()
 
     def once():
         llama_cpp.llama_memory_clear(memory, True)
@@ -132,15 +136,18 @@ def raw_llama_loop(path, prompts, tokens, device="cpu", ctx_per_seq=2048, repeat
         assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
         positions = [len(t) for t in ids]
         first = None
-        for step in range(tokens):
-            nxt = argmax_rows()  # row i: sequence i (the prefill's outputs are each prompt's last token)
+        active = list(range(n))  # the sequences of the last decode's rows, in row order
+        for step in range(max(lengths)):
+            nxt = argmax_rows(len(active))  # the prefill's outputs are each prompt's last token
             first = first or time.perf_counter() - start
-            if step == tokens - 1:
+            active = [(seq, token) for seq, token in zip(active, nxt, strict=True) if step < lengths[seq] - 1]
+            if not active:
                 break
-            for seq, token in enumerate(nxt):
-                put(seq, token, positions[seq], seq, True)
+            for i, (seq, token) in enumerate(active):
+                put(i, token, positions[seq], seq, True)
                 positions[seq] += 1
-            batch.n_tokens = n
+            active = [seq for seq, _ in active]
+            batch.n_tokens = len(active)
             assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
         return time.perf_counter() - start, first
 
@@ -149,7 +156,7 @@ def raw_llama_loop(path, prompts, tokens, device="cpu", ctx_per_seq=2048, repeat
     llama_cpp.llama_batch_free(batch)
     ctx.close()
     model.close()
-    return {"tok_s": n * tokens / el, "ttft_ms": first * 1000}
+    return {"tok_s": sum(lengths) / el, "ttft_ms": first * 1000}
 
 
 def served(mesh, uid, tokens, levels, ignore_eos=False):
@@ -170,14 +177,24 @@ def served(mesh, uid, tokens, levels, ignore_eos=False):
 
 
 def llama_rows(mesh, uid, path, device, tokens):
-    """llama.cpp served against the raw multi-sequence loop on the same model: 1 and 16 streams."""
+    """llama.cpp served against the raw multi-sequence loop on the same model: 1 and 16 streams; and 16 streams
+    of alternate lengths (tokens/4 and tokens), where half the slots empty early: llama.cpp decodes sequences in
+    one micro-batch only while their slots follow each other, so the raw loop's 8 survivors in alternate slots
+    decode one micro-batch each, where the served backend closes the holes (slots.py)."""
     raw1 = raw_llama_loop(path, PROMPTS[:1], tokens, device)
     raw16 = raw_llama_loop(path, PROMPTS[:16], tokens, device)
     s = served(mesh, uid, tokens, [16], ignore_eos=True)
+    mixed = [tokens // 4 if i % 2 == 0 else tokens for i in range(16)]
+    raw_mixed = raw_llama_loop(path, PROMPTS[:16], mixed, device)
+    crowd = StreamCrowd(mesh, uid, PROMPTS[:16], mixed, ignore_eos=True)
+    crowd.run()
+    served_mixed = max(n / el for el, n, _ in (crowd.run() for _ in range(3)))
     return {"raw_1": raw1["tok_s"], "raw_16": raw16["tok_s"], "served_1": s["tok_s_1"],
             "served_16": s["concurrent_16"], "ratio_1": round(s["tok_s_1"] / raw1["tok_s"], 3),
             "ratio_16": round(s["concurrent_16"] / raw16["tok_s"], 3),
-            "served_16_vs_1": round(s["concurrent_16"] / s["tok_s_1"], 2), "ttft_ms": s["ttft_ms"]}
+            "served_16_vs_1": round(s["concurrent_16"] / s["tok_s_1"], 2), "ttft_ms": s["ttft_ms"],
+            "raw_16_alternate_lengths": raw_mixed["tok_s"], "served_16_alternate_lengths": served_mixed,
+            "ratio_16_alternate_lengths": round(served_mixed / raw_mixed["tok_s"], 3)}
 
 
 def main() -> None:
@@ -265,6 +282,8 @@ def main() -> None:
             print(f"  served 1 stream {r['served_1']:,.0f} tok/s = {r['ratio_1']:.2f}x raw (target >= 0.95); "
                   f"16 streams {r['served_16']:,.0f} = {r['ratio_16']:.2f}x raw 16 (target >= 0.7), "
                   f"{r['served_16_vs_1']:.2f}x one served stream")
+            print(f"  16 streams of alternate lengths: raw loop (slots kept) {r['raw_16_alternate_lengths']:,.0f} "
+                  f"tok/s, served {r['served_16_alternate_lengths']:,.0f} = {r['ratio_16_alternate_lengths']:.2f}x")
     record("generate", report)
 
 

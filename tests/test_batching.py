@@ -196,6 +196,49 @@ def test_a_sequence_dropped_mid_batch_frees_its_slot_and_its_cache(tiny_models, 
         backend.close()
 
 
+@pytest.mark.parametrize("adapters", [False, True])
+def test_llama_cpp_sequences_moved_to_close_holes_decode_as_alone(tiny_models, adapters):
+    """Sequences of one adapter set stay in neighbouring slots (slots.py): when others end inside their run, or a
+    set's run has no free neighbour, sequences move to other slots, their caches copied by llama.cpp between
+    decodes. Churn over 6 slots (lengths that end at different steps, arrivals as slots free, with adapters
+    three sets): each set's slots are one run after every step, and every sequence's tokens equal its lone run."""
+    from zinfer.shared.payloads import LoraAdapter
+
+    backend = _backend("llama.cpp", tiny_models, slots=6)
+    try:
+        groups = [None]
+        if adapters:
+            for name in ("a", "b"):
+                backend.add_adapter(LoraAdapter(lora_name=name, local_path="-"), str(tiny_models[f"lora_{name}_gguf"]))
+            groups += ["a", "b"]
+        work = [(backend.tokenize(f"story {i} begins when the"), groups[i % len(groups)], 6 + 5 * (i % 4))
+                for i in range(14)]
+        lone = []
+        for i, (ids, group, n) in enumerate(work):
+            backend.add(i, ids, _greedy(n)._replace(adapter=group))
+            lone.append(_run(backend, {i: ids})[i])
+        got: dict[int, list[int]] = {}
+        waiting = list(range(len(work)))
+        moved = 0
+        while waiting or backend.active():
+            while waiting and backend.active() < backend.max_sequences:
+                i = waiting.pop(0)
+                backend.add(100 + i, work[i][0], _greedy(work[i][2])._replace(adapter=work[i][1]))
+            before = {seq.id: seq.slot for seq in backend._seqs.values()}
+            for o in backend.step():
+                got.setdefault(o.seq_id - 100, []).extend(o.tokens)
+            backend._close_holes()  # what the next step (or add) does first: sequences that ended leave no hole
+            moved += sum(1 for seq in backend._seqs.values() if before.get(seq.id, seq.slot) != seq.slot)
+            runs: dict = {}
+            for seq in backend._seqs.values():
+                runs.setdefault(seq.lora, []).append(seq.slot)
+            assert all(max(s) - min(s) + 1 == len(s) for s in runs.values()), runs
+        assert moved > 0  # the churn did move caches: what is compared below went through copies
+        assert [got[i] for i in range(len(work))] == lone
+    finally:
+        backend.close()
+
+
 def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_models):
     """Plain greedy sequences skip the sampler chain: one argmax over the step's output rows picks their tokens.
     A sequence given llama.cpp's greedy sampler chain instead picks the same tokens as the argmax's lone run, and

@@ -21,13 +21,13 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import heapq
 import os
 import random
 import threading
 
 import numpy as np
 
+from zinfer.services.worker.instance.backends import slots
 from zinfer.services.worker.instance.backends.base import (
     LLMBackend,
     LoadContext,
@@ -174,7 +174,8 @@ class LlamaCppBackend(LLMBackend):
         self.chat_template = meta.get("tokenizer.chat_template")
         self.bos_token = self._token_text(self.model.token_bos())
         self.eos_token = self._token_text(self.model.token_eos())
-        self._free_slots = list(range(self.max_sequences))  # a heap: the lowest free slot first
+        self._free_slots = set(range(self.max_sequences))
+        self._holes = False  # a sequence left: some adapter set's slots may no longer be one run
         self.adapters = {}
         self._lora_ptrs: dict[str, int] = {}
         self._applied: tuple[str, float] | None = None  # the adapter set on the context now
@@ -263,34 +264,44 @@ class LlamaCppBackend(LLMBackend):
         if sampling.adapter is not None:
             scale = sampling.adapter_scale
             lora = (sampling.adapter, self.adapters[sampling.adapter].lora_scale if scale is None else scale)
-        slot = self._slot_for(lora) if self._lora_ptrs else heapq.heappop(self._free_slots)
-        seq = _Seq(seq_id, slot, list(prompt_ids), sampler, sampling)
+        self._close_holes()
+        seq = _Seq(seq_id, self._slot_for(lora), list(prompt_ids), sampler, sampling)
         seq.lora = lora
+        self._free_slots.discard(seq.slot)
         self._seqs[seq_id] = seq
-        # The batch goes to llama_decode in slot order: with the sequences' slots descending, llama.cpp split it
-        # into one micro-batch per sequence (16 streams decoded at 0.15x their speed in ascending order).
+        self._sort()
+
+    def _sort(self) -> None:
+        """The sequences in slot order, as the batch goes to llama_decode: with the slots descending, llama.cpp split
+        it into one micro-batch per sequence (16 streams decoded at 0.15x their speed in ascending order)."""
         self._seqs = dict(sorted(self._seqs.items(), key=lambda item: item[1].slot))
 
     def _slot_for(self, lora: tuple[str, float] | None) -> int:
-        """A free slot for a sequence of this adapter set, keeping each set's slots in few runs of neighbours:
-        llama.cpp decodes a batch of sequences in one micro-batch only while their slots follow each other (16
-        streams of two adapters in alternate slots ran at 0.19x the speed of the same in two runs of 8). Each
-        adapter (the base model first) has a region of the slots, an equal share in the order they were loaded:
-        a sequence goes next to its set's own (upward first), else to the first free slot from its region's
-        start on (round the end)."""
-        free = set(self._free_slots)
-        mine = {seq.slot for seq in self._seqs.values() if seq.lora == lora}
-        beside = [s for s in free if s - 1 in mine or s + 1 in mine]
-        if beside:
-            slot = min(beside, key=lambda s: (s < min(mine), s))
-        else:
-            names = [None, *self.adapters]
-            n = self.max_sequences
-            origin = names.index(lora[0] if lora else None) * n // len(names)
-            slot = min(free, key=lambda s: (s - origin) % n)
-        self._free_slots.remove(slot)
-        heapq.heapify(self._free_slots)
+        """A free slot next to the adapter set's own (see slots.py), the sequences it moves moved first."""
+        slot, moves = slots.place({seq.slot: seq.lora for seq in self._seqs.values()}, lora, self.max_sequences)
+        self._move(moves)
         return slot
+
+    def _close_holes(self) -> None:
+        if self._holes:  # sequences ended since: their adapter sets' runs closed up again
+            self._holes = False
+            self._move(slots.compact({seq.slot: seq.lora for seq in self._seqs.values()}))
+
+    def _move(self, moves: slots.Moves) -> None:
+        """Sequences to free slots, each one's cache with it (llama.cpp copies the stream at the next decode)."""
+        if not moves:
+            return
+        at = {seq.slot: seq for seq in self._seqs.values()}
+        for src, dst in moves:
+            seq = at.pop(src)
+            if seq.pos:
+                self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+                self.lib.llama_memory_seq_rm(self.memory, src, -1, -1)
+            self._free_slots.discard(dst)
+            self._free_slots.add(src)
+            seq.slot = dst
+            at[dst] = seq
+        self._sort()
 
     def active(self) -> int:
         return len(self._seqs)
@@ -301,9 +312,11 @@ class LlamaCppBackend(LLMBackend):
             self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
             if seq.sampler is not None:
                 self.lib.llama_sampler_free(seq.sampler)
-            heapq.heappush(self._free_slots, seq.slot)
+            self._free_slots.add(seq.slot)
+            self._holes = True
 
     def step(self) -> list[StepOut]:
+        self._close_holes()
         n, rows = self._fill_batch(self._next_group())
         if n == 0:
             return []
