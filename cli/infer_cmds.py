@@ -1,9 +1,10 @@
-"""generate, chat, embed, rerank."""
+"""generate, chat, embed, rerank, transcribe."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -243,6 +244,34 @@ def rerank(
     print_table(["Score", "Index", "Document"], rows)
 
 
+def transcribe(
+    model_uid: Uid,
+    file: Annotated[Path, typer.Argument(help="The audio file (WAV, FLAC, MP3, OGG...).", exists=True,
+                                         dir_okay=False, readable=True)],
+    language: Annotated[str | None, typer.Option("--language", help="The speech's language (ISO-639-1, e.g. en); "
+                                                 "left out: the model tells.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Text to guide the style or carry on from.")] = None,
+    response_format: Annotated[str, typer.Option("--response-format", "-f",
+                                                 help="json, text, srt, verbose_json or vtt.")] = "text",
+    translate: Annotated[bool, typer.Option("--translate", help="The speech in English (multilingual models; "
+                                            "OpenAI's translations).")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy.")] = 0.0,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Speech to text with an audio model: prints the text (or subtitles, or the JSON)."""
+    audio = file.read_bytes()
+    with make_client(endpoint, timeout) as client:
+        handle = client.get_model(model_uid)
+        call = handle.translations if translate else handle.transcriptions
+        result = call(audio, language=language, prompt=prompt, response_format=response_format,
+                      temperature=temperature)
+    if isinstance(result, dict):
+        print_json(result)
+    else:
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+
+
 def install(app: typer.Typer) -> None:
-    for fn in (generate, chat, embed, rerank):
+    for fn in (generate, chat, embed, rerank, transcribe):
         command(app, fn)

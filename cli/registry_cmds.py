@@ -12,11 +12,11 @@ from zinfer.cli.common import Endpoint, Timeout, command, fail, make_client, pri
 from zinfer.shared.errors import NotFound
 from zinfer.shared.models import MODEL_TYPES
 
-ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM, embedding or rerank.")]
+ModelType = Annotated[str, typer.Option("--model-type", "-t", help="LLM, embedding, rerank or audio.")]
 
 
 def register(
-    model_type: Annotated[str | None, typer.Option("--model-type", "-t", help="LLM, embedding or rerank (with "
+    model_type: Annotated[str | None, typer.Option("--model-type", "-t", help="LLM, embedding, rerank or audio (with "
                                                    "--from-path: read from the files when left out).")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="The model definition (JSON).")] = None,
     from_path: Annotated[str | None, typer.Option(
@@ -93,7 +93,7 @@ def registrations(
 def registration(
     model_name: Annotated[str, typer.Argument(help="The model's name.")],
     model_type: Annotated[str | None, typer.Option(
-        "--model-type", "-t", help="LLM, embedding or rerank (default: whichever has the name).")] = None,
+        "--model-type", "-t", help="LLM, embedding, rerank or audio (default: whichever has the name).")] = None,
     endpoint: Endpoint = None,
     timeout: Timeout = None,
 ) -> None:
@@ -106,7 +106,7 @@ def registration(
                 continue
             print_json(definition)
             return
-    fail(f"model_name: no {model_type or 'LLM, embedding or rerank'} model named {model_name!r} is registered")
+    fail(f"model_name: no {model_type or 'LLM, embedding, rerank or audio'} model named {model_name!r} is registered")
 
 
 def unregister(

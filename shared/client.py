@@ -37,7 +37,7 @@ from zinfer.shared.buscore import (
 )
 from zinfer.shared.config import Settings, load_settings
 from zinfer.shared.errors import RequestTimeout, Unavailable
-from zinfer.shared.handles import EmbeddingHandle, LLMHandle, RerankHandle
+from zinfer.shared.handles import AudioHandle, EmbeddingHandle, LLMHandle, RerankHandle
 from zinfer.shared.transport import send_frames
 
 __all__ = ["Client", "as_plain"]
@@ -358,9 +358,11 @@ class Client:
         return self.describe_model(model_uid, timeout).get("loras", [])
 
     def get_model(self, model_uid: str) -> ModelHandle:
-        """A handle for inference: LLMHandle (generate, chat, create_embedding), EmbeddingHandle or RerankHandle."""
+        """A handle for inference: LLMHandle (generate, chat, create_embedding), EmbeddingHandle, RerankHandle or
+        AudioHandle (transcriptions, translations)."""
         view = self.describe_model(model_uid)
-        cls = {"embedding": EmbeddingHandle, "rerank": RerankHandle}.get(view["model_type"], LLMHandle)
+        cls = {"embedding": EmbeddingHandle, "rerank": RerankHandle, "audio": AudioHandle}.get(view["model_type"],
+                                                                                              LLMHandle)
         return cls(self, model_uid)
 
 

@@ -21,7 +21,7 @@ from zinfer.shared.errors import InvalidRequest
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str  # Xinference's model_engine name
     aliases: tuple[str, ...] = ()  # other spellings a launch may use (lower case)
-    model_type: Literal["LLM", "embedding", "rerank"]
+    model_type: Literal["LLM", "embedding", "rerank", "audio"]
     formats: tuple[str, ...] = ()  # the model_format values it runs (embedding and rerank: pytorch only)
     options: dict[str, Any] = {}  # EngineOptions fields only this engine reads -> default (None: worked out)
     generates: bool = False  # continuous_batching applies
@@ -56,6 +56,11 @@ ENGINES: tuple[EngineInfo, ...] = (
                files="hf_folder", memory="folder",
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.instance.backends.cross_encoder_backend:load"),
+    # Speech to text on transformers' speech-recognition pipeline (Whisper-style models): one step runs up to
+    # max_batch_size 30-second windows, of one request or several.
+    EngineInfo(name="transformers", model_type="audio", formats=("pytorch",), files="hf_folder", memory="folder",
+               options={"max_batch_size": 8, "batch_wait_ms": 0.0},
+               loader="zinfer.services.worker.instance.backends.speech_backend:load"),
 )
 
 

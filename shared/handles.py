@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from zinfer.shared import compat
+from zinfer.shared import compat, transcripts
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
     DESCRIBE,
@@ -68,6 +68,12 @@ class _Handle:
         raise InvalidRequest(f"model {self.model_uid!r} is not a rerank model: it cannot rerank; launch one with "
                              "--model-type rerank", field="model_uid")
 
+    def transcriptions(self, *args, **_kwargs) -> dict:
+        raise InvalidRequest(f"model {self.model_uid!r} is not an audio model: it cannot transcribe; launch one "
+                             "with --model-type audio", field="model_uid")
+
+    translations = transcriptions
+
     def create_embedding(self, input: str | list[str], timeout: float | None = None, *,
                          dimensions: int | None = None, encoding_format: str = "float") -> dict:
         """OpenAI's embeddings response; `dimensions` cuts unit-length vectors to fewer (renormalised);
@@ -127,6 +133,35 @@ class RerankHandle(_NotLLM):
                                    "return_documents": return_documents, "return_len": return_len, **kwargs})
         reply, _ = self._call(body.message(), timeout)
         return rerank_result(reply, body.texts, body.return_documents, body.return_len)
+
+    def create_embedding(self, *args, **_kwargs):
+        raise self.not_llm("embed")
+
+    embed_array = create_embedding
+
+
+class AudioHandle(_NotLLM):
+    """An audio model: speech to text (Xinference's AudioModelHandle: transcriptions, translations)."""
+
+    kind, use = "an audio", "transcriptions (zinfer transcribe)"
+
+    def transcriptions(self, audio: bytes, language: str | None = None, prompt: str | None = None,
+                       response_format: str = "json", temperature: float = 0, timestamp_granularities=None,
+                       timeout: float | None = None, task: str = "transcribe") -> dict | str:
+        """The audio file's text: a dict for response_format json ({"text"}) and verbose_json (with segments or
+        words), the text itself for text, srt and vtt."""
+        msg = transcripts.transcribe_message(self.model_uid, audio, task, language=language, prompt=prompt,
+                                             response_format=response_format, temperature=temperature,
+                                             timestamp_granularities=timestamp_granularities)
+        reply, _ = self._call(msg, timeout)
+        return transcripts.render(reply, response_format)[0]
+
+    def translations(self, audio: bytes, language: str | None = None, prompt: str | None = None,
+                     response_format: str = "json", temperature: float = 0, timestamp_granularities=None,
+                     timeout: float | None = None) -> dict | str:
+        """The audio's speech in English (multilingual models)."""
+        return self.transcriptions(audio, language, prompt, response_format, temperature, timestamp_granularities,
+                                   timeout, task="translate")
 
     def create_embedding(self, *args, **_kwargs):
         raise self.not_llm("embed")

@@ -123,6 +123,10 @@ def info_of(load) -> InstanceInfo:
     """What a launch's instance is (a protocol.LoadInstance): the scheduler's book and the worker's reports both
     take it from here."""
     spec, llm = load.spec, load.llm
+    if load.audio is not None:  # audio models: a transformers folder
+        return InstanceInfo(model_name=load.audio.model_name, model_type="audio", model_format="pytorch",
+                            quantization="none", model_ability=list(load.audio.model_ability),
+                            model_path=load.model_path)
     if load.rerank is not None:  # rerank models: pytorch, no quantization
         return InstanceInfo(model_name=load.rerank.model_name, model_type="rerank", model_format="pytorch",
                             quantization="none", model_ability=["rerank"],

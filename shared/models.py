@@ -1,5 +1,5 @@
 """Model definition schema: Xinference's custom-model JSON (LLM v1 and v2, embedding, rerank in its flat and its
-version 2 form) as msgspec Structs.
+version 2 form, audio) as msgspec Structs.
 
 The same Structs validate a user's JSON file and travel on the bus. `parse_as` turns user JSON into the internal
 form (`LLMFamily` / `EmbeddingFamily` / `RerankFamily`), collecting every problem as a `FieldProblem` that names
@@ -25,8 +25,9 @@ MODEL_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 SIZE_RE = re.compile(r"\A\d+(_\d+)?\Z")
 QUANTIZATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-ModelType = Literal["LLM", "embedding", "rerank"]
-MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding", "rerank")
+ModelType = Literal["LLM", "embedding", "rerank", "audio"]
+MODEL_TYPES: tuple[str, ...] = ("LLM", "embedding", "rerank", "audio")
+AudioAbility = Literal["audio2text", "text2audio"]  # speech to text (Whisper-style), text to speech (VITS-style)
 # Xinference's rerank types: `normal` runs on sentence-transformers' CrossEncoder; `unknown` is decided from the
 # tokenizer when the model loads; the LLM-based ones (FlagEmbedding's LLM rerankers) zinfer does not run yet.
 RerankType = Literal["normal", "LLM-based", "LLM-based layerwise", "unknown"]
@@ -234,7 +235,36 @@ class RerankFamily(_RerankCommon, kw_only=True):
         return self.model_specs[0]
 
 
-Definition = LLMFamily | EmbeddingFamily | RerankFamily
+class AudioFamily(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Xinference's custom audio JSON: one ability (audio2text: a transformers speech-recognition model such as
+    Whisper; text2audio: a transformers text-to-speech model such as VITS / MMS-TTS), its files in one folder."""
+
+    version: Literal[1, 2] = 2
+    model_name: str
+    model_family: str
+    model_ability: Annotated[list[AudioAbility], Meta(min_length=1, max_length=1)]
+    multilingual: bool | None = None  # False: an English-only model (no language or task is forced on it)
+    language: list[str] | None = None
+    # Xinference's options for its own engines' loading and decoding: kept as given (zinfer runs transformers' pipeline)
+    default_model_config: dict[str, Any] | None = None
+    default_transcription_config: dict[str, Any] | None = None
+    engine: str | None = None  # "transformers" or left out
+    # where the files are: a folder here (or on a worker's host), else a Hub repository
+    model_uri: str | None = None
+    model_id: str | None = None
+    model_hub: str | None = None
+    model_revision: str | None = None
+    model_description: str | None = None
+    virtualenv: VirtualEnv | None = None
+    cache_config: dict[str, Any] | str | None = None
+    is_builtin: bool | None = None
+
+    @property
+    def ability(self) -> str:
+        return self.model_ability[0]
+
+
+Definition = LLMFamily | EmbeddingFamily | RerankFamily | AudioFamily
 
 
 class FieldProblem(msgspec.Struct, frozen=True):
@@ -421,7 +451,8 @@ def parse_rerank(obj: dict) -> RerankFamily:
     return RerankFamily(**common, version=1, model_specs=[spec])
 
 
-PARSERS = {"LLM": parse_llm, "embedding": parse_embedding, "rerank": parse_rerank}
+PARSERS = {"LLM": parse_llm, "embedding": parse_embedding, "rerank": parse_rerank,
+           "audio": lambda obj: _convert(obj, AudioFamily)}
 
 
 def parse_as(model_type: str, obj: dict) -> Definition:
@@ -456,6 +487,8 @@ def definition_to_json(definition: Definition) -> dict[str, Any]:
                 spec.setdefault("quantization", "none")
             out["version"] = 2
         return out
+    if isinstance(definition, AudioFamily):
+        return {**msgspec.to_builtins(definition), "version": definition.version}
     if isinstance(definition, RerankFamily):
         out = msgspec.to_builtins(definition)
         if definition.version == 1:  # the flat form it came in

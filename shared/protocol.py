@@ -12,26 +12,36 @@ it: the broker writes it. Services check it against ALLOWED_ROLES before a handl
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from zinfer.shared.instances import DeviceInfo, InstanceReport, InstanceView
 from zinfer.shared.message import Error, Msg
-from zinfer.shared.models import EmbeddingFamily, LLMFamily, LLMSpec, ModelType, RerankFamily
+from zinfer.shared.models import AudioFamily, EmbeddingFamily, LLMFamily, LLMSpec, ModelType, RerankFamily
 from zinfer.shared.payloads import (
-    ChatChoice,
-    ChatDeltaChoice,
-    ChatMessage,
-    ChatOptions,
-    CompletionChoice,
     EngineOptions,  # noqa: F401 - part of this module's vocabulary (p.EngineOptions)
     EngineValue,
-    GenerateConfig,
     LoraAdapter,
     PeftModelConfig,
-    Usage,
+)
+from zinfer.shared.serving import (
+    MAX_AUDIO_BYTES,  # noqa: F401 - p.MAX_AUDIO_BYTES
+    Chat,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    Embed,
+    Embedding,
+    Generate,
+    RenderChat,
+    RenderedChat,
+    Rerank,
+    RerankItem,  # noqa: F401 - p.RerankItem
+    RerankResult,
+    Transcribe,
+    Transcription,
 )
 
 BROKER_TARGET = b"broker"  # requests addressed to the broker itself (its status)
@@ -208,6 +218,7 @@ class LoadInstance(Msg, kw_only=True):
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
     rerank: RerankFamily | None = None
+    audio: AudioFamily | None = None
     memory_estimate: int = 0
     options: EngineOptions = msgspec.field(default_factory=EngineOptions)
     model_path: str = ""  # launched by path (LaunchModel.model_path): shown in the instance's view
@@ -241,6 +252,7 @@ class ProbeFiles(Msg, kw_only=True):
     quantization: str | None = None
     embedding: EmbeddingFamily | None = None
     rerank: RerankFamily | None = None
+    audio: AudioFamily | None = None
     read_context: bool = False  # a launch by model_path: say the files' context length (FileProbe.context_length)
     loras: list[LoraAdapter] = []  # the launch's adapters: here, and fitting the model? (their size counts)
 
@@ -253,50 +265,12 @@ class FindPaths(Msg, kw_only=True):
     files: list[str] = []
 
 
-class Generate(Msg, kw_only=True):
-    model_uid: str
-    prompt: str
-    config: GenerateConfig = msgspec.field(default_factory=GenerateConfig)
-
-
-class Chat(Msg, kw_only=True):
-    model_uid: str
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    config: GenerateConfig = msgspec.field(default_factory=GenerateConfig)
-    options: ChatOptions = msgspec.field(default_factory=ChatOptions)
-
-
-class RenderChat(Msg, kw_only=True):
-    """The prompt a chat would get (the model's template with these messages and tools) and its token ids,
-    without generating: for people debugging templates."""
-
-    model_uid: str
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    options: ChatOptions = msgspec.field(default_factory=ChatOptions)
-
-
-class Embed(Msg, kw_only=True):
-    model_uid: str
-    input: list[str]
-    # Fewer dimensions than the model makes: each vector cut to its first `dimensions` and renormalised, for
-    # models whose vectors are unit length (the worker refuses it for others).
-    dimensions: Annotated[int, Meta(ge=1)] | None = None
-
-
-class Rerank(Msg, kw_only=True):
-    """Score each document's relevance to the query; the reply lists them best first, cut to top_n."""
-    model_uid: str
-    query: str
-    documents: list[str]
-    top_n: Annotated[int, Meta(ge=1)] | None = None
-
-
 Request = (
     Ping | RegisterModel | ListRegistrations | GetRegistration | UnregisterModel | RegistryStatus
     | LaunchModel | WakeModel | KeepAlive | ListModels | DescribeModel | TerminateModel | InstancesOf
     | SchedulerStatus | WorkerReport
     | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank | RenderChat
-    | LoadLora | UnloadLora
+    | LoadLora | UnloadLora | Transcribe
 )
 
 # ---------------------------------------------------------------- replies
@@ -334,6 +308,7 @@ class Registration(Msg, kw_only=True):
     llm: LLMFamily | None = None  # with GetRegistration.resolved: the definition, typed and complete
     embedding: EmbeddingFamily | None = None
     rerank: RerankFamily | None = None
+    audio: AudioFamily | None = None
 
 
 class CorruptFile(Struct, kw_only=True):
@@ -385,38 +360,6 @@ class BrokerStatusReply(Msg, kw_only=True):
     caller: str = ""  # who asked, as the broker stamps it ("<role> <principal>"): the gateway's /v1/whoami
 
 
-class _Completions(Msg, kw_only=True):
-    """What OpenAI's completion replies share; each adds its `object` and its `choices`."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    usage: Usage | None = None
-
-
-class Completion(_Completions, kw_only=True):
-    object: str = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ChatCompletion(_Completions, kw_only=True):
-    object: str = "chat.completion"
-    choices: list[ChatChoice]
-
-
-class ChatCompletionChunk(_Completions, kw_only=True):
-    object: str = "chat.completion.chunk"
-    choices: list[ChatDeltaChoice]
-
-
-class RenderedChat(Msg, kw_only=True):
-    model: str
-    prompt: str
-    token_ids: list[int]
-    template_source: str  # where the template came from: registration, family, prompt_style, model
-
-
 class PathsFound(Msg, kw_only=True):
     """For FindPaths: each path found -> the hosts that have it (a folder as a folder, a file as a file), and
     the hosts that were asked."""
@@ -440,30 +383,10 @@ class FileProbe(Msg, kw_only=True):
     context_length: int = 0  # with ProbeFiles.read_context: config.json's or the GGUF's (0: they do not say)
 
 
-class Embedding(Msg, kw_only=True):
-    """Embeddings travel as one raw float32 frame (rows x dimensions) after the body, not as lists."""
-
-    model: str
-    rows: int
-    dimensions: int
-    prompt_tokens: int
-
-
-class RerankItem(Struct, array_like=True):
-    index: int  # the document's place in the request
-    relevance_score: float
-
-
-class RerankResult(Msg, kw_only=True):
-    model: str
-    results: list[RerankItem]  # best first, at most top_n
-    input_tokens: int  # the query-document pairs' tokens, as the model saw them (truncated at max_tokens)
-
-
 Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
-    | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound | RenderedChat
+    | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound | RenderedChat | Transcription
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -492,6 +415,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Embed: (Embedding,),
     Rerank: (RerankResult,),
     RenderChat: (RenderedChat,),
+    Transcribe: (Transcription,),
     LoadLora: (Ok,),
     UnloadLora: (Ok,),
 }
@@ -508,7 +432,8 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     **dict.fromkeys((WorkerReport, LoadInstance, UnloadInstance, ProbeFiles, FindPaths), SERVICES),
     # WakeModel: the scheduler also checks load_on_request_roles; KeepAlive: keep_alive_roles
     **dict.fromkeys((Ping, ListRegistrations, GetRegistration, RegistryStatus, WakeModel, KeepAlive, ListModels,
-                     DescribeModel, InstancesOf, SchedulerStatus, Generate, Chat, Embed, Rerank, RenderChat), ANYONE),
+                     DescribeModel, InstancesOf, SchedulerStatus, Generate, Chat, Embed, Rerank, RenderChat,
+                     Transcribe), ANYONE),
 }
 
 # ---------------------------------------------------------------- codec

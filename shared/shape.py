@@ -11,6 +11,7 @@ from zinfer.shared.models import (
     QUANTIZATION_RE,
     SERVED_ABILITIES,
     SIZE_RE,
+    AudioFamily,
     Definition,
     EmbeddingFamily,
     FieldProblem,
@@ -43,8 +44,10 @@ def _common_problems(definition: Definition, hubs_allowed: tuple[str, ...] = ())
     else:
         env = msgspec.to_builtins(definition.virtualenv) if definition.virtualenv is not None else None
         builtin = definition.is_builtin
-        specs = definition.model_specs or []
-        if definition.version == 2:
+        specs = getattr(definition, "model_specs", None) or []
+        if isinstance(definition, AudioFamily):  # flat in both versions
+            hubs = [("model_hub", definition.model_hub)]
+        elif definition.version == 2:
             hubs = [(f"model_specs[{i}].model_hub", s.model_hub) for i, s in enumerate(specs)]
         else:  # the flat forms: the place is at the top
             hubs = [("model_hub", specs[0].model_hub if isinstance(definition, RerankFamily) else
@@ -73,7 +76,8 @@ def shape_problems(definition: Definition, hubs_allowed: tuple[str, ...] = ()) -
     if name_problem:
         problems.append(name_problem)
     problems += _common_problems(definition, hubs_allowed)
-    by_type = {EmbeddingFamily: _embedding_problems, RerankFamily: _rerank_problems, LLMFamily: _llm_problems}
+    by_type = {EmbeddingFamily: _embedding_problems, RerankFamily: _rerank_problems, LLMFamily: _llm_problems,
+               AudioFamily: _audio_problems}
     return problems + by_type[type(definition)](definition)
 
 
@@ -92,6 +96,16 @@ def _embedding_problems(definition: EmbeddingFamily) -> list[FieldProblem]:
                                          "spec names its file's quantization (letters, digits, '_', '.', '-')"))
         problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
                                    spec.model_file_name_split_template, spec.quantization_parts, [spec.quantization])
+    return problems
+
+
+def _audio_problems(definition: AudioFamily) -> list[FieldProblem]:
+    problems = []
+    if not definition.model_uri and not definition.model_id:
+        problems.append(FieldProblem("model_id", "required when model_uri is not given"))
+    if definition.engine is not None and definition.engine.lower() != "transformers":
+        problems.append(FieldProblem("engine", f"{definition.engine!r}: zinfer runs audio models on transformers "
+                                     "(leave engine out, or \"transformers\")"))
     return problems
 
 

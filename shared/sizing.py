@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from zinfer.shared import engines
-from zinfer.shared.models import EmbeddingFamily, LLMSpec, RerankFamily, size_in_billions
+from zinfer.shared.models import AudioFamily, EmbeddingFamily, LLMSpec, RerankFamily, size_in_billions
 
 OVERHEAD = 1.2  # activations, KV cache, allocator slack
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -64,7 +64,8 @@ def estimate_memory(spec: LLMSpec | None, quantization: str | None, family: Embe
     folder, or the gguf/ggml file), else from its parameters; by the rule of the engine that runs it. `family`:
     an embedding or rerank model (no spec)."""
     if family is not None:
-        model_type = "rerank" if isinstance(family, RerankFamily) else "embedding"
+        model_type = "rerank" if isinstance(family, RerankFamily) else "audio" if isinstance(family, AudioFamily) \
+            else "embedding"
         engine = engines.for_model(model_type, engines.model_format(model_type, family))
         return SIZERS[engine.memory](family, device_kind, path)
     return SIZERS[engines.for_model("LLM", spec.model_format).memory](spec, quantization, device_kind, path)

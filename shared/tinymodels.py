@@ -401,7 +401,8 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
     in root/gguf-spm; the F32 GGUF split in three parts (root/gguf-split); a tiny sentence-transformers BERT
     (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf); two LoRA adapters of the tiny
-    Llama (root/lora: PEFT folders a and b, and their GGUF LoRA files)."""
+    Llama (root/lora: PEFT folders a and b, and their GGUF LoRA files); a tiny Whisper and its English-only twin
+    (root/tiny-whisper, root/tiny-whisper-en: shared/tinyaudio.py)."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -427,7 +428,10 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
         embed_gguf.parent.mkdir(parents=True, exist_ok=True)
         convert_bert_to_gguf(embedder, embed_gguf.with_suffix(".tmp")).rename(embed_gguf)
     loras = make_lora_adapters(root, hf_dir, force)
-    return {"rerank": reranker, **tools, **loras, "gguf_split_dir": split, "embedder": embedder,
+    from zinfer.shared.tinyaudio import make_tiny_audio
+
+    audio = make_tiny_audio(root, force)
+    return {"rerank": reranker, **tools, **loras, **audio, "gguf_split_dir": split, "embedder": embedder,
             "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

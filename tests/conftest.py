@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.mesh import Mesh
+from zinfer.shared import keys
 from zinfer.shared.tinymodels import CHAT_TEMPLATE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,6 +99,7 @@ def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launc
         m.start_all()
         if gateway:
             m.start_gateway()
+            m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))  # what HTTP clients send
         c = m.client
         c.register_model("LLM", llm_definition(tiny_models, **(llm or {})))
         c.register_model("LLM", llm_definition(tiny_models, "long-context", context_length=8192))

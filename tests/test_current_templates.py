@@ -14,7 +14,6 @@ from xinference_client import RESTfulClient
 
 from tests.conftest import served_mesh
 from tests.test_dropin import cli
-from zinfer.shared import keys
 
 VENV = {"packages": [], "inherit_pip_config": True, "index_url": None, "extra_index_url": None, "find_links": None,
         "trusted_host": None, "no_build_isolation": None}
@@ -49,7 +48,6 @@ def as_written(template: dict, folder, **changes) -> dict:
 @pytest.fixture(scope="module")
 def xm(tmp_path_factory, tiny_models):
     with served_mesh(tmp_path_factory, tiny_models, "current", [], gateway=True) as m:
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.templates = {"LLM": as_written(LLM, tiny_models["pytorch"]),
                        "embedding": as_written(EMBEDDING, tiny_models["embedding"], dimensions=384),
                        "rerank": as_written(RERANK, tiny_models["rerank"])}

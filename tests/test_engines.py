@@ -23,10 +23,10 @@ def test_every_engine_option_has_exactly_one_engine():
     fields = set(p.EngineOptions.__struct_fields__)
     assert set(owners) | GENERIC == fields and not set(owners) & GENERIC
     # one engine name each (sentence_transformers runs embedding and rerank models, with the same options), but
-    # the batching options every embedding engine reads
+    # the batching options every embedding engine (and the audio one) reads
     batching = {"max_batch_size", "max_batch_tokens", "batch_wait_ms"}
     assert all(len(set(names)) == 1 for name, names in owners.items() if name not in batching), owners
-    assert set(owners["max_batch_size"]) == {"sentence_transformers", "llama.cpp"}
+    assert set(owners["max_batch_size"]) == {"sentence_transformers", "llama.cpp", "transformers"}
 
 
 def test_every_format_and_type_has_an_engine_whose_loader_exists():

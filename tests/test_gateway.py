@@ -31,7 +31,6 @@ GREEDY = {"temperature": 0}
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, tiny_models):
     with served_mesh(tmp_path_factory, tiny_models, "gateway", ["hf", "gg", "hf-long", "emb"], gateway=True) as m:
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 

@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import served_mesh
 from tests.test_dropin import cli
 from tests.test_gateway import oai
-from zinfer.shared import keys
 from zinfer.shared.errors import InvalidRequest, NotFound, TooLarge
 from zinfer.shared.tinymodels import SPLIT_PARTS, SPLIT_TEMPLATE
 
@@ -45,7 +44,6 @@ def split_llm(models, name: str = "tiny-split", parts: list[str] | None = None) 
 @pytest.fixture(scope="module")
 def gm(tmp_path_factory, tiny_models):
     with served_mesh(tmp_path_factory, tiny_models, "gguf", ["gg"], gateway=True) as m:
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.client.register_model("embedding", gguf_embedding(tiny_models))
         m.client.launch_model(model_name="tiny-embed-gguf", model_type="embedding", model_uid="ge")
         yield m

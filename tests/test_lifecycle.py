@@ -80,7 +80,6 @@ def test_the_cap_picks_the_least_recently_used_idle_instance_and_never_a_busy_on
 @pytest.fixture(scope="module")
 def life(tmp_path_factory, tiny_models):
     with served_mesh(tmp_path_factory, tiny_models, "lifecycle", [], gateway=True) as m:
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import served_mesh
-from zinfer.shared import keys
 from zinfer.shared.errors import Conflict, InvalidRequest, NotFound
 
 PROMPTS = ["Once upon a time", "The blue whale is", "Hello, how are you", "Numbers: 0 1 2"]
@@ -35,7 +34,6 @@ def lm(tmp_path_factory, tiny_models):
                 ("ggl", dict(model_name="custom-llama-2", model_format="ggufv2", quantization="F32",
                              peft_model_config=peft_config(tiny_models, gguf=True)))]
     with served_mesh(tmp_path_factory, tiny_models, "lora", launches, gateway=True) as m:
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         yield m
 
 

@@ -20,7 +20,7 @@ from tests.conftest import LAUNCHES, rerank_definition, served_mesh
 from tests.mesh import REPO
 from zinfer.services.registry.validate import validate
 from zinfer.services.worker.instance.backends.cross_encoder_backend import detect_type
-from zinfer.shared import compat, keys
+from zinfer.shared import compat
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest, TooLarge
 from zinfer.shared.models import DefinitionError, RerankFamily, definition_to_json, parse_rerank
@@ -147,7 +147,6 @@ def rr(tmp_path_factory, tiny_models):
         for launch in launches:
             uid, args = (launch, LAUNCHES[launch]) if isinstance(launch, str) else launch
             m.client.launch_model(model_uid=uid, **args)
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         yield m
 
 

@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 from xinference_client import RESTfulClient
 
 from tests.conftest import served_mesh
-from zinfer.shared import keys
 from zinfer.shared import tinytools as tt
 
 ENGINES = {"tt": dict(model_name="tool-llama", model_format="pytorch"),
@@ -44,7 +43,6 @@ def gw(tmp_path_factory, tiny_models):
         c.register_model("LLM", tt.gguf_registration("tool-llama-gguf", tiny_models["tools_gguf"]))
         for uid, args in ENGINES.items():
             c.launch_model(model_uid=uid, **args)
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.tok = AutoTokenizer.from_pretrained(str(tiny_models["tools_pytorch"]))
         yield m
 

@@ -27,7 +27,6 @@ def site(tmp_path_factory, tiny_models):
         m.client.register_model("LLM", llm_definition(tiny_models, "xss-model", model_description=XSS))
         m.client.register_model("LLM", tinytools.registration("tool-llama", tiny_models["tools_pytorch"]))
         m.client.launch_model(model_name="tool-llama", model_uid="tools", model_format="pytorch")
-        m.admin_api_key = keys.api_key_of(keys.read_key_file(m.admin_key))
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 

@@ -9,6 +9,7 @@ import msgspec
 
 from zinfer.shared.config import CONFIG_DIR
 from zinfer.shared.models import (
+    AudioFamily,
     EmbeddingFamily,
     LLMFamily,
     PromptStyle,
@@ -70,8 +71,15 @@ def builtin_reranks() -> dict[str, RerankFamily]:
     return {d["model_name"]: parse_rerank(d) for d in raw}
 
 
+@lru_cache(maxsize=1)
+def builtin_audios() -> dict[str, AudioFamily]:
+    raw = json.loads((CONFIG_DIR / "builtin_audio.json").read_text())
+    return {d["model_name"]: msgspec.convert(d, AudioFamily) for d in raw}
+
+
 def builtins(model_type: str) -> dict:
-    return {"LLM": builtin_llms, "embedding": builtin_embeddings, "rerank": builtin_reranks}[model_type]()
+    return {"LLM": builtin_llms, "embedding": builtin_embeddings, "rerank": builtin_reranks,
+            "audio": builtin_audios}[model_type]()
 
 
 def resolve_prompt_style(family: LLMFamily) -> PromptStyle | None:

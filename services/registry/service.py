@@ -15,10 +15,8 @@ from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from zinfer.shared.models import (
     Definition,
     DefinitionError,
-    EmbeddingFamily,
     FieldProblem,
     LLMFamily,
-    RerankFamily,
     decode_json_object,
     definition_to_json,
     parse_as,
@@ -50,13 +48,17 @@ def _name_of(model: str) -> str | None:
 
 
 def summary(model_type: str, d: Definition, is_builtin: bool) -> p.RegistrationSummary:
-    if isinstance(d, EmbeddingFamily):
+    if model_type == "embedding":
         return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                      model_lang=list(d.language), dimensions=d.dimensions, max_tokens=d.max_tokens)
-    if isinstance(d, RerankFamily):
+    if model_type == "rerank":
         return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                      model_format=["pytorch"], model_ability=["rerank"], model_lang=list(d.language),
                                      max_tokens=d.max_tokens, rerank_type=d.type)
+    if model_type == "audio":
+        return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
+                                     model_format=["pytorch"], model_ability=list(d.model_ability),
+                                     model_family=d.model_family, model_lang=list(d.language or []))
     formats = list(dict.fromkeys(s.model_format for s in d.model_specs))
     return p.RegistrationSummary(model_type=model_type, model_name=d.model_name, is_builtin=is_builtin,
                                  model_format=formats, model_ability=list(d.model_ability),
@@ -160,13 +162,10 @@ class Registry:
         definition, is_builtin = self.lookup(msg.model_type, msg.model_name)
         reply = p.Registration(model_type=msg.model_type, is_builtin=is_builtin,
                                definition=definition_to_json(definition))
-        if msg.resolved and isinstance(definition, LLMFamily):
-            # Self-contained for the workers: the family's prompt style and chat template resolved here.
-            reply.llm = catalog.resolved(definition)
-        elif msg.resolved and isinstance(definition, RerankFamily):
-            reply.rerank = definition
-        elif msg.resolved:
-            reply.embedding = definition
+        if msg.resolved:  # typed, in the field of its type (llm, embedding, rerank, audio)
+            # Self-contained for the workers: an LLM's family prompt style and chat template resolved here.
+            setattr(reply, msg.model_type.lower(),
+                    catalog.resolved(definition) if isinstance(definition, LLMFamily) else definition)
         return reply
 
     def unregister_model(self, msg: p.UnregisterModel, ctx) -> p.Ok:

@@ -10,6 +10,7 @@ from zinfer.services.registry import catalog
 from zinfer.shared import toolcalls
 from zinfer.shared.models import (
     MODEL_TYPES,
+    AudioFamily,
     Definition,
     DefinitionError,
     EmbeddingFamily,
@@ -74,6 +75,9 @@ def _uri_field(family: Definition, i: int) -> str:
 def _local_paths(family: Definition) -> list[tuple[str, str, bool, list[str]]]:
     """(field, path, wants a file, the template's file names) of each model_uri that names a local path."""
     out = []
+    if isinstance(family, AudioFamily):
+        path = uri_to_path(family.model_uri) if family.model_uri else None
+        return [("model_uri", path, False, [])] if path else []
     specs = [family.spec.as_llm_spec()] if isinstance(family, EmbeddingFamily) else family.model_specs
     for i, spec in enumerate(specs):
         uri = spec.model_uri
@@ -218,6 +222,9 @@ def looks_like(obj: dict) -> tuple[str, str] | None:
     the fields one type has count (an LLM's model_ability, an embedding's dimensions, a rerank's language)."""
     if "dimensions" in obj:
         return "embedding", "dimensions"
+    abilities = obj.get("model_ability")
+    if isinstance(abilities, list) and {"audio2text", "text2audio"} & set(map(str, abilities)):
+        return "audio", f"model_ability {abilities}"
     if "model_ability" in obj or "model_lang" in obj:
         return "LLM", "model_ability" if "model_ability" in obj else "model_lang"
     if "language" in obj and "type" in obj:
@@ -251,6 +258,8 @@ def validate(model_type: str, model_json: str | bytes | dict, taken: set[str], w
         else:
             field = "model_specs[0].model_uri" if definition.version == 2 else "model_uri"
             problems += _uri_problems(definition.model_uri, False, field, remote)
+    elif isinstance(definition, AudioFamily):
+        problems += _uri_problems(definition.model_uri, False, "model_uri", remote)
     else:
         for i, spec in enumerate(definition.model_specs):
             problems += _uri_problems(spec.model_uri, False, _uri_field(definition, i), remote)

@@ -29,6 +29,8 @@ from zinfer.shared.errors import (
 from zinfer.shared.models import (
     MODEL_TYPES,
     RERANK_TYPES_SERVED,
+    AudioFamily,
+    Definition,
     EmbeddingFamily,
     LLMFamily,
     RerankFamily,
@@ -79,11 +81,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ launch
 
-    def _registration(self, model_type: str, model_name: str) -> LLMFamily | EmbeddingFamily | RerankFamily:
+    def _registration(self, model_type: str, model_name: str) -> Definition:
         """The definition to launch, typed and complete (the registry resolves its prompt style and template)."""
         reply = self.bus.call(p.REGISTRY, p.GetRegistration(model_type=model_type, model_name=model_name,
                                                             resolved=True))
-        family = {"LLM": reply.llm, "embedding": reply.embedding, "rerank": reply.rerank}[model_type]
+        family = getattr(reply, model_type.lower())  # llm, embedding, rerank, audio
         if family is None:
             raise InvalidRequest(f"the registry has no launchable {model_type} definition of {model_name!r}",
                                  field="model_name")
@@ -144,6 +146,9 @@ class Scheduler:
         elif msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
             raise InvalidRequest(f"{msg.model_type} models run in model_format pytorch with quantization none",
                                  field="model_format" if msg.model_format not in (None, "pytorch") else "quantization")
+        if isinstance(family, AudioFamily) and family.ability != "audio2text":
+            raise InvalidRequest(f"model_ability {family.model_ability}: zinfer serves audio2text models (speech to "
+                                 "text) so far; text2audio registers but does not launch yet", field="model_ability")
         if isinstance(family, RerankFamily) and family.type not in RERANK_TYPES_SERVED:
             raise InvalidRequest(f"type {family.type!r}: zinfer runs rerank models of type normal (on "
                                  "sentence-transformers' CrossEncoder), or unknown when the model turns out normal; "

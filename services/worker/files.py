@@ -250,11 +250,13 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
             path = local_embedding_path(msg.embedding)
         elif msg.model_type == "rerank":
             path = local_folder_path(msg.rerank.spec)
+        elif msg.model_type == "audio":
+            path = local_folder_path(msg.audio)
         else:
             path = local_llm_path(msg.spec, msg.quantization or "")
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
-    need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank, device_kind, path)
+    need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank or msg.audio, device_kind, path)
     context = files_context_length(path) if msg.read_context and path and msg.model_type == "LLM" else 0
     return p.FileProbe(ok=True, path=path or "", size=weights_bytes(Path(path)) if path else 0, memory=need,
                        host=_host(), context_length=context)

@@ -55,7 +55,8 @@ class InstanceProcess:
         self.loop = ComputeLoop()
         self.report_now = threading.Event()
         self.instance = Instance(load, device, settings, self.loop, self.report_now.set, threads=threads)
-        requests = (p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat)  # queued on the batcher, answered later
+        # queued on the batcher, answered later
+        requests = (p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat, p.Transcribe)
         handlers = {**dict.fromkeys(requests, self.instance.submit), p.LoadLora: self.instance.load_lora,
                     p.UnloadLora: self.instance.unload_lora}
         self.runtime = ServiceRuntime(service, settings, handlers, deferred=set(requests), max_workers=1)

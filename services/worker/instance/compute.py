@@ -17,14 +17,16 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import structlog
 
+from zinfer.shared import instances
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Cancelled, InternalError, reply_from_exception
+from zinfer.shared.errors import Cancelled, InternalError, QueueFull, reply_from_exception
 from zinfer.shared.transport import RequestContext
 
 log = structlog.get_logger()
@@ -86,6 +88,57 @@ class Batcher(ABC):
     def depth(self) -> int:
         """Requests waiting (not yet running): `zinfer list` shows it as the queue."""
         return 0
+
+
+def check_room(name: str, held: int, limit: int) -> None:
+    """QueueFull when a batcher already holds its limit of requests."""
+    if held >= limit:
+        raise QueueFull(f"{name} holds {held} requests (its limit: request_limits, or the instance_queue setting); "
+                        "try again")
+
+
+class QueueBatcher(Batcher):
+    """A batcher whose requests wait in one bounded queue of work items (each with its `job`) and run in batches
+    (embeddings, rerank, speech), a batch waiting `wait_ms` for stragglers unless it is full already."""
+
+    def __init__(self, uid: str, wake: Callable[[], None], max_queue: int, max_items: int, wait_ms: float):
+        self.uid = uid
+        self.name = f"model {uid}"
+        self.wake = wake
+        self.max_queue = max_queue
+        self.max_items = max(1, max_items)
+        self.wait_s = max(0.0, wait_ms) / 1000
+        self.queue: deque = deque()
+        self.stats = instances.InstanceStats()
+
+    def _enqueue(self, work) -> None:
+        check_room(self.name, len(self.queue), self.max_queue)
+        self.queue.append(work)
+        self.wake()
+
+    def _items_queued(self) -> int:
+        """How much a batch could take now (requests; the embedding batcher counts texts)."""
+        return len(self.queue)
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def has_work(self) -> bool:
+        if not self.queue:
+            return False
+        if self.wait_s and time.monotonic() - self.queue[0].job.received < self.wait_s:
+            return self._items_queued() >= self.max_items
+        return True
+
+    def wait_hint(self) -> float | None:
+        if self.queue and self.wait_s:
+            return max(0.0, self.queue[0].job.received + self.wait_s - time.monotonic())
+        return None
+
+    def fail_all(self, error: Exception) -> None:
+        self.stats.failures += len(self.queue)
+        while self.queue:
+            self.queue.popleft().job.fail(error)
 
 
 class ComputeLoop:

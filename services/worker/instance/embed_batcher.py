@@ -9,17 +9,14 @@ that fails (a text over the model's max_tokens, or texts that break the encoder)
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
 from zinfer.services.worker.instance.backends.base import EmbeddingBackend
-from zinfer.services.worker.instance.compute import Batcher, Job
-from zinfer.shared import instances
+from zinfer.services.worker.instance.compute import Job, QueueBatcher
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import InvalidRequest, QueueFull, TooLarge
+from zinfer.shared.errors import InvalidRequest, TooLarge
 
 
 def check_dimensions(uid: str, wanted: int | None, full: int, normalized: bool) -> None:
@@ -57,52 +54,23 @@ class _Work:
         self.tokens = 0
 
 
-class EmbeddingBatcher(Batcher):
+class EmbeddingBatcher(QueueBatcher):
     def __init__(self, uid: str, backend: EmbeddingBackend, wake: Callable[[], None], max_queue: int,
                  max_batch_size: int = 256, max_batch_tokens: int = 16384, wait_ms: float = 0.0):
-        self.uid = uid
-        self.name = f"model {uid}"
+        super().__init__(uid, wake, max_queue, max_batch_size, wait_ms)
         self.backend = backend
-        self.wake = wake
-        self.max_queue = max_queue
-        self.max_items = max(1, max_batch_size)
         self.max_tokens = max(1, max_batch_tokens)
-        self.wait_s = max(0.0, wait_ms) / 1000
-        self.queue: deque[_Work] = deque()
-        self.stats = instances.InstanceStats()
 
     def submit(self, job: Job) -> None:
-        texts = self._texts(job.msg)
-        if len(self.queue) >= self.max_queue:
-            raise QueueFull(f"{self.name} has {len(self.queue)} requests queued (its limit: request_limits, or "
-                            "the instance_queue setting); try again")
-        self.queue.append(_Work(job, texts))
-        self.wake()
+        self._enqueue(_Work(job, self._texts(job.msg)))
 
     def _texts(self, msg: p.Embed) -> list:
         """What one request has the backend encode (checked here, before it queues)."""
         check_dimensions(self.uid, msg.dimensions, self.backend.dimensions, self.backend.normalized)
         return msg.input
 
-    def depth(self) -> int:
-        return len(self.queue)
-
-    def has_work(self) -> bool:
-        if not self.queue:
-            return False
-        if self.wait_s and time.monotonic() - self.queue[0].job.received < self.wait_s:
-            return sum(len(w.texts) - w.next for w in self.queue) >= self.max_items
-        return True
-
-    def wait_hint(self) -> float | None:
-        if self.queue and self.wait_s:
-            return max(0.0, self.queue[0].job.received + self.wait_s - time.monotonic())
-        return None
-
-    def fail_all(self, error: Exception) -> None:
-        self.stats.failures += len(self.queue)
-        while self.queue:
-            self.queue.popleft().job.fail(error)
+    def _items_queued(self) -> int:
+        return sum(len(w.texts) - w.next for w in self.queue)
 
     def step(self) -> None:
         batch: list[tuple[_Work, int]] = []  # each request's texts in this batch: (work, how many)

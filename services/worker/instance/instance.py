@@ -40,7 +40,8 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
 
 
 # The requests each model type serves (an LLM embeds only with the embed ability: its batcher checks that).
-REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed, p.RenderChat), "embedding": (p.Embed,), "rerank": (p.Rerank,)}
+REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed, p.RenderChat), "embedding": (p.Embed,), "rerank": (p.Rerank,),
+               "audio": (p.Transcribe,)}
 
 
 class Instance:
@@ -70,7 +71,7 @@ class Instance:
 
     @property
     def model_name(self) -> str:
-        return (self.launch.llm or self.launch.embedding or self.launch.rerank).model_name
+        return (self.launch.llm or self.launch.embedding or self.launch.rerank or self.launch.audio).model_name
 
     # ------------------------------------------------------------------ lifecycle (the process's main thread)
 
@@ -132,6 +133,8 @@ class Instance:
             path = files.resolve_embedding_files(load.embedding, self._fetch(load.embedding.model_id))
         elif load.model_type == "rerank":
             path = files.resolve_folder_files(load.rerank.spec, self._fetch(load.rerank.spec.model_id))
+        elif load.model_type == "audio":
+            path = files.resolve_folder_files(load.audio, self._fetch(load.audio.model_id))
         else:
             path = files.resolve_llm_files(load.spec, load.quantization, self._fetch(load.spec.model_id))
             if load.spec.model_format == "ggmlv3":
@@ -247,7 +250,7 @@ class Instance:
         model_type = self.launch.model_type
         if not isinstance(msg, REQUESTS_OF[model_type]):
             verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank",
-                    p.RenderChat: "render a chat"}[type(msg)]
+                    p.RenderChat: "render a chat", p.Transcribe: "transcribe audio"}[type(msg)]
             raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AEL' else 'a'} {model_type} "
                                  f"model: it cannot {verb}", field="model_uid")
         limit = self.settings.max_prompt_bytes
@@ -273,6 +276,8 @@ class Instance:
             if utf8_over("".join(m.content or "" for m in msg.messages) + msgspec.json.encode(
                     msg.options.tools or []).decode(), limit):
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")
+        elif isinstance(msg, p.Transcribe):
+            pass  # the audio's bytes are bounded by the message; its prompt by the message's type
         elif utf8_over(msg.prompt, limit):
             raise TooLarge(f"the prompt is over {limit:,} bytes (max_prompt_bytes)", field="prompt")
         self.batcher.submit(Job(msg, ctx))

@@ -19,12 +19,12 @@ import numpy as np
 from zinfer.services.worker.instance import prompts
 from zinfer.services.worker.instance.answer import AnswerSplitter
 from zinfer.services.worker.instance.backends.base import Detokenizer, LLMBackend, Sampling
-from zinfer.services.worker.instance.compute import Batcher, Job
+from zinfer.services.worker.instance.compute import Batcher, Job, check_room
 from zinfer.services.worker.instance.grammar import Constraint, constraint_of, tool_constraint
 from zinfer.services.worker.instance.output import Generation, merge_stops
 from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
-from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, QueueFull, TooLarge
+from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from zinfer.shared.models import LLMFamily
 from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, LoraAdapter
 from zinfer.shared.toolcalls import ToolParser
@@ -85,10 +85,7 @@ class LLMBatcher(Batcher):
     # ------------------------------------------------------------------ from the I/O thread
 
     def submit(self, job: Job) -> None:
-        held = len(self.queue) + len(self.running) + len(self.embeds)
-        if held >= self.max_queue:
-            raise QueueFull(f"{self.name} holds {held} requests (its limit: request_limits, or the instance_queue "
-                            "setting); try again")
+        check_room(self.name, len(self.queue) + len(self.running) + len(self.embeds), self.max_queue)
         self.queue.append(job)
         self.wake()
 

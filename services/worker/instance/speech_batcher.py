@@ -1,0 +1,96 @@
+"""Speech to text on the compute loop: concurrent transcriptions run as one pipeline call.
+
+A request's arguments are checked and its audio decoded when it is submitted (on the I/O thread: a file that is
+not audio is refused at once, and decoding never holds the compute loop). Each step takes the queued requests
+that share the first one's arguments (task, language, prompt, temperature, timestamps), up to `max_batch_size`,
+and runs their 30-second windows together; one that fails (audio that breaks the model) fails alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from zinfer.services.worker.instance.backends.speech_backend import SpeechBackend, decode_audio
+from zinfer.services.worker.instance.compute import Job, QueueBatcher
+from zinfer.shared import protocol as p
+from zinfer.shared.serving import Segment, Word
+
+
+class _Work:
+    __slots__ = ("job", "audio", "kwargs", "key")
+
+    def __init__(self, job: Job, audio: np.ndarray, kwargs: dict[str, Any]):
+        self.job, self.audio, self.kwargs = job, audio, kwargs
+        msg = job.msg
+        self.key = (msg.task, msg.language, msg.prompt, msg.temperature, msg.timestamps)
+
+
+def segments_of(result: dict, duration: float, words: bool) -> tuple[list[Segment] | None, list[Word] | None]:
+    """The pipeline's timestamped chunks as segments, or as words (word timestamps); a chunk without an end (the
+    model stopped inside it) ends with the audio."""
+    chunks = result.get("chunks")
+    if chunks is None:
+        return None, None
+    spans = []
+    for chunk in chunks:
+        start, end = chunk.get("timestamp") or (None, None)
+        spans.append((round(0.0 if start is None else float(start), 3), round(duration if end is None else
+                                                                               float(end), 3)))
+    if words:
+        return None, [Word(word=c["text"], start=a, end=b) for c, (a, b) in zip(chunks, spans, strict=True)]
+    return [Segment(id=i, start=a, end=b, text=c["text"]) for i, (c, (a, b)) in enumerate(zip(chunks, spans,
+                                                                                           strict=True))], None
+
+
+class SpeechBatcher(QueueBatcher):
+    def __init__(self, uid: str, backend: SpeechBackend, wake: Callable[[], None], max_queue: int,
+                 max_batch_size: int = 8, wait_ms: float = 0.0):
+        super().__init__(uid, wake, max_queue, max_batch_size, wait_ms)
+        self.backend = backend
+
+    def submit(self, job: Job) -> None:
+        msg: p.Transcribe = job.msg
+        kwargs = self.backend.kwargs(msg.task, msg.language, msg.prompt, msg.temperature, msg.timestamps)
+        self._enqueue(_Work(job, decode_audio(msg.audio, self.backend.rate), kwargs))
+
+    def step(self) -> None:
+        batch: list[_Work] = []
+        for work in list(self.queue):
+            if work.job.cancelled:
+                self.queue.remove(work)
+                work.job.drop_cancelled()
+                self.stats.cancelled += 1
+            elif not batch or (work.key == batch[0].key and len(batch) < self.max_items):
+                batch.append(work)
+        for work in batch:
+            self.queue.remove(work)
+        if not batch:
+            return
+        self.stats.requests += len(batch)
+        try:
+            results = self.backend.transcribe([w.audio for w in batch], batch[0].kwargs, self.max_items)
+        except Exception as exc:
+            if len(batch) == 1:
+                self.stats.failures += 1
+                batch[0].job.fail(exc)
+                return
+            results = None  # one of them breaks the model: each on its own, so that only it fails
+        for i, work in enumerate(batch):
+            try:
+                result = results[i] if results is not None else \
+                    self.backend.transcribe([work.audio], work.kwargs, self.max_items)[0]
+            except Exception as exc:  # this request's audio alone breaks the model: it fails alone
+                self.stats.failures += 1
+                work.job.fail(exc)
+                continue
+            self._reply(work, result)
+
+    def _reply(self, work: _Work, result: dict) -> None:
+        msg: p.Transcribe = work.job.msg
+        duration = round(len(work.audio) / self.backend.rate, 3)
+        segments, words = segments_of(result, duration, msg.timestamps == "word")
+        work.job.reply(p.Transcription(model=self.uid, text=result["text"], task=msg.task, language=msg.language,
+                                       duration=duration, segments=segments, words=words))

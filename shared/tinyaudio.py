@@ -1,0 +1,110 @@
+"""Tiny random audio models for tests and benchmarks, built offline from configs: a Whisper (a byte-level BPE of a
+few hundred tokens with Whisper's special tokens: languages, tasks, timestamps), and its English-only twin.
+
+Their weights are random, so their text is gibberish; what they show is that zinfer serves what transformers'
+own pipeline gives for the same audio.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+WHISPER_LANGUAGES = ("en", "fr", "de", "es")
+WHISPER_MAX_LENGTH = 48  # tokens a window decodes at most: keeps a random model's run short
+
+
+def _whisper_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizer
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world this is a tiny whisper model",
+              "speech to text and text to speech", "one two three four five six seven eight nine ten"] * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    vocab = dict(sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]))
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m)
+                                                                  for m in merges) + "\n")
+    eot = "<|endoftext|>"
+    tok = WhisperTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), unk_token=eot, bos_token=eot,
+                           eos_token=eot, pad_token=eot)
+    specials = ["<|startoftranscript|>", *[f"<|{lang}|>" for lang in WHISPER_LANGUAGES], "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>",
+                *[f"<|{i * 0.02:.2f}|>" for i in range(1501)]]  # timestamps follow <|notimestamps|>, as Whisper's
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+def build_tiny_whisper(out: Path, seed: int = 0) -> Path:
+    """A random Whisper (80 mel bins, one encoder and one decoder layer of width 32) with its processor and a
+    multilingual generation config, saved at `out`."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _whisper_tokenizer(out)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, encoder_layers=1, decoder_layers=1, d_model=32,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_source_positions=1500, max_target_positions=448,
+                           decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+                           init_std=1.0)  # large random weights: the text depends on the audio (0.02: it did not)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+        max_length=WHISPER_MAX_LENGTH, is_multilingual=True,
+        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        max_initial_timestamp_index=50, suppress_tokens=[], begin_suppress_tokens=[eot], alignment_heads=[[0, 0]])
+    model.save_pretrained(out)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(out)
+    return out
+
+
+def english_only(whisper: Path, out: Path) -> Path:
+    """The same model as an English-only one (as whisper-tiny.en: no language or task tokens are forced)."""
+    shutil.copytree(whisper, out, dirs_exist_ok=True)
+    config = json.loads((out / "generation_config.json").read_text())
+    config["is_multilingual"] = False
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def make_tiny_audio(root: Path, force: bool = False) -> dict[str, Path]:
+    whisper, english = root / "tiny-whisper", root / "tiny-whisper-en"
+    if force or not (whisper / "model.safetensors").exists():
+        build_tiny_whisper(whisper)
+    if force or not (english / "model.safetensors").exists():
+        english_only(whisper, english)
+    return {"whisper": whisper, "whisper_en": english}
+
+
+def tone_wav(seconds: float, rate: int = 16000, freq: float = 440.0, seed: int = 0) -> bytes:
+    """A WAV file of a tone with a little noise (16-bit PCM, mono)."""
+    import io
+
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.RandomState(seed).randn(t.size) * 0.05
+    samples = (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
