@@ -43,9 +43,11 @@ def _whisper_tokenizer(out: Path):
     return tok
 
 
-def build_tiny_whisper(out: Path, seed: int = 0) -> Path:
-    """A random Whisper (80 mel bins, one encoder and one decoder layer of width 32) with its processor and a
-    multilingual generation config, saved at `out`."""
+def build_tiny_whisper(out: Path, seed: int = 0, width: int = 32, layers: int = 1, heads: int = 2,
+                       init_std: float = 1.0) -> Path:
+    """A random Whisper (80 mel bins; by default one encoder and one decoder layer of width 32; the benchmark's
+    has whisper-tiny's shape: width 384, 4 layers, 6 heads) with its processor and a multilingual generation
+    config, saved at `out`."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -59,11 +61,13 @@ def build_tiny_whisper(out: Path, seed: int = 0) -> Path:
     tok = _whisper_tokenizer(out)
     ids = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
-    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, encoder_layers=1, decoder_layers=1, d_model=32,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                           decoder_ffn_dim=64, max_source_positions=1500, max_target_positions=448,
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, encoder_layers=layers, decoder_layers=layers,
+                           d_model=width, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                           encoder_ffn_dim=4 * width if width > 32 else 64, decoder_ffn_dim=4 * width if width > 32
+                           else 64, max_source_positions=1500, max_target_positions=448,
                            decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
-                           init_std=1.0)  # large random weights: the text depends on the audio (0.02: it did not)
+                           # large random weights: the tiny model's text depends on the audio (0.02: it did not)
+                           init_std=init_std)
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(

@@ -22,7 +22,7 @@ from zinfer.services.worker.instance.backends.speech_backend import CHUNK_SECOND
 from zinfer.shared.handles import LLMHandle
 from zinfer.shared.tinyaudio import tone_wav
 
-BATCH = 8  # the engine's max_batch_size: the served pipeline runs windows in batches of this many
+BATCH = 2  # the engine's max_batch_size on a CPU: the served pipeline runs windows in batches of this many
 
 
 def audio_definition(path, name: str, multilingual: bool = True, ability: str = "audio2text") -> dict:

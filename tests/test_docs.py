@@ -25,7 +25,8 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
     """Every python and bash block of docs/usage.md, in order, against a mesh with its HTTP gateway: the Python
     client, the OpenAI SDK and curl examples cannot rot."""
     for name, target in (("custom-llama-2", "model.json"), ("custom-bge", "embedding.json"),
-                         ("custom-reranker", "reranker.json"), ("tool-llama", "tools.json")):
+                         ("custom-reranker", "reranker.json"), ("tool-llama", "tools.json"),
+                         ("custom-whisper", "whisper.json")):
         text = (REPO / "examples" / f"{name}.json").read_text().replace("{MODELS}", str(tiny_models["pytorch"].parent))
         (tmp_path / target).write_text(text)
     mesh.start_gateway()

@@ -251,7 +251,7 @@ class Instance:
         if not isinstance(msg, REQUESTS_OF[model_type]):
             verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank",
                     p.RenderChat: "render a chat", p.Transcribe: "transcribe audio"}[type(msg)]
-            raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AEL' else 'a'} {model_type} "
+            raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AaEeL' else 'a'} {model_type} "
                                  f"model: it cannot {verb}", field="model_uid")
         limit = self.settings.max_prompt_bytes
         if isinstance(msg, p.Embed):

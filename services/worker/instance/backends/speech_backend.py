@@ -102,5 +102,6 @@ def load(ctx: LoadContext):
     from zinfer.services.worker.instance.speech_batcher import SpeechBatcher
 
     backend = SpeechBackend(ctx.path, ctx.device, ctx.launch.audio.multilingual is not False, ctx.trust_remote_code)
-    return backend, SpeechBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit,
-                                  max_batch_size=ctx.option("max_batch_size"), wait_ms=ctx.option("batch_wait_ms"))
+    batch = ctx.option("max_batch_size") or (8 if ctx.device.startswith("cuda") else 2)
+    return backend, SpeechBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit, max_batch_size=batch,
+                                  wait_ms=ctx.option("batch_wait_ms"))
