@@ -27,6 +27,10 @@ def site(tmp_path_factory, tiny_models):
         m.client.register_model("LLM", llm_definition(tiny_models, "xss-model", model_description=XSS))
         m.client.register_model("LLM", tinytools.registration("tool-llama", tiny_models["tools_pytorch"]))
         m.client.launch_model(model_name="tool-llama", model_uid="tools", model_format="pytorch")
+        m.client.register_model("audio", {"version": 2, "model_name": "my-whisper", "model_family": "whisper",
+                                          "model_ability": ["audio2text"], "multilingual": True,
+                                          "model_uri": f"file://{tiny_models['whisper']}"})
+        m.client.launch_model(model_name="my-whisper", model_type="audio", model_uid="whisper")
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 
@@ -294,6 +298,37 @@ def test_rerank_registrations_and_the_rerank_playground(page, site, shots):
         expect(cells.nth(1)).to_have_text(f"{want['relevance_score']:.6f}")
         expect(cells.nth(3)).to_have_text(documents[want["index"]])
     page.screenshot(path=shots / "playground-rerank.png", full_page=True)
+    assert page.errors == [], page.errors
+
+
+def test_audio_registrations_and_the_transcribe_playground(page, site, shots, tmp_path):
+    """An audio file chosen in the Transcribe tab plays in its player and comes back as the subtitles the API gives
+    for it."""
+    from playwright.sync_api import expect
+
+    from zinfer.shared.tinyaudio import tone_wav
+
+    sign_in(page, site, site.user_api_key)
+    page.goto(site.gateway_url + "/#/models?type=audio")
+    expect(page.get_by_role("link", name="my-whisper", exact=True)).to_be_visible()
+    expect(page.get_by_role("link", name="whisper-large-v3", exact=True)).to_be_visible()
+    page.get_by_role("link", name="my-whisper", exact=True).click()
+    expect(page.locator(".facts")).to_contain_text("audio2text")
+    wav = tone_wav(3, seed=7)
+    (tmp_path / "speech.wav").write_bytes(wav)
+    page.goto(site.gateway_url + "/#/playground?model=whisper")
+    expect(page.locator("#transcribe-model")).to_have_value("whisper")  # the tab a speech model opens on
+    page.locator("#transcribe-file").set_input_files(str(tmp_path / "speech.wav"))
+    expect(page.locator("#transcribe-player")).to_be_visible()
+    page.locator("#transcribe-format").select_option("srt")
+    page.get_by_role("button", name="Transcribe").click()
+    want = site.client.get_model("whisper").transcriptions(wav, response_format="srt")
+    expect(page.locator("#transcribe-result")).to_have_text(want)
+    page.screenshot(path=shots / "playground-transcribe.png", full_page=True)
+    page.locator("#transcribe-file").set_input_files({"name": "x.wav", "mimeType": "audio/wav",
+                                                      "buffer": b"not audio"})
+    page.get_by_role("button", name="Transcribe").click()
+    expect(page.locator("#playground-panel .error")).to_contain_text("not audio")
     assert page.errors == [], page.errors
 
 

@@ -5,7 +5,7 @@ import { api, session } from "./api.js";
 import { el, list, message, table } from "./dom.js";
 
 export const TYPES = ["LLM", "embedding"];  // the types the register form builds
-const LISTED = [...TYPES, "rerank"];  // rerank registrations are listed, viewed and launched; registered as JSON
+const LISTED = [...TYPES, "rerank", "audio"];  // rerank and audio: listed, viewed and launched; registered as JSON
 const path = (type, name) => `${encodeURIComponent(type)}/${encodeURIComponent(name)}`;
 
 function select(id, options, selected) {
@@ -47,11 +47,12 @@ export function models(main, params) {
     const rows = shown.map((r) => el("tr", {},
       el("td", {}, el("a", { href: `#/models/${path(type, r.model_name)}` }, r.model_name)),
       el("td", {}, r.is_builtin ? "built-in" : "custom"),
-      el("td", {}, type === "LLM" ? list(r.model_format) : type === "rerank" ? r.rerank_type ?? "" : `${r.dimensions}`),
+      el("td", {}, type === "LLM" ? list(r.model_format) : type === "rerank" ? r.rerank_type ?? ""
+        : type === "audio" ? r.model_family ?? "" : `${r.dimensions}`),
       el("td", {}, list(r.model_ability)),
       el("td", { class: "num" }, type === "LLM" ? r.context_length ?? "" : r.max_tokens ?? ""),
       el("td", {}, list(r.model_lang))));
-    body.replaceChildren(table(["Name", "Kind", { LLM: "Formats", rerank: "Rerank type" }[type] ?? "Dimensions", "Abilities",
+    body.replaceChildren(table(["Name", "Kind", { LLM: "Formats", rerank: "Rerank type", audio: "Family" }[type] ?? "Dimensions", "Abilities",
                                 type === "LLM" ? "Context" : "Max tokens", "Languages"], rows,
                                "No registration matches."));
   }
@@ -85,6 +86,11 @@ export function registration(main, type, name) {
          ["Context length", definition.context_length],
          ["Prompt style", typeof definition.prompt_style === "object" && definition.prompt_style
            ? definition.prompt_style.style_name : definition.prompt_style]]
+      : type === "audio"
+      ? [["Kind", builtin ? "built-in" : "custom"], ["Family", definition.model_family],
+         ["Abilities", list(definition.model_ability)], ["Languages", list(definition.language)],
+         ["Multilingual", definition.multilingual === false ? "no (English only)" : "yes"],
+         ["model_id", definition.model_id], ["model_uri", definition.model_uri]]
       : type === "rerank"
       ? [["Kind", builtin ? "built-in" : "custom"], ["Rerank type", definition.type],
          ["Max tokens", definition.max_tokens], ["Languages", list(definition.language)],

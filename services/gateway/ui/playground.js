@@ -1,15 +1,17 @@
 // Try a running model: chat (streamed, with a system prompt, sampling settings, history and a stop button that
 // cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
-// (documents ordered by their relevance to a query, with their scores).
+// (documents ordered by their relevance to a query, with their scores), and transcribe (an audio file to text or
+// subtitles, with a player for the file).
 
 import { api, session } from "./api.js";
 import { el, message, table } from "./dom.js";
 
-const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank" };
+const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank", transcribe: "Transcribe" };
 
 function canDo(m, tab) {
   const abilities = m.model_ability || [];
   if (tab === "rerank") return m.model_type === "rerank";
+  if (tab === "transcribe") return m.model_type === "audio" && abilities.includes("audio2text");
   if (tab === "embed") return m.model_type === "embedding" || (abilities.includes("embed") && !m.parent);
   if (tab === "chat") return m.model_type === "LLM" && abilities.includes("chat");
   return m.model_type === "LLM";
@@ -276,6 +278,57 @@ function rerank(panel, models, wanted) {
   });
 }
 
+function transcribe(panel, models, wanted) {
+  const model = modelSelect(models, "transcribe", wanted);
+  const file = el("input", { id: "transcribe-file", type: "file", accept: "audio/*,.wav,.flac,.mp3,.ogg" });
+  const language = el("input", { id: "transcribe-language", type: "text", placeholder: "the model tells" });
+  const format = el("select", { id: "transcribe-format" }, ["text", "srt", "vtt", "verbose_json", "json"]
+    .map((f) => el("option", { value: f }, f)));
+  const translate = el("input", { id: "transcribe-translate", type: "checkbox" });
+  const player = el("audio", { id: "transcribe-player", controls: true, hidden: true });
+  const result = el("pre", { id: "transcribe-result" });
+  const status = message("error");
+  const form = el("form", {}, el("div", { class: "grid" },
+      el("div", {}, el("label", { for: "transcribe-model" }, "Model"), model),
+      el("div", {}, el("label", { for: "transcribe-language" }, "Language"), language),
+      el("div", {}, el("label", { for: "transcribe-format" }, "Format"), format)),
+    el("label", { for: "transcribe-file" }, "Audio file (WAV, FLAC, MP3, OGG)"),
+    el("div", { class: "inline file-row" }, file, player),
+    el("label", { class: "inline" }, translate, " Translate into English"),
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Transcribe")));
+  panel.replaceChildren(form, status, result);
+  file.addEventListener("change", () => {
+    if (player.src) URL.revokeObjectURL(player.src);
+    player.hidden = !file.files.length;
+    if (file.files.length) player.src = URL.createObjectURL(file.files[0]);
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    status.textContent = "";
+    result.textContent = "";
+    if (!file.files.length) { status.textContent = "Choose an audio file first."; return; }
+    const body = new FormData();
+    body.append("model", model.value);
+    body.append("file", file.files[0]);
+    body.append("response_format", format.value);
+    if (language.value.trim()) body.append("language", language.value.trim());
+    const headers = session.key ? { Authorization: `Bearer ${session.key}` } : {};
+    const path = translate.checked ? "/v1/audio/translations" : "/v1/audio/transcriptions";
+    try {
+      const response = await fetch(path, { method: "POST", headers, body });
+      const text = await response.text();
+      if (!response.ok) {
+        let data = {};
+        try { data = JSON.parse(text); } catch { /* not JSON */ }
+        throw new Error(data.error?.message || `HTTP ${response.status}`);
+      }
+      result.textContent = format.value.endsWith("json") ? JSON.stringify(JSON.parse(text), null, 2) : text;
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  });
+}
+
 export function playground(main, params) {
   const tab = TABS[params.get("tab")] ? params.get("tab") : null;
   const wanted = params.get("model");
@@ -285,10 +338,10 @@ export function playground(main, params) {
   api("/v1/models").then(({ data }) => {
     const model = data.find((m) => m.id === wanted);
     const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed"
-      : canDo(model, "rerank") ? "rerank" : "generate") : "chat");
+      : canDo(model, "rerank") ? "rerank" : canDo(model, "transcribe") ? "transcribe" : "generate") : "chat");
     const query = wanted ? `&model=${encodeURIComponent(wanted)}` : "";
     main.append(el("nav", { class: "tabs", "aria-label": "Playgrounds" }, Object.entries(TABS).map(([key, label]) =>
       el("a", { href: `#/playground?tab=${key}${query}`, "aria-current": key === chosen ? "page" : null }, label))), panel);
-    ({ chat, generate, embed, rerank })[chosen](panel, data, wanted);
+    ({ chat, generate, embed, rerank, transcribe })[chosen](panel, data, wanted);
   }).catch((error) => { status.textContent = error.message; });
 }
