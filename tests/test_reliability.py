@@ -31,20 +31,38 @@ def states(client) -> dict[str, str]:
     return {uid: m["state"] for uid, m in client.list_models().items()}
 
 
-@pytest.fixture
-def served_mesh(tmp_path, tiny_models):
-    """A mesh with production-like liveness (1 s heartbeats) and two instances on its CPU worker. It takes embed
-    requests of up to 20,000 texts (the default max_embed_items is 2,048)."""
-    m = Mesh(tmp_path / "home", tmp_path, heartbeat=1.0)
-    (tmp_path / "z.toml").write_text("max_embed_items = 20000\n")
-    m.env["ZINFER_CONFIG"] = str(tmp_path / "z.toml")
+def _prepare(m: Mesh, root, tiny_models) -> Mesh:
+    """Production-like liveness (1 s heartbeats) and two instances on its CPU worker; embed requests of up to
+    20,000 texts (the default max_embed_items is 2,048)."""
+    (root / "z.toml").write_text("max_embed_items = 20000\n")
+    m.env["ZINFER_CONFIG"] = str(root / "z.toml")
     m.start_all()
     m.client.register_model("LLM", llm_definition(tiny_models))
     m.client.register_model("embedding", embedding_definition(tiny_models))
     m.client.launch_model(model_name="custom-llama-2", model_format="ggufv2", model_uid="gg")
     m.client.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
-    yield m
-    m.stop()
+    return m
+
+
+@pytest.fixture
+def served_mesh(tmp_path, tiny_models):
+    """A mesh of its own, for a test that kills or stops its parts."""
+    m = Mesh(tmp_path / "home", tmp_path, heartbeat=1.0)
+    try:
+        yield _prepare(m, tmp_path, tiny_models)
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def calm_mesh(tmp_path_factory, tiny_models):
+    """One mesh shared by the tests that leave it as they found it (what they launch, they terminate)."""
+    root = tmp_path_factory.mktemp("calm")
+    m = Mesh(root / "home", root, heartbeat=1.0)
+    try:
+        yield _prepare(m, root, tiny_models)
+    finally:
+        m.stop()
 
 
 # ---------------------------------------------------------------- state from truth
@@ -121,8 +139,8 @@ def test_an_acknowledged_launch_survives_a_scheduler_and_worker_crash(served_mes
     assert m.client.get_model("gg").generate("hi", {"max_tokens": 2, "temperature": 0})["usage"]
 
 
-def test_a_second_worker_for_one_device_is_refused_while_the_first_answers(served_mesh):
-    m = served_mesh
+def test_a_second_worker_for_one_device_is_refused_while_the_first_answers(calm_mesh):
+    m = calm_mesh
     log = open(m.log_dir / "second_worker.log", "ab")
     second = subprocess.Popen([sys.executable, "-m", "zinfer", "worker", "--device", "cpu"], env=m.env, cwd=REPO,
                               stdout=log, stderr=subprocess.STDOUT)
@@ -144,8 +162,8 @@ def _zinfer(*args, env, timeout=60):
                           timeout=timeout)
 
 
-def test_a_second_zinfer_up_on_a_busy_endpoint_exits_at_once(served_mesh, tmp_path):
-    m = served_mesh
+def test_a_second_zinfer_up_on_a_busy_endpoint_exits_at_once(calm_mesh, tmp_path):
+    m = calm_mesh
     other_home = tmp_path / "second-home"
     env = dict(os.environ, ZINFER_HOME=str(other_home), ZINFER_ENDPOINT=m.endpoint)
     start = time.monotonic()
@@ -199,10 +217,10 @@ def test_a_dead_broker_fails_pending_calls_with_unavailable_soon(tmp_path):
 # ---------------------------------------------------------------- sharing a worker
 
 
-def test_a_huge_embed_does_not_starve_another_instance_on_the_worker(served_mesh):
+def test_a_huge_embed_does_not_starve_another_instance_on_the_worker(calm_mesh):
     """3,000 texts on one instance, one sentence at a time on another: the small requests wait at most for
     the batch in progress, not for the whole big request (20,000 texts used to hold them for 51.6 s)."""
-    m = served_mesh
+    m = calm_mesh
     m.client.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="big",
                           max_batch_size=64)
     small = m.client.get_model("emb")
@@ -228,6 +246,7 @@ def test_a_huge_embed_does_not_starve_another_instance_on_the_worker(served_mesh
     while "s" not in done and len(during) < 200:
         during.append(latency())
     t.join()
+    m.client.terminate_model("big")
     batches = 3_000 / 64
     batch_s = done["s"] / batches
     assert len(during) >= 5 and done["s"] > 5 * statistics.median(during)  # they really overlapped
@@ -235,8 +254,8 @@ def test_a_huge_embed_does_not_starve_another_instance_on_the_worker(served_mesh
     assert statistics.median(during) - alone < 2 * batch_s, (alone, statistics.median(during), batch_s)
 
 
-def test_an_oversized_prompt_is_refused_at_once_without_tokenizing(served_mesh):
-    model = served_mesh.client.get_model("gg")
+def test_an_oversized_prompt_is_refused_at_once_without_tokenizing(calm_mesh):
+    model = calm_mesh.client.get_model("gg")
     prompt = "x" * (4 * 2**20 + 1)  # one byte over max_prompt_bytes; tokenizing it would take seconds
     times = []
     for _ in range(3):
@@ -246,12 +265,12 @@ def test_an_oversized_prompt_is_refused_at_once_without_tokenizing(served_mesh):
         times.append(time.perf_counter() - start)
     assert err.value.field == "prompt" and min(times) < 1.0  # tokenizing 4 MiB would take seconds
     with pytest.raises(TooLarge, match="max_embed_items"):
-        served_mesh.client.get_model("emb").create_embedding(["a"] * 20_001)
+        calm_mesh.client.get_model("emb").create_embedding(["a"] * 20_001)
     assert model.generate("hi", {"max_tokens": 2, "temperature": 0})["usage"]["completion_tokens"] == 2
 
 
-def test_a_runaway_chat_template_is_stopped(served_mesh, tiny_models):
-    c = served_mesh.client
+def test_a_runaway_chat_template_is_stopped(calm_mesh, tiny_models):
+    c = calm_mesh.client
     looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
     c.register_model("LLM", llm_definition(tiny_models, "looping", chat_template=looping))
     c.launch_model(model_name="looping", model_format="ggufv2", model_uid="looping")
@@ -260,6 +279,7 @@ def test_a_runaway_chat_template_is_stopped(served_mesh, tiny_models):
         c.get_model("looping").chat([{"role": "user", "content": "hi"}])
     assert err.value.field == "messages" and time.monotonic() - start < 10
     assert c.get_model("gg").generate("hi", {"max_tokens": 2, "temperature": 0})["usage"]  # the worker goes on
+    c.terminate_model("looping")
 
 
 def test_a_full_instance_queue_answers_unavailable_at_once(tmp_path, tiny_models):
@@ -305,13 +325,13 @@ def test_a_full_instance_queue_answers_unavailable_at_once(tmp_path, tiny_models
 # ---------------------------------------------------------------- typed errors end to end
 
 
-def test_a_workers_invalid_request_reaches_the_client_as_invalid_request(served_mesh):
-    gg = served_mesh.client.get_model("gg")
+def test_a_workers_invalid_request_reaches_the_client_as_invalid_request(calm_mesh):
+    gg = calm_mesh.client.get_model("gg")
     with pytest.raises(InvalidRequest) as err:
         gg.generate("hi", {"temperature": -1})  # checked by the worker's engine
     assert err.value.field == "temperature"
     with pytest.raises(InvalidRequest) as err:
-        served_mesh.client.get_model("emb").create_embedding([])
+        calm_mesh.client.get_model("emb").create_embedding([])
     assert err.value.field == "input"
 
 
