@@ -1,4 +1,4 @@
-"""generate, chat, embed, rerank, transcribe."""
+"""generate, chat, embed, rerank, transcribe, speak."""
 
 from __future__ import annotations
 
@@ -272,6 +272,25 @@ def transcribe(
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
 
 
+def speak(
+    model_uid: Uid,
+    text: Annotated[str, typer.Argument(help="What to say.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the audio file.", dir_okay=False)],
+    voice: Annotated[str, typer.Option("--voice", help="A voice the model has (a multi-speaker model's number).")] = "",
+    response_format: Annotated[str, typer.Option("--response-format", "-f", help="mp3, wav, flac or pcm.")] = "wav",
+    speed: Annotated[float, typer.Option("--speed", help="0.25 to 4.")] = 1.0,
+    endpoint: Endpoint = None,
+    timeout: Timeout = None,
+) -> None:
+    """Text to speech with an audio model: writes the audio file."""
+    with make_client(endpoint, timeout) as client:
+        audio = client.get_model(model_uid).speech(text, voice=voice, response_format=response_format, speed=speed)
+    tmp = output.with_name(output.name + ".part")
+    tmp.write_bytes(audio)
+    tmp.replace(output)  # never half a file where the user looks
+    console.print(f"wrote {len(audio):,} bytes of {response_format} to {output}", highlight=False)
+
+
 def install(app: typer.Typer) -> None:
-    for fn in (generate, chat, embed, rerank, transcribe):
+    for fn in (generate, chat, embed, rerank, transcribe, speak):
         command(app, fn)

@@ -69,10 +69,10 @@ class _Handle:
                              "--model-type rerank", field="model_uid")
 
     def transcriptions(self, *args, **_kwargs) -> dict:
-        raise InvalidRequest(f"model {self.model_uid!r} is not an audio model: it cannot transcribe; launch one "
-                             "with --model-type audio", field="model_uid")
+        raise InvalidRequest(f"model {self.model_uid!r} is not an audio model: it cannot transcribe or speak; "
+                             "launch one with --model-type audio", field="model_uid")
 
-    translations = transcriptions
+    translations = speech = transcriptions
 
     def create_embedding(self, input: str | list[str], timeout: float | None = None, *,
                          dimensions: int | None = None, encoding_format: str = "float") -> dict:
@@ -143,7 +143,7 @@ class RerankHandle(_NotLLM):
 class AudioHandle(_NotLLM):
     """An audio model: speech to text (Xinference's AudioModelHandle: transcriptions, translations)."""
 
-    kind, use = "an audio", "transcriptions (zinfer transcribe)"
+    kind, use = "an audio", "transcriptions or speech (zinfer transcribe, zinfer speak)"
 
     def transcriptions(self, audio: bytes, language: str | None = None, prompt: str | None = None,
                        response_format: str = "json", temperature: float = 0, timestamp_granularities=None,
@@ -155,6 +155,14 @@ class AudioHandle(_NotLLM):
                                              timestamp_granularities=timestamp_granularities)
         reply, _ = self._call(msg, timeout)
         return transcripts.render(reply, response_format)[0]
+
+    def speech(self, input: str, voice: str = "", response_format: str = "mp3", speed: float = 1.0,
+               timeout: float | None = None, **kwargs) -> bytes:
+        """The text spoken (a text-to-speech model): the file's bytes in response_format (mp3, wav, flac, pcm)."""
+        msg = transcripts.speak_message(self.model_uid, {"input": input, "voice": voice,
+                                                         "response_format": response_format, "speed": speed, **kwargs})
+        reply, _ = self._call(msg, timeout)
+        return reply.audio
 
     def translations(self, audio: bytes, language: str | None = None, prompt: str | None = None,
                      response_format: str = "json", temperature: float = 0, timestamp_granularities=None,

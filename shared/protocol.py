@@ -28,6 +28,7 @@ from zinfer.shared.payloads import (
 )
 from zinfer.shared.serving import (
     MAX_AUDIO_BYTES,  # noqa: F401 - p.MAX_AUDIO_BYTES
+    SPEECH_FORMATS,  # noqa: F401 - p.SPEECH_FORMATS
     Chat,
     ChatCompletion,
     ChatCompletionChunk,
@@ -40,6 +41,8 @@ from zinfer.shared.serving import (
     Rerank,
     RerankItem,  # noqa: F401 - p.RerankItem
     RerankResult,
+    Speak,
+    Speech,
     Transcribe,
     Transcription,
 )
@@ -270,7 +273,7 @@ Request = (
     | LaunchModel | WakeModel | KeepAlive | ListModels | DescribeModel | TerminateModel | InstancesOf
     | SchedulerStatus | WorkerReport
     | LoadInstance | UnloadInstance | ProbeFiles | FindPaths | Generate | Chat | Embed | Rerank | RenderChat
-    | LoadLora | UnloadLora | Transcribe
+    | LoadLora | UnloadLora | Transcribe | Speak
 )
 
 # ---------------------------------------------------------------- replies
@@ -387,6 +390,7 @@ Reply = (
     Error | Pong | Ok | Registrations | Registration | RegistryStatusReply | Launched | ModelList
     | ModelDescription | UidList | SchedulerStatusReply | BrokerStatusReply | Completion | ChatCompletion
     | ChatCompletionChunk | Embedding | RerankResult | FileProbe | PathsFound | RenderedChat | Transcription
+    | Speech
 )
 
 # Which reply each request expects (besides Error); a test keeps this table and the unions in step.
@@ -416,6 +420,7 @@ REPLY_OF: dict[type, tuple[type, ...]] = {
     Rerank: (RerankResult,),
     RenderChat: (RenderedChat,),
     Transcribe: (Transcription,),
+    Speak: (Speech,),
     LoadLora: (Ok,),
     UnloadLora: (Ok,),
 }
@@ -433,7 +438,7 @@ ALLOWED_ROLES: dict[type, frozenset[str]] = {
     # WakeModel: the scheduler also checks load_on_request_roles; KeepAlive: keep_alive_roles
     **dict.fromkeys((Ping, ListRegistrations, GetRegistration, RegistryStatus, WakeModel, KeepAlive, ListModels,
                      DescribeModel, InstancesOf, SchedulerStatus, Generate, Chat, Embed, Rerank, RenderChat,
-                     Transcribe), ANYONE),
+                     Transcribe, Speak), ANYONE),
 }
 
 # ---------------------------------------------------------------- codec

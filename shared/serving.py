@@ -152,3 +152,28 @@ class Transcription(Msg, kw_only=True):
     duration: float = 0.0  # seconds of audio
     segments: list[Segment] | None = None
     words: list[Word] | None = None
+
+
+# ---------------------------------------------------------------- text to speech
+
+SPEECH_FORMATS = ("mp3", "wav", "flac", "pcm")
+
+
+class Speak(Msg, kw_only=True):
+    """Text to speech (OpenAI's /v1/audio/speech): the audio, encoded in the instance (pcm: 16-bit little-endian
+    samples, mono, at the model's rate). `seed` makes a sampling model's voice repeatable (VITS draws noise)."""
+
+    model_uid: str
+    input: Annotated[str, Meta(min_length=1, max_length=4096)]
+    voice: Annotated[str, Meta(max_length=64)] = ""
+    response_format: Literal["mp3", "wav", "flac", "pcm"] = "mp3"
+    speed: Annotated[float, Meta(ge=0.25, le=4.0)] = 1.0
+    seed: int = 0
+
+
+class Speech(Msg, kw_only=True):
+    model: str
+    media_type: str
+    sample_rate: int
+    samples: int
+    audio: bytes

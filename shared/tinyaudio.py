@@ -1,5 +1,6 @@
 """Tiny random audio models for tests and benchmarks, built offline from configs: a Whisper (a byte-level BPE of a
-few hundred tokens with Whisper's special tokens: languages, tasks, timestamps), and its English-only twin.
+few hundred tokens with Whisper's special tokens: languages, tasks, timestamps), its English-only twin, and a
+VITS text-to-speech model with a character tokenizer.
 
 Their weights are random, so their text is gibberish; what they show is that zinfer serves what transformers'
 own pipeline gives for the same audio.
@@ -91,13 +92,42 @@ def english_only(whisper: Path, out: Path) -> Path:
     return out
 
 
+VITS_CHARACTERS = " abcdefghijklmnopqrstuvwxyz',.?!-"
+
+
+def build_tiny_vits(out: Path, seed: int = 0, speakers: int = 1) -> Path:
+    """A random VITS (MMS-TTS's architecture, width 32) with a character tokenizer, saved at `out`: 16 kHz."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, **{c: i + 1 for i, c in enumerate(VITS_CHARACTERS)}, "<unk>": len(VITS_CHARACTERS) + 1}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tok = VitsTokenizer(str(out / "vocab.json"), pad_token="<pad>", unk_token="<unk>", add_blank=True,
+                        normalize=True, phonemize=False, is_uroman=False)
+    config = VitsConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        ffn_dim=64, flow_size=32, spectrogram_bins=65, upsample_initial_channel=64,
+                        upsample_rates=[8, 8, 4], upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3],
+                        resblock_dilation_sizes=[[1, 3]], posterior_encoder_num_wavenet_layers=2,
+                        prior_encoder_num_flows=2, prior_encoder_num_wavenet_layers=2,
+                        duration_predictor_num_flows=2, duration_predictor_filter_channels=32,
+                        depth_separable_num_layers=2, sampling_rate=16000, num_speakers=speakers,
+                        speaker_embedding_size=16 if speakers > 1 else 0)
+    torch.manual_seed(seed)
+    VitsModel(config).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def make_tiny_audio(root: Path, force: bool = False) -> dict[str, Path]:
-    whisper, english = root / "tiny-whisper", root / "tiny-whisper-en"
+    whisper, english, vits = root / "tiny-whisper", root / "tiny-whisper-en", root / "tiny-vits"
     if force or not (whisper / "model.safetensors").exists():
         build_tiny_whisper(whisper)
     if force or not (english / "model.safetensors").exists():
         english_only(whisper, english)
-    return {"whisper": whisper, "whisper_en": english}
+    if force or not (vits / "model.safetensors").exists():
+        build_tiny_vits(vits)
+    return {"whisper": whisper, "whisper_en": english, "vits": vits}
 
 
 def tone_wav(seconds: float, rate: int = 16000, freq: float = 440.0, seed: int = 0) -> bytes:

@@ -1,6 +1,6 @@
-"""OpenAI's speech-to-text shapes, for the gateway's /v1/audio/transcriptions and /translations and the client's
-transcriptions() / translations(): the request's fields checked into a Transcribe message, and a Transcription
-written in each response_format (json, text, srt, verbose_json, vtt)."""
+"""OpenAI's audio shapes, for the gateway's /v1/audio/transcriptions, /translations and /speech and the client's
+transcriptions() / translations() / speech(): the request's fields checked into a Transcribe (or Speak) message,
+and a Transcription written in each response_format (json, text, srt, verbose_json, vtt)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
-from zinfer.shared.models import problem_from_validation
+from zinfer.shared.models import closest_name, problem_from_validation
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("segment", "word")
@@ -95,3 +95,32 @@ def render(reply: p.Transcription, response_format: str | None) -> tuple[dict | 
         return "\n".join(cues), MEDIA_TYPES[fmt]
     cues = [f"{_clock(a, '.')} --> {_clock(b, '.')}\n{text}\n" for a, b, text in _cues(reply)]
     return "WEBVTT\n\n" + "\n".join(cues), MEDIA_TYPES["vtt"]
+
+
+# ---------------------------------------------------------------- text to speech
+
+SPEAK_IGNORED = ("stream", "kwargs", "user")  # sent by some clients (xinference-client: stream, kwargs): no effect
+SPEAK_FIELDS = ("input", "voice", "response_format", "speed", "seed")
+
+
+def speak_message(uid: str, body: dict) -> p.Speak:
+    """OpenAI's speech request body ({model, input, voice, response_format, speed}), checked: InvalidRequest names
+    the field at fault (an unknown field with the closest known name)."""
+    fields = {k: v for k, v in body.items() if k not in ("model", *SPEAK_IGNORED)}
+    if fields.get("voice") is None:
+        fields.pop("voice", None)
+    if fields.get("response_format") is None:
+        fields.pop("response_format", None)
+    unknown = sorted(set(fields) - set(p.Speak.__struct_fields__) - {"model_uid"})
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown field {closest_name(unknown[0], SPEAK_FIELDS)}".rstrip(),
+                             field=unknown[0])
+    fmt = fields.get("response_format", "mp3")
+    if fmt not in p.SPEECH_FORMATS:
+        raise InvalidRequest(f"response_format {fmt!r} must be one of {', '.join(p.SPEECH_FORMATS)}",
+                             field="response_format")
+    try:
+        return msgspec.convert({**fields, "model_uid": uid}, p.Speak)
+    except msgspec.ValidationError as exc:
+        problem = problem_from_validation(exc, p.Speak)
+        raise InvalidRequest(str(problem), field=problem.field or None) from None

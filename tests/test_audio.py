@@ -213,10 +213,6 @@ def test_the_audio_json_round_trips_and_the_rest_is_refused_by_name(au, tiny_mod
     assert back["virtualenv"]["packages"] == []  # (with the pip settings Xinference's page lists, null)
     names = [r["model_name"] for r in c.list_model_registrations("audio")]
     assert "my-whisper" in names and "whisper-large-v3" in names  # built-ins under Xinference's names
-    tts = audio_definition(tiny_models["whisper"], "my-tts", ability="text2audio")
-    c.register_model("audio", json.dumps(tts))
-    with pytest.raises(Exception, match="model_ability"):
-        c.launch_model(model_name="my-tts", model_type="audio", model_uid="tts")
     for change, field in (({"virtualenv": {"packages": ["whisperx"]}}, "virtualenv.packages"),
                           ({"is_builtin": True}, "is_builtin"), ({"model_ability": ["speak"]}, "model_ability"),
                           ({"engine": "funasr"}, "engine"), ({"modle_uri": "x"}, "modle_uri")):
@@ -224,3 +220,75 @@ def test_the_audio_json_round_trips_and_the_rest_is_refused_by_name(au, tiny_mod
             c.register_model("audio", json.dumps({**given, "model_name": "bad-audio", **change}))
     with pytest.raises(Exception, match="--model-type audio"):
         c.register_model("LLM", json.dumps({**given, "model_name": "wrong-type"}))
+
+
+# ---------------------------------------------------------------- text to speech
+
+
+@pytest.fixture(scope="module")
+def tts(au, tiny_models):
+    au.client.register_model("audio", json.dumps({**audio_definition(tiny_models["vits"], "my-vits",
+                                                                     ability="text2audio"), "model_family": "vits"}))
+    au.client.launch_model(model_name="my-vits", model_type="audio", model_uid="vits")
+    return au
+
+
+def vits_waveform(tiny_models, text: str, speed: float = 1.0) -> np.ndarray:
+    """The model's own output for the text, in this process (its noise drawn from seed 0, as the served default)."""
+    import torch
+    from transformers import VitsModel, VitsTokenizer
+
+    model = VitsModel.from_pretrained(tiny_models["vits"]).eval()
+    model.speaking_rate = speed
+    inputs = VitsTokenizer.from_pretrained(tiny_models["vits"])(text, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        return model(**inputs).waveform[0].numpy()
+
+
+def test_speech_is_the_models_own_waveform_in_each_format(tts, tiny_models):
+    text = "hello world, this is a tiny voice."
+    want = vits_waveform(tiny_models, text)
+    client = oai(tts)
+    wav = client.audio.speech.create(model="vits", voice="alloy", input=text, response_format="wav").content
+    samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    assert rate == 16000 and samples.shape == want.shape
+    assert np.max(np.abs(samples - np.clip(want, -1, 1))) <= 1.01 / 32767  # the same samples, at 16 bits
+    pcm = client.audio.speech.create(model="vits", voice="alloy", input=text, response_format="pcm").content
+    assert np.array_equal(np.frombuffer(pcm, "<i2"), soundfile.read(io.BytesIO(wav), dtype="int16")[0])
+    flac = client.audio.speech.create(model="vits", voice="alloy", input=text, response_format="flac").content
+    lossless, rate = soundfile.read(io.BytesIO(flac), dtype="float32")
+    assert rate == 16000 and np.max(np.abs(lossless - np.clip(want, -1, 1))) <= 1.01 / 32767
+    mp3 = client.audio.speech.create(model="vits", voice="alloy", input=text).content  # OpenAI's default: mp3
+    decoded, rate = soundfile.read(io.BytesIO(mp3), dtype="float32")
+    assert rate == 16000 and abs(len(decoded) - len(want)) < 2048 and mp3[:2] in (b"ID", b"\xff\xfb", b"\xff\xf3")
+    slow = client.audio.speech.create(model="vits", voice="alloy", input=text, response_format="wav", speed=0.5)
+    assert soundfile.read(io.BytesIO(slow.content))[0].shape == vits_waveform(tiny_models, text, 0.5).shape
+
+
+def test_speech_through_the_clients_and_the_cli(tts, tiny_models, tmp_path):
+    text = "one two three"
+    want = vits_waveform(tiny_models, text)
+    wav = RESTfulClient(tts.gateway_url, api_key=tts.admin_api_key).get_model("vits").speech(
+        text, response_format="wav")
+    assert soundfile.read(io.BytesIO(wav))[0].shape == want.shape
+    assert tts.client.get_model("vits").speech(text, response_format="wav") == wav
+    out = tmp_path / "said.wav"
+    assert "wrote" in ok(tts, "speak", "-u", "vits", text, "-o", str(out))
+    assert out.read_bytes() == wav
+
+
+def test_bad_speech_requests_are_a_400_naming_the_field(tts):
+    url = f"{tts.gateway_url}/v1/audio/speech"
+    headers = {"Authorization": f"Bearer {tts.admin_api_key}"}
+    for body, field in (({"input": "hi", "response_format": "ogg"}, "response_format"),
+                        ({"input": ""}, "input"), ({"input": "hi", "speed": 10}, "speed"),
+                        ({"input": "hi", "volume": 3}, "volume"), ({}, "input")):
+        r = requests.post(url, headers=headers, json={"model": "vits", **body}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
+    r = requests.post(url, headers=headers, json={"model": "whisper", "input": "hi"}, timeout=60)
+    assert r.status_code == 400 and "cannot speak" in r.text
+    r = requests.post(f"{tts.gateway_url}/v1/audio/transcriptions", headers=headers, data={"model": "vits"},
+                      files={"file": ("a.wav", tone_wav(1))}, timeout=60)
+    assert r.status_code == 400 and "cannot transcribe" in r.text
+    assert requests.post(url, headers=headers, json={"model": "vits", "input": "still here"}, timeout=60).ok

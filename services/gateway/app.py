@@ -338,6 +338,14 @@ class Gateway:
             return json_response(content)
         return Response(content, media_type=media_type)
 
+    async def speech(self, request: Request) -> Response:
+        """OpenAI's POST /v1/audio/speech: {model, input, voice, response_format, speed}; the audio is the body."""
+        conn = self.connection(request)
+        body = await body_of(request)
+        uid, target = await self.model_target(conn, body)
+        reply, _ = await self.ask(conn, target, uid, transcripts.speak_message(uid, body))
+        return Response(reply.audio, media_type=reply.media_type)
+
     # ------------------------------------------------------------------ models (OpenAI list, Xinference REST)
 
     async def call(self, request: Request, target: str, msg: p.Msg, timeout: float | None = None) -> p.Msg:
@@ -501,6 +509,7 @@ def create_app(settings: Settings) -> FastPath:
         "/v2/rerank": gw.rerank,  # Cohere's v2 path for the same call
         "/v1/audio/transcriptions": gw.transcriptions,
         "/v1/audio/translations": lambda r: gw.transcriptions(r, task="translate"),
+        "/v1/audio/speech": gw.speech,
     }
     for path, handler in inference.items():
         app.add_api_route(path, _endpoint(handler), methods=["POST"], name=path.strip("/").replace("/", "_"))

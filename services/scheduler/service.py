@@ -29,7 +29,6 @@ from zinfer.shared.errors import (
 from zinfer.shared.models import (
     MODEL_TYPES,
     RERANK_TYPES_SERVED,
-    AudioFamily,
     Definition,
     EmbeddingFamily,
     LLMFamily,
@@ -146,9 +145,6 @@ class Scheduler:
         elif msg.model_format not in (None, "pytorch") or msg.quantization not in (None, "none"):
             raise InvalidRequest(f"{msg.model_type} models run in model_format pytorch with quantization none",
                                  field="model_format" if msg.model_format not in (None, "pytorch") else "quantization")
-        if isinstance(family, AudioFamily) and family.ability != "audio2text":
-            raise InvalidRequest(f"model_ability {family.model_ability}: zinfer serves audio2text models (speech to "
-                                 "text) so far; text2audio registers but does not launch yet", field="model_ability")
         if isinstance(family, RerankFamily) and family.type not in RERANK_TYPES_SERVED:
             raise InvalidRequest(f"type {family.type!r}: zinfer runs rerank models of type normal (on "
                                  "sentence-transformers' CrossEncoder), or unknown when the model turns out normal; "

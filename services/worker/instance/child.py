@@ -56,7 +56,7 @@ class InstanceProcess:
         self.report_now = threading.Event()
         self.instance = Instance(load, device, settings, self.loop, self.report_now.set, threads=threads)
         # queued on the batcher, answered later
-        requests = (p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat, p.Transcribe)
+        requests = (p.Generate, p.Chat, p.Embed, p.Rerank, p.RenderChat, p.Transcribe, p.Speak)
         handlers = {**dict.fromkeys(requests, self.instance.submit), p.LoadLora: self.instance.load_lora,
                     p.UnloadLora: self.instance.unload_lora}
         self.runtime = ServiceRuntime(service, settings, handlers, deferred=set(requests), max_workers=1)

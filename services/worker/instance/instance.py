@@ -41,7 +41,7 @@ def base_report(load: p.LoadInstance, state: instances.InstanceState) -> instanc
 
 # The requests each model type serves (an LLM embeds only with the embed ability: its batcher checks that).
 REQUESTS_OF = {"LLM": (p.Generate, p.Chat, p.Embed, p.RenderChat), "embedding": (p.Embed,), "rerank": (p.Rerank,),
-               "audio": (p.Transcribe,)}
+               "audio": (p.Transcribe, p.Speak)}
 
 
 class Instance:
@@ -250,7 +250,7 @@ class Instance:
         model_type = self.launch.model_type
         if not isinstance(msg, REQUESTS_OF[model_type]):
             verb = {p.Generate: "generate", p.Chat: "chat", p.Embed: "embed", p.Rerank: "rerank",
-                    p.RenderChat: "render a chat", p.Transcribe: "transcribe audio"}[type(msg)]
+                    p.RenderChat: "render a chat", p.Transcribe: "transcribe audio", p.Speak: "speak"}[type(msg)]
             raise InvalidRequest(f"model {self.uid!r} is {'an' if model_type[0] in 'AaEeL' else 'a'} {model_type} "
                                  f"model: it cannot {verb}", field="model_uid")
         limit = self.settings.max_prompt_bytes
@@ -276,7 +276,7 @@ class Instance:
             if utf8_over("".join(m.content or "" for m in msg.messages) + msgspec.json.encode(
                     msg.options.tools or []).decode(), limit):
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")
-        elif isinstance(msg, p.Transcribe):
+        elif isinstance(msg, p.Transcribe | p.Speak):
             pass  # the audio's bytes are bounded by the message; its prompt by the message's type
         elif utf8_over(msg.prompt, limit):
             raise TooLarge(f"the prompt is over {limit:,} bytes (max_prompt_bytes)", field="prompt")

@@ -9,13 +9,14 @@ and runs their 30-second windows together; one that fails (audio that breaks the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from zinfer.services.worker.instance.backends.speech_backend import SpeechBackend, decode_audio
 from zinfer.services.worker.instance.compute import Job, QueueBatcher
 from zinfer.shared import protocol as p
+from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.serving import Segment, Word
 
 
@@ -53,6 +54,8 @@ class SpeechBatcher(QueueBatcher):
 
     def submit(self, job: Job) -> None:
         msg: p.Transcribe = job.msg
+        if not isinstance(msg, p.Transcribe):
+            raise InvalidRequest(f"model {self.uid!r} is a speech-to-text model: it cannot speak", field="model_uid")
         kwargs = self.backend.kwargs(msg.task, msg.language, msg.prompt, msg.temperature, msg.timestamps)
         self._enqueue(_Work(job, decode_audio(msg.audio, self.backend.rate), kwargs))
 
@@ -94,3 +97,42 @@ class SpeechBatcher(QueueBatcher):
         segments, words = segments_of(result, duration, msg.timestamps == "word")
         work.job.reply(p.Transcription(model=self.uid, text=result["text"], task=msg.task, language=msg.language,
                                        duration=duration, segments=segments, words=words))
+
+
+class _Speaking(NamedTuple):
+    job: Job
+
+
+class SpeakBatcher(QueueBatcher):
+    """Text to speech: one request a step (a VITS forward pass makes the whole waveform), encoded here."""
+
+    def __init__(self, uid: str, backend, wake: Callable[[], None], max_queue: int):
+        super().__init__(uid, wake, max_queue, 1, 0.0)
+        self.backend = backend
+
+    def submit(self, job: Job) -> None:
+        if not isinstance(job.msg, p.Speak):
+            raise InvalidRequest(f"model {self.uid!r} is a text-to-speech model: it cannot transcribe audio",
+                                 field="model_uid")
+        self.backend.voice(job.msg.voice)  # an unknown voice is refused before it queues
+        self._enqueue(_Speaking(job))
+
+    def step(self) -> None:
+        from zinfer.services.worker.instance.backends.tts_backend import MEDIA_TYPES, encode_audio
+
+        job = self.queue.popleft().job
+        if job.cancelled:
+            job.drop_cancelled()
+            self.stats.cancelled += 1
+            return
+        self.stats.requests += 1
+        msg: p.Speak = job.msg
+        try:
+            samples = self.backend.speak(msg.input, msg.voice, msg.speed, msg.seed)
+            audio = encode_audio(samples, self.backend.rate, msg.response_format)
+        except Exception as exc:
+            self.stats.failures += 1
+            job.fail(exc)
+            return
+        job.reply(p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format],
+                           sample_rate=self.backend.rate, samples=len(samples), audio=audio))

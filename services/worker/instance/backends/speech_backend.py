@@ -99,7 +99,14 @@ class SpeechBackend:
 
 
 def load(ctx: LoadContext):
-    from zinfer.services.worker.instance.speech_batcher import SpeechBatcher
+    """The audio engine of an instance: speech to text (a pipeline and its batcher), or text to speech."""
+    from zinfer.services.worker.instance.speech_batcher import SpeakBatcher, SpeechBatcher
+
+    if ctx.launch.audio.ability == "text2audio":
+        from zinfer.services.worker.instance.backends.tts_backend import SpeakBackend
+
+        speaker = SpeakBackend(ctx.path, ctx.device)
+        return speaker, SpeakBatcher(ctx.uid, speaker, ctx.wake, ctx.queue_limit)
 
     backend = SpeechBackend(ctx.path, ctx.device, ctx.launch.audio.multilingual is not False, ctx.trust_remote_code)
     batch = ctx.option("max_batch_size") or (8 if ctx.device.startswith("cuda") else 2)
