@@ -31,6 +31,9 @@ def site(tmp_path_factory, tiny_models):
                                           "model_ability": ["audio2text"], "multilingual": True,
                                           "model_uri": f"file://{tiny_models['whisper']}"})
         m.client.launch_model(model_name="my-whisper", model_type="audio", model_uid="whisper")
+        m.client.register_model("audio", {"version": 2, "model_name": "my-vits", "model_family": "vits",
+                                          "model_ability": ["text2audio"], "model_uri": f"file://{tiny_models['vits']}"})
+        m.client.launch_model(model_name="my-vits", model_type="audio", model_uid="vits")
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 
@@ -329,6 +332,13 @@ def test_audio_registrations_and_the_transcribe_playground(page, site, shots, tm
                                                       "buffer": b"not audio"})
     page.get_by_role("button", name="Transcribe").click()
     expect(page.locator("#playground-panel .error")).to_contain_text("not audio")
+    page.goto(site.gateway_url + "/#/playground?model=vits")  # text to speech: the Speak tab
+    page.get_by_label("Text").fill("hello from the playground")
+    page.get_by_role("button", name="Speak").click()
+    want = site.client.get_model("vits").speech("hello from the playground", response_format="wav")
+    expect(page.locator("#speak-player")).to_have_attribute("data-bytes", str(len(want)))
+    expect(page.locator("#speak-download")).to_have_attribute("download", "speech.wav")
+    page.screenshot(path=shots / "playground-speak.png", full_page=True)
     assert page.errors == [], page.errors
 
 

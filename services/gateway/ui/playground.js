@@ -1,17 +1,19 @@
 // Try a running model: chat (streamed, with a system prompt, sampling settings, history and a stop button that
 // cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
 // (documents ordered by their relevance to a query, with their scores), and transcribe (an audio file to text or
-// subtitles, with a player for the file).
+// subtitles, with a player for the file), and speak (text to an audio player and a download link).
 
 import { api, session } from "./api.js";
 import { el, message, table } from "./dom.js";
 
-const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank", transcribe: "Transcribe" };
+const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank", transcribe: "Transcribe",
+               speak: "Speak" };
 
 function canDo(m, tab) {
   const abilities = m.model_ability || [];
   if (tab === "rerank") return m.model_type === "rerank";
   if (tab === "transcribe") return m.model_type === "audio" && abilities.includes("audio2text");
+  if (tab === "speak") return m.model_type === "audio" && abilities.includes("text2audio");
   if (tab === "embed") return m.model_type === "embedding" || (abilities.includes("embed") && !m.parent);
   if (tab === "chat") return m.model_type === "LLM" && abilities.includes("chat");
   return m.model_type === "LLM";
@@ -329,6 +331,46 @@ function transcribe(panel, models, wanted) {
   });
 }
 
+function speak(panel, models, wanted) {
+  const model = modelSelect(models, "speak", wanted);
+  const text = el("textarea", { id: "speak-input", rows: 4, placeholder: "What to say" });
+  const format = el("select", { id: "speak-format" }, ["wav", "mp3", "flac"].map((f) => el("option", { value: f }, f)));
+  const speed = el("input", { id: "speak-speed", type: "number", min: 0.25, max: 4, step: 0.25, value: 1 });
+  const player = el("audio", { id: "speak-player", controls: true, hidden: true });
+  const download = el("a", { id: "speak-download", hidden: true }, "Download");
+  const status = message("error");
+  const form = el("form", {}, el("div", { class: "grid" },
+      el("div", {}, el("label", { for: "speak-model" }, "Model"), model),
+      el("div", {}, el("label", { for: "speak-format" }, "Format"), format),
+      el("div", {}, el("label", { for: "speak-speed" }, "Speed"), speed)),
+    el("label", { for: "speak-input" }, "Text"), text,
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Speak")));
+  panel.replaceChildren(form, status, el("div", { class: "inline file-row" }, player, download));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    status.textContent = "";
+    const headers = { "Content-Type": "application/json" };
+    if (session.key) headers.Authorization = `Bearer ${session.key}`;
+    const body = { model: model.value, input: text.value, response_format: format.value, speed: Number(speed.value) };
+    try {
+      const response = await fetch("/v1/audio/speech", { method: "POST", headers, body: JSON.stringify(body) });
+      if (!response.ok) {
+        const data = await response.json().catch(() => ({}));
+        throw new Error(data.error?.message || `HTTP ${response.status}`);
+      }
+      const blob = await response.blob();
+      if (player.src) URL.revokeObjectURL(player.src);
+      player.src = URL.createObjectURL(blob);
+      download.href = player.src;
+      download.download = `speech.${format.value}`;
+      player.hidden = download.hidden = false;
+      player.dataset.bytes = String(blob.size);
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  });
+}
+
 export function playground(main, params) {
   const tab = TABS[params.get("tab")] ? params.get("tab") : null;
   const wanted = params.get("model");
@@ -338,10 +380,11 @@ export function playground(main, params) {
   api("/v1/models").then(({ data }) => {
     const model = data.find((m) => m.id === wanted);
     const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed"
-      : canDo(model, "rerank") ? "rerank" : canDo(model, "transcribe") ? "transcribe" : "generate") : "chat");
+      : canDo(model, "rerank") ? "rerank" : canDo(model, "transcribe") ? "transcribe"
+      : canDo(model, "speak") ? "speak" : "generate") : "chat");
     const query = wanted ? `&model=${encodeURIComponent(wanted)}` : "";
     main.append(el("nav", { class: "tabs", "aria-label": "Playgrounds" }, Object.entries(TABS).map(([key, label]) =>
       el("a", { href: `#/playground?tab=${key}${query}`, "aria-current": key === chosen ? "page" : null }, label))), panel);
-    ({ chat, generate, embed, rerank, transcribe })[chosen](panel, data, wanted);
+    ({ chat, generate, embed, rerank, transcribe, speak })[chosen](panel, data, wanted);
   }).catch((error) => { status.textContent = error.message; });
 }
