@@ -207,7 +207,7 @@ def test_a_dead_broker_fails_pending_calls_with_unavailable_soon(tmp_path):
         m.start_broker()
         start_peer(m)
         m.wait_services({"testpeer"})
-        error, after = m.kill_during_a_call("broker", sleep=20)
+        error, after = m.kill_during_a_call("broker", sleep=int(m.liveness) + 2)  # still asleep when it fails
         assert "lost the connection to the broker" in error
         assert after < m.liveness  # within the liveness window
     finally:

@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from zinfer.services.worker.instance.backends.speech_backend import SpeechBackend, decode_audio
 from zinfer.services.worker.instance.compute import Job, QueueBatcher
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
@@ -47,7 +46,7 @@ def segments_of(result: dict, duration: float, words: bool) -> tuple[list[Segmen
 
 
 class SpeechBatcher(QueueBatcher):
-    def __init__(self, uid: str, backend: SpeechBackend, wake: Callable[[], None], max_queue: int,
+    def __init__(self, uid: str, backend, wake: Callable[[], None], max_queue: int,
                  max_batch_size: int = 8, wait_ms: float = 0.0):
         super().__init__(uid, wake, max_queue, max_batch_size, wait_ms)
         self.backend = backend
@@ -57,7 +56,7 @@ class SpeechBatcher(QueueBatcher):
         if not isinstance(msg, p.Transcribe):
             raise InvalidRequest(f"model {self.uid!r} is a speech-to-text model: it cannot speak", field="model_uid")
         kwargs = self.backend.kwargs(msg.task, msg.language, msg.prompt, msg.temperature, msg.timestamps)
-        self._enqueue(_Work(job, decode_audio(msg.audio, self.backend.rate), kwargs))
+        self._enqueue(_Work(job, self.backend.decode(msg.audio), kwargs))
 
     def step(self) -> None:
         batch: list[_Work] = []

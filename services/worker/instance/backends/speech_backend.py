@@ -60,6 +60,10 @@ class SpeechBackend:
         self.multilingual = multilingual and bool(getattr(config, "is_multilingual", True)) and self.whisper
         self.languages = {k.strip("<|>") for k in (getattr(config, "lang_to_id", None) or {})}
 
+    def decode(self, data: bytes) -> np.ndarray:
+        """A request's audio file as this model's samples (InvalidRequest naming `file` for what is not audio)."""
+        return decode_audio(data, self.rate)
+
     def kwargs(self, task: str, language: str | None, prompt: str | None, temperature: float,
                timestamps: str) -> dict[str, Any]:
         """The pipeline's arguments for one request (requests with equal ones run together); InvalidRequest
