@@ -292,3 +292,17 @@ def test_bad_speech_requests_are_a_400_naming_the_field(tts):
                       files={"file": ("a.wav", tone_wav(1))}, timeout=60)
     assert r.status_code == 400 and "cannot transcribe" in r.text
     assert requests.post(url, headers=headers, json={"model": "vits", "input": "still here"}, timeout=60).ok
+
+
+def test_an_idle_audio_instance_unloads_and_its_next_request_loads_it_again(au, pipes):
+    """keep_alive 2 s: unloaded once idle; the next transcription over HTTP loads it again and gets the same text."""
+    c = au.client
+    c.launch_model(model_name="my-whisper", model_type="audio", model_uid="w-idle", keep_alive="2s")
+    wav = tone_wav(2, seed=8)
+    first = oai(au).audio.transcriptions.create(model="w-idle", file=("a.wav", wav)).text
+    au.wait(lambda: c.describe_model("w-idle")["state"] == "idle-unloaded" or None, timeout=30)
+    loads = c.describe_model("w-idle")["loads"]
+    again = oai(au).audio.transcriptions.create(model="w-idle", file=("a.wav", wav)).text
+    assert again == first == raw(pipes, "whisper", wav, generate_kwargs={"task": "transcribe"})["text"]
+    assert c.describe_model("w-idle")["loads"] == loads + 1
+    c.terminate_model("w-idle")

@@ -109,6 +109,7 @@ class QueueBatcher(Batcher):
         self.max_items = max(1, max_items)
         self.wait_s = max(0.0, wait_ms) / 1000
         self.queue: deque = deque()
+        self.running = 0  # requests taken off the queue that the current step works on (not answered yet)
         self.stats = instances.InstanceStats()
 
     def _enqueue(self, work) -> None:
@@ -122,6 +123,10 @@ class QueueBatcher(Batcher):
 
     def depth(self) -> int:
         return len(self.queue)
+
+    def inflight(self) -> int:
+        """Requests a step holds: reports show them, so an idle unload (keep_alive) never cuts one off."""
+        return self.running
 
     def has_work(self) -> bool:
         if not self.queue:

@@ -67,10 +67,17 @@ class SpeechBatcher(QueueBatcher):
                 self.stats.cancelled += 1
             elif not batch or (work.key == batch[0].key and len(batch) < self.max_items):
                 batch.append(work)
-        for work in batch:
-            self.queue.remove(work)
         if not batch:
             return
+        self.running = len(batch)  # before they leave the queue: a report never sees them nowhere
+        for work in batch:
+            self.queue.remove(work)
+        try:
+            self._transcribe(batch)
+        finally:
+            self.running = 0
+
+    def _transcribe(self, batch: list[_Work]) -> None:
         self.stats.requests += len(batch)
         try:
             results = self.backend.transcribe([w.audio for w in batch], batch[0].kwargs, self.max_items)
@@ -117,9 +124,15 @@ class SpeakBatcher(QueueBatcher):
         self._enqueue(_Speaking(job))
 
     def step(self) -> None:
+        self.running = 1
+        try:
+            self._speak(self.queue.popleft().job)
+        finally:
+            self.running = 0
+
+    def _speak(self, job: Job) -> None:
         from zinfer.services.worker.instance.backends.tts_backend import MEDIA_TYPES, encode_audio
 
-        job = self.queue.popleft().job
         if job.cancelled:
             job.drop_cancelled()
             self.stats.cancelled += 1
