@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from zinfer.services.worker.instance.backends.tts_backend import MEDIA_TYPES, encode_audio
 from zinfer.services.worker.instance.compute import Job, QueueBatcher
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
@@ -131,8 +132,6 @@ class SpeakBatcher(QueueBatcher):
             self.running = 0
 
     def _speak(self, job: Job) -> None:
-        from zinfer.services.worker.instance.backends.tts_backend import MEDIA_TYPES, encode_audio
-
         if job.cancelled:
             job.drop_cancelled()
             self.stats.cancelled += 1

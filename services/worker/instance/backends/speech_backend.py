@@ -49,7 +49,6 @@ class SpeechBackend:
         import torch
         from transformers import pipeline
 
-        self.device = device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.pipe = pipeline("automatic-speech-recognition", model=path, device=device, dtype=dtype,
                              trust_remote_code=trust_remote_code)
