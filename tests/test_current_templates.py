@@ -57,7 +57,10 @@ def xm(tmp_path_factory, tiny_models):
 def _serve_one(m, kind: str, uid: str) -> None:
     model = m.client.get_model(uid)
     if kind == "LLM":
-        assert model.generate("Hello", {"max_tokens": 3, "ignore_eos": True})["usage"]["completion_tokens"] == 3
+        # ignore_eos does not lift a registration's stop_token_ids, and a definition filled from a folder takes
+        # generation_config.json's eos ids as its stops: a freshly trained tiny model may say one within 3 tokens.
+        out = model.generate("Hello", {"max_tokens": 3, "ignore_eos": True})
+        assert out["usage"]["completion_tokens"] == 3 or out["choices"][0]["finish_reason"] == "stop"
     elif kind == "embedding":
         assert len(model.create_embedding("hi")["data"][0]["embedding"]) == 384
     else:
