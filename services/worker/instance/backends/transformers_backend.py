@@ -141,9 +141,7 @@ class TransformersBackend(LLMBackend):
         self._cache = None
         self._mask = None  # (rows, cache length): 1 for real tokens, 0 for left padding
         self.adapters = {}
-        self._hooks: list = []  # on each LoRA layer: the rows' adapter names (self._names) into its forward
-        self._names: list[str] = []
-        self._uniform: list[str] | None = None  # the one adapter of every row of this forward ([]: none)
+        self._mix = None  # with adapters loaded: each forward's rows to their adapters, in every LoRA layer
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
@@ -227,34 +225,20 @@ class TransformersBackend(LLMBackend):
         return results
 
     def _forward(self, seqs: list[_Seq], **kwargs):
-        """One forward of these rows; with adapters loaded, each row through its own adapter or none (PEFT's
-        mixed-adapter batch: every LoRA layer adds each adapter's delta to its own rows only). The rows' adapter
-        names reach the LoRA layers through hooks put on them once (PeftModel's forward puts them on and takes
-        them off each call, walking every module twice: 15% of a mixed step on the small model)."""
+        """One forward of these rows; with adapters loaded, each row through its own adapter or none, in the same
+        forward (lora_mix.MixedLora: two matmuls a LoRA layer whatever the mix; rows that share one adapter, as
+        in each prefill, take PEFT's plain path for it, as its own generate runs it)."""
         if not self.adapters:
             return self.model(**kwargs)
-        names = [s.sampling.adapter for s in seqs]
-        # One adapter (or none) for every row, as in each prefill: PEFT's plain path for that adapter, as its own
-        # generate runs it (base + B(A(x)) * scale: no gather and scatter of rows, 3 ms less on the small model's
-        # first token); mixed rows: its mixed-batch path.
-        self._uniform = ([names[0]] if names[0] else []) if names.count(names[0]) == len(names) else None
-        self._names = [name or "__base__" for name in names]
+        self._mix.set_rows([s.sampling.adapter for s in seqs])
         return self.model.get_base_model()(**kwargs)
 
-    def _hook_lora_layers(self) -> None:
-        from peft.tuners.lora import LoraLayer
+    def _mix_lora_layers(self) -> None:
+        from .lora_mix import MixedLora
 
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = [m.register_forward_pre_hook(self._adapter_names, with_kwargs=True)
-                       for m in self.model.modules() if isinstance(m, LoraLayer)] if self.adapters else []
-
-    def _adapter_names(self, module, args, kwargs):
-        if self._uniform is not None:
-            module._active_adapter = self._uniform  # what PEFT's set_adapter sets on each layer (no module walk)
-        else:
-            kwargs["adapter_names"] = self._names
-        return args, kwargs
+        if self._mix is not None:
+            self._mix.close()
+        self._mix = MixedLora(self.torch, self.model) if self.adapters else None
 
     def unsupported(self, sampling: Sampling) -> str | None:
         return "lora_scale" if sampling.adapter_scale is not None else None
@@ -279,7 +263,7 @@ class TransformersBackend(LLMBackend):
                 raise
         self.model.eval()
         self.adapters[name] = lora
-        self._hook_lora_layers()
+        self._mix_lora_layers()
 
     def drop_adapter(self, name: str) -> None:
         del self.adapters[name]
@@ -287,7 +271,7 @@ class TransformersBackend(LLMBackend):
             self.model.delete_adapter(name)
         else:  # the last one: back to the plain model (no LoRA layers, no per-step hooks)
             self.model = self.model.unload()
-        self._hook_lora_layers()
+        self._mix_lora_layers()
 
     def _advance(self, seq: _Seq, logits, mask=None) -> StepOut:
         """Pick the next token of one sequence from its logits row (1, vocab); `mask`: the tokens its grammar
@@ -390,7 +374,8 @@ class TransformersBackend(LLMBackend):
         enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         model = self.model
         if self.adapters:  # embeddings come from the base model: no LoRA layer adds anything
-            self._uniform, model = [], self.model.get_base_model()
+            self._mix.set_rows([None] * len(texts))
+            model = self.model.get_base_model()
         with torch.inference_mode():
             out = model(**enc, output_hidden_states=True)
         hidden = out.hidden_states[-1]
