@@ -18,8 +18,18 @@ import msgspec
 from zinfer.shared import durations
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.images import ImagePolicy, image_bytes
 from zinfer.shared.models import closest_name, problem_from_validation
-from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, LoraAdapter, Tool, ToolCall
+from zinfer.shared.payloads import (
+    ChatMessage,
+    ChatOptions,
+    GenerateConfig,
+    ImagePart,
+    LoraAdapter,
+    TextPart,
+    Tool,
+    ToolCall,
+)
 
 # Xinference's launch fields that mean nothing here: taken at these values (its client sends them), else refused.
 _IGNORED_AT = {"n_worker": (1, None), "replica_config": (None,), "enable_thinking": (None,),
@@ -178,10 +188,11 @@ def generate_config(values: dict | None) -> GenerateConfig:
 
 
 class _Part(msgspec.Struct):
-    """One part of a message's content list; only text parts are taken (checked after decoding, by name)."""
+    """One part of a message's content list: text or image_url (checked after decoding, by name)."""
 
     type: str
     text: Any = None
+    image_url: Any = None
 
 
 class _Message(msgspec.Struct, forbid_unknown_fields=True):
@@ -198,9 +209,10 @@ class _Chat(msgspec.Struct):
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
 
 
-def chat_messages(messages: Any) -> list[ChatMessage]:
+def chat_messages(messages: Any, images: ImagePolicy | None = None) -> list[ChatMessage]:
     """Chat messages as OpenAI and Xinference send them -> ChatMessage: content may be a string, a list of
-    parts (text parts are joined with newlines; other kinds are refused by name) or null (empty)."""
+    parts (text parts are joined with newlines; image_url parts are fetched and checked under `images`, the
+    policy where the request came in, and kept in order in `parts`) or null (empty)."""
     if messages is None:
         raise InvalidRequest("messages is required: a non-empty list of {role, content}", field="messages")
     try:
@@ -208,16 +220,31 @@ def chat_messages(messages: Any) -> list[ChatMessage]:
     except msgspec.ValidationError as exc:
         problem = problem_from_validation(exc, _Chat)
         raise InvalidRequest(str(problem), field=problem.field or "messages") from None
+    policy = images or ImagePolicy()
+    seen = 0
     out = []
     for i, m in enumerate(typed.messages):
-        content = m.content
+        content, parts = m.content, None
         if isinstance(content, list):
+            parts = []
             for j, part in enumerate(content):
-                if part.type != "text" or not isinstance(part.text, str):
-                    where = f"messages[{i}].content[{j}]"
-                    raise InvalidRequest(f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are "
-                                         f"supported, not {part.type!r}", field=where)
-            content = "\n".join(part.text for part in content)
+                where = f"messages[{i}].content[{j}]"
+                if part.type == "text" and isinstance(part.text, str):
+                    parts.append(TextPart(part.text))
+                elif part.type == "image_url":
+                    seen += 1
+                    if seen > policy.max_images:
+                        raise InvalidRequest(f"{where}: more than {policy.max_images} images in one request "
+                                             "(max_images)", field=where)
+                    url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+                    parts.append(ImagePart(image_bytes(url, f"{where}.image_url", policy), where))
+                else:
+                    raise InvalidRequest(f"{where}: text parts ({{'type': 'text', 'text': ...}}) and image_url parts "
+                                         f"({{'type': 'image_url', 'image_url': {{'url': ...}}}}) are taken, not "
+                                         f"{part.type!r}", field=where)
+            content = "\n".join(part.text for part in parts if isinstance(part, TextPart))
+            if not any(isinstance(part, ImagePart) for part in parts):
+                parts = None
         if m.role == "tool" and not m.tool_call_id:
             raise InvalidRequest(f"messages[{i}]: a tool message needs tool_call_id (the id of the call it "
                                  "answers)", field=f"messages[{i}].tool_call_id")
@@ -235,14 +262,15 @@ def chat_messages(messages: Any) -> list[ChatMessage]:
                                  field=f"messages[{i}].tool_calls")
         out.append(ChatMessage(role=m.role, content="" if content is None and not m.tool_calls else content,
                                name=m.name, tool_calls=m.tool_calls or None, tool_call_id=m.tool_call_id,
-                               reasoning_content=m.reasoning_content or m.reasoning))
+                               reasoning_content=m.reasoning_content or m.reasoning, parts=parts))
     return out
 
 
-def chat_request(uid: str, body: dict) -> p.Chat:
+def chat_request(uid: str, body: dict, images: ImagePolicy | None = None) -> p.Chat:
     """A chat as OpenAI's and Xinference's bodies (and the client's keywords) give it, its model taken off ->
-    Chat: messages, tools and the template's options, and the sampling settings. Takes the fields off `body`."""
-    messages = chat_messages(body.pop("messages", None))
+    Chat: messages (their images under `images`), tools and the template's options, and the sampling settings.
+    Takes the fields off `body`."""
+    messages = chat_messages(body.pop("messages", None), images)
     options = chat_options(body)
     return p.Chat(model_uid=uid, messages=messages, config=generate_config(body), options=options)
 

@@ -40,6 +40,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_prompt_bytes: int = 4 * 2**20
     max_embed_items: int = 2048
     max_rerank_documents: int = 1000
+    # Images of chat messages (shared/images.py): per request, bytes and pixels each; http(s) image URLs fetched
+    # only when image_url_fetch is on, and then never from a non-public address unless image_url_private is on;
+    # file:// URLs only from these folders.
+    max_images: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
+    max_image_bytes: Annotated[int, msgspec.Meta(ge=1)] = 5 * 2**20
+    max_image_pixels: Annotated[int, msgspec.Meta(ge=1)] = 4096 * 4096
+    image_url_fetch: bool = False
+    image_url_private: bool = False
+    image_url_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    image_folders: list[str] = []
     # Requests one model instance holds (waiting or running) before new ones get "unavailable" at once.
     instance_queue: int = 256
     # Seconds a chat template may take to render before the request is refused.

@@ -73,6 +73,9 @@ def _template(folder: Path, tok_cfg: dict) -> str:
         texts.append((folder / "chat_template.jinja").read_text(errors="replace"))
     for extra in sorted((folder / "additional_chat_templates").glob("*.jinja")):
         texts.append(extra.read_text(errors="replace"))
+    processor_template = _json(folder / "chat_template.json").get("chat_template")  # older processors' file
+    if isinstance(processor_template, str):
+        texts.append(processor_template)
     template = tok_cfg.get("chat_template")
     if isinstance(template, str):
         texts.append(template)
@@ -141,6 +144,8 @@ def _from_folder(folder: Path, model_type: str | None, name: str | None, params:
     tokens |= {t.get("content") for t in (tok_cfg.get("added_tokens_decoder") or {}).values()
                if isinstance(t, dict)}
     abilities, extra = _llm_abilities(_template(folder, tok_cfg), tokens)
+    if isinstance(config.get("vision_config"), dict) and "chat" in abilities:  # an image-text-to-text model
+        abilities.append("vision")
     qcfg = config.get("quantization_config") or {}
     quantization = "4-bit" if qcfg.get("load_in_4bit") or qcfg.get("bits") == 4 else \
         "8-bit" if qcfg.get("load_in_8bit") or qcfg.get("bits") == 8 else "none"

@@ -21,6 +21,7 @@ from zinfer.shared.buscore import (
     rerank_result,
 )
 from zinfer.shared.errors import InvalidRequest, ZinferError
+from zinfer.shared.images import ImagePolicy
 from zinfer.shared.payloads import GenerateConfig
 
 if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
@@ -239,5 +240,5 @@ class LLMHandle(_Handle):
                             ("enable_thinking", enable_thinking)):
             if value is not None:
                 fields[name] = value
-        return compat.chat_request(self.model_uid, fields)
+        return compat.chat_request(self.model_uid, fields, ImagePolicy.from_settings(self.client.settings))
 

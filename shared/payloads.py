@@ -108,18 +108,38 @@ class ChatOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_field
         return msgspec.convert(self.tools or [], list[Tool])
 
 
+class TextPart(Struct, tag="text", forbid_unknown_fields=True):
+    text: str
+
+
+class ImagePart(Struct, tag="image", forbid_unknown_fields=True):
+    """An image of a message, as the file's bytes (PNG, JPEG, ...; fetched and checked where the request came
+    in), and where the request put it (messages[i].content[j]) for errors about it."""
+
+    data: bytes
+    where: str
+
+
 class ChatMessage(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     role: str
-    content: str | None = ""
+    content: str | None = ""  # the text (a list of text parts joined with newlines)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
     reasoning_content: str | None = None  # an assistant's earlier reasoning (templates may show or drop it)
+    parts: list[TextPart | ImagePart] | None = None  # content with images: its parts in order (None: text only)
+
+    def images(self) -> list[ImagePart]:
+        return [part for part in self.parts or () if isinstance(part, ImagePart)]
 
     def as_template_dict(self) -> dict[str, Any]:
-        """The message as transformers' apply_chat_template sees it: arguments as objects where they parse."""
+        """The message as transformers' apply_chat_template sees it: arguments as objects where they parse; a
+        message with images as a list of parts ({"type": "text", "text"} and {"type": "image"}), in order."""
         out: dict[str, Any] = {"role": self.role}
-        if self.content is not None:
+        if self.parts is not None:
+            out["content"] = [{"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+                              for part in self.parts]
+        elif self.content is not None:
             out["content"] = self.content
         for name in ("name", "tool_call_id", "reasoning_content"):
             value = getattr(self, name)

@@ -402,7 +402,8 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     in root/gguf-spm; the F32 GGUF split in three parts (root/gguf-split); a tiny sentence-transformers BERT
     (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf); two LoRA adapters of the tiny
     Llama (root/lora: PEFT folders a and b, and their GGUF LoRA files); a tiny Whisper and its English-only twin
-    (root/tiny-whisper, root/tiny-whisper-en: shared/tinyaudio.py)."""
+    (root/tiny-whisper, root/tiny-whisper-en: shared/tinyaudio.py); a tiny LLaVA (root/tiny-llava:
+    shared/tinyvision.py)."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -431,7 +432,10 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     from zinfer.shared.tinyaudio import make_tiny_audio
 
     audio = make_tiny_audio(root, force)
-    return {"rerank": reranker, **tools, **loras, **audio, "gguf_split_dir": split, "embedder": embedder,
+    from zinfer.shared.tinyvision import make_tiny_vision
+
+    vision = make_tiny_vision(root, force)
+    return {"rerank": reranker, **tools, **loras, **audio, **vision, "gguf_split_dir": split, "embedder": embedder,
             "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),
             "embedding": minilm, "ggml_dir": root / "ggml", "spm_gguf_dir": root / "gguf-spm"}

@@ -89,12 +89,14 @@ LAUNCHES: dict[str, dict] = {
 
 @contextlib.contextmanager
 def served_mesh(tmp_path_factory, tiny_models: dict[str, Path], name: str, launches, *, gateway: bool = False,
-                llm: dict | None = None):
+                llm: dict | None = None, env: dict[str, str] | None = None):
     """The one builder of a module's served mesh: its own home and broker, the tiny models registered
     (custom-llama-2, long-context with 8192 tokens, custom-bge-base-en, custom-reranker) and `launches`
-    launched: uids of LAUNCHES, or (uid, launch arguments) pairs. `llm` adds fields to custom-llama-2's definition."""
+    launched: uids of LAUNCHES, or (uid, launch arguments) pairs. `llm` adds fields to custom-llama-2's definition;
+    `env`: settings (ZINFER_* variables) of every process of the mesh."""
     root = tmp_path_factory.mktemp(name)
     m = Mesh(root / "home", root)
+    m.env.update(env or {})
     try:
         m.start_all()
         if gateway:

@@ -55,8 +55,10 @@ def test_chat_messages_join_text_parts_and_take_null_content():
     ([{"role": "", "content": "x"}], "messages[0].role", "length >= 1"),
     ([{"role": "user", "content": 5}], "messages[0].content", "Expected"),
     ([{"role": "user", "contnet": "x"}], "messages[0].contnet", "did you mean 'content'"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0]",
-     "only text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0].image_url",
+     "must be a data URI or a URL"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "messages[0].content[0]",
+     "text parts .* and image_url parts"),
 ])
 def test_bad_chat_messages_name_their_field(messages, field, text):
     with pytest.raises(InvalidRequest, match=text) as err:

@@ -4,6 +4,7 @@ Where an engine cannot do a field, the refusal names the field and the engine.""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from tests.conftest import served_mesh
 from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.tinyvision import png
 
 PROMPT = "Once upon a time"
 GREEDY = {"temperature": 0}
@@ -316,9 +318,14 @@ def test_chat_content_parts_and_null_content(rq):
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
                {"role": "user", "content": "Again"}]
     assert model.chat(history, {"max_tokens": 4, **GREEDY})["usage"]["completion_tokens"] == 4
-    with pytest.raises(InvalidRequest, match="only text parts") as err:
+    with pytest.raises(InvalidRequest, match="'x' URLs are not taken") as err:
         model.chat([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                  {"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert err.value.field == "messages[0].content[1].image_url"
+    image = "data:image/png;base64," + base64.b64encode(png(8, 8)).decode()
+    with pytest.raises(InvalidRequest, match="takes no images: it has no 'vision' ability") as err:
+        model.chat([{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                 {"type": "image_url", "image_url": {"url": image}}]}])
     assert err.value.field == "messages[0].content[1]"
 
 

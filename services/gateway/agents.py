@@ -50,7 +50,7 @@ async def _run(gw, request: Request, body: dict, build):
     fields."""
     conn = gw.connection(request)
     uid, target = await gw.model_target(conn, body)
-    msg = compat.chat_request(uid, build(body))
+    msg = await gw.chat_request(uid, build(body))
     return uid, msg, await gw.answer(conn, target, uid, msg)
 
 

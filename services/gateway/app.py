@@ -46,6 +46,7 @@ from zinfer.shared.errors import (
     Unauthenticated,
     ZinferError,
 )
+from zinfer.shared.images import ImagePolicy
 from zinfer.shared.payloads import Usage
 
 STATUS = {"invalid": 400, "protocol": 400, "not_found": 404, "conflict": 409, "state": 503, "too_large": 413,
@@ -90,6 +91,7 @@ class Gateway:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.timeout = settings.request_timeout
+        self.images = ImagePolicy.from_settings(settings)
         self.broker_key = keys.broker_public_key(settings.home_path)
         self.own_key = keys.load_client_key(settings.home_path, settings.client_key or
                                             str(keys.client_key_path(settings.home_path, "user")))
@@ -207,6 +209,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ inference
 
+    async def chat_request(self, uid: str, body: dict) -> p.Chat:
+        """compat.chat_request under this gateway's image policy; off the event loop when an image part may have
+        to be fetched or decoded."""
+        messages = body.get("messages")
+        if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+                isinstance(part, dict) and part.get("type") == "image_url" for part in m["content"])
+                for m in messages):
+            return await asyncio.to_thread(compat.chat_request, uid, body, self.images)
+        return compat.chat_request(uid, body, self.images)
+
     async def completions(self, request: Request, chat: bool) -> Response:
         conn = self.connection(request)
         body = await body_of(request)
@@ -214,7 +226,7 @@ class Gateway:
         body.pop("model")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:
-            msg: p.Msg = compat.chat_request(uid, body)
+            msg: p.Msg = await self.chat_request(uid, body)
         else:
             prompt = required(body, "prompt", (str, list))
             body.pop("prompt")
@@ -256,7 +268,7 @@ class Gateway:
         body = await body_of(request)
         uid, target = await self.model_target(conn, body)
         body.pop("model")
-        chat = compat.chat_request(uid, body)
+        chat = await self.chat_request(uid, body)
         reply, _ = await self.ask(conn, target, uid, p.RenderChat(model_uid=uid, messages=chat.messages,
                                                                   options=chat.options))
         return json_response(plain(reply))

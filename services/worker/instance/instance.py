@@ -23,6 +23,7 @@ from zinfer.shared.errors import (
     ZinferError,
     reply_from_exception,
 )
+from zinfer.shared.images import ImagePolicy, check_image
 from zinfer.shared.payloads import LoraAdapter
 
 
@@ -54,6 +55,7 @@ class Instance:
         self.on_change = on_change  # the worker reports at once (the launch progress a client shows)
         self.stage = ""
         self.settings = settings
+        self.images = ImagePolicy.from_settings(settings)  # limits an image of a chat must keep
         self.loop = loop
         self.uid = load.model_uid
         self.replica = load.replica
@@ -276,6 +278,12 @@ class Instance:
             if utf8_over("".join(m.content or "" for m in msg.messages) + msgspec.json.encode(
                     msg.options.tools or []).decode(), limit):
                 raise TooLarge(f"messages are over {limit:,} bytes in all (max_prompt_bytes)", field="messages")
+            images = [image for m in msg.messages for image in m.images()]
+            if len(images) > self.settings.max_images:
+                raise InvalidRequest(f"{images[self.settings.max_images].where}: more than {self.settings.max_images} "
+                                     "images in one request (max_images)", field=images[self.settings.max_images].where)
+            for image in images:  # as where the request came in (a bus client may have skipped that)
+                check_image(image.data, image.where, self.images)
         elif isinstance(msg, p.Transcribe | p.Speak):
             pass  # the audio's bytes are bounded by the message; its prompt by the message's type
         elif utf8_over(msg.prompt, limit):

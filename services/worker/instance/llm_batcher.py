@@ -45,6 +45,7 @@ class ChatPlan(NamedTuple):
     tags: tuple[str, str] | None = None
     opened: bool = False  # the prompt ends inside the reasoning tags (the template opened them)
     constraint: Constraint | None = None
+    images: list = []  # the messages' ImageParts, in order (a vision model's prompt has a place for each)
 
 
 class _Running:
@@ -188,9 +189,15 @@ class LLMBatcher(Batcher):
             raise InvalidRequest("echo is for completions (generate), not chat", field="echo")
         if cfg.echo and cfg.logprobs not in (None, False):
             raise InvalidRequest("echo with logprobs (logprobs of the prompt) is not supported", field="echo")
-        prompt_ids = self.backend.tokenize(prompt)
+        media = None
+        if plan is not None and plan.images:
+            prompt_ids, media = self.backend.encode_images(prompt, plan.images)
+        else:
+            prompt_ids = self.backend.tokenize(prompt)
         constraint = plan.constraint if plan is not None else constraint_of(cfg)
         sampling = self.sampling(cfg, len(prompt_ids), stop_ids, chat=isinstance(msg, p.Chat))
+        if media is not None:
+            sampling = sampling._replace(media=media)
         refused = self.backend.unsupported(sampling)
         if refused is not None:
             raise InvalidRequest(f"{refused} is not supported by the {self.backend.engine} engine (model {self.uid!r})",
@@ -311,6 +318,13 @@ class LLMBatcher(Batcher):
         if "chat" not in family.model_ability:
             raise InvalidRequest(f"model {self.uid!r} cannot chat (abilities {family.model_ability}); "
                                  "use generate", field="model_uid")
+        images = [image for m in messages for image in m.images()]
+        if images and not ("vision" in family.model_ability and self.backend.vision):
+            why = (f"its registration's model_ability {family.model_ability} has no 'vision'" if self.backend.vision
+                   else f"the {self.backend.engine} engine found no image processor and vision tower in its files"
+                   if "vision" in family.model_ability else f"it has no 'vision' ability ({family.model_ability})")
+            raise InvalidRequest(f"{images[0].where}: model {self.uid!r} takes no images: {why}",
+                                 field=images[0].where)
         stops = merge_stops(family.stop)
         stop_ids = list(family.stop_token_ids or [])
         tools = options.tools or None
@@ -324,6 +338,10 @@ class LLMBatcher(Batcher):
             if tools:
                 raise InvalidRequest(f"model {self.uid!r} lays chats out with a prompt style, which has no place for "
                                      "tools; register it with a chat_template that shows them", field="tools")
+            if images:
+                raise InvalidRequest(f"{images[0].where}: model {self.uid!r} lays chats out with a prompt style, "
+                                     "which has no place for images; register it with a chat_template",
+                                     field=images[0].where)
             style = family.prompt_style
             prompt = prompts.render_prompt_style(style, messages)
             stops = merge_stops(stops, style.stop)
@@ -347,11 +365,13 @@ class LLMBatcher(Batcher):
                 constraint = tool_constraint(parser.grammar(chosen, parallel, self.backend.grammars.lit))
         tags = self.reasoning_tags()
         opened = bool(tags) and prompt.rstrip().endswith(tags[0])
-        return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint)
+        return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint, images)
 
     def render(self, msg: p.RenderChat, cancelled=None) -> p.RenderedChat:
         plan = self.plan(msg.messages, msg.options, None, cancelled)
-        return p.RenderedChat(model=self.uid, prompt=plan.prompt, token_ids=self.backend.tokenize(plan.prompt),
+        ids = self.backend.encode_images(plan.prompt, plan.images)[0] if plan.images else \
+            self.backend.tokenize(plan.prompt)
+        return p.RenderedChat(model=self.uid, prompt=plan.prompt, token_ids=ids,
                               template_source=plan.source)
 
     def _embed_step(self) -> None:

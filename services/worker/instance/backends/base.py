@@ -64,6 +64,7 @@ class Sampling(NamedTuple):
     matcher: Any = None  # the sequence's grammar.Matcher: the output must follow its grammar
     adapter: str | None = None  # the LoRA adapter that decodes it (None: the base model)
     adapter_scale: float | None = None  # its strength for this request (None: the adapter's launch scale)
+    media: Any = None  # what the prompt's images became for the model (encode_images), used by its prefill
 
 
 class TokenLogprob(NamedTuple):
@@ -131,6 +132,13 @@ class LLMBackend(ABC):
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
+
+    vision = False  # the model takes images (an image processor and a vision tower): encode_images
+
+    def encode_images(self, text: str, images: list) -> tuple[list[int], Any]:
+        """(the prompt's token ids with each image's tokens in its place, what the prefill needs of the images:
+        Sampling.media) for a prompt whose template put one image token per image of `images` (ImageParts)."""
+        raise NotImplementedError
 
     @abstractmethod
     def detokenizer(self) -> Detokenizer: ...

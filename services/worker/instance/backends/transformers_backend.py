@@ -14,7 +14,10 @@ top-k and top-p (generate()'s order) with a per-sequence seeded generator.
 from __future__ import annotations
 
 import inspect
+import io
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -109,15 +112,25 @@ class TransformersBackend(LLMBackend):
         dtype = torch.float32
         if device.startswith("cuda"):
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model_class = AutoModelForCausalLM
+        self.processor = None
+        if _has_vision(path):  # an image-text-to-text model (LLaVA-style, Qwen2-VL-style): its processor too
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.tokenizer = self.processor.tokenizer
+            self.vision, model_class = True, AutoModelForImageTextToText
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        self.model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         if "device_map" not in kwargs:
             self.model.to(device)
         self.model.eval()
         self.context_length = context_length
-        self.chat_template = getattr(self.tokenizer, "chat_template", None)
+        self.chat_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template",
+                                                                                     None)
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
         self.template_vars = dict(self.tokenizer.special_tokens_map)
@@ -145,6 +158,31 @@ class TransformersBackend(LLMBackend):
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True).input_ids
+
+    def encode_images(self, text: str, images: list) -> tuple[list[int], dict]:
+        """The processor's ids (each image token expanded to the image's tokens) and its pixel tensors."""
+        from PIL import Image
+
+        pictures = []
+        for image in images:
+            try:
+                with Image.open(io.BytesIO(image.data)) as im:
+                    pictures.append(im.convert("RGB"))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                raise InvalidRequest(f"{image.where}: not an image that can be read ({exc})", field=image.where) \
+                    from None
+        bos = self.tokenizer.bos_token
+        try:  # as the processor's apply_chat_template: no second BOS when the template wrote one
+            enc = self.processor(text=text, images=pictures, return_tensors="pt",
+                                 add_special_tokens=not (bos and text.startswith(bos)))
+        except ValueError as exc:  # the template's image tokens and the images do not pair up
+            raise InvalidRequest(f"{images[0].where}: the chat template did not place the images: {exc}",
+                                 field=images[0].where) from None
+        ids = enc.pop("input_ids")[0].tolist()
+        enc.pop("attention_mask", None)
+        dtype = self.model.dtype
+        return ids, {k: v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)
+                     for k, v in enc.items()}
 
     def detokenizer(self) -> IncrementalDecoder:
         return IncrementalDecoder(self.tokenizer)
@@ -192,6 +230,9 @@ class TransformersBackend(LLMBackend):
         torch = self.torch
         ids = torch.tensor([seq.prompt], device=self.device)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        if seq.sampling.media is not None:  # the images' pixels, for this prefill only
+            kwargs.update(seq.sampling.media)
+            seq.sampling = seq.sampling._replace(media=None)
         out = self._forward([seq], input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
         seq.length = len(seq.prompt)
         mask = self.grammars.masks([seq.sampling.matcher])[0] if seq.sampling.matcher is not None else None
@@ -391,6 +432,15 @@ class TransformersBackend(LLMBackend):
 
             gc.collect()
             self.torch.cuda.empty_cache()
+
+
+def _has_vision(path: str) -> bool:
+    """Whether the model folder's config.json describes a vision-language model (a vision_config in it)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
 
 
 def _without_lora(model):

@@ -1,0 +1,195 @@
+"""Vision-language models in chat (issue 34): a tiny random LLaVA (CLIP tower + projector + tiny Llama, built from
+configs) registered with the `vision` ability and family `other`, launched on a real mesh with a gateway, and
+OpenAI's image_url parts sent by the openai SDK and the Python client. Every answer is compared with the model's own
+`generate` on its processor's inputs in this process; bad images, limits and blocked URLs are refused by name."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.server
+import io
+import json
+import threading
+
+import pytest
+import requests
+
+from tests.conftest import served_mesh
+from tests.test_gateway import oai
+from zinfer.shared.errors import InvalidRequest
+from zinfer.shared.fromfiles import registration_from_path
+from zinfer.shared.tinyvision import IMAGE_TOKENS, png
+
+MAX_PIXELS = 64 * 64  # this mesh's max_image_pixels: a 100 x 50 image is over it
+MAX_IMAGES = 3
+
+
+def vision_definition(path) -> dict:
+    return {"version": 2, "model_name": "my-llava", "model_family": "other", "model_lang": ["en"],
+            "model_ability": ["chat", "vision"], "context_length": 2048,
+            "model_specs": [{"model_format": "pytorch", "model_size_in_billions": 1, "quantization": "none",
+                             "model_uri": f"file://{path}"}]}
+
+
+def data_uri(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def asking(text: str, *images: bytes) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}} for image in images]}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A folder whose images file:// URLs may name (image_folders)."""
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="module")
+def vis(tmp_path_factory, tiny_models, folder):
+    env = {"ZINFER_IMAGE_URL_FETCH": "true", "ZINFER_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+           "ZINFER_MAX_IMAGES": str(MAX_IMAGES), "ZINFER_IMAGE_FOLDERS": str(folder)}
+    with served_mesh(tmp_path_factory, tiny_models, "vision", ["hf"], gateway=True, env=env) as m:
+        m.client.register_model("LLM", json.dumps(vision_definition(tiny_models["llava"])))
+        m.client.launch_model(model_name="my-llava", model_uid="llava", model_format="pytorch")
+        yield m
+
+
+@pytest.fixture(scope="module")
+def own(tiny_models):
+    """The model's own generate on its processor's inputs, in this process: (token count, text) of a chat."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_models["llava"]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(messages: list[dict], max_tokens: int = 12) -> tuple[int, str]:
+        hf = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
+            {"type": "image", "image": Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",")[1])))}
+            if p["type"] == "image_url" else p for p in m["content"]]} for m in messages]
+        inputs = processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        n = inputs["input_ids"].shape[1]
+        return n, processor.decode(out[0, n:], skip_special_tokens=True)
+
+    return run
+
+
+def test_an_image_through_the_openai_sdk_gives_the_models_own_text(vis, own):
+    messages = asking("What is in this picture?", png(40, 30, seed=1))
+    got = oai(vis).chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
+    n, text = own(messages)
+    assert got.choices[0].message.content == text
+    assert got.usage.prompt_tokens == n  # the image's tokens counted
+    text_only = [{"role": "user", "content": "What is in this picture?"}]
+    plain = oai(vis).chat.completions.create(model="llava", messages=text_only, max_tokens=12, temperature=0)
+    assert got.usage.prompt_tokens == plain.usage.prompt_tokens + IMAGE_TOKENS + 1  # its tokens and a newline
+    assert plain.choices[0].message.content == own(text_only)[1]
+    other = oai(vis).chat.completions.create(model="llava", messages=asking("What is in this picture?",
+                                             png(40, 30, seed=2)), max_tokens=12, temperature=0)
+    assert other.choices[0].message.content != text  # what it says depends on the image
+
+
+def test_two_images_streamed_and_concurrent_chats_with_and_without_images(vis, own):
+    two = asking("Compare these.", png(20, 20, seed=3), png(30, 20, seed=4))
+    chunks = oai(vis).chat.completions.create(model="llava", messages=two, max_tokens=12, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == own(two)[1]
+    chats = [asking(f"Picture {i}?", png(24, 24, seed=10 + i)) if i % 2 else
+             [{"role": "user", "content": f"Say something about {i}."}] for i in range(6)]
+
+    def ask(messages):
+        out = vis.client.get_model("llava").chat(messages=messages, generate_config={"max_tokens": 12,
+                                                                                        "temperature": 0})
+        return out["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # batched with each other in the instance
+        got = list(pool.map(ask, chats))
+    assert got == [own(messages)[1] for messages in chats]
+
+
+def test_a_file_url_from_an_allowed_folder(vis, own, folder, tmp_path):
+    image = png(32, 32, seed=7)
+    (folder / "cat.png").write_bytes(image)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look."},
+                                             {"type": "image_url", "image_url": {"url": f"file://{folder}/cat.png"}}]}]
+    got = oai(vis).chat.completions.create(model="llava", messages=messages, max_tokens=8, temperature=0)
+    assert got.choices[0].message.content == own(asking("Look.", image), 8)[1]
+    (tmp_path / "dog.png").write_bytes(image)  # outside image_folders
+    messages[0]["content"][1]["image_url"]["url"] = f"file://{tmp_path}/dog.png"
+    r = post(vis, {"model": "llava", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[1].image_url"
+
+
+def post(m, body: dict) -> requests.Response:
+    return requests.post(f"{m.gateway_url}/v1/chat/completions", json={"max_tokens": 4, **body},
+                         headers={"Authorization": f"Bearer {m.admin_api_key}"}, timeout=60)
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = png(16, 16)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bad_images_and_blocked_urls_are_a_400_naming_the_part_and_the_instance_keeps_serving(vis, own):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    loopback = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    part = "messages[0].content[1]"
+
+    def with_url(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "text", "text": "Look."},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+
+    try:
+        for messages, field, words in (
+                (with_url(data_uri(b"just some text", "text/plain")), f"{part}.image_url", "not an image"),
+                (with_url(data_uri(b"\x89PNG\r\n\x1a\n" + bytes(40))), f"{part}.image_url", "not an image"),
+                (with_url(data_uri(png(16, 16)[:-30])), f"{part}.image_url", "broken image"),
+                (with_url(data_uri(png(100, 50))), f"{part}.image_url", "max_image_pixels"),
+                (with_url("data:image/png;base64,not base64!"), f"{part}.image_url", "base64"),
+                (with_url(loopback), f"{part}.image_url", "not a public address"),
+                (with_url("ftp://example.com/cat.png"), f"{part}.image_url", "'ftp' URLs"),
+                (asking("Many.", *[png(8, 8, seed=i) for i in range(MAX_IMAGES + 1)]),
+                 f"messages[0].content[{MAX_IMAGES + 1}]", "max_images"),
+                ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+                 "messages[0].content[0]", "image_url parts")):
+            r = post(vis, {"model": "llava", "messages": messages})
+            assert r.status_code == 400, (field, r.text)
+            assert r.json()["error"]["param"] == field, r.text
+            assert words in r.json()["error"]["message"], r.text
+        # a model without the vision ability: named as well
+        r = post(vis, {"model": "hf", "messages": asking("Look.", png(8, 8))})
+        assert r.status_code == 400 and r.json()["error"]["param"] == part
+        assert "no 'vision' ability" in r.json()["error"]["message"]
+    finally:
+        server.shutdown()
+    # past the edge's checks (the client's own settings allow 4096 x 4096), the instance holds its own limits
+    with pytest.raises(InvalidRequest, match="max_image_pixels") as refusal:
+        vis.client.get_model("llava").chat(messages=asking("Look.", png(100, 50)))
+    assert refusal.value.field == part
+    messages = asking("Still there?", png(16, 16, seed=9))
+    got = oai(vis).chat.completions.create(model="llava", messages=messages, max_tokens=8, temperature=0)
+    assert got.choices[0].message.content == own(messages, 8)[1]
+
+
+def test_registration_from_the_folder_says_vision(tiny_models):
+    kind, definition = registration_from_path(str(tiny_models["llava"]))
+    assert kind == "LLM" and definition["model_family"] == "other"
+    assert {"chat", "vision"} <= set(definition["model_ability"])
+    assert definition["architectures"] == ["LlavaForConditionalGeneration"]
