@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import llm_definition, served_mesh
+from tests.test_vision import vision_definition
 from zinfer.services.gateway import ui
 from zinfer.shared import keys, tinytools
 
@@ -34,6 +35,8 @@ def site(tmp_path_factory, tiny_models):
         m.client.register_model("audio", {"version": 2, "model_name": "my-vits", "model_family": "vits",
                                           "model_ability": ["text2audio"], "model_uri": f"file://{tiny_models['vits']}"})
         m.client.launch_model(model_name="my-vits", model_type="audio", model_uid="vits")
+        m.client.register_model("LLM", vision_definition(tiny_models["llava"]))
+        m.client.launch_model(model_name="my-llava", model_uid="llava", model_format="pytorch")
         m.user_api_key = keys.api_key_of(keys.read_key_file(m.user_key))
         yield m
 
@@ -475,6 +478,36 @@ def test_the_chat_playground_shows_reasoning_and_tool_calls(page, site, shots):
     page.get_by_label("Message").fill("again")
     page.get_by_role("button", name="Send").click()
     expect(page.get_by_role("alert")).to_contain_text("Tools: not valid JSON")
+    assert page.errors == [], page.errors
+
+
+def test_the_chat_playground_sends_images_to_a_model_that_sees_them(page, site, shots, tmp_path):
+    """Images picked in the chat playground show as thumbnails, go as image_url parts (data URIs), and the answer is
+    the API's for the same message and image; a model without the vision ability offers no picker."""
+    import base64
+
+    from playwright.sync_api import expect
+
+    from zinfer.shared.tinyvision import png
+
+    image = png(48, 32, seed=5)
+    (tmp_path / "cat.png").write_bytes(image)
+    sign_in(page, site, site.user_api_key)
+    page.goto(site.gateway_url + "/#/playground?model=hf-long")
+    expect(page.locator("#chat-images")).to_be_hidden()  # no vision ability
+    page.goto(site.gateway_url + "/#/playground?model=llava")
+    page.locator("#chat-images").set_input_files(str(tmp_path / "cat.png"))
+    expect(page.locator("#chat-image-previews img")).to_have_count(1)
+    turn = send_greedy(page, "What is this?")
+    expect(page.locator(".turn.user .image-previews img")).to_have_count(1)
+    expect(page.locator("#chat-image-previews img")).to_have_count(0)  # sent: the picker is empty again
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    want = site.client.get_model("llava").chat(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                               {"type": "image_url", "image_url": {"url": url}}]}],
+        generate_config={"max_tokens": 12, "temperature": 0})["choices"][0]["message"]["content"]
+    expect(turn.locator(".answer")).to_have_text(want)
+    page.screenshot(path=shots / "chat-image.png", full_page=True)
     assert page.errors == [], page.errors
 
 

@@ -1,5 +1,5 @@
-// Try a running model: chat (streamed, with a system prompt, sampling settings, history and a stop button that
-// cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
+// Try a running model: chat (streamed, with a system prompt, sampling settings, history, images for a model that
+// sees them, and a stop button that cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
 // (documents ordered by their relevance to a query, with their scores), and transcribe (an audio file to text or
 // subtitles, with a player for the file), and speak (text to an audio player and a download link).
 
@@ -104,13 +104,32 @@ function chat(panel, models, wanted) {
       el("div", {}, el("label", { for: "chat-thinking" }, "Thinking (enable_thinking)"), thinking)));
   const log = el("div", { id: "chat-log", class: "chat-log", role: "log", "aria-live": "polite" });
   const input = el("textarea", { id: "chat-input", rows: 3, required: true });
+  // Images for a model with the vision ability: sent as data URIs in image_url parts, after the message's text.
+  const picker = el("input", { id: "chat-images", type: "file", accept: "image/*", multiple: true });
+  const previews = el("div", { id: "chat-image-previews", class: "image-previews" });
+  const attach = el("div", { class: "attach" }, el("label", { for: "chat-images" }, "Images"), picker, previews);
+  let attached = [];
+  const sees = () => (models.find((m) => m.id === model.value)?.model_ability || []).includes("vision");
+  const showAttach = () => { attach.hidden = !sees(); if (attach.hidden) { attached = []; picker.value = ""; previews.replaceChildren(); } };
+  const thumbs = (urls) => urls.map((url, i) => el("img", { src: url, class: "thumb", alt: `image ${i + 1}` }));
+  picker.addEventListener("change", async () => {
+    attached = await Promise.all([...picker.files].map((file) => new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    })));
+    previews.replaceChildren(...thumbs(attached));
+  });
+  model.addEventListener("change", showAttach);
+  showAttach();
   const send = el("button", { type: "submit" }, "Send");
   const stop = el("button", { type: "button", class: "danger", disabled: true }, "Stop");
   const clear = el("button", { type: "button", class: "secondary" }, "Clear the history");
   const status = message("error");
   const history = [];
   let controller = null;
-  const form = el("form", {}, el("label", { for: "chat-input" }, "Message"), input,
+  const form = el("form", {}, el("label", { for: "chat-input" }, "Message"), input, attach,
                   el("div", { class: "actions" }, send, stop, clear));
   panel.replaceChildren(el("div", { class: "grid" }, el("div", {}, el("label", { for: "chat-model" }, "Model"), model)),
     el("label", { for: "chat-system" }, "System prompt"), system, knobs, extras, log, status, form);
@@ -130,8 +149,14 @@ function chat(panel, models, wanted) {
       return;
     }
     input.value = "";
-    history.push({ role: "user", content: text });
-    log.append(el("div", { class: "turn user" }, el("span", { class: "who" }, "You"), el("p", {}, text)));
+    const images = sees() ? attached : [];
+    history.push({ role: "user", content: images.length ? [{ type: "text", text },
+      ...images.map((url) => ({ type: "image_url", image_url: { url } }))] : text });
+    log.append(el("div", { class: "turn user" }, el("span", { class: "who" }, "You"), el("p", {}, text),
+      ...(images.length ? [el("div", { class: "image-previews" }, ...thumbs(images))] : [])));
+    attached = [];
+    picker.value = "";
+    previews.replaceChildren();
     const reasoningText = el("p", { class: "reasoning-text" });
     const reasoning = el("details", { class: "reasoning", open: true, hidden: true }, el("summary", {}, "Thinking"), reasoningText);
     const answer = el("p", { class: "answer" });
@@ -377,7 +402,9 @@ export function playground(main, params) {
   const panel = el("div", { id: "playground-panel", role: "tabpanel" });
   const status = message("error");
   main.replaceChildren(el("h1", {}, "Playground"), status);
+  let left = false;  // another page (or this one for another model) was opened before the list came
   api("/v1/models").then(({ data }) => {
+    if (left) return;
     const model = data.find((m) => m.id === wanted);
     const chosen = tab || (model ? (canDo(model, "chat") ? "chat" : canDo(model, "embed") ? "embed"
       : canDo(model, "rerank") ? "rerank" : canDo(model, "transcribe") ? "transcribe"
@@ -387,4 +414,5 @@ export function playground(main, params) {
       el("a", { href: `#/playground?tab=${key}${query}`, "aria-current": key === chosen ? "page" : null }, label))), panel);
     ({ chat, generate, embed, rerank, transcribe, speak })[chosen](panel, data, wanted);
   }).catch((error) => { status.textContent = error.message; });
+  return () => { left = true; };
 }
