@@ -24,8 +24,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llava(out_dir: Path, seed: int = 0, init_std: float = 0.3) -> Path:
-    """A random LLaVA (CLIP tower hidden 32, Llama hidden 64) with its processor, saved into out_dir."""
+def build_tiny_llava(out_dir: Path, seed: int = 0, init_std: float = 0.3, image_size: int = IMAGE_SIZE,
+                     patch_size: int = PATCH_SIZE, vision_hidden: int = 32, vision_layers: int = 2,
+                     hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
+    """A random LLaVA (by default: CLIP tower hidden 32, Llama hidden 64) with its processor, saved into out_dir."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -43,17 +45,18 @@ def build_tiny_llava(out_dir: Path, seed: int = 0, init_std: float = 0.3) -> Pat
     tok = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(512), bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>",
                                                                                IMAGE_TOKEN])
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
-                                                                                 "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH_SIZE,
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                                 "width": image_size})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
                        bos_token_id=tok.convert_tokens_to_ids("<s>"), eos_token_id=tok.convert_tokens_to_ids("</s>"),
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                              num_hidden_layers=vision_layers, num_attention_heads=max(2, vision_hidden // 64),
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_select_strategy="default", vision_feature_layer=-2)
     torch.manual_seed(seed)

@@ -26,7 +26,7 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
     client, the OpenAI SDK and curl examples cannot rot."""
     for name, target in (("custom-llama-2", "model.json"), ("custom-bge", "embedding.json"),
                          ("custom-reranker", "reranker.json"), ("tool-llama", "tools.json"),
-                         ("custom-whisper", "whisper.json")):
+                         ("custom-whisper", "whisper.json"), ("custom-llava", "llava.json")):
         text = (REPO / "examples" / f"{name}.json").read_text().replace("{MODELS}", str(tiny_models["pytorch"].parent))
         (tmp_path / target).write_text(text)
     mesh.start_gateway()
@@ -62,6 +62,7 @@ def test_usage_examples_run(mesh, tiny_models, tmp_path, monkeypatch):
     assert "'relevance_score'" in printed and '"relevance_score"' in printed  # rerank: Python, then curl
     assert "tool_calls get_weather {'city': 'Paris'}" in printed and "It is sunny and 22 C in Paris." in printed
     assert "Two plus two makes four. -> The answer is 4." in printed
+    assert re.search(r"with the image: \d+ prompt tokens", printed)
     namespace["client"].close()
 
 
