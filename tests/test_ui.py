@@ -56,7 +56,9 @@ def browser():
         # No background networking: this machine's closed network refuses Chromium's own connections.
         b = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+            "--disable-component-update", "--disable-sync",
+            # a fake microphone (a beep) that needs no permission prompt: the transcribe playground records it
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
         yield b
         b.close()
 
@@ -342,6 +344,30 @@ def test_audio_registrations_and_the_transcribe_playground(page, site, shots, tm
     expect(page.locator("#speak-player")).to_have_attribute("data-bytes", str(len(want)))
     expect(page.locator("#speak-download")).to_have_attribute("download", "speech.wav")
     page.screenshot(path=shots / "playground-speak.png", full_page=True)
+    assert page.errors == [], page.errors
+
+
+def test_the_transcribe_playground_records_the_microphone(page, site, shots):
+    """Record (Chromium's fake microphone), Stop: the recording plays, and Transcribe gives the API's text for the
+    same WAV bytes."""
+    from playwright.sync_api import expect
+
+    sign_in(page, site, site.user_api_key)
+    page.goto(site.gateway_url + "/#/playground?model=whisper")
+    page.locator("#transcribe-record").click()
+    expect(page.locator("#transcribe-record")).to_have_attribute("data-seconds", re.compile(r"^[1-9]\d*(\.\d+)?$"),
+                                                                 timeout=30_000)  # a second or more recorded
+    page.locator("#transcribe-record").click()
+    expect(page.locator("#transcribe-player")).to_be_visible()
+    expect(page.locator("#transcribe-record")).to_have_text("Record")
+    recorded = bytes(page.locator("#transcribe-player").evaluate(
+        "async (player) => Array.from(new Uint8Array(await player.audio.arrayBuffer()))"))  # what Transcribe sends
+    assert recorded[:4] == b"RIFF" and recorded[8:12] == b"WAVE" and len(recorded) > 44 + 2 * 8000
+    page.locator("#transcribe-format").select_option("text")
+    page.get_by_role("button", name="Transcribe").click()
+    want = site.client.get_model("whisper").transcriptions(recorded, response_format="text")
+    expect(page.locator("#transcribe-result")).to_have_text(want)
+    page.screenshot(path=shots / "playground-record.png", full_page=True)
     assert page.errors == [], page.errors
 
 

@@ -1,10 +1,12 @@
 // Try a running model: chat (streamed, with a system prompt, sampling settings, history, images for a model that
-// sees them, and a stop button that cancels the generation), generate, embeddings (dimensions, and the cosine similarity of two texts), and rerank
-// (documents ordered by their relevance to a query, with their scores), and transcribe (an audio file to text or
-// subtitles, with a player for the file), and speak (text to an audio player and a download link).
+// sees them, and a stop button that cancels the generation), generate, embeddings (dimensions, and the cosine
+// similarity of two texts), rerank (documents ordered by their relevance to a query, with their scores),
+// transcribe (an audio file or a microphone recording to text or subtitles, with a player for it), and speak
+// (text to an audio player and a download link).
 
 import { api, session } from "./api.js";
 import { el, message, table } from "./dom.js";
+import { micAvailable, record } from "./recorder.js";
 
 const TABS = { chat: "Chat", generate: "Generate", embed: "Embeddings", rerank: "Rerank", transcribe: "Transcribe",
                speak: "Speak" };
@@ -313,30 +315,56 @@ function transcribe(panel, models, wanted) {
     .map((f) => el("option", { value: f }, f)));
   const translate = el("input", { id: "transcribe-translate", type: "checkbox" });
   const player = el("audio", { id: "transcribe-player", controls: true, hidden: true });
+  const mic = el("button", { id: "transcribe-record", type: "button", class: "secondary" }, "Record");
   const result = el("pre", { id: "transcribe-result" });
   const status = message("error");
+  let recording = null;
   const form = el("form", {}, el("div", { class: "grid" },
       el("div", {}, el("label", { for: "transcribe-model" }, "Model"), model),
       el("div", {}, el("label", { for: "transcribe-language" }, "Language"), language),
       el("div", {}, el("label", { for: "transcribe-format" }, "Format"), format)),
-    el("label", { for: "transcribe-file" }, "Audio file (WAV, FLAC, MP3, OGG)"),
-    el("div", { class: "inline file-row" }, file, player),
+    el("label", { for: "transcribe-file" }, "Audio file (WAV, FLAC, MP3, OGG), or the microphone"),
+    el("div", { class: "inline file-row" }, file, mic, player),
     el("label", { class: "inline" }, translate, " Translate into English"),
     el("div", { class: "actions" }, el("button", { type: "submit" }, "Transcribe")));
   panel.replaceChildren(form, status, result);
-  file.addEventListener("change", () => {
+  const play = (blob) => {  // the player holds what Transcribe sends: the chosen file, or the last recording
     if (player.src) URL.revokeObjectURL(player.src);
-    player.hidden = !file.files.length;
-    if (file.files.length) player.src = URL.createObjectURL(file.files[0]);
+    player.audio = blob;
+    player.hidden = !blob;
+    if (blob) { player.src = URL.createObjectURL(blob); player.dataset.bytes = String(blob.size); }
+  };
+  file.addEventListener("change", () => play(file.files[0] || null));
+  mic.addEventListener("click", async () => {
+    status.textContent = "";
+    if (recording) {
+      const stopping = recording;
+      recording = null;
+      mic.textContent = "Record";
+      play(await stopping.stop());
+      file.value = "";
+      return;
+    }
+    if (!micAvailable()) {
+      status.textContent = "The microphone needs a secure page: open the UI over https or on localhost.";
+      return;
+    }
+    try {
+      recording = await record((seconds) => { mic.textContent = `Stop (${seconds.toFixed(1)} s)`; mic.dataset.seconds = seconds; });
+      mic.textContent = "Stop";
+    } catch (error) {
+      status.textContent = `Microphone: ${error.message}`;
+    }
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     status.textContent = "";
     result.textContent = "";
-    if (!file.files.length) { status.textContent = "Choose an audio file first."; return; }
+    const audio = player.audio;
+    if (!audio) { status.textContent = "Choose an audio file or record one first."; return; }
     const body = new FormData();
     body.append("model", model.value);
-    body.append("file", file.files[0]);
+    body.append("file", audio, audio.name || "recording.wav");
     body.append("response_format", format.value);
     if (language.value.trim()) body.append("language", language.value.trim());
     const headers = session.key ? { Authorization: `Bearer ${session.key}` } : {};
