@@ -43,6 +43,21 @@ class _Handle:
     def _target(self) -> bytes:
         return p.model_target(self.model_uid).encode()
 
+    def _stream(self, msg: p.Msg, timeout: float | None) -> Iterator[p.Msg]:
+        """A streamed request's messages; an unloaded instance is loaded on request first."""
+        for attempt in range(WAKES + 1):
+            chunks = self.client.stream(self._target(), msg, timeout)
+            started = False
+            try:
+                for chunk in chunks:
+                    started = True
+                    yield chunk
+                return
+            except ZinferError as exc:
+                self._recover(exc, WAKES if started else attempt)  # a stream that had begun is not sent again
+            finally:
+                chunks.close()  # leaving early cancels the work on the worker
+
     def _perform(self, step: str):
         """One step of the bus core's recover() policy, on this client."""
         if step == DESCRIBE:
@@ -158,10 +173,13 @@ class AudioHandle(_NotLLM):
         return transcripts.render(reply, response_format)[0]
 
     def speech(self, input: str, voice: str = "", response_format: str = "mp3", speed: float = 1.0,
-               timeout: float | None = None, **kwargs) -> bytes:
-        """The text spoken (a text-to-speech model): the file's bytes in response_format (mp3, wav, flac, pcm)."""
-        msg = transcripts.speak_message(self.model_uid, {"input": input, "voice": voice,
+               stream: bool = False, timeout: float | None = None, **kwargs) -> bytes | Iterator[bytes]:
+        """The text spoken (a text-to-speech model): the file's bytes in response_format (mp3, wav, flac, pcm);
+        stream=True (pcm, wav): an iterator of the audio's bytes, a sentence at a time as each is made."""
+        msg = transcripts.speak_message(self.model_uid, {"input": input, "voice": voice, "stream": stream,
                                                          "response_format": response_format, "speed": speed, **kwargs})
+        if msg.stream:
+            return (chunk.audio for chunk in self._stream(msg, timeout) if chunk.audio)
         reply, _ = self._call(msg, timeout)
         return reply.audio
 
@@ -185,18 +203,7 @@ class LLMHandle(_Handle):
         return as_plain(self._call(msg, timeout)[0])
 
     def _chunks(self, msg: p.Msg, timeout: float | None) -> Iterator[dict]:
-        for attempt in range(WAKES + 1):
-            chunks = self.client.stream(self._target(), msg, timeout)
-            started = False
-            try:
-                for chunk in chunks:
-                    started = True
-                    yield as_plain(chunk)
-                return
-            except ZinferError as exc:
-                self._recover(exc, WAKES if started else attempt)  # a stream that had begun is not sent again
-            finally:
-                chunks.close()  # leaving early cancels the generation on the worker
+        return (as_plain(chunk) for chunk in self._stream(msg, timeout))
 
     def generate(self, prompt: str, generate_config: dict | None = None,
                  timeout: float | None = None) -> dict | Iterator[dict]:

@@ -161,7 +161,9 @@ SPEECH_FORMATS = ("mp3", "wav", "flac", "pcm")
 
 class Speak(Msg, kw_only=True):
     """Text to speech (OpenAI's /v1/audio/speech): the audio, encoded in the instance (pcm: 16-bit little-endian
-    samples, mono, at the model's rate). `seed` makes a sampling model's voice repeatable (VITS draws noise)."""
+    samples, mono, at the model's rate). `seed` makes a sampling model's voice repeatable (VITS draws noise).
+    `stream` (pcm and wav): the text is spoken a sentence at a time, each sentence's audio a Speech of its own as
+    soon as it is made (wav: the first carries a header whose sizes say "unknown length")."""
 
     model_uid: str
     input: Annotated[str, Meta(min_length=1, max_length=4096)]
@@ -169,9 +171,12 @@ class Speak(Msg, kw_only=True):
     response_format: Literal["mp3", "wav", "flac", "pcm"] = "mp3"
     speed: Annotated[float, Meta(ge=0.25, le=4.0)] = 1.0
     seed: int = 0
+    stream: bool = False
 
 
 class Speech(Msg, kw_only=True):
+    """The audio (streamed: one sentence's; `samples` counts this message's)."""
+
     model: str
     media_type: str
     sample_rate: int

@@ -99,14 +99,16 @@ def render(reply: p.Transcription, response_format: str | None) -> tuple[dict | 
 
 # ---------------------------------------------------------------- text to speech
 
-SPEAK_IGNORED = ("stream", "kwargs", "user")  # sent by some clients (xinference-client: stream, kwargs): no effect
-SPEAK_FIELDS = ("input", "voice", "response_format", "speed", "seed")
+SPEAK_IGNORED = ("kwargs", "user")  # sent by some clients (xinference-client: kwargs): no effect
+SPEAK_FIELDS = ("input", "voice", "response_format", "speed", "seed", "stream", "stream_format")
+STREAMED_SPEECH = ("pcm", "wav")  # formats whose sentences can go out one by one (an MP3 or FLAC file is one whole)
 
 
 def speak_message(uid: str, body: dict) -> p.Speak:
-    """OpenAI's speech request body ({model, input, voice, response_format, speed}), checked: InvalidRequest names
-    the field at fault (an unknown field with the closest known name)."""
+    """OpenAI's speech request body ({model, input, voice, response_format, speed, stream_format}, Xinference's
+    stream), checked: InvalidRequest names the field at fault (an unknown field with the closest known name)."""
     fields = {k: v for k, v in body.items() if k not in ("model", *SPEAK_IGNORED)}
+    stream_format = fields.pop("stream_format", None)  # OpenAI's: "audio" (the bytes as made) or "sse" (events)
     if fields.get("voice") is None:
         fields.pop("voice", None)
     if fields.get("response_format") is None:
@@ -119,6 +121,15 @@ def speak_message(uid: str, body: dict) -> p.Speak:
     if fmt not in p.SPEECH_FORMATS:
         raise InvalidRequest(f"response_format {fmt!r} must be one of {', '.join(p.SPEECH_FORMATS)}",
                              field="response_format")
+    if stream_format is not None:
+        if stream_format not in ("audio", "sse"):
+            raise InvalidRequest(f"stream_format {stream_format!r} must be 'audio' or 'sse'", field="stream_format")
+        fields["stream"] = True
+    if fields.get("stream") is None:
+        fields.pop("stream", None)
+    if fields.get("stream") is True and fmt not in STREAMED_SPEECH:
+        raise InvalidRequest(f"response_format {fmt!r} cannot be streamed (a file that is one whole); stream "
+                             f"{' or '.join(STREAMED_SPEECH)}, or leave stream off", field="response_format")
     try:
         return msgspec.convert({**fields, "model_uid": uid}, p.Speak)
     except msgspec.ValidationError as exc:

@@ -5,6 +5,7 @@ with transformers' own speech-recognition pipeline on the same audio in this pro
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
@@ -19,6 +20,7 @@ from tests.conftest import served_mesh
 from tests.test_dropin import ok, refused
 from tests.test_gateway import oai
 from zinfer.services.worker.instance.backends.speech_backend import CHUNK_SECONDS, decode_audio
+from zinfer.services.worker.instance.backends.tts_backend import encode_audio, sentences
 from zinfer.shared.handles import LLMHandle
 from zinfer.shared.tinyaudio import tone_wav
 
@@ -278,12 +280,40 @@ def test_speech_through_the_clients_and_the_cli(tts, tiny_models, tmp_path):
     assert out.read_bytes() == wav
 
 
+def test_speech_streamed_a_sentence_at_a_time(tts, tiny_models):
+    """stream_format audio (openai SDK), sse, Xinference's stream (xinference-client, the Python client): each
+    sentence's audio as it is made, equal to the model's own waveform for that sentence."""
+    text = "hello world. this is a tiny voice! one two three"
+    parts = sentences(text)
+    assert len(parts) == 3
+    want = b"".join(encode_audio(vits_waveform(tiny_models, part), 16000, "pcm") for part in parts)
+    with oai(tts).audio.speech.with_streaming_response.create(model="vits", voice="alloy", input=text,
+                                                              response_format="pcm", stream_format="audio") as r:
+        assert r.headers["content-type"] == "audio/pcm"
+        assert b"".join(r.iter_bytes()) == want
+    chunks = list(tts.client.get_model("vits").speech(text, response_format="pcm", stream=True))
+    assert len(chunks) == 3 and b"".join(chunks) == want  # one message a sentence
+    xinf = RESTfulClient(tts.gateway_url, api_key=tts.admin_api_key).get_model("vits")
+    wav = b"".join(xinf.speech(text, response_format="wav", stream=True))
+    samples, rate = soundfile.read(io.BytesIO(wav), dtype="int16")  # a header of unknown length, then the samples
+    assert rate == 16000 and np.array_equal(samples, np.frombuffer(want, "<i2"))
+    r = requests.post(f"{tts.gateway_url}/v1/audio/speech", headers={"Authorization": f"Bearer {tts.admin_api_key}"},
+                      json={"model": "vits", "input": text, "response_format": "pcm", "stream_format": "sse"},
+                      stream=True, timeout=60)
+    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * 3 + ["speech.audio.done"]
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == want
+
+
 def test_bad_speech_requests_are_a_400_naming_the_field(tts):
     url = f"{tts.gateway_url}/v1/audio/speech"
     headers = {"Authorization": f"Bearer {tts.admin_api_key}"}
     for body, field in (({"input": "hi", "response_format": "ogg"}, "response_format"),
                         ({"input": ""}, "input"), ({"input": "hi", "speed": 10}, "speed"),
-                        ({"input": "hi", "volume": 3}, "volume"), ({}, "input")):
+                        ({"input": "hi", "volume": 3}, "volume"), ({}, "input"),
+                        ({"input": "hi", "stream": True}, "response_format"),  # an mp3 is one whole
+                        ({"input": "hi", "response_format": "pcm", "stream_format": "ws"}, "stream_format")):
         r = requests.post(url, headers=headers, json={"model": "vits", **body}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
     r = requests.post(url, headers=headers, json={"model": "whisper", "input": "hi"}, timeout=60)

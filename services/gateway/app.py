@@ -20,11 +20,11 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from zinfer.services.gateway import agents, ui
+from zinfer.services.gateway import agents, audio, ui
 from zinfer.services.gateway.asgi import EventStream, FastPath, Measure, body_of
 from zinfer.services.gateway.bus import Bus, Connection
 from zinfer.services.gateway.metrics import Metrics
-from zinfer.shared import compat, durations, keys, transcripts
+from zinfer.shared import compat, durations, keys
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
     DESCRIBE,
@@ -322,42 +322,6 @@ class Gateway:
                                                total_tokens=reply.input_tokens))
         return json_response(rerank_result(reply, typed.texts, typed.return_documents, typed.return_len))
 
-    async def transcriptions(self, request: Request, task: str = "transcribe") -> Response:
-        """OpenAI's POST /v1/audio/transcriptions (and /translations: task translate, the text in English): a
-        multipart form with the audio `file` and `model`, `language`, `prompt`, `response_format`, `temperature`,
-        `timestamp_granularities[]`."""
-        conn = self.connection(request)
-        try:
-            form = await request.form(max_files=1, max_part_size=p.MAX_AUDIO_BYTES)
-        except Exception as exc:  # not multipart, or a part over the limit
-            raise InvalidRequest(f"the request must be a multipart form with the audio in `file`: {exc}",
-                                 field="file") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidRequest("file is required: the audio file (WAV, FLAC, MP3, OGG...)", field="file")
-        audio = await upload.read(p.MAX_AUDIO_BYTES + 1)
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        uid, target = await self.model_target(conn, {"model": fields.get("model")})
-        granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
-        fmt = fields.get("response_format")
-        msg = transcripts.transcribe_message(uid, audio, task, language=fields.get("language"),
-                                             prompt=fields.get("prompt"), response_format=fmt,
-                                             temperature=fields.get("temperature"),
-                                             timestamp_granularities=[g for g in granularities if isinstance(g, str)])
-        reply, _ = await self.ask(conn, target, uid, msg)
-        content, media_type = transcripts.render(reply, fmt)
-        if isinstance(content, dict):
-            return json_response(content)
-        return Response(content, media_type=media_type)
-
-    async def speech(self, request: Request) -> Response:
-        """OpenAI's POST /v1/audio/speech: {model, input, voice, response_format, speed}; the audio is the body."""
-        conn = self.connection(request)
-        body = await body_of(request)
-        uid, target = await self.model_target(conn, body)
-        reply, _ = await self.ask(conn, target, uid, transcripts.speak_message(uid, body))
-        return Response(reply.audio, media_type=reply.media_type)
-
     # ------------------------------------------------------------------ models (OpenAI list, Xinference REST)
 
     async def call(self, request: Request, target: str, msg: p.Msg, timeout: float | None = None) -> p.Msg:
@@ -519,9 +483,9 @@ def create_app(settings: Settings) -> FastPath:
         "/v1/responses": lambda r: agents.responses(gw, r), "/v1/messages": lambda r: agents.messages(gw, r),
         "/v1/embeddings": gw.embeddings, "/v1/rerank": gw.rerank,
         "/v2/rerank": gw.rerank,  # Cohere's v2 path for the same call
-        "/v1/audio/transcriptions": gw.transcriptions,
-        "/v1/audio/translations": lambda r: gw.transcriptions(r, task="translate"),
-        "/v1/audio/speech": gw.speech,
+        "/v1/audio/transcriptions": lambda r: audio.transcriptions(gw, r),
+        "/v1/audio/translations": lambda r: audio.transcriptions(gw, r, task="translate"),
+        "/v1/audio/speech": lambda r: audio.speech(gw, r),
     }
     for path, handler in inference.items():
         app.add_api_route(path, _endpoint(handler), methods=["POST"], name=path.strip("/").replace("/", "_"))

@@ -37,8 +37,10 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events):
+    def __init__(self, events, media_type: str | None = None):  # another media type: a body streamed as made
         self.events = events
+        if media_type is not None:
+            self.media_type = media_type
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -13,7 +13,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from zinfer.services.worker.instance.backends.tts_backend import MEDIA_TYPES, encode_audio
+from zinfer.services.worker.instance.backends.tts_backend import (
+    MEDIA_TYPES,
+    encode_audio,
+    sentences,
+    wav_stream_header,
+)
 from zinfer.services.worker.instance.compute import Job, QueueBatcher
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import InvalidRequest
@@ -110,12 +115,23 @@ class _Speaking(NamedTuple):
     job: Job
 
 
+class _Stream:
+    """A streamed speech in progress: its sentences, and how many have gone out."""
+
+    __slots__ = ("job", "parts", "sent", "samples")
+
+    def __init__(self, job: Job, parts: list[str]):
+        self.job, self.parts, self.sent, self.samples = job, parts, 0, 0
+
+
 class SpeakBatcher(QueueBatcher):
-    """Text to speech: one request a step (a VITS forward pass makes the whole waveform), encoded here."""
+    """Text to speech: one request a step (a VITS forward pass makes the whole waveform), encoded here. A streamed
+    request takes one step a sentence, each sentence's audio sent as it is made."""
 
     def __init__(self, uid: str, backend, wake: Callable[[], None], max_queue: int):
         super().__init__(uid, wake, max_queue, 1, 0.0)
         self.backend = backend
+        self.streaming: _Stream | None = None
 
     def submit(self, job: Job) -> None:
         if not isinstance(job.msg, p.Speak):
@@ -124,10 +140,26 @@ class SpeakBatcher(QueueBatcher):
         self.backend.voice(job.msg.voice)  # an unknown voice is refused before it queues
         self._enqueue(_Speaking(job))
 
+    def has_work(self) -> bool:
+        return self.streaming is not None or super().has_work()
+
+    def inflight(self) -> int:
+        return self.running + (self.streaming is not None)
+
+    def fail_all(self, error: Exception) -> None:
+        if self.streaming is not None:
+            self.streaming, stream = None, self.streaming
+            self.stats.failures += 1
+            stream.job.fail(error)
+        super().fail_all(error)
+
     def step(self) -> None:
         self.running = 1
         try:
-            self._speak(self.queue.popleft().job)
+            if self.streaming is not None:
+                self._next_sentence()
+            else:
+                self._speak(self.queue.popleft().job)
         finally:
             self.running = 0
 
@@ -138,6 +170,10 @@ class SpeakBatcher(QueueBatcher):
             return
         self.stats.requests += 1
         msg: p.Speak = job.msg
+        if msg.stream:
+            self.streaming = _Stream(job, sentences(msg.input))
+            self._next_sentence()
+            return
         try:
             samples = self.backend.speak(msg.input, msg.voice, msg.speed, msg.seed)
             audio = encode_audio(samples, self.backend.rate, msg.response_format)
@@ -147,3 +183,41 @@ class SpeakBatcher(QueueBatcher):
             return
         job.reply(p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format],
                            sample_rate=self.backend.rate, samples=len(samples), audio=audio))
+
+    def _next_sentence(self) -> None:
+        stream = self.streaming
+        job, msg = stream.job, stream.job.msg
+        if job.cancelled:  # the client left mid-stream: no more sentences
+            self.streaming = None
+            job.drop_cancelled()
+            self.stats.cancelled += 1
+            return
+        part = stream.parts[stream.sent]
+        try:
+            samples = self.backend.speak(part, msg.voice, msg.speed, msg.seed)
+        except InvalidRequest:  # nothing sayable in this piece (punctuation alone): the next one
+            samples = np.zeros(0, np.float32)
+        except Exception as exc:
+            self.streaming = None
+            self.stats.failures += 1
+            job.fail(exc)
+            return
+        audio = encode_audio(samples, self.backend.rate, "pcm") if len(samples) else b""
+        if msg.response_format == "wav" and stream.sent == 0:
+            audio = wav_stream_header(self.backend.rate) + audio
+        stream.sent += 1
+        stream.samples += len(samples)
+        last = stream.sent == len(stream.parts)
+        if last and not stream.samples:
+            self.streaming = None
+            self.stats.failures += 1
+            job.fail(InvalidRequest("input: nothing this model can say (no character its tokenizer knows)",
+                                    field="input"))
+            return
+        reply = p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format], sample_rate=self.backend.rate,
+                         samples=len(samples), audio=audio)
+        if last:
+            self.streaming = None
+            job.reply(reply)
+        elif audio:
+            job.partial(reply)

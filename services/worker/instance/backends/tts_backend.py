@@ -5,12 +5,32 @@ MP3 (libsndfile's LAME), or raw 16-bit PCM."""
 from __future__ import annotations
 
 import io
+import re
+import struct
 
 import numpy as np
 
 from zinfer.shared.errors import InvalidRequest
 
 MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm"}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:。！？；])\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """The text in the pieces a streamed speech says one by one: sentences (ended by . ! ? ; : or their CJK
+    forms and a space, or a line break)."""
+    parts = [part.strip() for part in _SENTENCE_END.split(text)]
+    return [part for part in parts if part] or [text]
+
+
+def wav_stream_header(rate: int) -> bytes:
+    """The header of a 16-bit mono WAV of unknown length (its sizes the largest there are), as streamed WAV goes:
+    the samples follow as they are made."""
+    unknown = struct.pack("<I", 0xFFFFFFFF)
+    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)  # PCM, mono, 16-bit
+    return b"RIFF" + unknown + b"WAVEfmt " + fmt + b"data" + unknown
 
 
 def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
