@@ -11,37 +11,17 @@ import json
 import shutil
 from pathlib import Path
 
+from zinfer.shared.tinytok import train_tokenizer as _train_tokenizer
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 GGUF_FILE_TEMPLATE = "tiny-llama.{quantization}.gguf"
 GGUF_QUANTIZATIONS = ("F32", "F16")
 # The tiny Llama's F32 GGUF as gguf-split parts (root/gguf-split), for model_file_name_split_template
 SPLIT_TEMPLATE = "tiny-llama.{quantization}-{part}.gguf"
 SPLIT_PARTS = [f"tiny-llama.F32-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
-
-_CORPUS = """The quick brown fox jumps over the lazy dog. What is the largest animal in the world?
-The blue whale is the largest animal that has ever lived. Octopuses have three hearts and blue blood.
-A model-serving mesh registers custom models, launches them on GPUs or the CPU, and answers requests.
-Hello, how are you today? I am fine, thank you. Tell me a story about a dragon and a knight.
-Once upon a time there was a small village by the sea where fishermen told stories every night.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation! Questions? Lists; colons: dashes - and quotes "x".
-"""
-
-
-def _train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
-    return tok
-
 
 def build_tiny_llama(out_dir: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                      vocab_size: int = 512, seed: int = 0, intermediate: int | None = None,

@@ -39,10 +39,10 @@ def build_tiny_llava(out_dir: Path, seed: int = 0, init_std: float = 0.3, image_
         PreTrainedTokenizerFast,
     )
 
-    from zinfer.shared.tinymodels import _train_tokenizer
+    from zinfer.shared.tinytok import train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(512), bos_token="<s>", eos_token="</s>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(512), bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>",
                                                                                IMAGE_TOKEN])
     images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,

@@ -115,6 +115,24 @@ def test_two_images_streamed_and_concurrent_chats_with_and_without_images(vis, o
     assert got == [own(messages)[1] for messages in chats]
 
 
+def test_the_responses_and_messages_apis_take_images(vis, own):
+    """OpenAI's Responses API (input_image) and Anthropic's Messages API (an image block, base64) reach the model as
+    the chat's image parts do."""
+    import anthropic
+
+    image = png(36, 28, seed=6)
+    want = own(asking("Describe it.", image), 10)[1]
+    out = oai(vis).responses.create(model="llava", max_output_tokens=10, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Describe it."},
+                                     {"type": "input_image", "image_url": data_uri(image)}]}])
+    assert out.output_text == want
+    client = anthropic.Anthropic(base_url=vis.gateway_url, api_key=vis.admin_api_key, max_retries=0, timeout=60)
+    said = client.messages.create(model="llava", max_tokens=10, extra_body={"temperature": 0}, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Describe it."}, {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": base64.b64encode(image).decode()}}]}])
+    assert said.content[0].text == want
+
+
 def test_a_file_url_from_an_allowed_folder(vis, own, folder, tmp_path):
     image = png(32, 32, seed=7)
     (folder / "cat.png").write_bytes(image)

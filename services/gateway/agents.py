@@ -123,7 +123,18 @@ def _message_input(item: dict, where: str, messages: list[dict]) -> None:
     role = item.get("role")
     if role not in ("user", "assistant", "system", "developer"):
         raise InvalidRequest(f"{where}.role must be user, assistant, system or developer", field=f"{where}.role")
-    text = _text_of(item.get("content"), f"{where}.content", ("input_text", "output_text", "text"))
+    content = item.get("content")
+    if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "input_image" for b in content):
+        parts = []  # text and images in order, as chat's content parts (the chat path fetches and checks them)
+        for j, block in enumerate(content):
+            if block.get("type") == "input_image" and isinstance(block.get("image_url"), str):
+                parts.append({"type": "image_url", "image_url": {"url": block["image_url"]}})
+            else:
+                parts.append({"type": "text", "text": _text_of([block], f"{where}.content[{j}]",
+                                                                ("input_text", "output_text", "text"))})
+        messages.append({"role": "system" if role == "developer" else role, "content": parts})
+        return
+    text = _text_of(content, f"{where}.content", ("input_text", "output_text", "text"))
     messages.append({"role": "system" if role == "developer" else role, "content": text})
 
 
@@ -340,12 +351,15 @@ def _messages_turn(where: str, turn, messages: list[dict]) -> None:
         return
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a string or a list of blocks", field=f"{where}.content")
-    texts, calls, thinking = [], [], None
+    texts, calls, thinking, parts = [], [], None, []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             texts.append(block.get("text") or "")
+            parts.append({"type": "text", "text": texts[-1]})
+        elif kind == "image" and role == "user":
+            parts.append({"type": "image_url", "image_url": {"url": _image_source(block.get("source"), at)}})
         elif kind == "tool_use" and role == "assistant":
             calls.append({"id": block.get("id"), "type": "function", "function": {
                 "name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
@@ -358,10 +372,22 @@ def _messages_turn(where: str, turn, messages: list[dict]) -> None:
             thinking = block.get("thinking")
         else:
             raise InvalidRequest(f"{at}: a {kind!r} block is not supported in a {role} message", field=f"{at}.type")
-    if texts or calls:
+    if len(parts) > len(texts):  # images among the blocks: chat's content parts, in order
+        messages.append({"role": role, "content": parts})
+    elif texts or calls:
         messages.append({"role": role, "content": "\n".join(texts) if texts else None,
                          **({"tool_calls": calls} if calls else {}),
                          **({"reasoning_content": thinking} if thinking else {})})
+
+
+def _image_source(source, at: str) -> str:
+    """An Anthropic image block's source (base64 with its media_type, or a url) as an image_url URL."""
+    if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    if isinstance(source, dict) and source.get("type") == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise InvalidRequest(f"{at}.source must be {{type: base64, media_type, data}} or {{type: url, url}}",
+                         field=f"{at}.source")
 
 
 def _messages_tool_choice(choice, chat: dict) -> None:
