@@ -20,7 +20,7 @@ import requests
 
 from tests.conftest import embedding_definition, llm_definition, served_mesh
 from tests.mesh import REPO, free_port
-from zinfer.services.scheduler.book import Model, Replica
+from zinfer.services.scheduler.book import WAKE_GRACE_S, Model, Replica
 from zinfer.services.scheduler.lifecycle import expired, room_on
 from zinfer.shared import durations, instances, keys
 from zinfer.shared.errors import Forbidden, InvalidRequest, Unavailable
@@ -61,6 +61,18 @@ def test_an_instance_expires_when_idle_for_its_keep_alive_only():
     assert not expired(model("a", active=100.0, keep_alive=None), now=1e9)  # for ever
     assert expired(model("a", active=100.0, keep_alive=0.0), now=100.0)  # right after its reply
     assert not expired(model("a", active=100.0, state="launching"), now=1e9)
+
+
+def test_a_woken_instance_waits_for_the_request_that_woke_it():
+    """keep_alive 0, loaded on request at 100: not unloaded again before a request reaches it (within the grace),
+    then at once after that request's reply."""
+    woken = model("a", active=90.0, keep_alive=0.0)
+    woken.woken_at = woken.last_active = 100.0
+    assert not expired(woken, now=101.0)
+    assert expired(woken, now=100.0 + WAKE_GRACE_S)  # nobody came: unloaded after the grace
+    woken.replicas[0].status.last_active = 102.0  # the request arrived (and was answered: idle again)
+    assert expired(woken, now=102.0)
+    assert not expired(model("b", active=100.0, keep_alive=300.0), now=100.0 + WAKE_GRACE_S)  # longer keep_alive
 
 
 def test_the_cap_picks_the_least_recently_used_idle_instance_and_never_a_busy_one():

@@ -71,6 +71,10 @@ class Pins(msgspec.Struct, kw_only=True, omit_defaults=True):
     worker_ip: list[str] | None = None
 
 
+# Seconds a woken instance waits for the request that woke it before keep_alive may unload it again.
+WAKE_GRACE_S = 10.0
+
+
 @dataclass
 class Model:
     uid: str
@@ -86,6 +90,7 @@ class Model:
     last_active: float = 0.0
     unloaded_at: float = 0.0
     loads: int = 1
+    woken_at: float = 0.0  # when a load on request last made it ready (0: never): the request that woke it is due
 
     def _any(self, phase: Phase) -> bool:
         return any(r.phase is phase for r in self.replicas)
@@ -112,9 +117,15 @@ class Model:
         return max([self.last_active, *(r.status.last_active for r in self.replicas)])
 
     def expires_at(self) -> float | None:
+        """When keep_alive unloads it. A woken instance waits up to WAKE_GRACE_S for a request to reach it first:
+        the requests that woke it are on their way (their clients poll until it is ready, then send), and with a
+        short keep_alive (0) it would otherwise be unloaded again before they land."""
         if self.keep_alive is None or self.unloaded or self.state != "ready":
             return None
-        return self.active_at() + self.keep_alive
+        deadline = self.active_at() + self.keep_alive
+        if self.woken_at and max((r.status.last_active for r in self.replicas), default=0.0) < self.woken_at:
+            deadline = max(deadline, self.woken_at + WAKE_GRACE_S)
+        return deadline
 
     @property
     def state(self) -> instances.InstanceState:

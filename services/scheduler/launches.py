@@ -134,6 +134,7 @@ class Launches:
             model.last_active = time.time()  # keep_alive counts from when it is ready
             log.info("woken" if waking else "launched", model_uid=model.uid)
             if waking:
+                model.woken_at = model.last_active
                 self.core.record_quietly()
             return
         model.error = error
