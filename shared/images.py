@@ -66,8 +66,9 @@ def image_bytes(url: str, where: str, policy: ImagePolicy) -> bytes:
     return data
 
 
-def check_image(data: bytes, where: str, policy: ImagePolicy) -> tuple[int, int]:
-    """(width, height) of an image file Pillow reads, within the policy's bytes and pixels; else a typed error."""
+def check_image(data: bytes, where: str, policy: ImagePolicy, verify: bool = True) -> tuple[int, int]:
+    """(width, height) of an image file Pillow reads, within the policy's bytes and pixels; else a typed error.
+    verify=False reads the header only (the sizes), for a file that was checked whole where it came in."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > policy.max_bytes:
@@ -79,7 +80,8 @@ def check_image(data: bytes, where: str, policy: ImagePolicy) -> tuple[int, int]
             if width * height > policy.max_pixels:
                 raise InvalidRequest(f"{where}: the image is {width} x {height} pixels; at most "
                                      f"{policy.max_pixels:,} pixels (max_image_pixels)", field=where)
-            im.verify()
+            if verify:
+                im.verify()
     except UnidentifiedImageError:
         raise InvalidRequest(f"{where}: not an image: no image format Pillow reads (PNG, JPEG, GIF, WebP, BMP, ...)",
                              field=where) from None

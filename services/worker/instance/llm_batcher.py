@@ -45,7 +45,7 @@ class ChatPlan(NamedTuple):
     tags: tuple[str, str] | None = None
     opened: bool = False  # the prompt ends inside the reasoning tags (the template opened them)
     constraint: Constraint | None = None
-    images: list = []  # the messages' ImageParts, in order (a vision model's prompt has a place for each)
+    images: tuple = ()  # the messages' ImageParts, in order (a vision model's prompt has a place for each)
 
 
 class _Running:
@@ -320,9 +320,10 @@ class LLMBatcher(Batcher):
                                  "use generate", field="model_uid")
         images = [image for m in messages for image in m.images()]
         if images and not ("vision" in family.model_ability and self.backend.vision):
-            why = (f"its registration's model_ability {family.model_ability} has no 'vision'" if self.backend.vision
-                   else f"the {self.backend.engine} engine found no image processor and vision tower in its files"
-                   if "vision" in family.model_ability else f"it has no 'vision' ability ({family.model_ability})")
+            if "vision" not in family.model_ability:
+                why = f"it has no 'vision' ability ({family.model_ability})"
+            else:
+                why = f"the {self.backend.engine} engine found no image processor and vision tower in its files"
             raise InvalidRequest(f"{images[0].where}: model {self.uid!r} takes no images: {why}",
                                  field=images[0].where)
         stops = merge_stops(family.stop)
@@ -365,7 +366,7 @@ class LLMBatcher(Batcher):
                 constraint = tool_constraint(parser.grammar(chosen, parallel, self.backend.grammars.lit))
         tags = self.reasoning_tags()
         opened = bool(tags) and prompt.rstrip().endswith(tags[0])
-        return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint, images)
+        return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint, tuple(images))
 
     def render(self, msg: p.RenderChat, cancelled=None) -> p.RenderedChat:
         plan = self.plan(msg.messages, msg.options, None, cancelled)

@@ -181,8 +181,11 @@ class SpeakBatcher(QueueBatcher):
             self.stats.failures += 1
             job.fail(exc)
             return
-        job.reply(p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format],
-                           sample_rate=self.backend.rate, samples=len(samples), audio=audio))
+        job.reply(self._speech(msg, len(samples), audio))
+
+    def _speech(self, msg: p.Speak, samples: int, audio: bytes) -> p.Speech:
+        return p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format], sample_rate=self.backend.rate,
+                        samples=samples, audio=audio)
 
     def _next_sentence(self) -> None:
         stream = self.streaming
@@ -214,8 +217,7 @@ class SpeakBatcher(QueueBatcher):
             job.fail(InvalidRequest("input: nothing this model can say (no character its tokenizer knows)",
                                     field="input"))
             return
-        reply = p.Speech(model=self.uid, media_type=MEDIA_TYPES[msg.response_format], sample_rate=self.backend.rate,
-                         samples=len(samples), audio=audio)
+        reply = self._speech(msg, len(samples), audio)
         if last:
             self.streaming = None
             job.reply(reply)
