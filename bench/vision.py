@@ -4,7 +4,11 @@ of a small shape (a CLIP tower of width 256, 4 layers, 224 x 224 pixels in 14-pi
 Llama of width 512, 8 layers), 64 new tokens (EOS ignored). Tokens/s counts the new tokens over the whole request
 (image, prefill and decode).
 
-    .venv/bin/python bench/vision.py [--rounds 5]
+    .venv/bin/python bench/vision.py [--rounds 5] [--engine llama]
+
+With `--engine llama` the same model runs on llama.cpp (its Llama as a GGUF file, its tower and projector as an
+mmproj file, F32), against llama-cpp-python's own Llava15ChatHandler on the same files (the model's template), EOS
+held off on both sides (min_tokens served, a logit bias raw).
 """
 
 from __future__ import annotations
@@ -16,26 +20,114 @@ import time
 
 from common import MODELS, arguments, record, start_mesh
 
-from zinfer.shared.tinyvision import build_tiny_llava, png
+from zinfer.shared.tinyvision import CHAT_TEMPLATE, build_tiny_llava, png, write_mmproj
 
 NEW = 64
 
 
+def llama_side(folder, messages: list[dict]):
+    """(the spec, the raw run) of the llama.cpp case: GGUF and mmproj files of the model, llama-cpp-python's own."""
+    from llama_cpp import Llama, llama_vocab_is_eog
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    from zinfer.shared.tinymodels import convert_to_gguf
+
+    gguf = MODELS / "llava-small-gguf"
+    if not (gguf / "mmproj.gguf").exists():
+        gguf.mkdir(parents=True, exist_ok=True)
+        convert_to_gguf(folder, gguf / "llava-small.F32.gguf", prefix="language_model.")
+        write_mmproj(folder, gguf / "mmproj.gguf")
+
+    class Handler(Llava15ChatHandler):
+        DEFAULT_SYSTEM_MESSAGE = None
+        CHAT_FORMAT = CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
+                                            "{% if part['type'] == 'image_url' %}{{ part['image_url']['url'] }}")
+
+    llm = Llama(model_path=str(gguf / "llava-small.F32.gguf"), n_ctx=2048, verbose=False,
+                chat_handler=Handler(clip_model_path=str(gguf / "mmproj.gguf"), verbose=False))
+    vocab = llm._model.vocab
+    never = {t: float("-inf") for t in range(llm.n_vocab()) if llama_vocab_is_eog(vocab, t)}
+
+    def raw() -> str:
+        out = llm.create_chat_completion(messages=messages, max_tokens=NEW, temperature=0, repeat_penalty=1.0,
+                                         logit_bias=never)
+        return out["choices"][0]["message"]["content"]
+
+    spec = {"model_format": "ggufv2", "model_size_in_billions": 1, "quantization": "F32",
+            "model_uri": f"file://{gguf}", "model_file_name_template": "llava-small.{quantization}.gguf",
+            "multimodal_projectors": ["mmproj.gguf"]}
+    return spec, raw
+
+
 def main() -> None:
-    args = arguments(5)
+    args = arguments(5, ("--engine", {"choices": ["transformers", "llama"], "default": "transformers"}))
     folder = MODELS / "llava-small"
     if not (folder / "model.safetensors").exists():
         build_tiny_llava(folder, init_std=0.02, image_size=224, patch_size=14, vision_hidden=256, vision_layers=4,
                          hidden=512, layers=8, heads=8)
     import openai
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     image = png(320, 240, seed=1)
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
                                              {"type": "image_url", "image_url": {"url": url}}]}]
+    if args.engine == "llama":
+        spec, raw = llama_side(folder, messages)
+        config = {"max_tokens": NEW, "temperature": 0, "min_tokens": NEW}
+    else:
+        spec, raw = transformers_side(folder, image)
+        config = {"max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+    want = raw()
+    mesh = start_mesh()
+    try:
+        mesh.start_gateway()
+        from zinfer.shared import keys
+
+        c = mesh.client
+        c.register_model("LLM", {"version": 2, "model_name": "bench-llava", "model_family": "other",
+                                 "model_lang": ["en"], "model_ability": ["chat", "vision"], "context_length": 2048,
+                                 "model_specs": [spec]})
+        c.launch_model(model_name="bench-llava", model_uid="llava", model_format=spec["model_format"])
+        handle = c.get_model("llava")
+        sdk = openai.OpenAI(base_url=f"{mesh.gateway_url}/v1", max_retries=0, timeout=120,
+                            api_key=keys.api_key_of(keys.read_key_file(mesh.admin_key)))
+
+        def served() -> str:
+            return handle.chat(messages=messages, generate_config=config)["choices"][0]["message"]["content"]
+
+        def http() -> str:
+            return sdk.chat.completions.create(model="llava", messages=messages, max_tokens=NEW, temperature=0,
+                                               extra_body={k: v for k, v in config.items()
+                                                           if k in ("ignore_eos", "min_tokens")}
+                                               ).choices[0].message.content
+
+        assert served() == want and http() == want, (served(), want)  # the same text, or the timing means nothing
+        times: dict[str, list[float]] = {"raw": [], "served": [], "http": []}
+        for _ in range(args.rounds):  # interleaved, so that a busy moment hits every side alike
+            for name, fn in (("raw", raw), ("served", served), ("http", http)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        mesh.stop()
+    rate = {name: NEW / statistics.median(t) for name, t in times.items()}
+    report = {"model": "random LLaVA, CLIP 256x4 (256 image tokens) + Llama 512x8", "engine": args.engine,
+              "new_tokens": NEW, "raw_tok_s": round(rate["raw"], 1), "served_tok_s": round(rate["served"], 1),
+              "http_tok_s": round(rate["http"], 1), "served_ratio": round(rate["served"] / rate["raw"], 3),
+              "http_ratio": round(rate["http"] / rate["raw"], 3)}
+    against = "llama-cpp-python's Llava15ChatHandler" if args.engine == "llama" else "processor + generate"
+    print(f"one-image chat on {args.engine}, {NEW} new tokens: raw {against} {report['raw_tok_s']} tok/s, served "
+          f"{report['served_tok_s']} tok/s = {report['served_ratio']}x raw, over HTTP (openai SDK) "
+          f"{report['http_tok_s']} tok/s = {report['http_ratio']}x (target >= 0.9)")
+    record("vision" if args.engine == "transformers" else "vision-llama", report)
+
+
+def transformers_side(folder, image: bytes):
+    """(the spec, the raw run) of the transformers case: the model's own processor and generate."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -48,48 +140,9 @@ def main() -> None:
             out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
         return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    want = raw()
-    mesh = start_mesh()
-    try:
-        mesh.start_gateway()
-        from zinfer.shared import keys
-
-        c = mesh.client
-        c.register_model("LLM", {"version": 2, "model_name": "bench-llava", "model_family": "other",
-                                 "model_lang": ["en"], "model_ability": ["chat", "vision"], "context_length": 2048,
-                                 "model_specs": [{"model_format": "pytorch", "model_size_in_billions": 1,
-                                                  "quantization": "none", "model_uri": f"file://{folder}"}]})
-        c.launch_model(model_name="bench-llava", model_uid="llava", model_format="pytorch")
-        handle = c.get_model("llava")
-        sdk = openai.OpenAI(base_url=f"{mesh.gateway_url}/v1", max_retries=0, timeout=120,
-                            api_key=keys.api_key_of(keys.read_key_file(mesh.admin_key)))
-        config = {"max_tokens": NEW, "temperature": 0, "ignore_eos": True}
-
-        def served() -> str:
-            return handle.chat(messages=messages, generate_config=config)["choices"][0]["message"]["content"]
-
-        def http() -> str:
-            return sdk.chat.completions.create(model="llava", messages=messages, max_tokens=NEW, temperature=0,
-                                               extra_body={"ignore_eos": True}).choices[0].message.content
-
-        assert served() == want and http() == want  # the same text, or the timing means nothing
-        times: dict[str, list[float]] = {"raw": [], "served": [], "http": []}
-        for _ in range(args.rounds):  # interleaved, so that a busy moment hits every side alike
-            for name, fn in (("raw", raw), ("served", served), ("http", http)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    finally:
-        mesh.stop()
-    rate = {name: NEW / statistics.median(t) for name, t in times.items()}
-    report = {"model": "random LLaVA, CLIP 256x4 (256 image tokens) + Llama 512x8", "new_tokens": NEW,
-              "raw_tok_s": round(rate["raw"], 1), "served_tok_s": round(rate["served"], 1),
-              "http_tok_s": round(rate["http"], 1), "served_ratio": round(rate["served"] / rate["raw"], 3),
-              "http_ratio": round(rate["http"] / rate["raw"], 3)}
-    print(f"one-image chat, {NEW} new tokens: raw processor + generate {report['raw_tok_s']} tok/s, served "
-          f"{report['served_tok_s']} tok/s = {report['served_ratio']}x raw, over HTTP (openai SDK) "
-          f"{report['http_tok_s']} tok/s = {report['http_ratio']}x (target >= 0.9)")
-    record("vision", report)
+    spec = {"model_format": "pytorch", "model_size_in_billions": 1, "quantization": "none",
+            "model_uri": f"file://{folder}"}
+    return spec, raw
 
 
 if __name__ == "__main__":

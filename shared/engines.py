@@ -37,8 +37,9 @@ ENGINES: tuple[EngineInfo, ...] = (
     EngineInfo(name="llama.cpp", aliases=("llama_cpp", "llamacpp"), model_type="LLM", formats=("ggufv2", "ggmlv3"),
                generates=True, files="gguf", memory="gguf",
                # n_ctx: the registration's context_length; n_threads: the instance_threads setting, else
-               # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16
-               options={"n_ctx": None, "n_threads": None, "n_parallel": None},
+               # llama.cpp's own; n_parallel: what 512 MiB of KV cache holds, at most 16; multimodal_projector:
+               # the spec's first projector for a vision model
+               options={"n_ctx": None, "n_threads": None, "n_parallel": None, "multimodal_projector": None},
                loader="zinfer.services.worker.instance.backends.llama_cpp_backend:load"),
     EngineInfo(name="sentence_transformers", aliases=("sentence-transformers",), model_type="embedding",
                formats=("pytorch",), files="hf_folder", memory="folder",

@@ -180,6 +180,9 @@ def _from_gguf(file: Path, model_type: str | None, name: str | None) -> tuple[st
         return None if f is None else f.contents()
 
     arch = field("general.architecture") or "llama"
+    if arch == "clip":
+        raise InvalidRequest(f"model_path: {file} is a multimodal projector (an mmproj file), not a model; give the "
+                             "model's .gguf file (the projectors beside it are found)", field="model_path")
     file_type = field("general.file_type")
     try:
         quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") \
@@ -216,7 +219,29 @@ def _from_gguf(file: Path, model_type: str | None, name: str | None) -> tuple[st
     eos = field("tokenizer.ggml.eos_token_id")
     if eos is not None:
         out["stop_token_ids"] = [int(eos)]
+    projectors = _projectors(file.parent)
+    if projectors:  # llama.cpp's vision: an mmproj file beside the model
+        out["model_specs"][0]["multimodal_projectors"] = projectors
+        if "chat" in abilities:
+            abilities.append("vision")
     return "LLM", out
+
+
+def _projectors(folder: Path) -> list[str]:
+    """The multimodal projectors (GGUF files of architecture `clip`) in a folder, by name."""
+    import gguf
+
+    found = []
+    for candidate in sorted(folder.glob("*.gguf")):
+        if "mmproj" not in candidate.name.lower():
+            continue
+        try:
+            arch = gguf.GGUFReader(str(candidate)).fields["general.architecture"].contents()
+        except Exception:  # not a GGUF file after all
+            continue
+        if arch == "clip":
+            found.append(candidate.name)
+    return found
 
 
 def registration_from_path(path: str, model_type: str | None = None, name: str | None = None) -> tuple[str, dict]:

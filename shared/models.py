@@ -67,6 +67,9 @@ class LLMSpec(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=Tr
     quantization_parts: dict[str, list[str]] | None = None
     model_revision: str | None = None
     model_hub: str | None = None
+    # A GGUF vision model's multimodal projectors (llama.cpp's mmproj files), file names beside the model file; a
+    # launch picks one with its multimodal_projector option (default: the first, for a model with `vision`).
+    multimodal_projectors: list[str] | None = None
 
 
 class LLMSpecV2(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -83,6 +86,7 @@ class LLMSpecV2(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=
     model_revision: str | None = None
     model_hub: str | None = "huggingface"
     activated_size_in_billions: int | str | None = None
+    multimodal_projectors: list[str] | None = None
 
 
 class _LLMCommon(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -407,7 +411,8 @@ def parse_llm(obj: dict) -> LLMFamily:
                 quantizations=[s.quantization], model_id=s.model_id, model_uri=s.model_uri,
                 model_file_name_template=s.model_file_name_template, model_revision=s.model_revision,
                 model_file_name_split_template=s.model_file_name_split_template,
-                quantization_parts=s.quantization_parts, model_hub=s.model_hub))
+                quantization_parts=s.quantization_parts, model_hub=s.model_hub,
+                multimodal_projectors=s.multimodal_projectors))
             spec_extras.append({"activated_size_in_billions": s.activated_size_in_billions}
                                if s.activated_size_in_billions is not None else {})
         common = {f: getattr(v2, f) for f in _LLMCommon.__struct_fields__}

@@ -251,6 +251,9 @@ class EngineOptions(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fie
     n_ctx: Annotated[int, Meta(ge=16, le=1 << 20)] | None = None
     n_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
     n_parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
+    # llama.cpp: the multimodal projector (mmproj .gguf beside the model file) a vision model sees images with
+    # (default: its spec's first multimodal_projectors entry when the model has the vision ability)
+    multimodal_projector: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
     # embeddings and rerank: texts (pairs) and padded tokens per batch, and how long a batch may wait for more requests
     batch_wait_ms: Annotated[float, Meta(ge=0, le=1000)] | None = None
     max_batch_size: Annotated[int, Meta(ge=1, le=65536)] | None = None

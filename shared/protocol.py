@@ -258,6 +258,7 @@ class ProbeFiles(Msg, kw_only=True):
     audio: AudioFamily | None = None
     read_context: bool = False  # a launch by model_path: say the files' context length (FileProbe.context_length)
     loras: list[LoraAdapter] = []  # the launch's adapters: here, and fitting the model? (their size counts)
+    projector: str = ""  # the launch's multimodal projector (beside the model file; its size counts)
 
 
 class FindPaths(Msg, kw_only=True):

@@ -5,6 +5,8 @@ adds what needs the disk and the registry's contents."""
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from zinfer.shared.models import (
@@ -136,6 +138,7 @@ def _llm_spec_problems(spec, at: str) -> list[FieldProblem]:
     else:
         problems += _file_problems(at, spec.model_format, spec.model_file_name_template,
                                    spec.model_file_name_split_template, spec.quantization_parts, spec.quantizations)
+    problems += _projector_problems(spec, at)
     bad_names = [q for q in spec.quantizations if not QUANTIZATION_RE.fullmatch(q)]
     if bad_names:
         problems.append(FieldProblem(f"{at}.quantizations", f"{bad_names[0]!r} must be letters, digits, "
@@ -145,6 +148,29 @@ def _llm_spec_problems(spec, at: str) -> list[FieldProblem]:
     if not spec.model_uri and not spec.model_id:
         problems.append(FieldProblem(f"{at}.model_id", "required when model_uri is not given"))
     return problems
+
+
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def _projector_problems(spec, at: str) -> list[FieldProblem]:
+    """multimodal_projectors: GGUF file names (llama.cpp's mmproj files), beside a ggufv2 spec's model file."""
+    names = spec.multimodal_projectors
+    if names is None:
+        return []
+    field = f"{at}.multimodal_projectors"
+    if spec.model_format != "ggufv2":
+        return [FieldProblem(field, f"multimodal projectors are GGUF files for llama.cpp: a {spec.model_format} "
+                             "spec takes none (a pytorch vision model's folder holds its own vision tower)")]
+    if not names:
+        return [FieldProblem(field, "lists no projector (leave it out, or name the mmproj .gguf files)")]
+    for name in names:
+        if not name.endswith(".gguf") or not FILE_NAME_RE.fullmatch(name):
+            return [FieldProblem(field, f"{name!r} must be a .gguf file name beside the model file (letters, "
+                                 "digits, '_', '.' and '-')")]
+    if len(set(names)) != len(names):
+        return [FieldProblem(field, "lists a projector twice")]
+    return []
 
 
 def _file_problems(at: str, model_format: str, template: str | None, split_template: str | None,

@@ -57,13 +57,16 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(hf_dir: Path) -> tuple[dict, dict]:
-    """(config, {GGUF tensor name: float32 array}) of the tiny Llama in hf_dir, q/k rows in llama.cpp's order."""
+def gguf_tensors(hf_dir: Path, prefix: str = "") -> tuple[dict, dict]:
+    """(config, {GGUF tensor name: float32 array}) of the tiny Llama in hf_dir, q/k rows in llama.cpp's order;
+    `prefix`: where a multimodal model keeps its Llama (LLaVA's "language_model.", with its text_config)."""
     import numpy as np
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    weights = load_file(str(hf_dir / "model.safetensors"))
+    cfg = cfg.get("text_config", cfg) if prefix else cfg
+    weights = {name[len(prefix):]: data for name, data in load_file(str(hf_dir / "model.safetensors")).items()
+               if name.startswith(prefix)}
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -85,13 +88,15 @@ def gguf_tensors(hf_dir: Path) -> tuple[dict, dict]:
     return cfg, tensors
 
 
-def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32", split_max_tensors: int = 0) -> Path:
+def convert_to_gguf(hf_dir: Path, out_file: Path, quantization: str = "F32", split_max_tensors: int = 0,
+                    prefix: str = "") -> Path:
     """Write the Hugging Face tiny Llama in hf_dir as a GGUF file (F32 or F16) that llama.cpp loads; with
-    split_max_tensors, as gguf-split's parts (<stem>-00001-of-0000N.gguf) of at most that many tensors each."""
+    split_max_tensors, as gguf-split's parts (<stem>-00001-of-0000N.gguf) of at most that many tensors each;
+    `prefix`: a multimodal model's Llama (gguf_tensors)."""
     import gguf
     import numpy as np
 
-    cfg, tensors = gguf_tensors(hf_dir)
+    cfg, tensors = gguf_tensors(hf_dir, prefix)
     tok_json = json.loads((hf_dir / "tokenizer.json").read_text())
     tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -376,6 +381,19 @@ def make_lora_adapters(root: Path, hf_dir: Path, force: bool = False) -> dict[st
     return out
 
 
+def make_llava_gguf(root: Path, llava: Path, force: bool = False) -> Path:
+    """root/llava-gguf: the tiny LLaVA's Llama as a GGUF file and its vision tower and projector as an mmproj file
+    beside it (llama.cpp's vision), built unless they are there."""
+    from zinfer.shared.tinyvision import GGUF_TEMPLATE, MMPROJ, write_mmproj
+
+    out = root / "llava-gguf"
+    if force or not (out / MMPROJ).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        convert_to_gguf(llava, out / GGUF_TEMPLATE.replace("{quantization}", "F32"), prefix="language_model.")
+        write_mmproj(llava, out / MMPROJ)
+    return out
+
+
 def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     """Build (if missing) root/tiny-llama (HF), root/gguf/tiny-llama.{F32,F16}.gguf, root/minilm, root/tiny-reranker
     (a cross-encoder), and for the ggmlv3 format root/ggml/tiny-llama.ggmlv3.{q4_0,q8_0}.bin with their GGUF twins
@@ -383,7 +401,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     (root/tiny-embedder) and its GGUF (root/embed-gguf/tiny-embedder.F32.gguf); two LoRA adapters of the tiny
     Llama (root/lora: PEFT folders a and b, and their GGUF LoRA files); a tiny Whisper and its English-only twin
     (root/tiny-whisper, root/tiny-whisper-en: shared/tinyaudio.py); a tiny LLaVA (root/tiny-llava:
-    shared/tinyvision.py)."""
+    shared/tinyvision.py) and its GGUF and mmproj files (root/llava-gguf)."""
     root = root.resolve()
     hf_dir, gguf_dir, minilm = root / "tiny-llama", root / "gguf", root / "minilm"
     if force or not (hf_dir / "model.safetensors").exists():
@@ -415,6 +433,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     from zinfer.shared.tinyvision import make_tiny_vision
 
     vision = make_tiny_vision(root, force)
+    vision["llava_gguf_dir"] = make_llava_gguf(root, vision["llava"], force)
     return {"rerank": reranker, **tools, **loras, **audio, **vision, "gguf_split_dir": split, "embedder": embedder,
             "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),

@@ -7,6 +7,7 @@ so AutoModelForImageTextToText and AutoProcessor load it as they load llava-hf's
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
@@ -83,8 +84,68 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return out.getvalue()
 
 
+GGUF_TEMPLATE = "tiny-llava.{quantization}.gguf"
+MMPROJ = "mmproj-tiny-llava-f32.gguf"
+
+
+def write_mmproj(hf_dir: Path, out_file: Path) -> Path:
+    """The LLaVA's vision tower and projector as llama.cpp's multimodal projector (an mmproj GGUF of architecture
+    `clip`, projector type `mlp`), laid out as llama.cpp's LLaVA converter writes one: CLIP's tensors under `v.`,
+    the projector's two layers as `mm.0` and `mm.2`, the feature layer (vision_feature_layer) as a non-negative
+    index of the tower's hidden states, the image processor's mean and std; no post-layernorm (LLaVA reads a
+    hidden state before it). F32 but the patch convolution, which ggml takes in F16."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    images = json.loads((hf_dir / "processor_config.json").read_text())["image_processor"]
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    layers, feature = vision["num_hidden_layers"], config.get("vision_feature_layer", -2)
+    w = gguf.GGUFWriter(str(out_file), "clip")
+    w.add_name(hf_dir.name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_clip_has_vision_encoder(True)
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)
+    w.add_clip_projector_type("mlp")
+    w.add_vision_image_size(vision["image_size"])
+    w.add_vision_patch_size(vision["patch_size"])
+    w.add_vision_embedding_length(vision["hidden_size"])
+    w.add_vision_feed_forward_length(vision["intermediate_size"])
+    w.add_vision_projection_dim(text["hidden_size"])
+    w.add_vision_head_count(vision["num_attention_heads"])
+    w.add_vision_attention_layernorm_eps(vision["layer_norm_eps"])
+    w.add_vision_block_count(layers)
+    w.add_array("clip.vision.feature_layer", [feature if feature >= 0 else layers + feature + 1])
+    w.add_vision_image_mean(images["image_mean"])
+    w.add_vision_image_std(images["image_std"])
+    w.add_vision_use_gelu(vision["hidden_act"] == "gelu")  # else quick GELU, CLIP's own
+    names = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+             "embeddings.position_embedding.weight": "v.position_embd.weight",
+             "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2", "mlp.fc1": "ffn_up",
+                 "mlp.fc2": "ffn_down"}
+    for i in range(layers):
+        for hf, gg in per_layer.items():
+            for kind in ("weight", "bias"):
+                names[f"encoder.layers.{i}.{hf}.{kind}"] = f"v.blk.{i}.{gg}.{kind}"
+    for hf, gg in names.items():
+        data = weights[f"vision_tower.{hf}"]
+        w.add_tensor(gg, data.astype(np.float16) if data.ndim == 4 else data.astype(np.float32))
+    for hf, gg in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
+        for kind in ("weight", "bias"):
+            w.add_tensor(f"{gg}.{kind}", weights[f"multi_modal_projector.{hf}.{kind}"].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_file
+
+
 def make_tiny_vision(root: Path, force: bool = False) -> dict[str, Path]:
-    """root/tiny-llava, built unless it is there."""
+    """root/tiny-llava, built unless it is there (its GGUF files: tinymodels.make_llava_gguf)."""
     out = root / "tiny-llava"
     if force or not (out / "model.safetensors").exists():
         build_tiny_llava(out)

@@ -19,7 +19,7 @@ from tests.conftest import served_mesh
 from tests.test_gateway import oai
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.fromfiles import registration_from_path
-from zinfer.shared.tinyvision import IMAGE_TOKENS, png
+from zinfer.shared.tinyvision import CHAT_TEMPLATE, GGUF_TEMPLATE, IMAGE_TOKENS, MMPROJ, png
 
 MAX_PIXELS = 64 * 64  # this mesh's max_image_pixels: a 100 x 50 image is over it
 MAX_IMAGES = 3
@@ -211,3 +211,148 @@ def test_registration_from_the_folder_says_vision(tiny_models):
     assert kind == "LLM" and definition["model_family"] == "other"
     assert {"chat", "vision"} <= set(definition["model_ability"])
     assert definition["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+# ------------------------------------------------------------------ llama.cpp: the GGUF LLaVA and its mmproj file
+
+def gguf_vision_definition(folder) -> dict:
+    return {"version": 2, "model_name": "my-llava-gguf", "model_family": "other", "model_lang": ["en"],
+            "model_ability": ["chat", "vision"], "context_length": 2048,
+            "model_specs": [{"model_format": "ggufv2", "model_size_in_billions": 1, "quantization": "F32",
+                             "model_uri": f"file://{folder}", "model_file_name_template": GGUF_TEMPLATE,
+                             "multimodal_projectors": [MMPROJ]}]}
+
+
+@pytest.fixture(scope="module")
+def vis_gguf(vis, tiny_models):
+    vis.client.register_model("LLM", json.dumps(gguf_vision_definition(tiny_models["llava_gguf_dir"])))
+    vis.client.launch_model(model_name="my-llava-gguf", model_uid="llava-gguf", model_format="ggufv2",
+                            quantization="F32", model_engine="llama.cpp")
+    return vis
+
+
+@pytest.fixture(scope="module")
+def raw_llama(tiny_models):
+    """llama-cpp-python's own multimodal chat on the same two files, in this process: its Llava15ChatHandler
+    (libmtmd, as the instance uses it) with the model's template, image parts written as their URL, which the
+    handler turns into the media marker (as llama.cpp's server, and zinfer, write an image part as the marker).
+    Gives (prompt tokens, the answer's tokens' texts, its text): create_completion goes past max_tokens while the
+    last token ends inside a UTF-8 character, so answers are compared token by token up to the served count."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    class Handler(Llava15ChatHandler):
+        DEFAULT_SYSTEM_MESSAGE = None
+        CHAT_FORMAT = CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
+                                            "{% if part['type'] == 'image_url' %}{{ part['image_url']['url'] }}")
+
+    folder = tiny_models["llava_gguf_dir"]
+    llm = Llama(model_path=str(folder / GGUF_TEMPLATE.replace("{quantization}", "F32")), n_ctx=2048, verbose=False,
+                logits_all=True, chat_handler=Handler(clip_model_path=str(folder / MMPROJ), verbose=False))
+    lock = threading.Lock()
+
+    def run(messages: list[dict], max_tokens: int = 12) -> tuple[int, list[str], str]:
+        with lock:
+            out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0,
+                                             repeat_penalty=1.0, logprobs=True, top_logprobs=1)
+        tokens = [t["token"] for t in out["choices"][0]["logprobs"]["content"]]
+        return out["usage"]["prompt_tokens"], tokens, out["choices"][0]["message"]["content"] or ""
+
+    yield run
+    llm.close()
+
+
+def same_answer(tokens: list[str], text: str, raw: tuple[int, list[str], str]) -> bool:
+    """A served answer (its tokens' texts, its text) is llama-cpp-python's, token for token."""
+    return bool(tokens) and tokens == raw[1][:len(tokens)] and bool(text) and raw[2].startswith(text)
+
+
+def served(m, model: str, messages: list[dict], max_tokens: int = 12) -> tuple[list[str], str, int]:
+    """(the answer's tokens' texts, its text, its prompt's tokens) through the openai SDK."""
+    out = oai(m).chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                         logprobs=True)
+    choice = out.choices[0]
+    return [t.token for t in choice.logprobs.content], choice.message.content, out.usage.prompt_tokens
+
+
+def test_llama_cpp_sees_images_through_the_mmproj_file_as_llama_cpp_python_does(vis_gguf, raw_llama):
+    messages = asking("What is in this picture?", png(32, 32, seed=1))
+    tokens, text, n = served(vis_gguf, "llava-gguf", messages)
+    raw = raw_llama(messages)
+    assert same_answer(tokens, text, raw) and len(tokens) == 12
+    assert n == raw[0]
+    plain = served(vis_gguf, "llava-gguf", [{"role": "user", "content": "What is in this picture?"}])
+    assert n == plain[2] + IMAGE_TOKENS  # the marker's place became the image's tokens
+    other = asking("What is in this picture?", png(32, 32, seed=2))
+    assert raw_llama(other)[2] != raw[2]  # what it says depends on the image
+    assert same_answer(*served(vis_gguf, "llava-gguf", other)[:2], raw_llama(other))
+
+
+def test_llama_cpp_batches_chats_with_images_and_text_only_ones(vis_gguf, raw_llama):
+    """Two images in one message (a WebP one, which llama.cpp's own decoder lacks), streamed; then six chats at
+    once, three with an image, prefilled and decoded together in the instance."""
+    from PIL import Image
+
+    webp = io.BytesIO()
+    Image.open(io.BytesIO(png(24, 24, seed=5))).save(webp, format="WEBP", lossless=True)
+    two = asking("Compare these.", png(32, 32, seed=3), webp.getvalue())
+    chunks = list(oai(vis_gguf).chat.completions.create(model="llava-gguf", messages=two, max_tokens=12,
+                                                        temperature=0, stream=True, logprobs=True))
+    tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    lossless = asking("Compare these.", png(32, 32, seed=3), png(24, 24, seed=5))
+    assert same_answer(tokens, text, raw_llama(lossless))  # the WebP's pixels are the PNG's
+    chats = [asking(f"Picture {i}?", png(32, 32, seed=10 + i)) if i % 2 else
+             [{"role": "user", "content": f"Say something about {i}."}] for i in range(6)]
+
+    def ask(messages):
+        out = vis_gguf.client.get_model("llava-gguf").chat(
+            messages=messages, generate_config={"max_tokens": 12, "temperature": 0, "logprobs": True})
+        choice = out["choices"][0]
+        return [t["token"] for t in choice["logprobs"]["content"]], choice["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, chats))
+    for (tokens, text), messages in zip(got, chats, strict=True):
+        assert same_answer(tokens, text, raw_llama(messages)), messages
+
+
+def test_projector_choices_are_checked_by_name(vis_gguf, tiny_models, tmp_path):
+    client = vis_gguf.client
+    with pytest.raises(InvalidRequest, match="not one of the spec's multimodal_projectors") as refusal:
+        client.launch_model(model_name="my-llava-gguf", model_uid="llava-x", model_format="ggufv2",
+                            quantization="F32", multimodal_projector="mmproj-other.gguf")
+    assert refusal.value.field == "multimodal_projector"
+    with pytest.raises(InvalidRequest, match="multimodal_projector is an option of the llama.cpp engine"):
+        client.launch_model(model_name="my-llava", model_uid="llava-y", model_format="pytorch",
+                            multimodal_projector=MMPROJ)
+    missing = gguf_vision_definition(tiny_models["llava_gguf_dir"])
+    missing["model_name"], missing["model_specs"][0]["multimodal_projectors"] = "no-mmproj", ["mmproj-gone.gguf"]
+    with pytest.raises(InvalidRequest, match="mmproj-gone.gguf is not in") as refusal:
+        client.register_model("LLM", json.dumps(missing))
+    assert refusal.value.field == "model_specs[0].multimodal_projectors"
+    assert "no-mmproj" not in [r["model_name"] for r in client.list_model_registrations("LLM")]
+    # an mmproj that is not one (the model file itself) is refused by name when the instance loads it
+    text_only = gguf_vision_definition(tiny_models["llava_gguf_dir"])
+    text_only["model_name"] = "llava-wrong-mmproj"
+    text_only["model_specs"][0]["multimodal_projectors"] = [GGUF_TEMPLATE.replace("{quantization}", "F32")]
+    client.register_model("LLM", json.dumps(text_only))
+    with pytest.raises(InvalidRequest, match="not a multimodal projector") as refusal:
+        client.launch_model(model_name="llava-wrong-mmproj", model_uid="llava-z", model_format="ggufv2",
+                            quantization="F32")
+    assert refusal.value.field == "multimodal_projector"
+    # text chat on the vision model still works, and the registration gives its projectors back
+    got = client.get_model("llava-gguf").chat(messages=[{"role": "user", "content": "Hi"}],
+                                              generate_config={"max_tokens": 4, "temperature": 0})
+    assert got["usage"]["completion_tokens"] >= 1
+    assert client.get_model_registration("LLM", "my-llava-gguf")["model_specs"][0]["multimodal_projectors"] == [MMPROJ]
+
+
+def test_registration_from_the_gguf_file_finds_its_projector(tiny_models):
+    folder = tiny_models["llava_gguf_dir"]
+    kind, definition = registration_from_path(str(folder / GGUF_TEMPLATE.replace("{quantization}", "F32")))
+    assert kind == "LLM" and {"chat", "vision"} <= set(definition["model_ability"])
+    assert definition["model_specs"][0]["multimodal_projectors"] == [MMPROJ]
+    with pytest.raises(InvalidRequest, match="is a multimodal projector") as refusal:
+        registration_from_path(str(folder / MMPROJ))
+    assert refusal.value.field == "model_path"

@@ -179,7 +179,8 @@ def _llm_problems(family: LLMFamily, remote: _Remote) -> list[FieldProblem]:
                                      f"{list(toolcalls.NAMES)} (or Xinference's names for them: "
                                      f"{sorted(set(toolcalls.PARSERS) - set(toolcalls.NAMES))})"))
     for i, spec in enumerate(family.model_specs):
-        problems += _spec_file_problems(spec, f"model_specs[{i}]", remote)
+        at = f"model_specs[{i}]"
+        problems += _spec_file_problems(spec, at, remote) or _projector_files(spec, at)
     return problems
 
 
@@ -215,6 +216,17 @@ def _spec_file_problems(spec: LLMSpec, at: str, remote: _Remote) -> list[FieldPr
                                      "model_uri names the model file (or a folder holding one file per quantization)")]
         return []
     return _uri_problems(spec.model_uri, True, field, remote)
+
+
+def _projector_files(spec: LLMSpec, at: str) -> list[FieldProblem]:
+    """A local GGUF model's multimodal projectors, beside its file (in its folder). A model_uri this host lacks
+    is checked on the worker's host at launch."""
+    folder = uri_to_path(spec.model_uri) if spec.model_uri and spec.multimodal_projectors else None
+    if folder is None or not os.path.exists(folder):
+        return []
+    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    missing = [n for n in spec.multimodal_projectors if not os.path.isfile(os.path.join(folder, n))]
+    return [FieldProblem(f"{at}.multimodal_projectors", f"{missing[0]} is not in {folder}")] if missing else []
 
 
 def looks_like(obj: dict) -> tuple[str, str] | None:

@@ -266,7 +266,8 @@ class Core:
         """Ask every worker whether it can take a replica whose worker stays away."""
         load = r.load
         probe = p.ProbeFiles(model_type=load.model_type, spec=load.spec, quantization=load.quantization,
-                             embedding=load.embedding, rerank=load.rerank)
+                             embedding=load.embedding, rerank=load.rerank,
+                             projector=load.options.multimodal_projector or "")
         uid, incarnation, index = model.uid, model.incarnation, r.index
         self.effects.ask_all(list(self.workers), probe, 10.0, lambda found: ev.Probed(uid, incarnation, index, found))
 

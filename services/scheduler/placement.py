@@ -48,6 +48,30 @@ def launch_options(msg, trusted: list[str]):
     return options
 
 
+def with_projector(options, family, spec, by_path: bool):
+    """The launch's options with its multimodal projector settled: the one it names (one of the spec's
+    multimodal_projectors; by model_path, any .gguf name beside the file), else the spec's first for a model with
+    the vision ability."""
+    from zinfer.shared.shape import FILE_NAME_RE
+
+    names, chosen = spec.multimodal_projectors or [], options.multimodal_projector
+    if chosen is None:
+        if names and "vision" in family.model_ability:
+            return msgspec.structs.replace(options, multimodal_projector=names[0])
+        return options
+    if spec.model_format != "ggufv2":
+        raise InvalidRequest(f"multimodal_projector {chosen!r}: projectors are mmproj GGUF files for llama.cpp; "
+                             f"this spec is {spec.model_format}", field="multimodal_projector")
+    if by_path and not names:
+        if not chosen.endswith(".gguf") or not FILE_NAME_RE.fullmatch(chosen):
+            raise InvalidRequest(f"multimodal_projector {chosen!r} must be a .gguf file name beside model_path",
+                                 field="multimodal_projector")
+    elif chosen not in names:
+        raise InvalidRequest(f"multimodal_projector {chosen!r} is not one of the spec's multimodal_projectors "
+                             f"({', '.join(names) or 'it lists none'})", field="multimodal_projector")
+    return options
+
+
 def launch_loras(msg) -> list:
     """A LaunchModel's LoRA adapters (peft_model_config.lora_list), each name once."""
     loras = (msg.peft_model_config.lora_list or []) if msg.peft_model_config is not None else []

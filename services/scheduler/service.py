@@ -14,7 +14,14 @@ import structlog
 from zinfer.services.scheduler import events as ev
 from zinfer.services.scheduler.core import Core
 from zinfer.services.scheduler.lifecycle import resolve_keep_alive
-from zinfer.services.scheduler.placement import choose_embedding, launch_loras, launch_options, match_spec, with_path
+from zinfer.services.scheduler.placement import (
+    choose_embedding,
+    launch_loras,
+    launch_options,
+    match_spec,
+    with_path,
+    with_projector,
+)
 from zinfer.shared import durations, engines
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
@@ -133,7 +140,9 @@ class Scheduler:
                                      None if msg.model_type == "embedding" else formats)
             engines.check_options(options, engines.for_model("LLM", spec.model_format))
             by_path, loras = msg.model_path is not None, launch_loras(msg)
-            return (p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant, read_context=by_path, loras=loras),
+            options = with_projector(options, family, spec, by_path)
+            return (p.ProbeFiles(model_type="LLM", spec=spec, quantization=quant, read_context=by_path, loras=loras,
+                                 projector=options.multimodal_projector or ""),
                     p.LoadInstance(model_uid=uid, model_type="LLM", llm=family, spec=spec, quantization=quant,
                                    options=options, incarnation=incarnation, model_path=msg.model_path or "",
                                    loras=loras))

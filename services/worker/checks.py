@@ -114,3 +114,18 @@ def check_gguf(path: str | os.PathLike) -> None:
             raise refuse(path, f"has a SentencePiece vocabulary without byte tokens for {len(missing)} of the 256 "
                                f"bytes (first: <0x{missing[0]:02X}>); llama.cpp aborts on the first prompt that "
                                "needs one")
+
+
+def check_projector(path: str | os.PathLike) -> None:
+    """A multimodal projector: a GGUF file of llama.cpp's `clip` architecture (an mmproj file)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+        arch = reader.fields["general.architecture"].contents()
+    except Exception as exc:  # damaged, or no architecture
+        raise InvalidRequest(f"{path}: is not a readable mmproj GGUF file ({type(exc).__name__}: {exc})",
+                             field="multimodal_projector") from None
+    if arch != "clip":
+        raise InvalidRequest(f"{path}: is a GGUF file of architecture {arch!r}, not a multimodal projector (an "
+                             "mmproj file's architecture is 'clip')", field="multimodal_projector")

@@ -181,6 +181,23 @@ def _check_parts(folder: str, names: list[str], quantization: str) -> None:
                            f"{_host()}", field="quantization_parts" if len(names) > 1 else "model_uri")
 
 
+def projector_path(model_file: str, name: str) -> str:
+    """A GGUF model's multimodal projector: the file `name` beside the model file, checked."""
+    path = os.path.join(os.path.dirname(model_file), name)
+    if not os.path.isfile(path):
+        raise NotFound(f"multimodal_projector {name!r}: {path} does not exist on host {_host()}",
+                       field="multimodal_projector")
+    return path
+
+
+def resolve_projector(spec: LLMSpec, model_file: str, name: str, fetch: Fetch | None = None) -> str:
+    """The launch's multimodal projector on this host: beside a local model file, else from the spec's Hub
+    repository (where it lands beside the model's file)."""
+    if spec.model_uri:
+        return projector_path(model_file, name)
+    return _from_hub(spec.model_id, spec.model_revision, name, fetch, spec.model_hub)
+
+
 def local_folder_path(family: EmbeddingFamily | RerankSpec) -> str | None:
     """The folder an embedding model's (or a rerank spec's) model_uri names on this host; None: from the Hub."""
     if not family.model_uri:
@@ -257,6 +274,11 @@ def probe(msg: p.ProbeFiles, device_kind: str) -> p.FileProbe:
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
     need = estimate_memory(msg.spec, msg.quantization, msg.embedding or msg.rerank or msg.audio, device_kind, path)
+    if msg.projector and path:  # the vision encoder loads beside the model, on the same device
+        try:
+            need += os.path.getsize(projector_path(path, msg.projector))
+        except ZinferError as exc:
+            return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=_host())
     context = files_context_length(path) if msg.read_context and path and msg.model_type == "LLM" else 0
     return p.FileProbe(ok=True, path=path or "", size=weights_bytes(Path(path)) if path else 0, memory=need,
                        host=_host(), context_length=context)

@@ -142,13 +142,18 @@ class Instance:
             if load.spec.model_format == "ggmlv3":
                 path = self._convert_ggml(path, load.llm.context_length)
         (checks.check_hf_folder if engine_info.files == "hf_folder" else checks.check_gguf)(path)
+        projector = load.options.multimodal_projector
+        if projector:
+            projector = files.resolve_projector(load.spec, path, projector, self._fetch(load.spec.model_id))
+            checks.check_projector(projector)
         self.files, self.adapter_format = path, "pytorch" if engine_info.files == "hf_folder" else "ggufv2"
         loras = [(lora, self._adapter_files(lora, "peft_model_config")) for lora in load.loras]
         self._loading(path)
         backend, batcher = engines.loader(engine_info)(LoadContext(
             launch=load, engine=engine_info, path=path, device=self.device, threads=self.threads,
             trust_remote_code=trust, queue_limit=limit, wake=self.loop.wake,
-            template_timeout_s=self.settings.template_timeout_s, llama_cpp_amx=self.settings.llama_cpp_amx))
+            template_timeout_s=self.settings.template_timeout_s, llama_cpp_amx=self.settings.llama_cpp_amx,
+            projector=projector or None))
         try:
             for lora, lora_path in loras:
                 batcher.add_adapter(lora, lora_path)

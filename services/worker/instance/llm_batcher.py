@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 from zinfer.services.worker.instance import prompts
@@ -26,7 +27,7 @@ from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from zinfer.shared.models import LLMFamily
-from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, LoraAdapter
+from zinfer.shared.payloads import ChatMessage, ChatOptions, GenerateConfig, ImagePart, LoraAdapter, TextPart
 from zinfer.shared.toolcalls import ToolParser
 
 DEFAULT_MAX_TOKENS = 1024
@@ -326,6 +327,10 @@ class LLMBatcher(Batcher):
                 why = f"the {self.backend.engine} engine found no image processor and vision tower in its files"
             raise InvalidRequest(f"{images[0].where}: model {self.uid!r} takes no images: {why}",
                                  field=images[0].where)
+        if images and self.backend.media_marker is not None:  # the engine places images at its marker itself
+            marker = TextPart(self.backend.media_marker)
+            messages = [msgspec.structs.replace(m, parts=[marker if isinstance(part, ImagePart) else part
+                                                          for part in m.parts]) if m.parts else m for m in messages]
         stops = merge_stops(family.stop)
         stop_ids = list(family.stop_token_ids or [])
         tools = options.tools or None

@@ -38,6 +38,7 @@ class LoadContext:
     wake: Callable[[], None]  # a new request for the compute loop
     template_timeout_s: float
     llama_cpp_amx: bool = False
+    projector: str | None = None  # a GGUF vision model's multimodal projector file (llama.cpp's mmproj)
 
     @property
     def uid(self) -> str:
@@ -134,6 +135,9 @@ class LLMBackend(ABC):
         """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
 
     vision = False  # the model takes images (an image processor and a vision tower): encode_images
+    # The text a chat's image part becomes before its template renders (llama.cpp's media marker), for an engine
+    # that places images itself; None: the template sees image parts ({"type": "image"}) and places them.
+    media_marker: str | None = None
 
     def encode_images(self, text: str, images: list) -> tuple[list[int], Any]:
         """(the prompt's token ids with each image's tokens in its place, what the prefill needs of the images:

@@ -109,7 +109,7 @@ def plain_greedy(s: Sampling) -> bool:
 
 class _Seq:
     __slots__ = ("id", "slot", "prompt", "fed", "pos", "last", "generated", "sampler", "max_tokens", "stop_ids",
-                 "out_index", "out_row", "sampling", "lora")
+                 "out_index", "out_row", "sampling", "lora", "images", "end")
 
     def __init__(self, seq_id: int, slot: int, prompt: list[int], sampler, sampling: Sampling):
         self.id, self.slot, self.prompt, self.sampler, self.sampling = seq_id, slot, prompt, sampler, sampling
@@ -122,13 +122,25 @@ class _Seq:
         self.out_index = -1  # its token's place in the current batch (-1: no logits this step)
         self.out_row = -1  # its row among the batch's outputs (llama_get_logits)
         self.lora: tuple[str, float] | None = None  # (adapter, scale) it decodes with; None: the base model
+        self.images = list(sampling.media.images) if sampling.media is not None else []  # its images not yet fed
+        self.end = self.images[0].start if self.images else len(prompt)  # where its next text tokens stop
+
+    def feed_images(self, projector, lctx) -> None:
+        """The images its prefill has reached, decoded into its cache (each at its position)."""
+        while self.images and self.fed == self.images[0].start:
+            image = self.images.pop(0)
+            self.pos = projector.eval(lctx, image, self.pos, self.slot, N_BATCH)
+            self.fed += image.n_tokens
+            self.end = self.images[0].start if self.images else len(self.prompt)
+            if not self.images:  # the chunks may go once every sequence of the request is past them
+                self.sampling = self.sampling._replace(media=None)
 
 
 class LlamaCppBackend(LLMBackend):
     engine = "llama.cpp"
 
     def __init__(self, path: str, device: str, context_length: int, n_threads: int | None = None,
-                 n_parallel: int | None = None, amx: bool = False):
+                 n_parallel: int | None = None, amx: bool = False, projector: str | None = None):
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp._logger import set_verbose
@@ -189,6 +201,17 @@ class LlamaCppBackend(LLMBackend):
         self._eog_set = frozenset(self._eog.tolist())
         self.grammars = Grammars(lambda: llama_tokenizer(llama_cpp, self.vocab, self._eog.tolist()), self.n_vocab,
                                  self._single_token)
+        self.projector = None
+        if projector is not None:
+            from zinfer.services.worker.instance.backends.llama_vision import Projector
+
+            self.projector = Projector(projector, self.model.model, device, cparams.n_threads_batch)
+            self.vision, self.media_marker = True, self.projector.marker
+
+    def encode_images(self, text: str, images: list):
+        """The prompt's ids (each image's places held by llama_vision.IMAGE) and its image chunks (Sampling.media),
+        for a prompt with the media marker where each image goes."""
+        return self.projector.tokenize(text, images)
 
     def _single_token(self, text: str) -> int | None:
         ids = self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -317,7 +340,12 @@ class LlamaCppBackend(LLMBackend):
 
     def step(self) -> list[StepOut]:
         self._close_holes()
-        n, rows = self._fill_batch(self._next_group())
+        group = self._next_group()
+        if self.projector is not None:
+            for seq in list(self._seqs.values()):
+                if seq.images and seq.lora == group:
+                    seq.feed_images(self.projector, self.ctx.ctx)
+        n, rows = self._fill_batch(group)
         if n == 0:
             return []
         self.batch.n_tokens = n
@@ -404,8 +432,8 @@ class LlamaCppBackend(LLMBackend):
                 n = self._put(n, seq.last, seq.pos, seq.slot, True)
                 seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
         for seq in seqs:
-            if seq.fed < len(seq.prompt) and n < N_BATCH:
-                for token in seq.prompt[seq.fed:seq.fed + N_BATCH - n]:
+            if seq.fed < seq.end and n < N_BATCH:  # its prompt up to its next image (fed before the next step)
+                for token in seq.prompt[seq.fed:min(seq.end, seq.fed + N_BATCH - n)]:
                     seq.fed += 1
                     n = self._put(n, token, seq.pos, seq.slot, seq.fed == len(seq.prompt))
                     seq.pos += 1
@@ -485,6 +513,8 @@ class LlamaCppBackend(LLMBackend):
         for name in list(self.adapters):
             self.drop_adapter(name)
         self.lib.llama_batch_free(self.batch)
+        if self.projector is not None:  # before the model it was loaded against
+            self.projector.close()
         self.ctx.close()
         self.model.close()
         if self._embedder is not None:
@@ -500,5 +530,6 @@ def load(ctx: LoadContext):
     batching = opts.continuous_batching is not False
     backend = LlamaCppBackend(ctx.path, ctx.device, opts.n_ctx or spec.llm.context_length,
                               n_threads=opts.n_threads or ctx.threads or None,
-                              n_parallel=opts.n_parallel if batching else 1, amx=ctx.llama_cpp_amx)
+                              n_parallel=opts.n_parallel if batching else 1, amx=ctx.llama_cpp_amx,
+                              projector=ctx.projector)
     return backend, LLMBatcher(ctx.uid, spec.llm, backend, ctx.wake, ctx.queue_limit, ctx.template_timeout_s)
