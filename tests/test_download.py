@@ -42,7 +42,7 @@ def hub_mesh(tmp_path, tiny_models):
     (large / "extra.bin").write_bytes(bytes(4 << 20))
     repos = {"zinfer/tiny-llama": tiny_models["pytorch"], "zinfer/tiny-llama-gguf": tiny_models["gguf_dir"],
              "sentence-transformers/all-MiniLM-L6-v2": tiny_models["embedding"], "zinfer/tiny-llama-large": large,
-             "zinfer/tiny-lora-a": tiny_models["lora_a"]}
+             "zinfer/tiny-lora-a": tiny_models["lora_a"], "zinfer/tiny-llava-gguf": tiny_models["llava_gguf_dir"]}
     # A second, Hub-compatible server that registrations name as model_hub "company" (the hub_endpoints setting):
     # the tiny Llama's GGUF in three parts.
     with HubServer(repos) as hub, HubServer({"acme/tiny-split": tiny_models["gguf_split_dir"]}) as company:
@@ -164,6 +164,27 @@ def test_a_lora_adapter_named_by_hub_id_is_downloaded_at_load(hub_mesh, tiny_mod
     finally:
         c.terminate_model("lora-local")
         c.terminate_model("lora-hub")
+
+
+def test_a_gguf_vision_models_projector_is_downloaded_with_it(hub_mesh):
+    """A ggufv2 spec by model_id with multimodal_projectors: the launch downloads the model file and the mmproj
+    file the launch takes (the spec's first), and the model then sees images."""
+    from tests.test_vision import asking, gguf_vision_definition
+    from zinfer.shared.tinyvision import MMPROJ, png
+
+    c = hub_mesh.client
+    definition = _hub_only(gguf_vision_definition("/unused"))
+    definition["model_specs"][0]["model_id"] = "zinfer/tiny-llava-gguf"
+    c.register_model("LLM", definition)
+    c.launch_model(model_name="my-llava-gguf", model_format="ggufv2", quantization="F32", model_uid="hub-llava")
+    try:
+        assert hub_mesh.hub.served(MMPROJ) and hub_mesh.hub.served("tiny-llava.F32.gguf")
+        image, plain = asking("What is it?", png(32, 32, seed=1)), [{"role": "user", "content": "What is it?"}]
+        cfg = {"max_tokens": 4, "temperature": 0}
+        usage = [c.get_model("hub-llava").chat(messages=m, generate_config=cfg)["usage"] for m in (image, plain)]
+        assert usage[0]["prompt_tokens"] == usage[1]["prompt_tokens"] + 16  # the image's tokens
+    finally:
+        c.terminate_model("hub-llava")
 
 
 def test_terminate_stops_a_download(hub_mesh):

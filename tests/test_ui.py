@@ -427,6 +427,13 @@ def test_the_register_page_fills_the_form_from_a_path(page, site, tiny_models, s
     assert sorted(checked) == sorted(expected["model_ability"]) and "tools" in checked
     expect(page.locator("#spec-0-model_uri")).to_have_value(f"file://{tiny_models['tools_pytorch']}")
     page.screenshot(path=shots / "register-filled.png", full_page=True)
+    # A GGUF vision model: its mmproj file beside it fills the spec's projectors, and vision is checked
+    page.get_by_label("A model folder or .gguf file").fill(str(tiny_models["llava_gguf_dir"] / "tiny-llava.F32.gguf"))
+    page.get_by_role("button", name="Fill in", exact=True).click()
+    expect(page.locator("#spec-0-projectors")).to_have_value("mmproj-tiny-llava-f32.gguf")
+    expect(page.locator("input[name=ability][value=vision]")).to_be_checked()
+    assert '"multimodal_projectors"' in page.locator("#definition-json").input_value()
+    page.screenshot(path=shots / "register-filled-vision.png", full_page=True)
     # An embedding folder switches the page to the embedding form, filled
     page.get_by_label("A model folder or .gguf file").fill(str(tiny_models["embedder"]))
     page.get_by_role("button", name="Fill in", exact=True).click()

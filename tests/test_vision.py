@@ -341,10 +341,21 @@ def test_projector_choices_are_checked_by_name(vis_gguf, tiny_models, tmp_path):
         client.launch_model(model_name="llava-wrong-mmproj", model_uid="llava-z", model_format="ggufv2",
                             quantization="F32")
     assert refusal.value.field == "multimodal_projector"
-    # text chat on the vision model still works, and the registration gives its projectors back
-    got = client.get_model("llava-gguf").chat(messages=[{"role": "user", "content": "Hi"}],
-                                              generate_config={"max_tokens": 4, "temperature": 0})
-    assert got["usage"]["completion_tokens"] >= 1
+    # the registration gives its projectors back; one that lists none chats in text and refuses images by name
+    blind = gguf_vision_definition(tiny_models["llava_gguf_dir"])
+    blind["model_name"] = "llava-blind"
+    del blind["model_specs"][0]["multimodal_projectors"]
+    client.register_model("LLM", json.dumps(blind))
+    client.launch_model(model_name="llava-blind", model_uid="llava-blind", model_format="ggufv2", quantization="F32")
+    try:
+        got = client.get_model("llava-blind").chat(messages=[{"role": "user", "content": "Hi"}],
+                                                   generate_config={"max_tokens": 4, "temperature": 0})
+        assert got["usage"]["completion_tokens"] >= 1
+        r = post(vis_gguf, {"model": "llava-blind", "messages": asking("Look.", png(8, 8))})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[1]"
+        assert "without a multimodal projector" in r.json()["error"]["message"]
+    finally:
+        client.terminate_model("llava-blind")
     assert client.get_model_registration("LLM", "my-llava-gguf")["model_specs"][0]["multimodal_projectors"] == [MMPROJ]
 
 

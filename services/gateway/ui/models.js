@@ -66,7 +66,8 @@ function specRows(definition) {
   return (definition.model_specs || []).map((s) => el("tr", {},
     el("td", {}, s.model_format), el("td", {}, s.model_size_in_billions ?? ""),
     el("td", {}, list(s.quantizations ?? s.quantization)), el("td", {}, s.model_id ?? ""),
-    el("td", {}, s.model_uri ?? ""), el("td", {}, s.model_file_name_template ?? "")));
+    el("td", {}, s.model_uri ?? ""), el("td", {}, s.model_file_name_template ?? ""),
+    el("td", {}, list(s.multimodal_projectors ?? []))));
 }
 
 export async function loadRegistration(type, name) {
@@ -121,7 +122,7 @@ export function registration(main, type, name) {
           .map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]))),
       actions,
       ...(type === "LLM" ? [el("h2", {}, "Specs"),
-        table(["Format", "Size (B)", "Quantizations", "model_id", "model_uri", "File name template"],
+        table(["Format", "Size (B)", "Quantizations", "model_id", "model_uri", "File name template", "Projectors"],
               specRows(definition), "No specs.")] : []),
       el("h2", {}, "JSON"),
       el("pre", { class: "json", id: "definition-json" }, JSON.stringify(definition, null, 2)));

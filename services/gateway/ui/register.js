@@ -38,7 +38,9 @@ function specFieldset(index, spec = {}) {
       field("model_uri", text(id("model_uri"), spec.model_uri ?? ""), at("model_uri"),
             "file:///path on the workers' hosts (optional with a model_id)"),
       field("File name template", text(id("template"), spec.model_file_name_template ?? ""),
-            at("model_file_name_template"), "gguf: name-{quantization}.gguf")),
+            at("model_file_name_template"), "gguf: name-{quantization}.gguf"),
+      field("Multimodal projectors", text(id("projectors"), (spec.multimodal_projectors || []).join(", ")),
+            at("multimodal_projectors"), "gguf vision: mmproj files beside the model, comma-separated")),
     el("button", { type: "button", class: "secondary remove-spec", onclick: () => { set.remove(); } }, "Remove spec"));
   set.collect = () => {
     const out = { model_format: format.value, model_size_in_billions: number(set.querySelector(`#${id("size")}`).value),
@@ -47,6 +49,8 @@ function specFieldset(index, spec = {}) {
       const value = set.querySelector(`#${id(k)}`).value.trim();
       if (value) out[key] = value;
     }
+    const projectors = csv(set.querySelector(`#${id("projectors")}`).value);
+    if (projectors.length) out.multimodal_projectors = projectors;
     return out;
   };
   return set;

@@ -324,7 +324,7 @@ class LLMBatcher(Batcher):
             if "vision" not in family.model_ability:
                 why = f"it has no 'vision' ability ({family.model_ability})"
             else:
-                why = f"the {self.backend.engine} engine found no image processor and vision tower in its files"
+                why = f"the {self.backend.engine} engine {self.backend.no_vision}"
             raise InvalidRequest(f"{images[0].where}: model {self.uid!r} takes no images: {why}",
                                  field=images[0].where)
         if images and self.backend.media_marker is not None:  # the engine places images at its marker itself

@@ -135,6 +135,7 @@ class LLMBackend(ABC):
         """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
 
     vision = False  # the model takes images (an image processor and a vision tower): encode_images
+    no_vision = "found no image processor and vision tower in its files"  # why not, said when images come
     # The text a chat's image part becomes before its template renders (llama.cpp's media marker), for an engine
     # that places images itself; None: the template sees image parts ({"type": "image"}) and places them.
     media_marker: str | None = None

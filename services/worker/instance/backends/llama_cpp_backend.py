@@ -138,6 +138,8 @@ class _Seq:
 
 class LlamaCppBackend(LLMBackend):
     engine = "llama.cpp"
+    no_vision = ("was launched without a multimodal projector (list the model's mmproj file in its spec's "
+                 "multimodal_projectors)")
 
     def __init__(self, path: str, device: str, context_length: int, n_threads: int | None = None,
                  n_parallel: int | None = None, amx: bool = False, projector: str | None = None):
