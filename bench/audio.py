@@ -3,7 +3,7 @@ speech-recognition pipeline on the same audio in this process, and 8 concurrent 
 the raw pipeline run on them one after another; same run, same model: a random Whisper of whisper-tiny's shape
 (width 384, 4 encoder and 4 decoder layers, 39M parameters; each window decodes at most 48 tokens).
 
-    .venv/bin/python bench/audio.py [--rounds 3]
+    .venv/bin/python bench/audio.py [--rounds 3] [--batch N]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ BATCH = 2  # the engine's max_batch_size on a CPU
 
 
 def main() -> None:
-    args = arguments(3)
+    args = arguments(3, ("--batch", {"type": int, "default": None,
+                                     "help": "the served engine's max_batch_size (default: the engine's own)"}))
     folder = MODELS / "whisper-tiny-shape"
     if not (folder / "model.safetensors").exists():  # weights at a trained model's scale (large ones overflow)
         build_tiny_whisper(folder, width=384, layers=4, heads=6, init_std=0.02)
@@ -41,7 +42,8 @@ def main() -> None:
         c.register_model("audio", {"version": 2, "model_name": "bench-whisper", "model_family": "whisper",
                                    "model_ability": ["audio2text"], "multilingual": True,
                                    "model_uri": str(folder)})
-        c.launch_model(model_name="bench-whisper", model_type="audio", model_uid="whisper")
+        options = {"max_batch_size": args.batch} if args.batch else {}
+        c.launch_model(model_name="bench-whisper", model_type="audio", model_uid="whisper", **options)
         clients = [mesh.new_client() for _ in range(8)]
         handles = [cl.get_model("whisper") for cl in clients]
         assert handles[0].transcriptions(wavs[0])["text"] == raw_one(0)  # the same text, or the timing means nothing
@@ -64,7 +66,7 @@ def main() -> None:
             cl.close()
     finally:
         mesh.stop()
-    report = {"model": "random Whisper, whisper-tiny's shape", "audio_s": 30,
+    report = {"model": "random Whisper, whisper-tiny's shape", "audio_s": 30, "max_batch_size": args.batch or "default",
               "one_raw_s": round(min(one_raw), 3), "one_served_s": round(min(one_served), 3),
               "one_ratio": round(min(one_raw) / min(one_served), 3),
               "eight_raw_sequential_s": round(min(seq_raw), 3), "eight_served_concurrent_s": round(min(crowd), 3),
