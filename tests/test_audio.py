@@ -336,3 +336,26 @@ def test_an_idle_audio_instance_unloads_and_its_next_request_loads_it_again(au, 
     assert again == first == raw(pipes, "whisper", wav, generate_kwargs={"task": "transcribe"})["text"]
     assert c.describe_model("w-idle")["loads"] == loads + 1
     c.terminate_model("w-idle")
+
+
+def test_beam_search_reordering_only_self_attention_gives_the_same_sequences(tiny_models):
+    """The speech engine's cache reorder (speech_backend.reorder_self_attention) against transformers' own, in a
+    5-beam search over a batch of two different inputs: the same tokens, and real tokens (not only the prompt)."""
+    import numpy as np
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from zinfer.services.worker.instance.backends.speech_backend import reorder_self_attention
+
+    path = tiny_models["whisper"]
+    model = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    processor = WhisperProcessor.from_pretrained(path)
+    audio = [np.random.default_rng(i).standard_normal(16000 * 5).astype(np.float32) * 0.1 for i in (1, 2)]
+    features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    kwargs = {"num_beams": 5, "max_new_tokens": 12, "min_new_tokens": 12, "task": "transcribe", "language": "en"}
+    with torch.inference_mode():
+        stock = model.generate(features, **kwargs)
+        model._reorder_cache = reorder_self_attention
+        ours = model.generate(features, **kwargs)
+    assert torch.equal(stock, ours)
+    assert stock.shape[1] >= 12 and not torch.equal(stock[0], stock[1])
