@@ -207,7 +207,11 @@ class LlamaCppBackend(LLMBackend):
         if projector is not None:
             from zinfer.services.worker.instance.backends.llama_vision import Projector
 
-            self.projector = Projector(projector, self.model.model, device, cparams.n_threads_batch)
+            try:
+                self.projector = Projector(projector, self.model.model, device, cparams.n_threads_batch)
+            except BaseException:
+                self.close()  # the model and context too: the launch failed
+                raise
             self.vision, self.media_marker = True, self.projector.marker
 
     def encode_images(self, text: str, images: list):
