@@ -133,6 +133,25 @@ def test_the_responses_and_messages_apis_take_images(vis, own):
     assert said.content[0].text == want
 
 
+def test_image_refusals_of_the_responses_and_messages_apis_name_the_callers_fields(vis):
+    """The chat's own positions (an instructions or system message shifts them) are not what the caller sent."""
+    broken = data_uri(png(16, 16)[:-30])
+    r = requests.post(f"{vis.gateway_url}/v1/responses", timeout=60,
+                      headers={"Authorization": f"Bearer {vis.admin_api_key}"},
+                      json={"model": "llava", "instructions": "Be brief.", "max_output_tokens": 4, "input": [
+                          {"role": "user", "content": [{"type": "input_text", "text": "Look."},
+                                                       {"type": "input_image", "image_url": broken}]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].content[1].image_url", r.text
+    assert "input[0].content[1]" in r.json()["error"]["message"]
+    r = requests.post(f"{vis.gateway_url}/v1/messages", timeout=60, headers={"x-api-key": vis.admin_api_key}, json={
+        "model": "llava", "max_tokens": 4, "system": "Be brief.", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look."}, {"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": broken.split(",")[1]}}]}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "messages[0].content[1].source" in error["message"] and "messages[1]" not in error["message"], error
+
+
 def test_a_file_url_from_an_allowed_folder(vis, own, folder, tmp_path):
     image = png(32, 32, seed=7)
     (folder / "cat.png").write_bytes(image)

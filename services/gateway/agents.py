@@ -45,13 +45,44 @@ def _text_of(content: Any, where: str, kinds: tuple[str, ...]) -> str:
     return "\n".join(out)
 
 
+class _Messages(list):
+    """The chat messages an agent request becomes, with where each image part came from in the caller's request,
+    so that an error about an image names the caller's field, not the chat's."""
+
+    def __init__(self):
+        super().__init__()
+        self.places: dict[str, str] = {}
+
+    def images_of_next(self, images: list[tuple[int, str, str]]) -> None:
+        """The images (part index, the caller's path of the block, the block's field with the image) of the
+        message appended next."""
+        for index, caller, field in images:
+            at = f"messages[{len(self)}].content[{index}]"
+            self.places[f"{at}.image_url"] = f"{caller}.{field}"
+            self.places[at] = caller
+
+
+def _renamed(exc: InvalidRequest, places: dict[str, str]) -> InvalidRequest:
+    """An image's refusal with the caller's field in place of the chat's (the longer path first)."""
+    for chat, caller in sorted(places.items(), key=lambda kv: -len(kv[0])):
+        if exc.field == chat or (exc.field or "").startswith(chat + "."):
+            return InvalidRequest(exc.message.replace(chat, caller), field=exc.field.replace(chat, caller, 1))
+    return exc
+
+
 async def _run(gw, request: Request, body: dict, build):
     """(uid, the Chat, its reply or (first chunk, chunks)) of an agent request whose body `build` turns into chat
     fields."""
     conn = gw.connection(request)
     uid, target = await gw.model_target(conn, body)
-    msg = await gw.chat_request(uid, build(body))
-    return uid, msg, await gw.answer(conn, target, uid, msg)
+    chat = build(body)
+    places = chat["messages"].places
+    chat["messages"] = list(chat["messages"])
+    try:
+        msg = await gw.chat_request(uid, chat)
+        return uid, msg, await gw.answer(conn, target, uid, msg)
+    except InvalidRequest as exc:  # the edge's image checks, or the instance's
+        raise _renamed(exc, places) from None
 
 
 async def _deltas(first, chunks):
@@ -97,9 +128,9 @@ _RESPONSES_TAKEN = {"model", "input", "instructions", "tools", "tool_choice", "p
                     "previous_response_id", "include", "truncation", "stream_options", "top_logprobs", "seed"}
 
 
-def _responses_messages(body: dict) -> list[dict]:
+def _responses_messages(body: dict) -> _Messages:
     """A Responses request's instructions and input items as chat messages."""
-    messages: list[dict] = []
+    messages = _Messages()
     if body.get("instructions"):
         messages.append({"role": "system", "content": body["instructions"]})
     items = body.get("input")
@@ -119,19 +150,21 @@ def _responses_messages(body: dict) -> list[dict]:
     return messages
 
 
-def _message_input(item: dict, where: str, messages: list[dict]) -> None:
+def _message_input(item: dict, where: str, messages: _Messages) -> None:
     role = item.get("role")
     if role not in ("user", "assistant", "system", "developer"):
         raise InvalidRequest(f"{where}.role must be user, assistant, system or developer", field=f"{where}.role")
     content = item.get("content")
     if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "input_image" for b in content):
-        parts = []  # text and images in order, as chat's content parts (the chat path fetches and checks them)
+        parts, images = [], []  # text and images in order, as chat's content parts (the chat path checks them)
         for j, block in enumerate(content):
             if block.get("type") == "input_image" and isinstance(block.get("image_url"), str):
+                images.append((len(parts), f"{where}.content[{j}]", "image_url"))
                 parts.append({"type": "image_url", "image_url": {"url": block["image_url"]}})
             else:
                 parts.append({"type": "text", "text": _text_of([block], f"{where}.content[{j}]",
                                                                 ("input_text", "output_text", "text"))})
+        messages.images_of_next(images)
         messages.append({"role": "system" if role == "developer" else role, "content": parts})
         return
     text = _text_of(content, f"{where}.content", ("input_text", "output_text", "text"))
@@ -340,7 +373,7 @@ _MESSAGES_TAKEN = {"model", "messages", "system", "max_tokens", "tools", "tool_c
 _STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def _messages_turn(where: str, turn, messages: list[dict]) -> None:
+def _messages_turn(where: str, turn, messages: _Messages) -> None:
     """One Messages turn as chat messages: its text, calls and thinking as one message, each tool result as a
     tool message of its own."""
     if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant"):
@@ -351,7 +384,7 @@ def _messages_turn(where: str, turn, messages: list[dict]) -> None:
         return
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a string or a list of blocks", field=f"{where}.content")
-    texts, calls, thinking, parts = [], [], None, []
+    texts, calls, thinking, parts, images = [], [], None, [], []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -359,6 +392,7 @@ def _messages_turn(where: str, turn, messages: list[dict]) -> None:
             texts.append(block.get("text") or "")
             parts.append({"type": "text", "text": texts[-1]})
         elif kind == "image" and role == "user":
+            images.append((len(parts), at, "source"))
             parts.append({"type": "image_url", "image_url": {"url": _image_source(block.get("source"), at)}})
         elif kind == "tool_use" and role == "assistant":
             calls.append({"id": block.get("id"), "type": "function", "function": {
@@ -373,6 +407,7 @@ def _messages_turn(where: str, turn, messages: list[dict]) -> None:
         else:
             raise InvalidRequest(f"{at}: a {kind!r} block is not supported in a {role} message", field=f"{at}.type")
     if len(parts) > len(texts):  # images among the blocks: chat's content parts, in order
+        messages.images_of_next(images)
         messages.append({"role": role, "content": parts})
     elif texts or calls:
         messages.append({"role": role, "content": "\n".join(texts) if texts else None,
@@ -407,7 +442,7 @@ def _messages_chat(body: dict) -> dict:
                              field=unknown[0])
     if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
         raise InvalidRequest("max_tokens is required (a positive integer)", field="max_tokens")
-    messages: list[dict] = []
+    messages = _Messages()
     if body.get("system"):
         messages.append({"role": "system", "content": _text_of(body["system"], "system", ("text",))})
     turns = body.get("messages")
