@@ -95,7 +95,8 @@ def test_a_probe_adds_the_adapters_and_refuses_a_bad_one(tiny_models):
 
     spec = LLMSpec(model_format="pytorch", model_size_in_billions=1, quantizations=["none"], model_id="x/y")
     msg = p.ProbeFiles(model_type="LLM", spec=spec, quantization="none", loras=[lora(tiny_models["lora_a"])])
-    assert adapters.probed(msg, spec_probe).memory > 1000
+    size = adapters.size_of(str(tiny_models["lora_a"]))
+    assert adapters.probed(msg, spec_probe).memory == 1000 + 2 * size  # PEFT's weights and lora_mix's copy
     bad = p.ProbeFiles(model_type="LLM", spec=spec, quantization="none", loras=[lora("/no/such/adapter")])
     refusal = adapters.probed(bad, p.FileProbe(ok=True, path=str(tiny_models["pytorch"]), memory=1000, host="h"))
     assert not refusal.ok and refusal.field == "peft_model_config" and "'X'" in refusal.problem

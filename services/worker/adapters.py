@@ -54,14 +54,17 @@ def resolve(lora: LoraAdapter, field: str, fetch=None) -> str:
 def probed(msg: p.ProbeFiles, found: p.FileProbe) -> p.FileProbe:
     """A worker's probe of a launch's files with its LoRA adapters': those on this host checked to fit the
     model's files here, their size added to the memory it needs (one from the Hub is checked once downloaded,
-    at load). A bad adapter makes the probe a refusal naming it."""
+    at load). On transformers an adapter's weights are held twice: PEFT's, and their side-by-side copy that
+    mixed-adapter batches use (lora_mix.py). A bad adapter makes the probe a refusal naming it."""
     if not msg.loras or not found.ok:
         return found
+    copies = 2 if msg.spec.model_format == "pytorch" else 1
     try:
         for lora in msg.loras:
             path = local_path(lora, "peft_model_config")
             if path is not None:
-                found.memory += check(lora, path, found.path or None, msg.spec.model_format, "peft_model_config")
+                found.memory += copies * check(lora, path, found.path or None, msg.spec.model_format,
+                                               "peft_model_config")
     except ZinferError as exc:
         return p.FileProbe(ok=False, problem=exc.message, code=exc.code, field=exc.field, host=found.host)
     return found
