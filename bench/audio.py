@@ -16,12 +16,14 @@ from common import MODELS, arguments, concurrently, record, start_mesh
 from zinfer.services.worker.instance.backends.speech_backend import CHUNK_SECONDS, decode_audio
 from zinfer.shared.tinyaudio import build_tiny_whisper, tone_wav
 
-BATCH = 2  # the engine's max_batch_size on a CPU
+BATCH = 2  # the raw pipeline's batch_size: a 30-second file's two windows (5-second strides) in one batch
 
 
 def main() -> None:
     args = arguments(3, ("--batch", {"type": int, "default": None,
-                                     "help": "the served engine's max_batch_size (default: the engine's own)"}))
+                                     "help": "the served engine's max_batch_size (default: the engine's own)"}),
+                     ("--wait-ms", {"type": float, "default": None,
+                                    "help": "the served engine's batch_wait_ms (default: the engine's own)"}))
     folder = MODELS / "whisper-tiny-shape"
     if not (folder / "model.safetensors").exists():  # weights at a trained model's scale (large ones overflow)
         build_tiny_whisper(folder, width=384, layers=4, heads=6, init_std=0.02)
@@ -42,7 +44,7 @@ def main() -> None:
         c.register_model("audio", {"version": 2, "model_name": "bench-whisper", "model_family": "whisper",
                                    "model_ability": ["audio2text"], "multilingual": True,
                                    "model_uri": str(folder)})
-        options = {"max_batch_size": args.batch} if args.batch else {}
+        options = {k: v for k, v in (("max_batch_size", args.batch), ("batch_wait_ms", args.wait_ms)) if v is not None}
         c.launch_model(model_name="bench-whisper", model_type="audio", model_uid="whisper", **options)
         clients = [mesh.new_client() for _ in range(8)]
         handles = [cl.get_model("whisper") for cl in clients]
@@ -67,6 +69,7 @@ def main() -> None:
     finally:
         mesh.stop()
     report = {"model": "random Whisper, whisper-tiny's shape", "audio_s": 30, "max_batch_size": args.batch or "default",
+              "batch_wait_ms": "default" if args.wait_ms is None else args.wait_ms,
               "one_raw_s": round(min(one_raw), 3), "one_served_s": round(min(one_served), 3),
               "one_ratio": round(min(one_raw) / min(one_served), 3),
               "eight_raw_sequential_s": round(min(seq_raw), 3), "eight_served_concurrent_s": round(min(crowd), 3),

@@ -58,8 +58,8 @@ ENGINES: tuple[EngineInfo, ...] = (
                options={"max_batch_size": 256, "max_batch_tokens": 16384, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.instance.backends.cross_encoder_backend:load"),
     # Speech to text on transformers' speech-recognition pipeline (Whisper-style models): one step runs up to
-    # max_batch_size 30-second windows, of one request or several (None: 8 on a GPU, 2 on a CPU, where a batch of
-    # 8 ran slower than its windows one by one).
+    # max_batch_size 30-second windows, of one request or several (None: 8 on a GPU; on a CPU 2 to 8, as many as
+    # 1 GiB of cross-attention cache holds: speech_backend.default_batch).
     EngineInfo(name="transformers", model_type="audio", formats=("pytorch",), files="hf_folder", memory="folder",
                options={"max_batch_size": None, "batch_wait_ms": 0.0},
                loader="zinfer.services.worker.instance.backends.speech_backend:load"),

@@ -24,7 +24,7 @@ from zinfer.services.worker.instance.backends.tts_backend import encode_audio, s
 from zinfer.shared.handles import LLMHandle
 from zinfer.shared.tinyaudio import tone_wav
 
-BATCH = 2  # the engine's max_batch_size on a CPU: the served pipeline runs windows in batches of this many
+BATCH = 8  # the engine's max_batch_size on a CPU for this tiny model (default_batch): windows per batch
 
 
 def audio_definition(path, name: str, multilingual: bool = True, ability: str = "audio2text") -> dict:
@@ -338,24 +338,30 @@ def test_an_idle_audio_instance_unloads_and_its_next_request_loads_it_again(au, 
     c.terminate_model("w-idle")
 
 
-def test_beam_search_reordering_only_self_attention_gives_the_same_sequences(tiny_models):
-    """The speech engine's cache reorder (speech_backend.reorder_self_attention) against transformers' own, in a
-    5-beam search over a batch of two different inputs: the same tokens, and real tokens (not only the prompt)."""
-    import numpy as np
+def test_beam_search_sharing_what_beams_share_gives_transformers_own_sequences(tiny_models):
+    """The speech engine's generate (backends/reuse.py: one cross-attention copy read per input, the cross-attention
+    cache never reordered, the encoder's output reused after language detection) against transformers' own, 5
+    beams over batches of one and of three different inputs: the same tokens and scores, bit for bit, and real
+    tokens (not only the prompt)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from zinfer.services.worker.instance.backends.speech_backend import reorder_self_attention
+    from zinfer.services.worker.instance.backends.reuse import remember_last_encoding, share_cross_attention
 
     path = tiny_models["whisper"]
-    model = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    stock = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    assert share_cross_attention(ours) and remember_last_encoding(ours)
     processor = WhisperProcessor.from_pretrained(path)
-    audio = [np.random.default_rng(i).standard_normal(16000 * 5).astype(np.float32) * 0.1 for i in (1, 2)]
-    features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
-    kwargs = {"num_beams": 5, "max_new_tokens": 12, "min_new_tokens": 12, "task": "transcribe", "language": "en"}
-    with torch.inference_mode():
-        stock = model.generate(features, **kwargs)
-        model._reorder_cache = reorder_self_attention
-        ours = model.generate(features, **kwargs)
-    assert torch.equal(stock, ours)
-    assert stock.shape[1] >= 12 and not torch.equal(stock[0], stock[1])
+    audio = [decode_audio(tone_wav(5, freq=freq, seed=i), 16000) for i, freq in enumerate((200, 900, 3100))]
+    kwargs = {"num_beams": 5, "max_new_tokens": 12, "min_new_tokens": 12, "task": "transcribe", "language": "en",
+              "return_dict_in_generate": True, "output_scores": True}
+    for batch, language in ((audio[:1], "en"), (audio, "en"), (audio, None)):  # None: detected, then encoded again
+        features = processor(batch, sampling_rate=16000, return_tensors="pt").input_features
+        asked = {**kwargs, "language": language}
+        with torch.inference_mode():
+            want, got = stock.generate(features, **asked), ours.generate(features, **asked)
+        assert torch.equal(want.sequences, got.sequences)
+        assert torch.equal(want.sequences_scores, got.sequences_scores)  # the beams' scores, bit for bit
+        assert want.sequences.shape[1] >= 12
+    assert len({tuple(row) for row in got.sequences.tolist()}) > 1  # the inputs differ, and so do their texts

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from zinfer.services.worker.instance.backends import reuse
 from zinfer.services.worker.instance.backends.base import LoadContext
 from zinfer.shared.errors import InvalidRequest
 
@@ -42,22 +43,6 @@ def decode_audio(data: bytes, rate: int) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def reorder_self_attention(cache, beam_idx):
-    """Beam search's reorder of an encoder-decoder model's cache, through generate's `_reorder_cache` hook: the
-    decoder's self-attention keys and values follow their beams; the cross-attention ones stay, since every beam
-    of one input holds the same (computed from that input's encoder states) and a beam never moves to another
-    input, so reordering them changes nothing. transformers copies them anyway (its EncoderDecoderCache): for
-    Whisper, 1500 frames x width x 2 per layer and beam every step, which was 60% of a batch of eight 30-second
-    windows with the pipeline's 5 beams on a CPU. The outputs are the same, bit for bit."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    if isinstance(cache, EncoderDecoderCache):
-        cache.self_attention_cache.reorder_cache(beam_idx)
-    else:
-        cache.reorder_cache(beam_idx)
-    return cache
-
-
 class SpeechBackend:
     """A speech-recognition pipeline and what a request may ask of it."""
 
@@ -69,8 +54,10 @@ class SpeechBackend:
         self.pipe = pipeline("automatic-speech-recognition", model=path, device=device, dtype=dtype,
                              trust_remote_code=trust_remote_code)
         self.rate = int(self.pipe.feature_extractor.sampling_rate)
-        if getattr(self.pipe.model.config, "is_encoder_decoder", False):
-            self.pipe.model._reorder_cache = reorder_self_attention  # generate's hook for a model's own reorder
+        if getattr(self.pipe.model.config, "is_encoder_decoder", False):  # work generate repeats, done once
+            reuse.remember_last_encoding(self.pipe.model)
+            if not reuse.share_cross_attention(self.pipe.model):
+                self.pipe.model._reorder_cache = reuse.reorder_self_attention  # generate's own hook
         config = getattr(self.pipe.model, "generation_config", None)
         self.whisper = config is not None and hasattr(config, "no_timestamps_token_id")
         # English-only Whisper models take no language or task (forcing them breaks their output)
@@ -119,6 +106,22 @@ class SpeechBackend:
         self.pipe = None
 
 
+CPU_CACHE_BUDGET = 1 << 30  # bytes of cross-attention cache a CPU batch of windows may hold by default
+BEAMS = 5  # the pipeline's default beam search (as OpenAI's Whisper)
+
+
+def default_batch(config, device: str) -> int:
+    """Windows one pipeline step runs by default: 8 on a GPU; on a CPU as many (2 to 8) as CPU_CACHE_BUDGET of
+    cross-attention cache holds at 5 beams (transformers keeps a copy per beam: layers x 2 x 1500 frames x width
+    floats each), since a batch there gains only where the steps share work (reuse.py), and a big model's batch of
+    8 would hold ~20 GB (Whisper large: 32 layers of width 1280)."""
+    if device.startswith("cuda"):
+        return 8
+    frames = getattr(config, "max_source_positions", 1500)
+    per_window = getattr(config, "decoder_layers", 0) * 2 * frames * getattr(config, "d_model", 0) * 4 * BEAMS
+    return min(8, max(2, CPU_CACHE_BUDGET // per_window)) if per_window else 2
+
+
 def load(ctx: LoadContext):
     """The audio engine of an instance: speech to text (a pipeline and its batcher), or text to speech."""
     from zinfer.services.worker.instance.speech_batcher import SpeakBatcher, SpeechBatcher
@@ -130,6 +133,6 @@ def load(ctx: LoadContext):
         return speaker, SpeakBatcher(ctx.uid, speaker, ctx.wake, ctx.queue_limit)
 
     backend = SpeechBackend(ctx.path, ctx.device, ctx.launch.audio.multilingual is not False, ctx.trust_remote_code)
-    batch = ctx.option("max_batch_size") or (8 if ctx.device.startswith("cuda") else 2)
+    batch = ctx.option("max_batch_size") or default_batch(backend.pipe.model.config, ctx.device)
     return backend, SpeechBatcher(ctx.uid, backend, ctx.wake, ctx.queue_limit, max_batch_size=batch,
                                   wait_ms=ctx.option("batch_wait_ms"))
