@@ -15,7 +15,8 @@ On a CPU both are memory traffic: for 8 windows of 30 seconds with the pipeline'
 - `reorder_self_attention` (generate's `_reorder_cache` hook) reorders the self-attention cache only: a beam never
   moves to another input, so the cross-attention rows it would take are the ones it has;
 - `share_cross_attention` makes each cross-attention read one copy per input for all of its beams: the same SDPA
-  kernel, called per input with that input's first row broadcast (a view) to its beams. Each beam's arithmetic is
+  kernel, called per input with that input's first row broadcast (a view) to its beams; and it projects each
+  input's encoder states to keys and values once, not once per beam. Each beam's arithmetic is
   the stock kernel's on the same values, so the outputs are the same bit for bit (tests/test_audio.py checks
   whole beam searches against transformers' own).
 """
@@ -58,6 +59,20 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+class _PerInput:
+    """A cross-attention key or value projection that, in a beam search, projects each input's encoder states
+    once and gives the result to each of its beams (generate hands it one identical copy per beam)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, states):
+        beams = _beams.get()
+        if beams > 1 and states.dim() == 3 and states.shape[0] % beams == 0 and states.shape[1] > 1:
+            return self.forward(states[::beams]).repeat_interleave(beams, dim=0)
+        return self.forward(states)
+
+
 def share_cross_attention(model) -> bool:
     """Set `model` (an encoder-decoder on SDPA attention) to share its cross-attention reads among the beams of
     each input, and to reorder only its self-attention cache; False (and nothing changed) for any other model."""
@@ -71,6 +86,8 @@ def share_cross_attention(model) -> bool:
     AttentionInterface.register(ATTENTION, _attention)
     for layer in layers:
         layer.encoder_attn.zinfer_cross = True
+        for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
+            projection.forward = _PerInput(projection.forward)
     model.set_attn_implementation(ATTENTION)
     model._reorder_cache = reorder_self_attention  # generate's hook for a model's own reorder
 
