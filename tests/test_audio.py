@@ -341,9 +341,8 @@ def test_an_idle_audio_instance_unloads_and_its_next_request_loads_it_again(au, 
 def test_beam_search_sharing_what_beams_share_gives_transformers_own_sequences(tiny_models):
     """The speech engine's generate (backends/reuse.py: cross-attention keys and values projected and read once per
     input, that cache never reordered, the encoder's output reused after language detection) against transformers'
-    own, 5
-    beams over batches of one and of three different inputs: the same tokens and scores, bit for bit, and real
-    tokens (not only the prompt)."""
+    own, 5 beams over batches of one and of three different inputs: the same tokens and scores, bit for bit, and
+    real tokens (not only the prompt)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
