@@ -20,31 +20,19 @@ import time
 
 from common import MODELS, arguments, record, start_mesh
 
-from zinfer.shared.tinyvision import CHAT_TEMPLATE, build_tiny_llava, png, write_mmproj
+from zinfer.shared.tinyvision import GGUF_TEMPLATE, MMPROJ, build_tiny_llava, llama_cpp_chat, png
 
 NEW = 64
 
 
 def llama_side(folder, messages: list[dict]):
     """(the spec, the raw run) of the llama.cpp case: GGUF and mmproj files of the model, llama-cpp-python's own."""
-    from llama_cpp import Llama, llama_vocab_is_eog
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
+    from llama_cpp import llama_vocab_is_eog
 
-    from zinfer.shared.tinymodels import convert_to_gguf
+    from zinfer.shared.tinymodels import make_llava_gguf
 
-    gguf = MODELS / "llava-small-gguf"
-    if not (gguf / "mmproj.gguf").exists():
-        gguf.mkdir(parents=True, exist_ok=True)
-        convert_to_gguf(folder, gguf / "llava-small.F32.gguf", prefix="language_model.")
-        write_mmproj(folder, gguf / "mmproj.gguf")
-
-    class Handler(Llava15ChatHandler):
-        DEFAULT_SYSTEM_MESSAGE = None
-        CHAT_FORMAT = CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
-                                            "{% if part['type'] == 'image_url' %}{{ part['image_url']['url'] }}")
-
-    llm = Llama(model_path=str(gguf / "llava-small.F32.gguf"), n_ctx=2048, verbose=False,
-                chat_handler=Handler(clip_model_path=str(gguf / "mmproj.gguf"), verbose=False))
+    gguf = make_llava_gguf(folder, MODELS / "llava-small-gguf")
+    llm = llama_cpp_chat(gguf, GGUF_TEMPLATE.replace("{quantization}", "F32"), MMPROJ)
     vocab = llm._model.vocab
     never = {t: float("-inf") for t in range(llm.n_vocab()) if llama_vocab_is_eog(vocab, t)}
 
@@ -54,8 +42,7 @@ def llama_side(folder, messages: list[dict]):
         return out["choices"][0]["message"]["content"]
 
     spec = {"model_format": "ggufv2", "model_size_in_billions": 1, "quantization": "F32",
-            "model_uri": f"file://{gguf}", "model_file_name_template": "llava-small.{quantization}.gguf",
-            "multimodal_projectors": ["mmproj.gguf"]}
+            "model_uri": f"file://{gguf}", "model_file_name_template": GGUF_TEMPLATE, "multimodal_projectors": [MMPROJ]}
     return spec, raw
 
 

@@ -153,6 +153,11 @@ def _llm_spec_problems(spec, at: str) -> list[FieldProblem]:
 FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
+def projector_name_ok(name: str) -> bool:
+    """A multimodal projector's name: a .gguf file name (beside the model file), no path."""
+    return name.endswith(".gguf") and FILE_NAME_RE.fullmatch(name) is not None
+
+
 def _projector_problems(spec, at: str) -> list[FieldProblem]:
     """multimodal_projectors: GGUF file names (llama.cpp's mmproj files), beside a ggufv2 spec's model file."""
     names = spec.multimodal_projectors
@@ -165,7 +170,7 @@ def _projector_problems(spec, at: str) -> list[FieldProblem]:
     if not names:
         return [FieldProblem(field, "lists no projector (leave it out, or name the mmproj .gguf files)")]
     for name in names:
-        if not name.endswith(".gguf") or not FILE_NAME_RE.fullmatch(name):
+        if not projector_name_ok(name):
             return [FieldProblem(field, f"{name!r} must be a .gguf file name beside the model file (letters, "
                                  "digits, '_', '.' and '-')")]
     if len(set(names)) != len(names):

@@ -381,12 +381,11 @@ def make_lora_adapters(root: Path, hf_dir: Path, force: bool = False) -> dict[st
     return out
 
 
-def make_llava_gguf(root: Path, llava: Path, force: bool = False) -> Path:
-    """root/llava-gguf: the tiny LLaVA's Llama as a GGUF file and its vision tower and projector as an mmproj file
-    beside it (llama.cpp's vision), built unless they are there."""
+def make_llava_gguf(llava: Path, out: Path, force: bool = False) -> Path:
+    """out: a LLaVA's Llama as a GGUF file (tinyvision.GGUF_TEMPLATE, F32) and its vision tower and projector as an
+    mmproj file beside it (tinyvision.MMPROJ: llama.cpp's vision), built unless they are there."""
     from zinfer.shared.tinyvision import GGUF_TEMPLATE, MMPROJ, write_mmproj
 
-    out = root / "llava-gguf"
     if force or not (out / MMPROJ).exists():
         out.mkdir(parents=True, exist_ok=True)
         convert_to_gguf(llava, out / GGUF_TEMPLATE.replace("{quantization}", "F32"), prefix="language_model.")
@@ -433,7 +432,7 @@ def make_tiny_models(root: Path, force: bool = False) -> dict[str, Path]:
     from zinfer.shared.tinyvision import make_tiny_vision
 
     vision = make_tiny_vision(root, force)
-    vision["llava_gguf_dir"] = make_llava_gguf(root, vision["llava"], force)
+    vision["llava_gguf_dir"] = make_llava_gguf(vision["llava"], root / "llava-gguf", force)
     return {"rerank": reranker, **tools, **loras, **audio, **vision, "gguf_split_dir": split, "embedder": embedder,
             "embedding_gguf": embed_gguf,
             "pytorch": hf_dir, "gguf_dir": gguf_dir, "gguf": gguf_dir / GGUF_FILE_TEMPLATE.format(quantization="F32"),

@@ -150,3 +150,19 @@ def make_tiny_vision(root: Path, force: bool = False) -> dict[str, Path]:
     if force or not (out / "model.safetensors").exists():
         build_tiny_llava(out)
     return {"llava": out}
+
+
+def llama_cpp_chat(folder: Path, model_file: str, mmproj: str, **llama_options):
+    """llama-cpp-python's own multimodal chat on a GGUF pair (the raw engine zinfer's llama.cpp vision is compared
+    with): its Llava15ChatHandler (libmtmd) with this model's template, image parts written as their URL, which the
+    handler turns into the media marker, as llama.cpp's server and zinfer write an image part."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    class Handler(Llava15ChatHandler):
+        DEFAULT_SYSTEM_MESSAGE = None
+        CHAT_FORMAT = CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
+                                            "{% if part['type'] == 'image_url' %}{{ part['image_url']['url'] }}")
+
+    return Llama(model_path=str(folder / model_file), n_ctx=2048, verbose=False,
+                 chat_handler=Handler(clip_model_path=str(folder / mmproj), verbose=False), **llama_options)

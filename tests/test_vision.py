@@ -19,7 +19,7 @@ from tests.conftest import served_mesh
 from tests.test_gateway import oai
 from zinfer.shared.errors import InvalidRequest
 from zinfer.shared.fromfiles import registration_from_path
-from zinfer.shared.tinyvision import CHAT_TEMPLATE, GGUF_TEMPLATE, IMAGE_TOKENS, MMPROJ, png
+from zinfer.shared.tinyvision import GGUF_TEMPLATE, IMAGE_TOKENS, MMPROJ, llama_cpp_chat, png
 
 MAX_PIXELS = 64 * 64  # this mesh's max_image_pixels: a 100 x 50 image is over it
 MAX_IMAGES = 3
@@ -252,22 +252,11 @@ def vis_gguf(vis, tiny_models):
 
 @pytest.fixture(scope="module")
 def raw_llama(tiny_models):
-    """llama-cpp-python's own multimodal chat on the same two files, in this process: its Llava15ChatHandler
-    (libmtmd, as the instance uses it) with the model's template, image parts written as their URL, which the
-    handler turns into the media marker (as llama.cpp's server, and zinfer, write an image part as the marker).
+    """llama-cpp-python's own multimodal chat on the same two files, in this process (tinyvision.llama_cpp_chat).
     Gives (prompt tokens, the answer's tokens' texts, its text): create_completion goes past max_tokens while the
     last token ends inside a UTF-8 character, so answers are compared token by token up to the served count."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
-
-    class Handler(Llava15ChatHandler):
-        DEFAULT_SYSTEM_MESSAGE = None
-        CHAT_FORMAT = CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
-                                            "{% if part['type'] == 'image_url' %}{{ part['image_url']['url'] }}")
-
-    folder = tiny_models["llava_gguf_dir"]
-    llm = Llama(model_path=str(folder / GGUF_TEMPLATE.replace("{quantization}", "F32")), n_ctx=2048, verbose=False,
-                logits_all=True, chat_handler=Handler(clip_model_path=str(folder / MMPROJ), verbose=False))
+    llm = llama_cpp_chat(tiny_models["llava_gguf_dir"], GGUF_TEMPLATE.replace("{quantization}", "F32"), MMPROJ,
+                         logits_all=True)
     lock = threading.Lock()
 
     def run(messages: list[dict], max_tokens: int = 12) -> tuple[int, list[str], str]:

@@ -52,7 +52,7 @@ def with_projector(options, family, spec, by_path: bool):
     """The launch's options with its multimodal projector settled: the one it names (one of the spec's
     multimodal_projectors; by model_path, any .gguf name beside the file), else the spec's first for a model with
     the vision ability."""
-    from zinfer.shared.shape import FILE_NAME_RE
+    from zinfer.shared.shape import projector_name_ok
 
     names, chosen = spec.multimodal_projectors or [], options.multimodal_projector
     if chosen is None:
@@ -63,7 +63,7 @@ def with_projector(options, family, spec, by_path: bool):
         raise InvalidRequest(f"multimodal_projector {chosen!r}: projectors are mmproj GGUF files for llama.cpp; "
                              f"this spec is {spec.model_format}", field="multimodal_projector")
     if by_path and not names:
-        if not chosen.endswith(".gguf") or not FILE_NAME_RE.fullmatch(chosen):
+        if not projector_name_ok(chosen):
             raise InvalidRequest(f"multimodal_projector {chosen!r} must be a .gguf file name beside model_path",
                                  field="multimodal_projector")
     elif chosen not in names:
