@@ -14,7 +14,9 @@ export async function record(onLevel) {
   const tap = context.createScriptProcessor(4096, 1, 1);
   const chunks = [];
   let count = 0;
+  let stopped = false;
   tap.onaudioprocess = (event) => {
+    if (stopped) return;  // a block the audio thread queued before stop(): not recorded, and no level after Stop
     const samples = new Float32Array(event.inputBuffer.getChannelData(0));
     chunks.push(samples);
     count += samples.length;
@@ -24,6 +26,8 @@ export async function record(onLevel) {
   tap.connect(context.destination);
   return {
     async stop() {
+      stopped = true;
+      tap.onaudioprocess = null;
       tap.disconnect();
       source.disconnect();
       for (const track of stream.getTracks()) track.stop();
