@@ -103,6 +103,9 @@ def worker(
         fail(f"--device: {exc}")
     if kind == "cuda":  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    from zinfer.services.worker.host.supervisor import start_fork_server
+
+    start_fork_server()  # its engine imports (seconds) run while this process starts and joins the mesh
     worker_id = name or default_worker_id(device, settings.endpoint)
     if not worker_id or any(c in worker_id for c in " \t\n#") or len(worker_id) > 128:
         fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces or '#'")
@@ -307,8 +310,10 @@ def up(
                **({} if restore else {"ZINFER_RESTORE": "false"}),
                ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
-    plan = [["registry"], ["scheduler"], *(["worker", "--device", f"cuda:{i}"] for i in range(n_gpu)),
-            *([["worker", "--device", "cpu"]] if cpu else []), *([["gateway"]] if http else [])]
+    # Workers first: their fork servers' engine imports (seconds) are what a first launch waits for.
+    devices = [*(f"cuda:{i}" for i in range(n_gpu)), *(["cpu"] if cpu else [])]
+    workers = [["worker", "--device", device] for device in devices]
+    plan = [*workers, ["registry"], ["scheduler"], *([["gateway"]] if http else [])]
     gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
     group = ProcessGroup(env, home_path, runfile.UpRecord(
         pid=os.getpid(), started=runfile.started_at(os.getpid()), endpoint=settings.endpoint,

@@ -80,11 +80,13 @@ class Mesh:
         self.wait(lambda: self.client.broker_status(timeout=0.5))
 
     def start_all(self, workers: tuple[str, ...] = ("cpu",), budgets: dict[str, int] | None = None) -> Mesh:
+        # Workers first: each one's fork server imports the engines (~5 s on 2 cores), which a test's first launch
+        # waits for; the services join the broker whenever it answers.
+        for device in workers:
+            self.start_worker(device, (budgets or {}).get(device))
         self.start_broker()
         self.start("registry", "registry")
         self.start("scheduler", "scheduler")
-        for device in workers:
-            self.start_worker(device, (budgets or {}).get(device))
         self.wait_services({"registry", "scheduler", *(f"worker/{d}" for d in workers)})
         self.wait(lambda: len(self.client.scheduler_status()["workers"]) == len(workers) or None)
         return self
