@@ -349,11 +349,14 @@ function transcribe(panel, models, wanted) {
       status.textContent = "The microphone needs a secure page: open the UI over https or on localhost.";
       return;
     }
+    mic.disabled = true;  // until the microphone answers: a second click would open a second, orphaned recording
     try {
       recording = await record((seconds) => { mic.textContent = `Stop (${seconds.toFixed(1)} s)`; mic.dataset.seconds = seconds; });
       mic.textContent = "Stop";
     } catch (error) {
       status.textContent = `Microphone: ${error.message}`;
+    } finally {
+      mic.disabled = false;
     }
   });
   form.addEventListener("submit", async (event) => {
