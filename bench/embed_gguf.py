@@ -1,11 +1,15 @@
 """GGUF embeddings: served (llama.cpp through the mesh, batched across requests) against raw llama-cpp-python
-`embed` on the same file, same run. The model is MiniLM-L6 converted to GGUF (F32), or with --model tiny the
-tiny BERT of the tests (where per-call overhead, not arithmetic, is the cost).
+`embed` on the same file, same run. The model is MiniLM-L6 converted to GGUF (F32); with --model tiny the tiny
+BERT of the tests (where per-call overhead, not arithmetic, is the cost); with --model base a BERT of
+bge-base's shape (768 wide, 12 layers, 110M parameters; random weights, MiniLM's vocabulary).
 
-    .venv/bin/python bench/embed_gguf.py [--model minilm|tiny] [--rounds 3]
+    .venv/bin/python bench/embed_gguf.py [--model minilm|tiny|base] [--rounds 3]
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 from common import MODELS, arguments, record, start_mesh, timed, tiny_models
@@ -15,11 +19,36 @@ from zinfer.shared import protocol as p
 from zinfer.shared.tinymodels import convert_bert_to_gguf
 
 
+def base_bert(minilm: Path, out: Path) -> Path:
+    """A sentence-transformers folder of bge-base's shape: random BERT weights (seeded), MiniLM's tokenizer and
+    mean pooling."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    if not (out / "model.safetensors").exists():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=json.loads((minilm / "config.json").read_text())["vocab_size"],
+                            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                            max_position_embeddings=512)
+        BertModel(config).save_pretrained(out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (minilm / name).exists():
+                shutil.copy(minilm / name, out / name)
+        shutil.copytree(minilm / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
+    return out
+
+
 def main() -> None:
-    args = arguments(3, ("--model", {"default": "minilm", "choices": ["minilm", "tiny"]}))
+    args = arguments(3, ("--model", {"default": "minilm", "choices": ["minilm", "tiny", "base"]}))
     models = tiny_models()
     if args.model == "tiny":
         path, dims = models["embedding_gguf"], 64
+    elif args.model == "base":
+        path, dims = MODELS / "embed-gguf" / "bert-base-random.F32.gguf", 768
+        if not path.exists():
+            convert_bert_to_gguf(base_bert(models["embedding"], MODELS / "bert-base-random"), path)
     else:
         path, dims = MODELS / "embed-gguf" / "minilm.F32.gguf", 384
         if not path.exists():
