@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import contextvars
 
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 ATTENTION = "zinfer_beam_sdpa"
 _beams: contextvars.ContextVar[int] = contextvars.ContextVar("zinfer_beams", default=1)
 
 
 def reorder_self_attention(cache, beam_idx):
     """Beam search's reorder of an encoder-decoder model's cache, self-attention only (see above)."""
-    from transformers.cache_utils import EncoderDecoderCache
-
     if isinstance(cache, EncoderDecoderCache):
         cache.self_attention_cache.reorder_cache(beam_idx)
     else:
@@ -40,15 +43,17 @@ def reorder_self_attention(cache, beam_idx):
     return cache
 
 
+def _beam_group(rows: int) -> int:
+    """The beams of one input, when a beam search runs and `rows` holds its inputs' beams side by side; else 0."""
+    beams = _beams.get()
+    return beams if beams > 1 and rows % beams == 0 else 0
+
+
 def _attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA, with a cross-attention of a beam search run per input over its first beam's keys and values."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    beams = _beams.get()
     rows = query.shape[0]
-    if (beams > 1 and getattr(module, "zinfer_cross", False) and attention_mask is None and key.shape[0] == rows
-            and rows % beams == 0):
+    beams = _beam_group(rows)
+    if beams and getattr(module, "zinfer_cross", False) and attention_mask is None and key.shape[0] == rows:
         outs = []
         for start in range(0, rows, beams):
             shared = (beams, *key.shape[1:])
@@ -67,8 +72,8 @@ class _PerInput:
         self.forward = forward
 
     def __call__(self, states):
-        beams = _beams.get()
-        if beams > 1 and states.dim() == 3 and states.shape[0] % beams == 0 and states.shape[1] > 1:
+        beams = _beam_group(states.shape[0])
+        if beams and states.dim() == 3 and states.shape[1] > 1:
             return self.forward(states[::beams]).repeat_interleave(beams, dim=0)
         return self.forward(states)
 
@@ -76,8 +81,6 @@ class _PerInput:
 def share_cross_attention(model) -> bool:
     """Set `model` (an encoder-decoder on SDPA attention) to share its cross-attention reads among the beams of
     each input, and to reorder only its self-attention cache; False (and nothing changed) for any other model."""
-    from transformers import AttentionInterface
-
     decoder = getattr(getattr(model, "model", None), "decoder", None)
     layers = getattr(decoder, "layers", None)
     if not getattr(model.config, "is_encoder_decoder", False) or not layers or \
@@ -115,8 +118,6 @@ class _LastEncoding:
         self.features = self.key = self.out = None
 
     def __call__(self, input_features, *args, **kwargs):
-        import torch
-
         key = tuple(bool(kwargs.get(name)) for name in ("output_attentions", "output_hidden_states")) + (
             kwargs.get("return_dict") is not False,)
         extra = set(kwargs) - {"attention_mask", "output_attentions", "output_hidden_states", "return_dict"}
