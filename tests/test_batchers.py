@@ -1,8 +1,11 @@
 """The batchers without a model: admission, the queue limit, stop words, n choices, streaming and cancellation,
-on a scripted backend whose every token is known. The real backends are checked against their libraries in
-test_inference.py; this checks the batcher around them."""
+preparing beside the decode, on a scripted backend whose every token is known. The real backends are checked
+against their libraries in test_inference.py; this checks the batcher around them."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
@@ -11,7 +14,7 @@ from zinfer.services.worker.instance.compute import Job
 from zinfer.services.worker.instance.llm_batcher import LLMBatcher
 from zinfer.shared import protocol as p
 from zinfer.shared import wire
-from zinfer.shared.errors import QueueFull
+from zinfer.shared.errors import QueueFull, Unavailable
 from zinfer.shared.models import parse_llm
 from zinfer.shared.payloads import GenerateConfig
 from zinfer.shared.transport import RequestContext
@@ -103,7 +106,13 @@ def generate(max_tokens: int, **config) -> p.Generate:
     return p.Generate(model_uid="m", prompt="hi", config=GenerateConfig(max_tokens=max_tokens, **config))
 
 
+def settle(e: LLMBatcher) -> None:
+    """Until the preparing thread has made every submitted request ready (the compute loop is woken then)."""
+    assert e.preparer.wait_idle(30), "a request was never made ready"
+
+
 def run(e: LLMBatcher, limit: int = 100) -> int:
+    settle(e)
     steps = 0
     while e.has_work():
         e.step()
@@ -117,6 +126,7 @@ def test_requests_beyond_the_backends_sequences_wait_their_turn():
     out = Replies()
     e.submit(out.job(b"1", generate(3)))
     e.submit(out.job(b"2", generate(2)))
+    settle(e)
     e.step()
     assert (e.inflight(), e.depth()) == (1, 1)  # the second waits for the only sequence
     steps = run(e)
@@ -174,6 +184,7 @@ def test_a_cancelled_request_gives_its_sequence_to_the_next():
     first, second = out.job(b"1", generate(50)), out.job(b"2", generate(2))
     e.submit(first)
     e.submit(second)
+    settle(e)
     e.step()
     first.ctx.cancelled = True  # the client went away (a CANCEL frame, on the I/O thread)
     run(e)
@@ -181,6 +192,77 @@ def test_a_cancelled_request_gives_its_sequence_to_the_next():
     assert isinstance(cancelled, p.Error) and cancelled.code == "cancelled"
     assert out.final(b"2").choices[0].text == "ab"
     assert backend.removed == [0] and (e.stats.cancelled, e.stats.requests) == (1, 2)
+
+
+class GatedBackend(ScriptedBackend):
+    """Tokenizing the prompt "slow" waits for the test's gate, as a long prompt, a big image or a new grammar
+    keeps a request in preparation."""
+
+    def __init__(self, max_sequences: int):
+        super().__init__(max_sequences)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def tokenize(self, text: str) -> list[int]:
+        if text == "slow":
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().tokenize(text)
+
+
+def slow() -> p.Generate:
+    return p.Generate(model_uid="m", prompt="slow", config=GenerateConfig(max_tokens=2))
+
+
+def test_a_request_being_prepared_holds_up_no_stream():
+    """Preparing a request (its template, tokens, images, grammar) runs beside the decode: while one request's
+    prompt is still being tokenized, the stream already running goes on to its end, token by token."""
+    backend = GatedBackend(max_sequences=2)
+    e = LLMBatcher("m", FAMILY, backend, wake=lambda: None, max_queue=8)
+    out = Replies()
+    e.submit(out.job(b"1", generate(6, stream=True, stream_interval_ms=0)))
+    settle(e)
+    e.step()
+    e.submit(out.job(b"2", slow()))
+    assert backend.entered.wait(30)
+    for _ in range(5):  # on the compute loop's side; before preparing had a thread, the first of these waited
+        e.step()
+    texts = [msg.choices[0].text for _final, msg in out.sent[b"1"] if msg.choices]
+    assert "".join(texts) == "abcdef" and out.final(b"1").choices[0].finish_reason == "length"
+    assert b"2" not in out.sent and (e.inflight(), e.depth()) == (1, 0)  # being prepared: in flight, not queued
+    backend.gate.set()
+    run(e)
+    assert out.final(b"2").choices[0].text == "ab"
+    assert (e.stats.requests, e.stats.failures) == (2, 0)
+
+
+def test_stopping_answers_the_request_being_prepared_and_takes_no_more():
+    backend = GatedBackend(max_sequences=1)
+    e = LLMBatcher("m", FAMILY, backend, wake=lambda: None, max_queue=8)
+    out = Replies()
+    e.submit(out.job(b"1", slow()))
+    assert backend.entered.wait(30)
+    e.submit(out.job(b"2", generate(2)))  # arrived, waiting behind the one being prepared
+    e.stop(Unavailable("model 'm' was terminated"))
+    assert out.final(b"2").code == "unavailable"
+    with pytest.raises(Unavailable, match="terminated"):
+        e.submit(out.job(b"3", generate(2)))
+    backend.gate.set()  # its preparation ends: it is answered then, not left waiting
+    deadline = time.monotonic() + 30
+    while b"1" not in out.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert out.final(b"1").code == "unavailable" and not e.has_work()
+
+
+def test_a_refusal_found_in_preparing_is_answered_and_counted_on_the_loop():
+    e, _ = engine()
+    out = Replies()
+    e.submit(out.job(b"1", generate(2, n=3)))  # more choices than the backend's one sequence
+    e.submit(out.job(b"2", generate(2)))
+    run(e)
+    refused = out.final(b"1")
+    assert isinstance(refused, p.Error) and refused.code == "invalid" and refused.field == "n"
+    assert out.final(b"2").choices[0].text == "ab"
+    assert (e.stats.requests, e.stats.failures) == (2, 1)
 
 
 # ---------------------------------------------------------------- rerank and embedding engines (scripted backend)

@@ -79,7 +79,11 @@ class Batcher(ABC):
 
     @abstractmethod
     def fail_all(self, error: Exception) -> None:
-        """Answer every request this batcher holds with `error` (the instance is going away)."""
+        """Answer every request this batcher holds with `error` (a step failed)."""
+
+    def stop(self, error: Exception) -> None:
+        """Answer every request with `error` and take no more (the instance is going away)."""
+        self.fail_all(error)
 
     def wait_hint(self) -> float | None:
         """Seconds until queued work becomes ready (an embedding batch waiting for stragglers), else None."""

@@ -13,6 +13,7 @@ choice, `Matcher.consume` advances the sequence's matcher.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -106,11 +107,16 @@ class Grammars:
         self._tokenizer = None
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
         self.compiles = 0
+        # Compiles run on the preparing thread, and on the compute loop for a prompt with images that the engine
+        # encodes there (llama.cpp): one at a time.
+        self._lock = threading.RLock()
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = self._make_tokenizer()
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._make_tokenizer()
         return self._tokenizer
 
     def lit(self, text: str) -> str:
@@ -123,6 +129,10 @@ class Grammars:
 
     def matcher(self, c: Constraint) -> Matcher:
         """A fresh matcher for the constraint; InvalidRequest naming its field if it cannot compile."""
+        with self._lock:
+            return Matcher(self._compiled(c).deep_copy())
+
+    def _compiled(self, c: Constraint):
         import llguidance
 
         proto = self._cache.get(c)
@@ -147,7 +157,7 @@ class Grammars:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(c)
-        return Matcher(proto.deep_copy())
+        return proto
 
     def masks(self, matchers: list[Matcher]) -> np.ndarray:
         """(len(matchers), n_vocab) booleans: the tokens each may take next. One after another on this thread:

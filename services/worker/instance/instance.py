@@ -223,7 +223,7 @@ class Instance:
 
         def release():
             if batcher is not None:
-                batcher.fail_all(Unavailable(f"model {self.uid!r} was terminated"))
+                batcher.stop(Unavailable(f"model {self.uid!r} was terminated"))
             if backend is not None:
                 backend.close()
 

@@ -1,10 +1,12 @@
 """Generation on the compute loop: requests become sequences of one backend, decoded together step by step.
 
-Each step: admit queued requests while the backend has room (render the chat prompt, time-limited;
-tokenize; check the context), run one backend step (one decode for every sequence held; prefill for new ones),
-turn each sequence's new tokens into text and replies (services/worker/instance/output.py), and drop sequences that are
-done, cut by a stop word, or cancelled by their client. Embed requests to an LLM with the `embed` ability run
-here too, a few texts per step.
+A request is first made ready on the batcher's preparing thread (prepare.py), beside the decode: its chat
+rendered (time-limited), its prompt tokenized, its images processed where the engine allows it off the loop,
+its sampling checked against the context and the engine, its grammar compiled. Each step on the compute loop then:
+admit ready requests while the backend has room, run one backend step (one decode for every sequence held;
+prefill for new ones), turn each sequence's new tokens into text and replies (services/worker/instance/output.py),
+and drop sequences that are done, cut by a stop word, or cancelled by their client. Embed requests to an LLM with
+the `embed` ability run here too, a few texts per step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -23,6 +25,7 @@ from zinfer.services.worker.instance.backends.base import Detokenizer, LLMBacken
 from zinfer.services.worker.instance.compute import Batcher, Job, check_room
 from zinfer.services.worker.instance.grammar import Constraint, constraint_of, tool_constraint
 from zinfer.services.worker.instance.output import Generation, merge_stops
+from zinfer.services.worker.instance.prepare import Preparer
 from zinfer.shared import instances, toolcalls
 from zinfer.shared import protocol as p
 from zinfer.shared.errors import Conflict, InvalidRequest, NotFound, TooLarge
@@ -47,6 +50,28 @@ class ChatPlan(NamedTuple):
     opened: bool = False  # the prompt ends inside the reasoning tags (the template opened them)
     constraint: Constraint | None = None
     images: tuple = ()  # the messages' ImageParts, in order (a vision model's prompt has a place for each)
+
+
+class _Start(NamedTuple):
+    """A chat, completion or chat rendering as the preparing thread leaves it for the compute loop."""
+
+    prompt: str
+    plan: ChatPlan | None
+    stops: list[str]
+    stop_ids: list[int]
+    prompt_ids: list[int] | None = None  # None: images the engine encodes on the compute loop only
+    media: Any = None
+    sampling: Sampling | None = None
+    matchers: list | None = None  # a grammar matcher per choice
+
+
+class _Ready(NamedTuple):
+    """A request the preparing thread is done with: its start, or the error that refuses it (answered on the
+    compute loop, which counts it)."""
+
+    job: Job
+    error: Exception | None = None
+    start: _Start | None = None
 
 
 class _Running:
@@ -75,7 +100,7 @@ class LLMBatcher(Batcher):
         self.wake = wake
         self.max_queue = max_queue
         self.template_timeout_s = template_timeout_s
-        self.queue: deque[Job] = deque()
+        self.preparer = Preparer(self.name, self._prepare, wake)
         self.running: dict[int, _Running] = {}
         self.embeds: deque[_EmbedWork] = deque()
         self._ids = itertools.count()
@@ -87,24 +112,28 @@ class LLMBatcher(Batcher):
     # ------------------------------------------------------------------ from the I/O thread
 
     def submit(self, job: Job) -> None:
-        check_room(self.name, len(self.queue) + len(self.running) + len(self.embeds), self.max_queue)
-        self.queue.append(job)
-        self.wake()
+        check_room(self.name, self.preparer.held() + len(self.running) + len(self.embeds), self.max_queue)
+        self.preparer.put(job)  # the compute loop is woken once the request is ready
 
     def depth(self) -> int:
-        return len(self.queue)
+        return self.preparer.waiting()
 
     def inflight(self) -> int:
-        return len(self.running) + len(self.embeds)
+        return len(self.running) + len(self.embeds) + self.preparer.preparing()
 
     # ------------------------------------------------------------------ on the compute loop
 
     def has_work(self) -> bool:
         return bool(self.running or self.embeds or
-                    (self.queue and self.backend.active() < self.backend.max_sequences))
+                    (self.preparer.ready and self.backend.active() < self.backend.max_sequences))
+
+    def stop(self, error: Exception) -> None:
+        self.preparer.close(error)
+        self.fail_all(error)
 
     def fail_all(self, error: Exception) -> None:
-        self.stats.failures += len(self.running) + len(self.embeds) + len(self.queue)
+        held = self.preparer.drain()
+        self.stats.failures += len(self.running) + len(self.embeds) + len(held)
         for seq_id, run in list(self.running.items()):
             self.backend.remove(seq_id)
             run.job.fail(error)
@@ -112,8 +141,8 @@ class LLMBatcher(Batcher):
         for work in self.embeds:
             work.job.fail(error)
         self.embeds.clear()
-        while self.queue:
-            self.queue.popleft().fail(error)
+        for job in held:
+            job.fail(error)
 
     def step(self) -> None:
         cancelled = set()
@@ -146,8 +175,10 @@ class LLMBatcher(Batcher):
                     self.backend.remove(out.seq_id)
 
     def _admit(self) -> None:
-        while self.queue and self.backend.active() + self._needs(self.queue[0]) <= self.backend.max_sequences:
-            job = self.queue.popleft()
+        ready = self.preparer.ready
+        while ready and self.backend.active() + self._needs(ready[0].job) <= self.backend.max_sequences:
+            item = ready.popleft()
+            job = item.job
             if job.cancelled:
                 job.drop_cancelled()
                 self.stats.cancelled += 1
@@ -157,10 +188,14 @@ class LLMBatcher(Batcher):
                 self.embeds.append(_EmbedWork(job))
                 continue
             try:
+                if item.error is not None:
+                    raise item.error
+                start = self._complete(job, item.start)
                 if isinstance(job.msg, p.RenderChat):
-                    job.reply(self.render(job.msg, lambda j=job: j.cancelled))
+                    job.reply(p.RenderedChat(model=self.uid, prompt=start.prompt, token_ids=start.prompt_ids,
+                                             template_source=start.plan.source))
                 else:
-                    self._start(job)
+                    self._begin(job, start)
             except Exception as exc:  # a refusal of this request (typed), never of the batcher
                 self.stats.failures += 1
                 job.fail(exc)
@@ -170,18 +205,61 @@ class LLMBatcher(Batcher):
         n = getattr(getattr(job.msg, "config", None), "n", 1)
         return min(n, self.backend.max_sequences)
 
-    def _start(self, job: Job) -> None:
+    def _complete(self, job: Job, start: _Start) -> _Start:
+        """Images the engine encodes on this thread only, and what needs their ids: sampling, grammar."""
+        if start.prompt_ids is None:
+            start = self._tokenized(start, on_loop=True)
+            if not isinstance(job.msg, p.RenderChat):
+                start = self._ready_to_add(job.msg, start)
+        return start
+
+    def _begin(self, job: Job, start: _Start) -> None:
+        msg, cfg, plan = job.msg, job.msg.config, start.plan
+        if cfg.lora_name is not None and cfg.lora_name not in self.backend.adapters:  # unloaded since it was ready
+            raise InvalidRequest(f"lora_name {cfg.lora_name!r}: the adapter was unloaded from model {self.uid!r}",
+                                 field="lora_name")
+        if start.matchers:
+            self.stats.grammars_compiled = self.backend.grammars.compiles
+        self.stats.tokens_in += len(start.prompt_ids)
+        splitter = None
+        if plan is not None and (plan.parser is not None or plan.tags is not None):
+            splitter = lambda: AnswerSplitter(plan.tags, plan.parser, plan.opened)  # noqa: E731
+        gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(start.prompt_ids), start.stops, cfg,
+                         echo=start.prompt if cfg.echo else "", token_text=self.backend.token_text, splitter=splitter)
+        sampling = start.sampling
+        for index in range(cfg.n):
+            seq_id = next(self._ids)
+            self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
+            seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
+            if start.matchers:
+                seeded = seeded._replace(matcher=start.matchers[index])
+            self.backend.add(seq_id, start.prompt_ids, seeded)
+
+    # ------------------------------------------------------------------ on the preparing thread (prepare.py)
+
+    def _prepare(self, job: Job) -> _Ready:
+        msg = job.msg
+        if job.cancelled or isinstance(msg, p.Embed):
+            return _Ready(job)
+        try:
+            if isinstance(msg, p.RenderChat):
+                plan = self.plan(msg.messages, msg.options, None, lambda: job.cancelled)
+                return _Ready(job, start=self._tokenized(_Start(plan.prompt, plan, [], [])))
+            return _Ready(job, start=self._ready_to_add(msg, self._tokenized(self._prompt(job))))
+        except Exception as exc:  # a refusal of this request (typed): the compute loop answers it
+            return _Ready(job, error=exc)
+
+    def _prompt(self, job: Job) -> _Start:
         msg, family = job.msg, self.family
-        plan = None
         if isinstance(msg, p.Chat):
             plan = self.plan(msg.messages, msg.options, msg.config, lambda: job.cancelled)
-            prompt, stops, stop_ids = plan.prompt, merge_stops(msg.config.stop, plan.stops), plan.stop_ids
+            start = _Start(plan.prompt, plan, merge_stops(msg.config.stop, plan.stops), plan.stop_ids)
         else:
             if "generate" not in family.model_ability and "chat" not in family.model_ability:
                 raise InvalidRequest(f"model {self.uid!r} cannot generate (abilities {family.model_ability})",
                                      field="model_uid")
-            prompt, stops = msg.prompt, merge_stops(msg.config.stop, family.stop)
-            stop_ids = list(family.stop_token_ids or [])
+            start = _Start(msg.prompt, None, merge_stops(msg.config.stop, family.stop),
+                           list(family.stop_token_ids or []))
         cfg = msg.config
         if cfg.n > self.backend.max_sequences:
             raise InvalidRequest(f"n={cfg.n}: {self.name} decodes at most {self.backend.max_sequences} sequences at "
@@ -190,35 +268,35 @@ class LLMBatcher(Batcher):
             raise InvalidRequest("echo is for completions (generate), not chat", field="echo")
         if cfg.echo and cfg.logprobs not in (None, False):
             raise InvalidRequest("echo with logprobs (logprobs of the prompt) is not supported", field="echo")
-        media = None
+        return start
+
+    def _tokenized(self, start: _Start, on_loop: bool = False) -> _Start:
+        """The prompt's ids, and its images' tensors; images stay for the compute loop where the engine encodes
+        them in a context of its own (llama.cpp's multimodal projector)."""
+        plan = start.plan
         if plan is not None and plan.images:
-            prompt_ids, media = self.backend.encode_images(prompt, plan.images)
-        else:
-            prompt_ids = self.backend.tokenize(prompt)
-        constraint = plan.constraint if plan is not None else constraint_of(cfg)
-        sampling = self.sampling(cfg, len(prompt_ids), stop_ids, chat=isinstance(msg, p.Chat))
-        if media is not None:
-            sampling = sampling._replace(media=media)
+            if not (on_loop or self.backend.media_anywhere):
+                return start
+            ids, media = self.backend.encode_images(start.prompt, plan.images)
+            return start._replace(prompt_ids=ids, media=media)
+        return start._replace(prompt_ids=self.backend.tokenize(start.prompt))
+
+    def _ready_to_add(self, msg, start: _Start) -> _Start:
+        """Its sampling, checked against the context and the engine, and a grammar matcher per choice (once the
+        prompt's ids are known)."""
+        if start.prompt_ids is None:
+            return start
+        cfg = msg.config
+        constraint = start.plan.constraint if start.plan is not None else constraint_of(cfg)
+        sampling = self.sampling(cfg, len(start.prompt_ids), start.stop_ids, chat=isinstance(msg, p.Chat))
+        if start.media is not None:
+            sampling = sampling._replace(media=start.media)
         refused = self.backend.unsupported(sampling)
         if refused is not None:
             raise InvalidRequest(f"{refused} is not supported by the {self.backend.engine} engine (model {self.uid!r})",
                                  field=refused)
         matchers = [self.backend.grammars.matcher(constraint) for _ in range(cfg.n)] if constraint else None
-        if constraint:
-            self.stats.grammars_compiled = self.backend.grammars.compiles
-        self.stats.tokens_in += len(prompt_ids)
-        splitter = None
-        if plan is not None and (plan.parser is not None or plan.tags is not None):
-            splitter = lambda: AnswerSplitter(plan.tags, plan.parser, plan.opened)  # noqa: E731
-        gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(prompt_ids), stops, cfg,
-                         echo=prompt if cfg.echo else "", token_text=self.backend.token_text, splitter=splitter)
-        for index in range(cfg.n):
-            seq_id = next(self._ids)
-            self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
-            seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
-            if matchers:
-                seeded = seeded._replace(matcher=matchers[index])
-            self.backend.add(seq_id, prompt_ids, seeded)
+        return start._replace(sampling=sampling, matchers=matchers)
 
     def sampling(self, cfg: GenerateConfig, prompt_tokens: int, stop_ids=(), chat: bool = False) -> Sampling:
         ctx_len = self.backend.context_length
@@ -274,8 +352,7 @@ class LLMBatcher(Batcher):
                 if run.job not in failed:
                     failed.add(run.job)
                     run.job.fail(gone)
-        for job in [j for j in self.queue if getattr(getattr(j.msg, "config", None), "lora_name", None) == name]:
-            self.queue.remove(job)
+        for job in self.preparer.take(lambda j: getattr(getattr(j.msg, "config", None), "lora_name", None) == name):
             job.fail(gone)
         self.stats.failures += len(failed)
         self.backend.drop_adapter(name)
@@ -372,13 +449,6 @@ class LLMBatcher(Batcher):
         tags = self.reasoning_tags()
         opened = bool(tags) and prompt.rstrip().endswith(tags[0])
         return ChatPlan(prompt, source, stops, stop_ids, parser, tags, opened, constraint, tuple(images))
-
-    def render(self, msg: p.RenderChat, cancelled=None) -> p.RenderedChat:
-        plan = self.plan(msg.messages, msg.options, None, cancelled)
-        ids = self.backend.encode_images(plan.prompt, plan.images)[0] if plan.images else \
-            self.backend.tokenize(plan.prompt)
-        return p.RenderedChat(model=self.uid, prompt=plan.prompt, token_ids=ids,
-                              template_source=plan.source)
 
     def _embed_step(self) -> None:
         work = self.embeds[0]

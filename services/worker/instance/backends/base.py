@@ -132,9 +132,11 @@ class LLMBackend(ABC):
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        """The prompt's token ids, as the engine would tokenize it itself (special tokens included)."""
+        """The prompt's token ids, as the engine would tokenize it itself (special tokens included). Called on the
+        batcher's preparing thread, beside a step on the compute loop."""
 
     vision = False  # the model takes images (an image processor and a vision tower): encode_images
+    media_anywhere = False  # encode_images may run on the preparing thread (else on the compute loop, between steps)
     no_vision = "found no image processor and vision tower in its files"  # why not, said when images come
     # The text a chat's image part becomes before its template renders (llama.cpp's media marker), for an engine
     # that places images itself; None: the template sees image parts ({"type": "image"}) and places them.

@@ -87,6 +87,7 @@ class _Seq:
 
 class TransformersBackend(LLMBackend):
     engine = "transformers"
+    media_anywhere = True  # the processor's decoding and resizing hold nothing the compute loop uses
 
     def __init__(self, path: str, device: str, quantization: str, context_length: int,
                  trust_remote_code: bool = False, max_sequences: int = 64):
@@ -124,6 +125,9 @@ class TransformersBackend(LLMBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # The first call may clear padding and truncation that the files set: a write to the Rust tokenizer, which
+        # must not meet a decode on the compute loop (prompts are tokenized on the preparing thread).
+        self.tokenize("")
         self.model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         if "device_map" not in kwargs:
             self.model.to(device)
