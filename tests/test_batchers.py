@@ -50,7 +50,7 @@ class ScriptedBackend(LLMBackend):
     def detokenizer(self) -> Detok:
         return Detok()
 
-    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling, same_prompt_as: int | None = None) -> None:
         assert len(self.seqs) < self.max_sequences, "the engine admitted more than the backend holds"
         self.seqs[seq_id] = (0, sampling)
 

@@ -269,6 +269,35 @@ def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_
         backend.close()
 
 
+def test_llama_cpp_choices_of_one_request_prefill_once(tiny_models):
+    """The choices of one request (n) on llama.cpp: the first prefills the prompt, the others copy its cache and
+    draw their first token from its logits. llama.cpp's own counters show the prompt decoded once, not three times,
+    and each sampled choice (seeds 7, 8, 9) equals the same seed's lone run."""
+    import llama_cpp
+
+    backend = _backend("llama.cpp", tiny_models, slots=3)
+    try:
+        prompt = backend.tokenize("Once upon a time there was a village by the sea where the fishermen " * 6)
+        sampled = [_greedy(12)._replace(temperature=0.9, seed=seed) for seed in (7, 8, 9)]
+        lone = []
+        for i, sampling in enumerate(sampled):
+            backend.add(i, prompt, sampling)
+            lone.append(_run(backend, {i: prompt})[i])
+        decoded = {}
+        for share in (False, True):
+            llama_cpp.llama_perf_context_reset(backend.ctx.ctx)
+            ids = [100 * (1 + share) + i for i in range(3)]
+            for seq_id, sampling in zip(ids, sampled, strict=True):
+                backend.add(seq_id, prompt, sampling, same_prompt_as=ids[0] if share and seq_id != ids[0] else None)
+            got = _run(backend, dict.fromkeys(ids, prompt))
+            assert [got[seq_id] for seq_id in ids] == lone
+            perf = llama_cpp.llama_perf_context(backend.ctx.ctx)
+            decoded[share] = perf.n_p_eval + perf.n_eval
+        assert len(prompt) > 80 and decoded[False] - decoded[True] == 2 * len(prompt)
+    finally:
+        backend.close()
+
+
 def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
     """The worker counts tokens (usage, and the max_tokens check) with a copy of the fast tokenizer: the same
     counts as the transformers call, and still whole after encode() has switched truncation and padding on in the

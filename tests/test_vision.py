@@ -289,6 +289,9 @@ def test_llama_cpp_sees_images_through_the_mmproj_file_as_llama_cpp_python_does(
     raw = raw_llama(messages)
     assert same_answer(tokens, text, raw) and len(tokens) == 12
     assert n == raw[0]
+    three = vis_gguf.client.get_model("llava-gguf").chat(  # choices after the first copy its cache, image and all
+        messages=messages, generate_config={"max_tokens": 12, "temperature": 0, "n": 3})
+    assert [c["message"]["content"] for c in three["choices"]] == [text] * 3
     plain = served(vis_gguf, "llava-gguf", [{"role": "user", "content": "What is in this picture?"}])
     assert n == plain[2] + IMAGE_TOKENS  # the marker's place became the image's tokens
     other = asking("What is in this picture?", png(32, 32, seed=2))

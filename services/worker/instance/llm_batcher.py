@@ -226,14 +226,15 @@ class LLMBatcher(Batcher):
             splitter = lambda: AnswerSplitter(plan.tags, plan.parser, plan.opened)  # noqa: E731
         gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(start.prompt_ids), start.stops, cfg,
                          echo=start.prompt if cfg.echo else "", token_text=self.backend.token_text, splitter=splitter)
-        sampling = start.sampling
+        sampling, first = start.sampling, None
         for index in range(cfg.n):
             seq_id = next(self._ids)
             self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
             seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
             if start.matchers:
                 seeded = seeded._replace(matcher=start.matchers[index])
-            self.backend.add(seq_id, start.prompt_ids, seeded)
+            self.backend.add(seq_id, start.prompt_ids, seeded, same_prompt_as=first)
+            first = seq_id if first is None else first
 
     # ------------------------------------------------------------------ on the preparing thread (prepare.py)
 

@@ -151,8 +151,10 @@ class LLMBackend(ABC):
     def detokenizer(self) -> Detokenizer: ...
 
     @abstractmethod
-    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
-        """Hold a new sequence (at most max_sequences at once); the next step prefills it."""
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling, same_prompt_as: int | None = None) -> None:
+        """Hold a new sequence (at most max_sequences at once); the next step prefills it. `same_prompt_as`: an
+        earlier sequence of the same request (another choice of `n`: the same prompt and images), whose prefill
+        the engine may copy instead of computing it again."""
 
     @abstractmethod
     def step(self) -> list[StepOut]:

@@ -6,7 +6,8 @@ prompt tokens of sequences being prefilled (in chunks of n_batch), runs one llam
 sequence with its own sampler chain, built the way llama-cpp-python's create_completion builds its own
 (penalties, then greedy; or top-k, typical, top-p, min-p, temperature and a seeded dist), so that a lone greedy
 run equals create_completion's. Each token is detokenized once (create_completion re-detokenizes the whole
-completion after every token, quadratic in its length).
+completion after every token, quadratic in its length). The choices of one request (`n`) prefill once: the
+others wait, then take a copy of the first one's cache (its images too) and sample from its logits.
 
 Plain greedy sequences (temperature 0, no grammar, no penalties) skip the sampler chain: one numpy argmax over
 every output row of the step (a view kept while llama.cpp's logits buffer stays put) picks their tokens, the
@@ -19,11 +20,9 @@ and 17 us less for 16 (41.5 against 43.6 ms for 16 x 128 tokens).
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
 import os
 import random
-import threading
 
 import numpy as np
 
@@ -36,6 +35,7 @@ from zinfer.services.worker.instance.backends.base import (
     log_softmax,
     token_logprob,
 )
+from zinfer.services.worker.instance.backends.llama_params import extra_buffers, model_defaults
 from zinfer.services.worker.instance.grammar import Grammars, llama_tokenizer
 
 N_BATCH = 512  # tokens per llama_decode, as llama-cpp-python's Llama uses by default
@@ -66,41 +66,6 @@ class _Detokenizer:
         return self.decoder.decode(b"", final=True)
 
 
-def extra_buffers(system_info: bytes, amx: bool) -> bool:
-    """Whether llama.cpp may place weights in the CPU's extra buffer types (AMX first, then repacked layouts).
-
-    Not where this llama.cpp has AMX kernels, unless the `llama_cpp_amx` setting asks for them: on the Sapphire
-    Rapids VMs this project runs on, every quantized model segfaulted the whole worker in ggml_backend_amx_mul_mat
-    at its first decode (q4_0, q8_0, q4_K_M; the tiny model and a 26M-parameter Llama alike), and llama.cpp
-    turns AMX off only together with repacking (use_extra_bufts). F32 and F16 weights use neither.
-    """
-    return amx or b"AMX_INT8 = 1" not in system_info
-
-
-_defaults_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _model_defaults(use_extra_bufts: bool):
-    """llama-cpp-python's Llama() takes no use_extra_bufts: while one is built, the model defaults it reads carry
-    ours (the low-level API, which the generation path uses, takes them as a parameter)."""
-    import llama_cpp.llama_cpp as low
-
-    with _defaults_lock:
-        original = low.llama_model_default_params
-
-        def defaults():
-            params = original()
-            params.use_extra_bufts = use_extra_bufts
-            return params
-
-        low.llama_model_default_params = defaults
-        try:
-            yield
-        finally:
-            low.llama_model_default_params = original
-
-
 def plain_greedy(s: Sampling) -> bool:
     """Greedy with nothing that changes the logits first: the argmax is the token (no sampler chain needed)."""
     return (s.temperature == 0 and s.repetition_penalty in (None, 1.0)
@@ -109,7 +74,7 @@ def plain_greedy(s: Sampling) -> bool:
 
 class _Seq:
     __slots__ = ("id", "slot", "prompt", "fed", "pos", "last", "generated", "sampler", "max_tokens", "stop_ids",
-                 "out_index", "out_row", "sampling", "lora", "images", "end")
+                 "out_index", "out_row", "sampling", "lora", "images", "end", "leader")
 
     def __init__(self, seq_id: int, slot: int, prompt: list[int], sampler, sampling: Sampling):
         self.id, self.slot, self.prompt, self.sampler, self.sampling = seq_id, slot, prompt, sampler, sampling
@@ -124,6 +89,16 @@ class _Seq:
         self.lora: tuple[str, float] | None = None  # (adapter, scale) it decodes with; None: the base model
         self.images = list(sampling.media.images) if sampling.media is not None else []  # its images not yet fed
         self.end = self.images[0].start if self.images else len(prompt)  # where its next text tokens stop
+        self.leader: _Seq | None = None  # the sequence whose prefill it waits to copy (another choice of its request)
+
+    def follow(self, leader: _Seq) -> None:
+        """Its prompt is in the cache as the leader's is now (the copy is made before the next decode), and its
+        first token is drawn from the leader's logits of this step."""
+        self.leader, self.images, self.end = None, [], len(self.prompt)
+        self.fed, self.pos = leader.fed, leader.pos
+        self.out_index, self.out_row = leader.out_index, leader.out_row
+        if self.sampling.media is not None:
+            self.sampling = self.sampling._replace(media=None)
 
     def feed_images(self, projector, lctx) -> None:
         """The images its prefill has reached, decoded into its cache (each at its position)."""
@@ -285,7 +260,7 @@ class LlamaCppBackend(LLMBackend):
             add(chain, lib.llama_sampler_init_dist(s.seed if s.seed is not None else random.getrandbits(32)))
         return chain
 
-    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling, same_prompt_as: int | None = None) -> None:
         if not self._free_slots:
             raise RuntimeError("no free sequence slot")
         sampler = None if plain_greedy(sampling) else self._sampler(sampling)
@@ -296,6 +271,11 @@ class LlamaCppBackend(LLMBackend):
         self._close_holes()
         seq = _Seq(seq_id, self._slot_for(lora), list(prompt_ids), sampler, sampling)
         seq.lora = lora
+        leader = self._seqs.get(same_prompt_as) if same_prompt_as is not None else None
+        # Not with logprobs: they are read from the logits row before min_tokens or a grammar edits it in place,
+        # and a shared row would show the leader's edits.
+        if leader is not None and leader.fed == 0 and leader.lora == lora and sampling.logprobs is None:
+            seq.leader = leader
         self._free_slots.discard(seq.slot)
         self._seqs[seq_id] = seq
         self._sort()
@@ -338,6 +318,9 @@ class LlamaCppBackend(LLMBackend):
     def remove(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
+            for waiting in self._seqs.values():  # the leader went before its prefill was done: they prefill alone
+                if waiting.leader is seq:
+                    waiting.leader = None
             self.lib.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
             if seq.sampler is not None:
                 self.lib.llama_sampler_free(seq.sampler)
@@ -349,15 +332,17 @@ class LlamaCppBackend(LLMBackend):
         group = self._next_group()
         if self.projector is not None:
             for seq in list(self._seqs.values()):
-                if seq.images and seq.lora == group:
+                if seq.images and seq.lora == group and seq.leader is None:
                     seq.feed_images(self.projector, self.ctx.ctx)
-        n, rows = self._fill_batch(group)
+        n, rows, copies = self._fill_batch(group)
         if n == 0:
             return []
         self.batch.n_tokens = n
         rc = self.lib.llama_decode(self.ctx.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed (code {rc})")
+        for src, dst in copies:  # the leaders' caches now hold their prompts: the followers' copies
+            self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         logits = self._logits(rows) if rows else None
         constrained = [seq for seq in self._seqs.values() if seq.out_index >= 0 and seq.sampling.matcher is not None]
         masks = dict(zip((seq.id for seq in constrained), self.grammars.masks([seq.sampling.matcher for seq in
@@ -427,10 +412,12 @@ class LlamaCppBackend(LLMBackend):
             self._applied = None
         self.lib.llama_adapter_lora_free(self._lora_ptrs.pop(name))
 
-    def _fill_batch(self, group: tuple[str, float] | None) -> tuple[int, int]:
-        """The group's running sequences first (one token each), then its prompt chunks while the batch has room:
-        (tokens in the batch, rows of logits it gives)."""
+    def _fill_batch(self, group: tuple[str, float] | None) -> tuple[int, int, list[tuple[int, int]]]:
+        """The group's running sequences first (one token each), then its prompt chunks while the batch has room
+        (a follower puts none: it takes its leader's cache once the leader's prompt is in): (tokens in the batch,
+        rows of logits it gives, the (leader, follower) slots whose caches to copy after the decode)."""
         n = rows = 0
+        copies: list[tuple[int, int]] = []
         seqs = [seq for seq in self._seqs.values() if seq.lora == group] if self._lora_ptrs else \
             list(self._seqs.values())
         for seq in seqs:
@@ -438,14 +425,18 @@ class LlamaCppBackend(LLMBackend):
                 n = self._put(n, seq.last, seq.pos, seq.slot, True)
                 seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
         for seq in seqs:
-            if seq.fed < seq.end and n < N_BATCH:  # its prompt up to its next image (fed before the next step)
+            if seq.fed < seq.end and n < N_BATCH and seq.leader is None:  # its prompt up to its next image
                 for token in seq.prompt[seq.fed:min(seq.end, seq.fed + N_BATCH - n)]:
                     seq.fed += 1
                     n = self._put(n, token, seq.pos, seq.slot, seq.fed == len(seq.prompt))
                     seq.pos += 1
                 if seq.fed == len(seq.prompt):
                     seq.out_index, seq.out_row, rows = n - 1, rows, rows + 1
-        return n, rows
+                    for follower in seqs:
+                        if follower.leader is seq:
+                            follower.follow(seq)
+                            copies.append((seq.slot, follower.slot))
+        return n, rows, copies
 
     def _pick(self, seq, logits, mask, argmax) -> tuple[int, np.ndarray | None]:
         """A sequence's next token (and the log-probabilities it was drawn from, when asked for)."""
@@ -504,7 +495,7 @@ class LlamaCppBackend(LLMBackend):
             from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
             # Mean pooling, as the transformers backend does (a file may declare no pooling of its own).
-            with _model_defaults(self.use_extra_bufts):
+            with model_defaults(self.use_extra_bufts):
                 self._embedder = Llama(model_path=self.path, n_ctx=self.context_length, embedding=True,
                                        pooling_type=LLAMA_POOLING_TYPE_MEAN,
                                        n_gpu_layers=-1 if self.device.startswith("cuda") else 0,

@@ -197,7 +197,7 @@ class TransformersBackend(LLMBackend):
     def active(self) -> int:
         return len(self._new) + len(self._rows)
 
-    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling) -> None:
+    def add(self, seq_id: int, prompt_ids: list[int], sampling: Sampling, same_prompt_as: int | None = None) -> None:
         ends = sampling.stop_token_ids if sampling.ignore_eos else self.eos_ids + sampling.stop_token_ids
         seq = _Seq(seq_id, list(prompt_ids), sampling, frozenset(ends))
         seq.eos = list(self.eos_ids)
