@@ -298,6 +298,34 @@ def test_llama_cpp_choices_of_one_request_prefill_once(tiny_models):
         backend.close()
 
 
+def test_transformers_choices_of_one_request_prefill_once(tiny_models):
+    """The same on transformers: the other choices take the first one's prefill (its last logits and its cache
+    rows); the model's forwards see the prompt once, and each sampled choice equals its seed's lone run."""
+    backend = _backend("transformers", tiny_models, slots=3)
+    seen: list[int] = []
+    hook = backend.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        prompt = backend.tokenize("Once upon a time there was a village by the sea where the fishermen " * 6)
+        sampled = [_greedy(12)._replace(temperature=0.9, seed=seed) for seed in (7, 8, 9)]
+        lone = []
+        for i, sampling in enumerate(sampled):
+            backend.add(i, prompt, sampling)
+            lone.append(_run(backend, {i: prompt})[i])
+        decoded = {}
+        for share in (False, True):
+            seen.clear()
+            ids = [100 * (1 + share) + i for i in range(3)]
+            for seq_id, sampling in zip(ids, sampled, strict=True):
+                backend.add(seq_id, prompt, sampling, same_prompt_as=ids[0] if share and seq_id != ids[0] else None)
+            got = _run(backend, dict.fromkeys(ids, prompt))
+            assert [got[seq_id] for seq_id in ids] == lone
+            decoded[share] = sum(seen)
+        assert len(prompt) > 80 and decoded[False] - decoded[True] == 2 * len(prompt)
+    finally:
+        hook.remove()
+
+
 def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):
     """The worker counts tokens (usage, and the max_tokens check) with a copy of the fast tokenizer: the same
     counts as the transformers call, and still whole after encode() has switched truncation and padding on in the

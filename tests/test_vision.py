@@ -88,6 +88,8 @@ def test_an_image_through_the_openai_sdk_gives_the_models_own_text(vis, own):
     n, text = own(messages)
     assert got.choices[0].message.content == text
     assert got.usage.prompt_tokens == n  # the image's tokens counted
+    three = oai(vis).chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0, n=3)
+    assert [c.message.content for c in three.choices] == [text] * 3  # the others take the first one's prefill
     text_only = [{"role": "user", "content": "What is in this picture?"}]
     plain = oai(vis).chat.completions.create(model="llava", messages=text_only, max_tokens=12, temperature=0)
     assert got.usage.prompt_tokens == plain.usage.prompt_tokens + IMAGE_TOKENS + 1  # its tokens and a newline

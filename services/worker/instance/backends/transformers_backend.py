@@ -72,7 +72,7 @@ def penalize(logits, recent: list[int], presence: float, frequency: float):
 
 class _Seq:
     __slots__ = ("id", "prompt", "sampling", "stop_ids", "generated", "last", "length", "generator", "history",
-                 "processors", "eos", "recent")
+                 "processors", "eos", "recent", "twin")
 
     def __init__(self, seq_id: int, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int]):
         self.id, self.prompt, self.sampling, self.stop_ids = seq_id, prompt, sampling, stop_ids
@@ -83,6 +83,7 @@ class _Seq:
         self.history = None  # prompt + generated ids, for the repetition penalty
         self.processors = None
         self.recent = None  # generated ids, for presence and frequency penalties (the last PENALTY_LAST_N)
+        self.twin: int | None = None  # an earlier choice of its request, whose prefill it takes (same_prompt_as)
 
 
 class TransformersBackend(LLMBackend):
@@ -211,6 +212,7 @@ class TransformersBackend(LLMBackend):
             seq.history = list(prompt_ids)
             if seq.processors is None:
                 seq.processors = self._processors(sampling)
+        seq.twin = same_prompt_as
         self._new.append(seq)
 
     def remove(self, seq_id: int) -> None:
@@ -226,23 +228,36 @@ class TransformersBackend(LLMBackend):
         with self.torch.inference_mode():
             if self._rows:
                 outs += self._decode()
+            prefilled: dict[int, tuple] = {}  # this step's prefills, for the other choices of their requests
             while self._new:
-                outs += self._prefill(self._new.pop(0))
+                outs += self._prefill(self._new.pop(0), prefilled)
         return outs
 
-    def _prefill(self, seq: _Seq) -> list[StepOut]:
+    def _prefill(self, seq: _Seq, prefilled: dict[int, tuple]) -> list[StepOut]:
+        """Its prompt through the model, or a copy of its twin's prefill of this step (another choice of its
+        request: the same prompt and images); its first token drawn from the last position's logits."""
         torch = self.torch
-        ids = torch.tensor([seq.prompt], device=self.device)
-        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         if seq.sampling.media is not None:  # the images' pixels, for this prefill only
-            kwargs.update(seq.sampling.media)
+            media = seq.sampling.media
             seq.sampling = seq.sampling._replace(media=None)
-        out = self._forward([seq], input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        else:
+            media = {}
+        if seq.twin in prefilled:
+            logits, cache, rows = prefilled[seq.twin]
+        else:
+            ids = torch.tensor([seq.prompt], device=self.device)
+            kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+            out = self._forward([seq], input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs,
+                                **media)
+            logits, cache = out.logits[:, -1, :], out.past_key_values
+            # its cache's tensors as the prefill left them (merging into the batch replaces the layers' tensors)
+            rows = [(layer.keys, layer.values) for layer in self._layers(cache)]
+            prefilled[seq.id] = (logits, cache, rows)
         seq.length = len(seq.prompt)
         mask = self.grammars.masks([seq.sampling.matcher])[0] if seq.sampling.matcher is not None else None
-        result = self._advance(seq, out.logits[:, -1, :], mask)
+        result = self._advance(seq, logits, mask)
         if result.finish is None:
-            self._merge(seq, out.past_key_values)
+            self._merge(seq, cache, rows)
         return [result]
 
     def _decode(self) -> list[StepOut]:
@@ -382,17 +397,20 @@ class TransformersBackend(LLMBackend):
             raise RuntimeError(f"unsupported cache type {type(cache).__name__}")
         return layers
 
-    def _merge(self, seq: _Seq, cache) -> None:
+    def _merge(self, seq: _Seq, cache, rows: list[tuple]) -> None:
+        """A prefilled sequence into the batch: its cache (`rows`: each layer's keys and values) as one more row."""
         torch = self.torch
         if not self._rows:
+            for layer, (keys, values) in zip(self._layers(cache), rows, strict=True):  # as its prefill left them
+                layer.keys, layer.values = keys, values
             self._rows, self._cache = [seq], cache
             self._mask = torch.ones((1, seq.length), dtype=torch.long, device=self.device)
             return
         old_len, new_len = self._mask.shape[1], seq.length
         width = max(old_len, new_len)
-        for mine, theirs in zip(self._layers(self._cache), self._layers(cache), strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)], dim=0)
+        for mine, (keys, values) in zip(self._layers(self._cache), rows, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(keys, width)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(values, width)], dim=0)
         new_mask = torch.ones((1, new_len), dtype=torch.long, device=self.device)
         self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(new_mask, width)], dim=0)
         self._rows.append(seq)
