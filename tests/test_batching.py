@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -269,43 +270,38 @@ def test_llama_cpp_greedy_argmax_equals_its_sampler_chain_in_a_mixed_batch(tiny_
         backend.close()
 
 
-def test_llama_cpp_choices_of_one_request_prefill_once(tiny_models):
-    """The choices of one request (n) on llama.cpp: the first prefills the prompt, the others copy its cache and
-    draw their first token from its logits. llama.cpp's own counters show the prompt decoded once, not three times,
-    and each sampled choice (seeds 7, 8, 9) equals the same seed's lone run."""
-    import llama_cpp
+@contextlib.contextmanager
+def _decoded_tokens(backend, engine: str):
+    """(reset, read) of a count of the tokens the engine's model decodes: llama.cpp's own counters, or a hook on the
+    transformers model's forward."""
+    if engine == "llama.cpp":
+        import llama_cpp
 
-    backend = _backend("llama.cpp", tiny_models, slots=3)
-    try:
-        prompt = backend.tokenize("Once upon a time there was a village by the sea where the fishermen " * 6)
-        sampled = [_greedy(12)._replace(temperature=0.9, seed=seed) for seed in (7, 8, 9)]
-        lone = []
-        for i, sampling in enumerate(sampled):
-            backend.add(i, prompt, sampling)
-            lone.append(_run(backend, {i: prompt})[i])
-        decoded = {}
-        for share in (False, True):
-            llama_cpp.llama_perf_context_reset(backend.ctx.ctx)
-            ids = [100 * (1 + share) + i for i in range(3)]
-            for seq_id, sampling in zip(ids, sampled, strict=True):
-                backend.add(seq_id, prompt, sampling, same_prompt_as=ids[0] if share and seq_id != ids[0] else None)
-            got = _run(backend, dict.fromkeys(ids, prompt))
-            assert [got[seq_id] for seq_id in ids] == lone
-            perf = llama_cpp.llama_perf_context(backend.ctx.ctx)
-            decoded[share] = perf.n_p_eval + perf.n_eval
-        assert len(prompt) > 80 and decoded[False] - decoded[True] == 2 * len(prompt)
-    finally:
-        backend.close()
+        ctx = backend.ctx.ctx
 
+        def read() -> int:
+            perf = llama_cpp.llama_perf_context(ctx)
+            return perf.n_p_eval + perf.n_eval
 
-def test_transformers_choices_of_one_request_prefill_once(tiny_models):
-    """The same on transformers: the other choices take the first one's prefill (its last logits and its cache
-    rows); the model's forwards see the prompt once, and each sampled choice equals its seed's lone run."""
-    backend = _backend("transformers", tiny_models, slots=3)
+        yield (lambda: llama_cpp.llama_perf_context_reset(ctx)), read
+        return
     seen: list[int] = []
     hook = backend.model.register_forward_pre_hook(
         lambda _module, _args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
     try:
+        yield seen.clear, lambda: sum(seen)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
+def test_choices_of_one_request_prefill_once(tiny_models, engine):
+    """The choices of one request (n): the first prefills the prompt, the others take its prefill (llama.cpp: a copy
+    of its cache stream; transformers: its last logits and cache rows) and draw their first token from its logits.
+    The model decodes the prompt once, not three times, and each sampled choice (seeds 7, 8, 9) equals the same
+    seed's lone run."""
+    backend = _backend(engine, tiny_models, slots=3)
+    try:
         prompt = backend.tokenize("Once upon a time there was a village by the sea where the fishermen " * 6)
         sampled = [_greedy(12)._replace(temperature=0.9, seed=seed) for seed in (7, 8, 9)]
         lone = []
@@ -313,17 +309,19 @@ def test_transformers_choices_of_one_request_prefill_once(tiny_models):
             backend.add(i, prompt, sampling)
             lone.append(_run(backend, {i: prompt})[i])
         decoded = {}
-        for share in (False, True):
-            seen.clear()
-            ids = [100 * (1 + share) + i for i in range(3)]
-            for seq_id, sampling in zip(ids, sampled, strict=True):
-                backend.add(seq_id, prompt, sampling, same_prompt_as=ids[0] if share and seq_id != ids[0] else None)
-            got = _run(backend, dict.fromkeys(ids, prompt))
-            assert [got[seq_id] for seq_id in ids] == lone
-            decoded[share] = sum(seen)
+        with _decoded_tokens(backend, engine) as (reset, read):
+            for share in (False, True):
+                reset()
+                ids = [100 * (1 + share) + i for i in range(3)]
+                for seq_id, sampling in zip(ids, sampled, strict=True):
+                    backend.add(seq_id, prompt, sampling,
+                                same_prompt_as=ids[0] if share and seq_id != ids[0] else None)
+                got = _run(backend, dict.fromkeys(ids, prompt))
+                assert [got[seq_id] for seq_id in ids] == lone
+                decoded[share] = read()
         assert len(prompt) > 80 and decoded[False] - decoded[True] == 2 * len(prompt)
     finally:
-        hook.remove()
+        backend.close()
 
 
 def test_embedding_token_counts_are_untruncated_after_encodes(tiny_models):

@@ -216,8 +216,7 @@ class LLMBatcher(Batcher):
     def _begin(self, job: Job, start: _Start) -> None:
         msg, cfg, plan = job.msg, job.msg.config, start.plan
         if cfg.lora_name is not None and cfg.lora_name not in self.backend.adapters:  # unloaded since it was ready
-            raise InvalidRequest(f"lora_name {cfg.lora_name!r}: the adapter was unloaded from model {self.uid!r}",
-                                 field="lora_name")
+            raise self._unloaded(cfg.lora_name)
         if start.matchers:
             self.stats.grammars_compiled = self.backend.grammars.compiles
         self.stats.tokens_in += len(start.prompt_ids)
@@ -226,15 +225,13 @@ class LLMBatcher(Batcher):
             splitter = lambda: AnswerSplitter(plan.tags, plan.parser, plan.opened)  # noqa: E731
         gen = Generation(job, self.uid, isinstance(msg, p.Chat), len(start.prompt_ids), start.stops, cfg,
                          echo=start.prompt if cfg.echo else "", token_text=self.backend.token_text, splitter=splitter)
-        sampling, first = start.sampling, None
-        for index in range(cfg.n):
-            seq_id = next(self._ids)
+        sampling, ids = start.sampling, [next(self._ids) for _ in range(cfg.n)]
+        for index, seq_id in enumerate(ids):
             self.running[seq_id] = _Running(job, gen, index, self.backend.detokenizer())
             seeded = sampling if sampling.seed is None else sampling._replace(seed=sampling.seed + index)
             if start.matchers:
                 seeded = seeded._replace(matcher=start.matchers[index])
-            self.backend.add(seq_id, start.prompt_ids, seeded, same_prompt_as=first)
-            first = seq_id if first is None else first
+            self.backend.add(seq_id, start.prompt_ids, seeded, same_prompt_as=ids[0] if index else None)
 
     # ------------------------------------------------------------------ on the preparing thread (prepare.py)
 
@@ -343,8 +340,7 @@ class LLMBatcher(Batcher):
         if name not in self.backend.adapters:
             raise NotFound(f"model {self.uid!r} has no LoRA adapter named {name!r} (loaded: "
                            f"{', '.join(sorted(self.backend.adapters)) or 'none'})", field="lora_name")
-        gone = InvalidRequest(f"lora_name {name!r}: the adapter was unloaded from model {self.uid!r}",
-                              field="lora_name")
+        gone = self._unloaded(name)
         failed = set()
         for seq_id, run in list(self.running.items()):
             if run.job.msg.config.lora_name == name:
@@ -357,6 +353,10 @@ class LLMBatcher(Batcher):
             job.fail(gone)
         self.stats.failures += len(failed)
         self.backend.drop_adapter(name)
+
+    def _unloaded(self, name: str) -> InvalidRequest:
+        return InvalidRequest(f"lora_name {name!r}: the adapter was unloaded from model {self.uid!r}",
+                              field="lora_name")
 
     def template(self, tools: bool) -> tuple[str | None, str]:
         """(the Jinja template a chat renders with, where it came from), by precedence: the registration's (or

@@ -57,17 +57,18 @@ class Preparer:
         return len(self._incoming) + len(self.ready)
 
     def preparing(self) -> int:
-        return self._busy is not None
+        return int(self._busy is not None)
 
     def take(self, which: Callable[[Job], bool]) -> list[Job]:
         """Remove and return the arrived and ready requests `which` picks (the one being prepared stays)."""
-        taken = []
         with self._cond:
-            for held, job_of in ((self._incoming, lambda x: x), (self.ready, lambda item: item.job)):
-                for x in [x for x in held if which(job_of(x))]:
-                    held.remove(x)
-                    taken.append(job_of(x))
-        return taken
+            items = [item for item in self.ready if which(item.job)]
+            jobs = [job for job in self._incoming if which(job)]
+            for item in items:
+                self.ready.remove(item)
+            for job in jobs:
+                self._incoming.remove(job)
+        return [item.job for item in items] + jobs
 
     def drain(self) -> list[Job]:
         """Remove and return every arrived and ready request."""

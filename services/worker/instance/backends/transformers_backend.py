@@ -72,7 +72,7 @@ def penalize(logits, recent: list[int], presence: float, frequency: float):
 
 class _Seq:
     __slots__ = ("id", "prompt", "sampling", "stop_ids", "generated", "last", "length", "generator", "history",
-                 "processors", "eos", "recent", "twin")
+                 "processors", "eos", "recent", "leader")
 
     def __init__(self, seq_id: int, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int]):
         self.id, self.prompt, self.sampling, self.stop_ids = seq_id, prompt, sampling, stop_ids
@@ -83,7 +83,7 @@ class _Seq:
         self.history = None  # prompt + generated ids, for the repetition penalty
         self.processors = None
         self.recent = None  # generated ids, for presence and frequency penalties (the last PENALTY_LAST_N)
-        self.twin: int | None = None  # an earlier choice of its request, whose prefill it takes (same_prompt_as)
+        self.leader: int | None = None  # the first choice of its request, whose prefill it takes (same_prompt_as)
 
 
 class TransformersBackend(LLMBackend):
@@ -212,7 +212,7 @@ class TransformersBackend(LLMBackend):
             seq.history = list(prompt_ids)
             if seq.processors is None:
                 seq.processors = self._processors(sampling)
-        seq.twin = same_prompt_as
+        seq.leader = same_prompt_as
         self._new.append(seq)
 
     def remove(self, seq_id: int) -> None:
@@ -234,16 +234,14 @@ class TransformersBackend(LLMBackend):
         return outs
 
     def _prefill(self, seq: _Seq, prefilled: dict[int, tuple]) -> list[StepOut]:
-        """Its prompt through the model, or a copy of its twin's prefill of this step (another choice of its
-        request: the same prompt and images); its first token drawn from the last position's logits."""
+        """Its prompt through the model, or its leader's prefill of this step (the first choice of its request:
+        the same prompt and images); its first token drawn from the last position's logits."""
         torch = self.torch
-        if seq.sampling.media is not None:  # the images' pixels, for this prefill only
-            media = seq.sampling.media
+        media = seq.sampling.media or {}  # the images' pixels, for this prefill only
+        if media:
             seq.sampling = seq.sampling._replace(media=None)
-        else:
-            media = {}
-        if seq.twin in prefilled:
-            logits, cache, rows = prefilled[seq.twin]
+        if seq.leader in prefilled:
+            logits, cache, rows = prefilled[seq.leader]
         else:
             ids = torch.tensor([seq.prompt], device=self.device)
             kwargs = {"logits_to_keep": 1} if self._keep_last else {}
@@ -400,9 +398,7 @@ class TransformersBackend(LLMBackend):
     def _merge(self, seq: _Seq, cache, rows: list[tuple]) -> None:
         """A prefilled sequence into the batch: its cache (`rows`: each layer's keys and values) as one more row."""
         torch = self.torch
-        if not self._rows:
-            for layer, (keys, values) in zip(self._layers(cache), rows, strict=True):  # as its prefill left them
-                layer.keys, layer.values = keys, values
+        if not self._rows:  # the step's first merge: no other has replaced the prefill's tensors yet
             self._rows, self._cache = [seq], cache
             self._mask = torch.ones((1, seq.length), dtype=torch.long, device=self.device)
             return
