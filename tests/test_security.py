@@ -214,6 +214,22 @@ def test_forged_replies_never_reach_a_client(secure):
     stray.close()
 
 
+def test_the_heartbeats_an_unknown_peer_queued_get_one_disconnect(secure):
+    """A peer whose broker restarted within the liveness window never noticed it was gone: the heartbeats it
+    queued meanwhile arrive at the new broker all at once. It is asked to register again once, not once per
+    heartbeat (each READY after the first would fail the requests it had taken: "re-registered")."""
+    peer = secure.raw_socket(secure.service_key)
+    try:
+        for _ in range(6):
+            peer.send_multipart(wire.HEARTBEAT_FRAMES)
+        replies = []
+        while peer.poll(1000):  # the broker heartbeats registered peers only: this hears its answers alone
+            replies.append(peer.recv_multipart())
+        assert replies == [wire.DISCONNECT_FRAMES]
+    finally:
+        peer.close()
+
+
 def test_a_fake_worker_report_is_refused(secure):
     fake = p.WorkerReport(device=instances.DeviceInfo(worker_id="fake", host="attacker", device="cpu:9",
                                               total_memory=2**50, free_memory=2**50))

@@ -67,6 +67,7 @@ class Broker:
         server_key = keys.load_broker_key(self.home)
         self.ctx = zmq.Context.instance()
         self.peers: dict[bytes, Peer] = {}
+        self._asked: dict[bytes, float] = {}  # sockets told to register again, and when
         self.routes: dict[bytes, list[Peer]] = {}
         # Model uids whose only peer said goodbye (an instance unloaded or terminated, not one that crashed): a
         # request for one is answered no_route at once, not after unroutable_grace, so that a client loads an
@@ -336,7 +337,7 @@ class Broker:
             # Only the peer a request went to may answer it. A late reply to a cancelled request is normal;
             # one from a socket that is not a registered peer is a forgery.
             if peer is None:
-                self._send(sender, wire.DISCONNECT_FRAMES)
+                self._ask_to_register(sender)
                 self._dropped(f"reply from {key.role} key {key.name!r}, which is not a registered peer", frames)
             return
         peer.last_seen = self.now
@@ -359,12 +360,22 @@ class Broker:
             peer.inflight -= 1
             self._send_raw(wire.route_cancel(peer.identity, sender, frames[2]))
 
+    def _ask_to_register(self, sender: bytes) -> None:
+        """DISCONNECT to a socket that is not a registered peer: it registers again. Once per heartbeat interval
+        per socket: the heartbeats a peer queued while the broker was away arrive together, and a DISCONNECT for
+        each would have it register once for each, every READY after the first failing the requests it took
+        meanwhile ("re-registered")."""
+        if self.now - self._asked.get(sender, -1e9) < self.settings.heartbeat_interval:
+            return
+        self._asked[sender] = self.now
+        self._send(sender, wire.DISCONNECT_FRAMES)
+
     def _on_heartbeat(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         peer = self.peers.get(sender)
         if peer is not None:
             peer.last_seen = self.now
         elif key.role == p.SERVICE:
-            self._send(sender, wire.DISCONNECT_FRAMES)  # a peer of an earlier broker: ask it to re-register
+            self._ask_to_register(sender)  # a peer of an earlier broker, or one dropped as silent
 
     def _on_ready(self, sender: bytes, frames: list[bytes], key: Known) -> None:
         if len(frames) < 3 or not frames[2]:
@@ -405,7 +416,7 @@ class Broker:
         peer = self.peers.get(sender)
         if peer is None:
             if key.role == p.SERVICE:
-                self._send(sender, wire.DISCONNECT_FRAMES)
+                self._ask_to_register(sender)
             return
         peer.last_seen = self.now
         uid = bytes(frames[2])
@@ -475,6 +486,7 @@ class Broker:
 
     def _tick(self) -> None:
         now = self.now
+        self._asked = {s: t for s, t in self._asked.items() if now - t < self.settings.heartbeat_interval}
         self.roster.refresh()
         self._prune_revoked()  # always: the authenticator thread may have been the one to see the change
         dead_after = self.settings.liveness_s
