@@ -17,6 +17,7 @@ import zmq
 
 from zinfer.cli import runfile
 from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
+from zinfer.services.worker.host.preloader import socket_path
 from zinfer.shared import keys
 from zinfer.shared.config import Settings, load_settings
 from zinfer.shared.endpoints import endpoint_holder
@@ -105,7 +106,7 @@ def worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     from zinfer.services.worker.host.supervisor import start_fork_server
 
-    start_fork_server()  # its engine imports (seconds) run while this process starts and joins the mesh
+    start_fork_server(settings)  # asked for now: its engine imports (seconds) run while this joins the mesh
     worker_id = name or default_worker_id(device, settings.endpoint)
     if not worker_id or any(c in worker_id for c in " \t\n#") or len(worker_id) > 128:
         fail(f"--name {worker_id!r}: 1 to 128 characters, no spaces or '#'")
@@ -118,6 +119,22 @@ def worker(
     from zinfer.services.worker.host.service import run_worker
 
     raise typer.Exit(run_worker(settings, device, worker_id))
+
+
+def preloader(
+    socket: Annotated[str | None, typer.Option(
+        "--socket", help="Where to listen (default <home>/run/preloader.sock).")] = None,
+    home: Home = None,
+) -> None:
+    """Run this host's preloader: it imports the engines once and forks each worker's fork server from them, so a
+    worker's first launch never waits for those imports. `zinfer up` starts one; a worker finds it through the
+    `preloader` setting (ZINFER_PRELOADER)."""
+    from zinfer.services.worker.host.preloader import serve, socket_path
+
+    settings = _settings(None, home)
+    log = _logging("preloader", settings)
+    die_with_parent()
+    raise typer.Exit(serve(Path(socket) if socket else socket_path(settings.home_path), log))
 
 
 def gateway(
@@ -286,6 +303,18 @@ def _wait_for_broker(client, broker: subprocess.Popen, settings: Settings, args:
         return
 
 
+def _start_preloader(group: ProcessGroup, path: Path) -> None:
+    """The preloader, listening (it binds its socket before its imports) before any worker asks it."""
+    path.unlink(missing_ok=True)  # a dead one's: a worker must not find it and be refused
+    group.start(["preloader"])
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        group.check_started()
+        if time.monotonic() > deadline:
+            fail(f"the preloader did not listen on {path} in 30s")
+        time.sleep(0.05)
+
+
 def up(
     endpoint: Endpoint = None,
     home: Home = None,
@@ -306,11 +335,13 @@ def up(
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
     # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
+    preloader_socket = socket_path(home_path)
     env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0",
                **({} if restore else {"ZINFER_RESTORE": "false"}),
-               ZINFER_DIE_WITH_PARENT="1")
+               ZINFER_PRELOADER=str(preloader_socket), ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
-    # Workers first: their fork servers' engine imports (seconds) are what a first launch waits for.
+    # The preloader, then the workers: the engine imports (seconds) are what a first launch waits for, and the
+    # preloader makes them once for every worker's fork server.
     devices = [*(f"cuda:{i}" for i in range(n_gpu)), *(["cpu"] if cpu else [])]
     workers = [["worker", "--device", device] for device in devices]
     plan = [*workers, ["registry"], ["scheduler"], *([["gateway"]] if http else [])]
@@ -323,6 +354,8 @@ def up(
     try:
         client = make_client(settings.endpoint, timeout=2.0)
         _wait_for_broker(client, group.start(["broker"]), settings, ["broker"])
+        if workers:
+            _start_preloader(group, preloader_socket)
         started = time.monotonic()
         for args in plan:
             group.start(args)
@@ -386,5 +419,5 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
 
 
 def install(app: typer.Typer) -> None:
-    for fn in (up, broker, registry, scheduler, worker, gateway, status):
+    for fn in (up, broker, registry, scheduler, worker, preloader, gateway, status):
         command(app, fn)

@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # CPU threads of each instance's engine; 0: each engine's default (torch: the cores; llama.cpp: half of them to
     # decode, all to prefill).
     instance_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    # The host's preloader a worker asks for its fork server: "auto" (<home>/run/preloader.sock if one listens),
+    # "none", or its socket's path.
+    preloader: str = "auto"
     # A crashed instance process is started again after restart_backoff_s, doubling for each further crash up to
     # 30 s; more than restart_limit restarts within restart_window_s leave it `failed` with the last cause.
     restart_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 0.5

@@ -24,6 +24,46 @@ HEARTBEAT = 0.5
 LIVENESS = 6
 
 
+_PRELOADER: dict = {}  # this test session's preloader: its process and socket
+
+
+def session_preloader(env: dict[str, str]) -> str:
+    """The socket of the test session's preloader, started with the first worker that needs it. The session's
+    meshes all run on this one host, so their workers' fork servers come from one preloader, as `zinfer up`'s do.
+    Its environment is the mesh's but for the ZINFER_* variables; a worker whose environment differs elsewhere is
+    refused and starts its own fork server."""
+    if not _PRELOADER or _PRELOADER["proc"].poll() is not None:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="zinfer-preloader-"))
+        path = folder / "preloader.sock"
+        preloader_env = {k: v for k, v in env.items() if not k.startswith("ZINFER_")}
+        preloader_env.update(ZINFER_HOME=str(folder / "home"), ZINFER_DIE_WITH_PARENT="1")
+        with open(folder / "preloader.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "zinfer", "preloader", "--socket", str(path)],
+                                    env=preloader_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        atexit.register(lambda: (proc.terminate(), proc.wait(15), shutil.rmtree(folder, ignore_errors=True)))
+        deadline = time.monotonic() + 60
+        while not path.exists():  # it listens before it imports
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the session's preloader did not start: {(folder / 'preloader.log').read_text()}")
+            time.sleep(0.02)
+        _PRELOADER.update(proc=proc, path=path)
+    return str(_PRELOADER["path"])
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone); it may vanish while we look."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +72,8 @@ def free_port() -> int:
 
 class Mesh:
     def __init__(self, home: Path, log_dir: Path, heartbeat: float = HEARTBEAT, cpu_budget_mb: int = 0,
-                 liveness: int = LIVENESS):
+                 liveness: int = LIVENESS, preloader: bool = True):
+        self.preloader = preloader  # workers' fork servers from the session's preloader (False: their own)
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.liveness = heartbeat * liveness  # seconds of silence after which a peer is declared dead
         self.home = home
@@ -42,6 +83,7 @@ class Mesh:
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO",
                         ZINFER_DIE_WITH_PARENT="1")  # nothing outlives the test process
+        self.env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, per test: not the mesh's
         if cpu_budget_mb:
             self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -92,6 +134,7 @@ class Mesh:
         return self
 
     def start_worker(self, device: str, budget_mb: int | None = None) -> None:
+        self.env.setdefault("ZINFER_PRELOADER", session_preloader(self.env) if self.preloader else "none")
         args = ["worker", "--device", device]
         if budget_mb:
             args += ["--memory-budget-mb", str(budget_mb)]

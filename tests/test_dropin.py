@@ -316,7 +316,7 @@ def test_up_logs_down(tmp_path):
             time.sleep(0.1)
         record = json.loads((home / "run" / "up.json").read_text())
         pids = [record["pid"]] + [c["pid"] for c in record["children"]]
-        assert record["pid"] == up.pid and len(record["children"]) == 5
+        assert record["pid"] == up.pid and len(record["children"]) == 6  # with the preloader
         # A second `up` from the same home is refused, naming the first.
         second = run("up", check=False)
         assert second.returncode == 1 and f"already running from {home}" in second.stderr
@@ -327,7 +327,7 @@ def test_up_logs_down(tmp_path):
         assert events and all(e["service"] == "registry" for e in events)
         assert "registry_loaded" in {e["event"] for e in events}
         merged = {json.loads(line)["service"] for line in run("logs", "-n", "200").stdout.splitlines()}
-        assert {"broker", "registry", "scheduler", "worker/cpu"} <= merged
+        assert {"broker", "registry", "scheduler", "worker/cpu", "preloader"} <= merged
         assert "no log for service 'nosuch'" in run("logs", "nosuch", check=False).stderr
         # `zinfer down` stops it all.
         assert "stopped the mesh" in run("down").stdout

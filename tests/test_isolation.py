@@ -13,11 +13,10 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 
 from tests.conftest import embedding_definition, llm_definition
-from tests.mesh import REPO, Mesh
+from tests.mesh import REPO, Mesh, gone
 from zinfer.shared.errors import InvalidRequest, Unavailable, ZinferError
 
 PROMPT = "Once upon a time"
@@ -41,14 +40,6 @@ def iso(tmp_path_factory, tiny_models):
     c.launch_model(model_name="custom-bge-base-en", model_type="embedding", model_uid="emb")
     yield m
     m.stop()
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie not yet reaped counts as gone); it may vanish while we look."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def pid_of(m: Mesh, uid: str) -> int:

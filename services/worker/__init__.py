@@ -2,7 +2,8 @@
 
 `host/`: the worker host, one per device: `service.py` reports the device and its instances to the scheduler and
 answers file probes, `supervisor.py` starts one process per instance replica from a fork server (`preload.py`
-is what that server imports once) and restarts the ones that die, `device.py` probes the device. `files.py`
+is what that server imports once; `preloader.py`, one per host, makes those imports once for every worker's fork
+server) and restarts the ones that die, `device.py` probes the device. `files.py`
 (finding, downloading and sizing model files) and `checks.py` (checking them before a load) serve both sides.
 
 `instance/`: one instance replica's process: `child.py` (its entry, bus connection and reports), `instance.py`

@@ -1,13 +1,15 @@
 """The worker's instance processes: start one per replica, watch them, restart the ones that die, stop them.
 
-How processes start: from a fork server (multiprocessing's "forkserver") that the worker starts at once and that
-imports torch, transformers, sentence-transformers and llama.cpp before it forks anything. A plain spawn pays
-those imports in every new process: 6.7-7.4 s on this project's 2-core machine (`python -c "import torch,
-transformers, sentence_transformers, llama_cpp; from transformers import AutoModelForCausalLM"`), far over the
-1.5 s a launch may add to the raw load. A fork from the server costs milliseconds and shares the imported
-modules' pages. Forking the worker itself is not safe (its ZeroMQ and pool threads); the fork server has one
-thread and has run no OpenMP or CUDA code, so its children start clean. It exits with the worker, and each child
-dies with it (PR_SET_PDEATHSIG).
+How processes start: from a fork server (multiprocessing's "forkserver") that has imported torch, transformers,
+sentence-transformers and llama.cpp before it forks anything. A plain spawn pays those imports in every new
+process: 6.7-7.4 s on this project's 2-core machine (`python -c "import torch, transformers,
+sentence_transformers, llama_cpp; from transformers import AutoModelForCausalLM"`), far over the 1.5 s a launch
+may add to the raw load. A fork from the server costs milliseconds and shares the imported modules' pages. Forking
+the worker itself is not safe (its ZeroMQ and pool threads); the fork server has one thread and has run no OpenMP
+or CUDA code, so its children start clean. Where the host runs a preloader (`zinfer up` starts one; the
+`preloader` setting names its socket), the worker's fork server is forked from it, its imports already done
+(preloader.py); otherwise the worker starts its own at once, which imports them. It exits once the worker and its
+instances are gone, and each child dies with it (PR_SET_PDEATHSIG).
 
 The states of a replica here: launching (first load), ready, restarting (its process died and a new one loads
 it, or the scheduler loads it again after the worker restarted), failed, terminating. A process that dies after
@@ -22,15 +24,18 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
+from multiprocessing import forkserver
 from pathlib import Path
 
 import msgspec
 import psutil
 import structlog
 
+from zinfer.services.worker.host import preloader
 from zinfer.services.worker.instance import child
 from zinfer.services.worker.instance.instance import base_report
 from zinfer.shared import instances
@@ -48,21 +53,50 @@ from zinfer.shared.logs import log_name
 
 log = structlog.get_logger()
 
-PRELOAD = ["zinfer.services.worker.host.preload"]
 MAX_BACKOFF_S = 30.0
 
 _report_decoder = msgspec.msgpack.Decoder(instances.InstanceReport)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def start_fork_server() -> multiprocessing.context.BaseContext:
-    """The fork server, started now (its imports take seconds: better at worker start than at the first launch)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    from multiprocessing import forkserver
+_fork_server_lock = threading.Lock()
+_fork_server: dict = {}  # "pending": the preloader's answer not yet read; "origin": how it started, not yet logged
 
-    forkserver.ensure_running()
+
+def start_fork_server(settings: Settings) -> multiprocessing.context.BaseContext:
+    """This worker's fork server, asked for now (its imports take seconds: better at worker start than at the first
+    launch): from the host's preloader (the `preloader` setting), else its own, started at once. Idempotent."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preloader.PRELOAD)
+    with _fork_server_lock:
+        if _fork_server:
+            return ctx
+        path, why = preloader.resolve(settings.preloader, settings.home_path)
+        if path and not preloader.supported():
+            why = f"this Python's multiprocessing is not the one the preloader knows ({sys.version.split()[0]})"
+        elif path:
+            try:
+                _fork_server.update(pending=preloader.PendingForkServer(path), origin="")
+                return ctx
+            except OSError as exc:
+                why = f"no preloader answers at {path} ({exc.strerror or exc})"
+        forkserver.ensure_running()
+        _fork_server.update(pending=None, origin=f"its own: {why}")
     return ctx
+
+
+def fork_server_ready() -> str:
+    """Before an instance process starts: the preloader's answer read (its own fork server started if the
+    preloader refused). How the fork server started, the first time; '' after."""
+    with _fork_server_lock:
+        pending, _fork_server["pending"] = _fork_server.get("pending"), None
+        if pending is not None:
+            why = pending.take()
+            if why:
+                forkserver.ensure_running()
+            _fork_server["origin"] = f"its own: the preloader refused ({why})" if why else "from the preloader"
+        origin, _fork_server["origin"] = _fork_server.get("origin", ""), ""
+        return origin
 
 
 def describe_exit(code: int | None, fault_text: str) -> str:
@@ -142,7 +176,7 @@ class Supervisor:
         self.faults = settings.home_path / "run" / "faults"
         self.faults.mkdir(parents=True, exist_ok=True)
         self.threads = settings.instance_threads  # 0: each engine's own default
-        self.mp = start_fork_server()
+        self.mp = start_fork_server(settings)
         self._settings_raw = _encoder.encode(settings)
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
@@ -190,6 +224,9 @@ class Supervisor:
                   self.threads))
         try:
             with self.spawn_lock:
+                origin = fork_server_ready()
+                if origin:
+                    log.info("fork_server", origin=origin)
                 process.start()
         except Exception as exc:
             receiver.close()
