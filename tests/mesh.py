@@ -24,7 +24,20 @@ HEARTBEAT = 0.5
 LIVENESS = 6
 
 
-_PRELOADER: dict = {}  # this test session's preloader: its process and socket
+_SESSION: dict = {}  # this test session's folder, and its preloader's process and socket
+
+
+def session_folder() -> Path:
+    """A folder for the whole test session (its preloader's socket and log, transformers' remote-code modules),
+    removed when the session ends."""
+    if "folder" not in _SESSION:
+        import atexit
+        import shutil
+        import tempfile
+
+        _SESSION["folder"] = Path(tempfile.mkdtemp(prefix="zinfer-tests-"))
+        atexit.register(shutil.rmtree, _SESSION["folder"], ignore_errors=True)
+    return _SESSION["folder"]
 
 
 def session_preloader(env: dict[str, str]) -> str:
@@ -32,26 +45,24 @@ def session_preloader(env: dict[str, str]) -> str:
     meshes all run on this one host, so their workers' fork servers come from one preloader, as `zinfer up`'s do.
     Its environment is the mesh's but for the ZINFER_* variables; a worker whose environment differs elsewhere is
     refused and starts its own fork server."""
-    if not _PRELOADER or _PRELOADER["proc"].poll() is not None:
+    if "preloader" not in _SESSION or _SESSION["preloader"].poll() is not None:
         import atexit
-        import shutil
-        import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="zinfer-preloader-"))
+        folder = session_folder()
         path = folder / "preloader.sock"
         preloader_env = {k: v for k, v in env.items() if not k.startswith("ZINFER_")}
         preloader_env.update(ZINFER_HOME=str(folder / "home"), ZINFER_DIE_WITH_PARENT="1")
         with open(folder / "preloader.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "zinfer", "preloader", "--socket", str(path)],
                                     env=preloader_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        atexit.register(lambda: (proc.terminate(), proc.wait(15), shutil.rmtree(folder, ignore_errors=True)))
+        atexit.register(lambda: (proc.terminate(), proc.wait(15)))  # before the folder goes (atexit runs LIFO)
         deadline = time.monotonic() + 60
         while not path.exists():  # it listens before it imports
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the session's preloader did not start: {(folder / 'preloader.log').read_text()}")
             time.sleep(0.02)
-        _PRELOADER.update(proc=proc, path=path)
-    return str(_PRELOADER["path"])
+        _SESSION.update(preloader=proc, socket=path)
+    return str(_SESSION["socket"])
 
 
 def gone(pid: int) -> bool:
@@ -82,6 +93,7 @@ class Mesh:
                         ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), ZINFER_HEARTBEAT_LIVENESS=str(liveness),
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO",
+                        HF_MODULES_CACHE=str(session_folder() / "hf-modules"),  # never the user's
                         ZINFER_DIE_WITH_PARENT="1")  # nothing outlives the test process
         self.env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, per test: not the mesh's
         if cpu_budget_mb:

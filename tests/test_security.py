@@ -55,7 +55,7 @@ def secure(tmp_path_factory, tiny_models):
     config = root / "zinfer.toml"
     config.write_text('trust_remote_code_models = ["trusted-code"]\n')
     m = Mesh(root / "home", root)
-    m.env.update(ZINFER_CONFIG=str(config), HF_MODULES_CACHE=str(root / "hf-modules"))
+    m.env.update(ZINFER_CONFIG=str(config))
     m.start_all()
     start_peer(m)
     m.wait_services({"testpeer"})
