@@ -129,7 +129,7 @@ def preloader(
     """Run this host's preloader: it imports the engines once and forks each worker's fork server from them, so a
     worker's first launch never waits for those imports. `zinfer up` starts one; a worker finds it through the
     `preloader` setting (ZINFER_PRELOADER)."""
-    from zinfer.services.worker.host.preloader import serve, socket_path
+    from zinfer.services.worker.host.preloader import serve
 
     settings = _settings(None, home)
     log = _logging("preloader", settings)

@@ -62,6 +62,23 @@ def test_a_workers_fork_server_is_forked_by_the_preloader_in_the_workers_environ
         m.stop()
 
 
+def test_a_fork_server_from_the_preloader_that_dies_is_replaced_by_the_workers_own(tmp_path, tiny_models):
+    m = Mesh(tmp_path / "home", tmp_path).start_all()
+    try:
+        instance = launched(m, tiny_models)
+        server = instance.parent()
+        server.kill()  # its instance dies with it (PR_SET_PDEATHSIG) and is restarted by the worker
+        m.wait(lambda: gone(instance.pid) or None, timeout=30)
+        m.wait(lambda: (lambda d: d["state"] == "ready" and d["pids"][0] != instance.pid)(
+            m.client.describe_model("gg")) or None, timeout=60)
+        again = psutil.Process(m.client.describe_model("gg")["pids"][0])
+        assert again.parent().ppid() == m.procs["worker/cpu"].pid  # the worker's own fork server now
+        assert m.client.get_model("gg").generate("Once upon a time", GREEDY)["choices"][0]["text"]
+        assert "fork_server_lost" in {e["event"] for e in events(tmp_path / "worker_cpu.log")}
+    finally:
+        m.stop()
+
+
 def test_a_worker_the_preloader_refuses_starts_its_own_fork_server(tmp_path, tiny_models):
     m = Mesh(tmp_path / "home", tmp_path)
     m.env["PRELOADER_TEST_SETTING"] = "1"  # read by no one, but an import could have: the preloader refuses

@@ -8,11 +8,12 @@ fork of itself that becomes that worker's fork server: multiprocessing's own `fo
 socket and "alive" pipe the worker made, in the worker's environment, working directory, stdout and stderr. It
 is ready in milliseconds, and its pages are shared with every other worker's.
 
-The worker asks as it starts and reads the answer at its first launch (`request_fork_server`), so a preloader
-still importing delays only that launch, as the worker's own fork server would. It falls back to its own fork
-server when there is no preloader, or the preloader refuses: another Python, another sys.path, or an environment
-that differs in anything an import may have read (every variable but ZINFER_* and CUDA_VISIBLE_DEVICES, which
-zinfer and CUDA read at run time, after the fork).
+The worker asks as it starts (`PendingForkServer`, made by supervisor.start_fork_server) and reads the answer
+before its first instance process (supervisor.fork_server_ready), so a preloader still importing delays only that
+launch, as the worker's own fork server would. It falls back to its own fork server when there is no preloader,
+or the preloader refuses: another Python, another sys.path, or an environment that differs in anything an import
+may have read (every variable but ZINFER_* and CUDA_VISIBLE_DEVICES, which zinfer and CUDA read at run time,
+after the fork). What the preloader's imports set in its environment is set in each fork server's too.
 
 The preloader runs no thread and no engine code; it forks only fork servers, and each one outlives it (a
 preloader that dies leaves the workers it served as they were). Its socket is a file of mode 0600 under
@@ -34,6 +35,7 @@ from multiprocessing import connection, forkserver, resource_tracker
 from pathlib import Path
 
 import msgspec
+import structlog
 
 # What a fork server imports before it forks anything (the worker's own, or the preloader once for all).
 PRELOAD = ["zinfer.services.worker.host.preload"]
@@ -254,18 +256,22 @@ class PendingForkServer:
         """Wait for the answer; '' once the preloader's fork server is multiprocessing's, else why not."""
         try:
             self.sock.settimeout(ANSWER_TIMEOUT_S)
-            answer = _answer_codec[1].decode(self.sock.recv(65536))
-        except (OSError, msgspec.DecodeError) as exc:
-            answer = ForkServerAnswer(refused=f"no answer from the preloader ({exc or 'it closed the socket'})")
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("it closed the connection")
+            answer = _answer_codec[1].decode(data)
+        except (OSError, EOFError, msgspec.DecodeError) as exc:
+            self.close()
+            return f"no answer from the preloader ({exc})"
         self.sock.close()
         if answer.refused:
             self.close()
-            return answer.refused
+            return f"the preloader refused ({answer.refused})"
         try:
             pidfd = os.pidfd_open(answer.pid)
         except OSError as exc:
             self.close()
-            return f"its fork server {answer.pid} is gone ({exc.strerror})"
+            return f"the fork server the preloader forked ({answer.pid}) is gone ({exc.strerror})"
         _install(self.address, self.alive_w, answer.pid, pidfd)
         return ""
 
@@ -284,6 +290,7 @@ def _install(address: str, alive_w: int, pid: int, pidfd: int) -> None:
             if server._forkserver_pid == pid and not select.select([pidfd], [], [], 0)[0]:
                 return
             if server._forkserver_pid == pid:  # gone: forget it
+                structlog.get_logger().warning("fork_server_lost", pid=pid, then="the worker starts its own")
                 os.close(server._forkserver_alive_fd)
                 server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
         own_ensure_running(server)

@@ -59,8 +59,14 @@ _report_decoder = msgspec.msgpack.Decoder(instances.InstanceReport)
 _encoder = msgspec.msgpack.Encoder()
 
 
-_fork_server_lock = threading.Lock()
-_fork_server: dict = {}  # "pending": the preloader's answer not yet read; "origin": how it started, not yet logged
+class _ForkServer:
+    """How this worker's fork server starts: asked of the preloader as the worker starts (the answer read before
+    the first instance process), else its own at once. `origin` says which, for the log of the first launch."""
+
+    lock = threading.Lock()
+    started = False
+    pending: preloader.PendingForkServer | None = None
+    origin = ""
 
 
 def start_fork_server(settings: Settings) -> multiprocessing.context.BaseContext:
@@ -68,34 +74,35 @@ def start_fork_server(settings: Settings) -> multiprocessing.context.BaseContext
     launch): from the host's preloader (the `preloader` setting), else its own, started at once. Idempotent."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(preloader.PRELOAD)
-    with _fork_server_lock:
-        if _fork_server:
+    with _ForkServer.lock:
+        if _ForkServer.started:
             return ctx
+        _ForkServer.started = True
         path, why = preloader.resolve(settings.preloader, settings.home_path)
         if path and not preloader.supported():
             why = f"this Python's multiprocessing is not the one the preloader knows ({sys.version.split()[0]})"
         elif path:
             try:
-                _fork_server.update(pending=preloader.PendingForkServer(path), origin="")
+                _ForkServer.pending = preloader.PendingForkServer(path)
                 return ctx
             except OSError as exc:
                 why = f"no preloader answers at {path} ({exc.strerror or exc})"
         forkserver.ensure_running()
-        _fork_server.update(pending=None, origin=f"its own: {why}")
+        _ForkServer.origin = f"its own: {why}"
     return ctx
 
 
 def fork_server_ready() -> str:
-    """Before an instance process starts: the preloader's answer read (its own fork server started if the
-    preloader refused). How the fork server started, the first time; '' after."""
-    with _fork_server_lock:
-        pending, _fork_server["pending"] = _fork_server.get("pending"), None
+    """Before an instance process starts: the preloader's answer read (and the worker's own fork server started
+    if there was none to take). How the fork server started, the first time; '' after."""
+    with _ForkServer.lock:
+        pending, _ForkServer.pending = _ForkServer.pending, None
         if pending is not None:
             why = pending.take()
             if why:
                 forkserver.ensure_running()
-            _fork_server["origin"] = f"its own: the preloader refused ({why})" if why else "from the preloader"
-        origin, _fork_server["origin"] = _fork_server.get("origin", ""), ""
+            _ForkServer.origin = f"its own: {why}" if why else "from the preloader"
+        origin, _ForkServer.origin = _ForkServer.origin, ""
         return origin
 
 
