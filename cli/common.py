@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import typer
@@ -22,9 +22,11 @@ try:  # typer 0.29 carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click import ClickException
 
-from zinfer.shared.client import Client
 from zinfer.shared.config import ConfigError, load_settings
 from zinfer.shared.errors import ZinferError
+
+if TYPE_CHECKING:  # the client (and numpy under it) is imported by the commands that talk to the mesh, not by
+    from zinfer.shared.client import Client  # the services' commands, which start as processes of their own
 
 console = Console()
 if not console.is_terminal:  # piped or captured: don't fold names at 80 columns
@@ -159,6 +161,8 @@ def read_text(path, option: str) -> str:
 
 
 def make_client(endpoint: str | None, timeout: float | None = None) -> Client:
+    from zinfer.shared.client import Client
+
     settings = load_settings(endpoint=endpoint)
     return Client(settings=settings, timeout=timeout)
 

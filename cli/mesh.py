@@ -418,6 +418,16 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
                 console.print(f"[red]corrupt definition[/] {bad['path']}: {bad['error']}", highlight=False)
 
 
-def install(app: typer.Typer) -> None:
-    for fn in (up, broker, registry, scheduler, worker, preloader, gateway, status):
+# The commands that run one process of the mesh each (cli/main.py gives such a line an app of these only).
+SERVICES = ("broker", "registry", "scheduler", "worker", "preloader", "gateway")
+
+
+def install_services(app: typer.Typer) -> None:
+    for fn in (broker, registry, scheduler, worker, preloader, gateway):
         command(app, fn)
+
+
+def install(app: typer.Typer) -> None:
+    command(app, up)
+    install_services(app)
+    command(app, status)

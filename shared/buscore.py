@@ -12,10 +12,9 @@ import base64
 import itertools
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import numpy as np
 import zmq
 
 from zinfer.shared import instances, wire
@@ -33,6 +32,9 @@ from zinfer.shared.errors import (
     error_class,
     error_from_reply,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # What a client's monitor socket listens for: the CURVE handshake's outcome and disconnects.
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -270,6 +272,8 @@ async def adrive(steps, perform) -> ZinferError | None:
 
 def embedding_array(reply: p.Embedding, buffers: list) -> np.ndarray:
     """The float32 rows an Embedding reply carries in its buffer (zero-copy)."""
+    import numpy as np  # here, not at the top: the CLI's commands that embed nothing start without numpy
+
     frame = buffers[0]
     return np.frombuffer(frame if type(frame) is bytes else frame.buffer,
                          dtype=np.float32).reshape(reply.rows, reply.dimensions)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from zinfer.shared import compat, transcripts
 from zinfer.shared import protocol as p
 from zinfer.shared.buscore import (
@@ -25,6 +23,8 @@ from zinfer.shared.images import ImagePolicy
 from zinfer.shared.payloads import GenerateConfig
 
 if TYPE_CHECKING:  # the client imports this module (get_model); this one needs the class for its types only
+    import numpy as np
+
     from zinfer.shared.client import Client
 
 
