@@ -277,6 +277,25 @@ def test_instances_come_back_after_the_worker_and_the_scheduler_restart(tmp_path
         m.stop()
 
 
+def test_an_instance_stops_as_soon_as_its_worker_is_killed(tmp_path, tiny_models):
+    """The worker SIGKILLed: its instance stops at once and leaves the broker (DISCONNECT), so the restarted
+    worker's instance can take the same name. Heartbeats of 30 s here: an instance that found out only at its
+    next report (every heartbeat interval) would outlive the wait below."""
+    m = Mesh(tmp_path / "home", tmp_path, heartbeat=30.0).start_all()
+    try:
+        c = m.client
+        c.register_model("LLM", llm_definition(tiny_models))
+        c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
+        pid = pid_of(m, "gg")
+        m.kill("worker/cpu")
+        m.wait(lambda: gone(pid) or None, timeout=10)
+        m.wait(lambda: not any(peer["service"].startswith("worker/cpu#gg/") for peer in c.broker_status()["peers"])
+               or None, timeout=10)
+        assert "worker_gone" in (m.home / "logs" / "worker-cpu-gg-0.log").read_text()
+    finally:
+        m.stop()
+
+
 def test_the_instances_of_a_worker_that_does_not_return_move_to_another(tmp_path, tiny_models):
     m = fast_restarts(Mesh(tmp_path / "home", tmp_path))
     m.env["ZINFER_WORKER_RETURN_S"] = "2"

@@ -9,7 +9,8 @@ and every heartbeat interval otherwise.
 
 A fault stays here: a native crash ends this process only (faulthandler writes every thread's stack to a file
 the supervisor reads for the cause), the broker fails the requests it had in flight, and the supervisor starts it
-again. It dies with its parent (PR_SET_PDEATHSIG), so no orphan keeps a model's memory.
+again. It stops as soon as its worker is gone (a thread sees the report pipe break) and dies with its parent,
+the fork server (PR_SET_PDEATHSIG), so no orphan keeps a model's memory or its names at the broker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ctypes
 import faulthandler
 import logging
 import os
+import select
 import signal
 import threading
 
@@ -80,6 +82,20 @@ class InstanceProcess:
             if not self.done:
                 self.send_report()
 
+    def _watch_worker(self) -> None:
+        """Stop at once when the worker is gone (killed, crashed): the read end of the report pipe closes, and poll()
+        says so on our write end (POLLERR). The report loop would find out only at its next report, and nothing else
+        says it sooner: the fork server runs on while any instance holds multiprocessing's "alive" pipe, as each
+        instance does, so PR_SET_PDEATHSIG fires only after this. An instance that lingered would hold its names at
+        the broker against the instance the restarted worker starts for the same replica."""
+        poller = select.poll()
+        poller.register(self.conn.fileno(), 0)  # nothing asked: POLLERR and POLLHUP are reported anyway
+        while not poller.poll():
+            pass
+        if not self.done:
+            log.warning("worker_gone", model_uid=self.load.model_uid, replica=self.load.replica)
+            self.stop()
+
     def stop(self, *_args) -> None:
         """SIGTERM: a launch in progress stops at its next step; a loaded instance stops serving."""
         self.instance.cancelled.set()
@@ -91,6 +107,7 @@ class InstanceProcess:
         io = threading.Thread(target=self.runtime.serve, name="io", daemon=True)
         io.start()
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
+        threading.Thread(target=self._watch_worker, name="worker-watch", daemon=True).start()
         log.info("instance_loading", model_uid=self.load.model_uid, replica=self.load.replica,
                  incarnation=self.load.incarnation)
         try:
