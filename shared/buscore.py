@@ -173,6 +173,9 @@ def not_serving(uid: str, exc: ZinferError, view: instances.InstanceView | None,
         return exc
     if view is None:
         return NotFound(f"no launched model has uid {uid!r}", field=field)
+    if view.state == "ready":  # the scheduler's view is ahead of the broker: the instance is joining it now
+        return Unavailable(f"model {uid!r} is ready but its instance has not joined the broker yet (it is "
+                           "starting again); send the request again", field=field)
     detail = f": {view.error.message}" if view.error else ""
     return InstanceNotReady(f"model {uid!r} is {view.state}{detail}", field=field)
 

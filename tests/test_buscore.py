@@ -92,6 +92,8 @@ def test_nothing_serving_is_explained_and_other_errors_pass():
     crashed = view("restarting", error=p.Error(code="unavailable", message="SIGSEGV"))
     loading = buscore.not_serving("u", gone, crashed, "model_uid")
     assert isinstance(loading, InstanceNotReady) and str(loading) == "model_uid: model 'u' is restarting: SIGSEGV"
+    joining = buscore.not_serving("u", gone, view("ready"), "model_uid")  # the broker has not heard it yet
+    assert type(joining) is Unavailable and "has not joined the broker yet" in str(joining)
 
 
 def test_a_view_has_the_models_fields_at_the_top_and_its_error_nested():
