@@ -419,11 +419,12 @@ def status(endpoint: Endpoint = None, timeout: Timeout = 5.0) -> None:
 
 
 # The commands that run one process of the mesh each (cli/main.py gives such a line an app of these only).
-SERVICES = ("broker", "registry", "scheduler", "worker", "preloader", "gateway")
+SERVICE_COMMANDS = (broker, registry, scheduler, worker, preloader, gateway)
+SERVICES = tuple(fn.__name__ for fn in SERVICE_COMMANDS)
 
 
 def install_services(app: typer.Typer) -> None:
-    for fn in (broker, registry, scheduler, worker, preloader, gateway):
+    for fn in SERVICE_COMMANDS:
         command(app, fn)
 
 
