@@ -150,6 +150,11 @@ class ServiceRuntime:
         self.running = True
         self.exit_code = 0
         self.connected = threading.Event()
+        # Set once the broker has accepted our READY (its HEARTBEAT acknowledgement, or any request or heartbeat
+        # after it); cleared when it refuses one (DENIED: the name is held by another live process). A reconnect
+        # leaves it set: it says this process holds its name, not that the link is up this instant.
+        self.joined = threading.Event()
+        self.on_joined: Callable[[], None] | None = None
         self.on_reconnect: Callable[[], None] | None = None
         self._io_ident: int | None = None
         self.key = keys.load_service_key(settings.home_path)
@@ -158,6 +163,7 @@ class ServiceRuntime:
         self._call_prefix = b"s" + os.urandom(3)
         self._callers: dict[bytes, p.Caller] = {}
         self.denied_since: float | None = None
+        self.denied_reason = ""  # the broker's last refusal, until it accepts us
         self._next_ready = 0.0
 
     # ------------------------------------------------------------------ API for handler threads
@@ -259,6 +265,7 @@ class ServiceRuntime:
         now = time.monotonic()
         if self.denied_since is None:
             self.denied_since = now
+        self.denied_reason = reason
         log.error("registration_denied", service=self.service, reason=reason)
         give_up = max(10.0, 4 * self.settings.liveness_s)
         if now - self.denied_since > give_up:
@@ -266,6 +273,13 @@ class ServiceRuntime:
             self.exit_code = 3
             self.running = False
         self._next_ready = now + self.settings.heartbeat_interval
+
+    def _joined(self) -> None:
+        self.denied_since, self.denied_reason = None, ""
+        if not self.joined.is_set():
+            self.joined.set()
+            if self.on_joined is not None:
+                self.on_joined()
 
     def serve(self) -> None:
         self._io_ident = threading.get_ident()
@@ -352,7 +366,7 @@ class ServiceRuntime:
     def _on_frames(self, frames: list[bytes]) -> None:
         cmd = frames[0]
         if cmd == wire.REQUEST and len(frames) >= 5:
-            self.denied_since = None
+            self._joined()
             self._on_request(frames[1], frames[2], frames[3], frames[4])
             return
         elif cmd == wire.REPLY and len(frames) >= 3:  # the answer to one of our own calls
@@ -365,8 +379,9 @@ class ServiceRuntime:
             if ctx is not None:
                 ctx.cancelled = True
         elif cmd == wire.HEARTBEAT:
-            self.denied_since = None  # the broker heartbeats registered peers only
+            self._joined()  # the broker heartbeats registered peers only, and acknowledges a READY with one
         elif cmd == wire.DENIED:
+            self.joined.clear()
             self._on_denied(frames[1].decode("utf-8", "replace") if len(frames) > 1 else "no reason given")
         elif cmd == wire.DISCONNECT:
             log.info("broker_asked_reregister")

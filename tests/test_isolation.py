@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import embedding_definition, llm_definition
 from tests.mesh import REPO, Mesh, gone
+from zinfer.shared import wire
 from zinfer.shared.errors import InvalidRequest, Unavailable, ZinferError
 
 PROMPT = "Once upon a time"
@@ -283,6 +284,13 @@ def test_an_instance_stops_as_soon_as_its_worker_is_killed(tmp_path, tiny_models
     next report (every heartbeat interval) would outlive the wait below."""
     m = Mesh(tmp_path / "home", tmp_path, heartbeat=30.0).start_all()
     try:
+        # The broker acknowledges an accepted READY at once (a HEARTBEAT), not at its next heartbeat 30 s on: an
+        # instance reports `ready` only once it has joined.
+        peer = m.raw_socket(m.service_key)
+        peer.send_multipart(wire.peer_ready("ack-probe"))
+        assert peer.poll(10_000) and peer.recv_multipart() == wire.HEARTBEAT_FRAMES
+        peer.send_multipart(wire.DISCONNECT_FRAMES)
+        peer.close(linger=100)
         c = m.client
         c.register_model("LLM", llm_definition(tiny_models))
         c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg")
@@ -318,4 +326,47 @@ def test_the_instances_of_a_worker_that_does_not_return_move_to_another(tmp_path
         assert c.describe_model("gg")["devices"] == ["cpu:1"]
         assert c.get_model("gg").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
     finally:
+        m.stop()
+
+
+def test_an_instance_whose_name_a_live_process_holds_is_not_ready_until_the_broker_lets_it_join(tmp_path, tiny_models):
+    """Another live process holds the instance's name at the broker, as an instance on a host cut off does until it
+    expires: the new instance loads, the broker refuses its READY, and it reports `launching` ("joining the
+    broker"), not `ready` with nothing routed to it. Once the holder leaves, it joins at its next retry and serves."""
+    m = Mesh(tmp_path / "home", tmp_path).start_all()
+    holder = m.raw_socket(m.service_key)
+    acknowledged, release, released = threading.Event(), threading.Event(), threading.Event()
+
+    def hold():
+        """The holder, all on one thread: READY, then heartbeats as a live peer must, then DISCONNECT."""
+        holder.send_multipart(wire.peer_ready("worker/cpu#gg/0"))
+        next_beat = 0.0
+        while not release.is_set():
+            if time.monotonic() >= next_beat:
+                holder.send_multipart(wire.HEARTBEAT_FRAMES)
+                next_beat = time.monotonic() + m.liveness / 12
+            if holder.poll(50) and holder.recv_multipart()[0] == wire.HEARTBEAT:
+                acknowledged.set()  # the broker's answer to an accepted READY (and its heartbeats after)
+        holder.send_multipart(wire.DISCONNECT_FRAMES)
+        released.set()
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    try:
+        assert acknowledged.wait(10)
+        c = m.client
+        c.register_model("LLM", llm_definition(tiny_models))
+        c.launch_model(model_name="custom-llama-2", model_format="ggufv2", quantization="F32", model_uid="gg",
+                       wait=False)
+        m.wait(lambda: c.describe_model("gg")["stage"] == "joining the broker" or None, timeout=30)
+        assert c.describe_model("gg")["state"] == "launching"
+        assert "held by a live peer" in (m.home / "logs" / "worker-cpu-gg-0.log").read_text()
+        release.set()
+        assert released.wait(10)
+        m.wait(lambda: c.describe_model("gg")["state"] == "ready" or None, timeout=30)
+        assert c.get_model("gg").generate("hi", {"max_tokens": 2, "temperature": 0})["usage"]["completion_tokens"] == 2
+    finally:
+        release.set()
+        t.join(10)
+        holder.close()
         m.stop()

@@ -1,10 +1,11 @@
 """Majordomo-style broker. Routes on envelope frames only; bodies pass through undecoded.
 
-Peers (services and workers) announce themselves with READY under a service name and BIND the model uids
-they host. A request goes to the least busy live peer of its target; every request stays pending until its
-REPLY so that a peer that dies (no heartbeat for `liveness` seconds) has all its requests answered with an
-error. A request for a target nobody serves yet waits `unroutable_grace` seconds (services re-register after
-a broker restart) and then gets an error.
+Peers (services and workers) announce themselves with READY under a service name and BIND the model uids they host.
+An accepted READY is answered with a HEARTBEAT at once, a refused one with DENIED, so a peer knows whether it joined
+(an instance reports `ready` only then). A request goes to the least busy live peer of its target; every request
+stays pending until its REPLY so that a peer that dies (no heartbeat for `liveness` seconds) has all its requests
+answered with an error. A request for a target nobody serves yet waits `unroutable_grace` seconds (services
+re-register after a broker restart) and then gets an error.
 
 Trust: the socket is a CURVE server. At the handshake, ZAP (pyzmq's authenticator thread) lets in only the
 public keys listed, unrevoked, in the roster (shared/keys.py); the roster is re-read when it changes, and every
@@ -408,6 +409,7 @@ class Broker:
         for uid in frames[3:]:
             if bytes(uid).startswith(MODEL_PREFIX):
                 self._route(peer, bytes(uid))
+        self._send(sender, wire.HEARTBEAT_FRAMES)  # the acknowledgement: it holds its name and routes now
         log.info("peer_ready", peer=name, key=key.name, uids=len(frames) - 3)
 
     def _on_bind(self, sender: bytes, frames: list[bytes], key: Known) -> None:

@@ -1,11 +1,12 @@
 """One model instance replica in a process of its own: what the worker's supervisor starts for each replica.
 
-The process joins the broker itself, with the worker's service key, as `worker/<worker>#<uid>/<replica>` and
-binds `model/<uid>` once its model is loaded: requests go client -> broker -> this process, the same hops as when
-the worker held every instance. Its main thread loads the model and then runs the compute loop (PyTorch's CPU
-kernels are 10-25% slower from a secondary thread); an I/O thread owns the broker socket; a reporter thread
-sends the instance's report (state, progress, queue, counters) to the supervisor over a pipe, at once on a change
-and every heartbeat interval otherwise.
+The process joins the broker itself, with the worker's service key, as `worker/<worker>#<uid>/<replica>` and binds
+`model/<uid>` once its model is loaded: requests go client -> broker -> this process, the same hops as when the
+worker held every instance. It reports `ready` once loaded and accepted by the broker (which refuses it while
+another live process holds its name; it fails with the broker's reason if that lasts). Its main thread loads the
+model and then runs the compute loop (PyTorch's CPU kernels are 10-25% slower from a secondary thread); an I/O
+thread owns the broker socket; a reporter thread sends the instance's report (state, progress, queue, counters) to
+the supervisor over a pipe, at once on a change and every heartbeat interval otherwise.
 
 A fault stays here: a native crash ends this process only (faulthandler writes every thread's stack to a file
 the supervisor reads for the cause), the broker fails the requests it had in flight, and the supervisor starts it
@@ -30,6 +31,7 @@ from zinfer.services.worker.instance.compute import ComputeLoop
 from zinfer.services.worker.instance.instance import Instance
 from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
+from zinfer.shared.errors import Unavailable
 from zinfer.shared.logs import configure_logging
 from zinfer.shared.transport import ServiceRuntime
 
@@ -62,11 +64,17 @@ class InstanceProcess:
         handlers = {**dict.fromkeys(requests, self.instance.submit), p.LoadLora: self.instance.load_lora,
                     p.UnloadLora: self.instance.unload_lora}
         self.runtime = ServiceRuntime(service, settings, handlers, deferred=set(requests), max_workers=1)
+        self.runtime.on_joined = self.report_now.set
         self._send_lock = threading.Lock()
         self.done = False
 
     def send_report(self) -> None:
         report = self.instance.report()
+        if report.status.state == "ready" and not self.runtime.joined.is_set():
+            # Loaded, but the broker has not accepted this process (yet): nothing routes to it, so it is not ready.
+            # The broker refuses it while another live process holds its name (an instance on a host cut off that
+            # has not expired); it retries each heartbeat interval, then gives up and exits.
+            report.status.state, report.status.stage = "launching", "joining the broker"
         if self.instance.device.startswith("cuda"):
             report.status.memory = _cuda_memory()
         with self._send_lock:
@@ -127,6 +135,9 @@ class InstanceProcess:
         log.info("instance_ready", model_uid=self.load.model_uid, replica=self.load.replica)
         self.loop.run(keep_going=io.is_alive)
         io.join()
+        if not self.runtime.joined.is_set() and self.runtime.denied_reason:  # it gave up (exit_code 3)
+            self.instance.fail(Unavailable(f"the broker did not let this instance join: {self.runtime.denied_reason}"))
+            self.send_report()
         self.done = True
         self.instance.close()  # the loop has ended: its release runs here and now
         return 0
