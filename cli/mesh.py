@@ -315,6 +315,21 @@ def _start_preloader(group: ProcessGroup, path: Path) -> None:
         time.sleep(0.05)
 
 
+def _preloader_for_up(settings: Settings, any_workers: bool) -> tuple[Path | None, bool]:
+    """The preloader `up`'s workers ask (None: none), and whether `up` starts it: with the `preloader` setting
+    `auto` (the default) its own at <home>/run/preloader.sock; `none`, none; a socket path, the preloader that
+    listens there (a host's, started with `zinfer preloader --socket`), which `up` neither starts nor stops."""
+    if settings.preloader == "none" or not any_workers:
+        return None, False
+    if settings.preloader == "auto":
+        return socket_path(settings.home_path), True
+    path = Path(settings.preloader).expanduser()
+    if not path.exists():
+        console.print(f"[yellow]the preloader setting names {path}, where none listens[/]: each worker imports the "
+                      "engines for its own fork server", highlight=False)
+    return path, False
+
+
 def up(
     endpoint: Endpoint = None,
     home: Home = None,
@@ -334,16 +349,14 @@ def up(
     created = keys.init_keys(settings.home_path).created
     if created:
         console.print(f"created keys in {keys.keys_dir(settings.home_path)}: {', '.join(created)}")
-    # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
-    preloader_socket = socket_path(home_path)
-    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0",
-               **({} if restore else {"ZINFER_RESTORE": "false"}),
-               ZINFER_PRELOADER=str(preloader_socket), ZINFER_DIE_WITH_PARENT="1")
     n_gpu = detect_gpus() if gpus is None else gpus
-    # The preloader, then the workers: the engine imports (seconds) are what a first launch waits for, and the
-    # preloader makes them once for every worker's fork server.
     devices = [*(f"cuda:{i}" for i in range(n_gpu)), *(["cpu"] if cpu else [])]
     workers = [["worker", "--device", device] for device in devices]
+    preloader_socket, own_preloader = _preloader_for_up(settings, bool(workers))
+    # Children log to their files only (ZINFER_LOG_STDERR=0); their stderr, for crashes, goes to <service>.out.
+    env = dict(os.environ, ZINFER_ENDPOINT=settings.endpoint, ZINFER_HOME=str(home_path), ZINFER_LOG_STDERR="0",
+               **({} if restore else {"ZINFER_RESTORE": "false"}),
+               ZINFER_PRELOADER=str(preloader_socket or "none"), ZINFER_DIE_WITH_PARENT="1")
     plan = [*workers, ["registry"], ["scheduler"], *([["gateway"]] if http else [])]
     gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
     group = ProcessGroup(env, home_path, runfile.UpRecord(
@@ -354,7 +367,7 @@ def up(
     try:
         client = make_client(settings.endpoint, timeout=2.0)
         _wait_for_broker(client, group.start(["broker"]), settings, ["broker"])
-        if workers:
+        if own_preloader:  # the preloader, then the workers: it makes the engine imports once for their fork servers
             _start_preloader(group, preloader_socket)
         started = time.monotonic()
         for args in plan:

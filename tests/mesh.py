@@ -40,6 +40,19 @@ def session_folder() -> Path:
     return _SESSION["folder"]
 
 
+def mesh_env(endpoint: str, home: Path, heartbeat: float = HEARTBEAT, liveness: int = LIVENESS) -> dict[str, str]:
+    """The environment of a test mesh's processes (and of a `zinfer up` a test runs): the session's preloader
+    serves workers started with it."""
+    env = dict(os.environ, ZINFER_ENDPOINT=endpoint, ZINFER_HOME=str(home),
+               ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), ZINFER_HEARTBEAT_LIVENESS=str(liveness),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO",
+               HF_MODULES_CACHE=str(session_folder() / "hf-modules"),  # never the user's
+               ZINFER_DIE_WITH_PARENT="1")  # nothing outlives the test process
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, per test: not the mesh's
+    return env
+
+
 def session_preloader(env: dict[str, str]) -> str:
     """The socket of the test session's preloader, started with the first worker that needs it. The session's
     meshes all run on this one host, so their workers' fork servers come from one preloader, as `zinfer up`'s do.
@@ -89,13 +102,7 @@ class Mesh:
         self.liveness = heartbeat * liveness  # seconds of silence after which a peer is declared dead
         self.home = home
         self.log_dir = log_dir
-        self.env = dict(os.environ, ZINFER_ENDPOINT=self.endpoint, ZINFER_HOME=str(home),
-                        ZINFER_HEARTBEAT_INTERVAL=str(heartbeat), ZINFER_HEARTBEAT_LIVENESS=str(liveness),
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", ZINFER_LOG_LEVEL="INFO",
-                        HF_MODULES_CACHE=str(session_folder() / "hf-modules"),  # never the user's
-                        ZINFER_DIE_WITH_PARENT="1")  # nothing outlives the test process
-        self.env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, per test: not the mesh's
+        self.env = mesh_env(self.endpoint, home, heartbeat, liveness)
         if cpu_budget_mb:
             self.env["ZINFER_CPU_MEMORY_BUDGET_MB"] = str(cpu_budget_mb)
         self.procs: dict[str, subprocess.Popen] = {}

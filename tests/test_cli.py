@@ -47,3 +47,22 @@ def test_a_services_line_starts_without_the_client_or_numpy():
              "print(sorted(m for m in ('numpy', 'zinfer.shared.client', 'zinfer.cli.infer_cmds') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_up_takes_the_preloader_the_setting_names(tmp_path, capsys):
+    """`auto`: up's own at <home>/run/preloader.sock, which it starts; `none`: none; a socket path: the preloader
+    listening there, which up neither starts nor stops (one it cannot find is said at once); no workers: none."""
+    from zinfer.shared.config import Settings
+
+    home = tmp_path / "home"
+    assert mesh._preloader_for_up(Settings(home=str(home)), True) == (home / "run" / "preloader.sock", True)
+    assert mesh._preloader_for_up(Settings(home=str(home)), False) == (None, False)
+    assert mesh._preloader_for_up(Settings(home=str(home), preloader="none"), True) == (None, False)
+    hosts = tmp_path / "host-preloader.sock"
+    hosts.touch()
+    assert mesh._preloader_for_up(Settings(home=str(home), preloader=str(hosts)), True) == (hosts, False)
+    assert capsys.readouterr().out == ""
+    missing = tmp_path / "nobody.sock"
+    assert mesh._preloader_for_up(Settings(home=str(home), preloader=str(missing)), True) == (missing, False)
+    said = "".join(capsys.readouterr().out.split())  # without the line breaks a console of 80 columns puts in
+    assert f"names{missing},wherenonelistens" in said

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.conftest import embedding_definition, llm_definition, served_mesh
-from tests.mesh import REPO, free_port
+from tests.mesh import REPO, free_port, mesh_env, session_preloader
 from zinfer.services.scheduler.book import WAKE_GRACE_S, Model, Replica
 from zinfer.services.scheduler.lifecycle import expired, room_on
 from zinfer.shared import durations, instances, keys
@@ -259,9 +259,11 @@ def zinfer(home, env, *args, timeout=300):
 
 
 def test_zinfer_down_then_up_brings_the_launched_uids_back(tmp_path, tiny_models):
+    """Its `up`s take the test session's preloader (the `preloader` setting naming a socket): they start none of
+    their own, and their workers' fork servers come from it."""
     home = tmp_path / "home"
-    env = dict(os.environ, ZINFER_HOME=str(home), ZINFER_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
-               ZINFER_GATEWAY_PORT=str(free_port()), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = mesh_env(f"tcp://127.0.0.1:{free_port()}", home)
+    env.update(ZINFER_GATEWAY_PORT=str(free_port()), ZINFER_PRELOADER=session_preloader(env))
     up = subprocess.Popen([sys.executable, "-m", "zinfer", "up", "--no-http"], env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -288,6 +290,9 @@ def test_zinfer_down_then_up_brings_the_launched_uids_back(tmp_path, tiny_models
         assert c.get_model("kept").generate(PROMPT, GREEDY)["choices"][0]["text"] == before
         assert len(c.get_model("lazy").create_embedding("x")["data"]) == 1  # loads on its first request
         c.close()
+        assert not (home / "run" / "preloader.sock").exists()  # `up` started no preloader of its own
+        log = [json.loads(line) for line in (home / "logs" / "worker-cpu.log").read_text().splitlines()]
+        assert {e["origin"] for e in log if e["event"] == "fork_server"} == {"from the preloader"}
     finally:
         zinfer(home, env, "down")
         up.wait(60)
