@@ -332,8 +332,9 @@ def test_the_instances_of_a_worker_that_does_not_return_move_to_another(tmp_path
 def test_an_instance_whose_name_a_live_process_holds_is_not_ready_until_the_broker_lets_it_join(tmp_path, tiny_models):
     """Another live process holds the instance's name at the broker, as an instance on a host cut off does until it
     expires: the new instance loads, the broker refuses its READY, and it reports `launching` ("joining the
-    broker"), not `ready` with nothing routed to it. Once the holder leaves, it joins at its next retry and serves."""
-    m = Mesh(tmp_path / "home", tmp_path).start_all()
+    broker"), not `ready` with nothing routed to it. Once the holder leaves, it joins at its next retry and serves.
+    A liveness of 20 heartbeats (10 s): the instance gives up after 4 of them, far beyond a slow machine's load."""
+    m = Mesh(tmp_path / "home", tmp_path, liveness=20).start_all()
     holder = m.raw_socket(m.service_key)
     acknowledged, release, released = threading.Event(), threading.Event(), threading.Event()
 
