@@ -17,6 +17,7 @@ import zmq
 
 from zinfer.cli import runfile
 from zinfer.cli.common import Endpoint, Timeout, command, console, fail, make_client, print_table
+from zinfer.services.worker.host.preloader import resolve as resolve_preloader
 from zinfer.services.worker.host.preloader import socket_path
 from zinfer.shared import keys
 from zinfer.shared.config import Settings, load_settings
@@ -319,12 +320,12 @@ def _preloader_for_up(settings: Settings, any_workers: bool) -> tuple[Path | Non
     """The preloader `up`'s workers ask (None: none), and whether `up` starts it: with the `preloader` setting
     `auto` (the default) its own at <home>/run/preloader.sock; `none`, none; a socket path, the preloader that
     listens there (a host's, started with `zinfer preloader --socket`), which `up` neither starts nor stops."""
-    if settings.preloader == "none" or not any_workers:
+    if not any_workers:
         return None, False
     if settings.preloader == "auto":
         return socket_path(settings.home_path), True
-    path = Path(settings.preloader).expanduser()
-    if not path.exists():
+    path, _ = resolve_preloader(settings.preloader, settings.home_path)  # as a worker reads it: none, or a path
+    if path is not None and not path.exists():
         console.print(f"[yellow]the preloader setting names {path}, where none listens[/]: each worker imports the "
                       "engines for its own fork server", highlight=False)
     return path, False

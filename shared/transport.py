@@ -34,6 +34,7 @@ from zinfer.shared.errors import Forbidden, RequestTimeout, Unavailable, error_f
 log = structlog.get_logger()
 
 _END = p.encode(p.Ok(message="end of stream"))
+EXIT_DENIED = 3  # exit_code of a runtime that gave up after the broker kept refusing its READY
 _backend_send = zmq.backend.Socket.send
 _MORE = zmq.SNDMORE
 
@@ -270,7 +271,7 @@ class ServiceRuntime:
         give_up = max(10.0, 4 * self.settings.liveness_s)
         if now - self.denied_since > give_up:
             log.error("giving_up", service=self.service, reason=reason, denied_s=round(now - self.denied_since, 1))
-            self.exit_code = 3
+            self.exit_code = EXIT_DENIED
             self.running = False
         self._next_ready = now + self.settings.heartbeat_interval
 

@@ -33,7 +33,7 @@ from zinfer.shared import protocol as p
 from zinfer.shared.config import Settings
 from zinfer.shared.errors import Unavailable
 from zinfer.shared.logs import configure_logging
-from zinfer.shared.transport import ServiceRuntime
+from zinfer.shared.transport import EXIT_DENIED, ServiceRuntime
 
 log = structlog.get_logger()
 
@@ -135,7 +135,7 @@ class InstanceProcess:
         log.info("instance_ready", model_uid=self.load.model_uid, replica=self.load.replica)
         self.loop.run(keep_going=io.is_alive)
         io.join()
-        if not self.runtime.joined.is_set() and self.runtime.denied_reason:  # it gave up (exit_code 3)
+        if self.runtime.exit_code == EXIT_DENIED:  # the broker kept refusing it: say why, as a failed load
             self.instance.fail(Unavailable(f"the broker did not let this instance join: {self.runtime.denied_reason}"))
             self.send_report()
         self.done = True
